@@ -1,0 +1,205 @@
+//! Event layout shared by the eBPF programs and the daemon.
+//!
+//! Every type here is `#[repr(C)]` with explicit padding so that both sides agree byte for byte;
+//! the `const` asserts at the bottom fail the build if a field change moves anything.
+#![no_std]
+
+/// Bytes of payload captured from the start of each socket read/write.
+///
+/// 1 KiB holds the request line and headers of nearly every API request (curl sends ~80 bytes,
+/// browsers 400-900) including `Host`, `Content-Length`, `Transfer-Encoding` and the trace
+/// context headers, while keeping the copy per syscall small. Larger heads are still paired:
+/// the request line and the first headers are parsed, and the byte count frames the rest.
+/// Must be a power of two: the eBPF side masks lengths with `PAYLOAD_CAP - 1`.
+pub const PAYLOAD_CAP: usize = 1024;
+
+/// Bytes captured from the end of each single-buffer read/write that did not fit in the payload:
+/// enough to see the `0\r\n\r\n` that ends a chunked body.
+pub const TAIL_LEN: usize = 16;
+
+/// Kinds of event on the ring buffer. Numbers are frozen.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EventKind {
+    /// Bytes a process wrote to or read from a TCP socket: [`DataEvent`].
+    Data = 1,
+    /// A TCP state change: [`ConnEvent`].
+    Conn = 2,
+}
+
+impl EventKind {
+    pub fn from_u32(v: u32) -> Option<Self> {
+        match v {
+            1 => Some(Self::Data),
+            2 => Some(Self::Conn),
+            _ => None,
+        }
+    }
+}
+
+/// Which way the bytes went, seen from the process.
+pub const DIR_EGRESS: u32 = 1;
+pub const DIR_INGRESS: u32 = 2;
+
+/// Data event flags.
+/// The 4-tuple came from reading the socket itself (the connection predates the tracer).
+pub const FLAG_TUPLE_FROM_SOCK: u32 = 1 << 0;
+/// The syscall used an iovec (readv/writev/sendmsg/recvmsg): only the first buffer is captured
+/// and there is no tail.
+pub const FLAG_IOVEC: u32 = 1 << 1;
+
+/// TCP states as the kernel numbers them (include/net/tcp_states.h).
+pub const TCP_ESTABLISHED: u32 = 1;
+pub const TCP_SYN_SENT: u32 = 2;
+pub const TCP_SYN_RECV: u32 = 3;
+pub const TCP_FIN_WAIT1: u32 = 4;
+pub const TCP_CLOSE: u32 = 7;
+pub const TCP_CLOSE_WAIT: u32 = 8;
+pub const TCP_LISTEN: u32 = 10;
+
+pub const AF_INET: u16 = 2;
+pub const AF_INET6: u16 = 10;
+
+/// Common header of every event.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct EventHeader {
+    /// An [`EventKind`] as u32.
+    pub kind: u32,
+    pub flags: u32,
+    /// `bpf_ktime_get_ns` (CLOCK_MONOTONIC) when the event was taken.
+    pub ts_ns: u64,
+    /// tgid << 32 | tid.
+    pub pid_tgid: u64,
+    pub cgroup_id: u64,
+    pub comm: [u8; 16],
+}
+
+/// A connection seen from one of its ends: `local` is this socket's address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SockTuple {
+    /// IPv4 addresses use the first 4 bytes.
+    pub local_addr: [u8; 16],
+    pub remote_addr: [u8; 16],
+    /// Host byte order.
+    pub local_port: u16,
+    pub remote_port: u16,
+    pub family: u16,
+    pub _pad: u16,
+}
+
+/// Bytes moved by one read- or write-family syscall on a TCP socket.
+///
+/// Sent with only `captured` bytes of `payload`: the record on the ring buffer is
+/// `DATA_EVENT_FIXED + captured` bytes long.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct DataEvent {
+    pub hdr: EventHeader,
+    /// Kernel address of the `struct sock`: the connection's identity while it lives.
+    pub sk: u64,
+    /// When the syscall entered; `hdr.ts_ns` is when it returned.
+    pub ts_enter_ns: u64,
+    pub tuple: SockTuple,
+    /// [`DIR_EGRESS`] or [`DIR_INGRESS`].
+    pub direction: u32,
+    /// Bytes the syscall moved (its return value).
+    pub bytes: u32,
+    /// Bytes of `payload` that are valid.
+    pub captured: u32,
+    /// Bytes of `tail` that are valid: the last bytes of the buffer, when not all in `payload`.
+    pub tail_len: u32,
+    pub tail: [u8; TAIL_LEN],
+    pub payload: [u8; PAYLOAD_CAP],
+}
+
+/// Size of a [`DataEvent`] without its payload.
+pub const DATA_EVENT_FIXED: usize = core::mem::size_of::<DataEvent>() - PAYLOAD_CAP;
+
+/// A TCP socket changed state (tracepoint `sock:inet_sock_set_state`).
+///
+/// The pid in the header is only meaningful for transitions made in process context
+/// (connect, close); the others run in softirq.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct ConnEvent {
+    pub hdr: EventHeader,
+    pub sk: u64,
+    pub tuple: SockTuple,
+    pub old_state: u32,
+    pub new_state: u32,
+}
+
+/// Counters kept by the eBPF programs, one slot each in a per-CPU array.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KernelStat {
+    /// Data events lost because the ring buffer was full.
+    RingbufFullData = 0,
+    /// Connection events lost because the ring buffer was full.
+    RingbufFullConn = 1,
+    /// Syscalls whose arguments could not be stored (map full).
+    ArgsMapFull = 2,
+    /// Payload reads from user memory that failed.
+    PayloadReadFailed = 3,
+    /// Data events whose payload was cut at PAYLOAD_CAP.
+    PayloadTruncated = 4,
+    /// Data events emitted.
+    DataEvents = 5,
+    /// Connection events emitted.
+    ConnEvents = 6,
+    /// Socket reads that only peeked (MSG_PEEK) and so were not counted.
+    Peeks = 7,
+}
+
+pub const KERNEL_STAT_COUNT: u32 = 8;
+
+impl KernelStat {
+    pub const ALL: [KernelStat; KERNEL_STAT_COUNT as usize] = [
+        KernelStat::RingbufFullData,
+        KernelStat::RingbufFullConn,
+        KernelStat::ArgsMapFull,
+        KernelStat::PayloadReadFailed,
+        KernelStat::PayloadTruncated,
+        KernelStat::DataEvents,
+        KernelStat::ConnEvents,
+        KernelStat::Peeks,
+    ];
+
+    /// Name used as the `reason`/`kind` label in metrics.
+    pub const fn name(self) -> &'static str {
+        match self {
+            KernelStat::RingbufFullData => "ringbuf_full_data",
+            KernelStat::RingbufFullConn => "ringbuf_full_conn",
+            KernelStat::ArgsMapFull => "args_map_full",
+            KernelStat::PayloadReadFailed => "payload_read_failed",
+            KernelStat::PayloadTruncated => "payload_truncated",
+            KernelStat::DataEvents => "data_events",
+            KernelStat::ConnEvents => "conn_events",
+            KernelStat::Peeks => "peeks",
+        }
+    }
+}
+
+/// Map sizes, in one place.
+pub mod limits {
+    /// Ring buffer bytes: ~14k full data events, ~100 ms of a 100k req/s load.
+    pub const RINGBUF_BYTES: u32 = 16 * 1024 * 1024;
+    /// Threads inside a traced syscall at once.
+    pub const ACTIVE_SYSCALLS: u32 = 16 * 1024;
+    /// Sockets whose 4-tuple is known.
+    pub const SOCKETS: u32 = 64 * 1024;
+}
+
+const _: () = assert!(core::mem::size_of::<EventHeader>() == 48);
+const _: () = assert!(core::mem::size_of::<SockTuple>() == 40);
+const _: () = assert!(DATA_EVENT_FIXED == 48 + 16 + 40 + 16 + TAIL_LEN);
+const _: () = assert!(core::mem::size_of::<ConnEvent>() == 48 + 8 + 40 + 8);
+const _: () = assert!(PAYLOAD_CAP.is_power_of_two());
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: plain-old-data, repr(C), no padding (asserted above), every bit pattern valid.
+    unsafe impl aya::Pod for super::SockTuple {}
+}

@@ -1,0 +1,63 @@
+//! Every map and global of the eBPF side, with their sizes from `tracer_common::limits`.
+use aya_ebpf::{
+    macros::map,
+    maps::{LruHashMap, PerCpuArray, RingBuf},
+};
+use tracer_common::{DataEvent, KERNEL_STAT_COUNT, KernelStat, SockTuple, limits};
+
+/// What `sys_enter_*` learnt, completed by `sock_*_length` and consumed by `sys_exit_*`.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct SyscallArgs {
+    /// User buffer, iovec array or msghdr, per `kind`.
+    pub buf: u64,
+    /// Buffer length or iovec count.
+    pub len: u64,
+    pub ts_enter: u64,
+    /// Socket named by `sock_*_length`; 0 while unknown or not TCP.
+    pub sk: u64,
+    pub kind: u32,
+    pub direction: u32,
+}
+
+pub const KIND_BUF: u32 = 0;
+pub const KIND_IOV: u32 = 1;
+pub const KIND_MSG: u32 = 2;
+
+#[map]
+pub static EVENTS: RingBuf = RingBuf::with_byte_size(limits::RINGBUF_BYTES, 0);
+
+/// Keyed by pid_tgid: one traced syscall per thread at a time. LRU so that a thread that dies
+/// inside a syscall cannot leak an entry for good.
+#[map]
+pub static ACTIVE: LruHashMap<u64, SyscallArgs> =
+    LruHashMap::with_max_entries(limits::ACTIVE_SYSCALLS, 0);
+
+/// Socket address -> 4-tuple, filled by `inet_sock_set_state`.
+#[map]
+pub static SOCKS: LruHashMap<u64, SockTuple> = LruHashMap::with_max_entries(limits::SOCKETS, 0);
+
+/// Per-CPU scratch space for building a data event: too big for the 512-byte stack.
+#[map]
+pub static SCRATCH: PerCpuArray<DataEvent> = PerCpuArray::with_max_entries(1, 0);
+
+#[map]
+pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(KERNEL_STAT_COUNT, 0);
+
+/// The daemon's own tgid, set at load time: its scrape and API traffic is never traced.
+#[unsafe(no_mangle)]
+static TRACER_TGID: u32 = 0;
+
+#[inline(always)]
+pub fn tracer_tgid() -> u32 {
+    // SAFETY: a read-only global patched by the loader; volatile so LLVM does not fold the 0.
+    unsafe { core::ptr::read_volatile(&TRACER_TGID) }
+}
+
+#[inline(always)]
+pub fn count(stat: KernelStat) {
+    if let Some(slot) = STATS.get_ptr_mut(stat as u32) {
+        // SAFETY: per-CPU slot, no concurrent writer on this CPU.
+        unsafe { *slot += 1 }
+    }
+}

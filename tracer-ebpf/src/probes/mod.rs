@@ -1,0 +1,2 @@
+pub mod sock;
+pub mod syscalls;

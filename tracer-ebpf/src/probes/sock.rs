@@ -1,0 +1,174 @@
+//! `sock:*` tracepoints: which TCP socket a syscall touched, and connection lifecycle.
+use aya_ebpf::{
+    helpers::{
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_probe_read_kernel,
+        generated::{bpf_get_current_cgroup_id, bpf_ktime_get_ns},
+    },
+    macros::tracepoint,
+    programs::TracePointContext,
+};
+use tracer_common::{
+    AF_INET, AF_INET6, ConnEvent, DIR_EGRESS, DIR_INGRESS, EventHeader, EventKind, KernelStat, SockTuple,
+    TCP_CLOSE, TCP_ESTABLISHED, TCP_SYN_SENT,
+};
+
+use crate::maps::{ACTIVE, EVENTS, SOCKS, count};
+
+const IPPROTO_TCP: u16 = 6;
+const MSG_PEEK: i32 = 2;
+
+/// `sock:sock_send_length` / `sock_recv_length` record: sk, family, protocol, ret, flags.
+const LEN_SK: usize = 8;
+const LEN_FAMILY: usize = 16;
+const LEN_PROTOCOL: usize = 18;
+const LEN_FLAGS: usize = 24;
+
+/// `sock:inet_sock_set_state` record.
+const SS_SKADDR: usize = 8;
+const SS_OLDSTATE: usize = 16;
+const SS_NEWSTATE: usize = 20;
+const SS_SPORT: usize = 24;
+const SS_DPORT: usize = 26;
+const SS_FAMILY: usize = 28;
+const SS_PROTOCOL: usize = 30;
+const SS_SADDR: usize = 32;
+const SS_DADDR: usize = 36;
+const SS_SADDR_V6: usize = 40;
+const SS_DADDR_V6: usize = 56;
+
+/// `struct sock_common` fields that have not moved since Linux 2.6: used for sockets opened
+/// before the tracer started, whose `inet_sock_set_state` it never saw.
+const SKC_DADDR: u64 = 0;
+const SKC_RCV_SADDR: u64 = 4;
+const SKC_DPORT: u64 = 12;
+const SKC_NUM: u64 = 14;
+const SKC_FAMILY: u64 = 16;
+
+#[tracepoint]
+pub fn sock_send_length(ctx: TracePointContext) -> u32 {
+    on_length(&ctx, DIR_EGRESS);
+    0
+}
+
+#[tracepoint]
+pub fn sock_recv_length(ctx: TracePointContext) -> u32 {
+    on_length(&ctx, DIR_INGRESS);
+    0
+}
+
+#[inline(always)]
+fn on_length(ctx: &TracePointContext, direction: u32) {
+    let id = bpf_get_current_pid_tgid();
+    let Some(args) = ACTIVE.get_ptr_mut(&id) else {
+        return;
+    };
+    // SAFETY: the entry is this thread's own; offsets from the tracepoint's format.
+    unsafe {
+        let args = &mut *args;
+        if args.direction != direction {
+            return;
+        }
+        let family = ctx.read_at::<u16>(LEN_FAMILY).unwrap_or(0);
+        let protocol = ctx.read_at::<u16>(LEN_PROTOCOL).unwrap_or(0);
+        if protocol != IPPROTO_TCP || (family != AF_INET && family != AF_INET6) {
+            let _ = ACTIVE.remove(&id);
+            return;
+        }
+        if direction == DIR_INGRESS && ctx.read_at::<i32>(LEN_FLAGS).unwrap_or(0) & MSG_PEEK != 0 {
+            count(KernelStat::Peeks);
+            let _ = ACTIVE.remove(&id);
+            return;
+        }
+        args.sk = ctx.read_at::<u64>(LEN_SK).unwrap_or(0);
+    }
+}
+
+/// The 4-tuple of `sk`, and whether it had to be read from the socket itself.
+#[inline(always)]
+pub fn tuple_of(sk: u64) -> (SockTuple, bool) {
+    // SAFETY: the map value is copied out.
+    if let Some(t) = unsafe { SOCKS.get(&sk) } {
+        return (*t, false);
+    }
+    let mut t = SockTuple::default();
+    // SAFETY: `sk` is a live `struct sock *` handed to us by the tracepoint; reads are checked.
+    unsafe {
+        let family = bpf_probe_read_kernel((sk + SKC_FAMILY) as *const u16).unwrap_or(0);
+        t.family = family;
+        t.local_port = bpf_probe_read_kernel((sk + SKC_NUM) as *const u16).unwrap_or(0);
+        t.remote_port =
+            u16::from_be(bpf_probe_read_kernel((sk + SKC_DPORT) as *const u16).unwrap_or(0));
+        if family == AF_INET {
+            t.local_addr[..4].copy_from_slice(
+                &bpf_probe_read_kernel((sk + SKC_RCV_SADDR) as *const [u8; 4]).unwrap_or([0; 4]),
+            );
+            t.remote_addr[..4].copy_from_slice(
+                &bpf_probe_read_kernel((sk + SKC_DADDR) as *const [u8; 4]).unwrap_or([0; 4]),
+            );
+        }
+    }
+    let _ = SOCKS.insert(&sk, &t, 0);
+    (t, true)
+}
+
+#[tracepoint]
+pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
+    // SAFETY: offsets from the tracepoint's format.
+    unsafe { on_state(&ctx) };
+    0
+}
+
+#[inline(always)]
+unsafe fn on_state(ctx: &TracePointContext) {
+    unsafe {
+        if ctx.read_at::<u16>(SS_PROTOCOL).unwrap_or(0) != IPPROTO_TCP {
+            return;
+        }
+        let sk = ctx.read_at::<u64>(SS_SKADDR).unwrap_or(0);
+        let old_state = ctx.read_at::<i32>(SS_OLDSTATE).unwrap_or(0) as u32;
+        let new_state = ctx.read_at::<i32>(SS_NEWSTATE).unwrap_or(0) as u32;
+        let mut tuple = SockTuple {
+            local_port: ctx.read_at::<u16>(SS_SPORT).unwrap_or(0),
+            remote_port: ctx.read_at::<u16>(SS_DPORT).unwrap_or(0),
+            family: ctx.read_at::<u16>(SS_FAMILY).unwrap_or(0),
+            ..SockTuple::default()
+        };
+        if tuple.family == AF_INET6 {
+            tuple.local_addr = ctx.read_at::<[u8; 16]>(SS_SADDR_V6).unwrap_or([0; 16]);
+            tuple.remote_addr = ctx.read_at::<[u8; 16]>(SS_DADDR_V6).unwrap_or([0; 16]);
+        } else {
+            tuple.local_addr[..4].copy_from_slice(&ctx.read_at::<[u8; 4]>(SS_SADDR).unwrap_or([0; 4]));
+            tuple.remote_addr[..4].copy_from_slice(&ctx.read_at::<[u8; 4]>(SS_DADDR).unwrap_or([0; 4]));
+        }
+        match new_state {
+            TCP_SYN_SENT | TCP_ESTABLISHED => {
+                let _ = SOCKS.insert(&sk, &tuple, 0);
+            }
+            TCP_CLOSE => {
+                let _ = SOCKS.remove(&sk);
+            }
+            _ => {}
+        }
+
+        let Some(mut entry) = EVENTS.reserve::<ConnEvent>(0) else {
+            count(KernelStat::RingbufFullConn);
+            return;
+        };
+        entry.write(ConnEvent {
+            hdr: EventHeader {
+                kind: EventKind::Conn as u32,
+                flags: 0,
+                ts_ns: bpf_ktime_get_ns(),
+                pid_tgid: bpf_get_current_pid_tgid(),
+                cgroup_id: bpf_get_current_cgroup_id(),
+                comm: bpf_get_current_comm().unwrap_or([0; 16]),
+            },
+            sk,
+            tuple,
+            old_state,
+            new_state,
+        });
+        entry.submit(0);
+        count(KernelStat::ConnEvents);
+    }
+}

@@ -1,0 +1,221 @@
+//! `syscalls:sys_enter_*` / `sys_exit_*` for the read/write/send/recv/readv/writev/sendmsg/recvmsg
+//! family: enter stores the user buffer, exit copies its first bytes once `sock_*_length` has
+//! named a TCP socket (so files, pipes and UDP cost one map write and one delete).
+use core::hint::black_box;
+
+use aya_ebpf::{
+    helpers::{
+        bpf_get_current_comm, bpf_get_current_pid_tgid,
+        generated::{bpf_get_current_cgroup_id, bpf_ktime_get_ns, bpf_probe_read_user},
+    },
+    macros::tracepoint,
+    programs::TracePointContext,
+};
+use tracer_common::{
+    DATA_EVENT_FIXED, DIR_EGRESS, DIR_INGRESS, DataEvent, EventKind, FLAG_IOVEC,
+    FLAG_TUPLE_FROM_SOCK, KernelStat, PAYLOAD_CAP, TAIL_LEN,
+};
+
+use crate::maps::{
+    ACTIVE, EVENTS, KIND_BUF, KIND_IOV, KIND_MSG, SCRATCH, SyscallArgs, count, tracer_tgid,
+};
+
+use super::sock::tuple_of;
+
+/// Offsets in the syscall tracepoint records (`.../syscalls/sys_enter_*/format`): every
+/// argument is 8 bytes wide after the 16-byte header.
+const ARG1: usize = 24;
+const ARG2: usize = 32;
+const RET: usize = 16;
+
+/// Offset of `msg_iov` and `msg_iovlen` in `struct user_msghdr` (x86_64 and arm64 alike).
+const MSGHDR_IOV: u64 = 16;
+const MSGHDR_IOVLEN: u64 = 24;
+
+macro_rules! enter_exit {
+    ($enter:ident, $exit:ident, $kind:expr, $dir:expr) => {
+        #[tracepoint]
+        pub fn $enter(ctx: TracePointContext) -> u32 {
+            enter(&ctx, $kind, $dir);
+            0
+        }
+
+        #[tracepoint]
+        pub fn $exit(ctx: TracePointContext) -> u32 {
+            exit(&ctx);
+            0
+        }
+    };
+}
+
+enter_exit!(sys_enter_write, sys_exit_write, KIND_BUF, DIR_EGRESS);
+enter_exit!(sys_enter_sendto, sys_exit_sendto, KIND_BUF, DIR_EGRESS);
+enter_exit!(sys_enter_writev, sys_exit_writev, KIND_IOV, DIR_EGRESS);
+enter_exit!(sys_enter_sendmsg, sys_exit_sendmsg, KIND_MSG, DIR_EGRESS);
+enter_exit!(sys_enter_read, sys_exit_read, KIND_BUF, DIR_INGRESS);
+enter_exit!(sys_enter_recvfrom, sys_exit_recvfrom, KIND_BUF, DIR_INGRESS);
+enter_exit!(sys_enter_readv, sys_exit_readv, KIND_IOV, DIR_INGRESS);
+enter_exit!(sys_enter_recvmsg, sys_exit_recvmsg, KIND_MSG, DIR_INGRESS);
+
+#[inline(always)]
+fn enter(ctx: &TracePointContext, kind: u32, direction: u32) {
+    let id = bpf_get_current_pid_tgid();
+    if (id >> 32) as u32 == tracer_tgid() {
+        return;
+    }
+    // SAFETY: offsets from the tracepoint's format; read_at copies with probe_read_kernel.
+    let (buf, len) = unsafe {
+        (
+            ctx.read_at::<u64>(ARG1).unwrap_or(0),
+            ctx.read_at::<u64>(ARG2).unwrap_or(0),
+        )
+    };
+    let args = SyscallArgs {
+        buf,
+        len,
+        // SAFETY: helper without preconditions.
+        ts_enter: unsafe { bpf_ktime_get_ns() },
+        sk: 0,
+        kind,
+        direction,
+    };
+    if ACTIVE.insert(&id, &args, 0).is_err() {
+        count(KernelStat::ArgsMapFull);
+    }
+}
+
+#[inline(always)]
+fn exit(ctx: &TracePointContext) {
+    let id = bpf_get_current_pid_tgid();
+    // SAFETY: the value is copied out before the entry is removed.
+    let args = match unsafe { ACTIVE.get(&id) } {
+        Some(args) => *args,
+        None => return,
+    };
+    let _ = ACTIVE.remove(&id);
+    if args.sk == 0 {
+        return;
+    }
+    // SAFETY: `ret` is at a fixed offset in every sys_exit record.
+    let ret = unsafe { ctx.read_at::<i64>(RET).unwrap_or(-1) };
+    if ret <= 0 {
+        return;
+    }
+    emit_data(&args, ret as u64, id);
+}
+
+/// First user buffer of the call and its length.
+#[inline(always)]
+fn first_buffer(args: &SyscallArgs) -> Option<(u64, u64)> {
+    match args.kind {
+        KIND_BUF => Some((args.buf, args.len)),
+        KIND_IOV => {
+            if args.len == 0 {
+                return None;
+            }
+            read_iovec(args.buf)
+        }
+        KIND_MSG => {
+            // SAFETY: reads of user memory through the checked helper.
+            let iov = unsafe { aya_ebpf::helpers::bpf_probe_read_user((args.buf + MSGHDR_IOV) as *const u64) }.ok()?;
+            let iovlen = unsafe { aya_ebpf::helpers::bpf_probe_read_user((args.buf + MSGHDR_IOVLEN) as *const u64) }.ok()?;
+            if iovlen == 0 {
+                return None;
+            }
+            read_iovec(iov)
+        }
+        _ => None,
+    }
+}
+
+#[inline(always)]
+fn read_iovec(iov: u64) -> Option<(u64, u64)> {
+    // SAFETY: `struct iovec { void *base; size_t len; }` read through the checked helper.
+    let base = unsafe { aya_ebpf::helpers::bpf_probe_read_user(iov as *const u64) }.ok()?;
+    let len = unsafe { aya_ebpf::helpers::bpf_probe_read_user((iov + 8) as *const u64) }.ok()?;
+    Some((base, len))
+}
+
+#[inline(always)]
+fn emit_data(args: &SyscallArgs, ret: u64, id: u64) {
+    let Some(ev) = SCRATCH.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: the per-CPU scratch slot is ours until this program returns.
+    let ev: &mut DataEvent = unsafe { &mut *ev };
+
+    ev.hdr.kind = EventKind::Data as u32;
+    ev.hdr.flags = 0;
+    // SAFETY: helpers without preconditions.
+    ev.hdr.ts_ns = unsafe { bpf_ktime_get_ns() };
+    ev.hdr.pid_tgid = id;
+    ev.hdr.cgroup_id = unsafe { bpf_get_current_cgroup_id() };
+    ev.hdr.comm = bpf_get_current_comm().unwrap_or([0; 16]);
+    ev.sk = args.sk;
+    ev.ts_enter_ns = args.ts_enter;
+    ev.direction = args.direction;
+    ev.bytes = if ret > u32::MAX as u64 { u32::MAX } else { ret as u32 };
+
+    let (tuple, from_sock) = tuple_of(args.sk);
+    ev.tuple = tuple;
+    if from_sock {
+        ev.hdr.flags |= FLAG_TUPLE_FROM_SOCK;
+    }
+    if args.kind != KIND_BUF {
+        ev.hdr.flags |= FLAG_IOVEC;
+    }
+
+    let mut captured: u64 = 0;
+    ev.tail_len = 0;
+    if let Some((src, avail)) = first_buffer(args) {
+        let avail = if avail < ret { avail } else { ret };
+        let want = if avail < PAYLOAD_CAP as u64 { avail } else { PAYLOAD_CAP as u64 };
+        if want > 0 {
+            // Provably in [1, PAYLOAD_CAP] for the verifier; black_box keeps LLVM from
+            // dropping the mask it cannot see a use for.
+            let n = black_box(((want - 1) & (PAYLOAD_CAP as u64 - 1)) + 1);
+            // SAFETY: n <= PAYLOAD_CAP bytes into the payload array; src is user memory read
+            // through the checked helper.
+            let rc = unsafe {
+                bpf_probe_read_user(ev.payload.as_mut_ptr().cast(), n as u32, src as *const _)
+            };
+            if rc == 0 {
+                captured = n;
+            } else {
+                count(KernelStat::PayloadReadFailed);
+            }
+        }
+        if ret > captured {
+            count(KernelStat::PayloadTruncated);
+            // The end of a single buffer shows whether a chunked body ended in it.
+            if args.kind == KIND_BUF && captured > 0 && ret >= TAIL_LEN as u64 && avail == ret {
+                // SAFETY: TAIL_LEN bytes into the tail array, from inside the user's buffer.
+                let rc = unsafe {
+                    bpf_probe_read_user(
+                        ev.tail.as_mut_ptr().cast(),
+                        TAIL_LEN as u32,
+                        (src + ret - TAIL_LEN as u64) as *const _,
+                    )
+                };
+                if rc == 0 {
+                    ev.tail_len = TAIL_LEN as u32;
+                }
+            }
+        }
+    }
+    ev.captured = captured as u32;
+
+    let size = black_box(DATA_EVENT_FIXED as u64 + (captured & (2 * PAYLOAD_CAP as u64 - 1)));
+    let size = if size > core::mem::size_of::<DataEvent>() as u64 {
+        core::mem::size_of::<DataEvent>() as u64
+    } else {
+        size
+    };
+    // SAFETY: `size` bytes from the start of the scratch event, which is at least that long.
+    let bytes = unsafe { core::slice::from_raw_parts((ev as *const DataEvent).cast::<u8>(), size as usize) };
+    if EVENTS.output::<[u8]>(bytes, 0).is_ok() {
+        count(KernelStat::DataEvents);
+    } else {
+        count(KernelStat::RingbufFullData);
+    }
+}
