@@ -1,0 +1,260 @@
+//! HTTP/1 capture end to end: the real eBPF programs, real servers (python3), real clients (curl),
+//! and numbers checked against what the client itself measured.
+
+mod common;
+
+use std::{
+    collections::BTreeMap,
+    io::Write as _,
+    net::{Shutdown, TcpStream},
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+use common::{Daemon, Server, curl, median, serial};
+
+/// A directory for `python3 -m http.server` with a few files.
+fn site() -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("tracer-site-{}", std::process::id()));
+    std::fs::create_dir_all(dir.join("users")).expect("site dir");
+    std::fs::write(dir.join("index.html"), "<h1>hello</h1>\n").expect("index");
+    std::fs::write(dir.join("users/1"), "{\"id\":1}\n").expect("user");
+    std::fs::write(dir.join("big.bin"), vec![b'x'; 40_000]).expect("big");
+    dir
+}
+
+/// Sends 200 curl requests over a mix of paths returning 200 and 404; returns curl's own
+/// status counts and `time_total`s.
+fn curl_mix(port: u16) -> (BTreeMap<u16, u64>, Vec<f64>) {
+    let mut by_status = BTreeMap::new();
+    let mut times = Vec::new();
+    for i in 0..200 {
+        let path = match i % 5 {
+            0 => "/index.html".to_owned(),
+            1 => "/users/1".to_owned(),
+            2 => "/big.bin".to_owned(),
+            3 => format!("/missing/{i}"),
+            _ => format!("/users/{}", 1000 + i),
+        };
+        let url = format!("http://127.0.0.1:{port}{path}");
+        let out = curl(&[&url], "%{http_code} %{time_total}\n");
+        let (code, t) = out[0].split_once(' ').expect("curl -w output");
+        *by_status.entry(code.parse::<u16>().expect("status")).or_default() += 1;
+        times.push(t.parse::<f64>().expect("time_total"));
+    }
+    (by_status, times)
+}
+
+/// Issue 2, check 1 (and 4): 200 curl requests to python3's http.server are counted exactly, split
+/// by status exactly as curl saw them, with curl's median latency.
+#[test]
+fn curl_to_python_http_server() {
+    let _serial = serial();
+    let daemon = Daemon::start();
+    let server = Server::python_http_server(&site());
+    let (want_status, times) = curl_mix(server.port);
+    assert_eq!(want_status.values().sum::<u64>(), 200);
+
+    let edge = daemon.wait_edge("curl", server.port, 200);
+    assert_eq!(edge["requests"], 200, "edge: {edge}");
+    let got_status: BTreeMap<u16, u64> = edge["status_codes"]
+        .as_object()
+        .expect("status_codes")
+        .iter()
+        .map(|(k, v)| (k.parse().expect("code"), v.as_u64().expect("count")))
+        .collect();
+    assert_eq!(got_status, want_status, "edge: {edge}");
+    assert!(edge["dst"].as_str().expect("dst").starts_with("python"), "edge: {edge}");
+
+    // Latency: the client's view (write of the request to read of the response's last byte)
+    // against curl's time_total, which adds connection set-up and curl's own overhead on top
+    // (~0.1-0.3 ms on loopback). Tolerance: 30% of curl's median or 0.5 ms, whichever is larger.
+    let curl_p50_ms = median(times) * 1000.0;
+    let client_p50 = edge["client_latency"]["p50_ms"].as_f64().expect("client p50");
+    let server_p50 = edge["server_latency"]["p50_ms"].as_f64().expect("server p50");
+    let tolerance = (curl_p50_ms * 0.3).max(0.5);
+    eprintln!(
+        "curl median {curl_p50_ms:.3} ms, tracer client p50 {client_p50:.3} ms, server p50 {server_p50:.3} ms"
+    );
+    assert!(
+        (client_p50 - curl_p50_ms).abs() <= tolerance,
+        "client p50 {client_p50} ms vs curl median {curl_p50_ms} ms (tolerance {tolerance} ms)"
+    );
+    assert!(server_p50 <= client_p50 + 0.01, "the server's view is inside the client's");
+    assert_eq!(edge["client_latency"]["count"], 200);
+
+    // Check 4: the exposition format is valid and its counter agrees.
+    let metrics = daemon.get("/metrics");
+    let mut promtool = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool (apt install prometheus)");
+    promtool
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(metrics.as_bytes())
+        .expect("write metrics");
+    let out = promtool.wait_with_output().expect("promtool");
+    assert!(
+        out.status.success(),
+        "promtool check metrics: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let dst = edge["dst"].as_str().expect("dst");
+    let counted = daemon.metric_sum(
+        "tracer_http_requests_total",
+        &[("source", "curl"), ("destination", dst)],
+    );
+    assert_eq!(counted, 200.0);
+    let not_found = daemon.metric_sum(
+        "tracer_http_requests_total",
+        &[("source", "curl"), ("destination", dst), ("status", "404")],
+    );
+    assert_eq!(not_found, want_status[&404] as f64);
+    // Ids are collapsed in routes.
+    let templated = daemon.metric_sum(
+        "tracer_http_requests_total",
+        &[("destination", dst), ("route", "/missing/{id}")],
+    );
+    assert_eq!(templated, 40.0);
+}
+
+/// Issue 2, check 2: one curl fetching 50 URLs over one keep-alive connection: 50 requests, each
+/// paired with its own response (statuses, Content-Length and chunked bodies of many sizes).
+#[test]
+fn keep_alive_pairs_each_request() {
+    let _serial = serial();
+    let daemon = Daemon::start();
+    let server = Server::fixture();
+    let mut urls = Vec::new();
+    let mut want: BTreeMap<(String, u16), u64> = BTreeMap::new();
+    for i in 0..50 {
+        let (kind, code) = match i % 5 {
+            0 | 1 => ("ok", 200),
+            2 => ("nf", 404),
+            3 => ("err", 500),
+            _ => ("chunked", 200),
+        };
+        let size = [0, 10, 1500, 9000, 70_000][i % 4 + usize::from(i % 7 == 0)];
+        urls.push(format!("http://127.0.0.1:{}/{kind}/{i}?size={size}", server.port));
+        *want.entry((format!("/{kind}/{{id}}"), code)).or_default() += 1;
+    }
+    let args: Vec<&str> = urls.iter().map(String::as_str).collect();
+    let out = curl(&args, "%{http_code} %{num_connects}\n");
+    assert_eq!(out.len(), 50);
+    let connects: u64 = out
+        .iter()
+        .map(|l| l.split(' ').nth(1).expect("num_connects").parse::<u64>().expect("n"))
+        .sum();
+    assert_eq!(connects, 1, "curl used one connection for all 50 requests");
+
+    let edge = daemon.wait_edge("curl", server.port, 50);
+    assert_eq!(edge["requests"], 50, "edge: {edge}");
+    let dst = edge["dst"].as_str().expect("dst").to_owned();
+    for ((route, code), n) in &want {
+        let got = daemon.metric_sum(
+            "tracer_http_requests_total",
+            &[
+                ("source", "curl"),
+                ("destination", &dst),
+                ("route", route),
+                ("status", &code.to_string()),
+            ],
+        );
+        assert_eq!(got, *n as f64, "{route} {code}");
+    }
+    assert_eq!(edge["client_latency"]["count"], 50, "client side paired too");
+}
+
+/// Issue 2, check 3: garbage and a truncated request are counted as parse failures, never as
+/// requests, and the daemon keeps going.
+#[test]
+fn garbage_is_a_counted_failure_not_a_request() {
+    let _serial = serial();
+    let mut daemon = Daemon::start();
+    let server = Server::python_http_server(&site());
+    let before = daemon.metric_sum("tracer_parse_failures_total", &[]);
+
+    // Random bytes, then half a request line, then close.
+    let mut s = TcpStream::connect(("127.0.0.1", server.port)).expect("connect");
+    let mut x: u32 = 0x2545_f491;
+    let noise: Vec<u8> = (0..300)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            (x >> 24) as u8
+        })
+        .collect();
+    s.write_all(&noise).expect("write noise");
+    s.write_all(b"GET /half-a-requ").expect("write half");
+    s.shutdown(Shutdown::Write).expect("shutdown");
+    let _ = common::read_all(s);
+
+    // Half a request line alone, then close.
+    let mut s = TcpStream::connect(("127.0.0.1", server.port)).expect("connect");
+    s.write_all(b"GET /half-a-requ").expect("write half");
+    std::thread::sleep(Duration::from_millis(100));
+    drop(s);
+    std::thread::sleep(Duration::from_millis(500));
+
+    let after = daemon.metric_sum("tracer_parse_failures_total", &[]);
+    assert!(after >= before + 2.0, "parse failures {before} -> {after}");
+    assert!(daemon.alive(), "daemon died: {}", daemon.log_text());
+    let edges = daemon.json("/api/edges");
+    let phantom: u64 = edges["edges"]
+        .as_array()
+        .expect("edges")
+        .iter()
+        .filter(|e| {
+            e["dst_addrs"]
+                .as_array()
+                .is_some_and(|a| a.iter().any(|x| x.as_str().is_some_and(|s| s.ends_with(&format!(":{}", server.port)))))
+        })
+        .map(|e| e["requests"].as_u64().unwrap_or(0))
+        .sum();
+    assert_eq!(phantom, 0, "no request was made: {edges}");
+
+    // And it still counts real traffic afterwards.
+    curl(&[&format!("http://127.0.0.1:{}/index.html", server.port)], "%{http_code}\n");
+    let edge = daemon.wait_edge("curl", server.port, 1);
+    assert_eq!(edge["requests"], 1);
+}
+
+/// Issue 2, check 5: without privileges, one clear line and a non-zero exit.
+#[test]
+fn unprivileged_run_fails_clearly() {
+    // Copy the binary where an unprivileged user can execute it.
+    let dir = std::env::temp_dir().join(format!("tracer-unpriv-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let bin = dir.join("tracer");
+    std::fs::copy(common::tracer_bin(), &bin).expect("copy binary");
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let out = Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+            "--bounding-set=-all",
+        ])
+        .arg(&bin)
+        .args(["run", "--listen", "127.0.0.1:0"])
+        .env("RUST_LOG", "error")
+        .output()
+        .expect("setpriv");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "must fail without privileges");
+    assert!(
+        stderr.contains("missing privileges") && stderr.contains("CAP_BPF"),
+        "stderr: {stderr}"
+    );
+    assert_eq!(stderr.trim().lines().count(), 1, "one line: {stderr}");
+}

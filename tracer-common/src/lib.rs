@@ -55,6 +55,7 @@ pub const TCP_SYN_RECV: u32 = 3;
 pub const TCP_FIN_WAIT1: u32 = 4;
 pub const TCP_CLOSE: u32 = 7;
 pub const TCP_CLOSE_WAIT: u32 = 8;
+pub const TCP_LAST_ACK: u32 = 9;
 pub const TCP_LISTEN: u32 = 10;
 
 pub const AF_INET: u16 = 2;

@@ -98,7 +98,9 @@ fn exit(ctx: &TracePointContext) {
     }
     // SAFETY: `ret` is at a fixed offset in every sys_exit record.
     let ret = unsafe { ctx.read_at::<i64>(RET).unwrap_or(-1) };
-    if ret <= 0 {
+    // A read of 0 bytes is end of stream: sent (without payload) so that responses framed by
+    // the connection's close can end.
+    if ret < 0 || (ret == 0 && args.direction != DIR_INGRESS) {
         return;
     }
     emit_data(&args, ret as u64, id);

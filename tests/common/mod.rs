@@ -1,0 +1,253 @@
+//! Test harness: the real daemon (real eBPF programs) and real servers and clients on loopback.
+#![allow(dead_code)]
+
+use std::{
+    io::Read as _,
+    net::{SocketAddr, TcpListener, TcpStream},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::{Mutex, MutexGuard},
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+
+/// Every daemon sees all traffic on the host: tests that run one take turns.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+pub fn serial() -> MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .expect("bind an ephemeral port")
+        .local_addr()
+        .expect("local addr")
+        .port()
+}
+
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_path_buf()
+}
+
+pub fn tracer_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_tracer")
+}
+
+/// A running `tracer run`, stopped on drop.
+pub struct Daemon {
+    child: Child,
+    pub addr: SocketAddr,
+    log: PathBuf,
+}
+
+impl Daemon {
+    pub fn start() -> Self {
+        let port = free_port();
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+        let log = std::env::temp_dir().join(format!("tracer-test-{port}.log"));
+        let child = Command::new(tracer_bin())
+            .args(["run", "--listen", &addr.to_string()])
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("log file"))
+            .spawn()
+            .expect("spawn tracer run");
+        let mut d = Self { child, addr, log };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = d.child.try_wait().expect("wait") {
+                panic!("tracer run exited with {status}: {}", d.log_text());
+            }
+            if d.try_get("/api/status").is_some() {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "tracer run not ready after 30 s: {}",
+                d.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        d
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn try_get(&self, path: &str) -> Option<String> {
+        let mut resp = ureq::get(&format!("http://{}{path}", self.addr))
+            .call()
+            .ok()?;
+        resp.body_mut().read_to_string().ok()
+    }
+
+    pub fn get(&self, path: &str) -> String {
+        self.try_get(path)
+            .unwrap_or_else(|| panic!("GET {path} from the daemon failed: {}", self.log_text()))
+    }
+
+    pub fn json(&self, path: &str) -> Value {
+        serde_json::from_str(&self.get(path)).expect("daemon answers JSON")
+    }
+
+    pub fn alive(&mut self) -> bool {
+        self.child.try_wait().expect("wait").is_none()
+    }
+
+    /// The edge whose server listens on `port`, from `src`.
+    pub fn edge(&self, src: &str, port: u16) -> Option<Value> {
+        let edges = self.json("/api/edges");
+        edges["edges"]
+            .as_array()
+            .expect("edges array")
+            .iter()
+            .find(|e| {
+                e["src"] == src
+                    && e["dst_addrs"]
+                        .as_array()
+                        .is_some_and(|a| a.iter().any(|x| x.as_str().is_some_and(|s| s.ends_with(&format!(":{port}")))))
+            })
+            .cloned()
+    }
+
+    /// Waits until the edge has `want` requests (or the timeout), and returns it.
+    pub fn wait_edge(&self, src: &str, port: u16, want: u64) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let edge = self.edge(src, port);
+            let n = edge.as_ref().map_or(0, |e| e["requests"].as_u64().unwrap_or(0));
+            if n >= want || Instant::now() > deadline {
+                // A little longer, so that an over-count would show too.
+                std::thread::sleep(Duration::from_millis(300));
+                return self
+                    .edge(src, port)
+                    .unwrap_or_else(|| panic!("no edge {src} -> :{port}; edges: {}", self.get("/api/edges")));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Sum of a counter over the series whose labels include all of `labels`.
+    pub fn metric_sum(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        let text = self.get("/metrics");
+        text.lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter_map(|l| {
+                let (series, value) = l.rsplit_once(' ')?;
+                let (n, rest) = series.split_once('{').unwrap_or((series, ""));
+                if n != name {
+                    return None;
+                }
+                labels
+                    .iter()
+                    .all(|(k, v)| rest.contains(&format!("{k}=\"{v}\"")))
+                    .then(|| value.parse::<f64>().ok())?
+            })
+            .sum()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        // SAFETY: plain kill(2) of our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A server process, killed on drop.
+pub struct Server {
+    child: Child,
+    pub port: u16,
+}
+
+impl Server {
+    fn wait_listening(mut child: Child, port: u16) -> Self {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!("server exited early with {status}");
+            }
+            assert!(Instant::now() < deadline, "server not listening on {port}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Self { child, port }
+    }
+
+    /// `python3 -m http.server` serving `dir` (HTTP/1.0, one connection per request).
+    pub fn python_http_server(dir: &Path) -> Self {
+        let port = free_port();
+        let child = Command::new("python3")
+            .args(["-m", "http.server", "--bind", "127.0.0.1", "--directory"])
+            .arg(dir)
+            .arg(port.to_string())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn python3 -m http.server");
+        Self::wait_listening(child, port)
+    }
+
+    /// tests/fixtures/server.py: HTTP/1.1 keep-alive, status and framing chosen by path.
+    pub fn fixture() -> Self {
+        let port = free_port();
+        let child = Command::new("python3")
+            .arg(workspace_root().join("tests/fixtures/server.py"))
+            .arg(port.to_string())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn fixture server");
+        Self::wait_listening(child, port)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One curl invocation; returns curl's `-w` output lines.
+pub fn curl(args: &[&str], write_out: &str) -> Vec<String> {
+    let out = Command::new("curl")
+        .args(["-s", "-o", "/dev/null", "-w", write_out])
+        .args(args)
+        .output()
+        .expect("run curl");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+pub fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+pub fn read_all(mut s: TcpStream) -> Vec<u8> {
+    let mut buf = Vec::new();
+    let _ = s.read_to_end(&mut buf);
+    buf
+}

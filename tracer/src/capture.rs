@@ -1,0 +1,310 @@
+//! Loading and attaching the eBPF programs, after checking that this host can run them; and
+//! access to what they share with us (the event ring buffer, the kernel-side counters).
+
+use std::{fs, io, path::Path};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{MapData, PerCpuArray, RingBuf},
+    programs::TracePoint,
+};
+use thiserror::Error;
+use tracer_common::{KERNEL_STAT_COUNT, KernelStat};
+
+/// Capability bits (include/uapi/linux/capability.h).
+const CAP_SYS_ADMIN: u32 = 21;
+const CAP_PERFMON: u32 = 38;
+const CAP_BPF: u32 = 39;
+
+const TRACEFS: &str = "/sys/kernel/tracing";
+const TRACEFS_DEBUG: &str = "/sys/kernel/debug/tracing";
+const BPFFS: &str = "/sys/fs/bpf";
+
+/// Every program, with the tracepoint it attaches to.
+const TRACEPOINTS: &[(&str, &str)] = &[
+    ("sock", "inet_sock_set_state"),
+    ("sock", "sock_send_length"),
+    ("sock", "sock_recv_length"),
+    ("syscalls", "sys_enter_write"),
+    ("syscalls", "sys_exit_write"),
+    ("syscalls", "sys_enter_sendto"),
+    ("syscalls", "sys_exit_sendto"),
+    ("syscalls", "sys_enter_writev"),
+    ("syscalls", "sys_exit_writev"),
+    ("syscalls", "sys_enter_sendmsg"),
+    ("syscalls", "sys_exit_sendmsg"),
+    ("syscalls", "sys_enter_read"),
+    ("syscalls", "sys_exit_read"),
+    ("syscalls", "sys_enter_recvfrom"),
+    ("syscalls", "sys_exit_recvfrom"),
+    ("syscalls", "sys_enter_readv"),
+    ("syscalls", "sys_exit_readv"),
+    ("syscalls", "sys_enter_recvmsg"),
+    ("syscalls", "sys_exit_recvmsg"),
+];
+
+/// Record offsets the programs read at fixed positions, checked against the running kernel's
+/// tracepoint formats before loading: a mismatch is a clear error, not wrong numbers.
+const EXPECTED_FIELDS: &[(&str, &str, &str, usize)] = &[
+    ("sock", "sock_send_length", "sk", 8),
+    ("sock", "sock_send_length", "family", 16),
+    ("sock", "sock_send_length", "protocol", 18),
+    ("sock", "sock_recv_length", "flags", 24),
+    ("sock", "inet_sock_set_state", "skaddr", 8),
+    ("sock", "inet_sock_set_state", "newstate", 20),
+    ("sock", "inet_sock_set_state", "sport", 24),
+    ("sock", "inet_sock_set_state", "protocol", 30),
+    ("sock", "inet_sock_set_state", "saddr_v6", 40),
+    ("sock", "inet_sock_set_state", "daddr_v6", 56),
+    ("syscalls", "sys_enter_recvfrom", "ubuf", 24),
+    ("syscalls", "sys_enter_writev", "vec", 24),
+    ("syscalls", "sys_enter_sendmsg", "msg", 24),
+    ("syscalls", "sys_exit_read", "ret", 16),
+];
+
+#[derive(Debug, Error)]
+pub enum CaptureError {
+    #[error(
+        "missing privileges: loading eBPF programs needs root, or CAP_BPF and CAP_PERFMON \
+         (effective capabilities: {0:#x}); run it with sudo, or grant them with \
+         `setcap cap_bpf,cap_perfmon+ep <tracer binary>`"
+    )]
+    Privileges(u64),
+    #[error(
+        "tracefs is not available at {TRACEFS} and could not be mounted ({0}); mount it with \
+         `mount -t tracefs tracefs {TRACEFS}`"
+    )]
+    NoTracefs(io::Error),
+    #[error(
+        "this kernel has no tracepoint {0}/{1}, which tracer needs (Linux 6.3 or later has it): {2}"
+    )]
+    MissingTracepoint(&'static str, &'static str, String),
+    #[error(
+        "tracepoint {0}/{1} has field {2} at offset {3:?}, not {4}: this kernel's layout is not \
+         supported"
+    )]
+    Layout(&'static str, &'static str, &'static str, Option<usize>, usize),
+    #[error("loading the eBPF object failed: {0}")]
+    Load(#[source] aya::EbpfError),
+    #[error("loading program {0} failed (verifier or kernel refused it): {1}")]
+    Program(&'static str, String),
+    #[error("attaching {0}/{1} failed: {2}")]
+    Attach(&'static str, &'static str, String),
+    #[error("eBPF map {0} missing or of the wrong type: {1}")]
+    Map(&'static str, String),
+}
+
+/// The loaded programs; dropping it detaches them.
+pub struct Capture {
+    ebpf: Ebpf,
+    stats: PerCpuArray<MapData, u64>,
+}
+
+fn effective_caps() -> u64 {
+    fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("CapEff:"))
+                .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        })
+        .unwrap_or(0)
+}
+
+fn check_privileges() -> Result<(), CaptureError> {
+    let caps = effective_caps();
+    let has = |bit: u32| caps & (1u64 << bit) != 0;
+    if has(CAP_SYS_ADMIN) || (has(CAP_BPF) && has(CAP_PERFMON)) {
+        Ok(())
+    } else {
+        Err(CaptureError::Privileges(caps))
+    }
+}
+
+fn mount(fstype: &str, target: &str) -> io::Result<()> {
+    use std::ffi::CString;
+    fs::create_dir_all(target)?;
+    let src = CString::new(fstype).map_err(io::Error::other)?;
+    let dst = CString::new(target).map_err(io::Error::other)?;
+    // SAFETY: valid NUL-terminated strings; no data argument.
+    let rc = unsafe {
+        libc::mount(
+            src.as_ptr(),
+            dst.as_ptr(),
+            src.as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Where tracefs is, mounting it when it is nowhere.
+fn ensure_tracefs() -> Result<&'static str, CaptureError> {
+    for dir in [TRACEFS, TRACEFS_DEBUG] {
+        if Path::new(dir).join("events").is_dir() {
+            return Ok(dir);
+        }
+    }
+    mount("tracefs", TRACEFS).map_err(CaptureError::NoTracefs)?;
+    tracing::info!("mounted tracefs at {TRACEFS}");
+    Ok(TRACEFS)
+}
+
+fn ensure_bpffs() {
+    let is_bpffs = fs::read_to_string("/proc/mounts")
+        .map(|m| m.lines().any(|l| l.split(' ').nth(1) == Some(BPFFS)))
+        .unwrap_or(false);
+    if !is_bpffs {
+        match mount("bpf", BPFFS) {
+            Ok(()) => tracing::info!("mounted bpffs at {BPFFS}"),
+            Err(e) => tracing::warn!("bpffs is not mounted at {BPFFS} and mounting it failed: {e}"),
+        }
+    }
+}
+
+fn raise_memlock() {
+    let rlim = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: plain syscall with a valid pointer.
+    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &rlim) } != 0 {
+        // Kernels since 5.11 account BPF memory to the cgroup instead, so this is usually fine.
+        tracing::warn!(
+            "could not raise RLIMIT_MEMLOCK ({}); continuing",
+            io::Error::last_os_error()
+        );
+    }
+}
+
+/// Offset of `field` in a tracepoint's format file.
+fn field_offset(format: &str, field: &str) -> Option<usize> {
+    format.lines().find_map(|line| {
+        let decl = line.trim().strip_prefix("field:")?;
+        let (decl, rest) = decl.split_once(';')?;
+        let name = decl
+            .rsplit(|c: char| c == ' ' || c == '*')
+            .next()?
+            .split('[')
+            .next()?;
+        if name != field {
+            return None;
+        }
+        rest.trim()
+            .strip_prefix("offset:")?
+            .split(';')
+            .next()?
+            .parse()
+            .ok()
+    })
+}
+
+fn check_layouts(tracefs: &str) -> Result<(), CaptureError> {
+    for &(category, name) in TRACEPOINTS {
+        let path = Path::new(tracefs).join("events").join(category).join(name);
+        if !path.is_dir() {
+            return Err(CaptureError::MissingTracepoint(
+                category,
+                name,
+                format!("{} does not exist", path.display()),
+            ));
+        }
+    }
+    for &(category, name, field, want) in EXPECTED_FIELDS {
+        let path = Path::new(tracefs)
+            .join("events")
+            .join(category)
+            .join(name)
+            .join("format");
+        let format = fs::read_to_string(&path).map_err(|e| {
+            CaptureError::MissingTracepoint(category, name, format!("{}: {e}", path.display()))
+        })?;
+        let got = field_offset(&format, field);
+        if got != Some(want) {
+            return Err(CaptureError::Layout(category, name, field, got, want));
+        }
+    }
+    Ok(())
+}
+
+impl Capture {
+    /// Checks the host, loads every program and attaches it.
+    pub fn start() -> Result<(Self, RingBuf<MapData>), CaptureError> {
+        check_privileges()?;
+        let tracefs = ensure_tracefs()?;
+        ensure_bpffs();
+        raise_memlock();
+        check_layouts(tracefs)?;
+
+        let tgid = std::process::id();
+        let mut ebpf = EbpfLoader::new()
+            .override_global("TRACER_TGID", &tgid, true)
+            .load(aya::include_bytes_aligned!(concat!(
+                env!("OUT_DIR"),
+                "/tracer"
+            )))
+            .map_err(CaptureError::Load)?;
+        for &(category, name) in TRACEPOINTS {
+            let program: &mut TracePoint = ebpf
+                .program_mut(name)
+                .ok_or_else(|| CaptureError::Program(name, "not in the object".into()))?
+                .try_into()
+                .map_err(|e: aya::programs::ProgramError| CaptureError::Program(name, e.to_string()))?;
+            program
+                .load()
+                .map_err(|e| CaptureError::Program(name, format!("{e:#}")))?;
+            program
+                .attach(category, name)
+                .map_err(|e| CaptureError::Attach(category, name, e.to_string()))?;
+        }
+        let events = ebpf
+            .take_map("EVENTS")
+            .ok_or_else(|| CaptureError::Map("EVENTS", "missing".into()))?;
+        let events = RingBuf::try_from(events)
+            .map_err(|e| CaptureError::Map("EVENTS", e.to_string()))?;
+        let stats = ebpf
+            .take_map("STATS")
+            .ok_or_else(|| CaptureError::Map("STATS", "missing".into()))?;
+        let stats = PerCpuArray::try_from(stats)
+            .map_err(|e| CaptureError::Map("STATS", e.to_string()))?;
+        Ok((Self { ebpf, stats }, events))
+    }
+
+    /// Kernel-side counters, summed over CPUs.
+    pub fn kernel_stats(&self) -> [(KernelStat, u64); KERNEL_STAT_COUNT as usize] {
+        KernelStat::ALL.map(|s| {
+            let total = self
+                .stats
+                .get(&(s as u32), 0)
+                .map(|per_cpu| per_cpu.iter().sum())
+                .unwrap_or(0);
+            (s, total)
+        })
+    }
+
+    /// Number of programs attached.
+    pub fn programs(&self) -> usize {
+        self.ebpf.programs().count()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::field_offset;
+
+    #[test]
+    fn reads_format_offsets() {
+        let f = "format:\n\tfield:unsigned short common_type;\toffset:0;\tsize:2;\tsigned:0;\n\
+                 \tfield:const void * skaddr;\toffset:8;\tsize:8;\tsigned:0;\n\
+                 \tfield:__u8 saddr_v6[16];\toffset:40;\tsize:16;\tsigned:0;\n";
+        assert_eq!(field_offset(f, "skaddr"), Some(8));
+        assert_eq!(field_offset(f, "saddr_v6"), Some(40));
+        assert_eq!(field_offset(f, "common_type"), Some(0));
+        assert_eq!(field_offset(f, "nope"), None);
+    }
+}

@@ -1,0 +1,207 @@
+//! Command line: `tracer run` starts the daemon; the other verbs read a running daemon's API and
+//! print tables in the manner of `linkerd viz`.
+
+use std::net::SocketAddr;
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand, ValueEnum};
+use serde::de::DeserializeOwned;
+
+use crate::{
+    api::{EdgesResponse, StatResponse},
+    edges::Quantiles,
+};
+
+pub const DEFAULT_ADDR: &str = "127.0.0.1:9464";
+
+#[derive(Parser)]
+#[command(name = "tracer", version, about = "Passive eBPF network tracer: service topology, golden metrics and spans without a sidecar")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Load the probes and serve /metrics and the API (needs root or CAP_BPF+CAP_PERFMON).
+    Run {
+        /// Address for /metrics and /api. Loopback by default; anything else is explicit.
+        #[arg(long, env = "TRACER_LISTEN", default_value = DEFAULT_ADDR)]
+        listen: SocketAddr,
+    },
+    /// Edges between workloads: who calls whom, with success rate, RPS and latency.
+    Edges(ClientArgs),
+    /// Golden metrics per server workload.
+    Stat {
+        /// Only this workload.
+        workload: Option<String>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+}
+
+#[derive(clap::Args)]
+pub struct ClientArgs {
+    /// Address of a running `tracer run`.
+    #[arg(long, env = "TRACER_ADDR", default_value = DEFAULT_ADDR)]
+    pub addr: String,
+    /// Output format.
+    #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
+    pub output: Output,
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum Output {
+    Table,
+    Json,
+}
+
+fn fetch<T: DeserializeOwned>(addr: &str, path: &str) -> anyhow::Result<(T, String)> {
+    let url = if addr.starts_with("http://") || addr.starts_with("https://") {
+        format!("{}{path}", addr.trim_end_matches('/'))
+    } else {
+        format!("http://{addr}{path}")
+    };
+    let body = ureq::get(&url)
+        .call()
+        .map_err(|e| match e {
+            ureq::Error::Io(_) | ureq::Error::ConnectionFailed | ureq::Error::HostNotFound => {
+                anyhow::anyhow!(
+                    "no tracer daemon answers at {addr} ({e}); start one with `sudo tracer run`, \
+                     or pass --addr"
+                )
+            }
+            e => anyhow::anyhow!("{url}: {e}"),
+        })?
+        .body_mut()
+        .read_to_string()
+        .with_context(|| format!("reading {url}"))?;
+    let value = serde_json::from_str(&body)
+        .with_context(|| format!("{url} did not answer like a tracer daemon"))?;
+    Ok((value, body))
+}
+
+fn pct(rate: f64) -> String {
+    format!("{:.2}%", rate * 100.0)
+}
+
+fn ms(q: Option<&Quantiles>, f: fn(&Quantiles) -> f64) -> String {
+    q.map_or("-".to_owned(), |q| format!("{:.2}ms", f(q)))
+}
+
+/// Prints rows under a header, columns padded to their widest cell.
+fn print_table(header: &[&str], rows: &[Vec<String>]) {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let s: Vec<String> = cells
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        println!("{}", s.join("   ").trim_end());
+    };
+    line(header.to_vec());
+    for row in rows {
+        line(row.iter().map(String::as_str).collect());
+    }
+}
+
+pub fn edges(args: &ClientArgs) -> anyhow::Result<()> {
+    let (resp, raw): (EdgesResponse, _) = fetch(&args.addr, "/api/edges")?;
+    if args.output == Output::Json {
+        println!("{raw}");
+        return Ok(());
+    }
+    if resp.edges.is_empty() {
+        println!("No edges seen yet.");
+        return Ok(());
+    }
+    let rows: Vec<Vec<String>> = resp
+        .edges
+        .iter()
+        .map(|e| {
+            let lat = e.server_latency.as_ref().or(e.client_latency.as_ref());
+            vec![
+                e.src.clone(),
+                e.dst.clone(),
+                e.dst_addrs.join(","),
+                e.requests.to_string(),
+                pct(e.success_rate),
+                format!("{:.1}", e.rps),
+                ms(lat, |q| q.p50_ms),
+                ms(lat, |q| q.p95_ms),
+                ms(lat, |q| q.p99_ms),
+            ]
+        })
+        .collect();
+    print_table(
+        &[
+            "SRC",
+            "DST",
+            "DST_ADDR",
+            "REQUESTS",
+            "SUCCESS",
+            "RPS",
+            "LATENCY_P50",
+            "LATENCY_P95",
+            "LATENCY_P99",
+        ],
+        &rows,
+    );
+    Ok(())
+}
+
+pub fn stat(workload: Option<&str>, args: &ClientArgs) -> anyhow::Result<()> {
+    let (mut resp, raw): (StatResponse, _) = fetch(&args.addr, "/api/stat")?;
+    if let Some(w) = workload {
+        resp.workloads.retain(|x| x.name == w);
+        if resp.workloads.is_empty() {
+            bail!("no traffic to workload {w:?} seen yet");
+        }
+    }
+    if args.output == Output::Json {
+        if workload.is_none() {
+            println!("{raw}");
+        } else {
+            println!("{}", serde_json::to_string(&resp)?);
+        }
+        return Ok(());
+    }
+    if resp.workloads.is_empty() {
+        println!("No traffic seen yet.");
+        return Ok(());
+    }
+    let rows: Vec<Vec<String>> = resp
+        .workloads
+        .iter()
+        .map(|w| {
+            vec![
+                w.name.clone(),
+                pct(w.success_rate),
+                format!("{:.1}", w.rps),
+                ms(w.latency.as_ref(), |q| q.p50_ms),
+                ms(w.latency.as_ref(), |q| q.p95_ms),
+                ms(w.latency.as_ref(), |q| q.p99_ms),
+                w.requests.to_string(),
+            ]
+        })
+        .collect();
+    print_table(
+        &[
+            "NAME",
+            "SUCCESS",
+            "RPS",
+            "LATENCY_P50",
+            "LATENCY_P95",
+            "LATENCY_P99",
+            "REQUESTS",
+        ],
+        &rows,
+    );
+    Ok(())
+}

@@ -1,0 +1,749 @@
+//! Per-connection state: follows the HTTP/1 messages in each direction of a socket and pairs
+//! every request with its response, in order (keep-alive and pipelining), across messages split
+//! over many syscalls and syscalls holding several messages.
+//!
+//! Each socket is followed on its own: a connection with both ends on this host is followed twice,
+//! once as client and once as server, and `edges` joins the two.
+
+use std::collections::{HashMap, VecDeque};
+
+use tracer_common::{TCP_CLOSE, TCP_ESTABLISHED, TCP_FIN_WAIT1, TCP_LAST_ACK};
+
+use crate::{
+    event::{self, Data, Direction, Task, Tuple},
+    http1::{self, BodyLen, Chunked, Method, Parsed, Start},
+    metrics::Metrics,
+};
+
+/// Requests awaiting their response on one connection; beyond it the oldest is dropped
+/// (and counted). HTTP/1 clients rarely pipeline more than a handful.
+const MAX_IN_FLIGHT: usize = 16;
+/// Largest head gathered across syscalls before giving up on it.
+const MAX_HEAD: usize = 16 * 1024;
+/// Bytes of an undecidable message start kept until the next syscall decides it.
+const MAX_UNDECIDED: usize = 16;
+/// Connections followed at once.
+pub const MAX_CONNS: usize = 64 * 1024;
+/// A connection with no traffic for this long is forgotten when room is needed.
+const IDLE_NS: u64 = 60 * 1_000_000_000;
+/// Closed connections remembered, so that the other end's last exchange can still name this
+/// end's process after its socket is gone.
+const RECENTLY_CLOSED: usize = 4096;
+
+/// Which end of the connection this socket is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Side {
+    Client,
+    Server,
+}
+
+impl Side {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Side::Client => "client",
+            Side::Server => "server",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Role {
+    Unknown,
+    Http(Side),
+    /// Not HTTP/1 (or lost sync for good): ignored until closed.
+    Opaque,
+}
+
+/// One request and its response, as one end of the connection saw them.
+#[derive(Clone, Debug)]
+pub struct Exchange {
+    pub side: Side,
+    /// The process on this end.
+    pub task: Task,
+    /// This end's view of the connection.
+    pub tuple: Tuple,
+    pub sk: u64,
+    pub method: Method,
+    pub path: String,
+    pub status: u16,
+    /// First byte of the request as this end saw it.
+    pub start_ns: u64,
+    /// Last byte of the response as this end saw it.
+    pub end_ns: u64,
+    pub req_bytes: u64,
+    pub resp_bytes: u64,
+    /// Position of the request on its connection, from 0.
+    pub seq: u64,
+}
+
+#[derive(Debug)]
+struct Pending {
+    method: Method,
+    path: String,
+    start_ns: u64,
+    bytes: u64,
+    seq: u64,
+    task: Task,
+}
+
+#[derive(Debug)]
+struct InFlight {
+    request: Option<Pending>,
+    status: u16,
+}
+
+#[derive(Debug, Default)]
+enum ReadState {
+    #[default]
+    Idle,
+    Head,
+    Body(Body),
+    /// Lost the message boundary: skip until something that starts a message.
+    Resync,
+}
+
+#[derive(Debug)]
+enum Body {
+    Length(u64),
+    Chunked(Chunked),
+    /// Chunk framing passed through bytes that were not captured: watch ends only.
+    ChunkedBlind,
+    /// Ends at close, or (framing unknown) at the next message.
+    Open,
+}
+
+/// One direction of a connection: a stream of requests or of responses.
+#[derive(Debug, Default)]
+struct Reader {
+    state: ReadState,
+    head: Vec<u8>,
+    /// Some bytes of the head being gathered were not captured.
+    head_lost: bool,
+    start_ns: u64,
+    last_ns: u64,
+    bytes: u64,
+}
+
+impl Reader {
+    fn begin(&mut self, start_ns: u64) {
+        self.state = ReadState::Head;
+        self.head.clear();
+        self.head_lost = false;
+        self.start_ns = start_ns;
+        self.bytes = 0;
+    }
+}
+
+struct Conn {
+    tuple: Tuple,
+    task: Task,
+    role: Role,
+    requests: Reader,
+    responses: Reader,
+    pending: VecDeque<Pending>,
+    current: Option<InFlight>,
+    undecided: Vec<u8>,
+    last_ns: u64,
+    seq: u64,
+}
+
+impl Conn {
+    fn peer(&self) -> Peer {
+        Peer {
+            task: self.task,
+            side: match self.role {
+                Role::Http(side) => Some(side),
+                _ => None,
+            },
+        }
+    }
+
+    fn new(tuple: Tuple, task: Task, now: u64) -> Self {
+        Self {
+            tuple,
+            task,
+            role: Role::Unknown,
+            requests: Reader::default(),
+            responses: Reader::default(),
+            pending: VecDeque::new(),
+            current: None,
+            undecided: Vec::new(),
+            last_ns: now,
+            seq: 0,
+        }
+    }
+}
+
+/// Everything one data event is processed with.
+struct Ctx<'a, 'b> {
+    sk: u64,
+    d: &'a Data<'b>,
+    metrics: &'a Metrics,
+    out: &'a mut Vec<Exchange>,
+}
+
+/// All followed connections, keyed by socket address.
+pub struct ConnTable {
+    conns: HashMap<u64, Conn>,
+    by_tuple: HashMap<Tuple, u64>,
+    closed: HashMap<Tuple, Peer>,
+    closed_order: VecDeque<Tuple>,
+    cap: usize,
+}
+
+/// What is known of the process at the other end of a connection, when it is on this host.
+#[derive(Clone, Copy, Debug)]
+pub struct Peer {
+    pub task: Task,
+    pub side: Option<Side>,
+}
+
+impl ConnTable {
+    pub fn new(cap: usize) -> Self {
+        Self {
+            conns: HashMap::new(),
+            by_tuple: HashMap::new(),
+            closed: HashMap::new(),
+            closed_order: VecDeque::new(),
+            cap,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.conns.len()
+    }
+
+    /// The local socket at the other end of `tuple`, if this host has it.
+    pub fn peer_of(&self, tuple: &Tuple) -> Option<Peer> {
+        let other = tuple.reversed();
+        match self.by_tuple.get(&other).and_then(|sk| self.conns.get(sk)) {
+            Some(c) => Some(c.peer()),
+            None => self.closed.get(&other).copied(),
+        }
+    }
+
+    pub fn on_data(&mut self, d: &Data<'_>, metrics: &Metrics, out: &mut Vec<Exchange>) {
+        let now = d.ts_exit_ns;
+        if let Some(c) = self.conns.get(&d.sk)
+            && c.tuple != d.tuple
+        {
+            // The socket address was reused by a new connection whose close we missed.
+            self.remove(d.sk, metrics);
+        }
+        if !self.conns.contains_key(&d.sk) {
+            if d.bytes == 0 {
+                return;
+            }
+            if self.conns.len() >= self.cap {
+                self.evict(now, metrics);
+            }
+            self.conns.insert(d.sk, Conn::new(d.tuple, d.task, now));
+            self.by_tuple.insert(d.tuple, d.sk);
+            metrics.conns_tracked.set(self.conns.len() as i64);
+        }
+        let Some(conn) = self.conns.get_mut(&d.sk) else {
+            return;
+        };
+        conn.last_ns = now;
+        conn.task = d.task;
+        let mut ctx = Ctx {
+            sk: d.sk,
+            d,
+            metrics,
+            out,
+        };
+        process(conn, &mut ctx);
+    }
+
+    pub fn on_state(&mut self, c: &event::Conn, metrics: &Metrics, out: &mut Vec<Exchange>) {
+        let Some(conn) = self.conns.get_mut(&c.sk) else {
+            return;
+        };
+        // This end closing (FIN_WAIT1 from ESTABLISHED, LAST_ACK after the peer's FIN) happens in
+        // the closing process, after all its reads and writes: whatever was open ends here.
+        // The peer's FIN (CLOSE_WAIT) is not used: it arrives before this end has read the last
+        // bytes, whose end of stream (a 0-byte read) ends open messages instead.
+        let local_close = (c.old_state == TCP_ESTABLISHED && c.new_state == TCP_FIN_WAIT1)
+            || c.new_state == TCP_LAST_ACK
+            || c.new_state == TCP_CLOSE;
+        if local_close {
+            finish_all(conn, c.sk, metrics, out);
+        }
+        if c.new_state == TCP_CLOSE {
+            self.remove(c.sk, metrics);
+        }
+    }
+
+    fn remove(&mut self, sk: u64, metrics: &Metrics) {
+        if let Some(conn) = self.conns.remove(&sk) {
+            if !conn.pending.is_empty() {
+                metrics
+                    .pairing_drops
+                    .with_label_values(&["no_response"])
+                    .inc_by(conn.pending.len() as u64);
+            }
+            if self.by_tuple.get(&conn.tuple) == Some(&sk) {
+                self.by_tuple.remove(&conn.tuple);
+            }
+            if self.closed_order.len() >= RECENTLY_CLOSED
+                && let Some(old) = self.closed_order.pop_front()
+            {
+                self.closed.remove(&old);
+            }
+            if self.closed.insert(conn.tuple, conn.peer()).is_none() {
+                self.closed_order.push_back(conn.tuple);
+            }
+            metrics.conns_tracked.set(self.conns.len() as i64);
+        }
+    }
+
+    /// Makes room: forgets connections idle for a while, or else the longest idle one.
+    fn evict(&mut self, now: u64, metrics: &Metrics) {
+        let idle: Vec<u64> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| now.saturating_sub(c.last_ns) > IDLE_NS)
+            .map(|(sk, _)| *sk)
+            .collect();
+        let victims = if idle.is_empty() {
+            self.conns
+                .iter()
+                .min_by_key(|(_, c)| c.last_ns)
+                .map(|(sk, _)| vec![*sk])
+                .unwrap_or_default()
+        } else {
+            idle
+        };
+        metrics.conn_evictions.inc_by(victims.len() as u64);
+        for sk in victims {
+            self.remove(sk, metrics);
+        }
+    }
+}
+
+fn process(conn: &mut Conn, ctx: &mut Ctx<'_, '_>) {
+    let d = ctx.d;
+    if d.bytes == 0 {
+        // End of stream on a read: what the peer left open ends here.
+        let side = match conn.role {
+            Role::Http(side) => side,
+            _ => return,
+        };
+        let requests = (side == Side::Server) == (d.direction == Direction::Ingress);
+        finish_reader(conn, requests, ctx.sk, ctx.metrics, ctx.out);
+        return;
+    }
+    if conn.role == Role::Unknown {
+        let decided;
+        let start = if conn.undecided.is_empty() {
+            decided = http1::classify(d.payload);
+            decided
+        } else {
+            let mut joined = std::mem::take(&mut conn.undecided);
+            joined.extend_from_slice(&d.payload[..d.payload.len().min(MAX_UNDECIDED)]);
+            decided = http1::classify(&joined);
+            decided
+        };
+        conn.role = match (start, d.direction) {
+            (Start::Request, Direction::Egress) | (Start::Response, Direction::Ingress) => {
+                Role::Http(Side::Client)
+            }
+            (Start::Request, Direction::Ingress) | (Start::Response, Direction::Egress) => {
+                Role::Http(Side::Server)
+            }
+            (Start::Undecided, _) if d.complete() && d.payload.len() < MAX_UNDECIDED => {
+                conn.undecided.extend_from_slice(d.payload);
+                return;
+            }
+            _ => {
+                ctx.metrics
+                    .parse_failures
+                    .with_label_values(&["unknown_protocol"])
+                    .inc();
+                Role::Opaque
+            }
+        };
+    }
+    let Role::Http(side) = conn.role else {
+        return;
+    };
+    let requests = (side == Side::Server) == (d.direction == Direction::Ingress);
+    feed(conn, requests, ctx);
+}
+
+/// Consumes one syscall's bytes on the request or response stream.
+fn feed(conn: &mut Conn, requests: bool, ctx: &mut Ctx<'_, '_>) {
+    let d = ctx.d;
+    let total = d.bytes as u64;
+    let shown = d.payload;
+    // When this end saw the first byte: a sender when it started writing, a receiver when the
+    // read returned.
+    let first_byte_ns = match d.direction {
+        Direction::Egress => d.ts_enter_ns,
+        Direction::Ingress => d.ts_exit_ns,
+    };
+    let mut off: u64 = 0;
+    while off < total {
+        let at = &shown[(off as usize).min(shown.len())..];
+        let reader = if requests {
+            &mut conn.requests
+        } else {
+            &mut conn.responses
+        };
+        reader.last_ns = d.ts_exit_ns;
+        match &mut reader.state {
+            ReadState::Idle | ReadState::Resync => {
+                let resync = matches!(reader.state, ReadState::Resync);
+                if at.is_empty() {
+                    // The start of this message was not captured.
+                    if !resync {
+                        ctx.metrics
+                            .parse_failures
+                            .with_label_values(&["uncaptured_start"])
+                            .inc();
+                    }
+                    reader.state = ReadState::Resync;
+                    return;
+                }
+                let expect = if requests {
+                    Start::Request
+                } else {
+                    Start::Response
+                };
+                let start = http1::classify(at);
+                if start != expect && start != Start::Undecided {
+                    if !resync {
+                        ctx.metrics
+                            .parse_failures
+                            .with_label_values(&["unexpected_start"])
+                            .inc();
+                    }
+                    reader.state = ReadState::Resync;
+                    return;
+                }
+                reader.begin(first_byte_ns);
+            }
+            ReadState::Head => {
+                let prev = reader.head.len();
+                let room = MAX_HEAD - prev;
+                let add = &at[..at.len().min(room)];
+                reader.head.extend_from_slice(add);
+                // Bytes of this syscall past what was captured belong to this head or after it.
+                if (at.len() as u64) < total - off {
+                    reader.head_lost = true;
+                }
+                let parsed = if requests {
+                    http1::parse_request(&reader.head).map(|p| match p {
+                        Parsed::Complete(h) => Some((h.head_len, HeadInfo::Request(h))),
+                        Parsed::Partial => None,
+                    })
+                } else {
+                    http1::parse_response(&reader.head).map(|p| match p {
+                        Parsed::Complete(h) => Some((h.head_len, HeadInfo::Response(h))),
+                        Parsed::Partial => None,
+                    })
+                };
+                match parsed {
+                    Ok(Some((head_len, info))) => {
+                        let used = (head_len - prev) as u64;
+                        off += used;
+                        reader.bytes += used;
+                        on_head(conn, requests, info, ctx);
+                    }
+                    Ok(None) if !reader.head_lost && reader.head.len() < MAX_HEAD => {
+                        // Wait for the rest of the head.
+                        reader.bytes += total - off;
+                        return;
+                    }
+                    Ok(None) => {
+                        // The head outgrew the capture: salvage its first line.
+                        reader.bytes += total - off;
+                        let info = if requests {
+                            http1::parse_request_line(&reader.head).map(|(method, path)| {
+                                HeadInfo::Request(http1::RequestHead {
+                                    method,
+                                    path,
+                                    head_len: 0,
+                                    body: BodyLen::UntilClose,
+                                })
+                            })
+                        } else {
+                            http1::parse_status_line(&reader.head).map(|status| {
+                                HeadInfo::Response(http1::ResponseHead {
+                                    status,
+                                    head_len: 0,
+                                    body: BodyLen::UntilClose,
+                                    closes: false,
+                                })
+                            })
+                        };
+                        ctx.metrics
+                            .parse_failures
+                            .with_label_values(&["head_beyond_capture"])
+                            .inc();
+                        match info {
+                            Some(info) => on_head(conn, requests, info, ctx),
+                            None => {
+                                let reader = reader_mut(conn, requests);
+                                reader.state = ReadState::Resync;
+                            }
+                        }
+                        return;
+                    }
+                    Err(e) => {
+                        ctx.metrics
+                            .parse_failures
+                            .with_label_values(&[e.reason()])
+                            .inc();
+                        reader.state = ReadState::Resync;
+                        return;
+                    }
+                }
+            }
+            ReadState::Body(body) => {
+                let n = total - off;
+                match body {
+                    Body::Length(rem) => {
+                        let take = (*rem).min(n);
+                        *rem -= take;
+                        off += take;
+                        reader.bytes += take;
+                        if *rem == 0 {
+                            complete(conn, requests, d.ts_exit_ns, ctx);
+                        }
+                    }
+                    Body::Chunked(chunks) => {
+                        let mut done = false;
+                        let mut used = 0u64;
+                        let mut broken = false;
+                        match chunks.feed(at) {
+                            Ok(Some(k)) => {
+                                done = true;
+                                used = k as u64;
+                            }
+                            Ok(None) => {
+                                used = at.len() as u64;
+                                let blind = n - used;
+                                if blind > 0 {
+                                    if chunks.skip(blind) {
+                                        used = n;
+                                    } else {
+                                        used = n;
+                                        if http1::ends_chunked(d.tail) {
+                                            done = true;
+                                        } else {
+                                            broken = true;
+                                        }
+                                    }
+                                }
+                            }
+                            Err(_) => {
+                                ctx.metrics
+                                    .parse_failures
+                                    .with_label_values(&["bad_chunk"])
+                                    .inc();
+                                used = n;
+                                done = true;
+                            }
+                        }
+                        off += used;
+                        reader.bytes += used;
+                        if broken {
+                            reader.state = ReadState::Body(Body::ChunkedBlind);
+                        }
+                        if done {
+                            complete(conn, requests, d.ts_exit_ns, ctx);
+                        }
+                    }
+                    Body::ChunkedBlind => {
+                        off = total;
+                        reader.bytes += n;
+                        let end = if d.complete() { shown } else { d.tail };
+                        if http1::ends_chunked(end) {
+                            complete(conn, requests, d.ts_exit_ns, ctx);
+                        }
+                    }
+                    Body::Open => {
+                        // A new message start ends a message of unknown length.
+                        let expect = if requests {
+                            Start::Request
+                        } else {
+                            Start::Response
+                        };
+                        if off == 0 && http1::classify(at) == expect {
+                            let end = reader.last_ns;
+                            complete(conn, requests, end, ctx);
+                            continue;
+                        }
+                        off = total;
+                        reader.bytes += n;
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn reader_mut(conn: &mut Conn, requests: bool) -> &mut Reader {
+    if requests {
+        &mut conn.requests
+    } else {
+        &mut conn.responses
+    }
+}
+
+enum HeadInfo {
+    Request(http1::RequestHead),
+    Response(http1::ResponseHead),
+}
+
+fn on_head(conn: &mut Conn, requests: bool, info: HeadInfo, ctx: &mut Ctx<'_, '_>) {
+    let d = ctx.d;
+    let body = match info {
+        HeadInfo::Request(h) => {
+            if conn.pending.len() >= MAX_IN_FLIGHT {
+                conn.pending.pop_front();
+                ctx.metrics
+                    .pairing_drops
+                    .with_label_values(&["pending_overflow"])
+                    .inc();
+            }
+            conn.pending.push_back(Pending {
+                method: h.method,
+                path: h.path,
+                start_ns: conn.requests.start_ns,
+                bytes: 0,
+                seq: conn.seq,
+                task: d.task,
+            });
+            conn.seq += 1;
+            // A response of unknown length on this connection ends where a new request begins.
+            if matches!(conn.responses.state, ReadState::Body(Body::Open)) && conn.current.is_some()
+            {
+                let end = conn.responses.last_ns;
+                complete(conn, false, end, ctx);
+            }
+            h.body
+        }
+        HeadInfo::Response(h) => {
+            if (100..200).contains(&h.status) && h.status != 101 {
+                // Interim response: the final one follows.
+                conn.responses.state = ReadState::Idle;
+                return;
+            }
+            let request = conn.pending.pop_front();
+            if request.is_none() {
+                ctx.metrics
+                    .pairing_drops
+                    .with_label_values(&["response_without_request"])
+                    .inc();
+            }
+            let body = h.body_for(request.as_ref().map(|r| r.method));
+            conn.current = Some(InFlight {
+                request,
+                status: h.status,
+            });
+            if h.status == 101 {
+                // Upgraded (WebSocket, h2c): the rest is not HTTP/1.
+                let end = d.ts_exit_ns;
+                complete(conn, false, end, ctx);
+                conn.role = Role::Opaque;
+                return;
+            }
+            body
+        }
+    };
+    let reader = reader_mut(conn, requests);
+    reader.state = ReadState::Body(match body {
+        BodyLen::Empty => {
+            complete(conn, requests, d.ts_exit_ns, ctx);
+            return;
+        }
+        BodyLen::Length(n) => Body::Length(n),
+        BodyLen::Chunked => Body::Chunked(Chunked::default()),
+        BodyLen::UntilClose => Body::Open,
+    });
+}
+
+/// The message being read on a stream is complete at `end_ns`.
+fn complete(conn: &mut Conn, requests: bool, end_ns: u64, ctx: &mut Ctx<'_, '_>) {
+    complete_message(conn, requests, end_ns, ctx.sk, ctx.out);
+}
+
+fn complete_message(
+    conn: &mut Conn,
+    requests: bool,
+    end_ns: u64,
+    sk: u64,
+    out: &mut Vec<Exchange>,
+) {
+    let Role::Http(side) = conn.role else {
+        return;
+    };
+    if requests {
+        let bytes = conn.requests.bytes;
+        if let Some(p) = conn.pending.back_mut() {
+            p.bytes = bytes;
+        }
+        conn.requests.state = ReadState::Idle;
+        return;
+    }
+    conn.responses.state = ReadState::Idle;
+    let resp_bytes = conn.responses.bytes;
+    let Some(InFlight {
+        request: Some(req),
+        status,
+    }) = conn.current.take()
+    else {
+        return;
+    };
+    out.push(Exchange {
+        side,
+        task: if side == Side::Server { req.task } else { conn.task },
+        tuple: conn.tuple,
+        sk,
+        method: req.method,
+        path: req.path,
+        status,
+        start_ns: req.start_ns,
+        end_ns: end_ns.max(req.start_ns),
+        req_bytes: req.bytes,
+        resp_bytes,
+        seq: req.seq,
+    });
+}
+
+/// Ends what is open on one stream because no more bytes will come.
+fn finish_reader(
+    conn: &mut Conn,
+    requests: bool,
+    sk: u64,
+    metrics: &Metrics,
+    out: &mut Vec<Exchange>,
+) {
+    let reader = reader_mut(conn, requests);
+    let end = reader.last_ns;
+    match reader.state {
+        ReadState::Head => {
+            metrics
+                .parse_failures
+                .with_label_values(&["truncated_head"])
+                .inc();
+            reader.state = ReadState::Idle;
+        }
+        ReadState::Body(Body::Open) => complete_message(conn, requests, end, sk, out),
+        ReadState::Body(_) => {
+            metrics
+                .parse_failures
+                .with_label_values(&["truncated_body"])
+                .inc();
+            complete_message(conn, requests, end, sk, out);
+        }
+        ReadState::Idle | ReadState::Resync => {}
+    }
+}
+
+fn finish_all(conn: &mut Conn, sk: u64, metrics: &Metrics, out: &mut Vec<Exchange>) {
+    finish_reader(conn, true, sk, metrics, out);
+    finish_reader(conn, false, sk, metrics, out);
+}

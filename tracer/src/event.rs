@@ -1,0 +1,208 @@
+//! Decoding ring-buffer records into typed views, without copying payloads.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+use thiserror::Error;
+use tracer_common::{
+    AF_INET6, ConnEvent, DATA_EVENT_FIXED, DIR_EGRESS, DataEvent, EventHeader, EventKind,
+    PAYLOAD_CAP, SockTuple, TAIL_LEN,
+};
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum DecodeError {
+    #[error("record of {0} bytes is shorter than its header")]
+    Short(usize),
+    #[error("unknown event kind {0}")]
+    UnknownKind(u32),
+    #[error("payload length {0} exceeds the record")]
+    BadLength(u32),
+}
+
+impl DecodeError {
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::Short(_) => "short_record",
+            Self::UnknownKind(_) => "unknown_kind",
+            Self::BadLength(_) => "bad_length",
+        }
+    }
+}
+
+/// A process name as the kernel keeps it: at most 15 bytes, NUL padded.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct Comm(pub [u8; 16]);
+
+impl Comm {
+    pub fn as_str(&self) -> std::borrow::Cow<'_, str> {
+        let end = self.0.iter().position(|&b| b == 0).unwrap_or(16);
+        String::from_utf8_lossy(&self.0[..end])
+    }
+}
+
+impl std::fmt::Debug for Comm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}", self.as_str())
+    }
+}
+
+/// Who did something: process and thread, name, cgroup.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Task {
+    pub tgid: u32,
+    pub tid: u32,
+    pub comm: Comm,
+    pub cgroup_id: u64,
+}
+
+impl Task {
+    fn from_header(h: &EventHeader) -> Self {
+        Self {
+            tgid: (h.pid_tgid >> 32) as u32,
+            tid: h.pid_tgid as u32,
+            comm: Comm(h.comm),
+            cgroup_id: h.cgroup_id,
+        }
+    }
+}
+
+/// Both ends of a connection, from one socket's point of view.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Tuple {
+    pub local: SocketAddr,
+    pub remote: SocketAddr,
+}
+
+impl Tuple {
+    pub fn from_sock(t: &SockTuple) -> Self {
+        let ip = |a: [u8; 16]| -> IpAddr {
+            if t.family == AF_INET6 {
+                let v6 = Ipv6Addr::from(a);
+                // v4-mapped addresses are the same peer as the plain v4 one.
+                match v6.to_ipv4_mapped() {
+                    Some(v4) => IpAddr::V4(v4),
+                    None => IpAddr::V6(v6),
+                }
+            } else {
+                IpAddr::V4(Ipv4Addr::new(a[0], a[1], a[2], a[3]))
+            }
+        };
+        Self {
+            local: SocketAddr::new(ip(t.local_addr), t.local_port),
+            remote: SocketAddr::new(ip(t.remote_addr), t.remote_port),
+        }
+    }
+
+    /// The same connection seen from the other end.
+    pub fn reversed(&self) -> Self {
+        Self {
+            local: self.remote,
+            remote: self.local,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Direction {
+    Egress,
+    Ingress,
+}
+
+/// Bytes a process moved on a TCP socket.
+#[derive(Debug)]
+pub struct Data<'a> {
+    pub task: Task,
+    pub sk: u64,
+    pub tuple: Tuple,
+    pub ts_enter_ns: u64,
+    pub ts_exit_ns: u64,
+    pub direction: Direction,
+    /// Bytes the syscall moved; 0 is end of stream on a read.
+    pub bytes: u32,
+    /// The first bytes moved (at most PAYLOAD_CAP).
+    pub payload: &'a [u8],
+    /// The last bytes moved, when not all of them are in `payload`.
+    pub tail: &'a [u8],
+    pub flags: u32,
+}
+
+impl Data<'_> {
+    /// Whether every byte the syscall moved is in `payload`.
+    pub fn complete(&self) -> bool {
+        self.payload.len() == self.bytes as usize
+    }
+}
+
+/// A TCP state change.
+#[derive(Clone, Copy, Debug)]
+pub struct Conn {
+    pub task: Task,
+    pub ts_ns: u64,
+    pub sk: u64,
+    pub tuple: Tuple,
+    pub old_state: u32,
+    pub new_state: u32,
+}
+
+#[derive(Debug)]
+pub enum Event<'a> {
+    Data(Data<'a>),
+    Conn(Conn),
+}
+
+fn read<T: Copy>(buf: &[u8]) -> Result<T, DecodeError> {
+    if buf.len() < size_of::<T>() {
+        return Err(DecodeError::Short(buf.len()));
+    }
+    // SAFETY: length checked; T is a repr(C) plain-old-data type from tracer-common, valid for
+    // any bit pattern; read_unaligned because ring-buffer records are only 8-byte aligned.
+    Ok(unsafe { buf.as_ptr().cast::<T>().read_unaligned() })
+}
+
+pub fn decode(buf: &[u8]) -> Result<Event<'_>, DecodeError> {
+    let hdr: EventHeader = read(buf)?;
+    match EventKind::from_u32(hdr.kind) {
+        Some(EventKind::Data) => {
+            if buf.len() < DATA_EVENT_FIXED {
+                return Err(DecodeError::Short(buf.len()));
+            }
+            // Read the fixed part only; the payload is borrowed.
+            let mut fixed = [0u8; size_of::<DataEvent>()];
+            fixed[..DATA_EVENT_FIXED].copy_from_slice(&buf[..DATA_EVENT_FIXED]);
+            let ev: DataEvent = read(&fixed)?;
+            let captured = ev.captured as usize;
+            if captured > PAYLOAD_CAP || DATA_EVENT_FIXED + captured > buf.len() {
+                return Err(DecodeError::BadLength(ev.captured));
+            }
+            let tail_len = (ev.tail_len as usize).min(TAIL_LEN);
+            let tail_off = std::mem::offset_of!(DataEvent, tail);
+            Ok(Event::Data(Data {
+                task: Task::from_header(&hdr),
+                sk: ev.sk,
+                tuple: Tuple::from_sock(&ev.tuple),
+                ts_enter_ns: ev.ts_enter_ns,
+                ts_exit_ns: hdr.ts_ns,
+                direction: if ev.direction == DIR_EGRESS {
+                    Direction::Egress
+                } else {
+                    Direction::Ingress
+                },
+                bytes: ev.bytes,
+                payload: &buf[DATA_EVENT_FIXED..DATA_EVENT_FIXED + captured],
+                tail: &buf[tail_off..tail_off + tail_len],
+                flags: hdr.flags,
+            }))
+        }
+        Some(EventKind::Conn) => {
+            let ev: ConnEvent = read(buf)?;
+            Ok(Event::Conn(Conn {
+                task: Task::from_header(&hdr),
+                ts_ns: hdr.ts_ns,
+                sk: ev.sk,
+                tuple: Tuple::from_sock(&ev.tuple),
+                old_state: ev.old_state,
+                new_state: ev.new_state,
+            }))
+        }
+        None => Err(DecodeError::UnknownKind(hdr.kind)),
+    }
+}

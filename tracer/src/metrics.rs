@@ -1,0 +1,169 @@
+//! Prometheus metrics: request totals and latencies per edge and route, and the daemon's own
+//! health (events, losses, parse failures, connections).
+
+use prometheus::{
+    Encoder as _, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
+    Registry, TextEncoder,
+};
+
+/// Latency bucket bounds in seconds: from 100 µs (loopback, in-memory handlers) to 10 s, about
+/// 2.5x apart so that p50/p99 interpolation stays within a bucket's width of the truth.
+pub const LATENCY_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0,
+];
+
+/// Labels of request series, in order.
+pub const REQUEST_LABELS: &[&str] = &["source", "destination", "method", "route", "status"];
+
+#[derive(Clone)]
+pub struct Metrics {
+    pub registry: Registry,
+    pub requests: IntCounterVec,
+    pub latency: HistogramVec,
+    pub events: IntCounterVec,
+    pub decode_errors: IntCounterVec,
+    pub kernel: IntCounterVec,
+    pub parse_failures: IntCounterVec,
+    pub pairing_drops: IntCounterVec,
+    pub conns_tracked: IntGauge,
+    pub conn_evictions: IntCounter,
+    pub series_overflow: IntCounterVec,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let requests = IntCounterVec::new(
+            Opts::new(
+                "tracer_http_requests_total",
+                "HTTP requests seen, by client and server workload, method, route and status code.",
+            ),
+            REQUEST_LABELS,
+        )
+        .expect("valid metric");
+        let mut latency_labels = REQUEST_LABELS.to_vec();
+        latency_labels.push("observer");
+        let latency = HistogramVec::new(
+            HistogramOpts::new(
+                "tracer_http_request_duration_seconds",
+                "From the request's first byte to the response's last byte, as the server \
+                 (observer=server) or the client (observer=client) saw it.",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+            &latency_labels,
+        )
+        .expect("valid metric");
+        let events = IntCounterVec::new(
+            Opts::new("tracer_events_total", "Events read from the ring buffer, by kind."),
+            &["kind"],
+        )
+        .expect("valid metric");
+        let decode_errors = IntCounterVec::new(
+            Opts::new(
+                "tracer_decode_errors_total",
+                "Ring-buffer records that could not be decoded.",
+            ),
+            &["reason"],
+        )
+        .expect("valid metric");
+        let kernel = IntCounterVec::new(
+            Opts::new(
+                "tracer_kernel_events_total",
+                "Counters kept by the eBPF programs: ringbuf_full_* are events lost because the \
+                 ring buffer was full.",
+            ),
+            &["reason"],
+        )
+        .expect("valid metric");
+        let parse_failures = IntCounterVec::new(
+            Opts::new(
+                "tracer_parse_failures_total",
+                "Bytes on a connection that could not be followed as HTTP/1.",
+            ),
+            &["reason"],
+        )
+        .expect("valid metric");
+        let pairing_drops = IntCounterVec::new(
+            Opts::new(
+                "tracer_pairing_drops_total",
+                "Requests or responses that could not be paired.",
+            ),
+            &["reason"],
+        )
+        .expect("valid metric");
+        let conns_tracked = IntGauge::new(
+            "tracer_connections_tracked",
+            "Connections whose HTTP state is followed now.",
+        )
+        .expect("valid metric");
+        let conn_evictions = IntCounter::new(
+            "tracer_connection_evictions_total",
+            "Connections forgotten to make room in the connection table.",
+        )
+        .expect("valid metric");
+        let series_overflow = IntCounterVec::new(
+            Opts::new(
+                "tracer_series_overflow_total",
+                "Requests folded into an [other] route or edge because a table was full.",
+            ),
+            &["table"],
+        )
+        .expect("valid metric");
+        for c in [
+            Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(latency.clone()),
+            Box::new(events.clone()),
+            Box::new(decode_errors.clone()),
+            Box::new(kernel.clone()),
+            Box::new(parse_failures.clone()),
+            Box::new(pairing_drops.clone()),
+            Box::new(conns_tracked.clone()),
+            Box::new(conn_evictions.clone()),
+            Box::new(series_overflow.clone()),
+        ] {
+            registry.register(c).expect("unique metric names");
+        }
+        // Series that exist from the start, so that a zero is visible rather than absent.
+        for reason in [
+            "ringbuf_full_data",
+            "ringbuf_full_conn",
+            "args_map_full",
+            "payload_read_failed",
+        ] {
+            kernel.with_label_values(&[reason]);
+        }
+        for reason in ["unknown_protocol", "invalid_head", "truncated_head"] {
+            parse_failures.with_label_values(&[reason]);
+        }
+        Self {
+            registry,
+            requests,
+            latency,
+            events,
+            decode_errors,
+            kernel,
+            parse_failures,
+            pairing_drops,
+            conns_tracked,
+            conn_evictions,
+            series_overflow,
+        }
+    }
+
+    /// The text exposition format.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        let encoder = TextEncoder::new();
+        if let Err(e) = encoder.encode(&self.registry.gather(), &mut buf) {
+            tracing::warn!("encoding metrics: {e}");
+        }
+        String::from_utf8(buf).unwrap_or_default()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
