@@ -24,10 +24,12 @@ fn site() -> std::path::PathBuf {
 }
 
 /// Sends 200 curl requests over a mix of paths returning 200 and 404; returns curl's own
-/// status counts and `time_total`s.
-fn curl_mix(port: u16) -> (BTreeMap<u16, u64>, Vec<f64>) {
+/// status counts, `time_total`s, and `time_total - time_pretransfer`s (the part after the
+/// connection is set up).
+fn curl_mix(port: u16) -> (BTreeMap<u16, u64>, Vec<f64>, Vec<f64>) {
     let mut by_status = BTreeMap::new();
     let mut times = Vec::new();
+    let mut transfers = Vec::new();
     for i in 0..200 {
         let path = match i % 5 {
             0 => "/index.html".to_owned(),
@@ -37,12 +39,17 @@ fn curl_mix(port: u16) -> (BTreeMap<u16, u64>, Vec<f64>) {
             _ => format!("/users/{}", 1000 + i),
         };
         let url = format!("http://127.0.0.1:{port}{path}");
-        let out = curl(&[&url], "%{http_code} %{time_total}\n");
-        let (code, t) = out[0].split_once(' ').expect("curl -w output");
-        *by_status.entry(code.parse::<u16>().expect("status")).or_default() += 1;
-        times.push(t.parse::<f64>().expect("time_total"));
+        let out = curl(&[&url], "%{http_code} %{time_total} %{time_pretransfer}\n");
+        let f: Vec<&str> = out[0].split(' ').collect();
+        *by_status
+            .entry(f[0].parse::<u16>().expect("status"))
+            .or_default() += 1;
+        let total = f[1].parse::<f64>().expect("time_total");
+        let pretransfer = f[2].parse::<f64>().expect("time_pretransfer");
+        times.push(total);
+        transfers.push(total - pretransfer);
     }
-    (by_status, times)
+    (by_status, times, transfers)
 }
 
 /// Issue 2, check 1 (and 4): 200 curl requests to python3's http.server are counted exactly, split
@@ -52,7 +59,7 @@ fn curl_to_python_http_server() {
     let _serial = serial();
     let daemon = Daemon::start();
     let server = Server::python_http_server(&site());
-    let (want_status, times) = curl_mix(server.port);
+    let (want_status, times, transfers) = curl_mix(server.port);
     assert_eq!(want_status.values().sum::<u64>(), 200);
 
     let edge = daemon.wait_edge("curl", server.port, 200);
@@ -64,23 +71,42 @@ fn curl_to_python_http_server() {
         .map(|(k, v)| (k.parse().expect("code"), v.as_u64().expect("count")))
         .collect();
     assert_eq!(got_status, want_status, "edge: {edge}");
-    assert!(edge["dst"].as_str().expect("dst").starts_with("python"), "edge: {edge}");
-
-    // Latency: the client's view (write of the request to read of the response's last byte)
-    // against curl's time_total, which adds connection set-up and curl's own overhead on top
-    // (~0.1-0.3 ms on loopback). Tolerance: 30% of curl's median or 0.5 ms, whichever is larger.
-    let curl_p50_ms = median(times) * 1000.0;
-    let client_p50 = edge["client_latency"]["p50_ms"].as_f64().expect("client p50");
-    let server_p50 = edge["server_latency"]["p50_ms"].as_f64().expect("server p50");
-    let tolerance = (curl_p50_ms * 0.3).max(0.5);
-    eprintln!(
-        "curl median {curl_p50_ms:.3} ms, tracer client p50 {client_p50:.3} ms, server p50 {server_p50:.3} ms"
+    assert!(
+        edge["dst"].as_str().expect("dst").starts_with("python"),
+        "edge: {edge}"
     );
+
+    // Latency: the edge measures from the client's write of the request to its read of the
+    // response's last byte. curl's time_total also holds the TCP connect and curl's set-up before
+    // the request (time_pretransfer: 0.1-0.7 ms against python's single accept thread here).
+    // Tolerances: against time_total - time_pretransfer, 20% or 0.3 ms; against time_total
+    // itself, 40% or 1 ms.
+    let curl_p50_ms = median(times) * 1000.0;
+    let transfer_p50_ms = median(transfers) * 1000.0;
+    let client_p50 = edge["client_latency"]["p50_ms"]
+        .as_f64()
+        .expect("client p50");
+    let server_p50 = edge["server_latency"]["p50_ms"]
+        .as_f64()
+        .expect("server p50");
+    eprintln!(
+        "curl median time_total {curl_p50_ms:.3} ms, minus pretransfer {transfer_p50_ms:.3} ms; \
+         tracer p50 client {client_p50:.3} ms, server {server_p50:.3} ms"
+    );
+    let tolerance = (transfer_p50_ms * 0.2).max(0.3);
+    assert!(
+        (client_p50 - transfer_p50_ms).abs() <= tolerance,
+        "client p50 {client_p50} ms vs curl's transfer median {transfer_p50_ms} ms (tolerance {tolerance} ms)"
+    );
+    let tolerance = (curl_p50_ms * 0.4).max(1.0);
     assert!(
         (client_p50 - curl_p50_ms).abs() <= tolerance,
-        "client p50 {client_p50} ms vs curl median {curl_p50_ms} ms (tolerance {tolerance} ms)"
+        "client p50 {client_p50} ms vs curl's time_total median {curl_p50_ms} ms (tolerance {tolerance} ms)"
     );
-    assert!(server_p50 <= client_p50 + 0.01, "the server's view is inside the client's");
+    assert!(
+        server_p50 <= client_p50 + 0.01,
+        "the server's view is inside the client's"
+    );
     assert_eq!(edge["client_latency"]["count"], 200);
 
     // Check 4: the exposition format is valid and its counter agrees.
@@ -141,7 +167,10 @@ fn keep_alive_pairs_each_request() {
             _ => ("chunked", 200),
         };
         let size = [0, 10, 1500, 9000, 70_000][i % 4 + usize::from(i % 7 == 0)];
-        urls.push(format!("http://127.0.0.1:{}/{kind}/{i}?size={size}", server.port));
+        urls.push(format!(
+            "http://127.0.0.1:{}/{kind}/{i}?size={size}",
+            server.port
+        ));
         *want.entry((format!("/{kind}/{{id}}"), code)).or_default() += 1;
     }
     let args: Vec<&str> = urls.iter().map(String::as_str).collect();
@@ -149,7 +178,13 @@ fn keep_alive_pairs_each_request() {
     assert_eq!(out.len(), 50);
     let connects: u64 = out
         .iter()
-        .map(|l| l.split(' ').nth(1).expect("num_connects").parse::<u64>().expect("n"))
+        .map(|l| {
+            l.split(' ')
+                .nth(1)
+                .expect("num_connects")
+                .parse::<u64>()
+                .expect("n")
+        })
         .sum();
     assert_eq!(connects, 1, "curl used one connection for all 50 requests");
 
@@ -168,7 +203,10 @@ fn keep_alive_pairs_each_request() {
         );
         assert_eq!(got, *n as f64, "{route} {code}");
     }
-    assert_eq!(edge["client_latency"]["count"], 50, "client side paired too");
+    assert_eq!(
+        edge["client_latency"]["count"], 50,
+        "client side paired too"
+    );
 }
 
 /// Issue 2, check 3: garbage and a truncated request are counted as parse failures, never as
@@ -212,16 +250,22 @@ fn garbage_is_a_counted_failure_not_a_request() {
         .expect("edges")
         .iter()
         .filter(|e| {
-            e["dst_addrs"]
-                .as_array()
-                .is_some_and(|a| a.iter().any(|x| x.as_str().is_some_and(|s| s.ends_with(&format!(":{}", server.port)))))
+            e["dst_addrs"].as_array().is_some_and(|a| {
+                a.iter().any(|x| {
+                    x.as_str()
+                        .is_some_and(|s| s.ends_with(&format!(":{}", server.port)))
+                })
+            })
         })
         .map(|e| e["requests"].as_u64().unwrap_or(0))
         .sum();
     assert_eq!(phantom, 0, "no request was made: {edges}");
 
     // And it still counts real traffic afterwards.
-    curl(&[&format!("http://127.0.0.1:{}/index.html", server.port)], "%{http_code}\n");
+    curl(
+        &[&format!("http://127.0.0.1:{}/index.html", server.port)],
+        "%{http_code}\n",
+    );
     let edge = daemon.wait_edge("curl", server.port, 1);
     assert_eq!(edge["requests"], 1);
 }

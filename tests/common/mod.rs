@@ -109,9 +109,10 @@ impl Daemon {
             .iter()
             .find(|e| {
                 e["src"] == src
-                    && e["dst_addrs"]
-                        .as_array()
-                        .is_some_and(|a| a.iter().any(|x| x.as_str().is_some_and(|s| s.ends_with(&format!(":{port}")))))
+                    && e["dst_addrs"].as_array().is_some_and(|a| {
+                        a.iter()
+                            .any(|x| x.as_str().is_some_and(|s| s.ends_with(&format!(":{port}"))))
+                    })
             })
             .cloned()
     }
@@ -121,13 +122,18 @@ impl Daemon {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             let edge = self.edge(src, port);
-            let n = edge.as_ref().map_or(0, |e| e["requests"].as_u64().unwrap_or(0));
+            let n = edge
+                .as_ref()
+                .map_or(0, |e| e["requests"].as_u64().unwrap_or(0));
             if n >= want || Instant::now() > deadline {
                 // A little longer, so that an over-count would show too.
                 std::thread::sleep(Duration::from_millis(300));
-                return self
-                    .edge(src, port)
-                    .unwrap_or_else(|| panic!("no edge {src} -> :{port}; edges: {}", self.get("/api/edges")));
+                return self.edge(src, port).unwrap_or_else(|| {
+                    panic!(
+                        "no edge {src} -> :{port}; edges: {}",
+                        self.get("/api/edges")
+                    )
+                });
             }
             std::thread::sleep(Duration::from_millis(100));
         }

@@ -83,7 +83,13 @@ pub enum CaptureError {
         "tracepoint {0}/{1} has field {2} at offset {3:?}, not {4}: this kernel's layout is not \
          supported"
     )]
-    Layout(&'static str, &'static str, &'static str, Option<usize>, usize),
+    Layout(
+        &'static str,
+        &'static str,
+        &'static str,
+        Option<usize>,
+        usize,
+    ),
     #[error("loading the eBPF object failed: {0}")]
     Load(#[source] aya::EbpfError),
     #[error("loading program {0} failed (verifier or kernel refused it): {1}")]
@@ -187,11 +193,7 @@ fn field_offset(format: &str, field: &str) -> Option<usize> {
     format.lines().find_map(|line| {
         let decl = line.trim().strip_prefix("field:")?;
         let (decl, rest) = decl.split_once(';')?;
-        let name = decl
-            .rsplit(|c: char| c == ' ' || c == '*')
-            .next()?
-            .split('[')
-            .next()?;
+        let name = decl.rsplit([' ', '*']).next()?.split('[').next()?;
         if name != field {
             return None;
         }
@@ -254,7 +256,9 @@ impl Capture {
                 .program_mut(name)
                 .ok_or_else(|| CaptureError::Program(name, "not in the object".into()))?
                 .try_into()
-                .map_err(|e: aya::programs::ProgramError| CaptureError::Program(name, e.to_string()))?;
+                .map_err(|e: aya::programs::ProgramError| {
+                    CaptureError::Program(name, e.to_string())
+                })?;
             program
                 .load()
                 .map_err(|e| CaptureError::Program(name, format!("{e:#}")))?;
@@ -265,13 +269,13 @@ impl Capture {
         let events = ebpf
             .take_map("EVENTS")
             .ok_or_else(|| CaptureError::Map("EVENTS", "missing".into()))?;
-        let events = RingBuf::try_from(events)
-            .map_err(|e| CaptureError::Map("EVENTS", e.to_string()))?;
+        let events =
+            RingBuf::try_from(events).map_err(|e| CaptureError::Map("EVENTS", e.to_string()))?;
         let stats = ebpf
             .take_map("STATS")
             .ok_or_else(|| CaptureError::Map("STATS", "missing".into()))?;
-        let stats = PerCpuArray::try_from(stats)
-            .map_err(|e| CaptureError::Map("STATS", e.to_string()))?;
+        let stats =
+            PerCpuArray::try_from(stats).map_err(|e| CaptureError::Map("STATS", e.to_string()))?;
         Ok((Self { ebpf, stats }, events))
     }
 

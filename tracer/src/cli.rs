@@ -15,7 +15,11 @@ use crate::{
 pub const DEFAULT_ADDR: &str = "127.0.0.1:9464";
 
 #[derive(Parser)]
-#[command(name = "tracer", version, about = "Passive eBPF network tracer: service topology, golden metrics and spans without a sidecar")]
+#[command(
+    name = "tracer",
+    version,
+    about = "Passive eBPF network tracer: service topology, golden metrics and spans without a sidecar"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,

@@ -62,7 +62,6 @@ pub struct Exchange {
     pub task: Task,
     /// This end's view of the connection.
     pub tuple: Tuple,
-    pub sk: u64,
     pub method: Method,
     pub path: String,
     pub status: u16,
@@ -72,8 +71,6 @@ pub struct Exchange {
     pub end_ns: u64,
     pub req_bytes: u64,
     pub resp_bytes: u64,
-    /// Position of the request on its connection, from 0.
-    pub seq: u64,
 }
 
 #[derive(Debug)]
@@ -82,7 +79,6 @@ struct Pending {
     path: String,
     start_ns: u64,
     bytes: u64,
-    seq: u64,
     task: Task,
 }
 
@@ -144,7 +140,6 @@ struct Conn {
     current: Option<InFlight>,
     undecided: Vec<u8>,
     last_ns: u64,
-    seq: u64,
 }
 
 impl Conn {
@@ -169,14 +164,12 @@ impl Conn {
             current: None,
             undecided: Vec::new(),
             last_ns: now,
-            seq: 0,
         }
     }
 }
 
 /// Everything one data event is processed with.
 struct Ctx<'a, 'b> {
-    sk: u64,
     d: &'a Data<'b>,
     metrics: &'a Metrics,
     out: &'a mut Vec<Exchange>,
@@ -209,6 +202,7 @@ impl ConnTable {
         }
     }
 
+    #[cfg(test)]
     pub fn len(&self) -> usize {
         self.conns.len()
     }
@@ -246,12 +240,7 @@ impl ConnTable {
         };
         conn.last_ns = now;
         conn.task = d.task;
-        let mut ctx = Ctx {
-            sk: d.sk,
-            d,
-            metrics,
-            out,
-        };
+        let mut ctx = Ctx { d, metrics, out };
         process(conn, &mut ctx);
     }
 
@@ -267,7 +256,7 @@ impl ConnTable {
             || c.new_state == TCP_LAST_ACK
             || c.new_state == TCP_CLOSE;
         if local_close {
-            finish_all(conn, c.sk, metrics, out);
+            finish_all(conn, metrics, out);
         }
         if c.new_state == TCP_CLOSE {
             self.remove(c.sk, metrics);
@@ -330,7 +319,7 @@ fn process(conn: &mut Conn, ctx: &mut Ctx<'_, '_>) {
             _ => return,
         };
         let requests = (side == Side::Server) == (d.direction == Direction::Ingress);
-        finish_reader(conn, requests, ctx.sk, ctx.metrics, ctx.out);
+        finish_reader(conn, requests, ctx.metrics, ctx.out);
         return;
     }
     if conn.role == Role::Unknown {
@@ -513,28 +502,16 @@ fn feed(conn: &mut Conn, requests: bool, ctx: &mut Ctx<'_, '_>) {
                         }
                     }
                     Body::Chunked(chunks) => {
-                        let mut done = false;
-                        let mut used = 0u64;
-                        let mut broken = false;
-                        match chunks.feed(at) {
-                            Ok(Some(k)) => {
-                                done = true;
-                                used = k as u64;
-                            }
+                        let (used, done, broken) = match chunks.feed(at) {
+                            Ok(Some(k)) => (k as u64, true, false),
                             Ok(None) => {
-                                used = at.len() as u64;
-                                let blind = n - used;
-                                if blind > 0 {
-                                    if chunks.skip(blind) {
-                                        used = n;
-                                    } else {
-                                        used = n;
-                                        if http1::ends_chunked(d.tail) {
-                                            done = true;
-                                        } else {
-                                            broken = true;
-                                        }
-                                    }
+                                let blind = n - at.len() as u64;
+                                if blind == 0 || chunks.skip(blind) {
+                                    (n, false, false)
+                                } else if http1::ends_chunked(d.tail) {
+                                    (n, true, false)
+                                } else {
+                                    (n, false, true)
                                 }
                             }
                             Err(_) => {
@@ -542,10 +519,9 @@ fn feed(conn: &mut Conn, requests: bool, ctx: &mut Ctx<'_, '_>) {
                                     .parse_failures
                                     .with_label_values(&["bad_chunk"])
                                     .inc();
-                                used = n;
-                                done = true;
+                                (n, true, false)
                             }
-                        }
+                        };
                         off += used;
                         reader.bytes += used;
                         if broken {
@@ -613,10 +589,8 @@ fn on_head(conn: &mut Conn, requests: bool, info: HeadInfo, ctx: &mut Ctx<'_, '_
                 path: h.path,
                 start_ns: conn.requests.start_ns,
                 bytes: 0,
-                seq: conn.seq,
                 task: d.task,
             });
-            conn.seq += 1;
             // A response of unknown length on this connection ends where a new request begins.
             if matches!(conn.responses.state, ReadState::Body(Body::Open)) && conn.current.is_some()
             {
@@ -667,16 +641,10 @@ fn on_head(conn: &mut Conn, requests: bool, info: HeadInfo, ctx: &mut Ctx<'_, '_
 
 /// The message being read on a stream is complete at `end_ns`.
 fn complete(conn: &mut Conn, requests: bool, end_ns: u64, ctx: &mut Ctx<'_, '_>) {
-    complete_message(conn, requests, end_ns, ctx.sk, ctx.out);
+    complete_message(conn, requests, end_ns, ctx.out);
 }
 
-fn complete_message(
-    conn: &mut Conn,
-    requests: bool,
-    end_ns: u64,
-    sk: u64,
-    out: &mut Vec<Exchange>,
-) {
+fn complete_message(conn: &mut Conn, requests: bool, end_ns: u64, out: &mut Vec<Exchange>) {
     let Role::Http(side) = conn.role else {
         return;
     };
@@ -699,9 +667,12 @@ fn complete_message(
     };
     out.push(Exchange {
         side,
-        task: if side == Side::Server { req.task } else { conn.task },
+        task: if side == Side::Server {
+            req.task
+        } else {
+            conn.task
+        },
         tuple: conn.tuple,
-        sk,
         method: req.method,
         path: req.path,
         status,
@@ -709,18 +680,11 @@ fn complete_message(
         end_ns: end_ns.max(req.start_ns),
         req_bytes: req.bytes,
         resp_bytes,
-        seq: req.seq,
     });
 }
 
 /// Ends what is open on one stream because no more bytes will come.
-fn finish_reader(
-    conn: &mut Conn,
-    requests: bool,
-    sk: u64,
-    metrics: &Metrics,
-    out: &mut Vec<Exchange>,
-) {
+fn finish_reader(conn: &mut Conn, requests: bool, metrics: &Metrics, out: &mut Vec<Exchange>) {
     let reader = reader_mut(conn, requests);
     let end = reader.last_ns;
     match reader.state {
@@ -731,19 +695,230 @@ fn finish_reader(
                 .inc();
             reader.state = ReadState::Idle;
         }
-        ReadState::Body(Body::Open) => complete_message(conn, requests, end, sk, out),
+        ReadState::Body(Body::Open) => complete_message(conn, requests, end, out),
         ReadState::Body(_) => {
             metrics
                 .parse_failures
                 .with_label_values(&["truncated_body"])
                 .inc();
-            complete_message(conn, requests, end, sk, out);
+            complete_message(conn, requests, end, out);
         }
         ReadState::Idle | ReadState::Resync => {}
     }
 }
 
-fn finish_all(conn: &mut Conn, sk: u64, metrics: &Metrics, out: &mut Vec<Exchange>) {
-    finish_reader(conn, true, sk, metrics, out);
-    finish_reader(conn, false, sk, metrics, out);
+fn finish_all(conn: &mut Conn, metrics: &Metrics, out: &mut Vec<Exchange>) {
+    finish_reader(conn, true, metrics, out);
+    finish_reader(conn, false, metrics, out);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::{Comm, Conn as ConnEvent};
+
+    const SK: u64 = 0xffff_8880_0000_1000;
+
+    fn task() -> Task {
+        Task {
+            tgid: 42,
+            tid: 42,
+            comm: Comm(*b"server\0\0\0\0\0\0\0\0\0\0"),
+            cgroup_id: 1,
+        }
+    }
+
+    fn tuple() -> Tuple {
+        Tuple {
+            local: "127.0.0.1:8080".parse().unwrap(),
+            remote: "127.0.0.1:50000".parse().unwrap(),
+        }
+    }
+
+    struct Harness {
+        table: ConnTable,
+        metrics: Metrics,
+        out: Vec<Exchange>,
+        ts: u64,
+    }
+
+    impl Harness {
+        fn new() -> Self {
+            Self {
+                table: ConnTable::new(16),
+                metrics: Metrics::new(),
+                out: Vec::new(),
+                ts: 1_000_000,
+            }
+        }
+
+        /// One syscall moving `bytes` of which `shown` were captured.
+        fn io(&mut self, direction: Direction, shown: &[u8], bytes: usize, tail: &[u8]) {
+            self.ts += 1000;
+            let d = Data {
+                task: task(),
+                sk: SK,
+                tuple: tuple(),
+                ts_enter_ns: self.ts - 500,
+                ts_exit_ns: self.ts,
+                direction,
+                bytes: bytes as u32,
+                payload: shown,
+                tail,
+            };
+            self.table.on_data(&d, &self.metrics, &mut self.out);
+        }
+
+        fn read(&mut self, b: &[u8]) {
+            self.io(Direction::Ingress, b, b.len(), &[]);
+        }
+
+        fn write(&mut self, b: &[u8]) {
+            self.io(Direction::Egress, b, b.len(), &[]);
+        }
+
+        fn state(&mut self, old: u32, new: u32) {
+            let c = ConnEvent {
+                sk: SK,
+                old_state: old,
+                new_state: new,
+            };
+            self.table.on_state(&c, &self.metrics, &mut self.out);
+        }
+
+        fn statuses(&self) -> Vec<(String, u16)> {
+            self.out
+                .iter()
+                .map(|e| (e.path.clone(), e.status))
+                .collect()
+        }
+
+        fn failures(&self, reason: &str) -> u64 {
+            self.metrics
+                .parse_failures
+                .with_label_values(&[reason])
+                .get()
+        }
+    }
+
+    #[test]
+    fn server_pairs_split_request_and_response() {
+        let mut h = Harness::new();
+        h.read(b"GET /a HTTP/1.1\r\nHo");
+        h.read(b"st: x\r\n\r\n");
+        h.write(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n");
+        assert!(h.out.is_empty(), "body still to come");
+        h.write(b"01234");
+        h.write(b"56789");
+        assert_eq!(h.statuses(), vec![("/a".to_owned(), 200)]);
+        let ex = &h.out[0];
+        assert_eq!(ex.side, Side::Server);
+        assert_eq!(ex.resp_bytes, 49);
+        assert_eq!(
+            ex.start_ns, 1_001_000,
+            "server sees the request when its read returns"
+        );
+        assert_eq!(ex.end_ns, 1_005_000);
+    }
+
+    #[test]
+    fn pipelined_requests_pair_in_order() {
+        let mut h = Harness::new();
+        h.write(b"GET /1 HTTP/1.1\r\n\r\nGET /2 HTTP/1.1\r\n\r\nHEAD /3 HTTP/1.1\r\n\r\n");
+        h.read(
+            b"HTTP/1.1 404 NF\r\nContent-Length: 2\r\n\r\nnoHTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 99\r\n\r\n",
+        );
+        assert_eq!(
+            h.statuses(),
+            vec![
+                ("/1".to_owned(), 404),
+                ("/2".to_owned(), 200),
+                ("/3".to_owned(), 200)
+            ]
+        );
+        assert!(h.out.iter().all(|e| e.side == Side::Client));
+    }
+
+    #[test]
+    fn chunked_body_beyond_capture_ends_by_its_tail() {
+        let mut h = Harness::new();
+        h.read(b"GET /c HTTP/1.1\r\n\r\n");
+        h.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n");
+        // 4 chunks of 0x1000 in one write, only the start captured.
+        let mut body = Vec::new();
+        for _ in 0..4 {
+            body.extend_from_slice(b"1000\r\n");
+            body.extend_from_slice(&[b'x'; 0x1000]);
+            body.extend_from_slice(b"\r\n");
+        }
+        body.extend_from_slice(b"0\r\n\r\n");
+        let tail = &body[body.len() - 16..];
+        h.io(Direction::Egress, &body[..1024], body.len(), tail);
+        assert_eq!(h.statuses(), vec![("/c".to_owned(), 200)]);
+        // And the connection goes on.
+        h.read(b"GET /d HTTP/1.1\r\n\r\n");
+        h.write(b"HTTP/1.1 204 No Content\r\n\r\n");
+        assert_eq!(h.out.len(), 2);
+    }
+
+    #[test]
+    fn until_close_response_ends_at_end_of_stream() {
+        let mut h = Harness::new();
+        h.write(b"GET /old HTTP/1.0\r\n\r\n");
+        h.read(b"HTTP/1.0 200 OK\r\n\r\nsome");
+        h.read(b" more");
+        assert!(h.out.is_empty());
+        h.io(Direction::Ingress, b"", 0, &[]);
+        assert_eq!(h.statuses(), vec![("/old".to_owned(), 200)]);
+        assert_eq!(
+            h.out[0].end_ns, 1_003_000,
+            "the last byte, not the end of stream"
+        );
+    }
+
+    #[test]
+    fn interim_continue_is_not_the_response() {
+        let mut h = Harness::new();
+        h.read(b"POST /up HTTP/1.1\r\nContent-Length: 3\r\nExpect: 100-continue\r\n\r\n");
+        h.write(b"HTTP/1.1 100 Continue\r\n\r\n");
+        h.read(b"abc");
+        h.write(b"HTTP/1.1 201 Created\r\nContent-Length: 0\r\n\r\n");
+        assert_eq!(h.statuses(), vec![("/up".to_owned(), 201)]);
+        assert_eq!(h.out[0].req_bytes, 65);
+    }
+
+    #[test]
+    fn garbage_makes_no_request() {
+        let mut h = Harness::new();
+        h.read(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03");
+        h.read(b"GET / HTTP/1.1\r\n\r\n");
+        h.write(b"HTTP/1.1 400 Bad\r\nContent-Length: 0\r\n\r\n");
+        assert!(h.out.is_empty());
+        assert_eq!(h.failures("unknown_protocol"), 1);
+    }
+
+    #[test]
+    fn half_a_request_then_close_is_a_truncated_head() {
+        let mut h = Harness::new();
+        h.read(b"GET /half-a-re");
+        h.io(Direction::Ingress, b"", 0, &[]);
+        h.state(TCP_ESTABLISHED, TCP_CLOSE);
+        assert!(h.out.is_empty());
+        assert_eq!(h.failures("truncated_head"), 1);
+        assert_eq!(h.table.len(), 0);
+    }
+
+    #[test]
+    fn head_longer_than_capture_is_still_counted() {
+        let mut h = Harness::new();
+        let mut req = b"GET /big/7 HTTP/1.1\r\nCookie: ".to_vec();
+        req.extend_from_slice(&[b'c'; 3000]);
+        req.extend_from_slice(b"\r\n\r\n");
+        h.io(Direction::Ingress, &req[..1024], req.len(), &[]);
+        h.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n");
+        assert_eq!(h.statuses(), vec![("/big/7".to_owned(), 200)]);
+        h.read(b"GET /next HTTP/1.1\r\n\r\n");
+        h.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n");
+        assert_eq!(h.out.len(), 2);
+    }
 }

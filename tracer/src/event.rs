@@ -122,7 +122,6 @@ pub struct Data<'a> {
     pub payload: &'a [u8],
     /// The last bytes moved, when not all of them are in `payload`.
     pub tail: &'a [u8],
-    pub flags: u32,
 }
 
 impl Data<'_> {
@@ -135,10 +134,7 @@ impl Data<'_> {
 /// A TCP state change.
 #[derive(Clone, Copy, Debug)]
 pub struct Conn {
-    pub task: Task,
-    pub ts_ns: u64,
     pub sk: u64,
-    pub tuple: Tuple,
     pub old_state: u32,
     pub new_state: u32,
 }
@@ -189,16 +185,12 @@ pub fn decode(buf: &[u8]) -> Result<Event<'_>, DecodeError> {
                 bytes: ev.bytes,
                 payload: &buf[DATA_EVENT_FIXED..DATA_EVENT_FIXED + captured],
                 tail: &buf[tail_off..tail_off + tail_len],
-                flags: hdr.flags,
             }))
         }
         Some(EventKind::Conn) => {
             let ev: ConnEvent = read(buf)?;
             Ok(Event::Conn(Conn {
-                task: Task::from_header(&hdr),
-                ts_ns: hdr.ts_ns,
                 sk: ev.sk,
-                tuple: Tuple::from_sock(&ev.tuple),
                 old_state: ev.old_state,
                 new_state: ev.new_state,
             }))

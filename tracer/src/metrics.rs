@@ -2,8 +2,8 @@
 //! health (events, losses, parse failures, connections).
 
 use prometheus::{
-    Encoder as _, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
-    Registry, TextEncoder,
+    Encoder as _, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    TextEncoder,
 };
 
 /// Latency bucket bounds in seconds: from 100 µs (loopback, in-memory handlers) to 10 s, about
@@ -55,7 +55,10 @@ impl Metrics {
         )
         .expect("valid metric");
         let events = IntCounterVec::new(
-            Opts::new("tracer_events_total", "Events read from the ring buffer, by kind."),
+            Opts::new(
+                "tracer_events_total",
+                "Events read from the ring buffer, by kind.",
+            ),
             &["kind"],
         )
         .expect("valid metric");

@@ -83,7 +83,11 @@ async fn read_events(
         ex.tuple.remote == listen
             || (listen.ip().is_unspecified() && ex.tuple.remote.port() == listen.port())
     };
-    let mut fd = AsyncFd::new(ring).context("polling the ring buffer")?;
+    // SAFETY: the ring buffer owns its map fd, which stays open and unchanged while the AsyncFd
+    // holds it.
+    let mut fd = unsafe { AsyncFd::register(ring) }
+        .map_err(std::io::Error::from)
+        .context("polling the ring buffer")?;
     let metrics = &shared.metrics;
     let mut conns = ConnTable::new(MAX_CONNS);
     let mut exchanges: Vec<Exchange> = Vec::with_capacity(256);
@@ -135,7 +139,10 @@ async fn export_kernel_stats(
         for (i, (stat, value)) in capture.kernel_stats().into_iter().enumerate() {
             let delta = value.saturating_sub(last[i]);
             if delta > 0 {
-                metrics.kernel.with_label_values(&[stat.name()]).inc_by(delta);
+                metrics
+                    .kernel
+                    .with_label_values(&[stat.name()])
+                    .inc_by(delta);
             }
             last[i] = value;
         }

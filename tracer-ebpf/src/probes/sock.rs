@@ -8,8 +8,8 @@ use aya_ebpf::{
     programs::TracePointContext,
 };
 use tracer_common::{
-    AF_INET, AF_INET6, ConnEvent, DIR_EGRESS, DIR_INGRESS, EventHeader, EventKind, KernelStat, SockTuple,
-    TCP_CLOSE, TCP_ESTABLISHED, TCP_SYN_SENT,
+    AF_INET, AF_INET6, ConnEvent, DIR_EGRESS, DIR_INGRESS, EventHeader, EventKind, KernelStat,
+    SockTuple, TCP_CLOSE, TCP_ESTABLISHED, TCP_SYN_SENT,
 };
 
 use crate::maps::{ACTIVE, EVENTS, SOCKS, count};
@@ -137,8 +137,10 @@ unsafe fn on_state(ctx: &TracePointContext) {
             tuple.local_addr = ctx.read_at::<[u8; 16]>(SS_SADDR_V6).unwrap_or([0; 16]);
             tuple.remote_addr = ctx.read_at::<[u8; 16]>(SS_DADDR_V6).unwrap_or([0; 16]);
         } else {
-            tuple.local_addr[..4].copy_from_slice(&ctx.read_at::<[u8; 4]>(SS_SADDR).unwrap_or([0; 4]));
-            tuple.remote_addr[..4].copy_from_slice(&ctx.read_at::<[u8; 4]>(SS_DADDR).unwrap_or([0; 4]));
+            tuple.local_addr[..4]
+                .copy_from_slice(&ctx.read_at::<[u8; 4]>(SS_SADDR).unwrap_or([0; 4]));
+            tuple.remote_addr[..4]
+                .copy_from_slice(&ctx.read_at::<[u8; 4]>(SS_DADDR).unwrap_or([0; 4]));
         }
         match new_state {
             TCP_SYN_SENT | TCP_ESTABLISHED => {

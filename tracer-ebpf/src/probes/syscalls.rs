@@ -119,8 +119,14 @@ fn first_buffer(args: &SyscallArgs) -> Option<(u64, u64)> {
         }
         KIND_MSG => {
             // SAFETY: reads of user memory through the checked helper.
-            let iov = unsafe { aya_ebpf::helpers::bpf_probe_read_user((args.buf + MSGHDR_IOV) as *const u64) }.ok()?;
-            let iovlen = unsafe { aya_ebpf::helpers::bpf_probe_read_user((args.buf + MSGHDR_IOVLEN) as *const u64) }.ok()?;
+            let iov = unsafe {
+                aya_ebpf::helpers::bpf_probe_read_user((args.buf + MSGHDR_IOV) as *const u64)
+            }
+            .ok()?;
+            let iovlen = unsafe {
+                aya_ebpf::helpers::bpf_probe_read_user((args.buf + MSGHDR_IOVLEN) as *const u64)
+            }
+            .ok()?;
             if iovlen == 0 {
                 return None;
             }
@@ -156,7 +162,11 @@ fn emit_data(args: &SyscallArgs, ret: u64, id: u64) {
     ev.sk = args.sk;
     ev.ts_enter_ns = args.ts_enter;
     ev.direction = args.direction;
-    ev.bytes = if ret > u32::MAX as u64 { u32::MAX } else { ret as u32 };
+    ev.bytes = if ret > u32::MAX as u64 {
+        u32::MAX
+    } else {
+        ret as u32
+    };
 
     let (tuple, from_sock) = tuple_of(args.sk);
     ev.tuple = tuple;
@@ -171,7 +181,11 @@ fn emit_data(args: &SyscallArgs, ret: u64, id: u64) {
     ev.tail_len = 0;
     if let Some((src, avail)) = first_buffer(args) {
         let avail = if avail < ret { avail } else { ret };
-        let want = if avail < PAYLOAD_CAP as u64 { avail } else { PAYLOAD_CAP as u64 };
+        let want = if avail < PAYLOAD_CAP as u64 {
+            avail
+        } else {
+            PAYLOAD_CAP as u64
+        };
         if want > 0 {
             // Provably in [1, PAYLOAD_CAP] for the verifier; black_box keeps LLVM from
             // dropping the mask it cannot see a use for.
@@ -214,7 +228,9 @@ fn emit_data(args: &SyscallArgs, ret: u64, id: u64) {
         size
     };
     // SAFETY: `size` bytes from the start of the scratch event, which is at least that long.
-    let bytes = unsafe { core::slice::from_raw_parts((ev as *const DataEvent).cast::<u8>(), size as usize) };
+    let bytes = unsafe {
+        core::slice::from_raw_parts((ev as *const DataEvent).cast::<u8>(), size as usize)
+    };
     if EVENTS.output::<[u8]>(bytes, 0).is_ok() {
         count(KernelStat::DataEvents);
     } else {
