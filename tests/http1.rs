@@ -173,8 +173,7 @@ fn keep_alive_pairs_each_request() {
         ));
         *want.entry((format!("/{kind}/{{id}}"), code)).or_default() += 1;
     }
-    let args: Vec<&str> = urls.iter().map(String::as_str).collect();
-    let out = curl(&args, "%{http_code} %{num_connects}\n");
+    let out = curl(&urls, "%{http_code} %{num_connects}\n");
     assert_eq!(out.len(), 50);
     let connects: u64 = out
         .iter()

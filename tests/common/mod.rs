@@ -229,13 +229,15 @@ impl Drop for Server {
     }
 }
 
-/// One curl invocation; returns curl's `-w` output lines.
-pub fn curl(args: &[&str], write_out: &str) -> Vec<String> {
-    let out = Command::new("curl")
-        .args(["-s", "-o", "/dev/null", "-w", write_out])
-        .args(args)
-        .output()
-        .expect("run curl");
+/// One curl invocation fetching `urls` in order (bodies discarded); returns curl's `-w` output
+/// lines, one per URL.
+pub fn curl<S: AsRef<str>>(urls: &[S], write_out: &str) -> Vec<String> {
+    let mut cmd = Command::new("curl");
+    cmd.args(["-s", "-w", write_out]);
+    for url in urls {
+        cmd.args(["-o", "/dev/null", url.as_ref()]);
+    }
+    let out = cmd.output().expect("run curl");
     String::from_utf8_lossy(&out.stdout)
         .lines()
         .map(str::to_owned)

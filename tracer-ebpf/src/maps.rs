@@ -23,6 +23,8 @@ pub struct SyscallArgs {
 pub const KIND_BUF: u32 = 0;
 pub const KIND_IOV: u32 = 1;
 pub const KIND_MSG: u32 = 2;
+/// No user buffer (sendfile): only the byte count is known.
+pub const KIND_NONE: u32 = 3;
 
 #[map]
 pub static EVENTS: RingBuf = RingBuf::with_byte_size(limits::RINGBUF_BYTES, 0);

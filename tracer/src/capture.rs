@@ -33,6 +33,8 @@ const TRACEPOINTS: &[(&str, &str)] = &[
     ("syscalls", "sys_exit_writev"),
     ("syscalls", "sys_enter_sendmsg"),
     ("syscalls", "sys_exit_sendmsg"),
+    ("syscalls", "sys_enter_sendfile64"),
+    ("syscalls", "sys_exit_sendfile64"),
     ("syscalls", "sys_enter_read"),
     ("syscalls", "sys_exit_read"),
     ("syscalls", "sys_enter_recvfrom"),

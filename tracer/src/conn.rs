@@ -591,9 +591,19 @@ fn on_head(conn: &mut Conn, requests: bool, info: HeadInfo, ctx: &mut Ctx<'_, '_
                 bytes: 0,
                 task: d.task,
             });
-            // A response of unknown length on this connection ends where a new request begins.
-            if matches!(conn.responses.state, ReadState::Body(Body::Open)) && conn.current.is_some()
+            // A response still open when the next request begins has ended: by design when its
+            // length is unknown; otherwise some of its bytes were not seen (sent by a syscall
+            // that is not traced, or lost), and waiting for them would stall the connection.
+            // Pipelined requests are rare enough that ending early is the better trade.
+            if let ReadState::Body(body) = &conn.responses.state
+                && conn.current.is_some()
             {
+                if !matches!(body, Body::Open) {
+                    ctx.metrics
+                        .parse_failures
+                        .with_label_values(&["response_body_unseen"])
+                        .inc();
+                }
                 let end = conn.responses.last_ns;
                 complete(conn, false, end, ctx);
             }
@@ -906,6 +916,31 @@ mod tests {
         assert!(h.out.is_empty());
         assert_eq!(h.failures("truncated_head"), 1);
         assert_eq!(h.table.len(), 0);
+    }
+
+    #[test]
+    fn response_with_unseen_body_ends_at_the_next_request() {
+        let mut h = Harness::new();
+        h.read(b"GET /file HTTP/1.1\r\n\r\n");
+        h.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n");
+        // sendfile: counted, not shown.
+        h.io(Direction::Egress, b"", 60000, &[]);
+        h.read(b"GET /next HTTP/1.1\r\n\r\n");
+        assert_eq!(h.statuses(), vec![("/file".to_owned(), 200)]);
+        assert_eq!(h.failures("response_body_unseen"), 1);
+        h.write(b"HTTP/1.1 304 Not Modified\r\n\r\n");
+        assert_eq!(h.out.len(), 2);
+        assert_eq!(h.out[1].status, 304);
+    }
+
+    #[test]
+    fn sendfile_body_completes_by_count() {
+        let mut h = Harness::new();
+        h.read(b"GET /file HTTP/1.1\r\n\r\n");
+        h.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5000\r\n\r\n");
+        h.io(Direction::Egress, b"", 5000, &[]);
+        assert_eq!(h.statuses(), vec![("/file".to_owned(), 200)]);
+        assert_eq!(h.failures("response_body_unseen"), 0);
     }
 
     #[test]

@@ -17,7 +17,8 @@ use tracer_common::{
 };
 
 use crate::maps::{
-    ACTIVE, EVENTS, KIND_BUF, KIND_IOV, KIND_MSG, SCRATCH, SyscallArgs, count, tracer_tgid,
+    ACTIVE, EVENTS, KIND_BUF, KIND_IOV, KIND_MSG, KIND_NONE, SCRATCH, SyscallArgs, count,
+    tracer_tgid,
 };
 
 use super::sock::tuple_of;
@@ -52,6 +53,14 @@ enter_exit!(sys_enter_write, sys_exit_write, KIND_BUF, DIR_EGRESS);
 enter_exit!(sys_enter_sendto, sys_exit_sendto, KIND_BUF, DIR_EGRESS);
 enter_exit!(sys_enter_writev, sys_exit_writev, KIND_IOV, DIR_EGRESS);
 enter_exit!(sys_enter_sendmsg, sys_exit_sendmsg, KIND_MSG, DIR_EGRESS);
+// File bytes sent straight to a socket (nginx static files): counted, never shown, so that the
+// response framing still adds up.
+enter_exit!(
+    sys_enter_sendfile64,
+    sys_exit_sendfile64,
+    KIND_NONE,
+    DIR_EGRESS
+);
 enter_exit!(sys_enter_read, sys_exit_read, KIND_BUF, DIR_INGRESS);
 enter_exit!(sys_enter_recvfrom, sys_exit_recvfrom, KIND_BUF, DIR_INGRESS);
 enter_exit!(sys_enter_readv, sys_exit_readv, KIND_IOV, DIR_INGRESS);
@@ -173,7 +182,7 @@ fn emit_data(args: &SyscallArgs, ret: u64, id: u64) {
     if from_sock {
         ev.hdr.flags |= FLAG_TUPLE_FROM_SOCK;
     }
-    if args.kind != KIND_BUF {
+    if args.kind == KIND_IOV || args.kind == KIND_MSG {
         ev.hdr.flags |= FLAG_IOVEC;
     }
 
@@ -201,7 +210,7 @@ fn emit_data(args: &SyscallArgs, ret: u64, id: u64) {
                 count(KernelStat::PayloadReadFailed);
             }
         }
-        if ret > captured {
+        if ret > captured && args.kind != KIND_NONE {
             count(KernelStat::PayloadTruncated);
             // The end of a single buffer shows whether a chunked body ended in it.
             if args.kind == KIND_BUF && captured > 0 && ret >= TAIL_LEN as u64 && avail == ret {

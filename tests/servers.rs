@@ -1,0 +1,165 @@
+//! Other servers and clients than python and curl: nginx (static files through sendfile,
+//! keep-alive) and wrk at full speed. Counts checked against what the clients reported.
+
+mod common;
+
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+};
+
+use common::{Daemon, curl, free_port, serial};
+
+/// nginx with its own prefix and config, killed on drop.
+struct Nginx {
+    child: Child,
+    port: u16,
+}
+
+impl Nginx {
+    fn start(dir: &Path) -> Self {
+        let port = free_port();
+        let www = dir.join("www");
+        std::fs::create_dir_all(&www).expect("www");
+        std::fs::write(www.join("index.html"), "<h1>nginx</h1>\n").expect("index");
+        std::fs::write(www.join("big.bin"), vec![b'n'; 100_000]).expect("big");
+        let conf = format!(
+            "daemon off;\nmaster_process off;\nworker_processes 1;\n\
+             error_log {dir}/error.log;\npid {dir}/nginx.pid;\n\
+             events {{ worker_connections 1024; }}\n\
+             http {{\n  access_log off;\n  sendfile on;\n  keepalive_requests 1000000;\n\
+               client_body_temp_path {dir}/body;\n  proxy_temp_path {dir}/proxy;\n\
+               fastcgi_temp_path {dir}/fastcgi;\n  uwsgi_temp_path {dir}/uwsgi;\n\
+               scgi_temp_path {dir}/scgi;\n\
+               server {{\n    listen 127.0.0.1:{port};\n    root {www};\n\
+                 location = /tiny {{ return 200 \"ok\\n\"; }}\n\
+                 location /fail/ {{ return 503; }}\n  }}\n}}\n",
+            dir = dir.display(),
+            www = www.display(),
+        );
+        let conf_path = dir.join("nginx.conf");
+        std::fs::write(&conf_path, conf).expect("conf");
+        let child = Command::new(nginx_bin())
+            .arg("-c")
+            .arg(&conf_path)
+            .arg("-p")
+            .arg(dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn nginx (apt install nginx)");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(std::time::Instant::now() < deadline, "nginx did not start");
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        Self { child, port }
+    }
+}
+
+fn nginx_bin() -> PathBuf {
+    ["/usr/sbin/nginx", "/usr/bin/nginx"]
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.exists())
+        .unwrap_or_else(|| PathBuf::from("nginx"))
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("tracer-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("scratch dir");
+    dir
+}
+
+/// nginx serves files with sendfile (bytes the probes count but never see), small bodies with
+/// writev, errors from memory; one keep-alive connection carries them all.
+#[test]
+fn nginx_keep_alive_with_sendfile() {
+    let _serial = serial();
+    let daemon = Daemon::start();
+    let nginx = Nginx::start(&scratch("nginx-ka"));
+    let mut urls = Vec::new();
+    for i in 0..60 {
+        let path = match i % 6 {
+            0 | 1 => "/index.html".to_owned(),
+            2 => "/big.bin".to_owned(),
+            3 => format!("/missing/{i}"),
+            4 => "/tiny".to_owned(),
+            _ => format!("/fail/{i}"),
+        };
+        urls.push(format!("http://127.0.0.1:{}{path}", nginx.port));
+    }
+    let out = curl(&urls, "%{http_code} %{num_connects}\n");
+    let mut want: BTreeMap<u16, u64> = BTreeMap::new();
+    let mut connects = 0;
+    for line in &out {
+        let (code, n) = line.split_once(' ').expect("curl -w");
+        *want.entry(code.parse().expect("code")).or_default() += 1;
+        connects += n.parse::<u64>().expect("num_connects");
+    }
+    assert_eq!(connects, 1, "one keep-alive connection");
+    let edge = daemon.wait_edge("curl", nginx.port, 60);
+    assert_eq!(edge["requests"], 60, "edge: {edge}");
+    let got: BTreeMap<u16, u64> = edge["status_codes"]
+        .as_object()
+        .expect("status_codes")
+        .iter()
+        .map(|(k, v)| (k.parse().expect("code"), v.as_u64().expect("n")))
+        .collect();
+    assert_eq!(got, want);
+    assert_eq!(edge["failures"], want[&503], "5xx are failures");
+    assert_eq!(edge["client_latency"]["count"], 60);
+}
+
+/// wrk at full speed for a few seconds: every request wrk completed is counted (plus at most the
+/// ones still in flight when wrk stopped, which the server answered but wrk did not count), and
+/// any loss is counted, not silent.
+#[test]
+fn wrk_saturation_is_counted() {
+    let _serial = serial();
+    let daemon = Daemon::start();
+    let nginx = Nginx::start(&scratch("nginx-wrk"));
+    const CONNECTIONS: u64 = 8;
+    let out = Command::new("wrk")
+        .args(["-t2", &format!("-c{CONNECTIONS}"), "-d3s"])
+        .arg(format!("http://127.0.0.1:{}/tiny", nginx.port))
+        .output()
+        .expect("wrk (apt install wrk)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let completed: u64 = text
+        .lines()
+        .find_map(|l| {
+            let l = l.trim();
+            l.split_once(" requests in ")
+                .and_then(|(n, _)| n.trim().parse().ok())
+        })
+        .unwrap_or_else(|| panic!("wrk output: {text}"));
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    let edge = daemon.wait_edge("wrk", nginx.port, completed);
+    let seen = edge["requests"].as_u64().expect("requests");
+    let lost = daemon.metric_sum(
+        "tracer_kernel_events_total",
+        &[("reason", "ringbuf_full_data")],
+    ) + daemon.metric_sum(
+        "tracer_kernel_events_total",
+        &[("reason", "ringbuf_full_conn")],
+    );
+    eprintln!("wrk completed {completed}, tracer counted {seen}, ring-buffer losses {lost}");
+    assert!(
+        lost > 0.0 || (completed..=completed + CONNECTIONS).contains(&seen),
+        "wrk completed {completed}, tracer counted {seen}, and no loss was counted"
+    );
+    assert!(
+        seen <= completed + CONNECTIONS,
+        "over-count: {seen} > {completed} + {CONNECTIONS}"
+    );
+}
