@@ -90,13 +90,10 @@ pub struct SockTuple {
     pub _pad: u16,
 }
 
-/// Bytes moved by one read- or write-family syscall on a TCP socket.
-///
-/// Sent with only `captured` bytes of `payload`: the record on the ring buffer is
-/// `DATA_EVENT_FIXED + captured` bytes long.
+/// Everything about one read- or write-family syscall on a TCP socket but its payload.
 #[repr(C)]
 #[derive(Clone, Copy)]
-pub struct DataEvent {
+pub struct DataMeta {
     pub hdr: EventHeader,
     /// Kernel address of the `struct sock`: the connection's identity while it lives.
     pub sk: u64,
@@ -111,12 +108,35 @@ pub struct DataEvent {
     pub captured: u32,
     /// Bytes of `tail` that are valid: the last bytes of the buffer, when not all in `payload`.
     pub tail_len: u32,
+    /// Per-socket event number, from 1: a gap means events of this socket were lost.
+    pub seq: u32,
+    pub _pad: u32,
     pub tail: [u8; TAIL_LEN],
+}
+
+/// Bytes moved by one read- or write-family syscall on a TCP socket.
+///
+/// Sent with only `captured` bytes of `payload`: the record on the ring buffer is
+/// `DATA_EVENT_FIXED + captured` bytes long.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct DataEvent {
+    pub meta: DataMeta,
     pub payload: [u8; PAYLOAD_CAP],
 }
 
 /// Size of a [`DataEvent`] without its payload.
-pub const DATA_EVENT_FIXED: usize = core::mem::size_of::<DataEvent>() - PAYLOAD_CAP;
+pub const DATA_EVENT_FIXED: usize = core::mem::size_of::<DataMeta>();
+
+/// What the kernel side keeps per socket.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SockState {
+    pub tuple: SockTuple,
+    /// Last data event number given out for this socket.
+    pub seq: u32,
+    pub _pad: u32,
+}
 
 /// A TCP socket changed state (tracepoint `sock:inet_sock_set_state`).
 ///
@@ -195,7 +215,8 @@ pub mod limits {
 
 const _: () = assert!(core::mem::size_of::<EventHeader>() == 48);
 const _: () = assert!(core::mem::size_of::<SockTuple>() == 40);
-const _: () = assert!(DATA_EVENT_FIXED == 48 + 16 + 40 + 16 + TAIL_LEN);
+const _: () = assert!(DATA_EVENT_FIXED == 48 + 16 + 40 + 24 + TAIL_LEN);
+const _: () = assert!(core::mem::size_of::<DataEvent>() == DATA_EVENT_FIXED + PAYLOAD_CAP);
 const _: () = assert!(core::mem::size_of::<ConnEvent>() == 48 + 8 + 40 + 8);
 const _: () = assert!(PAYLOAD_CAP.is_power_of_two());
 

@@ -3,7 +3,7 @@ use aya_ebpf::{
     macros::map,
     maps::{LruHashMap, PerCpuArray, RingBuf},
 };
-use tracer_common::{DataEvent, KERNEL_STAT_COUNT, KernelStat, SockTuple, limits};
+use tracer_common::{DataEvent, KERNEL_STAT_COUNT, KernelStat, SockState, limits};
 
 /// What `sys_enter_*` learnt, completed by `sock_*_length` and consumed by `sys_exit_*`.
 #[repr(C)]
@@ -35,9 +35,9 @@ pub static EVENTS: RingBuf = RingBuf::with_byte_size(limits::RINGBUF_BYTES, 0);
 pub static ACTIVE: LruHashMap<u64, SyscallArgs> =
     LruHashMap::with_max_entries(limits::ACTIVE_SYSCALLS, 0);
 
-/// Socket address -> 4-tuple, filled by `inet_sock_set_state`.
+/// Socket address -> 4-tuple (filled by `inet_sock_set_state`) and event counter.
 #[map]
-pub static SOCKS: LruHashMap<u64, SockTuple> = LruHashMap::with_max_entries(limits::SOCKETS, 0);
+pub static SOCKS: LruHashMap<u64, SockState> = LruHashMap::with_max_entries(limits::SOCKETS, 0);
 
 /// Per-CPU scratch space for building a data event: too big for the 512-byte stack.
 #[map]

@@ -140,6 +140,8 @@ struct Conn {
     current: Option<InFlight>,
     undecided: Vec<u8>,
     last_ns: u64,
+    /// The event number expected next from the kernel for this socket.
+    next_seq: u32,
 }
 
 impl Conn {
@@ -164,6 +166,7 @@ impl Conn {
             current: None,
             undecided: Vec::new(),
             last_ns: now,
+            next_seq: 0,
         }
     }
 }
@@ -240,6 +243,10 @@ impl ConnTable {
         };
         conn.last_ns = now;
         conn.task = d.task;
+        if conn.next_seq != 0 && d.seq != conn.next_seq {
+            lost_events(conn, metrics);
+        }
+        conn.next_seq = d.seq.wrapping_add(1).max(1);
         let mut ctx = Ctx { d, metrics, out };
         process(conn, &mut ctx);
     }
@@ -307,6 +314,25 @@ impl ConnTable {
         for sk in victims {
             self.remove(sk, metrics);
         }
+    }
+}
+
+/// Some of this connection's events never arrived (ring buffer full): what was in flight cannot be
+/// paired truthfully any more, so it is dropped (and counted) and both streams look for the next
+/// message start.
+fn lost_events(conn: &mut Conn, metrics: &Metrics) {
+    let in_flight = conn.pending.len() as u64 + u64::from(conn.current.is_some());
+    metrics
+        .pairing_drops
+        .with_label_values(&["events_lost"])
+        .inc_by(in_flight);
+    metrics.connections_desynced.inc();
+    conn.pending.clear();
+    conn.current = None;
+    conn.undecided.clear();
+    for reader in [&mut conn.requests, &mut conn.responses] {
+        reader.state = ReadState::Resync;
+        reader.head.clear();
     }
 }
 
@@ -750,6 +776,7 @@ mod tests {
         metrics: Metrics,
         out: Vec<Exchange>,
         ts: u64,
+        seq: u32,
     }
 
     impl Harness {
@@ -759,12 +786,14 @@ mod tests {
                 metrics: Metrics::new(),
                 out: Vec::new(),
                 ts: 1_000_000,
+                seq: 0,
             }
         }
 
         /// One syscall moving `bytes` of which `shown` were captured.
         fn io(&mut self, direction: Direction, shown: &[u8], bytes: usize, tail: &[u8]) {
             self.ts += 1000;
+            self.seq += 1;
             let d = Data {
                 task: task(),
                 sk: SK,
@@ -773,6 +802,7 @@ mod tests {
                 ts_exit_ns: self.ts,
                 direction,
                 bytes: bytes as u32,
+                seq: self.seq,
                 payload: shown,
                 tail,
             };
@@ -941,6 +971,30 @@ mod tests {
         h.io(Direction::Egress, b"", 5000, &[]);
         assert_eq!(h.statuses(), vec![("/file".to_owned(), 200)]);
         assert_eq!(h.failures("response_body_unseen"), 0);
+    }
+
+    #[test]
+    fn lost_events_drop_what_was_in_flight_and_resync() {
+        let mut h = Harness::new();
+        h.read(b"GET /1 HTTP/1.1\r\n\r\n");
+        h.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n");
+        h.read(b"GET /2 HTTP/1.1\r\n\r\n");
+        // The response to /2 and the request /3 were lost.
+        h.seq += 2;
+        h.write(b"HTTP/1.1 500 Oops\r\nContent-Length: 0\r\n\r\n");
+        h.read(b"GET /4 HTTP/1.1\r\n\r\n");
+        h.write(b"HTTP/1.1 201 Created\r\nContent-Length: 0\r\n\r\n");
+        // /2 is not paired with /3's response; /4 is paired right.
+        assert_eq!(
+            h.statuses(),
+            vec![("/1".to_owned(), 200), ("/4".to_owned(), 201)]
+        );
+        let lost = h
+            .metrics
+            .pairing_drops
+            .with_label_values(&["events_lost"])
+            .get();
+        assert_eq!(lost, 1);
     }
 
     #[test]

@@ -4,7 +4,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use thiserror::Error;
 use tracer_common::{
-    AF_INET6, ConnEvent, DATA_EVENT_FIXED, DIR_EGRESS, DataEvent, EventHeader, EventKind,
+    AF_INET6, ConnEvent, DATA_EVENT_FIXED, DIR_EGRESS, DataMeta, EventHeader, EventKind,
     PAYLOAD_CAP, SockTuple, TAIL_LEN,
 };
 
@@ -118,6 +118,8 @@ pub struct Data<'a> {
     pub direction: Direction,
     /// Bytes the syscall moved; 0 is end of stream on a read.
     pub bytes: u32,
+    /// Per-socket event number: a gap means this socket's events were lost.
+    pub seq: u32,
     /// The first bytes moved (at most PAYLOAD_CAP).
     pub payload: &'a [u8],
     /// The last bytes moved, when not all of them are in `payload`.
@@ -158,19 +160,12 @@ pub fn decode(buf: &[u8]) -> Result<Event<'_>, DecodeError> {
     let hdr: EventHeader = read(buf)?;
     match EventKind::from_u32(hdr.kind) {
         Some(EventKind::Data) => {
-            if buf.len() < DATA_EVENT_FIXED {
-                return Err(DecodeError::Short(buf.len()));
-            }
-            // Read the fixed part only; the payload is borrowed.
-            let mut fixed = [0u8; size_of::<DataEvent>()];
-            fixed[..DATA_EVENT_FIXED].copy_from_slice(&buf[..DATA_EVENT_FIXED]);
-            let ev: DataEvent = read(&fixed)?;
+            let ev: DataMeta = read(buf)?;
             let captured = ev.captured as usize;
             if captured > PAYLOAD_CAP || DATA_EVENT_FIXED + captured > buf.len() {
                 return Err(DecodeError::BadLength(ev.captured));
             }
             let tail_len = (ev.tail_len as usize).min(TAIL_LEN);
-            let tail_off = std::mem::offset_of!(DataEvent, tail);
             Ok(Event::Data(Data {
                 task: Task::from_header(&hdr),
                 sk: ev.sk,
@@ -183,8 +178,9 @@ pub fn decode(buf: &[u8]) -> Result<Event<'_>, DecodeError> {
                     Direction::Ingress
                 },
                 bytes: ev.bytes,
+                seq: ev.seq,
                 payload: &buf[DATA_EVENT_FIXED..DATA_EVENT_FIXED + captured],
-                tail: &buf[tail_off..tail_off + tail_len],
+                tail: &buf[std::mem::offset_of!(DataMeta, tail)..][..tail_len],
             }))
         }
         Some(EventKind::Conn) => {

@@ -28,6 +28,7 @@ pub struct Metrics {
     pub pairing_drops: IntCounterVec,
     pub conns_tracked: IntGauge,
     pub conn_evictions: IntCounter,
+    pub connections_desynced: IntCounter,
     pub series_overflow: IntCounterVec,
 }
 
@@ -105,6 +106,11 @@ impl Metrics {
             "Connections forgotten to make room in the connection table.",
         )
         .expect("valid metric");
+        let connections_desynced = IntCounter::new(
+            "tracer_connections_desynced_total",
+            "Times a connection's events were lost (ring buffer full) and its pairing restarted.",
+        )
+        .expect("valid metric");
         let series_overflow = IntCounterVec::new(
             Opts::new(
                 "tracer_series_overflow_total",
@@ -123,6 +129,7 @@ impl Metrics {
             Box::new(pairing_drops.clone()),
             Box::new(conns_tracked.clone()),
             Box::new(conn_evictions.clone()),
+            Box::new(connections_desynced.clone()),
             Box::new(series_overflow.clone()),
         ] {
             registry.register(c).expect("unique metric names");
@@ -150,6 +157,7 @@ impl Metrics {
             pairing_drops,
             conns_tracked,
             conn_evictions,
+            connections_desynced,
             series_overflow,
         }
     }

@@ -9,7 +9,7 @@ use aya_ebpf::{
 };
 use tracer_common::{
     AF_INET, AF_INET6, ConnEvent, DIR_EGRESS, DIR_INGRESS, EventHeader, EventKind, KernelStat,
-    SockTuple, TCP_CLOSE, TCP_ESTABLISHED, TCP_SYN_SENT,
+    SockState, SockTuple, TCP_CLOSE, TCP_ESTABLISHED, TCP_SYN_SENT,
 };
 
 use crate::maps::{ACTIVE, EVENTS, SOCKS, count};
@@ -83,12 +83,18 @@ fn on_length(ctx: &TracePointContext, direction: u32) {
     }
 }
 
-/// The 4-tuple of `sk`, and whether it had to be read from the socket itself.
+/// The 4-tuple of `sk`, its next event number, and whether the tuple had to be read from the
+/// socket itself.
 #[inline(always)]
-pub fn tuple_of(sk: u64) -> (SockTuple, bool) {
-    // SAFETY: the map value is copied out.
-    if let Some(t) = unsafe { SOCKS.get(&sk) } {
-        return (*t, false);
+pub fn next_event(sk: u64) -> (SockTuple, u32, bool) {
+    if let Some(state) = SOCKS.get_ptr_mut(&sk) {
+        // SAFETY: a live map value; a racing writer on another CPU can only make the counter
+        // skip, which userspace treats as a loss.
+        unsafe {
+            let seq = (*state).seq.wrapping_add(1);
+            (*state).seq = seq;
+            return ((*state).tuple, seq, false);
+        }
     }
     let mut t = SockTuple::default();
     // SAFETY: `sk` is a live `struct sock *` handed to us by the tracepoint; reads are checked.
@@ -107,8 +113,13 @@ pub fn tuple_of(sk: u64) -> (SockTuple, bool) {
             );
         }
     }
-    let _ = SOCKS.insert(&sk, &t, 0);
-    (t, true)
+    let state = SockState {
+        tuple: t,
+        seq: 1,
+        _pad: 0,
+    };
+    let _ = SOCKS.insert(&sk, &state, 0);
+    (t, 1, true)
 }
 
 #[tracepoint]
@@ -144,7 +155,12 @@ unsafe fn on_state(ctx: &TracePointContext) {
         }
         match new_state {
             TCP_SYN_SENT | TCP_ESTABLISHED => {
-                let _ = SOCKS.insert(&sk, &tuple, 0);
+                let state = SockState {
+                    tuple,
+                    seq: 0,
+                    _pad: 0,
+                };
+                let _ = SOCKS.insert(&sk, &state, 0);
             }
             TCP_CLOSE => {
                 let _ = SOCKS.remove(&sk);

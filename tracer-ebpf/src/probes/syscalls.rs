@@ -21,7 +21,7 @@ use crate::maps::{
     tracer_tgid,
 };
 
-use super::sock::tuple_of;
+use super::sock::next_event;
 
 /// Offsets in the syscall tracepoint records (`.../syscalls/sys_enter_*/format`): every
 /// argument is 8 bytes wide after the 16-byte header.
@@ -160,34 +160,36 @@ fn emit_data(args: &SyscallArgs, ret: u64, id: u64) {
     };
     // SAFETY: the per-CPU scratch slot is ours until this program returns.
     let ev: &mut DataEvent = unsafe { &mut *ev };
+    let (tuple, seq, from_sock) = next_event(args.sk);
+    let (meta, payload) = (&mut ev.meta, &mut ev.payload);
 
-    ev.hdr.kind = EventKind::Data as u32;
-    ev.hdr.flags = 0;
+    meta.hdr.kind = EventKind::Data as u32;
+    meta.hdr.flags = 0;
     // SAFETY: helpers without preconditions.
-    ev.hdr.ts_ns = unsafe { bpf_ktime_get_ns() };
-    ev.hdr.pid_tgid = id;
-    ev.hdr.cgroup_id = unsafe { bpf_get_current_cgroup_id() };
-    ev.hdr.comm = bpf_get_current_comm().unwrap_or([0; 16]);
-    ev.sk = args.sk;
-    ev.ts_enter_ns = args.ts_enter;
-    ev.direction = args.direction;
-    ev.bytes = if ret > u32::MAX as u64 {
+    meta.hdr.ts_ns = unsafe { bpf_ktime_get_ns() };
+    meta.hdr.pid_tgid = id;
+    meta.hdr.cgroup_id = unsafe { bpf_get_current_cgroup_id() };
+    meta.hdr.comm = bpf_get_current_comm().unwrap_or([0; 16]);
+    meta.sk = args.sk;
+    meta.ts_enter_ns = args.ts_enter;
+    meta.direction = args.direction;
+    meta.bytes = if ret > u32::MAX as u64 {
         u32::MAX
     } else {
         ret as u32
     };
 
-    let (tuple, from_sock) = tuple_of(args.sk);
-    ev.tuple = tuple;
+    meta.tuple = tuple;
+    meta.seq = seq;
     if from_sock {
-        ev.hdr.flags |= FLAG_TUPLE_FROM_SOCK;
+        meta.hdr.flags |= FLAG_TUPLE_FROM_SOCK;
     }
     if args.kind == KIND_IOV || args.kind == KIND_MSG {
-        ev.hdr.flags |= FLAG_IOVEC;
+        meta.hdr.flags |= FLAG_IOVEC;
     }
 
     let mut captured: u64 = 0;
-    ev.tail_len = 0;
+    meta.tail_len = 0;
     if let Some((src, avail)) = first_buffer(args) {
         let avail = if avail < ret { avail } else { ret };
         let want = if avail < PAYLOAD_CAP as u64 {
@@ -202,7 +204,7 @@ fn emit_data(args: &SyscallArgs, ret: u64, id: u64) {
             // SAFETY: n <= PAYLOAD_CAP bytes into the payload array; src is user memory read
             // through the checked helper.
             let rc = unsafe {
-                bpf_probe_read_user(ev.payload.as_mut_ptr().cast(), n as u32, src as *const _)
+                bpf_probe_read_user(payload.as_mut_ptr().cast(), n as u32, src as *const _)
             };
             if rc == 0 {
                 captured = n;
@@ -217,18 +219,18 @@ fn emit_data(args: &SyscallArgs, ret: u64, id: u64) {
                 // SAFETY: TAIL_LEN bytes into the tail array, from inside the user's buffer.
                 let rc = unsafe {
                     bpf_probe_read_user(
-                        ev.tail.as_mut_ptr().cast(),
+                        meta.tail.as_mut_ptr().cast(),
                         TAIL_LEN as u32,
                         (src + ret - TAIL_LEN as u64) as *const _,
                     )
                 };
                 if rc == 0 {
-                    ev.tail_len = TAIL_LEN as u32;
+                    meta.tail_len = TAIL_LEN as u32;
                 }
             }
         }
     }
-    ev.captured = captured as u32;
+    meta.captured = captured as u32;
 
     let size = black_box(DATA_EVENT_FIXED as u64 + (captured & (2 * PAYLOAD_CAP as u64 - 1)));
     let size = if size > core::mem::size_of::<DataEvent>() as u64 {
