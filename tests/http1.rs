@@ -63,7 +63,12 @@ fn curl_to_python_http_server() {
     assert_eq!(want_status.values().sum::<u64>(), 200);
 
     let edge = daemon.wait_edge("curl", server.port, 200);
-    assert_eq!(edge["requests"], 200, "edge: {edge}");
+    assert_eq!(
+        edge["requests"],
+        200,
+        "edge: {edge}\n{}",
+        daemon.diagnostics()
+    );
     let got_status: BTreeMap<u16, u64> = edge["status_codes"]
         .as_object()
         .expect("status_codes")

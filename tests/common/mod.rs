@@ -139,6 +139,21 @@ impl Daemon {
         }
     }
 
+    /// The daemon's own non-zero loss and failure counters, for assertion messages.
+    pub fn diagnostics(&self) -> String {
+        self.get("/metrics")
+            .lines()
+            .filter(|l| {
+                !l.starts_with('#')
+                    && (l.contains("reason=") || l.contains("tracer_events_total"))
+                    && !l.ends_with(" 0")
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+            + "\nedges: "
+            + &self.get("/api/edges")
+    }
+
     /// Sum of a counter over the series whose labels include all of `labels`.
     pub fn metric_sum(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
         let text = self.get("/metrics");

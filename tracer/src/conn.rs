@@ -7,7 +7,7 @@
 
 use std::collections::{HashMap, VecDeque};
 
-use tracer_common::{TCP_CLOSE, TCP_ESTABLISHED, TCP_FIN_WAIT1, TCP_LAST_ACK};
+use tracer_common::{TCP_CLOSE, TCP_ESTABLISHED, TCP_FIN_WAIT1, TCP_LAST_ACK, TCP_SYN_SENT};
 
 use crate::{
     event::{self, Data, Direction, Task, Tuple},
@@ -181,6 +181,8 @@ struct Ctx<'a, 'b> {
 /// All followed connections, keyed by socket address.
 pub struct ConnTable {
     conns: HashMap<u64, Conn>,
+    /// Sockets in connect(), with the process that called it.
+    connecting: HashMap<u64, Task>,
     by_tuple: HashMap<Tuple, u64>,
     closed: HashMap<Tuple, Peer>,
     closed_order: VecDeque<Tuple>,
@@ -198,6 +200,7 @@ impl ConnTable {
     pub fn new(cap: usize) -> Self {
         Self {
             conns: HashMap::new(),
+            connecting: HashMap::new(),
             by_tuple: HashMap::new(),
             closed: HashMap::new(),
             closed_order: VecDeque::new(),
@@ -252,6 +255,33 @@ impl ConnTable {
     }
 
     pub fn on_state(&mut self, c: &event::Conn, metrics: &Metrics, out: &mut Vec<Exchange>) {
+        match (c.old_state, c.new_state) {
+            // connect() runs in the calling process: remember who it is.
+            (_, TCP_SYN_SENT) => {
+                if self.connecting.len() < self.cap {
+                    self.connecting.insert(c.sk, c.task);
+                }
+                return;
+            }
+            // A client connection is up: follow it from now, so that its server end (which may
+            // be on this host, and whose events can come first) can name this process.
+            (TCP_SYN_SENT, TCP_ESTABLISHED) => {
+                let task = self.connecting.remove(&c.sk).unwrap_or(c.task);
+                if !self.conns.contains_key(&c.sk) {
+                    if self.conns.len() >= self.cap {
+                        self.evict(c.ts_ns, metrics);
+                    }
+                    self.conns.insert(c.sk, Conn::new(c.tuple, task, c.ts_ns));
+                    self.by_tuple.insert(c.tuple, c.sk);
+                    metrics.conns_tracked.set(self.conns.len() as i64);
+                }
+                return;
+            }
+            (_, TCP_CLOSE) => {
+                self.connecting.remove(&c.sk);
+            }
+            _ => {}
+        }
         let Some(conn) = self.conns.get_mut(&c.sk) else {
             return;
         };
@@ -819,7 +849,10 @@ mod tests {
 
         fn state(&mut self, old: u32, new: u32) {
             let c = ConnEvent {
+                task: task(),
+                ts_ns: self.ts,
                 sk: SK,
+                tuple: tuple(),
                 old_state: old,
                 new_state: new,
             };
@@ -995,6 +1028,36 @@ mod tests {
             .with_label_values(&["events_lost"])
             .get();
         assert_eq!(lost, 1);
+    }
+
+    #[test]
+    fn client_known_from_connect_before_its_data_arrives() {
+        let mut h = Harness::new();
+        let client_sk = SK + 1;
+        let client = Task {
+            tgid: 7,
+            tid: 7,
+            comm: Comm(*b"curl\0\0\0\0\0\0\0\0\0\0\0\0"),
+            cgroup_id: 1,
+        };
+        for (old, new) in [(TCP_CLOSE, TCP_SYN_SENT), (TCP_SYN_SENT, TCP_ESTABLISHED)] {
+            let c = ConnEvent {
+                task: client,
+                ts_ns: 1,
+                sk: client_sk,
+                tuple: tuple().reversed(),
+                old_state: old,
+                new_state: new,
+            };
+            h.table.on_state(&c, &h.metrics, &mut h.out);
+        }
+        // The server's side of the exchange completes before any client data event.
+        h.read(b"GET /a HTTP/1.1\r\n\r\n");
+        h.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n");
+        assert_eq!(h.out.len(), 1);
+        let peer = h.table.peer_of(&h.out[0].tuple).expect("client end known");
+        assert_eq!(peer.task.comm.as_str(), "curl");
+        assert_eq!(peer.task.tgid, 7);
     }
 
     #[test]

@@ -136,7 +136,11 @@ impl Data<'_> {
 /// A TCP state change.
 #[derive(Clone, Copy, Debug)]
 pub struct Conn {
+    /// Meaningful only for transitions made in process context (connect, close).
+    pub task: Task,
+    pub ts_ns: u64,
     pub sk: u64,
+    pub tuple: Tuple,
     pub old_state: u32,
     pub new_state: u32,
 }
@@ -186,7 +190,10 @@ pub fn decode(buf: &[u8]) -> Result<Event<'_>, DecodeError> {
         Some(EventKind::Conn) => {
             let ev: ConnEvent = read(buf)?;
             Ok(Event::Conn(Conn {
+                task: Task::from_header(&hdr),
+                ts_ns: hdr.ts_ns,
                 sk: ev.sk,
+                tuple: Tuple::from_sock(&ev.tuple),
                 old_state: ev.old_state,
                 new_state: ev.new_state,
             }))
