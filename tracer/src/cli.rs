@@ -8,7 +8,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use serde::de::DeserializeOwned;
 
 use crate::{
-    api::{EdgesResponse, StatResponse},
+    api::{EdgesResponse, SpanView, SpansResponse, StatResponse},
     edges::Quantiles,
 };
 
@@ -32,9 +32,34 @@ pub enum Command {
         /// Address for /metrics and /api. Loopback by default; anything else is explicit.
         #[arg(long, env = "TRACER_LISTEN", default_value = DEFAULT_ADDR)]
         listen: SocketAddr,
+        /// OTLP traces endpoint; else OTEL_EXPORTER_OTLP_TRACES_ENDPOINT or
+        /// OTEL_EXPORTER_OTLP_ENDPOINT. Span export is off when none is set.
+        #[arg(long)]
+        otlp_endpoint: Option<String>,
+        /// grpc or http/protobuf; else OTEL_EXPORTER_OTLP_PROTOCOL (default http/protobuf).
+        #[arg(long)]
+        otlp_protocol: Option<String>,
+        /// Extra OTLP request header, key=value (repeatable); adds to OTEL_EXPORTER_OTLP_HEADERS.
+        #[arg(long = "otlp-header")]
+        otlp_headers: Vec<String>,
+        /// Share of traces sampled (0..1) where the caller did not decide; a propagated sampled
+        /// flag is always honoured.
+        #[arg(long, env = "OTEL_TRACES_SAMPLER_ARG", default_value_t = 1.0)]
+        sample_ratio: f64,
+        /// service.name for a process name, process=service (repeatable); default: the name.
+        #[arg(long = "service")]
+        services: Vec<String>,
     },
     /// Edges between workloads: who calls whom, with success rate, RPS and latency.
     Edges(ClientArgs),
+    /// Recent spans of a running daemon, as a tree per trace.
+    Spans {
+        /// Most recent spans to show.
+        #[arg(long, default_value_t = 200)]
+        limit: usize,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
     /// Golden metrics per server workload.
     Stat {
         /// Only this workload.
@@ -208,4 +233,70 @@ pub fn stat(workload: Option<&str>, args: &ClientArgs) -> anyhow::Result<()> {
         &rows,
     );
     Ok(())
+}
+
+pub fn spans(limit: usize, args: &ClientArgs) -> anyhow::Result<()> {
+    let (resp, raw): (SpansResponse, _) = fetch(&args.addr, &format!("/api/spans?limit={limit}"))?;
+    if args.output == Output::Json {
+        println!("{raw}");
+        return Ok(());
+    }
+    if resp.spans.is_empty() {
+        println!("No spans yet.");
+        return Ok(());
+    }
+    // Traces in order of their first span; within one, children under their parent.
+    let mut order: Vec<&str> = Vec::new();
+    let mut by_trace: std::collections::HashMap<&str, Vec<&SpanView>> = Default::default();
+    for s in &resp.spans {
+        by_trace
+            .entry(s.trace_id.as_str())
+            .or_insert_with(|| {
+                order.push(s.trace_id.as_str());
+                Vec::new()
+            })
+            .push(s);
+    }
+    for trace in order {
+        let spans = &by_trace[trace];
+        println!("trace {trace} ({} spans)", spans.len());
+        let ids: std::collections::HashSet<&str> =
+            spans.iter().map(|s| s.span_id.as_str()).collect();
+        let roots: Vec<&&SpanView> = spans
+            .iter()
+            .filter(|s| s.parent_span_id.as_deref().is_none_or(|p| !ids.contains(p)))
+            .collect();
+        for root in roots {
+            print_span(root, spans, 1);
+        }
+    }
+    Ok(())
+}
+
+fn print_span(span: &SpanView, all: &[&SpanView], depth: usize) {
+    if depth > 32 {
+        return;
+    }
+    println!(
+        "{}{} {} {} {} {:.2}ms  [{} pid {}]{}",
+        "  ".repeat(depth),
+        span.kind,
+        span.name,
+        span.status_code,
+        if span.error { "ERROR" } else { "ok" },
+        span.duration_ms,
+        span.service,
+        span.pid,
+        span.parent_span_id
+            .as_deref()
+            .filter(|_| depth == 1)
+            .map(|p| format!(" parent {p}"))
+            .unwrap_or_default(),
+    );
+    for child in all
+        .iter()
+        .filter(|c| c.parent_span_id.as_deref() == Some(span.span_id.as_str()))
+    {
+        print_span(child, all, depth + 1);
+    }
 }

@@ -13,6 +13,7 @@ use crate::{
     event::{self, Data, Direction, Task, Tuple},
     http1::{self, BodyLen, Chunked, Method, Parsed, Start},
     metrics::Metrics,
+    spans::{self, Linker, SpanId},
 };
 
 /// Requests awaiting their response on one connection; beyond it the oldest is dropped
@@ -71,6 +72,8 @@ pub struct Exchange {
     pub end_ns: u64,
     pub req_bytes: u64,
     pub resp_bytes: u64,
+    /// The span this end opened for the request.
+    pub span: Option<SpanId>,
 }
 
 #[derive(Debug)]
@@ -80,6 +83,7 @@ struct Pending {
     start_ns: u64,
     bytes: u64,
     task: Task,
+    span: Option<SpanId>,
 }
 
 #[derive(Debug)]
@@ -142,6 +146,10 @@ struct Conn {
     last_ns: u64,
     /// The event number expected next from the kernel for this socket.
     next_seq: u32,
+    /// Requests seen on this connection so far.
+    requests_seen: u64,
+    /// The other end may be a socket on this host (whose events may lag this one's).
+    peer_local: bool,
 }
 
 impl Conn {
@@ -167,6 +175,8 @@ impl Conn {
             undecided: Vec::new(),
             last_ns: now,
             next_seq: 0,
+            requests_seen: 0,
+            peer_local: tuple.remote.ip().is_loopback() || tuple.remote.ip() == tuple.local.ip(),
         }
     }
 }
@@ -175,6 +185,7 @@ impl Conn {
 struct Ctx<'a, 'b> {
     d: &'a Data<'b>,
     metrics: &'a Metrics,
+    linker: &'a mut Linker,
     out: &'a mut Vec<Exchange>,
 }
 
@@ -222,20 +233,26 @@ impl ConnTable {
         }
     }
 
-    pub fn on_data(&mut self, d: &Data<'_>, metrics: &Metrics, out: &mut Vec<Exchange>) {
+    pub fn on_data(
+        &mut self,
+        d: &Data<'_>,
+        metrics: &Metrics,
+        linker: &mut Linker,
+        out: &mut Vec<Exchange>,
+    ) {
         let now = d.ts_exit_ns;
         if let Some(c) = self.conns.get(&d.sk)
             && c.tuple != d.tuple
         {
             // The socket address was reused by a new connection whose close we missed.
-            self.remove(d.sk, metrics);
+            self.remove(d.sk, metrics, linker);
         }
         if !self.conns.contains_key(&d.sk) {
             if d.bytes == 0 {
                 return;
             }
             if self.conns.len() >= self.cap {
-                self.evict(now, metrics);
+                self.evict(now, metrics, linker);
             }
             self.conns.insert(d.sk, Conn::new(d.tuple, d.task, now));
             self.by_tuple.insert(d.tuple, d.sk);
@@ -247,14 +264,28 @@ impl ConnTable {
         conn.last_ns = now;
         conn.task = d.task;
         if conn.next_seq != 0 && d.seq != conn.next_seq {
-            lost_events(conn, metrics);
+            lost_events(conn, metrics, linker);
+        }
+        if self.by_tuple.contains_key(&d.tuple.reversed()) {
+            conn.peer_local = true;
         }
         conn.next_seq = d.seq.wrapping_add(1).max(1);
-        let mut ctx = Ctx { d, metrics, out };
+        let mut ctx = Ctx {
+            d,
+            metrics,
+            linker,
+            out,
+        };
         process(conn, &mut ctx);
     }
 
-    pub fn on_state(&mut self, c: &event::Conn, metrics: &Metrics, out: &mut Vec<Exchange>) {
+    pub fn on_state(
+        &mut self,
+        c: &event::Conn,
+        metrics: &Metrics,
+        linker: &mut Linker,
+        out: &mut Vec<Exchange>,
+    ) {
         match (c.old_state, c.new_state) {
             // connect() runs in the calling process: remember who it is.
             (_, TCP_SYN_SENT) => {
@@ -269,7 +300,7 @@ impl ConnTable {
                 let task = self.connecting.remove(&c.sk).unwrap_or(c.task);
                 if !self.conns.contains_key(&c.sk) {
                     if self.conns.len() >= self.cap {
-                        self.evict(c.ts_ns, metrics);
+                        self.evict(c.ts_ns, metrics, linker);
                     }
                     self.conns.insert(c.sk, Conn::new(c.tuple, task, c.ts_ns));
                     self.by_tuple.insert(c.tuple, c.sk);
@@ -296,17 +327,20 @@ impl ConnTable {
             finish_all(conn, metrics, out);
         }
         if c.new_state == TCP_CLOSE {
-            self.remove(c.sk, metrics);
+            self.remove(c.sk, metrics, linker);
         }
     }
 
-    fn remove(&mut self, sk: u64, metrics: &Metrics) {
+    fn remove(&mut self, sk: u64, metrics: &Metrics, linker: &mut Linker) {
         if let Some(conn) = self.conns.remove(&sk) {
             if !conn.pending.is_empty() {
                 metrics
                     .pairing_drops
                     .with_label_values(&["no_response"])
                     .inc_by(conn.pending.len() as u64);
+            }
+            for span in conn.pending.iter().filter_map(|p| p.span) {
+                linker.abandon(span);
             }
             if self.by_tuple.get(&conn.tuple) == Some(&sk) {
                 self.by_tuple.remove(&conn.tuple);
@@ -324,7 +358,7 @@ impl ConnTable {
     }
 
     /// Makes room: forgets connections idle for a while, or else the longest idle one.
-    fn evict(&mut self, now: u64, metrics: &Metrics) {
+    fn evict(&mut self, now: u64, metrics: &Metrics, linker: &mut Linker) {
         let idle: Vec<u64> = self
             .conns
             .iter()
@@ -342,7 +376,7 @@ impl ConnTable {
         };
         metrics.conn_evictions.inc_by(victims.len() as u64);
         for sk in victims {
-            self.remove(sk, metrics);
+            self.remove(sk, metrics, linker);
         }
     }
 }
@@ -350,8 +384,12 @@ impl ConnTable {
 /// Some of this connection's events never arrived (ring buffer full): what was in flight cannot be
 /// paired truthfully any more, so it is dropped (and counted) and both streams look for the next
 /// message start.
-fn lost_events(conn: &mut Conn, metrics: &Metrics) {
+fn lost_events(conn: &mut Conn, metrics: &Metrics, linker: &mut Linker) {
     let in_flight = conn.pending.len() as u64 + u64::from(conn.current.is_some());
+    let current = conn.current.as_ref().and_then(|c| c.request.as_ref());
+    for span in conn.pending.iter().chain(current).filter_map(|p| p.span) {
+        linker.abandon(span);
+    }
     metrics
         .pairing_drops
         .with_label_values(&["events_lost"])
@@ -510,6 +548,8 @@ fn feed(conn: &mut Conn, requests: bool, ctx: &mut Ctx<'_, '_>) {
                                     path,
                                     head_len: 0,
                                     body: BodyLen::UntilClose,
+                                    context: None,
+                                    minor_version: 1,
                                 })
                             })
                         } else {
@@ -634,18 +674,36 @@ fn on_head(conn: &mut Conn, requests: bool, info: HeadInfo, ctx: &mut Ctx<'_, '_
     let body = match info {
         HeadInfo::Request(h) => {
             if conn.pending.len() >= MAX_IN_FLIGHT {
-                conn.pending.pop_front();
+                if let Some(span) = conn.pending.pop_front().and_then(|p| p.span) {
+                    ctx.linker.abandon(span);
+                }
                 ctx.metrics
                     .pairing_drops
                     .with_label_values(&["pending_overflow"])
                     .inc();
             }
+            let side = match conn.role {
+                Role::Http(side) => side,
+                _ => Side::Client,
+            };
+            let span = ctx.linker.start(spans::Start {
+                kind: side,
+                task: d.task,
+                tuple: conn.tuple,
+                context: h.context.as_ref(),
+                index: conn.requests_seen,
+                start_ns: conn.requests.start_ns,
+                minor_version: h.minor_version,
+                peer_local: conn.peer_local,
+            });
+            conn.requests_seen += 1;
             conn.pending.push_back(Pending {
                 method: h.method,
                 path: h.path,
                 start_ns: conn.requests.start_ns,
                 bytes: 0,
                 task: d.task,
+                span,
             });
             // A response still open when the next request begins has ended: by design when its
             // length is unknown; otherwise some of its bytes were not seen (sent by a syscall
@@ -679,6 +737,9 @@ fn on_head(conn: &mut Conn, requests: bool, info: HeadInfo, ctx: &mut Ctx<'_, '_
                     .inc();
             }
             let body = h.body_for(request.as_ref().map(|r| r.method));
+            if let Some(span) = request.as_ref().and_then(|r| r.span) {
+                ctx.linker.responding(span);
+            }
             conn.current = Some(InFlight {
                 request,
                 status: h.status,
@@ -746,6 +807,7 @@ fn complete_message(conn: &mut Conn, requests: bool, end_ns: u64, out: &mut Vec<
         end_ns: end_ns.max(req.start_ns),
         req_bytes: req.bytes,
         resp_bytes,
+        span: req.span,
     });
 }
 
@@ -803,6 +865,7 @@ mod tests {
 
     struct Harness {
         table: ConnTable,
+        linker: Linker,
         metrics: Metrics,
         out: Vec<Exchange>,
         ts: u64,
@@ -813,6 +876,7 @@ mod tests {
         fn new() -> Self {
             Self {
                 table: ConnTable::new(16),
+                linker: Linker::new(crate::spans::Sampler::ratio(1.0)),
                 metrics: Metrics::new(),
                 out: Vec::new(),
                 ts: 1_000_000,
@@ -836,7 +900,8 @@ mod tests {
                 payload: shown,
                 tail,
             };
-            self.table.on_data(&d, &self.metrics, &mut self.out);
+            self.table
+                .on_data(&d, &self.metrics, &mut self.linker, &mut self.out);
         }
 
         fn read(&mut self, b: &[u8]) {
@@ -856,7 +921,8 @@ mod tests {
                 old_state: old,
                 new_state: new,
             };
-            self.table.on_state(&c, &self.metrics, &mut self.out);
+            self.table
+                .on_state(&c, &self.metrics, &mut self.linker, &mut self.out);
         }
 
         fn statuses(&self) -> Vec<(String, u16)> {
@@ -1049,7 +1115,7 @@ mod tests {
                 old_state: old,
                 new_state: new,
             };
-            h.table.on_state(&c, &h.metrics, &mut h.out);
+            h.table.on_state(&c, &h.metrics, &mut h.linker, &mut h.out);
         }
         // The server's side of the exchange completes before any client data event.
         h.read(b"GET /a HTTP/1.1\r\n\r\n");

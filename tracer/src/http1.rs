@@ -113,6 +113,119 @@ pub struct RequestHead {
     pub path: String,
     pub head_len: usize,
     pub body: BodyLen,
+    /// Trace context the request carries (W3C or B3), if any.
+    pub context: Option<Propagated>,
+    /// HTTP minor version: 0 or 1.
+    pub minor_version: u8,
+}
+
+/// Trace context propagated in request headers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Propagated {
+    pub trace_id: u128,
+    /// The caller's span: parent of the span that serves this request.
+    pub span_id: u64,
+    /// The caller's sampling decision, when it made one.
+    pub sampled: Option<bool>,
+    /// W3C `tracestate`, passed on as is.
+    pub tracestate: Option<String>,
+}
+
+fn hex_u128(s: &[u8]) -> Option<u128> {
+    if s.is_empty() || s.len() > 32 || !s.iter().all(u8::is_ascii_hexdigit) {
+        return None;
+    }
+    u128::from_str_radix(std::str::from_utf8(s).ok()?, 16).ok()
+}
+
+fn hex_u64(s: &[u8]) -> Option<u64> {
+    if s.len() != 16 {
+        return None;
+    }
+    hex_u128(s).map(|v| v as u64)
+}
+
+/// `traceparent: 00-<32 hex trace id>-<16 hex parent id>-<2 hex flags>` (W3C Trace Context).
+fn parse_traceparent(v: &[u8]) -> Option<Propagated> {
+    let v = v.trim_ascii();
+    let mut parts = v.split(|&b| b == b'-');
+    let version = parts.next()?;
+    let trace = parts.next()?;
+    let span = parts.next()?;
+    let flags = parts.next()?;
+    if version.len() != 2 || version.eq_ignore_ascii_case(b"ff") || trace.len() != 32 {
+        return None;
+    }
+    // Version 00 has exactly four fields; later versions may add more.
+    if version == b"00" && parts.next().is_some() {
+        return None;
+    }
+    let trace_id = hex_u128(trace)?;
+    let span_id = hex_u64(span)?;
+    let flags = u8::from_str_radix(std::str::from_utf8(flags.get(..2)?).ok()?, 16).ok()?;
+    (trace_id != 0 && span_id != 0).then_some(Propagated {
+        trace_id,
+        span_id,
+        sampled: Some(flags & 1 == 1),
+        tracestate: None,
+    })
+}
+
+/// `b3: {trace id}-{span id}[-{sampling}[-{parent span id}]]` (B3 single header).
+fn parse_b3_single(v: &[u8]) -> Option<Propagated> {
+    let mut parts = v.trim_ascii().split(|&b| b == b'-');
+    let trace = parts.next()?;
+    let span = parts.next()?;
+    let sampled = parts.next().and_then(b3_sampled);
+    let trace_id = hex_u128(trace).filter(|_| trace.len() == 16 || trace.len() == 32)?;
+    let span_id = hex_u64(span)?;
+    (trace_id != 0 && span_id != 0).then_some(Propagated {
+        trace_id,
+        span_id,
+        sampled,
+        tracestate: None,
+    })
+}
+
+fn b3_sampled(v: &[u8]) -> Option<bool> {
+    match v.trim_ascii() {
+        b"1" | b"d" | b"true" => Some(true),
+        b"0" | b"false" => Some(false),
+        _ => None,
+    }
+}
+
+/// Trace context from request headers: W3C `traceparent` first, then B3 (single or multi).
+pub fn propagated(headers: &[httparse::Header<'_>]) -> Option<Propagated> {
+    let find = |name: &str| {
+        headers
+            .iter()
+            .find(|h| h.name.eq_ignore_ascii_case(name))
+            .map(|h| h.value)
+    };
+    if let Some(mut ctx) = find("traceparent").and_then(parse_traceparent) {
+        ctx.tracestate = find("tracestate")
+            .and_then(|v| std::str::from_utf8(v).ok())
+            .map(|s| s.trim().to_owned());
+        return Some(ctx);
+    }
+    if let Some(ctx) = find("b3").and_then(parse_b3_single) {
+        return Some(ctx);
+    }
+    let trace = find("x-b3-traceid")?.trim_ascii();
+    let trace_id = hex_u128(trace).filter(|_| trace.len() == 16 || trace.len() == 32)?;
+    let span_id = hex_u64(find("x-b3-spanid")?.trim_ascii())?;
+    let sampled = if find("x-b3-flags").is_some_and(|f| f.trim_ascii() == b"1") {
+        Some(true)
+    } else {
+        find("x-b3-sampled").and_then(b3_sampled)
+    };
+    (trace_id != 0 && span_id != 0).then_some(Propagated {
+        trace_id,
+        span_id,
+        sampled,
+        tracestate: None,
+    })
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -222,6 +335,8 @@ pub fn parse_request(buf: &[u8]) -> Result<Parsed<RequestHead>, ParseError> {
                 path,
                 head_len,
                 body,
+                context: propagated(req.headers),
+                minor_version: req.version.unwrap_or(1),
             }))
         }
         Ok(httparse::Status::Partial) => Ok(Parsed::Partial),
@@ -503,6 +618,41 @@ mod tests {
         assert_eq!(parse_request_line(b"GET /users/7"), None);
         assert_eq!(parse_status_line(b"HTTP/1.1 503 Busy"), Some(503));
         assert_eq!(parse_status_line(b"HTTP/1.1 5x3"), None);
+    }
+
+    #[test]
+    fn trace_context_headers() {
+        let head = |h: &str| {
+            let raw = format!("GET / HTTP/1.1\r\n{h}\r\n\r\n");
+            match parse_request(raw.as_bytes()) {
+                Ok(Parsed::Complete(r)) => r.context,
+                other => panic!("{other:?}"),
+            }
+        };
+        let w3c = head(
+            "traceparent: 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01\r\ntracestate: k=v",
+        )
+        .expect("w3c");
+        assert_eq!(w3c.trace_id, 0x4bf92f3577b34da6a3ce929d0e0e4736);
+        assert_eq!(w3c.span_id, 0x00f067aa0ba902b7);
+        assert_eq!(w3c.sampled, Some(true));
+        assert_eq!(w3c.tracestate.as_deref(), Some("k=v"));
+        assert_eq!(
+            head("traceparent: 00-00000000000000000000000000000000-00f067aa0ba902b7-01"),
+            None
+        );
+        assert_eq!(head("traceparent: 00-4bf92f35-00f067aa0ba902b7-01"), None);
+        let b3 = head("b3: 80f198ee56343ba864fe8b2a57d3eff7-e457b5a2e4d86bd1-0").expect("b3");
+        assert_eq!(b3.trace_id, 0x80f198ee56343ba864fe8b2a57d3eff7);
+        assert_eq!(b3.sampled, Some(false));
+        let multi = head(
+            "X-B3-TraceId: 463ac35c9f6413ad\r\nX-B3-SpanId: a2fb4a1d1a96d312\r\nX-B3-Sampled: 1",
+        )
+        .expect("b3 multi");
+        assert_eq!(multi.trace_id, 0x463ac35c9f6413ad);
+        assert_eq!(multi.span_id, 0xa2fb4a1d1a96d312);
+        assert_eq!(multi.sampled, Some(true));
+        assert_eq!(head("Host: x"), None);
     }
 
     #[test]

@@ -6,13 +6,38 @@ mod edges;
 mod event;
 mod http1;
 mod metrics;
+mod otlp;
 mod pipeline;
 mod route;
+mod spans;
 
 use clap::Parser as _;
 use tracing_subscriber::EnvFilter;
 
 use crate::cli::{Cli, Command};
+
+fn run_config(
+    listen: std::net::SocketAddr,
+    otlp_endpoint: Option<String>,
+    otlp_protocol: Option<String>,
+    otlp_headers: &[String],
+    sample_ratio: f64,
+    services: &[String],
+) -> anyhow::Result<pipeline::RunConfig> {
+    if !(0.0..=1.0).contains(&sample_ratio) {
+        anyhow::bail!("--sample-ratio must be between 0 and 1, not {sample_ratio}");
+    }
+    Ok(pipeline::RunConfig {
+        listen,
+        otlp: otlp::config(
+            otlp_endpoint.as_deref(),
+            otlp_protocol.as_deref(),
+            otlp_headers,
+        )?,
+        sample_ratio,
+        services: otlp::ServiceNames::parse(services).map_err(anyhow::Error::msg)?,
+    })
+}
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
@@ -21,12 +46,30 @@ fn main() -> std::process::ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let result = match cli.command {
-        Command::Run { listen } => tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .map_err(anyhow::Error::from)
-            .and_then(|rt| rt.block_on(pipeline::run(pipeline::RunConfig { listen }))),
+        Command::Run {
+            listen,
+            otlp_endpoint,
+            otlp_protocol,
+            otlp_headers,
+            sample_ratio,
+            services,
+        } => run_config(
+            listen,
+            otlp_endpoint,
+            otlp_protocol,
+            &otlp_headers,
+            sample_ratio,
+            &services,
+        )
+        .and_then(|cfg| {
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .map_err(anyhow::Error::from)
+                .and_then(|rt| rt.block_on(pipeline::run(cfg)))
+        }),
+        Command::Spans { limit, client } => cli::spans(limit, &client),
         Command::Edges(args) => cli::edges(&args),
         Command::Stat { workload, client } => cli::stat(workload.as_deref(), &client),
     };

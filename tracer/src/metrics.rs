@@ -30,6 +30,7 @@ pub struct Metrics {
     pub conn_evictions: IntCounter,
     pub connections_desynced: IntCounter,
     pub series_overflow: IntCounterVec,
+    pub spans: IntCounterVec,
 }
 
 impl Metrics {
@@ -111,6 +112,16 @@ impl Metrics {
             "Times a connection's events were lost (ring buffer full) and its pairing restarted.",
         )
         .expect("valid metric");
+        let spans = IntCounterVec::new(
+            Opts::new(
+                "tracer_spans_total",
+                "Spans by outcome: exported; dropped_queue_full / dropped_export_failed (collector \
+                 slow or down); unsampled; not_recorded (span table full); unfinished (the \
+                 request was never answered); late_link (joined to its client end at finish).",
+            ),
+            &["outcome"],
+        )
+        .expect("valid metric");
         let series_overflow = IntCounterVec::new(
             Opts::new(
                 "tracer_series_overflow_total",
@@ -131,6 +142,7 @@ impl Metrics {
             Box::new(conn_evictions.clone()),
             Box::new(connections_desynced.clone()),
             Box::new(series_overflow.clone()),
+            Box::new(spans.clone()),
         ] {
             registry.register(c).expect("unique metric names");
         }
@@ -146,6 +158,9 @@ impl Metrics {
         for reason in ["unknown_protocol", "invalid_head", "truncated_head"] {
             parse_failures.with_label_values(&[reason]);
         }
+        for outcome in ["exported", "dropped_queue_full", "dropped_export_failed"] {
+            spans.with_label_values(&[outcome]);
+        }
         Self {
             registry,
             requests,
@@ -159,6 +174,7 @@ impl Metrics {
             conn_evictions,
             connections_desynced,
             series_overflow,
+            spans,
         }
     }
 

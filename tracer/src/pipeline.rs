@@ -2,6 +2,7 @@
 //! edges and metrics -> API. One reader task owns the capture state; the API reads snapshots.
 
 use std::{
+    collections::VecDeque,
     net::SocketAddr,
     sync::{Arc, Mutex},
     time::{Duration, Instant},
@@ -9,7 +10,12 @@ use std::{
 
 use anyhow::Context as _;
 use aya::maps::{MapData, RingBuf};
-use tokio::{io::unix::AsyncFd, net::TcpListener, signal::unix::SignalKind};
+use tokio::{
+    io::unix::AsyncFd,
+    net::TcpListener,
+    signal::unix::SignalKind,
+    sync::mpsc::{self, error::TrySendError},
+};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
@@ -19,7 +25,67 @@ use crate::{
     edges::Aggregator,
     event::{self, Event},
     metrics::Metrics,
+    otlp::{self, ServiceNames},
+    spans::{self, LinkStats, Linker, Sampler, Span},
 };
+
+/// How often finished spans are looked at for export.
+const SPAN_DRAIN: Duration = Duration::from_millis(250);
+/// Spans kept for `/api/spans` and `tracer spans`.
+const RECENT_SPANS: usize = 4096;
+
+/// Where finished spans go: the recent list for the API, and the OTLP queue when configured.
+pub struct SpanSink {
+    pub recent: Mutex<VecDeque<Span>>,
+    pub names: ServiceNames,
+    tx: Option<mpsc::Sender<Span>>,
+    reported: Mutex<LinkStats>,
+}
+
+impl SpanSink {
+    fn publish(&self, ready: &mut Vec<Span>, linker: &Linker, metrics: &Metrics) {
+        let stats = linker.stats;
+        {
+            let mut last = self.reported.lock().unwrap_or_else(|p| p.into_inner());
+            for (outcome, now, before) in [
+                ("not_recorded", stats.not_recorded, last.not_recorded),
+                ("unfinished", stats.unfinished, last.unfinished),
+                ("late_link", stats.late_links, last.late_links),
+            ] {
+                if now > before {
+                    metrics
+                        .spans
+                        .with_label_values(&[outcome])
+                        .inc_by(now - before);
+                }
+            }
+            *last = stats;
+        }
+        if ready.is_empty() {
+            return;
+        }
+        let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+        for span in ready.drain(..) {
+            if !span.sampled {
+                metrics.spans.with_label_values(&["unsampled"]).inc();
+            } else if let Some(tx) = &self.tx {
+                match tx.try_send(span.clone()) {
+                    Ok(()) => {}
+                    Err(TrySendError::Full(_) | TrySendError::Closed(_)) => {
+                        metrics
+                            .spans
+                            .with_label_values(&["dropped_queue_full"])
+                            .inc();
+                    }
+                }
+            }
+            if recent.len() >= RECENT_SPANS {
+                recent.pop_front();
+            }
+            recent.push_back(span);
+        }
+    }
+}
 
 /// What the API serves from.
 pub struct Shared {
@@ -27,10 +93,15 @@ pub struct Shared {
     pub aggregator: Mutex<Aggregator>,
     pub started: Instant,
     pub programs: usize,
+    pub sampler: Sampler,
+    pub spans_out: SpanSink,
 }
 
 pub struct RunConfig {
     pub listen: SocketAddr,
+    pub otlp: Option<otlp::Config>,
+    pub sample_ratio: f64,
+    pub services: ServiceNames,
 }
 
 pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
@@ -40,13 +111,39 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on {}", cfg.listen))?;
     let (capture, ring) = Capture::start()?;
+    let token = CancellationToken::new();
+    let (tx, exporter) = match cfg.otlp.clone() {
+        Some(otlp_cfg) => {
+            tracing::info!(
+                "exporting spans over OTLP ({:?}) to {}",
+                otlp_cfg.protocol,
+                otlp_cfg.endpoint
+            );
+            let (tx, rx) = mpsc::channel(otlp::QUEUE);
+            let task = tokio::spawn(otlp::run(
+                otlp_cfg,
+                cfg.services.clone(),
+                rx,
+                metrics.clone(),
+                token.clone(),
+            ));
+            (Some(tx), Some(task))
+        }
+        None => (None, None),
+    };
     let shared = Arc::new(Shared {
         metrics: metrics.clone(),
         aggregator: Mutex::new(Aggregator::new()),
         started: Instant::now(),
         programs: capture.programs(),
+        sampler: Sampler::ratio(cfg.sample_ratio),
+        spans_out: SpanSink {
+            recent: Mutex::new(VecDeque::new()),
+            names: cfg.services.clone(),
+            tx,
+            reported: Mutex::new(LinkStats::default()),
+        },
     });
-    let token = CancellationToken::new();
 
     let reader = tokio::spawn(read_events(ring, shared.clone(), cfg.listen, token.clone()));
     let stats = tokio::spawn(export_kernel_stats(capture, metrics.clone(), token.clone()));
@@ -66,6 +163,10 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     tracing::info!("shutting down");
     token.cancel();
     let (r, _, s) = tokio::join!(reader, stats, server);
+    if let Some(exporter) = exporter {
+        // Bounded: a collector that does not answer must not hold up shutdown.
+        let _ = tokio::time::timeout(Duration::from_secs(2), exporter).await;
+    }
     r??;
     s??;
     Ok(())
@@ -90,6 +191,9 @@ async fn read_events(
         .context("polling the ring buffer")?;
     let metrics = &shared.metrics;
     let mut conns = ConnTable::new(MAX_CONNS);
+    let mut linker = Linker::new(shared.sampler);
+    let mut ready: Vec<Span> = Vec::new();
+    let mut last_drain = Instant::now();
     let mut exchanges: Vec<Exchange> = Vec::with_capacity(256);
     let data_events = metrics.events.with_label_values(&["data"]);
     let conn_events = metrics.events.with_label_values(&["conn"]);
@@ -97,29 +201,60 @@ async fn read_events(
         let mut guard = tokio::select! {
             g = fd.readable_mut() => g.context("polling the ring buffer")?,
             _ = token.cancelled() => return Ok(()),
+            // Spans become ready with time too, not only with new events.
+            _ = tokio::time::sleep(SPAN_DRAIN) => {
+                linker.drain_ready(&mut ready);
+                shared.spans_out.publish(&mut ready, &linker, metrics);
+                last_drain = Instant::now();
+                continue;
+            }
         };
         let ring = guard.get_inner_mut();
         while let Some(item) = ring.next() {
             match event::decode(&item) {
                 Ok(Event::Data(d)) => {
                     data_events.inc();
-                    conns.on_data(&d, metrics, &mut exchanges);
+                    conns.on_data(&d, metrics, &mut linker, &mut exchanges);
                 }
                 Ok(Event::Conn(c)) => {
                     conn_events.inc();
-                    conns.on_state(&c, metrics, &mut exchanges);
+                    conns.on_state(&c, metrics, &mut linker, &mut exchanges);
                 }
                 Err(e) => metrics.decode_errors.with_label_values(&[e.reason()]).inc(),
             }
             if !exchanges.is_empty() {
                 let mut agg = shared.aggregator.lock().unwrap_or_else(|p| p.into_inner());
-                for ex in exchanges.drain(..).filter(|ex| !to_self(ex)) {
+                for ex in exchanges.drain(..) {
+                    if to_self(&ex) {
+                        if let Some(span) = ex.span {
+                            linker.abandon(span);
+                        }
+                        continue;
+                    }
                     let peer = conns.peer_of(&ex.tuple);
                     agg.record(&ex, peer, metrics);
+                    if let Some(span) = ex.span {
+                        linker.finish(
+                            span,
+                            spans::finished(
+                                ex.method,
+                                &ex.path,
+                                ex.status,
+                                ex.end_ns,
+                                ex.req_bytes,
+                                ex.resp_bytes,
+                            ),
+                        );
+                    }
                 }
             }
         }
         guard.clear_ready();
+        if last_drain.elapsed() >= SPAN_DRAIN {
+            last_drain = Instant::now();
+            linker.drain_ready(&mut ready);
+            shared.spans_out.publish(&mut ready, &linker, metrics);
+        }
     }
 }
 

@@ -1,0 +1,676 @@
+//! Spans synthesised from paired exchanges, linked into whole traces without any application
+//! change.
+//!
+//! Every request seen at an end of a connection opens a span there (SERVER at the server end,
+//! CLIENT at the client end). Its parent is chosen when the request starts, in order of trust:
+//! 1. trace context the request carries (W3C `traceparent`, B3);
+//! 2. the CLIENT span of the same request when the other end is on this host too;
+//! 3. for a CLIENT span, the one SERVER span its thread is serving (it read a request and has not
+//!    answered yet) — what makes thread-per-request services trace end to end;
+//! 4. none: the span starts a trace.
+//!
+//! A SERVER span whose client end is on this host but was not seen yet (its event can arrive a
+//! little after the server's) is linked when it finishes. Spans are held until every local
+//! ancestor has finished, so that such a late link reaches their descendants before export.
+//!
+//! Across hosts without propagated context, ids are derived from the connection (client and
+//! server addresses) and the request's position on it, so that the daemons at the two ends
+//! name the CLIENT span alike: the remote SERVER span's parent is that id and, when the CLIENT
+//! span starts its trace, the trace ids agree too. See README for what cannot be joined.
+
+use std::{
+    collections::{HashMap, VecDeque},
+    net::SocketAddr,
+    time::{Duration, Instant},
+};
+
+use crate::{
+    conn::Side,
+    event::{Task, Tuple},
+    http1::{Method, Propagated},
+    route,
+};
+
+pub type TraceId = u128;
+pub type SpanId = u64;
+
+/// Spans followed at once; past it new spans are not recorded (counted).
+const MAX_LIVE: usize = 64 * 1024;
+/// A finished span waits at most this long for its ancestors before it is exported as is.
+const MAX_HOLD: Duration = Duration::from_secs(10);
+/// A span that never finishes (connection dropped mid-request) is forgotten after this long.
+const MAX_OPEN: Duration = Duration::from_secs(120);
+/// Client spans awaiting their server end, per connection.
+const MAX_PENDING_PER_CONN: usize = 16;
+/// Connections with client spans awaiting their server end.
+const MAX_PENDING_CONNS: usize = 16 * 1024;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Parent {
+    None,
+    /// A span of this daemon.
+    Local(SpanId),
+    /// A span elsewhere: from a propagated header, or derived for the other host's end.
+    Remote(SpanId),
+}
+
+impl Parent {
+    pub fn id(self) -> Option<SpanId> {
+        match self {
+            Parent::None => None,
+            Parent::Local(id) | Parent::Remote(id) => Some(id),
+        }
+    }
+}
+
+/// What a finished exchange adds to its span.
+#[derive(Clone, Debug)]
+pub struct Finished {
+    pub method: Method,
+    pub path: String,
+    pub route: String,
+    pub status: u16,
+    pub end_ns: u64,
+    pub req_bytes: u64,
+    pub resp_bytes: u64,
+}
+
+#[derive(Clone, Debug)]
+pub struct Span {
+    pub trace_id: TraceId,
+    pub span_id: SpanId,
+    pub parent: Parent,
+    pub kind: Side,
+    pub sampled: bool,
+    pub tracestate: Option<String>,
+    pub start_ns: u64,
+    /// The process at this end; `tid` is the thread that read or wrote the request.
+    pub task: Task,
+    /// This end's view of the connection.
+    pub tuple: Tuple,
+    pub minor_version: u8,
+    pub finished: Option<Finished>,
+    children: Vec<SpanId>,
+    link_pending: bool,
+    created: Instant,
+    finished_at: Option<Instant>,
+}
+
+impl Span {
+    pub fn server_addr(&self) -> SocketAddr {
+        match self.kind {
+            Side::Server => self.tuple.local,
+            Side::Client => self.tuple.remote,
+        }
+    }
+
+    pub fn client_addr(&self) -> SocketAddr {
+        match self.kind {
+            Side::Server => self.tuple.remote,
+            Side::Client => self.tuple.local,
+        }
+    }
+}
+
+/// The start of a request at one end.
+pub struct Start<'a> {
+    pub kind: Side,
+    pub task: Task,
+    pub tuple: Tuple,
+    pub context: Option<&'a Propagated>,
+    /// Position of the request on its connection.
+    pub index: u64,
+    pub start_ns: u64,
+    pub minor_version: u8,
+    /// Whether the other end of the connection is a socket on this host.
+    pub peer_local: bool,
+}
+
+/// Counters the pipeline turns into metrics.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct LinkStats {
+    pub started: u64,
+    pub not_recorded: u64,
+    pub unfinished: u64,
+    pub late_links: u64,
+}
+
+/// Head sampling: a ratio of traces, decided from the trace id so that every daemon agrees,
+/// and the caller's decision when the request carries one.
+#[derive(Clone, Copy, Debug)]
+pub struct Sampler {
+    threshold: u64,
+}
+
+impl Sampler {
+    pub fn ratio(ratio: f64) -> Self {
+        let r = ratio.clamp(0.0, 1.0);
+        Self {
+            threshold: if r >= 1.0 {
+                u64::MAX
+            } else {
+                (r * u64::MAX as f64) as u64
+            },
+        }
+    }
+
+    fn sample(&self, trace_id: TraceId) -> bool {
+        self.threshold == u64::MAX || (trace_id as u64) < self.threshold
+    }
+}
+
+pub struct Linker {
+    live: HashMap<SpanId, Span>,
+    /// Server spans in progress, by the (tgid, tid) that read their request.
+    serving: HashMap<(u32, u32), Vec<SpanId>>,
+    /// Client spans whose server end has not claimed them, by (client, server) address.
+    pending_clients: HashMap<(SocketAddr, SocketAddr), VecDeque<SpanId>>,
+    sampler: Sampler,
+    pub stats: LinkStats,
+}
+
+/// splitmix64's finaliser: a fixed, well-mixed 64-bit hash step shared by every daemon.
+fn mix(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+fn addr_word(a: &SocketAddr) -> u64 {
+    let ip = match a.ip() {
+        std::net::IpAddr::V4(v4) => u128::from(v4.to_ipv6_mapped()),
+        std::net::IpAddr::V6(v6) => u128::from(v6),
+    };
+    mix((ip as u64) ^ mix((ip >> 64) as u64) ^ (u64::from(a.port()) << 48))
+}
+
+/// Identity of a request from its connection and position: the same at both ends.
+fn request_key(client: &SocketAddr, server: &SocketAddr, index: u64) -> u64 {
+    mix(addr_word(client) ^ mix(addr_word(server) ^ mix(index ^ 0x7472_6163_6572)))
+}
+
+fn nonzero(v: u64) -> u64 {
+    if v == 0 { 1 } else { v }
+}
+
+/// The CLIENT span id of a request, as both ends derive it.
+fn client_span_id(key: u64) -> SpanId {
+    nonzero(mix(key ^ 0x01))
+}
+
+fn server_span_id(key: u64) -> SpanId {
+    nonzero(mix(key ^ 0x02))
+}
+
+/// The trace id of a request that starts its trace, as both ends derive it.
+fn derived_trace_id(key: u64) -> TraceId {
+    let hi = mix(key ^ 0x03);
+    let lo = mix(key ^ 0x04);
+    (u128::from(hi) << 64 | u128::from(lo)).max(1)
+}
+
+impl Linker {
+    pub fn new(sampler: Sampler) -> Self {
+        Self {
+            live: HashMap::new(),
+            serving: HashMap::new(),
+            pending_clients: HashMap::new(),
+            sampler,
+            stats: LinkStats::default(),
+        }
+    }
+
+    /// Opens the span of a request at one end; returns its id, or None when the table is full.
+    pub fn start(&mut self, s: Start<'_>) -> Option<SpanId> {
+        if self.live.len() >= MAX_LIVE {
+            self.stats.not_recorded += 1;
+            return None;
+        }
+        self.stats.started += 1;
+        let (client, server) = match s.kind {
+            Side::Client => (s.tuple.local, s.tuple.remote),
+            Side::Server => (s.tuple.remote, s.tuple.local),
+        };
+        let key = request_key(&client, &server, s.index);
+        let mut span_id = match s.kind {
+            Side::Client => client_span_id(key),
+            Side::Server => server_span_id(key),
+        };
+        if self.live.contains_key(&span_id) {
+            // Same connection addresses reused while the old span is still held: stay unique.
+            span_id = nonzero(mix(span_id ^ s.start_ns));
+        }
+        let header = s.context.map(|c| (c.trace_id, c.span_id, c.sampled));
+        let mut link_pending = false;
+        let (parent, trace_id, sampled) = match s.kind {
+            Side::Client => {
+                let thread = self
+                    .serving
+                    .get(&(s.task.tgid, s.task.tid))
+                    .filter(|v| v.len() == 1)
+                    .and_then(|v| self.live.get(&v[0]));
+                match (thread, header) {
+                    (Some(p), Some((t, _, _))) if p.trace_id == t => {
+                        (Parent::Local(p.span_id), p.trace_id, p.sampled)
+                    }
+                    (_, Some((t, parent, sampled))) => (
+                        Parent::Remote(parent),
+                        t,
+                        sampled.unwrap_or_else(|| self.sampler.sample(t)),
+                    ),
+                    (Some(p), None) => (Parent::Local(p.span_id), p.trace_id, p.sampled),
+                    (None, None) => {
+                        let t = derived_trace_id(key);
+                        (Parent::None, t, self.sampler.sample(t))
+                    }
+                }
+            }
+            Side::Server => {
+                let client_span = self.claim_client(client, server);
+                match (client_span, header) {
+                    (Some(c), Some((t, _, _))) if c.trace_id == t => {
+                        (Parent::Local(c.span_id), c.trace_id, c.sampled)
+                    }
+                    (_, Some((t, parent, sampled))) => (
+                        Parent::Remote(parent),
+                        t,
+                        sampled.unwrap_or_else(|| self.sampler.sample(t)),
+                    ),
+                    (Some(c), None) => (Parent::Local(c.span_id), c.trace_id, c.sampled),
+                    (None, None) => {
+                        // The client's end, as its own daemon names it; if it is on this host
+                        // and just not seen yet, linked for real when this span finishes.
+                        link_pending = s.peer_local;
+                        let t = derived_trace_id(key);
+                        (
+                            Parent::Remote(client_span_id(key)),
+                            t,
+                            self.sampler.sample(t),
+                        )
+                    }
+                }
+            }
+        };
+        if let Parent::Local(p) = parent
+            && let Some(p) = self.live.get_mut(&p)
+        {
+            p.children.push(span_id);
+        }
+        match s.kind {
+            Side::Client => {
+                if self.pending_clients.len() < MAX_PENDING_CONNS
+                    || self.pending_clients.contains_key(&(client, server))
+                {
+                    let q = self.pending_clients.entry((client, server)).or_default();
+                    if q.len() >= MAX_PENDING_PER_CONN {
+                        q.pop_front();
+                    }
+                    q.push_back(span_id);
+                }
+            }
+            Side::Server => self
+                .serving
+                .entry((s.task.tgid, s.task.tid))
+                .or_default()
+                .push(span_id),
+        }
+        self.live.insert(
+            span_id,
+            Span {
+                trace_id,
+                span_id,
+                parent,
+                kind: s.kind,
+                sampled,
+                tracestate: s.context.and_then(|c| c.tracestate.clone()),
+                start_ns: s.start_ns,
+                task: s.task,
+                tuple: s.tuple,
+                minor_version: s.minor_version,
+                finished: None,
+                children: Vec::new(),
+                link_pending,
+                created: Instant::now(),
+                finished_at: None,
+            },
+        );
+        Some(span_id)
+    }
+
+    /// The oldest client span on this connection that no server span has claimed.
+    fn claim_client(&mut self, client: SocketAddr, server: SocketAddr) -> Option<Span> {
+        let q = self.pending_clients.get_mut(&(client, server))?;
+        let found = loop {
+            let id = q.pop_front()?;
+            if let Some(span) = self.live.get(&id) {
+                break Some(span.clone());
+            }
+        };
+        if q.is_empty() {
+            self.pending_clients.remove(&(client, server));
+        }
+        found
+    }
+
+    /// The server began its response: its thread no longer serves this request.
+    pub fn responding(&mut self, span_id: SpanId) {
+        let Some(span) = self.live.get(&span_id) else {
+            return;
+        };
+        let key = (span.task.tgid, span.task.tid);
+        if let Some(v) = self.serving.get_mut(&key) {
+            v.retain(|&id| id != span_id);
+            if v.is_empty() {
+                self.serving.remove(&key);
+            }
+        }
+    }
+
+    /// The request will never be answered (connection gone, or its events lost).
+    pub fn abandon(&mut self, span_id: SpanId) {
+        self.responding(span_id);
+        if self.live.remove(&span_id).is_some() {
+            self.stats.unfinished += 1;
+        }
+    }
+
+    pub fn finish(&mut self, span_id: SpanId, f: Finished) {
+        self.responding(span_id);
+        let Some(span) = self.live.get_mut(&span_id) else {
+            return;
+        };
+        span.finished = Some(f);
+        span.finished_at = Some(Instant::now());
+        if span.link_pending {
+            span.link_pending = false;
+            let (client, server) = (span.client_addr(), span.server_addr());
+            if let Some(c) = self.claim_client(client, server) {
+                self.stats.late_links += 1;
+                if let Some(span) = self.live.get_mut(&span_id) {
+                    span.parent = Parent::Local(c.span_id);
+                }
+                if let Some(p) = self.live.get_mut(&c.span_id) {
+                    p.children.push(span_id);
+                }
+                self.retrace(span_id, c.trace_id, c.sampled);
+            }
+        }
+    }
+
+    /// Moves a span and its local descendants into another trace.
+    fn retrace(&mut self, root: SpanId, trace_id: TraceId, sampled: bool) {
+        let mut stack = vec![root];
+        let mut guard = 0;
+        while let Some(id) = stack.pop() {
+            guard += 1;
+            if guard > 10_000 {
+                break;
+            }
+            if let Some(s) = self.live.get_mut(&id) {
+                s.trace_id = trace_id;
+                s.sampled = sampled;
+                stack.extend(s.children.iter().copied());
+            }
+        }
+    }
+
+    /// Whether every local ancestor of `span` has finished.
+    fn ancestors_finished(&self, span: &Span) -> bool {
+        let mut parent = span.parent;
+        for _ in 0..64 {
+            match parent {
+                Parent::Local(id) => match self.live.get(&id) {
+                    Some(p) if p.finished.is_none() || p.link_pending => return false,
+                    Some(p) => parent = p.parent,
+                    None => return true,
+                },
+                _ => return true,
+            }
+        }
+        true
+    }
+
+    /// Takes the spans ready for export: finished, and their ancestors finished (or held long
+    /// enough). Forgets spans that never finished.
+    pub fn drain_ready(&mut self, out: &mut Vec<Span>) {
+        let now = Instant::now();
+        let mut ready = Vec::new();
+        let mut stale = Vec::new();
+        for (id, span) in &self.live {
+            match span.finished_at {
+                Some(at) => {
+                    if now.duration_since(at) >= MAX_HOLD || self.ancestors_finished(span) {
+                        ready.push(*id);
+                    }
+                }
+                None if now.duration_since(span.created) >= MAX_OPEN => stale.push(*id),
+                None => {}
+            }
+        }
+        for id in stale {
+            self.responding(id);
+            self.live.remove(&id);
+            self.stats.unfinished += 1;
+        }
+        // Parents first, so that the API shows trees in order.
+        ready.sort_by_key(|id| self.live.get(id).map_or(0, |s| s.start_ns));
+        for id in ready {
+            if let Some(span) = self.live.remove(&id) {
+                out.push(span);
+            }
+        }
+        self.pending_clients
+            .retain(|_, q| q.iter().any(|id| self.live.contains_key(id)));
+    }
+}
+
+/// Span name by the HTTP semantic conventions: `METHOD route`.
+pub fn span_name(f: &Finished) -> String {
+    format!("{} {}", f.method.as_str(), f.route)
+}
+
+/// Fields of a finished exchange for its span.
+pub fn finished(
+    method: Method,
+    path: &str,
+    status: u16,
+    end_ns: u64,
+    req_bytes: u64,
+    resp_bytes: u64,
+) -> Finished {
+    Finished {
+        method,
+        route: route::template(path),
+        path: path.to_owned(),
+        status,
+        end_ns,
+        req_bytes,
+        resp_bytes,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::Comm;
+
+    fn task(tgid: u32, tid: u32) -> Task {
+        Task {
+            tgid,
+            tid,
+            comm: Comm([0; 16]),
+            cgroup_id: 0,
+        }
+    }
+
+    fn tuple(local: &str, remote: &str) -> Tuple {
+        Tuple {
+            local: local.parse().unwrap(),
+            remote: remote.parse().unwrap(),
+        }
+    }
+
+    fn start<'a>(
+        kind: Side,
+        task: Task,
+        tuple: Tuple,
+        index: u64,
+        ctx: Option<&'a Propagated>,
+    ) -> Start<'a> {
+        Start {
+            kind,
+            task,
+            tuple,
+            context: ctx,
+            index,
+            start_ns: 1,
+            minor_version: 1,
+            peer_local: true,
+        }
+    }
+
+    fn done(l: &mut Linker, id: SpanId) {
+        l.finish(id, finished(Method::Get, "/", 200, 2, 0, 0));
+    }
+
+    #[test]
+    fn thread_per_request_service_traces_end_to_end() {
+        let mut l = Linker::new(Sampler::ratio(1.0));
+        let curl = tuple("127.0.0.1:40000", "127.0.0.1:8000");
+        let front_in = tuple("127.0.0.1:8000", "127.0.0.1:40000");
+        let front_out = tuple("127.0.0.1:40001", "127.0.0.1:9000");
+        let back_in = tuple("127.0.0.1:9000", "127.0.0.1:40001");
+        let c = l
+            .start(start(Side::Client, task(1, 1), curl, 0, None))
+            .unwrap();
+        let s = l
+            .start(start(Side::Server, task(2, 20), front_in, 0, None))
+            .unwrap();
+        let fc = l
+            .start(start(Side::Client, task(2, 20), front_out, 0, None))
+            .unwrap();
+        let bs = l
+            .start(start(Side::Server, task(3, 30), back_in, 0, None))
+            .unwrap();
+        for id in [bs, fc] {
+            done(&mut l, id);
+        }
+        let mut out = Vec::new();
+        l.drain_ready(&mut out);
+        assert!(out.is_empty(), "held until the ancestors finish");
+        l.responding(s);
+        done(&mut l, s);
+        done(&mut l, c);
+        l.drain_ready(&mut out);
+        assert_eq!(out.len(), 4);
+        let by_id: HashMap<SpanId, &Span> = out.iter().map(|s| (s.span_id, s)).collect();
+        assert!(out.iter().all(|s| s.trace_id == by_id[&c].trace_id));
+        assert_eq!(by_id[&c].parent, Parent::None);
+        assert_eq!(by_id[&s].parent, Parent::Local(c));
+        assert_eq!(by_id[&fc].parent, Parent::Local(s));
+        assert_eq!(by_id[&bs].parent, Parent::Local(fc));
+    }
+
+    #[test]
+    fn late_client_event_is_linked_when_the_server_span_finishes() {
+        let mut l = Linker::new(Sampler::ratio(1.0));
+        let s = l
+            .start(start(
+                Side::Server,
+                task(2, 2),
+                tuple("127.0.0.1:8000", "127.0.0.1:40000"),
+                0,
+                None,
+            ))
+            .unwrap();
+        let c = l
+            .start(start(
+                Side::Client,
+                task(1, 1),
+                tuple("127.0.0.1:40000", "127.0.0.1:8000"),
+                0,
+                None,
+            ))
+            .unwrap();
+        done(&mut l, s);
+        done(&mut l, c);
+        let mut out = Vec::new();
+        l.drain_ready(&mut out);
+        let server = out.iter().find(|x| x.span_id == s).unwrap();
+        let client = out.iter().find(|x| x.span_id == c).unwrap();
+        assert_eq!(server.parent, Parent::Local(c));
+        assert_eq!(server.trace_id, client.trace_id);
+    }
+
+    #[test]
+    fn propagated_context_wins_and_both_ends_derive_the_same_ids() {
+        let mut l = Linker::new(Sampler::ratio(1.0));
+        let ctx = Propagated {
+            trace_id: 0xabc,
+            span_id: 0xdef,
+            sampled: Some(true),
+            tracestate: None,
+        };
+        let s = l
+            .start(start(
+                Side::Server,
+                task(2, 2),
+                tuple("10.0.0.2:80", "10.0.0.1:5555"),
+                3,
+                Some(&ctx),
+            ))
+            .unwrap();
+        done(&mut l, s);
+        let mut out = Vec::new();
+        l.drain_ready(&mut out);
+        assert_eq!(out[0].trace_id, 0xabc);
+        assert_eq!(out[0].parent, Parent::Remote(0xdef));
+
+        // No header, ends on two hosts: the server's parent is the client's span id.
+        let mut a = Linker::new(Sampler::ratio(1.0));
+        let mut b = Linker::new(Sampler::ratio(1.0));
+        let c = a
+            .start(start(
+                Side::Client,
+                task(1, 1),
+                tuple("10.0.0.1:5555", "10.0.0.2:80"),
+                7,
+                None,
+            ))
+            .unwrap();
+        let mut remote = start(
+            Side::Server,
+            task(2, 2),
+            tuple("10.0.0.2:80", "10.0.0.1:5555"),
+            7,
+            None,
+        );
+        remote.peer_local = false;
+        let s = b.start(remote).unwrap();
+        assert_eq!(b.live[&s].parent, Parent::Remote(c));
+        assert_eq!(b.live[&s].trace_id, a.live[&c].trace_id);
+    }
+
+    #[test]
+    fn unsampled_header_is_honoured() {
+        let mut l = Linker::new(Sampler::ratio(1.0));
+        let ctx = Propagated {
+            trace_id: 5,
+            span_id: 6,
+            sampled: Some(false),
+            tracestate: None,
+        };
+        let s = l
+            .start(start(
+                Side::Server,
+                task(2, 2),
+                tuple("127.0.0.1:80", "127.0.0.1:5555"),
+                0,
+                Some(&ctx),
+            ))
+            .unwrap();
+        assert!(!l.live[&s].sampled);
+        let none = Linker::new(Sampler::ratio(0.0));
+        assert!(!none.sampler.sample(12345));
+    }
+}
