@@ -3,75 +3,9 @@
 
 mod common;
 
-use std::{
-    collections::BTreeMap,
-    path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
-};
+use std::{collections::BTreeMap, path::PathBuf, process::Command};
 
-use common::{Daemon, curl, free_port, serial};
-
-/// nginx with its own prefix and config, killed on drop.
-struct Nginx {
-    child: Child,
-    port: u16,
-}
-
-impl Nginx {
-    fn start(dir: &Path) -> Self {
-        let port = free_port();
-        let www = dir.join("www");
-        std::fs::create_dir_all(&www).expect("www");
-        std::fs::write(www.join("index.html"), "<h1>nginx</h1>\n").expect("index");
-        std::fs::write(www.join("big.bin"), vec![b'n'; 100_000]).expect("big");
-        let conf = format!(
-            "daemon off;\nmaster_process off;\nworker_processes 1;\n\
-             error_log {dir}/error.log;\npid {dir}/nginx.pid;\n\
-             events {{ worker_connections 1024; }}\n\
-             http {{\n  access_log off;\n  sendfile on;\n  keepalive_requests 1000000;\n\
-               client_body_temp_path {dir}/body;\n  proxy_temp_path {dir}/proxy;\n\
-               fastcgi_temp_path {dir}/fastcgi;\n  uwsgi_temp_path {dir}/uwsgi;\n\
-               scgi_temp_path {dir}/scgi;\n\
-               server {{\n    listen 127.0.0.1:{port};\n    root {www};\n\
-                 location = /tiny {{ return 200 \"ok\\n\"; }}\n\
-                 location /fail/ {{ return 503; }}\n  }}\n}}\n",
-            dir = dir.display(),
-            www = www.display(),
-        );
-        let conf_path = dir.join("nginx.conf");
-        std::fs::write(&conf_path, conf).expect("conf");
-        let child = Command::new(nginx_bin())
-            .arg("-c")
-            .arg(&conf_path)
-            .arg("-p")
-            .arg(dir)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn nginx (apt install nginx)");
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(std::time::Instant::now() < deadline, "nginx did not start");
-            std::thread::sleep(std::time::Duration::from_millis(50));
-        }
-        Self { child, port }
-    }
-}
-
-fn nginx_bin() -> PathBuf {
-    ["/usr/sbin/nginx", "/usr/bin/nginx"]
-        .iter()
-        .map(PathBuf::from)
-        .find(|p| p.exists())
-        .unwrap_or_else(|| PathBuf::from("nginx"))
-}
-
-impl Drop for Nginx {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+use common::{Daemon, Nginx, curl, serial};
 
 fn scratch(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("tracer-{name}-{}", std::process::id()));
@@ -86,7 +20,7 @@ fn scratch(name: &str) -> PathBuf {
 fn nginx_keep_alive_with_sendfile() {
     let _serial = serial();
     let daemon = Daemon::start();
-    let nginx = Nginx::start(&scratch("nginx-ka"));
+    let nginx = Nginx::start(&scratch("nginx-ka"), "");
     let mut urls = Vec::new();
     for i in 0..60 {
         let path = match i % 6 {
@@ -127,7 +61,7 @@ fn nginx_keep_alive_with_sendfile() {
 fn wrk_saturation_is_counted() {
     let _serial = serial();
     let daemon = Daemon::start();
-    let nginx = Nginx::start(&scratch("nginx-wrk"));
+    let nginx = Nginx::start(&scratch("nginx-wrk"), "");
     const CONNECTIONS: u64 = 8;
     let out = Command::new("wrk")
         .args(["-t2", &format!("-c{CONNECTIONS}"), "-d3s"])

@@ -12,6 +12,8 @@ use std::{
 
 use serde_json::Value;
 
+pub mod otlp;
+
 /// Every daemon sees all traffic on the host: tests that run one take turns.
 static SERIAL: Mutex<()> = Mutex::new(());
 
@@ -47,11 +49,17 @@ pub struct Daemon {
 
 impl Daemon {
     pub fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    /// With extra `tracer run` flags.
+    pub fn start_with(extra: &[&str]) -> Self {
         let port = free_port();
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
         let log = std::env::temp_dir().join(format!("tracer-test-{port}.log"));
         let child = Command::new(tracer_bin())
             .args(["run", "--listen", &addr.to_string()])
+            .args(extra)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).expect("log file"))
@@ -225,10 +233,16 @@ impl Server {
 
     /// tests/fixtures/server.py: HTTP/1.1 keep-alive, status and framing chosen by path.
     pub fn fixture() -> Self {
+        Self::script("server.py", &[])
+    }
+
+    /// A Python script from tests/fixtures, given its port first and then `args`.
+    pub fn script(name: &str, args: &[String]) -> Self {
         let port = free_port();
         let child = Command::new("python3")
-            .arg(workspace_root().join("tests/fixtures/server.py"))
+            .arg(workspace_root().join("tests/fixtures").join(name))
             .arg(port.to_string())
+            .args(args)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -273,4 +287,67 @@ pub fn read_all(mut s: TcpStream) -> Vec<u8> {
     let mut buf = Vec::new();
     let _ = s.read_to_end(&mut buf);
     buf
+}
+
+/// nginx with its own prefix and config, killed on drop.
+pub struct Nginx {
+    child: Child,
+    pub port: u16,
+}
+
+impl Nginx {
+    /// `locations`: extra `location` blocks for the server, e.g. a proxy_pass.
+    pub fn start(dir: &Path, locations: &str) -> Self {
+        let port = free_port();
+        let www = dir.join("www");
+        std::fs::create_dir_all(&www).expect("www");
+        std::fs::write(www.join("index.html"), "<h1>nginx</h1>\n").expect("index");
+        std::fs::write(www.join("big.bin"), vec![b'n'; 100_000]).expect("big");
+        let conf = format!(
+            "daemon off;\nmaster_process off;\nworker_processes 1;\n\
+             error_log {dir}/error.log;\npid {dir}/nginx.pid;\n\
+             events {{ worker_connections 1024; }}\n\
+             http {{\n  access_log off;\n  sendfile on;\n  keepalive_requests 1000000;\n\
+               client_body_temp_path {dir}/body;\n  proxy_temp_path {dir}/proxy;\n\
+               fastcgi_temp_path {dir}/fastcgi;\n  uwsgi_temp_path {dir}/uwsgi;\n\
+               scgi_temp_path {dir}/scgi;\n\
+               server {{\n    listen 127.0.0.1:{port};\n    root {www};\n\
+                 location = /tiny {{ return 200 \"ok\\n\"; }}\n\
+                 location /fail/ {{ return 503; }}\n    {locations}\n  }}\n}}\n",
+            dir = dir.display(),
+            www = www.display(),
+        );
+        let conf_path = dir.join("nginx.conf");
+        std::fs::write(&conf_path, conf).expect("conf");
+        let child = Command::new(nginx_bin())
+            .arg("-c")
+            .arg(&conf_path)
+            .arg("-p")
+            .arg(dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn nginx (apt install nginx)");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(std::time::Instant::now() < deadline, "nginx did not start");
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        Self { child, port }
+    }
+}
+
+fn nginx_bin() -> PathBuf {
+    ["/usr/sbin/nginx", "/usr/bin/nginx"]
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.exists())
+        .unwrap_or_else(|| PathBuf::from("nginx"))
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }

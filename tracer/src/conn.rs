@@ -459,12 +459,7 @@ fn feed(conn: &mut Conn, requests: bool, ctx: &mut Ctx<'_, '_>) {
     let d = ctx.d;
     let total = d.bytes as u64;
     let shown = d.payload;
-    // When this end saw the first byte: a sender when it started writing, a receiver when the
-    // read returned.
-    let first_byte_ns = match d.direction {
-        Direction::Egress => d.ts_enter_ns,
-        Direction::Ingress => d.ts_exit_ns,
-    };
+    let at_ns = d.boundary_ns();
     let mut off: u64 = 0;
     while off < total {
         let at = &shown[(off as usize).min(shown.len())..];
@@ -473,7 +468,7 @@ fn feed(conn: &mut Conn, requests: bool, ctx: &mut Ctx<'_, '_>) {
         } else {
             &mut conn.responses
         };
-        reader.last_ns = d.ts_exit_ns;
+        reader.last_ns = at_ns;
         match &mut reader.state {
             ReadState::Idle | ReadState::Resync => {
                 let resync = matches!(reader.state, ReadState::Resync);
@@ -504,7 +499,7 @@ fn feed(conn: &mut Conn, requests: bool, ctx: &mut Ctx<'_, '_>) {
                     reader.state = ReadState::Resync;
                     return;
                 }
-                reader.begin(first_byte_ns);
+                reader.begin(at_ns);
             }
             ReadState::Head => {
                 let prev = reader.head.len();
@@ -594,7 +589,7 @@ fn feed(conn: &mut Conn, requests: bool, ctx: &mut Ctx<'_, '_>) {
                         off += take;
                         reader.bytes += take;
                         if *rem == 0 {
-                            complete(conn, requests, d.ts_exit_ns, ctx);
+                            complete(conn, requests, d.boundary_ns(), ctx);
                         }
                     }
                     Body::Chunked(chunks) => {
@@ -624,7 +619,7 @@ fn feed(conn: &mut Conn, requests: bool, ctx: &mut Ctx<'_, '_>) {
                             reader.state = ReadState::Body(Body::ChunkedBlind);
                         }
                         if done {
-                            complete(conn, requests, d.ts_exit_ns, ctx);
+                            complete(conn, requests, d.boundary_ns(), ctx);
                         }
                     }
                     Body::ChunkedBlind => {
@@ -632,7 +627,7 @@ fn feed(conn: &mut Conn, requests: bool, ctx: &mut Ctx<'_, '_>) {
                         reader.bytes += n;
                         let end = if d.complete() { shown } else { d.tail };
                         if http1::ends_chunked(end) {
-                            complete(conn, requests, d.ts_exit_ns, ctx);
+                            complete(conn, requests, d.boundary_ns(), ctx);
                         }
                     }
                     Body::Open => {
@@ -746,7 +741,7 @@ fn on_head(conn: &mut Conn, requests: bool, info: HeadInfo, ctx: &mut Ctx<'_, '_
             });
             if h.status == 101 {
                 // Upgraded (WebSocket, h2c): the rest is not HTTP/1.
-                let end = d.ts_exit_ns;
+                let end = d.boundary_ns();
                 complete(conn, false, end, ctx);
                 conn.role = Role::Opaque;
                 return;
@@ -757,7 +752,7 @@ fn on_head(conn: &mut Conn, requests: bool, info: HeadInfo, ctx: &mut Ctx<'_, '_
     let reader = reader_mut(conn, requests);
     reader.state = ReadState::Body(match body {
         BodyLen::Empty => {
-            complete(conn, requests, d.ts_exit_ns, ctx);
+            complete(conn, requests, d.boundary_ns(), ctx);
             return;
         }
         BodyLen::Length(n) => Body::Length(n),
@@ -957,7 +952,7 @@ mod tests {
             ex.start_ns, 1_001_000,
             "server sees the request when its read returns"
         );
-        assert_eq!(ex.end_ns, 1_005_000);
+        assert_eq!(ex.end_ns, 1_004_500, "when the last write began");
     }
 
     #[test]

@@ -127,6 +127,17 @@ pub struct Data<'a> {
 }
 
 impl Data<'_> {
+    /// When the bytes crossed between the process and the kernel: a writer hands them over when
+    /// its call begins, a reader has them when its call returns. Taking these moments keeps
+    /// cause before effect across the two ends of a connection (the reader can return before
+    /// the writer's call does).
+    pub fn boundary_ns(&self) -> u64 {
+        match self.direction {
+            Direction::Egress => self.ts_enter_ns,
+            Direction::Ingress => self.ts_exit_ns,
+        }
+    }
+
     /// Whether every byte the syscall moved is in `payload`.
     pub fn complete(&self) -> bool {
         self.payload.len() == self.bytes as usize
