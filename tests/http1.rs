@@ -82,10 +82,11 @@ fn curl_to_python_http_server() {
     );
 
     // Latency: the edge measures from the client's write of the request to its read of the
-    // response's last byte. curl's time_total also holds the TCP connect and curl's set-up before
-    // the request (time_pretransfer: 0.1-0.7 ms against python's single accept thread here).
-    // Tolerances: against time_total - time_pretransfer, 20% or 0.3 ms; against time_total
-    // itself, 40% or 1 ms.
+    // response's last byte, a part of curl's time_total (which adds the TCP connect and curl's
+    // own set-up, time_pretransfer: 0.1-0.7 ms against python's single accept thread here, far
+    // more on a loaded machine). So the tracer's median must lie between curl's median
+    // time_total - time_pretransfer (less 20% or 0.3 ms) and curl's median time_total (plus
+    // 0.05 ms). Unloaded, it lands within ~10 us of the former.
     let curl_p50_ms = median(times) * 1000.0;
     let transfer_p50_ms = median(transfers) * 1000.0;
     let client_p50 = edge["client_latency"]["p50_ms"]
@@ -98,15 +99,12 @@ fn curl_to_python_http_server() {
         "curl median time_total {curl_p50_ms:.3} ms, minus pretransfer {transfer_p50_ms:.3} ms; \
          tracer p50 client {client_p50:.3} ms, server {server_p50:.3} ms"
     );
-    let tolerance = (transfer_p50_ms * 0.2).max(0.3);
+    let low = transfer_p50_ms - (transfer_p50_ms * 0.2).max(0.3);
+    let high = curl_p50_ms + 0.05;
     assert!(
-        (client_p50 - transfer_p50_ms).abs() <= tolerance,
-        "client p50 {client_p50} ms vs curl's transfer median {transfer_p50_ms} ms (tolerance {tolerance} ms)"
-    );
-    let tolerance = (curl_p50_ms * 0.4).max(1.0);
-    assert!(
-        (client_p50 - curl_p50_ms).abs() <= tolerance,
-        "client p50 {client_p50} ms vs curl's time_total median {curl_p50_ms} ms (tolerance {tolerance} ms)"
+        (low..=high).contains(&client_p50),
+        "client p50 {client_p50} ms outside [{low}, {high}] ms (curl: time_total {curl_p50_ms}, \
+         minus pretransfer {transfer_p50_ms})"
     );
     assert!(
         server_p50 <= client_p50 + 0.01,

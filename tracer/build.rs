@@ -27,5 +27,7 @@ fn main() -> anyhow::Result<()> {
             .as_str(),
         ..Default::default()
     };
+    // The eBPF object also depends on the shared types.
+    println!("cargo:rerun-if-changed=../tracer-common/src");
     aya_build::build_ebpf([ebpf_package], Toolchain::Custom(EBPF_TOOLCHAIN))
 }

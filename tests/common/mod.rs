@@ -104,6 +104,25 @@ impl Daemon {
         serde_json::from_str(&self.get(path)).expect("daemon answers JSON")
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// SIGKILL, no clean-up.
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM; how long the daemon took to exit.
+    pub fn terminate(mut self) -> Duration {
+        let t = Instant::now();
+        // SAFETY: plain kill(2) of our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let _ = self.child.wait();
+        t.elapsed()
+    }
+
     pub fn alive(&mut self) -> bool {
         self.child.try_wait().expect("wait").is_none()
     }

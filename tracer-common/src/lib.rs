@@ -41,6 +41,18 @@ impl EventKind {
 pub const DIR_EGRESS: u32 = 1;
 pub const DIR_INGRESS: u32 = 2;
 
+/// First four bytes of the HTTP/1 request lines the kernel side recognises (as little-endian
+/// u32), to count requests in events it had to drop.
+pub const REQUEST_STARTS: [u32; 7] = [
+    u32::from_le_bytes(*b"GET "),
+    u32::from_le_bytes(*b"POST"),
+    u32::from_le_bytes(*b"PUT "),
+    u32::from_le_bytes(*b"HEAD"),
+    u32::from_le_bytes(*b"DELE"),
+    u32::from_le_bytes(*b"PATC"),
+    u32::from_le_bytes(*b"OPTI"),
+];
+
 /// Data event flags.
 /// The 4-tuple came from reading the socket itself (the connection predates the tracer).
 pub const FLAG_TUPLE_FROM_SOCK: u32 = 1 << 0;
@@ -150,6 +162,10 @@ pub struct ConnEvent {
     pub tuple: SockTuple,
     pub old_state: u32,
     pub new_state: u32,
+    /// The socket's last data event number at this change, so that losses at the very end of a
+    /// connection show too.
+    pub seq: u32,
+    pub _pad: u32,
 }
 
 /// Counters kept by the eBPF programs, one slot each in a per-CPU array.
@@ -172,9 +188,13 @@ pub enum KernelStat {
     ConnEvents = 6,
     /// Socket reads that only peeked (MSG_PEEK) and so were not counted.
     Peeks = 7,
+    /// Lost data events (ring buffer full) whose bytes began with an HTTP request line, read
+    /// by a server (ingress) or written by a client (egress): requests lost, counted.
+    LostRequestIngress = 8,
+    LostRequestEgress = 9,
 }
 
-pub const KERNEL_STAT_COUNT: u32 = 8;
+pub const KERNEL_STAT_COUNT: u32 = 10;
 
 impl KernelStat {
     pub const ALL: [KernelStat; KERNEL_STAT_COUNT as usize] = [
@@ -186,6 +206,8 @@ impl KernelStat {
         KernelStat::DataEvents,
         KernelStat::ConnEvents,
         KernelStat::Peeks,
+        KernelStat::LostRequestIngress,
+        KernelStat::LostRequestEgress,
     ];
 
     /// Name used as the `reason`/`kind` label in metrics.
@@ -199,16 +221,20 @@ impl KernelStat {
             KernelStat::DataEvents => "data_events",
             KernelStat::ConnEvents => "conn_events",
             KernelStat::Peeks => "peeks",
+            KernelStat::LostRequestIngress => "lost_request_ingress",
+            KernelStat::LostRequestEgress => "lost_request_egress",
         }
     }
 }
 
 /// Map sizes, in one place.
 pub mod limits {
-    /// Ring buffer bytes: ~14k full data events, ~100 ms of a 100k req/s load.
-    pub const RINGBUF_BYTES: u32 = 16 * 1024 * 1024;
+    /// Ring buffer bytes: ~16k small data events, about 150 ms of a 25k req/s load (four
+    /// events a request) for the reader to fall behind before anything is lost. It is mapped
+    /// into the daemon, so it counts in the daemon's RSS: 16 MiB would cost ~40 MB of RSS.
+    pub const RINGBUF_BYTES: u32 = 4 * 1024 * 1024;
     /// Threads inside a traced syscall at once.
-    pub const ACTIVE_SYSCALLS: u32 = 16 * 1024;
+    pub const ACTIVE_SYSCALLS: u32 = 32 * 1024;
     /// Sockets whose 4-tuple is known.
     pub const SOCKETS: u32 = 64 * 1024;
 }
@@ -217,7 +243,7 @@ const _: () = assert!(core::mem::size_of::<EventHeader>() == 48);
 const _: () = assert!(core::mem::size_of::<SockTuple>() == 40);
 const _: () = assert!(DATA_EVENT_FIXED == 48 + 16 + 40 + 24 + TAIL_LEN);
 const _: () = assert!(core::mem::size_of::<DataEvent>() == DATA_EVENT_FIXED + PAYLOAD_CAP);
-const _: () = assert!(core::mem::size_of::<ConnEvent>() == 48 + 8 + 40 + 8);
+const _: () = assert!(core::mem::size_of::<ConnEvent>() == 48 + 8 + 40 + 16);
 const _: () = assert!(PAYLOAD_CAP.is_power_of_two());
 
 #[cfg(feature = "user")]

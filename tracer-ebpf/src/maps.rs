@@ -1,7 +1,7 @@
 //! Every map and global of the eBPF side, with their sizes from `tracer_common::limits`.
 use aya_ebpf::{
     macros::map,
-    maps::{LruHashMap, PerCpuArray, RingBuf},
+    maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 use tracer_common::{DataEvent, KERNEL_STAT_COUNT, KernelStat, SockState, limits};
 
@@ -29,11 +29,12 @@ pub const KIND_NONE: u32 = 3;
 #[map]
 pub static EVENTS: RingBuf = RingBuf::with_byte_size(limits::RINGBUF_BYTES, 0);
 
-/// Keyed by pid_tgid: one traced syscall per thread at a time. LRU so that a thread that dies
-/// inside a syscall cannot leak an entry for good.
+/// Keyed by pid_tgid: one traced syscall per thread at a time. A plain hash map, not LRU: when
+/// it is full a new syscall is not traced and counted (args_map_full), rather than an older
+/// blocked read (an idle keep-alive connection) being forgotten without a trace.
 #[map]
-pub static ACTIVE: LruHashMap<u64, SyscallArgs> =
-    LruHashMap::with_max_entries(limits::ACTIVE_SYSCALLS, 0);
+pub static ACTIVE: HashMap<u64, SyscallArgs> =
+    HashMap::with_max_entries(limits::ACTIVE_SYSCALLS, 0);
 
 /// Socket address -> 4-tuple (filled by `inet_sock_set_state`) and event counter.
 #[map]

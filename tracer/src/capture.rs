@@ -6,7 +6,7 @@ use std::{fs, io, path::Path};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{MapData, PerCpuArray, RingBuf},
-    programs::TracePoint,
+    programs::{TracePoint, trace_point::TracePointLink},
 };
 use thiserror::Error;
 use tracer_common::{KERNEL_STAT_COUNT, KernelStat};
@@ -104,8 +104,13 @@ pub enum CaptureError {
 
 /// The loaded programs; dropping it detaches them.
 pub struct Capture {
+    /// Owned attachments: detached in parallel on drop (each detach waits for an RCU grace
+    /// period; one after the other, 21 of them take seconds).
+    links: Vec<TracePointLink>,
     ebpf: Ebpf,
     stats: PerCpuArray<MapData, u64>,
+    /// Keeps the kernel's run-time accounting on while held.
+    _bpf_stats: Option<std::os::fd::OwnedFd>,
 }
 
 fn effective_caps() -> u64 {
@@ -238,7 +243,10 @@ fn check_layouts(tracefs: &str) -> Result<(), CaptureError> {
 
 impl Capture {
     /// Checks the host, loads every program and attaches it.
-    pub fn start() -> Result<(Self, RingBuf<MapData>), CaptureError> {
+    pub fn start(
+        bpf_stats: bool,
+        ringbuf_bytes: Option<u32>,
+    ) -> Result<(Self, RingBuf<MapData>), CaptureError> {
         check_privileges()?;
         let tracefs = ensure_tracefs()?;
         ensure_bpffs();
@@ -246,13 +254,18 @@ impl Capture {
         check_layouts(tracefs)?;
 
         let tgid = std::process::id();
-        let mut ebpf = EbpfLoader::new()
+        let mut loader = EbpfLoader::new();
+        if let Some(bytes) = ringbuf_bytes {
+            loader.map_max_entries("EVENTS", bytes);
+        }
+        let mut ebpf = loader
             .override_global("TRACER_TGID", &tgid, true)
             .load(aya::include_bytes_aligned!(concat!(
                 env!("OUT_DIR"),
                 "/tracer"
             )))
             .map_err(CaptureError::Load)?;
+        let mut links = Vec::with_capacity(TRACEPOINTS.len());
         for &(category, name) in TRACEPOINTS {
             let program: &mut TracePoint = ebpf
                 .program_mut(name)
@@ -264,9 +277,14 @@ impl Capture {
             program
                 .load()
                 .map_err(|e| CaptureError::Program(name, format!("{e:#}")))?;
-            program
+            let link = program
                 .attach(category, name)
                 .map_err(|e| CaptureError::Attach(category, name, e.to_string()))?;
+            links.push(
+                program
+                    .take_link(link)
+                    .map_err(|e| CaptureError::Attach(category, name, e.to_string()))?,
+            );
         }
         let events = ebpf
             .take_map("EVENTS")
@@ -278,7 +296,24 @@ impl Capture {
             .ok_or_else(|| CaptureError::Map("STATS", "missing".into()))?;
         let stats =
             PerCpuArray::try_from(stats).map_err(|e| CaptureError::Map("STATS", e.to_string()))?;
-        Ok((Self { ebpf, stats }, events))
+        let bpf_stats = bpf_stats
+            .then(|| match aya::sys::enable_stats(aya::sys::Stats::RunTime) {
+                Ok(fd) => Some(fd),
+                Err(e) => {
+                    tracing::warn!("cannot enable eBPF run-time statistics: {e}");
+                    None
+                }
+            })
+            .flatten();
+        Ok((
+            Self {
+                links,
+                ebpf,
+                stats,
+                _bpf_stats: bpf_stats,
+            },
+            events,
+        ))
     }
 
     /// Kernel-side counters, summed over CPUs.
@@ -291,6 +326,28 @@ impl Capture {
                 .unwrap_or(0);
             (s, total)
         })
+    }
+
+    /// Run time and run count of each program (advancing only while statistics are enabled).
+    pub fn program_stats(&self) -> Vec<(String, std::time::Duration, u64)> {
+        self.ebpf
+            .programs()
+            .filter_map(|(name, p)| {
+                let info = p.info().ok()?;
+                Some((name.to_owned(), info.run_time(), info.run_count()))
+            })
+            .collect()
+    }
+
+    /// Detaches every program, all at once.
+    pub fn detach(&mut self) {
+        let t = std::time::Instant::now();
+        std::thread::scope(|scope| {
+            for link in self.links.drain(..) {
+                scope.spawn(move || drop(link));
+            }
+        });
+        tracing::debug!("programs detached in {:?}", t.elapsed());
     }
 
     /// Number of programs attached.
@@ -312,5 +369,11 @@ mod tests {
         assert_eq!(field_offset(f, "saddr_v6"), Some(40));
         assert_eq!(field_offset(f, "common_type"), Some(0));
         assert_eq!(field_offset(f, "nope"), None);
+    }
+}
+
+impl Drop for Capture {
+    fn drop(&mut self) {
+        self.detach();
     }
 }

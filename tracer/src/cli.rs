@@ -49,6 +49,14 @@ pub enum Command {
         /// service.name for a process name, process=service (repeatable); default: the name.
         #[arg(long = "service")]
         services: Vec<String>,
+        /// Account the time spent in each eBPF program (tracer_bpf_run_seconds_total); costs a
+        /// little per run, so off by default.
+        #[arg(long)]
+        bpf_stats: bool,
+        /// Ring buffer between kernel and daemon, in bytes: a power of two, at least 4096
+        /// (default 16 MiB). Smaller loses events (counted) sooner under bursts.
+        #[arg(long, value_parser = parse_ringbuf)]
+        ringbuf_bytes: Option<u32>,
     },
     /// Edges between workloads: who calls whom, with success rate, RPS and latency.
     Edges(ClientArgs),
@@ -67,6 +75,15 @@ pub enum Command {
         #[command(flatten)]
         client: ClientArgs,
     },
+}
+
+fn parse_ringbuf(s: &str) -> Result<u32, String> {
+    let n: u32 = s.parse().map_err(|e| format!("{e}"))?;
+    if n >= 4096 && n.is_power_of_two() {
+        Ok(n)
+    } else {
+        Err("must be a power of two of at least 4096".to_owned())
+    }
 }
 
 #[derive(clap::Args)]

@@ -143,6 +143,8 @@ struct Conn {
     pending: VecDeque<Pending>,
     current: Option<InFlight>,
     undecided: Vec<u8>,
+    /// When the first undecided byte crossed.
+    undecided_ns: u64,
     last_ns: u64,
     /// The event number expected next from the kernel for this socket.
     next_seq: u32,
@@ -173,6 +175,7 @@ impl Conn {
             pending: VecDeque::new(),
             current: None,
             undecided: Vec::new(),
+            undecided_ns: 0,
             last_ns: now,
             next_seq: 0,
             requests_seen: 0,
@@ -184,6 +187,8 @@ impl Conn {
 /// Everything one data event is processed with.
 struct Ctx<'a, 'b> {
     d: &'a Data<'b>,
+    /// When the first of the bytes fed began, if earlier than `d` (kept undecided bytes).
+    first_ns: Option<u64>,
     metrics: &'a Metrics,
     linker: &'a mut Linker,
     out: &'a mut Vec<Exchange>,
@@ -272,6 +277,7 @@ impl ConnTable {
         conn.next_seq = d.seq.wrapping_add(1).max(1);
         let mut ctx = Ctx {
             d,
+            first_ns: None,
             metrics,
             linker,
             out,
@@ -324,6 +330,15 @@ impl ConnTable {
             || c.new_state == TCP_LAST_ACK
             || c.new_state == TCP_CLOSE;
         if local_close {
+            // Events lost at the very end show as a gap against the socket's last number
+            // (this end closes in its own process, after its last read or write was numbered).
+            let gap = c.new_state != TCP_CLOSE
+                && c.seq != 0
+                && conn.next_seq != 0
+                && c.seq.wrapping_add(1) != conn.next_seq;
+            if gap {
+                lost_events(conn, metrics, linker);
+            }
             finish_all(conn, metrics, out);
         }
         if c.new_state == TCP_CLOSE {
@@ -339,7 +354,14 @@ impl ConnTable {
                     .with_label_values(&["no_response"])
                     .inc_by(conn.pending.len() as u64);
             }
-            for span in conn.pending.iter().filter_map(|p| p.span) {
+            let current = conn.current.as_ref().and_then(|c| c.request.as_ref());
+            if current.is_some() {
+                metrics
+                    .pairing_drops
+                    .with_label_values(&["response_unfinished"])
+                    .inc();
+            }
+            for span in conn.pending.iter().chain(current).filter_map(|p| p.span) {
                 linker.abandon(span);
             }
             if self.by_tuple.get(&conn.tuple) == Some(&sk) {
@@ -385,18 +407,8 @@ impl ConnTable {
 /// paired truthfully any more, so it is dropped (and counted) and both streams look for the next
 /// message start.
 fn lost_events(conn: &mut Conn, metrics: &Metrics, linker: &mut Linker) {
-    let in_flight = conn.pending.len() as u64 + u64::from(conn.current.is_some());
-    let current = conn.current.as_ref().and_then(|c| c.request.as_ref());
-    for span in conn.pending.iter().chain(current).filter_map(|p| p.span) {
-        linker.abandon(span);
-    }
-    metrics
-        .pairing_drops
-        .with_label_values(&["events_lost"])
-        .inc_by(in_flight);
     metrics.connections_desynced.inc();
-    conn.pending.clear();
-    conn.current = None;
+    unpair_all(conn, metrics, linker, "events_lost");
     conn.undecided.clear();
     for reader in [&mut conn.requests, &mut conn.responses] {
         reader.state = ReadState::Resync;
@@ -417,25 +429,25 @@ fn process(conn: &mut Conn, ctx: &mut Ctx<'_, '_>) {
         return;
     }
     if conn.role == Role::Unknown {
-        let decided;
-        let start = if conn.undecided.is_empty() {
-            decided = http1::classify(d.payload);
-            decided
-        } else {
-            let mut joined = std::mem::take(&mut conn.undecided);
-            joined.extend_from_slice(&d.payload[..d.payload.len().min(MAX_UNDECIDED)]);
-            decided = http1::classify(&joined);
-            decided
-        };
-        conn.role = match (start, d.direction) {
+        // Bytes of a start too short to tell are kept and fed with what follows them.
+        let joined = (!conn.undecided.is_empty()).then(|| {
+            let mut j = std::mem::take(&mut conn.undecided);
+            j.extend_from_slice(d.payload);
+            j
+        });
+        let head = joined.as_deref().unwrap_or(d.payload);
+        conn.role = match (http1::classify(head), d.direction) {
             (Start::Request, Direction::Egress) | (Start::Response, Direction::Ingress) => {
                 Role::Http(Side::Client)
             }
             (Start::Request, Direction::Ingress) | (Start::Response, Direction::Egress) => {
                 Role::Http(Side::Server)
             }
-            (Start::Undecided, _) if d.complete() && d.payload.len() < MAX_UNDECIDED => {
-                conn.undecided.extend_from_slice(d.payload);
+            (Start::Undecided, _) if d.complete() && head.len() < MAX_UNDECIDED => {
+                if joined.is_none() {
+                    conn.undecided_ns = d.boundary_ns();
+                }
+                conn.undecided = head.to_vec();
                 return;
             }
             _ => {
@@ -446,12 +458,48 @@ fn process(conn: &mut Conn, ctx: &mut Ctx<'_, '_>) {
                 Role::Opaque
             }
         };
+        if let (Some(joined), Role::Http(side)) = (&joined, conn.role) {
+            let data = Data {
+                payload: joined,
+                bytes: d.bytes + (joined.len() - d.payload.len()) as u32,
+                ..*d
+            };
+            let requests = (side == Side::Server) == (d.direction == Direction::Ingress);
+            let mut ctx = Ctx {
+                d: &data,
+                first_ns: Some(conn.undecided_ns),
+                metrics: ctx.metrics,
+                linker: &mut *ctx.linker,
+                out: &mut *ctx.out,
+            };
+            feed(conn, requests, &mut ctx);
+            return;
+        }
     }
     let Role::Http(side) = conn.role else {
         return;
     };
     let requests = (side == Side::Server) == (d.direction == Direction::Ingress);
     feed(conn, requests, ctx);
+}
+
+/// The requests waiting for a response can no longer be paired truthfully with what comes:
+/// they are dropped, counted as lost with `reason`, and their spans abandoned.
+fn unpair_all(conn: &mut Conn, metrics: &Metrics, linker: &mut Linker, reason: &str) {
+    let current = conn.current.take().and_then(|c| c.request);
+    let n = conn.pending.len() as u64 + u64::from(current.is_some());
+    for span in conn.pending.drain(..).chain(current).filter_map(|p| p.span) {
+        linker.abandon(span);
+    }
+    if n > 0 {
+        metrics.pairing_drops.with_label_values(&[reason]).inc_by(n);
+        if let Role::Http(side) = conn.role {
+            metrics
+                .requests_lost
+                .with_label_values(&[side.as_str(), reason])
+                .inc_by(n);
+        }
+    }
 }
 
 /// Consumes one syscall's bytes on the request or response stream.
@@ -481,6 +529,9 @@ fn feed(conn: &mut Conn, requests: bool, ctx: &mut Ctx<'_, '_>) {
                             .inc();
                     }
                     reader.state = ReadState::Resync;
+                    if !requests {
+                        unpair_all(conn, ctx.metrics, ctx.linker, "response_unseen");
+                    }
                     return;
                 }
                 let expect = if requests {
@@ -497,9 +548,12 @@ fn feed(conn: &mut Conn, requests: bool, ctx: &mut Ctx<'_, '_>) {
                             .inc();
                     }
                     reader.state = ReadState::Resync;
+                    if !requests {
+                        unpair_all(conn, ctx.metrics, ctx.linker, "response_unparsed");
+                    }
                     return;
                 }
-                reader.begin(at_ns);
+                reader.begin(ctx.first_ns.take().unwrap_or(at_ns));
             }
             ReadState::Head => {
                 let prev = reader.head.len();
@@ -566,6 +620,9 @@ fn feed(conn: &mut Conn, requests: bool, ctx: &mut Ctx<'_, '_>) {
                             None => {
                                 let reader = reader_mut(conn, requests);
                                 reader.state = ReadState::Resync;
+                                if !requests {
+                                    unpair_all(conn, ctx.metrics, ctx.linker, "response_unparsed");
+                                }
                             }
                         }
                         return;
@@ -576,12 +633,39 @@ fn feed(conn: &mut Conn, requests: bool, ctx: &mut Ctx<'_, '_>) {
                             .with_label_values(&[e.reason()])
                             .inc();
                         reader.state = ReadState::Resync;
+                        if !requests {
+                            unpair_all(conn, ctx.metrics, ctx.linker, "response_unparsed");
+                        }
                         return;
                     }
                 }
             }
             ReadState::Body(body) => {
                 let n = total - off;
+                // A request whose body was not all seen has ended when its response is done
+                // and a new request line begins a syscall.
+                if requests
+                    && off == 0
+                    && !matches!(body, Body::Open)
+                    && conn.pending.is_empty()
+                    && conn.current.is_none()
+                    && http1::classify(at) == Start::Request
+                {
+                    ctx.metrics
+                        .parse_failures
+                        .with_label_values(&["request_body_unseen"])
+                        .inc();
+                    conn.requests.state = ReadState::Idle;
+                    continue;
+                }
+                let reader = if requests {
+                    &mut conn.requests
+                } else {
+                    &mut conn.responses
+                };
+                let ReadState::Body(body) = &mut reader.state else {
+                    continue;
+                };
                 match body {
                     Body::Length(rem) => {
                         let take = (*rem).min(n);
@@ -725,6 +809,7 @@ fn on_head(conn: &mut Conn, requests: bool, info: HeadInfo, ctx: &mut Ctx<'_, '_
                 return;
             }
             let request = conn.pending.pop_front();
+            let request_method = request.as_ref().map(|r| r.method);
             if request.is_none() {
                 ctx.metrics
                     .pairing_drops
@@ -739,8 +824,10 @@ fn on_head(conn: &mut Conn, requests: bool, info: HeadInfo, ctx: &mut Ctx<'_, '_
                 request,
                 status: h.status,
             });
-            if h.status == 101 {
-                // Upgraded (WebSocket, h2c): the rest is not HTTP/1.
+            let tunnel = h.status == 101
+                || (request_method == Some(Method::Connect) && (200..300).contains(&h.status));
+            if tunnel {
+                // Upgraded (WebSocket, h2c) or tunnelled (CONNECT): the rest is not HTTP/1.
                 let end = d.boundary_ns();
                 complete(conn, false, end, ctx);
                 conn.role = Role::Opaque;
@@ -915,6 +1002,7 @@ mod tests {
                 tuple: tuple(),
                 old_state: old,
                 new_state: new,
+                seq: 0,
             };
             self.table
                 .on_state(&c, &self.metrics, &mut self.linker, &mut self.out);
@@ -1109,6 +1197,7 @@ mod tests {
                 tuple: tuple().reversed(),
                 old_state: old,
                 new_state: new,
+                seq: 0,
             };
             h.table.on_state(&c, &h.metrics, &mut h.linker, &mut h.out);
         }
@@ -1119,6 +1208,56 @@ mod tests {
         let peer = h.table.peer_of(&h.out[0].tuple).expect("client end known");
         assert_eq!(peer.task.comm.as_str(), "curl");
         assert_eq!(peer.task.tgid, 7);
+    }
+
+    #[test]
+    fn unparsable_response_does_not_shift_later_pairs() {
+        let mut h = Harness::new();
+        h.read(b"GET /1 HTTP/1.1\r\n\r\n");
+        h.write(b"HTTP/1.1 200 OK\r\nContent-Length: 12, 13\r\n\r\n");
+        h.read(b"GET /2 HTTP/1.1\r\n\r\n");
+        h.write(b"HTTP/1.1 404 NF\r\nContent-Length: 0\r\n\r\n");
+        assert_eq!(h.statuses(), vec![("/2".to_owned(), 404)]);
+        let lost = h
+            .metrics
+            .requests_lost
+            .with_label_values(&["server", "response_unparsed"])
+            .get();
+        assert_eq!(lost, 1);
+    }
+
+    #[test]
+    fn start_split_into_tiny_reads_is_kept() {
+        let mut h = Harness::new();
+        h.read(b"G");
+        h.read(b"E");
+        h.read(b"T /a HTTP/1.1\r\n\r\n");
+        h.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n");
+        assert_eq!(h.statuses(), vec![("/a".to_owned(), 200)]);
+        assert_eq!(h.out[0].start_ns, 1_001_000, "from the first byte");
+    }
+
+    #[test]
+    fn request_body_not_seen_ends_at_the_next_request() {
+        let mut h = Harness::new();
+        h.read(b"POST /up HTTP/1.1\r\nContent-Length: 100000\r\n\r\n");
+        h.write(b"HTTP/1.1 413 Too Large\r\nContent-Length: 0\r\n\r\n");
+        h.read(b"GET /b HTTP/1.1\r\n\r\n");
+        h.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n");
+        assert_eq!(
+            h.statuses(),
+            vec![("/up".to_owned(), 413), ("/b".to_owned(), 200)]
+        );
+    }
+
+    #[test]
+    fn connect_tunnel_is_not_http_after_its_answer() {
+        let mut h = Harness::new();
+        h.write(b"CONNECT example.com:443 HTTP/1.1\r\n\r\n");
+        h.read(b"HTTP/1.1 200 Connection established\r\n\r\n");
+        h.read(b"\x16\x03\x03 tls bytes");
+        assert_eq!(h.out.len(), 1);
+        assert_eq!(h.out[0].resp_bytes, 39);
     }
 
     #[test]

@@ -232,8 +232,15 @@ impl Aggregator {
         template
     }
 
-    /// Takes one exchange and what is known of the process at the other end.
-    pub fn record(&mut self, ex: &Exchange, peer: Option<Peer>, metrics: &Metrics) {
+    /// Takes one exchange and what is known of the process at the other end. `server_seen`:
+    /// for a client's exchange, whether its server end (when on this host) saw the request too.
+    pub fn record(
+        &mut self,
+        ex: &Exchange,
+        peer: Option<Peer>,
+        server_seen: bool,
+        metrics: &Metrics,
+    ) {
         let own = local_name(&ex.task.comm.as_str());
         let latency_us = (ex.end_ns.saturating_sub(ex.start_ns) / 1000).max(1);
         let (src, dst, counts) = match ex.side {
@@ -245,9 +252,10 @@ impl Aggregator {
                 (src, own, true)
             }
             Side::Client => match peer {
-                // The server end is here and counts the request.
+                // The server end is here and counts the request (unless it missed it: e.g. its
+                // read began before the daemon started).
                 Some(p) if p.side == Some(Side::Server) => {
-                    (own, local_name(&p.task.comm.as_str()), false)
+                    (own, local_name(&p.task.comm.as_str()), !server_seen)
                 }
                 Some(p) => (own, local_name(&p.task.comm.as_str()), true),
                 None => (own, ex.tuple.remote.to_string(), true),

@@ -154,6 +154,8 @@ pub struct Conn {
     pub tuple: Tuple,
     pub old_state: u32,
     pub new_state: u32,
+    /// The socket's last data event number (0: unknown).
+    pub seq: u32,
 }
 
 #[derive(Debug)]
@@ -207,6 +209,7 @@ pub fn decode(buf: &[u8]) -> Result<Event<'_>, DecodeError> {
                 tuple: Tuple::from_sock(&ev.tuple),
                 old_state: ev.old_state,
                 new_state: ev.new_state,
+                seq: ev.seq,
             }))
         }
         None => Err(DecodeError::UnknownKind(hdr.kind)),

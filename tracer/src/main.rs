@@ -36,6 +36,8 @@ fn run_config(
         )?,
         sample_ratio,
         services: otlp::ServiceNames::parse(services).map_err(anyhow::Error::msg)?,
+        bpf_stats: false,
+        ringbuf_bytes: None,
     })
 }
 
@@ -53,6 +55,8 @@ fn main() -> std::process::ExitCode {
             otlp_headers,
             sample_ratio,
             services,
+            bpf_stats,
+            ringbuf_bytes,
         } => run_config(
             listen,
             otlp_endpoint,
@@ -61,6 +65,11 @@ fn main() -> std::process::ExitCode {
             sample_ratio,
             &services,
         )
+        .map(|cfg| pipeline::RunConfig {
+            bpf_stats,
+            ringbuf_bytes,
+            ..cfg
+        })
         .and_then(|cfg| {
             tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)

@@ -2,8 +2,8 @@
 //! health (events, losses, parse failures, connections).
 
 use prometheus::{
-    Encoder as _, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
-    TextEncoder,
+    CounterVec, Encoder as _, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    Opts, Registry, TextEncoder,
 };
 
 /// Latency bucket bounds in seconds: from 100 µs (loopback, in-memory handlers) to 10 s, about
@@ -31,6 +31,9 @@ pub struct Metrics {
     pub connections_desynced: IntCounter,
     pub series_overflow: IntCounterVec,
     pub spans: IntCounterVec,
+    pub requests_lost: IntCounterVec,
+    pub bpf_run_seconds: CounterVec,
+    pub bpf_runs: IntCounterVec,
 }
 
 impl Metrics {
@@ -122,6 +125,32 @@ impl Metrics {
             &["outcome"],
         )
         .expect("valid metric");
+        let requests_lost = IntCounterVec::new(
+            Opts::new(
+                "tracer_requests_lost_total",
+                "Requests that happened but are not in tracer_http_requests_total: their events \
+                 were dropped in the kernel (ring buffer full), or they were in flight on a \
+                 connection whose events were lost. By the end that would have counted them.",
+            ),
+            &["side", "reason"],
+        )
+        .expect("valid metric");
+        let bpf_run_seconds = CounterVec::new(
+            Opts::new(
+                "tracer_bpf_run_seconds_total",
+                "Time spent in each eBPF program (only while `tracer run --bpf-stats`).",
+            ),
+            &["program"],
+        )
+        .expect("valid metric");
+        let bpf_runs = IntCounterVec::new(
+            Opts::new(
+                "tracer_bpf_runs_total",
+                "Runs of each eBPF program (only while `tracer run --bpf-stats`).",
+            ),
+            &["program"],
+        )
+        .expect("valid metric");
         let series_overflow = IntCounterVec::new(
             Opts::new(
                 "tracer_series_overflow_total",
@@ -143,6 +172,9 @@ impl Metrics {
             Box::new(connections_desynced.clone()),
             Box::new(series_overflow.clone()),
             Box::new(spans.clone()),
+            Box::new(requests_lost.clone()),
+            Box::new(bpf_run_seconds.clone()),
+            Box::new(bpf_runs.clone()),
         ] {
             registry.register(c).expect("unique metric names");
         }
@@ -161,6 +193,11 @@ impl Metrics {
         for outcome in ["exported", "dropped_queue_full", "dropped_export_failed"] {
             spans.with_label_values(&[outcome]);
         }
+        for side in ["server", "client"] {
+            for reason in ["ringbuf_full", "events_lost"] {
+                requests_lost.with_label_values(&[side, reason]);
+            }
+        }
         Self {
             registry,
             requests,
@@ -175,6 +212,9 @@ impl Metrics {
             connections_desynced,
             series_overflow,
             spans,
+            requests_lost,
+            bpf_run_seconds,
+            bpf_runs,
         }
     }
 

@@ -114,14 +114,17 @@ pub fn config(
 /// Header values in the variables are URL-encoded (W3C Baggage octet rules).
 fn percent_decode(s: &str) -> String {
     let b = s.as_bytes();
+    let hex = |c: u8| (c as char).to_digit(16).map(|d| d as u8);
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
         if b[i] == b'%'
-            && i + 2 < b.len()
-            && let Ok(v) = u8::from_str_radix(&s[i + 1..i + 3], 16)
+            && let (Some(h), Some(l)) = (
+                b.get(i + 1).copied().and_then(hex),
+                b.get(i + 2).copied().and_then(hex),
+            )
         {
-            out.push(v);
+            out.push(h << 4 | l);
             i += 3;
             continue;
         }
@@ -439,6 +442,8 @@ mod tests {
         assert_eq!(percent_decode("Basic%20abc%3D"), "Basic abc=");
         assert_eq!(percent_decode("plain"), "plain");
         assert_eq!(percent_decode("bad%zz"), "bad%zz");
+        assert_eq!(percent_decode("k=%aé"), "k=%aé");
+        assert_eq!(percent_decode("end%4"), "end%4");
     }
 
     #[test]

@@ -18,10 +18,12 @@ use tokio::{
 };
 use tokio_util::sync::CancellationToken;
 
+use tracer_common::KernelStat;
+
 use crate::{
     api,
     capture::Capture,
-    conn::{ConnTable, Exchange, MAX_CONNS},
+    conn::{ConnTable, Exchange, MAX_CONNS, Side},
     edges::Aggregator,
     event::{self, Event},
     metrics::Metrics,
@@ -29,10 +31,11 @@ use crate::{
     spans::{self, LinkStats, Linker, Sampler, Span},
 };
 
-/// How often finished spans are looked at for export.
-const SPAN_DRAIN: Duration = Duration::from_millis(250);
+/// How often finished spans are looked at for export: often, so that few are held at a time
+/// (at 30k req/s every 50 ms holds ~3k spans).
+const SPAN_DRAIN: Duration = Duration::from_millis(50);
 /// Spans kept for `/api/spans` and `tracer spans`.
-const RECENT_SPANS: usize = 4096;
+const RECENT_SPANS: usize = 1024;
 
 /// Where finished spans go: the recent list for the API, and the OTLP queue when configured.
 pub struct SpanSink {
@@ -102,6 +105,10 @@ pub struct RunConfig {
     pub otlp: Option<otlp::Config>,
     pub sample_ratio: f64,
     pub services: ServiceNames,
+    /// Have the kernel account eBPF run time while the daemon runs (kernel.bpf_stats_enabled).
+    pub bpf_stats: bool,
+    /// Ring buffer size, when not the default.
+    pub ringbuf_bytes: Option<u32>,
 }
 
 pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
@@ -110,7 +117,7 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     let listener = TcpListener::bind(cfg.listen)
         .await
         .with_context(|| format!("cannot listen on {}", cfg.listen))?;
-    let (capture, ring) = Capture::start()?;
+    let (capture, ring) = Capture::start(cfg.bpf_stats, cfg.ringbuf_bytes)?;
     let token = CancellationToken::new();
     let (tx, exporter) = match cfg.otlp.clone() {
         Some(otlp_cfg) => {
@@ -162,7 +169,16 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     }
     tracing::info!("shutting down");
     token.cancel();
+    // Idle keep-alive API connections would hold a graceful shutdown open: give them a moment.
+    let server = async {
+        match tokio::time::timeout(Duration::from_millis(200), server).await {
+            Ok(r) => r,
+            Err(_) => Ok(Ok(())),
+        }
+    };
+    let t = Instant::now();
     let (r, _, s) = tokio::join!(reader, stats, server);
+    tracing::debug!("tasks stopped in {:?}", t.elapsed());
     if let Some(exporter) = exporter {
         // Bounded: a collector that does not answer must not hold up shutdown.
         let _ = tokio::time::timeout(Duration::from_secs(2), exporter).await;
@@ -181,8 +197,11 @@ async fn read_events(
     // Requests to the daemon itself (CLI, scrapes) are its own business, not the host's traffic;
     // its own end is already skipped in the kernel.
     let to_self = |ex: &Exchange| {
-        ex.tuple.remote == listen
-            || (listen.ip().is_unspecified() && ex.tuple.remote.port() == listen.port())
+        let remote = ex.tuple.remote;
+        remote == listen
+            || (listen.ip().is_unspecified()
+                && remote.port() == listen.port()
+                && (remote.ip().is_loopback() || remote.ip() == ex.tuple.local.ip()))
     };
     // SAFETY: the ring buffer owns its map fd, which stays open and unchanged while the AsyncFd
     // holds it.
@@ -232,7 +251,10 @@ async fn read_events(
                         continue;
                     }
                     let peer = conns.peer_of(&ex.tuple);
-                    agg.record(&ex, peer, metrics);
+                    // A client span the server end claimed: that end counts the request.
+                    let server_seen = ex.side == Side::Server
+                        || ex.span.is_some_and(|s| linker.claimed(s));
+                    agg.record(&ex, peer, server_seen, metrics);
                     if let Some(span) = ex.span {
                         linker.finish(
                             span,
@@ -265,6 +287,8 @@ async fn export_kernel_stats(
     token: CancellationToken,
 ) -> anyhow::Result<()> {
     let mut last = capture.kernel_stats().map(|(_, v)| v);
+    let mut last_programs: std::collections::HashMap<String, (std::time::Duration, u64)> =
+        capture.program_stats().into_iter().map(|(n, t, c)| (n, (t, c))).collect();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         tokio::select! {
@@ -278,8 +302,30 @@ async fn export_kernel_stats(
                     .kernel
                     .with_label_values(&[stat.name()])
                     .inc_by(delta);
+                let side = match stat {
+                    KernelStat::LostRequestIngress => Some("server"),
+                    KernelStat::LostRequestEgress => Some("client"),
+                    _ => None,
+                };
+                if let Some(side) = side {
+                    metrics
+                        .requests_lost
+                        .with_label_values(&[side, "ringbuf_full"])
+                        .inc_by(delta);
+                }
             }
             last[i] = value;
+        }
+        for (name, time, runs) in capture.program_stats() {
+            let (t0, r0) = last_programs.get(&name).copied().unwrap_or_default();
+            if runs > r0 {
+                metrics.bpf_runs.with_label_values(&[&name]).inc_by(runs - r0);
+                metrics
+                    .bpf_run_seconds
+                    .with_label_values(&[&name])
+                    .inc_by(time.saturating_sub(t0).as_secs_f64());
+            }
+            last_programs.insert(name, (time, runs));
         }
     }
     // Dropping the capture here detaches the programs.

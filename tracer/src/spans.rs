@@ -90,6 +90,8 @@ pub struct Span {
     pub tuple: Tuple,
     pub minor_version: u8,
     pub finished: Option<Finished>,
+    /// A CLIENT span the server end of its request took as parent.
+    claimed: bool,
     children: Vec<SpanId>,
     link_pending: bool,
     created: Instant,
@@ -165,6 +167,8 @@ pub struct Linker {
     serving: HashMap<(u32, u32), Vec<SpanId>>,
     /// Client spans whose server end has not claimed them, by (client, server) address.
     pending_clients: HashMap<(SocketAddr, SocketAddr), VecDeque<SpanId>>,
+    /// Server spans that started before their (local) client span was seen.
+    pending_servers: HashMap<(SocketAddr, SocketAddr), VecDeque<SpanId>>,
     sampler: Sampler,
     pub stats: LinkStats,
 }
@@ -215,6 +219,7 @@ impl Linker {
             live: HashMap::new(),
             serving: HashMap::new(),
             pending_clients: HashMap::new(),
+            pending_servers: HashMap::new(),
             sampler,
             stats: LinkStats::default(),
         }
@@ -266,7 +271,7 @@ impl Linker {
                 }
             }
             Side::Server => {
-                let client_span = self.claim_client(client, server);
+                let client_span = self.claim_client(client, server, client_span_id(key));
                 match (client_span, header) {
                     (Some(c), Some((t, _, _))) if c.trace_id == t => {
                         (Parent::Local(c.span_id), c.trace_id, c.sampled)
@@ -295,6 +300,13 @@ impl Linker {
             && let Some(p) = self.live.get_mut(&p)
         {
             p.children.push(span_id);
+        }
+        if link_pending && self.pending_servers.len() < MAX_PENDING_CONNS {
+            let q = self.pending_servers.entry((client, server)).or_default();
+            if q.len() >= MAX_PENDING_PER_CONN {
+                q.pop_front();
+            }
+            q.push_back(span_id);
         }
         match s.kind {
             Side::Client => {
@@ -328,28 +340,121 @@ impl Linker {
                 tuple: s.tuple,
                 minor_version: s.minor_version,
                 finished: None,
+                claimed: false,
                 children: Vec::new(),
                 link_pending,
                 created: Instant::now(),
                 finished_at: None,
             },
         );
+        if s.kind == Side::Client {
+            self.link_waiting_server(client, server, span_id);
+        }
         Some(span_id)
     }
 
-    /// The oldest client span on this connection that no server span has claimed.
-    fn claim_client(&mut self, client: SocketAddr, server: SocketAddr) -> Option<Span> {
-        let q = self.pending_clients.get_mut(&(client, server))?;
-        let found = loop {
-            let id = q.pop_front()?;
-            if let Some(span) = self.live.get(&id) {
-                break Some(span.clone());
+    /// A client span that arrives after its server end: link them now, so that the client's
+    /// exchange already knows its server end saw the request.
+    fn link_waiting_server(&mut self, client: SocketAddr, server: SocketAddr, client_id: SpanId) {
+        let Some(q) = self.pending_servers.get_mut(&(client, server)) else {
+            return;
+        };
+        let server_id = loop {
+            let Some(id) = q.pop_front() else {
+                break None;
+            };
+            if self.live.get(&id).is_some_and(|s| s.link_pending) {
+                break Some(id);
             }
         };
+        if q.is_empty() {
+            self.pending_servers.remove(&(client, server));
+        }
+        let Some(server_id) = server_id else {
+            return;
+        };
+        if self.descends_from(client_id, server_id) {
+            return;
+        }
+        // Not available to later servers on this connection any more.
+        if let Some(q) = self.pending_clients.get_mut(&(client, server)) {
+            q.retain(|&id| id != client_id);
+        }
+        let Some(c) = self.live.get_mut(&client_id) else {
+            return;
+        };
+        c.claimed = true;
+        c.children.push(server_id);
+        let (trace, sampled) = (c.trace_id, c.sampled);
+        if let Some(s) = self.live.get_mut(&server_id) {
+            s.parent = Parent::Local(client_id);
+            s.link_pending = false;
+        }
+        self.stats.late_links += 1;
+        self.retrace(server_id, trace, sampled);
+    }
+
+    /// The client span of this request on this connection: the one with the id both ends
+    /// derive when it is there (positions agree), else the oldest one no server span claimed.
+    fn claim_client(
+        &mut self,
+        client: SocketAddr,
+        server: SocketAddr,
+        expected: SpanId,
+    ) -> Option<Span> {
+        let q = self.pending_clients.get_mut(&(client, server))?;
+        // A client span whose response already came back cannot be the request a server is
+        // just starting to read: its own server end missed it.
+        let open = |live: &HashMap<SpanId, Span>, id: &SpanId| {
+            live.get(id).is_some_and(|s| s.finished.is_none())
+        };
+        let id = if let Some(i) = q
+            .iter()
+            .position(|&id| id == expected && open(&self.live, &id))
+        {
+            q.remove(i);
+            Some(expected)
+        } else {
+            loop {
+                let Some(id) = q.pop_front() else {
+                    break None;
+                };
+                if open(&self.live, &id) {
+                    break Some(id);
+                }
+            }
+        };
+        let found = id.and_then(|id| self.live.get_mut(&id)).map(|span| {
+            span.claimed = true;
+            span.clone()
+        });
         if q.is_empty() {
             self.pending_clients.remove(&(client, server));
         }
         found
+    }
+
+    /// Whether `ancestor` is `id` or one of its local ancestors.
+    fn descends_from(&self, id: SpanId, ancestor: SpanId) -> bool {
+        let mut cur = Some(id);
+        for _ in 0..64 {
+            match cur {
+                Some(c) if c == ancestor => return true,
+                Some(c) => {
+                    cur = match self.live.get(&c).map(|s| s.parent) {
+                        Some(Parent::Local(p)) => Some(p),
+                        _ => None,
+                    }
+                }
+                None => return false,
+            }
+        }
+        false
+    }
+
+    /// Whether the server end of this CLIENT span's request was seen on this host.
+    pub fn claimed(&self, span_id: SpanId) -> bool {
+        self.live.get(&span_id).is_some_and(|s| s.claimed)
     }
 
     /// The server began its response: its thread no longer serves this request.
@@ -384,7 +489,14 @@ impl Linker {
         if span.link_pending {
             span.link_pending = false;
             let (client, server) = (span.client_addr(), span.server_addr());
-            if let Some(c) = self.claim_client(client, server) {
+            let expected = match span.parent {
+                Parent::Remote(id) => id,
+                _ => 0,
+            };
+            if let Some(c) = self
+                .claim_client(client, server, expected)
+                .filter(|c| !self.descends_from(c.span_id, span_id))
+            {
                 self.stats.late_links += 1;
                 if let Some(span) = self.live.get_mut(&span_id) {
                     span.parent = Parent::Local(c.span_id);
@@ -461,6 +573,14 @@ impl Linker {
         }
         self.pending_clients
             .retain(|_, q| q.iter().any(|id| self.live.contains_key(id)));
+        // Give back what a burst grew: tables keep their peak capacity otherwise.
+        if self.live.capacity() > 4096 && self.live.capacity() > 4 * self.live.len() {
+            self.live.shrink_to(2 * self.live.len());
+        }
+        self.pending_servers.retain(|_, q| {
+            q.iter()
+                .any(|id| self.live.get(id).is_some_and(|s| s.link_pending))
+        });
     }
 }
 

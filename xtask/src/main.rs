@@ -12,6 +12,8 @@ use std::{
 use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
 
+mod bench;
+
 /// bpf-linker release known to work with the pinned nightly's LLVM.
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
@@ -41,6 +43,22 @@ enum Task {
     },
     /// rustfmt and clippy (-D warnings) on the userspace crates and, separately, the eBPF crate.
     Lint,
+    /// Overhead, loss and accuracy against nginx, tracer off and on in alternating phases;
+    /// writes target/bench/latest.json. Needs root, nginx, wrk, and oha for the fixed-rate load.
+    Bench {
+        /// A few seconds per phase, one round: checks that the bench runs.
+        #[arg(long)]
+        smoke: bool,
+        /// Seconds per phase.
+        #[arg(long)]
+        phase_secs: Option<u64>,
+        /// Off/on rounds per load (at least 3 for figures worth quoting).
+        #[arg(long)]
+        rounds: Option<usize>,
+        /// Build and bench the daemon from the dev profile (as the tests do) instead of release.
+        #[arg(long)]
+        dev: bool,
+    },
 }
 
 fn workspace_root() -> PathBuf {
@@ -192,8 +210,44 @@ fn main() -> anyhow::Result<()> {
         }
         Task::Test { args } => {
             setup()?;
+            // The bench's smoke run first, so that it cannot rot (and cargo test's summary
+            // stays the last thing printed).
+            run(cargo().args(["build", "--package", "tracer"]))?;
+            bench::run(
+                &workspace_root().join("target/debug/tracer"),
+                &workspace_root().join("target/bench/smoke"),
+                &bench::Options {
+                    smoke: true,
+                    phase_secs: 2,
+                    rounds: 1,
+                },
+            )?;
             // The default members: everything but the eBPF crate, which only builds for BPF.
             run(cargo().arg("test").args(args))
+        }
+        Task::Bench {
+            smoke,
+            phase_secs,
+            rounds,
+            dev,
+        } => {
+            setup()?;
+            let profile = if dev { "debug" } else { "release" };
+            let mut build = cargo();
+            build.args(["build", "--package", "tracer"]);
+            if !dev {
+                build.arg("--release");
+            }
+            run(&mut build)?;
+            bench::run(
+                &workspace_root().join("target").join(profile).join("tracer"),
+                &workspace_root().join("target/bench"),
+                &bench::Options {
+                    smoke,
+                    phase_secs: phase_secs.unwrap_or(if smoke { 2 } else { 10 }),
+                    rounds: rounds.unwrap_or(if smoke { 1 } else { 3 }),
+                },
+            )
         }
         Task::Lint => {
             setup()?;

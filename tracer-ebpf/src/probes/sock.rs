@@ -88,8 +88,10 @@ fn on_length(ctx: &TracePointContext, direction: u32) {
 #[inline(always)]
 pub fn next_event(sk: u64) -> (SockTuple, u32, bool) {
     if let Some(state) = SOCKS.get_ptr_mut(&sk) {
-        // SAFETY: a live map value; a racing writer on another CPU can only make the counter
-        // skip, which userspace treats as a loss.
+        // SAFETY: a live map value. Two threads writing one socket from two CPUs at once can
+        // race here (and their events can reach the ring in either order); userspace then sees
+        // a gap and restarts the connection's pairing, counted. Atomic fetch-add would need
+        // BPF v3 codegen.
         unsafe {
             let seq = (*state).seq.wrapping_add(1);
             (*state).seq = seq;
@@ -153,15 +155,21 @@ unsafe fn on_state(ctx: &TracePointContext) {
             tuple.remote_addr[..4]
                 .copy_from_slice(&ctx.read_at::<[u8; 4]>(SS_DADDR).unwrap_or([0; 4]));
         }
+        // SAFETY: the map value is copied out.
+        let seq = SOCKS.get(&sk).map_or(0, |s| s.seq);
         match new_state {
-            TCP_SYN_SENT | TCP_ESTABLISHED => {
-                let state = SockState {
-                    tuple,
-                    seq: 0,
-                    _pad: 0,
-                };
-                let _ = SOCKS.insert(&sk, &state, 0);
-            }
+            TCP_SYN_SENT | TCP_ESTABLISHED => match SOCKS.get_ptr_mut(&sk) {
+                // Keep the numbering: data may already have gone out (TCP Fast Open).
+                Some(state) => (*state).tuple = tuple,
+                None => {
+                    let state = SockState {
+                        tuple,
+                        seq: 0,
+                        _pad: 0,
+                    };
+                    let _ = SOCKS.insert(&sk, &state, 0);
+                }
+            },
             TCP_CLOSE => {
                 let _ = SOCKS.remove(&sk);
             }
@@ -185,6 +193,8 @@ unsafe fn on_state(ctx: &TracePointContext) {
             tuple,
             old_state,
             new_state,
+            seq,
+            _pad: 0,
         });
         entry.submit(0);
         count(KernelStat::ConnEvents);

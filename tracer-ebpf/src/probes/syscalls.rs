@@ -13,7 +13,7 @@ use aya_ebpf::{
 };
 use tracer_common::{
     DATA_EVENT_FIXED, DIR_EGRESS, DIR_INGRESS, DataEvent, EventKind, FLAG_IOVEC,
-    FLAG_TUPLE_FROM_SOCK, KernelStat, PAYLOAD_CAP, TAIL_LEN,
+    FLAG_TUPLE_FROM_SOCK, KernelStat, PAYLOAD_CAP, REQUEST_STARTS, TAIL_LEN,
 };
 
 use crate::maps::{
@@ -232,6 +232,16 @@ fn emit_data(args: &SyscallArgs, ret: u64, id: u64) {
     }
     meta.captured = captured as u32;
 
+    let starts_request = captured >= 4 && {
+        let head = u32::from_le_bytes([payload[0], payload[1], payload[2], payload[3]]);
+        let mut found = false;
+        let mut i = 0;
+        while i < REQUEST_STARTS.len() {
+            found |= head == REQUEST_STARTS[i];
+            i += 1;
+        }
+        found
+    };
     let size = black_box(DATA_EVENT_FIXED as u64 + (captured & (2 * PAYLOAD_CAP as u64 - 1)));
     let size = if size > core::mem::size_of::<DataEvent>() as u64 {
         core::mem::size_of::<DataEvent>() as u64
@@ -246,5 +256,13 @@ fn emit_data(args: &SyscallArgs, ret: u64, id: u64) {
         count(KernelStat::DataEvents);
     } else {
         count(KernelStat::RingbufFullData);
+        // Say how many requests went with it: a lost event that starts a request line.
+        if starts_request {
+            count(if args.direction == DIR_INGRESS {
+                KernelStat::LostRequestIngress
+            } else {
+                KernelStat::LostRequestEgress
+            });
+        }
     }
 }
