@@ -59,7 +59,10 @@ fn our_programs() -> Vec<String> {
     aya::programs::loaded_programs()
         .filter_map(Result::ok)
         .filter_map(|p| p.name_as_str().map(str::to_owned))
-        .filter(|n| OURS.iter().any(|o| o.starts_with(n.as_str()) && n.len() >= 12))
+        .filter(|n| {
+            OURS.iter()
+                .any(|o| o.starts_with(n.as_str()) && n.len() >= 12)
+        })
         .collect()
 }
 
@@ -92,7 +95,10 @@ fn connection_storm_stays_bounded_and_exact() {
         "completed {completed}, counted {seen}, lost {lost}: {}",
         daemon.diagnostics()
     );
-    assert!(tracked < 1000.0, "closed connections are forgotten: {tracked} still tracked");
+    assert!(
+        tracked < 1000.0,
+        "closed connections are forgotten: {tracked} still tracked"
+    );
     assert!(rss <= 30.0, "daemon RSS {rss:.1} MB over the 30 MB budget");
 }
 
@@ -119,7 +125,10 @@ fn overload_is_counted_never_silent() {
         .edge("wrk", nginx.port)
         .map_or(0, |e| e["requests"].as_u64().unwrap_or(0));
     let lost = daemon.metric_sum("tracer_requests_lost_total", &[("side", "server")]);
-    let drops = daemon.metric_sum("tracer_kernel_events_total", &[("reason", "ringbuf_full_data")]);
+    let drops = daemon.metric_sum(
+        "tracer_kernel_events_total",
+        &[("reason", "ringbuf_full_data")],
+    );
     eprintln!(
         "overload: wrk without tracer {without}, with a tracer keeping up {keeping_up}, with an \
          overloaded one {completed}; counted {seen}, lost (counted) {lost}, events dropped {drops}"
@@ -184,7 +193,11 @@ fn restart_after_sigkill_is_clean() {
     // 1 s for all of them here, above the 1 s goal (see README).
     let exit = daemon.terminate();
     eprintln!("SIGTERM exit took {exit:?}");
-    assert!(our_programs().is_empty(), "programs left after SIGTERM: {:?}", our_programs());
+    assert!(
+        our_programs().is_empty(),
+        "programs left after SIGTERM: {:?}",
+        our_programs()
+    );
 }
 
 /// A keep-alive connection opened before the daemon started is followed from its next request.
@@ -212,5 +225,8 @@ fn connection_older_than_the_daemon_is_followed() {
         "tracer_http_requests_total",
         &[("status", "404"), ("route", "/nf/{id}")],
     );
-    assert_eq!(not_found, want_404, "paired right from the first request seen");
+    assert_eq!(
+        not_found, want_404,
+        "paired right from the first request seen"
+    );
 }

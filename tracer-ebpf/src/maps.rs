@@ -64,3 +64,22 @@ pub fn count(stat: KernelStat) {
         unsafe { *slot += 1 }
     }
 }
+
+/// Ring buffer output flags (include/uapi/linux/bpf.h).
+const BPF_RB_NO_WAKEUP: u64 = 1;
+const BPF_RB_FORCE_WAKEUP: u64 = 2;
+const BPF_RB_AVAIL_DATA: u64 = 0;
+
+/// Pending bytes past which the reader is woken; below, it finds the data on its own 5 ms poll.
+/// Each wake-up is an interrupt (a VM exit in a VM): waking per event cost more than the rest
+/// of the program.
+const WAKEUP_BYTES: u64 = 256 * 1024;
+
+#[inline(always)]
+pub fn wakeup_flags() -> u64 {
+    if EVENTS.query(BPF_RB_AVAIL_DATA) >= WAKEUP_BYTES {
+        BPF_RB_FORCE_WAKEUP
+    } else {
+        BPF_RB_NO_WAKEUP
+    }
+}

@@ -356,6 +356,12 @@ impl Capture {
     }
 }
 
+impl Drop for Capture {
+    fn drop(&mut self) {
+        self.detach();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::field_offset;
@@ -369,11 +375,5 @@ mod tests {
         assert_eq!(field_offset(f, "saddr_v6"), Some(40));
         assert_eq!(field_offset(f, "common_type"), Some(0));
         assert_eq!(field_offset(f, "nope"), None);
-    }
-}
-
-impl Drop for Capture {
-    fn drop(&mut self) {
-        self.detach();
     }
 }

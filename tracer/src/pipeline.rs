@@ -188,94 +188,147 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// How often the ring buffer is read without being woken: the kernel side wakes the reader only
+/// when a lot is pending (batched wake-ups: each wake-up costs an interrupt, dearer still in a
+/// VM), so this bounds how late an event is seen.
+const POLL_EVERY: Duration = Duration::from_millis(5);
+
+/// The capture state, owned by the reader task.
+struct Reader {
+    shared: Arc<Shared>,
+    listen: SocketAddr,
+    conns: ConnTable,
+    linker: Linker,
+    exchanges: Vec<Exchange>,
+    ready: Vec<Span>,
+    last_drain: Instant,
+    data_events: prometheus::IntCounter,
+    conn_events: prometheus::IntCounter,
+}
+
+impl Reader {
+    /// Requests to the daemon itself (CLI, scrapes) are its own business, not the host's
+    /// traffic; its own end is already skipped in the kernel.
+    fn to_self(&self, ex: &Exchange) -> bool {
+        let (listen, remote) = (self.listen, ex.tuple.remote);
+        remote == listen
+            || (listen.ip().is_unspecified()
+                && remote.port() == listen.port()
+                && (remote.ip().is_loopback() || remote.ip() == ex.tuple.local.ip()))
+    }
+
+    /// Takes every record there is.
+    fn drain(&mut self, ring: &mut RingBuf<MapData>) {
+        let shared = self.shared.clone();
+        let metrics = &shared.metrics;
+        while let Some(item) = ring.next() {
+            match event::decode(&item) {
+                Ok(Event::Data(d)) => {
+                    self.data_events.inc();
+                    self.conns
+                        .on_data(&d, metrics, &mut self.linker, &mut self.exchanges);
+                }
+                Ok(Event::Conn(c)) => {
+                    self.conn_events.inc();
+                    self.conns
+                        .on_state(&c, metrics, &mut self.linker, &mut self.exchanges);
+                }
+                Err(e) => metrics.decode_errors.with_label_values(&[e.reason()]).inc(),
+            }
+            if !self.exchanges.is_empty() {
+                self.record_exchanges();
+            }
+        }
+        if self.last_drain.elapsed() >= SPAN_DRAIN {
+            self.drain_spans();
+        }
+    }
+
+    fn record_exchanges(&mut self) {
+        let shared = self.shared.clone();
+        let metrics = &shared.metrics;
+        let mut agg = shared.aggregator.lock().unwrap_or_else(|p| p.into_inner());
+        let mut exchanges = std::mem::take(&mut self.exchanges);
+        for ex in exchanges.drain(..) {
+            if self.to_self(&ex) {
+                if let Some(span) = ex.span {
+                    self.linker.abandon(span);
+                }
+                continue;
+            }
+            let peer = self.conns.peer_of(&ex.tuple);
+            // A client span the server end claimed: that end counts the request.
+            let server_seen =
+                ex.side == Side::Server || ex.span.is_some_and(|s| self.linker.claimed(s));
+            if !server_seen && peer.is_some_and(|p| p.side == Some(Side::Server)) {
+                tracing::debug!(
+                    "client exchange counted from the client end: span {:?} live {} {:?}",
+                    ex.span,
+                    ex.span.is_some_and(|s| self.linker.is_live(s)),
+                    ex.tuple
+                );
+            }
+            agg.record(&ex, peer, server_seen, metrics);
+            if let Some(span) = ex.span {
+                self.linker.finish(
+                    span,
+                    spans::finished(
+                        ex.method,
+                        &ex.path,
+                        ex.status,
+                        ex.end_ns,
+                        ex.req_bytes,
+                        ex.resp_bytes,
+                    ),
+                );
+            }
+        }
+        self.exchanges = exchanges;
+    }
+
+    /// Spans become ready with time too, not only with new events.
+    fn drain_spans(&mut self) {
+        self.last_drain = Instant::now();
+        self.linker.drain_ready(&mut self.ready);
+        self.shared
+            .spans_out
+            .publish(&mut self.ready, &self.linker, &self.shared.metrics);
+    }
+}
+
 async fn read_events(
     ring: RingBuf<MapData>,
     shared: Arc<Shared>,
     listen: SocketAddr,
     token: CancellationToken,
 ) -> anyhow::Result<()> {
-    // Requests to the daemon itself (CLI, scrapes) are its own business, not the host's traffic;
-    // its own end is already skipped in the kernel.
-    let to_self = |ex: &Exchange| {
-        let remote = ex.tuple.remote;
-        remote == listen
-            || (listen.ip().is_unspecified()
-                && remote.port() == listen.port()
-                && (remote.ip().is_loopback() || remote.ip() == ex.tuple.local.ip()))
-    };
     // SAFETY: the ring buffer owns its map fd, which stays open and unchanged while the AsyncFd
     // holds it.
     let mut fd = unsafe { AsyncFd::register(ring) }
         .map_err(std::io::Error::from)
         .context("polling the ring buffer")?;
-    let metrics = &shared.metrics;
-    let mut conns = ConnTable::new(MAX_CONNS);
-    let mut linker = Linker::new(shared.sampler);
-    let mut ready: Vec<Span> = Vec::new();
-    let mut last_drain = Instant::now();
-    let mut exchanges: Vec<Exchange> = Vec::with_capacity(256);
-    let data_events = metrics.events.with_label_values(&["data"]);
-    let conn_events = metrics.events.with_label_values(&["conn"]);
+    let mut reader = Reader {
+        listen,
+        conns: ConnTable::new(MAX_CONNS),
+        linker: Linker::new(shared.sampler),
+        exchanges: Vec::with_capacity(256),
+        ready: Vec::new(),
+        last_drain: Instant::now(),
+        data_events: shared.metrics.events.with_label_values(&["data"]),
+        conn_events: shared.metrics.events.with_label_values(&["conn"]),
+        shared,
+    };
+    let mut poll = tokio::time::interval(POLL_EVERY);
+    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        let mut guard = tokio::select! {
-            g = fd.readable_mut() => g.context("polling the ring buffer")?,
+        tokio::select! {
+            g = fd.readable_mut() => {
+                let mut guard = g.context("polling the ring buffer")?;
+                reader.drain(guard.get_inner_mut());
+                guard.clear_ready();
+            }
+            _ = poll.tick() => reader.drain(fd.get_mut()),
             _ = token.cancelled() => return Ok(()),
-            // Spans become ready with time too, not only with new events.
-            _ = tokio::time::sleep(SPAN_DRAIN) => {
-                linker.drain_ready(&mut ready);
-                shared.spans_out.publish(&mut ready, &linker, metrics);
-                last_drain = Instant::now();
-                continue;
-            }
-        };
-        let ring = guard.get_inner_mut();
-        while let Some(item) = ring.next() {
-            match event::decode(&item) {
-                Ok(Event::Data(d)) => {
-                    data_events.inc();
-                    conns.on_data(&d, metrics, &mut linker, &mut exchanges);
-                }
-                Ok(Event::Conn(c)) => {
-                    conn_events.inc();
-                    conns.on_state(&c, metrics, &mut linker, &mut exchanges);
-                }
-                Err(e) => metrics.decode_errors.with_label_values(&[e.reason()]).inc(),
-            }
-            if !exchanges.is_empty() {
-                let mut agg = shared.aggregator.lock().unwrap_or_else(|p| p.into_inner());
-                for ex in exchanges.drain(..) {
-                    if to_self(&ex) {
-                        if let Some(span) = ex.span {
-                            linker.abandon(span);
-                        }
-                        continue;
-                    }
-                    let peer = conns.peer_of(&ex.tuple);
-                    // A client span the server end claimed: that end counts the request.
-                    let server_seen = ex.side == Side::Server
-                        || ex.span.is_some_and(|s| linker.claimed(s));
-                    agg.record(&ex, peer, server_seen, metrics);
-                    if let Some(span) = ex.span {
-                        linker.finish(
-                            span,
-                            spans::finished(
-                                ex.method,
-                                &ex.path,
-                                ex.status,
-                                ex.end_ns,
-                                ex.req_bytes,
-                                ex.resp_bytes,
-                            ),
-                        );
-                    }
-                }
-            }
-        }
-        guard.clear_ready();
-        if last_drain.elapsed() >= SPAN_DRAIN {
-            last_drain = Instant::now();
-            linker.drain_ready(&mut ready);
-            shared.spans_out.publish(&mut ready, &linker, metrics);
         }
     }
 }
@@ -287,8 +340,11 @@ async fn export_kernel_stats(
     token: CancellationToken,
 ) -> anyhow::Result<()> {
     let mut last = capture.kernel_stats().map(|(_, v)| v);
-    let mut last_programs: std::collections::HashMap<String, (std::time::Duration, u64)> =
-        capture.program_stats().into_iter().map(|(n, t, c)| (n, (t, c))).collect();
+    let mut last_programs: std::collections::HashMap<String, (std::time::Duration, u64)> = capture
+        .program_stats()
+        .into_iter()
+        .map(|(n, t, c)| (n, (t, c)))
+        .collect();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         tokio::select! {
@@ -319,7 +375,10 @@ async fn export_kernel_stats(
         for (name, time, runs) in capture.program_stats() {
             let (t0, r0) = last_programs.get(&name).copied().unwrap_or_default();
             if runs > r0 {
-                metrics.bpf_runs.with_label_values(&[&name]).inc_by(runs - r0);
+                metrics
+                    .bpf_runs
+                    .with_label_values(&[&name])
+                    .inc_by(runs - r0);
                 metrics
                     .bpf_run_seconds
                     .with_label_values(&[&name])

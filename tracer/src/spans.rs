@@ -38,6 +38,8 @@ pub type SpanId = u64;
 const MAX_LIVE: usize = 64 * 1024;
 /// A finished span waits at most this long for its ancestors before it is exported as is.
 const MAX_HOLD: Duration = Duration::from_secs(10);
+/// How long a finished SERVER span waits for its client end's late event before export.
+const LATE_LINK_HOLD: Duration = Duration::from_millis(200);
 /// A span that never finishes (connection dropped mid-request) is forgotten after this long.
 const MAX_OPEN: Duration = Duration::from_secs(120);
 /// Client spans awaiting their server end, per connection.
@@ -452,6 +454,10 @@ impl Linker {
         false
     }
 
+    pub fn is_live(&self, span_id: SpanId) -> bool {
+        self.live.contains_key(&span_id)
+    }
+
     /// Whether the server end of this CLIENT span's request was seen on this host.
     pub fn claimed(&self, span_id: SpanId) -> bool {
         self.live.get(&span_id).is_some_and(|s| s.claimed)
@@ -487,7 +493,6 @@ impl Linker {
         span.finished = Some(f);
         span.finished_at = Some(Instant::now());
         if span.link_pending {
-            span.link_pending = false;
             let (client, server) = (span.client_addr(), span.server_addr());
             let expected = match span.parent {
                 Parent::Remote(id) => id,
@@ -500,6 +505,7 @@ impl Linker {
                 self.stats.late_links += 1;
                 if let Some(span) = self.live.get_mut(&span_id) {
                     span.parent = Parent::Local(c.span_id);
+                    span.link_pending = false;
                 }
                 if let Some(p) = self.live.get_mut(&c.span_id) {
                     p.children.push(span_id);
@@ -550,6 +556,13 @@ impl Linker {
         let mut stale = Vec::new();
         for (id, span) in &self.live {
             match span.finished_at {
+                // Its client end's event can still come (the writer's syscall may return
+                // after the reader's): wait a little for it, then go as is.
+                Some(at) if span.link_pending => {
+                    if now.duration_since(at) >= LATE_LINK_HOLD {
+                        ready.push(*id);
+                    }
+                }
                 Some(at) => {
                     if now.duration_since(at) >= MAX_HOLD || self.ancestors_finished(span) {
                         ready.push(*id);

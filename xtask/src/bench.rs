@@ -328,22 +328,29 @@ pub fn run(bin: &Path, out_dir: &Path, opts: &Options) -> anyhow::Result<()> {
     let mut report = BTreeMap::new();
     let mut fixed_rate = 1000;
     println!(
-        "{:<40} {:>10} {:>10} {:>7}  {}",
-        "load", "off req/s", "on req/s", "ratio", "tracer (on phases)"
+        "{:<40} {:>10} {:>10} {:>7}  tracer (on phases)",
+        "load", "off req/s", "on req/s", "ratio"
     );
     for load in loads {
         if load == Load::FixedRate {
             // Half of saturation, as oha itself reaches it (it needs more CPU than wrk).
             let max = oha(nginx.port, secs.min(3), 0)?;
             fixed_rate = ((max.requests as f64 / max.secs / 2.0) as u64).max(100);
-            eprintln!("bench: oha saturates at {:.0} req/s; fixed rate {fixed_rate}", max.requests as f64 / max.secs);
+            eprintln!(
+                "bench: oha saturates at {:.0} req/s; fixed rate {fixed_rate}",
+                max.requests as f64 / max.secs
+            );
         }
         let mut off = Vec::new();
         let mut on = Vec::new();
         let mut seen = Vec::new();
         for round in 0..opts.rounds {
             let g = run_load(load, nginx.port, secs, fixed_rate)?;
-            eprintln!("bench: {} round {round} off: {} requests", load.name(), g.requests);
+            eprintln!(
+                "bench: {} round {round} off: {} requests",
+                load.name(),
+                g.requests
+            );
             off.push(g);
             let (g, o) = phase_on(bin, load, nginx.port, secs, fixed_rate)?;
             eprintln!(
@@ -356,7 +363,13 @@ pub fn run(bin: &Path, out_dir: &Path, opts: &Options) -> anyhow::Result<()> {
             on.push(g);
             seen.push(o);
         }
-        let rps = |v: &[Generated]| mean(&v.iter().map(|g| g.requests as f64 / g.secs).collect::<Vec<_>>());
+        let rps = |v: &[Generated]| {
+            mean(
+                &v.iter()
+                    .map(|g| g.requests as f64 / g.secs)
+                    .collect::<Vec<_>>(),
+            )
+        };
         let (off_rps, on_rps) = (rps(&off), rps(&on));
         let total_req: f64 = on.iter().map(|g| g.requests as f64).sum();
         let total_secs: f64 = on.iter().map(|g| g.secs).sum();
@@ -365,7 +378,11 @@ pub fn run(bin: &Path, out_dir: &Path, opts: &Options) -> anyhow::Result<()> {
         let cpu: f64 = seen.iter().map(|o| o.cpu_secs).sum();
         let bpf_ns: f64 = seen.iter().map(|o| o.bpf_ns).sum();
         let krps = total_req / total_secs / 1000.0;
-        let cpu_pct_per_krps = if krps > 0.0 { cpu / total_secs * 100.0 / krps } else { 0.0 };
+        let cpu_pct_per_krps = if krps > 0.0 {
+            cpu / total_secs * 100.0 / krps
+        } else {
+            0.0
+        };
         let entry = json!({
             "off_rps": off_rps,
             "on_rps": on_rps,

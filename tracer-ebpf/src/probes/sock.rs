@@ -12,7 +12,7 @@ use tracer_common::{
     SockState, SockTuple, TCP_CLOSE, TCP_ESTABLISHED, TCP_SYN_SENT,
 };
 
-use crate::maps::{ACTIVE, EVENTS, SOCKS, count};
+use crate::maps::{ACTIVE, EVENTS, SOCKS, count, wakeup_flags};
 
 const IPPROTO_TCP: u16 = 6;
 const MSG_PEEK: i32 = 2;
@@ -196,7 +196,7 @@ unsafe fn on_state(ctx: &TracePointContext) {
             seq,
             _pad: 0,
         });
-        entry.submit(0);
+        entry.submit(wakeup_flags());
         count(KernelStat::ConnEvents);
     }
 }

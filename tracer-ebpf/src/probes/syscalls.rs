@@ -18,7 +18,7 @@ use tracer_common::{
 
 use crate::maps::{
     ACTIVE, EVENTS, KIND_BUF, KIND_IOV, KIND_MSG, KIND_NONE, SCRATCH, SyscallArgs, count,
-    tracer_tgid,
+    tracer_tgid, wakeup_flags,
 };
 
 use super::sock::next_event;
@@ -252,7 +252,7 @@ fn emit_data(args: &SyscallArgs, ret: u64, id: u64) {
     let bytes = unsafe {
         core::slice::from_raw_parts((ev as *const DataEvent).cast::<u8>(), size as usize)
     };
-    if EVENTS.output::<[u8]>(bytes, 0).is_ok() {
+    if EVENTS.output::<[u8]>(bytes, wakeup_flags()).is_ok() {
         count(KernelStat::DataEvents);
     } else {
         count(KernelStat::RingbufFullData);
