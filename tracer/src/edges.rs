@@ -5,16 +5,18 @@
 //! client end. When both ends are here, the client's view only adds its own latency.
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     net::SocketAddr,
     time::Instant,
 };
 
-use hdrhistogram::Histogram;
+use hdrhistogram::Histogram as HdrHistogram;
+use prometheus::{Histogram, IntCounter};
 use serde::Serialize;
 
 use crate::{
     conn::{Exchange, Peer, Side},
+    http1::Method,
     metrics::Metrics,
     route,
 };
@@ -72,8 +74,8 @@ impl RateWindow {
     }
 }
 
-fn histogram() -> Histogram<u64> {
-    Histogram::new_with_bounds(1, HIST_MAX_US, 3).expect("valid histogram bounds")
+fn histogram() -> HdrHistogram<u64> {
+    HdrHistogram::new_with_bounds(1, HIST_MAX_US, 3).expect("valid histogram bounds")
 }
 
 #[derive(Debug, Clone)]
@@ -81,7 +83,7 @@ struct Golden {
     requests: u64,
     failures: u64,
     by_status: BTreeMap<u16, u64>,
-    latency: Histogram<u64>,
+    latency: HdrHistogram<u64>,
     window: RateWindow,
 }
 
@@ -106,28 +108,61 @@ impl Golden {
     }
 }
 
+/// Metric handles of one (edge, method, route, status) series, resolved once: label lookups
+/// by string on every request cost more than the rest of the aggregation.
+struct Series {
+    requests: IntCounter,
+    server: Histogram,
+    client: Histogram,
+}
+
 struct Edge {
     golden: Golden,
-    client_latency: Histogram<u64>,
+    client_latency: HdrHistogram<u64>,
     req_bytes: u64,
     resp_bytes: u64,
     dst_addrs: BTreeSet<SocketAddr>,
     src_pids: BTreeSet<u32>,
     dst_pids: BTreeSet<u32>,
+    series: HashMap<(Method, u16, RouteId), Series>,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-struct EdgeKey {
-    src: String,
-    dst: String,
+type NameId = u32;
+type RouteId = u32;
+
+/// Strings stored once and named by number, so that the per-request path allocates nothing
+/// for names it has seen.
+#[derive(Default)]
+struct Interner {
+    ids: HashMap<String, u32>,
+    names: Vec<String>,
+}
+
+impl Interner {
+    fn id(&mut self, s: &str) -> u32 {
+        if let Some(&id) = self.ids.get(s) {
+            return id;
+        }
+        let id = self.names.len() as u32;
+        self.names.push(s.to_owned());
+        self.ids.insert(s.to_owned(), id);
+        id
+    }
+
+    fn name(&self, id: u32) -> &str {
+        &self.names[id as usize]
+    }
 }
 
 pub struct Aggregator {
     started: Instant,
-    edges: HashMap<EdgeKey, Edge>,
+    names: Interner,
+    routes: Interner,
+    edges: HashMap<(NameId, NameId), Edge>,
     /// Inbound golden metrics per server workload.
-    workloads: HashMap<String, Golden>,
-    routes: HashMap<String, BTreeSet<String>>,
+    workloads: HashMap<NameId, Golden>,
+    /// Routes kept per destination.
+    dst_routes: HashMap<NameId, HashSet<RouteId>>,
 }
 
 /// Latency quantiles in milliseconds.
@@ -141,7 +176,7 @@ pub struct Quantiles {
 }
 
 impl Quantiles {
-    fn of(h: &Histogram<u64>) -> Option<Self> {
+    fn of(h: &HdrHistogram<u64>) -> Option<Self> {
         if h.is_empty() {
             return None;
         }
@@ -196,21 +231,19 @@ fn success_rate(requests: u64, failures: u64) -> f64 {
 }
 
 /// Name of a workload on this host: its process name.
-fn local_name(peer_comm: &str) -> String {
-    if peer_comm.is_empty() {
-        "[unknown]".to_owned()
-    } else {
-        peer_comm.to_owned()
-    }
+fn local_name(comm: &str) -> &str {
+    if comm.is_empty() { "[unknown]" } else { comm }
 }
 
 impl Aggregator {
     pub fn new() -> Self {
         Self {
             started: Instant::now(),
+            names: Interner::default(),
+            routes: Interner::default(),
             edges: HashMap::new(),
             workloads: HashMap::new(),
-            routes: HashMap::new(),
+            dst_routes: HashMap::new(),
         }
     }
 
@@ -218,18 +251,19 @@ impl Aggregator {
         self.started.elapsed().as_secs()
     }
 
-    fn route_for(&mut self, dst: &str, path: &str, metrics: &Metrics) -> String {
+    fn route_for(&mut self, dst: NameId, path: &str, metrics: &Metrics) -> RouteId {
         let template = route::template(path);
-        let routes = self.routes.entry(dst.to_owned()).or_default();
-        if routes.contains(&template) {
-            return template;
+        let routes = self.dst_routes.entry(dst).or_default();
+        let id = self.routes.id(&template);
+        if routes.contains(&id) {
+            return id;
         }
         if routes.len() >= MAX_ROUTES_PER_DST {
             metrics.series_overflow.with_label_values(&["route"]).inc();
-            return OTHER.to_owned();
+            return self.routes.id(OTHER);
         }
-        routes.insert(template.clone());
-        template
+        routes.insert(id);
+        id
     }
 
     /// Takes one exchange and what is known of the process at the other end. `server_seen`:
@@ -241,63 +275,39 @@ impl Aggregator {
         server_seen: bool,
         metrics: &Metrics,
     ) {
-        let own = local_name(&ex.task.comm.as_str());
+        let own_comm = ex.task.comm.as_str();
+        let peer_comm = peer.map(|p| p.task.comm);
+        let peer_comm = peer_comm.as_ref().map(|c| c.as_str());
         let latency_us = (ex.end_ns.saturating_sub(ex.start_ns) / 1000).max(1);
+        let own = self.names.id(local_name(&own_comm));
         let (src, dst, counts) = match ex.side {
             Side::Server => {
-                let src = match peer {
-                    Some(p) => local_name(&p.task.comm.as_str()),
-                    None => ex.tuple.remote.ip().to_string(),
+                let src = match &peer_comm {
+                    Some(c) => self.names.id(local_name(c)),
+                    None => self.names.id(&ex.tuple.remote.ip().to_string()),
                 };
                 (src, own, true)
             }
-            Side::Client => match peer {
+            Side::Client => match (&peer, &peer_comm) {
                 // The server end is here and counts the request (unless it missed it: e.g. its
                 // read began before the daemon started).
-                Some(p) if p.side == Some(Side::Server) => {
-                    (own, local_name(&p.task.comm.as_str()), !server_seen)
+                (Some(p), Some(c)) if p.side == Some(Side::Server) => {
+                    (own, self.names.id(local_name(c)), !server_seen)
                 }
-                Some(p) => (own, local_name(&p.task.comm.as_str()), true),
-                None => (own, ex.tuple.remote.to_string(), true),
+                (Some(_), Some(c)) => (own, self.names.id(local_name(c)), true),
+                _ => (own, self.names.id(&ex.tuple.remote.to_string()), true),
             },
         };
         let sec = self.now_sec();
-        let key = EdgeKey { src, dst };
-        let key = if self.edges.contains_key(&key) || self.edges.len() < MAX_EDGES {
-            key
+        let key = if self.edges.contains_key(&(src, dst)) || self.edges.len() < MAX_EDGES {
+            (src, dst)
         } else {
             metrics.series_overflow.with_label_values(&["edge"]).inc();
-            EdgeKey {
-                src: OTHER.to_owned(),
-                dst: OTHER.to_owned(),
-            }
+            let other = self.names.id(OTHER);
+            (other, other)
         };
-        let route = self.route_for(&key.dst, &ex.path, metrics);
-        let status = ex.status.to_string();
-        let labels = [
-            key.src.as_str(),
-            key.dst.as_str(),
-            ex.method.as_str(),
-            route.as_str(),
-            status.as_str(),
-        ];
-        let seconds = latency_us as f64 / 1e6;
-        metrics
-            .latency
-            .with_label_values(&[
-                labels[0],
-                labels[1],
-                labels[2],
-                labels[3],
-                labels[4],
-                ex.side.as_str(),
-            ])
-            .observe(seconds);
-        if counts {
-            metrics.requests.with_label_values(&labels).inc();
-        }
-
-        let edge = self.edges.entry(key.clone()).or_insert_with(|| Edge {
+        let route = self.route_for(key.1, &ex.path, metrics);
+        let edge = self.edges.entry(key).or_insert_with(|| Edge {
             golden: Golden::new(),
             client_latency: histogram(),
             req_bytes: 0,
@@ -305,7 +315,39 @@ impl Aggregator {
             dst_addrs: BTreeSet::new(),
             src_pids: BTreeSet::new(),
             dst_pids: BTreeSet::new(),
+            series: HashMap::new(),
         });
+        let series = edge
+            .series
+            .entry((ex.method, ex.status, route))
+            .or_insert_with(|| {
+                let status = ex.status.to_string();
+                let labels = [
+                    self.names.name(key.0),
+                    self.names.name(key.1),
+                    ex.method.as_str(),
+                    self.routes.name(route),
+                    status.as_str(),
+                ];
+                let latency = |observer: &str| {
+                    let mut l = labels.to_vec();
+                    l.push(observer);
+                    metrics.latency.with_label_values(&l)
+                };
+                Series {
+                    requests: metrics.requests.with_label_values(&labels),
+                    server: latency("server"),
+                    client: latency("client"),
+                }
+            });
+        let seconds = latency_us as f64 / 1e6;
+        match ex.side {
+            Side::Server => series.server.observe(seconds),
+            Side::Client => series.client.observe(seconds),
+        }
+        if counts {
+            series.requests.inc();
+        }
         let server_addr = match ex.side {
             Side::Server => ex.tuple.local,
             Side::Client => ex.tuple.remote,
@@ -336,10 +378,7 @@ impl Aggregator {
             edge.golden.count(ex.status, sec);
             edge.req_bytes += ex.req_bytes;
             edge.resp_bytes += ex.resp_bytes;
-            let w = self
-                .workloads
-                .entry(key.dst.clone())
-                .or_insert_with(Golden::new);
+            let w = self.workloads.entry(key.1).or_insert_with(Golden::new);
             w.count(ex.status, sec);
             // Server-side latency when the server is here, else the client's.
             let _ = w.latency.record(latency_us);
@@ -352,9 +391,9 @@ impl Aggregator {
         let mut out: Vec<EdgeView> = self
             .edges
             .iter()
-            .map(|(k, e)| EdgeView {
-                src: k.src.clone(),
-                dst: k.dst.clone(),
+            .map(|((src, dst), e)| EdgeView {
+                src: self.names.name(*src).to_owned(),
+                dst: self.names.name(*dst).to_owned(),
                 dst_addrs: e.dst_addrs.iter().map(ToString::to_string).collect(),
                 src_pids: e.src_pids.iter().copied().collect(),
                 dst_pids: e.dst_pids.iter().copied().collect(),
@@ -380,7 +419,7 @@ impl Aggregator {
             .workloads
             .iter()
             .map(|(name, g)| WorkloadView {
-                name: name.clone(),
+                name: self.names.name(*name).to_owned(),
                 requests: g.requests,
                 failures: g.failures,
                 success_rate: success_rate(g.requests, g.failures),
