@@ -9,14 +9,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{Daemon, Nginx, Server, serial, workspace_root};
-
-fn scratch(name: &str) -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("tracer-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("scratch dir");
-    dir
-}
+use common::{Daemon, Nginx, Server, scratch, serial, workspace_root};
 
 /// wrk against `port`: requests it completed.
 fn wrk(port: u16, secs: u64, conns: u64, close: bool) -> u64 {

@@ -3,16 +3,9 @@
 
 mod common;
 
-use std::{collections::BTreeMap, path::PathBuf, process::Command};
+use std::{collections::BTreeMap, process::Command};
 
-use common::{Daemon, Nginx, curl, serial};
-
-fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("tracer-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("scratch dir");
-    dir
-}
+use common::{Daemon, Nginx, curl, scratch, serial};
 
 /// nginx serves files with sendfile (bytes the probes count but never see), small bodies with
 /// writev, errors from memory; one keep-alive connection carries them all.

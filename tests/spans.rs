@@ -11,7 +11,7 @@ use std::{
 use common::{
     Daemon, Nginx, Server, curl, free_port, median,
     otlp::{Protocol, Received, Receiver},
-    serial,
+    scratch, serial,
 };
 use opentelemetry_proto::tonic::trace::v1::{span::SpanKind, status::StatusCode};
 
@@ -38,13 +38,6 @@ fn wait_spans(rx: &Receiver, what: &str, pred: impl Fn(&[Received]) -> bool) -> 
         );
         std::thread::sleep(Duration::from_millis(200));
     }
-}
-
-fn scratch(name: &str) -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("tracer-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("scratch dir");
-    dir
 }
 
 /// Issue 4, checks 1 and 4: no headers anywhere. curl -> Python ThreadingHTTPServer frontend,
