@@ -522,16 +522,8 @@ fn feed(conn: &mut Conn, requests: bool, ctx: &mut Ctx<'_, '_>) {
                 let resync = matches!(reader.state, ReadState::Resync);
                 if at.is_empty() {
                     // The start of this message was not captured.
-                    if !resync {
-                        ctx.metrics
-                            .parse_failures
-                            .with_label_values(&["uncaptured_start"])
-                            .inc();
-                    }
-                    reader.state = ReadState::Resync;
-                    if !requests {
-                        unpair_all(conn, ctx.metrics, ctx.linker, "response_unseen");
-                    }
+                    let failure = (!resync).then_some("uncaptured_start");
+                    lose_sync(conn, requests, ctx, failure, "response_unseen");
                     return;
                 }
                 let expect = if requests {
@@ -541,16 +533,8 @@ fn feed(conn: &mut Conn, requests: bool, ctx: &mut Ctx<'_, '_>) {
                 };
                 let start = http1::classify(at);
                 if start != expect && start != Start::Undecided {
-                    if !resync {
-                        ctx.metrics
-                            .parse_failures
-                            .with_label_values(&["unexpected_start"])
-                            .inc();
-                    }
-                    reader.state = ReadState::Resync;
-                    if !requests {
-                        unpair_all(conn, ctx.metrics, ctx.linker, "response_unparsed");
-                    }
+                    let failure = (!resync).then_some("unexpected_start");
+                    lose_sync(conn, requests, ctx, failure, "response_unparsed");
                     return;
                 }
                 reader.begin(ctx.first_ns.take().unwrap_or(at_ns));
@@ -617,25 +601,12 @@ fn feed(conn: &mut Conn, requests: bool, ctx: &mut Ctx<'_, '_>) {
                             .inc();
                         match info {
                             Some(info) => on_head(conn, requests, info, ctx),
-                            None => {
-                                let reader = reader_mut(conn, requests);
-                                reader.state = ReadState::Resync;
-                                if !requests {
-                                    unpair_all(conn, ctx.metrics, ctx.linker, "response_unparsed");
-                                }
-                            }
+                            None => lose_sync(conn, requests, ctx, None, "response_unparsed"),
                         }
                         return;
                     }
                     Err(e) => {
-                        ctx.metrics
-                            .parse_failures
-                            .with_label_values(&[e.reason()])
-                            .inc();
-                        reader.state = ReadState::Resync;
-                        if !requests {
-                            unpair_all(conn, ctx.metrics, ctx.linker, "response_unparsed");
-                        }
+                        lose_sync(conn, requests, ctx, Some(e.reason()), "response_unparsed");
                         return;
                     }
                 }
@@ -732,6 +703,27 @@ fn feed(conn: &mut Conn, requests: bool, ctx: &mut Ctx<'_, '_>) {
                 }
             }
         }
+    }
+}
+
+/// A stream lost its message boundary: count `failure` (if not already counted), look for the
+/// next message start, and on the response side drop what can no longer be paired truthfully.
+fn lose_sync(
+    conn: &mut Conn,
+    requests: bool,
+    ctx: &mut Ctx<'_, '_>,
+    failure: Option<&str>,
+    unpair_reason: &str,
+) {
+    if let Some(reason) = failure {
+        ctx.metrics
+            .parse_failures
+            .with_label_values(&[reason])
+            .inc();
+    }
+    reader_mut(conn, requests).state = ReadState::Resync;
+    if !requests {
+        unpair_all(conn, ctx.metrics, ctx.linker, unpair_reason);
     }
 }
 

@@ -268,13 +268,14 @@ impl Aggregator {
 
     /// Takes one exchange and what is known of the process at the other end. `server_seen`:
     /// for a client's exchange, whether its server end (when on this host) saw the request too.
+    /// Returns the route the request was counted under.
     pub fn record(
         &mut self,
         ex: &Exchange,
         peer: Option<Peer>,
         server_seen: bool,
         metrics: &Metrics,
-    ) {
+    ) -> &str {
         let own_comm = ex.task.comm.as_str();
         let peer_comm = peer.map(|p| p.task.comm);
         let peer_comm = peer_comm.as_ref().map(|c| c.as_str());
@@ -383,6 +384,7 @@ impl Aggregator {
             // Server-side latency when the server is here, else the client's.
             let _ = w.latency.record(latency_us);
         }
+        self.routes.name(route)
     }
 
     pub fn edges(&self) -> Vec<EdgeView> {

@@ -268,18 +268,21 @@ impl Reader {
                     ex.tuple
                 );
             }
-            agg.record(&ex, peer, server_seen, metrics);
+            let route = agg.record(&ex, peer, server_seen, metrics);
             if let Some(span) = ex.span {
+                // The route as the metrics templated it: computed once.
+                let route = route.to_owned();
                 self.linker.finish(
                     span,
-                    spans::finished(
-                        ex.method,
-                        &ex.path,
-                        ex.status,
-                        ex.end_ns,
-                        ex.req_bytes,
-                        ex.resp_bytes,
-                    ),
+                    spans::Finished {
+                        method: ex.method,
+                        path: ex.path,
+                        route,
+                        status: ex.status,
+                        end_ns: ex.end_ns,
+                        req_bytes: ex.req_bytes,
+                        resp_bytes: ex.resp_bytes,
+                    },
                 );
             }
         }

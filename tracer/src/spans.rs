@@ -28,7 +28,6 @@ use crate::{
     conn::Side,
     event::{Task, Tuple},
     http1::{Method, Propagated},
-    route,
 };
 
 pub type TraceId = u128;
@@ -256,35 +255,16 @@ impl Linker {
                     .get(&(s.task.tgid, s.task.tid))
                     .filter(|v| v.len() == 1)
                     .and_then(|v| self.live.get(&v[0]));
-                match (thread, header) {
-                    (Some(p), Some((t, _, _))) if p.trace_id == t => {
-                        (Parent::Local(p.span_id), p.trace_id, p.sampled)
-                    }
-                    (_, Some((t, parent, sampled))) => (
-                        Parent::Remote(parent),
-                        t,
-                        sampled.unwrap_or_else(|| self.sampler.sample(t)),
-                    ),
-                    (Some(p), None) => (Parent::Local(p.span_id), p.trace_id, p.sampled),
-                    (None, None) => {
-                        let t = derived_trace_id(key);
-                        (Parent::None, t, self.sampler.sample(t))
-                    }
-                }
+                self.parent_of(thread, header).unwrap_or_else(|| {
+                    let t = derived_trace_id(key);
+                    (Parent::None, t, self.sampler.sample(t))
+                })
             }
             Side::Server => {
                 let client_span = self.claim_client(client, server, client_span_id(key));
-                match (client_span, header) {
-                    (Some(c), Some((t, _, _))) if c.trace_id == t => {
-                        (Parent::Local(c.span_id), c.trace_id, c.sampled)
-                    }
-                    (_, Some((t, parent, sampled))) => (
-                        Parent::Remote(parent),
-                        t,
-                        sampled.unwrap_or_else(|| self.sampler.sample(t)),
-                    ),
-                    (Some(c), None) => (Parent::Local(c.span_id), c.trace_id, c.sampled),
-                    (None, None) => {
+                match self.parent_of(client_span.as_ref(), header) {
+                    Some(chosen) => chosen,
+                    None => {
                         // The client's end, as its own daemon names it; if it is on this host
                         // and just not seen yet, linked for real when this span finishes.
                         link_pending = s.peer_local;
@@ -394,6 +374,27 @@ impl Linker {
         }
         self.stats.late_links += 1;
         self.retrace(server_id, trace, sampled);
+    }
+
+    /// Parent, trace and sampling from a local span and/or a propagated header: the header
+    /// wins unless the local span is already in its trace. None when there is neither.
+    fn parent_of(
+        &self,
+        local: Option<&Span>,
+        header: Option<(TraceId, SpanId, Option<bool>)>,
+    ) -> Option<(Parent, TraceId, bool)> {
+        match (local, header) {
+            (Some(p), Some((t, _, _))) if p.trace_id == t => {
+                Some((Parent::Local(p.span_id), p.trace_id, p.sampled))
+            }
+            (_, Some((t, parent, sampled))) => Some((
+                Parent::Remote(parent),
+                t,
+                sampled.unwrap_or_else(|| self.sampler.sample(t)),
+            )),
+            (Some(p), None) => Some((Parent::Local(p.span_id), p.trace_id, p.sampled)),
+            (None, None) => None,
+        }
     }
 
     /// The client span of this request on this connection: the one with the id both ends
@@ -602,26 +603,6 @@ pub fn span_name(f: &Finished) -> String {
     format!("{} {}", f.method.as_str(), f.route)
 }
 
-/// Fields of a finished exchange for its span.
-pub fn finished(
-    method: Method,
-    path: &str,
-    status: u16,
-    end_ns: u64,
-    req_bytes: u64,
-    resp_bytes: u64,
-) -> Finished {
-    Finished {
-        method,
-        route: route::template(path),
-        path: path.to_owned(),
-        status,
-        end_ns,
-        req_bytes,
-        resp_bytes,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -663,7 +644,18 @@ mod tests {
     }
 
     fn done(l: &mut Linker, id: SpanId) {
-        l.finish(id, finished(Method::Get, "/", 200, 2, 0, 0));
+        l.finish(
+            id,
+            Finished {
+                method: Method::Get,
+                path: "/".to_owned(),
+                route: "/".to_owned(),
+                status: 200,
+                end_ns: 2,
+                req_bytes: 0,
+                resp_bytes: 0,
+            },
+        );
     }
 
     #[test]
