@@ -212,7 +212,7 @@ fn connection_older_than_the_daemon_is_followed() {
     let codes = lines.next().expect("codes line").expect("read");
     client.wait().expect("client exit");
     let want_404 = codes.split(' ').filter(|c| *c == "404").count() as f64;
-    let edge = daemon.wait_edge("python3", server.port, 10);
+    let edge = daemon.wait_edge("longconn", server.port, 10);
     assert_eq!(edge["requests"], 10, "edge: {edge}");
     let not_found = daemon.metric_sum(
         "tracer_http_requests_total",

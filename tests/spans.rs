@@ -395,7 +395,7 @@ fn collector_down_costs_counted_spans_only() {
     let count = |d: &Daemon| {
         d.metric_sum(
             "tracer_http_requests_total",
-            &[("source", "curl"), ("destination", "python3")],
+            &[("source", "curl"), ("destination", "server")],
         )
     };
 

@@ -1,25 +1,37 @@
-//! HTTP API of the daemon: Prometheus `/metrics` and the JSON the CLI reads.
+//! HTTP API of the daemon: Prometheus `/metrics`, the JSON and event streams the CLI and the
+//! dashboard read, and the dashboard itself.
 
-use std::sync::Arc;
+use std::{convert::Infallible, sync::Arc, time::Duration};
 
 use axum::{
     Json, Router,
     extract::{Query, State},
-    http::header,
-    response::IntoResponse,
+    http::{StatusCode, header},
+    response::{
+        IntoResponse, Response,
+        sse::{Event, KeepAlive, Sse},
+    },
     routing::get,
 };
+use futures_util::{Stream, StreamExt as _, future};
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
+use tokio_stream::wrappers::{BroadcastStream, IntervalStream, errors::BroadcastStreamRecvError};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
     conn::Side,
-    edges::{EdgeView, WorkloadView},
+    dashboard,
+    edges::{EdgeView, NodeView, RouteView, TopologyEdge, WorkloadView},
     otlp,
     pipeline::Shared,
     spans::{Span, span_name},
+    tap,
+    window::Window,
 };
+
+/// How often `/api/stream` sends a topology snapshot.
+const SNAPSHOT_EVERY: Duration = Duration::from_secs(2);
 
 /// A finished span, as `/api/spans` shows it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -54,7 +66,7 @@ impl SpanView {
                 Side::Client => "CLIENT".to_owned(),
             },
             name: f.map_or_else(|| "HTTP".to_owned(), span_name),
-            service: names.of(&span.task.comm.as_str()),
+            service: names.of(&span.task),
             pid: span.task.tgid,
             start_unix_nano: otlp::wall_ns(span.start_ns),
             duration_ms: f.map_or(0.0, |f| f.end_ns.saturating_sub(span.start_ns) as f64 / 1e6),
@@ -75,16 +87,61 @@ pub struct SpansResponse {
 #[derive(Debug, Deserialize)]
 pub struct SpansQuery {
     limit: Option<usize>,
+    trace_id: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct WindowQuery {
+    window: Option<String>,
+    workload: Option<String>,
+}
+
+impl WindowQuery {
+    fn window(&self) -> Result<Window, ApiError> {
+        self.window
+            .as_deref()
+            .map_or(Ok(Window::default()), Window::parse)
+            .map_err(|e| ApiError(StatusCode::BAD_REQUEST, e))
+    }
+}
+
+/// An error answered as `{"error": ...}`.
+pub struct ApiError(StatusCode, String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(serde_json::json!({ "error": self.1 }))).into_response()
+    }
 }
 
 #[derive(Debug, Serialize, Deserialize)]
 pub struct EdgesResponse {
+    pub window: String,
+    pub window_seconds: f64,
     pub edges: Vec<EdgeView>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
 pub struct StatResponse {
+    pub window: String,
+    pub window_seconds: f64,
     pub workloads: Vec<WorkloadView>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct TopologyResponse {
+    pub window: String,
+    pub window_seconds: f64,
+    pub nodes: Vec<NodeView>,
+    pub edges: Vec<TopologyEdge>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct RoutesResponse {
+    pub window: String,
+    pub window_seconds: f64,
+    pub workload: String,
+    pub routes: Vec<RouteView>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -104,16 +161,31 @@ pub async fn serve(
         .route("/metrics", get(metrics))
         .route("/api/edges", get(edges))
         .route("/api/stat", get(stat))
+        .route("/api/routes", get(routes))
+        .route("/api/topology", get(topology))
+        .route("/api/stream", get(stream))
+        .route("/api/tap", get(tap_stream))
         .route("/api/status", get(status))
         .route("/api/spans", get(spans))
-        .with_state(shared);
+        .merge(dashboard::router())
+        .with_state(AppState {
+            shared,
+            token: token.clone(),
+        });
     axum::serve(listener, app)
         .with_graceful_shutdown(async move { token.cancelled().await })
         .await?;
     Ok(())
 }
 
-async fn metrics(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
+#[derive(Clone)]
+pub struct AppState {
+    shared: Arc<Shared>,
+    /// Ends the event streams at shutdown.
+    token: CancellationToken,
+}
+
+async fn metrics(State(AppState { shared, .. }): State<AppState>) -> impl IntoResponse {
     (
         [(
             header::CONTENT_TYPE,
@@ -123,19 +195,124 @@ async fn metrics(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
     )
 }
 
-async fn edges(State(shared): State<Arc<Shared>>) -> Json<EdgesResponse> {
+async fn edges(
+    State(AppState { shared, .. }): State<AppState>,
+    Query(q): Query<WindowQuery>,
+) -> Result<Json<EdgesResponse>, ApiError> {
+    let w = q.window()?;
     let agg = shared.aggregator.lock().unwrap_or_else(|p| p.into_inner());
-    Json(EdgesResponse { edges: agg.edges() })
+    Ok(Json(EdgesResponse {
+        window: w.as_str().to_owned(),
+        window_seconds: agg.clock().window_seconds(w),
+        edges: agg.edges(w),
+    }))
 }
 
-async fn stat(State(shared): State<Arc<Shared>>) -> Json<StatResponse> {
+async fn stat(
+    State(AppState { shared, .. }): State<AppState>,
+    Query(q): Query<WindowQuery>,
+) -> Result<Json<StatResponse>, ApiError> {
+    let w = q.window()?;
     let agg = shared.aggregator.lock().unwrap_or_else(|p| p.into_inner());
-    Json(StatResponse {
-        workloads: agg.workloads(),
-    })
+    Ok(Json(StatResponse {
+        window: w.as_str().to_owned(),
+        window_seconds: agg.clock().window_seconds(w),
+        workloads: agg.workloads(w),
+    }))
 }
 
-async fn status(State(shared): State<Arc<Shared>>) -> Json<StatusResponse> {
+async fn routes(
+    State(AppState { shared, .. }): State<AppState>,
+    Query(q): Query<WindowQuery>,
+) -> Result<Json<RoutesResponse>, ApiError> {
+    let w = q.window()?;
+    let Some(workload) = q.workload.clone().filter(|w| !w.is_empty()) else {
+        return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            "workload= is required".to_owned(),
+        ));
+    };
+    let agg = shared.aggregator.lock().unwrap_or_else(|p| p.into_inner());
+    let routes = agg.routes(&workload, w).ok_or_else(|| {
+        ApiError(
+            StatusCode::NOT_FOUND,
+            format!("no request to workload {workload:?} seen"),
+        )
+    })?;
+    Ok(Json(RoutesResponse {
+        window: w.as_str().to_owned(),
+        window_seconds: agg.clock().window_seconds(w),
+        workload,
+        routes,
+    }))
+}
+
+fn topology_of(shared: &Shared, w: Window) -> TopologyResponse {
+    let agg = shared.aggregator.lock().unwrap_or_else(|p| p.into_inner());
+    let (nodes, edges) = agg.topology(w);
+    TopologyResponse {
+        window: w.as_str().to_owned(),
+        window_seconds: agg.clock().window_seconds(w),
+        nodes,
+        edges,
+    }
+}
+
+async fn topology(
+    State(AppState { shared, .. }): State<AppState>,
+    Query(q): Query<WindowQuery>,
+) -> Result<Json<TopologyResponse>, ApiError> {
+    Ok(Json(topology_of(&shared, q.window()?)))
+}
+
+/// The topology as server-sent events, a `snapshot` every [`SNAPSHOT_EVERY`].
+async fn stream(
+    State(AppState { shared, token }): State<AppState>,
+    Query(q): Query<WindowQuery>,
+) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
+    let w = q.window()?;
+    let ticks = IntervalStream::new(tokio::time::interval(SNAPSHOT_EVERY));
+    let events = ticks
+        .map(move |_| {
+            let snap = topology_of(&shared, w);
+            Ok(Event::default()
+                .event("snapshot")
+                .json_data(snap)
+                .unwrap_or_else(|_| Event::default().comment("unserialisable")))
+        })
+        .take_until(token.cancelled_owned());
+    Ok(Sse::new(events).keep_alive(KeepAlive::default()))
+}
+
+/// The live request stream, filtered: a `request` event per request, and `dropped` when this
+/// subscriber fell behind and skipped some.
+async fn tap_stream(
+    State(AppState { shared, token }): State<AppState>,
+    Query(filter): Query<tap::Filter>,
+) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
+    let rx = shared.tap.subscribe();
+    let events = BroadcastStream::new(rx)
+        .filter_map(move |r| {
+            let ev = match r {
+                Ok(ev) if filter.matches(&ev) => {
+                    Event::default().event("request").json_data(&*ev).ok()
+                }
+                Ok(_) => None,
+                Err(BroadcastStreamRecvError::Lagged(n)) => {
+                    shared.metrics.tap_dropped.inc_by(n);
+                    Event::default()
+                        .event("dropped")
+                        .json_data(serde_json::json!({ "dropped": n }))
+                        .ok()
+                }
+            };
+            future::ready(ev.map(Ok))
+        })
+        .take_until(token.cancelled_owned());
+    Sse::new(events).keep_alive(KeepAlive::default())
+}
+
+async fn status(State(AppState { shared, .. }): State<AppState>) -> Json<StatusResponse> {
     Json(StatusResponse {
         ready: true,
         uptime_seconds: shared.started.elapsed().as_secs_f64(),
@@ -145,21 +322,31 @@ async fn status(State(shared): State<Arc<Shared>>) -> Json<StatusResponse> {
 }
 
 async fn spans(
-    State(shared): State<Arc<Shared>>,
+    State(AppState { shared, .. }): State<AppState>,
     Query(q): Query<SpansQuery>,
-) -> Json<SpansResponse> {
+) -> Result<Json<SpansResponse>, ApiError> {
     let limit = q.limit.unwrap_or(500);
+    let trace = match q.trace_id.as_deref().filter(|t| !t.is_empty()) {
+        Some(t) => Some(u128::from_str_radix(t, 16).map_err(|_| {
+            ApiError(
+                StatusCode::BAD_REQUEST,
+                format!("trace_id {t:?} is not hexadecimal"),
+            )
+        })?),
+        None => None,
+    };
     let recent = shared
         .spans_out
         .recent
         .lock()
         .unwrap_or_else(|p| p.into_inner());
-    let skip = recent.len().saturating_sub(limit);
-    Json(SpansResponse {
-        spans: recent
-            .iter()
-            .skip(skip)
-            .map(|s| SpanView::of(s, &shared.spans_out.names))
-            .collect(),
-    })
+    let mut spans: Vec<SpanView> = recent
+        .iter()
+        .rev()
+        .filter(|s| trace.is_none_or(|t| s.trace_id == t))
+        .take(limit)
+        .map(|s| SpanView::of(s, &shared.spans_out.names))
+        .collect();
+    spans.reverse();
+    Ok(Json(SpansResponse { spans }))
 }

@@ -1,15 +1,19 @@
 //! Command line: `tracer run` starts the daemon; the other verbs read a running daemon's API and
 //! print tables in the manner of `linkerd viz`.
 
-use std::net::SocketAddr;
+use std::{net::SocketAddr, ops::ControlFlow};
 
 use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 use serde::de::DeserializeOwned;
 
+use std::io::BufRead as _;
+
 use crate::{
-    api::{EdgesResponse, SpanView, SpansResponse, StatResponse},
+    api::{EdgesResponse, RoutesResponse, SpanView, SpansResponse, StatResponse},
     edges::Quantiles,
+    tap::{Filter, TapEvent},
+    window::{Window, WindowStats},
 };
 
 pub const DEFAULT_ADDR: &str = "127.0.0.1:9464";
@@ -59,7 +63,12 @@ pub enum Command {
         ringbuf_bytes: Option<u32>,
     },
     /// Edges between workloads: who calls whom, with success rate, RPS and latency.
-    Edges(ClientArgs),
+    Edges {
+        #[command(flatten)]
+        window: WindowArg,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
     /// Recent spans of a running daemon, as a tree per trace.
     Spans {
         /// Most recent spans to show.
@@ -73,8 +82,70 @@ pub enum Command {
         /// Only this workload.
         workload: Option<String>,
         #[command(flatten)]
+        window: WindowArg,
+        #[command(flatten)]
         client: ClientArgs,
     },
+    /// Golden metrics per route (templated path) of a server workload.
+    Routes {
+        workload: String,
+        #[command(flatten)]
+        window: WindowArg,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// The live stream of requests, one line each (Ctrl-C to stop).
+    Tap {
+        #[command(flatten)]
+        filter: FilterArgs,
+        /// Stop after this many requests.
+        #[arg(long)]
+        max: Option<usize>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// A live view of the busiest paths, updated as requests arrive (q to quit).
+    Top {
+        #[command(flatten)]
+        filter: FilterArgs,
+        /// Address of a running `tracer run`.
+        #[arg(long, env = "TRACER_ADDR", default_value = DEFAULT_ADDR)]
+        addr: String,
+    },
+}
+
+#[derive(clap::Args)]
+pub struct WindowArg {
+    /// Window the metrics cover: 10s, 1m or 10m.
+    #[arg(short = 't', long = "time-window", default_value = "1m", value_parser = Window::parse)]
+    pub window: Window,
+}
+
+#[derive(clap::Args, Clone)]
+pub struct FilterArgs {
+    /// Only requests to this workload.
+    #[arg(long)]
+    pub to: Option<String>,
+    /// Only requests from this workload.
+    #[arg(long)]
+    pub from: Option<String>,
+    /// Only paths starting with this.
+    #[arg(long)]
+    pub path: Option<String>,
+    /// Only this method.
+    #[arg(long)]
+    pub method: Option<String>,
+}
+
+impl FilterArgs {
+    pub fn filter(&self) -> Filter {
+        Filter {
+            to: self.to.clone(),
+            from: self.from.clone(),
+            path: self.path.clone(),
+            method: self.method.clone(),
+        }
+    }
 }
 
 fn parse_ringbuf(s: &str) -> Result<u32, String> {
@@ -102,13 +173,21 @@ pub enum Output {
     Json,
 }
 
-fn fetch<T: DeserializeOwned>(addr: &str, path: &str) -> anyhow::Result<(T, String)> {
-    let url = if addr.starts_with("http://") || addr.starts_with("https://") {
+fn url_of(addr: &str, path: &str) -> String {
+    if addr.starts_with("http://") || addr.starts_with("https://") {
         format!("{}{path}", addr.trim_end_matches('/'))
     } else {
         format!("http://{addr}{path}")
-    };
-    let body = ureq::get(&url)
+    }
+}
+
+/// GET with the daemon's errors made plain: nothing listening, or an API error message.
+fn call(addr: &str, path: &str) -> anyhow::Result<ureq::http::Response<ureq::Body>> {
+    let url = url_of(addr, path);
+    let resp = ureq::get(&url)
+        .config()
+        .http_status_as_error(false)
+        .build()
         .call()
         .map_err(|e| match e {
             ureq::Error::Io(_) | ureq::Error::ConnectionFailed | ureq::Error::HostNotFound => {
@@ -118,8 +197,58 @@ fn fetch<T: DeserializeOwned>(addr: &str, path: &str) -> anyhow::Result<(T, Stri
                 )
             }
             e => anyhow::anyhow!("{url}: {e}"),
-        })?
-        .body_mut()
+        })?;
+    if !resp.status().is_success() {
+        let status = resp.status();
+        let body = resp.into_body().read_to_string().unwrap_or_default();
+        let msg = serde_json::from_str::<serde_json::Value>(&body)
+            .ok()
+            .and_then(|v| v["error"].as_str().map(str::to_owned))
+            .unwrap_or(body);
+        bail!("{url}: {status}: {msg}");
+    }
+    Ok(resp)
+}
+
+/// Reads a server-sent event stream, calling `f(event, data)` for each event until it breaks.
+pub fn events(
+    addr: &str,
+    path: &str,
+    mut f: impl FnMut(&str, &str) -> ControlFlow<()>,
+) -> anyhow::Result<()> {
+    let resp = call(addr, path)?;
+    let reader = std::io::BufReader::new(resp.into_body().into_reader());
+    let (mut event, mut data) = (String::new(), String::new());
+    for line in reader.lines() {
+        let line = line.context("reading the event stream")?;
+        if line.is_empty() {
+            if !data.is_empty() && f(&event, &data).is_break() {
+                return Ok(());
+            }
+            event.clear();
+            data.clear();
+        } else if let Some(v) = line.strip_prefix("event:") {
+            event = v.trim_start().to_owned();
+        } else if let Some(v) = line.strip_prefix("data:") {
+            if !data.is_empty() {
+                data.push('\n');
+            }
+            data.push_str(v.strip_prefix(' ').unwrap_or(v));
+        }
+    }
+    bail!("the daemon at {addr} closed the stream")
+}
+
+/// Fails with a clear message when no daemon answers at `addr`.
+pub fn check_daemon(addr: &str) -> anyhow::Result<()> {
+    let _: (crate::api::StatusResponse, _) = fetch(addr, "/api/status")?;
+    Ok(())
+}
+
+fn fetch<T: DeserializeOwned>(addr: &str, path: &str) -> anyhow::Result<(T, String)> {
+    let url = url_of(addr, path);
+    let body = call(addr, path)?
+        .into_body()
         .read_to_string()
         .with_context(|| format!("reading {url}"))?;
     let value = serde_json::from_str(&body)
@@ -157,8 +286,33 @@ fn print_table(header: &[&str], rows: &[Vec<String>]) {
     }
 }
 
-pub fn edges(args: &ClientArgs) -> anyhow::Result<()> {
-    let (resp, raw): (EdgesResponse, _) = fetch(&args.addr, "/api/edges")?;
+/// Window columns: success rate, RPS and latency quantiles.
+fn window_cells(w: &WindowStats) -> [String; 5] {
+    let lat = w.latency.as_ref();
+    [
+        if w.requests == 0 {
+            "-".to_owned()
+        } else {
+            pct(w.success_rate)
+        },
+        format!("{:.1}", w.rps),
+        ms(lat, |q| q.p50_ms),
+        ms(lat, |q| q.p95_ms),
+        ms(lat, |q| q.p99_ms),
+    ]
+}
+
+const WINDOW_HEADER: [&str; 5] = [
+    "SUCCESS",
+    "RPS",
+    "LATENCY_P50",
+    "LATENCY_P95",
+    "LATENCY_P99",
+];
+
+pub fn edges(w: Window, args: &ClientArgs) -> anyhow::Result<()> {
+    let (resp, raw): (EdgesResponse, _) =
+        fetch(&args.addr, &format!("/api/edges?window={}", w.as_str()))?;
     if args.output == Output::Json {
         println!("{raw}");
         return Ok(());
@@ -171,39 +325,22 @@ pub fn edges(args: &ClientArgs) -> anyhow::Result<()> {
         .edges
         .iter()
         .map(|e| {
-            let lat = e.server_latency.as_ref().or(e.client_latency.as_ref());
-            vec![
-                e.src.clone(),
-                e.dst.clone(),
-                e.dst_addrs.join(","),
-                e.requests.to_string(),
-                pct(e.success_rate),
-                format!("{:.1}", e.rps),
-                ms(lat, |q| q.p50_ms),
-                ms(lat, |q| q.p95_ms),
-                ms(lat, |q| q.p99_ms),
-            ]
+            let mut row = vec![e.src.clone(), e.dst.clone(), e.dst_addrs.join(",")];
+            row.extend(window_cells(&e.window));
+            row.push(e.requests.to_string());
+            row
         })
         .collect();
-    print_table(
-        &[
-            "SRC",
-            "DST",
-            "DST_ADDR",
-            "REQUESTS",
-            "SUCCESS",
-            "RPS",
-            "LATENCY_P50",
-            "LATENCY_P95",
-            "LATENCY_P99",
-        ],
-        &rows,
-    );
+    let mut header = vec!["SRC", "DST", "DST_ADDR"];
+    header.extend(WINDOW_HEADER);
+    header.push("REQUESTS");
+    print_table(&header, &rows);
     Ok(())
 }
 
-pub fn stat(workload: Option<&str>, args: &ClientArgs) -> anyhow::Result<()> {
-    let (mut resp, raw): (StatResponse, _) = fetch(&args.addr, "/api/stat")?;
+pub fn stat(workload: Option<&str>, w: Window, args: &ClientArgs) -> anyhow::Result<()> {
+    let (mut resp, raw): (StatResponse, _) =
+        fetch(&args.addr, &format!("/api/stat?window={}", w.as_str()))?;
     if let Some(w) = workload {
         resp.workloads.retain(|x| x.name == w);
         if resp.workloads.is_empty() {
@@ -225,31 +362,109 @@ pub fn stat(workload: Option<&str>, args: &ClientArgs) -> anyhow::Result<()> {
     let rows: Vec<Vec<String>> = resp
         .workloads
         .iter()
-        .map(|w| {
-            vec![
-                w.name.clone(),
-                pct(w.success_rate),
-                format!("{:.1}", w.rps),
-                ms(w.latency.as_ref(), |q| q.p50_ms),
-                ms(w.latency.as_ref(), |q| q.p95_ms),
-                ms(w.latency.as_ref(), |q| q.p99_ms),
-                w.requests.to_string(),
-            ]
+        .map(|x| {
+            let mut row = vec![x.name.clone()];
+            row.extend(window_cells(&x.window));
+            row.push(x.requests.to_string());
+            row
         })
         .collect();
-    print_table(
-        &[
-            "NAME",
-            "SUCCESS",
-            "RPS",
-            "LATENCY_P50",
-            "LATENCY_P95",
-            "LATENCY_P99",
-            "REQUESTS",
-        ],
-        &rows,
-    );
+    let mut header = vec!["NAME"];
+    header.extend(WINDOW_HEADER);
+    header.push("REQUESTS");
+    print_table(&header, &rows);
     Ok(())
+}
+
+pub fn routes(workload: &str, w: Window, args: &ClientArgs) -> anyhow::Result<()> {
+    let path = format!(
+        "/api/routes?window={}&workload={}",
+        w.as_str(),
+        crate::tap::encode(workload)
+    );
+    let (resp, raw): (RoutesResponse, _) = fetch(&args.addr, &path)?;
+    if args.output == Output::Json {
+        println!("{raw}");
+        return Ok(());
+    }
+    let rows: Vec<Vec<String>> = resp
+        .routes
+        .iter()
+        .map(|r| {
+            let mut row = vec![r.route.clone(), r.method.clone()];
+            row.extend(window_cells(&r.window));
+            row.push(r.requests.to_string());
+            row
+        })
+        .collect();
+    let mut header = vec!["ROUTE", "METHOD"];
+    header.extend(WINDOW_HEADER);
+    header.push("REQUESTS");
+    print_table(&header, &rows);
+    Ok(())
+}
+
+/// Prints the live request stream until `max` requests or the stream ends.
+pub fn tap(filter: &Filter, max: Option<usize>, args: &ClientArgs) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    let mut seen = 0usize;
+    let stdout = std::io::stdout();
+    let path = format!("/api/tap?{}", filter.query());
+    events(&args.addr, &path, |event, data| {
+        let mut out = stdout.lock();
+        let written = match event {
+            "request" if args.output == Output::Json => writeln!(out, "{data}"),
+            "request" => match serde_json::from_str::<TapEvent>(data) {
+                Ok(e) => writeln!(
+                    out,
+                    "{} {} -> {} {} {} {} {:.3}ms{}",
+                    clock_time(e.ts_ms),
+                    e.src,
+                    e.dst,
+                    e.method,
+                    e.path,
+                    e.status,
+                    e.latency_ms,
+                    e.trace_id
+                        .as_deref()
+                        .map(|t| format!(" trace={t}"))
+                        .unwrap_or_default()
+                ),
+                Err(_) => Ok(()),
+            },
+            "dropped" => {
+                eprintln!("tracer: tap fell behind, skipped {data}");
+                Ok(())
+            }
+            _ => Ok(()),
+        };
+        let _ = out.flush();
+        if written.is_err() {
+            // Reader gone (a closed pipe): stop.
+            return ControlFlow::Break(());
+        }
+        if event == "request" {
+            seen += 1;
+        }
+        if max.is_some_and(|m| seen >= m) {
+            ControlFlow::Break(())
+        } else {
+            ControlFlow::Continue(())
+        }
+    })
+}
+
+/// `HH:MM:SS.mmm` (UTC) of a unix-millisecond time.
+pub fn clock_time(ts_ms: f64) -> String {
+    let ms = ts_ms as u64;
+    let s = ms / 1000;
+    format!(
+        "{:02}:{:02}:{:02}.{:03}",
+        (s / 3600) % 24,
+        (s / 60) % 60,
+        s % 60,
+        ms % 1000
+    )
 }
 
 pub fn spans(limit: usize, args: &ClientArgs) -> anyhow::Result<()> {

@@ -19,6 +19,8 @@ use crate::{
     http1::Method,
     metrics::Metrics,
     route,
+    window::{Clock, Point, Window, WindowStats, Windowed},
+    workload,
 };
 
 /// Edges kept; requests on further edges are folded into `[other]` (and counted).
@@ -125,6 +127,13 @@ struct Edge {
     src_pids: BTreeSet<u32>,
     dst_pids: BTreeSet<u32>,
     series: HashMap<(Method, u16, RouteId), Series>,
+    window: Windowed,
+}
+
+/// One route of a destination workload, over all its callers.
+struct RouteStats {
+    requests: u64,
+    window: Windowed,
 }
 
 type NameId = u32;
@@ -163,6 +172,18 @@ pub struct Aggregator {
     workloads: HashMap<NameId, Golden>,
     /// Routes kept per destination.
     dst_routes: HashMap<NameId, HashSet<RouteId>>,
+    routes_by_dst: HashMap<(NameId, RouteId, Method), RouteStats>,
+    /// Wall-clock second the aggregator started (windows do not reach before it).
+    started_unix: f64,
+}
+
+/// What a request was counted as.
+pub struct Recorded<'a> {
+    pub route: &'a str,
+    pub src: &'a str,
+    pub dst: &'a str,
+    /// Whether this end's exchange counted the request (else the other end does).
+    pub counted: bool,
 }
 
 /// Latency quantiles in milliseconds.
@@ -209,6 +230,9 @@ pub struct EdgeView {
     pub server_latency: Option<Quantiles>,
     /// As the client measured it (absent when the client is not on this host).
     pub client_latency: Option<Quantiles>,
+    /// Over the window asked for.
+    pub window: WindowStats,
+    pub history: Vec<Point>,
 }
 
 #[derive(Debug, Clone, Serialize, serde::Deserialize)]
@@ -220,19 +244,46 @@ pub struct WorkloadView {
     pub rps: f64,
     pub status_codes: BTreeMap<u16, u64>,
     pub latency: Option<Quantiles>,
+    /// Over the window asked for.
+    pub window: WindowStats,
+    pub history: Vec<Point>,
 }
 
-fn success_rate(requests: u64, failures: u64) -> f64 {
+/// A workload in the topology: what it served and what it called, over the window.
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct NodeView {
+    pub name: String,
+    pub inbound: Option<WindowStats>,
+    pub outbound: Option<WindowStats>,
+    /// Of what it served.
+    pub history: Vec<Point>,
+}
+
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct TopologyEdge {
+    pub src: String,
+    pub dst: String,
+    pub window: WindowStats,
+    pub requests: u64,
+    pub dst_addrs: Vec<String>,
+    pub history: Vec<Point>,
+}
+
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct RouteView {
+    pub route: String,
+    pub method: String,
+    pub requests: u64,
+    pub window: WindowStats,
+    pub history: Vec<Point>,
+}
+
+pub fn success_rate(requests: u64, failures: u64) -> f64 {
     if requests == 0 {
         1.0
     } else {
         (requests - failures) as f64 / requests as f64
     }
-}
-
-/// Name of a workload on this host: its process name.
-fn local_name(comm: &str) -> &str {
-    if comm.is_empty() { "[unknown]" } else { comm }
 }
 
 impl Aggregator {
@@ -244,7 +295,14 @@ impl Aggregator {
             edges: HashMap::new(),
             workloads: HashMap::new(),
             dst_routes: HashMap::new(),
+            routes_by_dst: HashMap::new(),
+            started_unix: Clock::now(0.0).now_s,
         }
+    }
+
+    /// The time to answer a query at.
+    pub fn clock(&self) -> Clock {
+        Clock::now(self.started_unix)
     }
 
     fn now_sec(&self) -> u64 {
@@ -275,31 +333,25 @@ impl Aggregator {
         peer: Option<Peer>,
         server_seen: bool,
         metrics: &Metrics,
-    ) -> &str {
-        let own_comm = ex.task.comm.as_str();
-        let peer_comm = peer.map(|p| p.task.comm);
-        let peer_comm = peer_comm.as_ref().map(|c| c.as_str());
+    ) -> Recorded<'_> {
         let latency_us = (ex.end_ns.saturating_sub(ex.start_ns) / 1000).max(1);
-        let own = self.names.id(local_name(&own_comm));
-        let (src, dst, counts) = match ex.side {
-            Side::Server => {
-                let src = match &peer_comm {
-                    Some(c) => self.names.id(local_name(c)),
-                    None => self.names.id(&ex.tuple.remote.ip().to_string()),
-                };
-                (src, own, true)
+        let own = self.names.id(&workload::name(&ex.task));
+        let peer_name = peer.map(|p| self.names.id(&workload::name(&p.task)));
+        let (src, dst, counts) = match (ex.side, peer, peer_name) {
+            (Side::Server, _, Some(src)) => (src, own, true),
+            (Side::Server, _, None) => {
+                (self.names.id(&ex.tuple.remote.ip().to_string()), own, true)
             }
-            Side::Client => match (&peer, &peer_comm) {
-                // The server end is here and counts the request (unless it missed it: e.g. its
-                // read began before the daemon started).
-                (Some(p), Some(c)) if p.side == Some(Side::Server) => {
-                    (own, self.names.id(local_name(c)), !server_seen)
-                }
-                (Some(_), Some(c)) => (own, self.names.id(local_name(c)), true),
-                _ => (own, self.names.id(&ex.tuple.remote.to_string()), true),
-            },
+            // The server end is here and counts the request (unless it missed it: e.g. its
+            // read began before the daemon started).
+            (Side::Client, Some(p), Some(dst)) if p.side == Some(Side::Server) => {
+                (own, dst, !server_seen)
+            }
+            (Side::Client, _, Some(dst)) => (own, dst, true),
+            (Side::Client, _, None) => (own, self.names.id(&ex.tuple.remote.to_string()), true),
         };
         let sec = self.now_sec();
+        let slot = self.clock().slot();
         let key = if self.edges.contains_key(&(src, dst)) || self.edges.len() < MAX_EDGES {
             (src, dst)
         } else {
@@ -317,6 +369,7 @@ impl Aggregator {
             src_pids: BTreeSet::new(),
             dst_pids: BTreeSet::new(),
             series: HashMap::new(),
+            window: Windowed::new(),
         });
         let series = edge
             .series
@@ -376,6 +429,17 @@ impl Aggregator {
             }
         }
         if counts {
+            let failed = ex.status >= 500;
+            edge.window.record(slot, failed, Some(latency_us));
+            let r = self
+                .routes_by_dst
+                .entry((key.1, route, ex.method))
+                .or_insert_with(|| RouteStats {
+                    requests: 0,
+                    window: Windowed::new(),
+                });
+            r.requests += 1;
+            r.window.record(slot, failed, Some(latency_us));
             edge.golden.count(ex.status, sec);
             edge.req_bytes += ex.req_bytes;
             edge.resp_bytes += ex.resp_bytes;
@@ -384,10 +448,131 @@ impl Aggregator {
             // Server-side latency when the server is here, else the client's.
             let _ = w.latency.record(latency_us);
         }
-        self.routes.name(route)
+        Recorded {
+            route: self.routes.name(route),
+            src: self.names.name(key.0),
+            dst: self.names.name(key.1),
+            counted: counts,
+        }
     }
 
-    pub fn edges(&self) -> Vec<EdgeView> {
+    /// Forgets edges and routes idle for the whole history (10 minutes), with their metric
+    /// series, so that a burst of one-off names or paths does not stay forever.
+    pub fn expire(&mut self, metrics: &Metrics) {
+        let clock = self.clock();
+        let (names, routes) = (&self.names, &self.routes);
+        self.edges.retain(|(src, dst), e| {
+            if !e.window.idle(&clock) {
+                return true;
+            }
+            for ((method, status, route), _) in e.series.drain() {
+                let status = status.to_string();
+                let labels = [
+                    names.name(*src),
+                    names.name(*dst),
+                    method.as_str(),
+                    routes.name(route),
+                    status.as_str(),
+                ];
+                let _ = metrics.requests.remove_label_values(&labels);
+                for observer in ["server", "client"] {
+                    let mut l = labels.to_vec();
+                    l.push(observer);
+                    let _ = metrics.latency.remove_label_values(&l);
+                }
+            }
+            metrics.series_expired.with_label_values(&["edge"]).inc();
+            false
+        });
+        let dst_routes = &mut self.dst_routes;
+        self.routes_by_dst.retain(|(dst, route, _), r| {
+            if !r.window.idle(&clock) {
+                return true;
+            }
+            if let Some(set) = dst_routes.get_mut(dst) {
+                set.remove(route);
+            }
+            metrics.series_expired.with_label_values(&["route"]).inc();
+            false
+        });
+        let edges = &self.edges;
+        self.workloads
+            .retain(|w, _| edges.keys().any(|(_, dst)| dst == w));
+    }
+
+    /// Sum of the windows of the edges into (`inbound`) or out of a workload.
+    fn sum_edges(&self, name: NameId, inbound: bool) -> Option<Windowed> {
+        let mut sum: Option<Windowed> = None;
+        for ((src, dst), e) in &self.edges {
+            if (if inbound { *dst } else { *src }) == name {
+                sum.get_or_insert_with(Windowed::new).add(&e.window);
+            }
+        }
+        sum
+    }
+
+    pub fn topology(&self, w: Window) -> (Vec<NodeView>, Vec<TopologyEdge>) {
+        let clock = self.clock();
+        let mut ids: BTreeSet<(&str, NameId)> = BTreeSet::new();
+        for (src, dst) in self.edges.keys() {
+            ids.insert((self.names.name(*src), *src));
+            ids.insert((self.names.name(*dst), *dst));
+        }
+        let nodes = ids
+            .into_iter()
+            .map(|(name, id)| {
+                let inbound = self.sum_edges(id, true);
+                NodeView {
+                    name: name.to_owned(),
+                    history: inbound
+                        .as_ref()
+                        .map_or_else(Vec::new, |i| i.history(&clock)),
+                    inbound: inbound.map(|i| i.stats(&clock, w)),
+                    outbound: self.sum_edges(id, false).map(|o| o.stats(&clock, w)),
+                }
+            })
+            .collect();
+        let mut edges: Vec<TopologyEdge> = self
+            .edges
+            .iter()
+            .map(|((src, dst), e)| TopologyEdge {
+                src: self.names.name(*src).to_owned(),
+                dst: self.names.name(*dst).to_owned(),
+                window: e.window.stats(&clock, w),
+                requests: e.golden.requests,
+                dst_addrs: e.dst_addrs.iter().map(ToString::to_string).collect(),
+                history: e.window.history(&clock),
+            })
+            .collect();
+        edges.sort_by(|a, b| (&a.src, &a.dst).cmp(&(&b.src, &b.dst)));
+        (nodes, edges)
+    }
+
+    /// The routes of a server workload, or None when no request to it was seen.
+    pub fn routes(&self, workload: &str, w: Window) -> Option<Vec<RouteView>> {
+        let id = *self.names.ids.get(workload)?;
+        if !self.edges.keys().any(|(_, dst)| *dst == id) {
+            return None;
+        }
+        let clock = self.clock();
+        let mut out: Vec<RouteView> = self
+            .routes_by_dst
+            .iter()
+            .filter(|((dst, _, _), _)| *dst == id)
+            .map(|((_, route, method), r)| RouteView {
+                route: self.routes.name(*route).to_owned(),
+                method: method.as_str().to_owned(),
+                requests: r.requests,
+                window: r.window.stats(&clock, w),
+                history: r.window.history(&clock),
+            })
+            .collect();
+        out.sort_by(|a, b| (&a.route, &a.method).cmp(&(&b.route, &b.method)));
+        Some(out)
+    }
+
+    pub fn edges(&self, w: Window) -> Vec<EdgeView> {
+        let clock = self.clock();
         let now = self.now_sec();
         let elapsed = self.started.elapsed().as_secs_f64();
         let mut out: Vec<EdgeView> = self
@@ -408,26 +593,34 @@ impl Aggregator {
                 response_bytes: e.resp_bytes,
                 server_latency: Quantiles::of(&e.golden.latency),
                 client_latency: Quantiles::of(&e.client_latency),
+                window: e.window.stats(&clock, w),
+                history: e.window.history(&clock),
             })
             .collect();
         out.sort_by(|a, b| (&a.src, &a.dst).cmp(&(&b.src, &b.dst)));
         out
     }
 
-    pub fn workloads(&self) -> Vec<WorkloadView> {
+    pub fn workloads(&self, w: Window) -> Vec<WorkloadView> {
+        let clock = self.clock();
         let now = self.now_sec();
         let elapsed = self.started.elapsed().as_secs_f64();
         let mut out: Vec<WorkloadView> = self
             .workloads
             .iter()
-            .map(|(name, g)| WorkloadView {
-                name: self.names.name(*name).to_owned(),
-                requests: g.requests,
-                failures: g.failures,
-                success_rate: success_rate(g.requests, g.failures),
-                rps: g.window.rate(now, elapsed),
-                status_codes: g.by_status.clone(),
-                latency: Quantiles::of(&g.latency),
+            .map(|(name, g)| {
+                let inbound = self.sum_edges(*name, true).unwrap_or_default();
+                WorkloadView {
+                    name: self.names.name(*name).to_owned(),
+                    requests: g.requests,
+                    failures: g.failures,
+                    success_rate: success_rate(g.requests, g.failures),
+                    rps: g.window.rate(now, elapsed),
+                    status_codes: g.by_status.clone(),
+                    latency: Quantiles::of(&g.latency),
+                    window: inbound.stats(&clock, w),
+                    history: inbound.history(&clock),
+                }
             })
             .collect();
         out.sort_by(|a, b| a.name.cmp(&b.name));

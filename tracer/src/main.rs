@@ -2,6 +2,7 @@ mod api;
 mod capture;
 mod cli;
 mod conn;
+mod dashboard;
 mod edges;
 mod event;
 mod http1;
@@ -10,6 +11,10 @@ mod otlp;
 mod pipeline;
 mod route;
 mod spans;
+mod tap;
+mod top;
+mod window;
+mod workload;
 
 use clap::Parser as _;
 use tracing_subscriber::EnvFilter;
@@ -79,8 +84,23 @@ fn main() -> std::process::ExitCode {
                 .and_then(|rt| rt.block_on(pipeline::run(cfg)))
         }),
         Command::Spans { limit, client } => cli::spans(limit, &client),
-        Command::Edges(args) => cli::edges(&args),
-        Command::Stat { workload, client } => cli::stat(workload.as_deref(), &client),
+        Command::Edges { window, client } => cli::edges(window.window, &client),
+        Command::Stat {
+            workload,
+            window,
+            client,
+        } => cli::stat(workload.as_deref(), window.window, &client),
+        Command::Routes {
+            workload,
+            window,
+            client,
+        } => cli::routes(&workload, window.window, &client),
+        Command::Tap {
+            filter,
+            max,
+            client,
+        } => cli::tap(&filter.filter(), max, &client),
+        Command::Top { filter, addr } => top::run(&addr, &filter.filter()),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

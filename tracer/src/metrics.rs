@@ -30,6 +30,8 @@ pub struct Metrics {
     pub conn_evictions: IntCounter,
     pub connections_desynced: IntCounter,
     pub series_overflow: IntCounterVec,
+    pub series_expired: IntCounterVec,
+    pub tap_dropped: IntCounter,
     pub spans: IntCounterVec,
     pub requests_lost: IntCounterVec,
     pub bpf_run_seconds: CounterVec,
@@ -159,8 +161,23 @@ impl Metrics {
             &["table"],
         )
         .expect("valid metric");
+        let series_expired = IntCounterVec::new(
+            Opts::new(
+                "tracer_series_expired_total",
+                "Edges and routes forgotten after 10 minutes without a request.",
+            ),
+            &["table"],
+        )
+        .expect("valid metric");
+        let tap_dropped = IntCounter::new(
+            "tracer_tap_dropped_total",
+            "Requests a tap stream skipped because its client read too slowly.",
+        )
+        .expect("valid metric");
         for c in [
-            Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(series_expired.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(tap_dropped.clone()),
+            Box::new(requests.clone()),
             Box::new(latency.clone()),
             Box::new(events.clone()),
             Box::new(decode_errors.clone()),
@@ -211,6 +228,8 @@ impl Metrics {
             conn_evictions,
             connections_desynced,
             series_overflow,
+            series_expired,
+            tap_dropped,
             spans,
             requests_lost,
             bpf_run_seconds,

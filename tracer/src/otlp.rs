@@ -134,7 +134,8 @@ fn percent_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// `service.name` per process name, with overrides (`--service comm=name`).
+/// `service.name` per process, with overrides (`--service name=service`, by process name or
+/// workload name).
 #[derive(Clone, Debug, Default)]
 pub struct ServiceNames {
     overrides: HashMap<String, String>,
@@ -152,11 +153,17 @@ impl ServiceNames {
         Ok(Self { overrides })
     }
 
-    pub fn of(&self, comm: &str) -> String {
+    /// The service of a process: an override for its process name or its workload name, else
+    /// its workload name (see [`crate::workload`]).
+    pub fn of(&self, task: &crate::event::Task) -> String {
+        if let Some(name) = self.overrides.get(&*task.comm.as_str()) {
+            return name.clone();
+        }
+        let workload = crate::workload::name(task);
         self.overrides
-            .get(comm)
+            .get(&*workload)
             .cloned()
-            .unwrap_or_else(|| comm.to_owned())
+            .unwrap_or_else(|| workload.to_string())
     }
 }
 
@@ -293,20 +300,21 @@ fn proto_span(span: &Span) -> ProtoSpan {
 
 /// One OTLP request: spans grouped under one resource per process.
 pub fn request(spans: &[Span], names: &ServiceNames, host: &str) -> ExportTraceServiceRequest {
-    let mut by_process: BTreeMap<(String, u32), Vec<ProtoSpan>> = BTreeMap::new();
+    let mut by_process: BTreeMap<(u32, String), (String, Vec<ProtoSpan>)> = BTreeMap::new();
     for span in spans {
         let comm = span.task.comm.as_str().into_owned();
         by_process
-            .entry((comm, span.task.tgid))
-            .or_default()
+            .entry((span.task.tgid, comm))
+            .or_insert_with(|| (names.of(&span.task), Vec::new()))
+            .1
             .push(proto_span(span));
     }
     let resource_spans = by_process
         .into_iter()
-        .map(|((comm, pid), spans)| ResourceSpans {
+        .map(|((pid, comm), (service, spans))| ResourceSpans {
             resource: Some(Resource {
                 attributes: vec![
-                    kv("service.name", s(names.of(&comm))),
+                    kv("service.name", s(service)),
                     kv("process.pid", i(i64::from(pid))),
                     kv("process.executable.name", s(comm)),
                     kv("host.name", s(host)),

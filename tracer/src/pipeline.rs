@@ -29,11 +29,14 @@ use crate::{
     metrics::Metrics,
     otlp::{self, ServiceNames},
     spans::{self, LinkStats, Linker, Sampler, Span},
+    tap,
 };
 
 /// How often finished spans are looked at for export: often, so that few are held at a time
 /// (at 30k req/s every 50 ms holds ~3k spans).
 const SPAN_DRAIN: Duration = Duration::from_millis(50);
+/// How often idle edges and routes are looked for.
+const EXPIRE_EVERY: Duration = Duration::from_secs(10);
 /// Spans kept for `/api/spans` and `tracer spans`.
 const RECENT_SPANS: usize = 1024;
 
@@ -98,6 +101,7 @@ pub struct Shared {
     pub programs: usize,
     pub sampler: Sampler,
     pub spans_out: SpanSink,
+    pub tap: tap::Sender,
 }
 
 pub struct RunConfig {
@@ -150,6 +154,7 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
             tx,
             reported: Mutex::new(LinkStats::default()),
         },
+        tap: tap::channel(),
     });
 
     let reader = tokio::spawn(read_events(ring, shared.clone(), cfg.listen, token.clone()));
@@ -202,6 +207,7 @@ struct Reader {
     exchanges: Vec<Exchange>,
     ready: Vec<Span>,
     last_drain: Instant,
+    last_expire: Instant,
     data_events: prometheus::IntCounter,
     conn_events: prometheus::IntCounter,
 }
@@ -268,10 +274,12 @@ impl Reader {
                     ex.tuple
                 );
             }
-            let route = agg.record(&ex, peer, server_seen, metrics);
-            if let Some(span) = ex.span {
-                // The route as the metrics templated it: computed once.
-                let route = route.to_owned();
+            let rec = agg.record(&ex, peer, server_seen, metrics);
+            let mut tapped = (rec.counted && self.shared.tap.receiver_count() > 0)
+                .then(|| tap::TapEvent::of(&ex, &rec));
+            // The route as the metrics templated it: computed once.
+            let route = ex.span.map(|_| rec.route.to_owned());
+            if let (Some(span), Some(route)) = (ex.span, route) {
                 self.linker.finish(
                     span,
                     spans::Finished {
@@ -284,6 +292,14 @@ impl Reader {
                         resp_bytes: ex.resp_bytes,
                     },
                 );
+                // After finish: a late link may have moved the span into its caller's trace.
+                if let Some(t) = &mut tapped {
+                    t.trace_id = self.linker.trace_of(span).map(|id| format!("{id:032x}"));
+                }
+            }
+            if let Some(t) = tapped {
+                // Nobody listening any more is not an error.
+                let _ = self.shared.tap.send(Arc::new(t));
             }
         }
         self.exchanges = exchanges;
@@ -292,6 +308,12 @@ impl Reader {
     /// Spans become ready with time too, not only with new events.
     fn drain_spans(&mut self) {
         self.last_drain = Instant::now();
+        if self.last_expire.elapsed() >= EXPIRE_EVERY {
+            self.last_expire = Instant::now();
+            let shared = self.shared.clone();
+            let mut agg = shared.aggregator.lock().unwrap_or_else(|p| p.into_inner());
+            agg.expire(&shared.metrics);
+        }
         self.linker.drain_ready(&mut self.ready);
         self.shared
             .spans_out
@@ -317,6 +339,7 @@ async fn read_events(
         exchanges: Vec::with_capacity(256),
         ready: Vec::new(),
         last_drain: Instant::now(),
+        last_expire: Instant::now(),
         data_events: shared.metrics.events.with_label_values(&["data"]),
         conn_events: shared.metrics.events.with_label_values(&["conn"]),
         shared,

@@ -455,6 +455,11 @@ impl Linker {
         false
     }
 
+    /// The trace a live span is in now.
+    pub fn trace_of(&self, span_id: SpanId) -> Option<TraceId> {
+        self.live.get(&span_id).map(|s| s.trace_id)
+    }
+
     pub fn is_live(&self, span_id: SpanId) -> bool {
         self.live.contains_key(&span_id)
     }

@@ -1,0 +1,60 @@
+//! The web dashboard: static assets embedded in the binary (it works offline and ships as one
+//! file), served next to the API they read.
+
+use axum::{
+    Router,
+    http::{HeaderValue, header},
+    response::{IntoResponse, Response},
+    routing::get,
+};
+
+use crate::api::AppState;
+
+const INDEX: &str = include_str!("../assets/index.html");
+const APP_JS: &str = include_str!("../assets/app.js");
+const STYLE: &str = include_str!("../assets/style.css");
+/// Cytoscape.js, vendored at a pinned version (assets/vendor/README.md).
+const CYTOSCAPE: &str = include_str!("../assets/vendor/cytoscape.min.js");
+const CYTOSCAPE_LICENSE: &str = include_str!("../assets/vendor/LICENSE-cytoscape");
+
+fn asset(body: &'static str, content_type: &'static str, cache: bool) -> Response {
+    let mut resp = body.into_response();
+    let headers = resp.headers_mut();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    // The page itself is always fresh (it names the assets); the library never changes
+    // within a build.
+    let cache_control = if cache {
+        "public, max-age=3600"
+    } else {
+        "no-cache"
+    };
+    headers.insert(
+        header::CACHE_CONTROL,
+        HeaderValue::from_static(cache_control),
+    );
+    resp
+}
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route(
+            "/",
+            get(|| async { asset(INDEX, "text/html; charset=utf-8", false) }),
+        )
+        .route(
+            "/assets/app.js",
+            get(|| async { asset(APP_JS, "text/javascript; charset=utf-8", false) }),
+        )
+        .route(
+            "/assets/style.css",
+            get(|| async { asset(STYLE, "text/css; charset=utf-8", false) }),
+        )
+        .route(
+            "/assets/cytoscape.min.js",
+            get(|| async { asset(CYTOSCAPE, "text/javascript; charset=utf-8", true) }),
+        )
+        .route(
+            "/assets/LICENSE-cytoscape",
+            get(|| async { asset(CYTOSCAPE_LICENSE, "text/plain; charset=utf-8", true) }),
+        )
+}
