@@ -9,10 +9,14 @@ generator thread "observes" requests in real time (rates drift slowly, one
 edge returns 5xx now and then, one edge went quiet minutes ago) and every
 endpoint is computed from those requests, so numbers agree across views.
 
+With --proxy http://127.0.0.1:9464 it serves the assets from disk and
+forwards /api/* to a real daemon instead (event streams included), to work on
+the dashboard against live data without rebuilding the daemon.
+
 Standard library only.  Usage:
 
     python3 scripts/dashboard-mock.py --port 8765
-    chromium --headless --no-sandbox --screenshot=/tmp/t.png http://127.0.0.1:8765/#/
+    python3 scripts/dashboard-mock.py --port 8765 --proxy http://127.0.0.1:9464
 """
 
 import argparse
@@ -24,7 +28,9 @@ import queue
 import random
 import threading
 import time
+import urllib.error
 import urllib.parse
+import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 WINDOWS = {"10s": 10.0, "1m": 60.0, "10m": 600.0}
@@ -328,8 +334,10 @@ def history(reqs, now):
         n = len(rs)
         fails = sum(1 for r in rs if r["status"] >= 500)
         q = quantiles([r["latency_ms"] for r in rs])
+        # Like the daemon: the current slot's rate is over its elapsed part only.
+        elapsed = min(SLOT, max(1.0, now - t))
         points.append({
-            "t": t, "requests": n, "failures": fails, "rps": n / SLOT,
+            "t": t, "requests": n, "failures": fails, "rps": n / elapsed,
             "success_rate": 1.0 if n == 0 else (n - fails) / n,
             "p50_ms": q["p50_ms"] if q else None, "p99_ms": q["p99_ms"] if q else None,
         })
@@ -482,6 +490,7 @@ CONTENT_TYPES = {
 class Handler(BaseHTTPRequestHandler):
     server_version = "tracer-mock"
     assets = None
+    proxy = None  # base URL of a real daemon, or None to serve fake data
 
     def log_message(self, fmt, *args):
         if os.environ.get("MOCK_VERBOSE"):
@@ -530,10 +539,13 @@ class Handler(BaseHTTPRequestHandler):
             "/assets/app.js": "app.js",
             "/assets/style.css": "style.css",
             "/assets/cytoscape.min.js": "vendor/cytoscape.min.js",
+            "/assets/LICENSE-cytoscape": "vendor/LICENSE-cytoscape",
         }
         try:
             if p in static:
                 return self.send_file(static[p])
+            if self.proxy and p.startswith("/api/"):
+                return self.forward()
             if p.startswith("/api/") and p not in ("/api/tap", "/api/spans", "/api/status") \
                     and window not in WINDOWS:
                 return self.send_json({"error": "window must be one of 10s, 1m, 10m"}, 400)
@@ -564,6 +576,25 @@ class Handler(BaseHTTPRequestHandler):
         except (BrokenPipeError, ConnectionResetError):
             return
 
+    def forward(self):
+        """Relay one API request to the real daemon, streaming the body through
+        line by line so that server-sent events arrive as they are sent."""
+        try:
+            up = urllib.request.urlopen(self.proxy.rstrip("/") + self.path, timeout=3600)
+        except urllib.error.HTTPError as e:
+            up = e
+        except OSError as e:
+            return self.send_json({"error": "daemon not reachable: %s" % e}, 502)
+        with up:
+            self.send_response(up.status)
+            for k in ("Content-Type", "Cache-Control"):
+                if up.headers.get(k):
+                    self.send_header(k, up.headers[k])
+            self.end_headers()
+            for line in iter(up.readline, b""):
+                self.wfile.write(line)
+                self.wfile.flush()
+
     def tap(self, qs):
         sub = TapSubscriber(qs)
         with STORE.lock:
@@ -593,12 +624,15 @@ def main():
     ap.add_argument("--port", type=int, default=8765)
     ap.add_argument("--assets", default=os.path.join(here, "..", "tracer", "assets"))
     ap.add_argument("--seed", type=int, default=None, help="random seed, for repeatable data")
+    ap.add_argument("--proxy", metavar="URL", help="forward /api/* to a real daemon at URL instead of faking it")
     args = ap.parse_args()
     if args.seed is not None:
         random.seed(args.seed)
     Handler.assets = os.path.abspath(args.assets)
-    prefill()
-    threading.Thread(target=generator, daemon=True).start()
+    Handler.proxy = args.proxy
+    if not args.proxy:
+        prefill()
+        threading.Thread(target=generator, daemon=True).start()
     srv = ThreadingHTTPServer((args.host, args.port), Handler)
     srv.daemon_threads = True
     print("dashboard mock on http://%s:%d/" % (args.host, args.port), flush=True)

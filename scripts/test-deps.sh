@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # What the tests and the bench drive, installed when missing (as root, idempotent): curl, wrk,
-# nginx, promtool (Debian package prometheus), setpriv (util-linux), and oha (crates.io) for the
+# nginx, promtool (Debian package prometheus), setpriv (util-linux), chromium and tmux (the
+# dashboard and `tracer top` tests), and oha (crates.io) for the
 # bench's fixed-rate load. python3 is part of the image.
 set -euo pipefail
 export DEBIAN_FRONTEND=noninteractive
 missing=()
-for tool in curl:curl wrk:wrk nginx:nginx promtool:prometheus setpriv:util-linux; do
+for tool in curl:curl wrk:wrk nginx:nginx promtool:prometheus setpriv:util-linux chromium:chromium tmux:tmux; do
   command -v "${tool%%:*}" >/dev/null || [ -x "/usr/sbin/${tool%%:*}" ] || missing+=("${tool#*:}")
 done
 if [ ${#missing[@]} -gt 0 ]; then

@@ -54,8 +54,10 @@
   const fmtPct = (sr) => (sr == null || !isFinite(sr) ? '—' : (sr * 100).toFixed(2) + '%');
   const fmtInt = (n) => (n == null ? '—' : String(Math.round(n)));
 
+  // Loopback services answer in microseconds: below 0.1 ms, show µs rather than "0.01 ms".
   function fmtMs(v) {
     if (v == null || !isFinite(v)) return '—';
+    if (v < 0.1) return Math.max(1, Math.round(v * 1000)) + ' µs';
     if (v < 10) return v.toFixed(2) + ' ms';
     if (v < 100) return v.toFixed(1) + ' ms';
     return Math.round(v) + ' ms';
@@ -63,11 +65,13 @@
 
   // Shorter forms for graph labels, where space is tight.
   function shortPct(sr) {
-    const p = sr * 100;
-    return (p >= 99.95 ? '100' : p.toFixed(1)) + '%';
+    // Truncate, not round: 98.96% must not read "99.0%" on an amber edge.
+    const p = Math.floor(sr * 1000) / 10;
+    return (p >= 100 ? '100' : p.toFixed(1)) + '%';
   }
   function shortMs(v) {
     if (v == null) return null;
+    if (v < 0.1) return Math.max(1, Math.round(v * 1000)) + 'µs';
     return (v < 10 ? v.toFixed(1) : Math.round(v)) + 'ms';
   }
 
@@ -192,6 +196,8 @@
         b.hidden = true;
       }
       $('#live-dot').className = 'live-dot ' + (down ? 'down' : state.topology ? 'up' : '');
+      // What is on screen is no longer live: say so by dimming it.
+      document.body.classList.toggle('stale', down);
     },
   };
 
@@ -320,7 +326,8 @@
     const rows = edges.map((e) => {
       const peer = dir === 'in' ? e.src : e.dst;
       const w = e.window;
-      return `<tr data-src="${esc(e.src)}" data-dst="${esc(e.dst)}">` +
+      // data-peer, not data-src/data-dst: those mark the rows of #edges only.
+      return `<tr data-peer="${esc(peer)}">` +
         `<td class="name">${nameLink(peer)}</td>` +
         numCell(fmtRps(w.rps), w.rps) + srCell(w) +
         numCell(fmtMs(lat(w, 'p50_ms')), lat(w, 'p50_ms')) +
@@ -349,35 +356,42 @@
 
   function TopologyPage(view) {
     view.innerHTML = `
-      <div class="topo-grid">
-        <div class="card graph-card">
-          <div class="card-h"><h2>Service topology</h2><span class="meta" id="topo-meta"></span>
-            <div class="right">
-              <div class="legend">
-                <span><span class="dot ok"></span>≥ 99%</span><span><span class="dot warn"></span>≥ 95%</span>
-                <span><span class="dot bad"></span>&lt; 95%</span><span><span class="dot idle"></span>no requests</span>
-              </div>
-              <button class="btn small" id="relayout" title="Lay the graph out again and fit it">Re-layout</button>
+      <div class="kpis" id="kpis"></div>
+      <div class="card graph-card">
+        <div class="card-h"><h2>Service topology</h2><span class="meta" id="topo-meta"></span>
+          <div class="right">
+            <div class="legend">
+              <span><span class="dot ok"></span>≥ 99%</span><span><span class="dot warn"></span>≥ 95%</span>
+              <span><span class="dot bad"></span>&lt; 95%</span><span><span class="dot idle"></span>no requests</span>
             </div>
+            <button class="btn small" id="relayout" title="Lay the graph out again and fit it">Re-layout</button>
           </div>
-          <div id="graph"></div>
         </div>
-        <div class="card side" id="side"></div>
+        <div class="graph-wrap">
+          <div id="graph"></div>
+          <div class="card side" id="side" hidden></div>
+          <div class="graph-hint">Click a workload or an edge for details · drag to pan · scroll to zoom · double-click a workload to open it</div>
+        </div>
       </div>
+      <!-- Automated tests read this table: keep its id, the data-src/data-dst
+           rows and exactly seven cells (sparklines live in the edge panel). -->
       <div class="card">
         <div class="card-h"><h2>Edges</h2><span class="meta" id="edges-meta"></span></div>
         <div class="table-wrap"><table class="data" id="edges">
           <thead><tr><th>Source</th><th>Destination</th><th class="num">RPS</th><th class="num">Success</th>
-          <th class="num">p50</th><th class="num">p99</th><th class="num">Requests</th><th>RPS, last 10 min</th></tr></thead>
+          <th class="num">p50</th><th class="num">p99</th><th class="num">Requests</th></tr></thead>
           <tbody></tbody></table></div>
       </div>`;
 
+    let selected = null; // {type: 'node', name} | {type: 'edge', src, dst}
     const graph = createGraph($('#graph', view), {
       onSelect: (sel) => { selected = sel; renderSide(); highlightRow(); },
     });
-    let selected = null; // {type: 'node', name} | {type: 'edge', src, dst}
 
     $('#relayout', view).addEventListener('click', () => graph.relayout());
+    $('#side', view).addEventListener('click', (ev) => {
+      if (ev.target.closest('[data-close]')) graph.select(null);
+    });
     // Clicking a table row selects that edge in the graph as well.
     $('#edges tbody', view).addEventListener('click', (ev) => {
       const tr = ev.target.closest('tr');
@@ -389,6 +403,7 @@
       graph.update(topo);
       const edges = sortEdges(topo.edges || []);
       $('#topo-meta', view).textContent = `${(topo.nodes || []).length} workloads · ${edges.length} edges · window ${topo.window}`;
+      setHTML($('#kpis', view), kpiStrip(topo));
       $('#edges-meta', view).textContent = 'success rate and latency over the last ' + topo.window + '; requests since the daemon started';
       const rows = edges.map((e) => {
         const w = e.window;
@@ -397,10 +412,9 @@
           numCell(fmtRps(w.rps), w.rps) + srCell(w) +
           numCell(fmtMs(lat(w, 'p50_ms')), lat(w, 'p50_ms')) +
           numCell(fmtMs(lat(w, 'p99_ms')), lat(w, 'p99_ms')) +
-          numCell(fmtInt(e.requests), e.requests) +
-          `<td class="spark-cell">${sparkline(e.history, 'rps', { color: healthColor(health(w) === 'idle' ? 'idle' : health(w)) })}</td></tr>`;
+          numCell(fmtInt(e.requests), e.requests) + '</tr>';
       }).join('');
-      setHTML($('#edges tbody', view), rows || '<tr><td colspan="8" class="empty">No HTTP traffic observed yet.</td></tr>');
+      setHTML($('#edges tbody', view), rows || '<tr><td colspan="7" class="empty">No HTTP traffic observed yet.</td></tr>');
       highlightRow();
       renderSide();
     }
@@ -414,20 +428,20 @@
     function renderSide() {
       const side = $('#side', view);
       const topo = state.topology;
-      if (!topo) { setHTML(side, '<div class="empty">Waiting for data…</div>'); return; }
-      if (selected && selected.type === 'node') {
+      let html = '';
+      if (topo && selected && selected.type === 'node') {
         const node = (topo.nodes || []).find((n) => n.name === selected.name);
-        if (node) return setHTML(side, nodePanel(node, topo));
+        if (node) html = nodePanel(node, topo);
       }
-      if (selected && selected.type === 'edge') {
+      if (topo && selected && selected.type === 'edge') {
         const e = (topo.edges || []).find((x) => x.src === selected.src && x.dst === selected.dst);
-        if (e) return setHTML(side, edgePanel(e));
+        if (e) html = edgePanel(e);
       }
-      setHTML(side, overviewPanel(topo));
+      side.hidden = !html;
+      setHTML(side, html);
     }
 
     if (state.topology) render(state.topology);
-    else renderSide();
 
     return {
       onSnapshot: render,
@@ -444,7 +458,7 @@
     const outbound = sortEdges(topo.edges.filter((e) => e.src === node.name));
     const s = node.inbound || node.outbound;
     const role = node.inbound ? (node.outbound ? 'server and client' : 'server') : 'client only';
-    return `<div class="card-h"><h2>Workload</h2></div><div class="card-b">
+    return `<div class="card-h"><h2>Workload</h2>${closeBtn}</div><div class="card-b">
       <div class="side-title">${esc(node.name)}</div>
       <div class="side-sub">${esc(role)}${node.inbound ? '' : ' · numbers below are its outbound requests'}</div>
       ${statBoxes([['RPS', fmtRps(s && s.rps)], ['Success', fmtPct(s && s.success_rate)],
@@ -459,7 +473,7 @@
   function edgePanel(e) {
     const w = e.window;
     const color = healthColor(health(w) === 'idle' ? 'idle' : health(w));
-    return `<div class="card-h"><h2>Edge</h2></div><div class="card-b">
+    return `<div class="card-h"><h2>Edge</h2>${closeBtn}</div><div class="card-b">
       <div class="side-title">${esc(e.src)}<span class="arrow">→</span>${esc(e.dst)}</div>
       <div class="side-sub">${e.dst_addrs && e.dst_addrs.length ? 'to ' + esc(e.dst_addrs.join(', ')) : ''}</div>
       ${statBoxes([['RPS', fmtRps(w.rps)], ['Success', fmtPct(w.success_rate)],
@@ -474,23 +488,27 @@
     </div>`;
   }
 
-  function overviewPanel(topo) {
+  const closeBtn = '<button class="btn small right-btn" data-close title="Close">✕</button>';
+
+  // Totals over all edges for the window, and the edges that need a look.
+  function kpiStrip(topo) {
     const edges = topo.edges || [];
     const total = edges.reduce((a, e) => a + (e.window.requests || 0), 0);
     const fails = edges.reduce((a, e) => a + (e.window.failures || 0), 0);
     const rps = edges.reduce((a, e) => a + (e.window.rps || 0), 0);
+    const all = { requests: total, success_rate: total ? (total - fails) / total : 1 };
     const unhealthy = edges.filter((e) => ['warn', 'bad'].includes(health(e.window)))
       .sort((a, b) => a.window.success_rate - b.window.success_rate);
-    const list = unhealthy.length
-      ? '<table class="data compact"><tbody>' + unhealthy.map((e) =>
-        `<tr><td>${nameLink(e.src)}<span class="arrow">→</span>${nameLink(e.dst)}</td>${srCell(e.window)}</tr>`).join('') + '</tbody></table>'
-      : '<div class="empty" style="padding:4px 0">All edges with traffic are at or above 99% success.</div>';
-    return `<div class="card-h"><h2>Overview</h2><span class="meta">window ${esc(topo.window)}</span></div><div class="card-b">
-      ${statBoxes([['RPS', fmtRps(rps)], ['Success', fmtPct(total ? (total - fails) / total : 1)],
-        ['Workloads', String((topo.nodes || []).length)], ['Edges', String(edges.length)]])}
-      <h3>Needs attention</h3>${list}
-      <div class="side-sub" style="margin-top:14px">Click a workload or an edge in the graph for details. Drag to pan, scroll to zoom.</div>
-    </div>`;
+    const servers = (topo.nodes || []).filter((n) => n.inbound).length;
+    const kpi = (k, v, cls, foot) => `<div class="card kpi"><div class="k">${k}</div><div class="v ${cls || ''}">${v}</div><div class="foot">${foot}</div></div>`;
+    const attention = unhealthy.length
+      ? unhealthy.slice(0, 3).map((e) => `<a href="${workloadHref(e.dst)}">${esc(e.src)} → ${esc(e.dst)}</a> <span class="${health(e.window)}-text">${fmtPct(e.window.success_rate)}</span>`).join('<br>') +
+        (unhealthy.length > 3 ? `<br>and ${unhealthy.length - 3} more` : '')
+      : 'every edge with traffic is at ≥ 99% success';
+    return kpi('Requests / s', fmtRps(rps), '', `${fmtInt(total)} requests in ${esc(topo.window)}`) +
+      kpi('Success rate', fmtPct(all.success_rate), total ? health(all) : '', `${fmtInt(fails)} failures (5xx)`) +
+      kpi('Workloads', String((topo.nodes || []).length), '', `${servers} serving HTTP · ${edges.length} edges`) +
+      `<div class="card kpi attention"><div class="k">Needs attention</div><div class="v ${unhealthy.length ? 'bad' : 'ok'}">${unhealthy.length}</div><div class="foot">${attention}</div></div>`;
   }
 
   // The Cytoscape graph. Element ids are derived from names; when a snapshot
@@ -527,7 +545,7 @@
         { selector: 'edge', style: {
           'curve-style': 'bezier', width: 'data(width)', 'line-color': 'data(color)',
           'target-arrow-shape': 'triangle', 'target-arrow-color': 'data(color)', 'arrow-scale': 1.1,
-          label: 'data(label)', 'font-size': 10.5, 'font-family': cssVar('--mono'), color: 'data(textColor)',
+          label: 'data(label)', 'font-size': 11, 'font-family': cssVar('--sans'), color: 'data(textColor)',
           'text-background-color': C.labelBg, 'text-background-opacity': 0.92, 'text-background-padding': 3,
           'text-background-shape': 'round-rectangle', 'text-border-color': 'data(color)', 'text-border-width': 1,
           'text-border-opacity': 0.55,
@@ -603,26 +621,28 @@
       });
       signature = sig;
       relayout();
+      applySelection(current); // new elements must fade like the rest
     }
 
-    // Left-to-right breadth-first layout: callers on the left, servers to the
-    // right, so that edges run roughly horizontally and their labels stay legible.
+    // Layered left-to-right layout: callers on the left, the servers they call
+    // to their right, so edges run roughly horizontally and their labels stay
+    // legible. Cytoscape's breadthfirst ranks nodes by *shortest* distance from
+    // a root (a server called both directly and through a proxy lands in the
+    // proxy's column), so ranks and row order are computed here and handed to
+    // the built-in 'preset' layout.
     function relayout() {
       if (!cy.nodes().length) return;
-      const roots = cy.nodes().filter((n) => n.indegree(false) === 0);
-      const layout = cy.layout({
-        name: 'breadthfirst', directed: true, roots: roots.nonempty() ? roots : undefined,
-        spacingFactor: 1.0, padding: 40, animate: false, avoidOverlap: true, nodeDimensionsIncludeLabels: true,
-        // breadthfirst puts depth on y; swap the axes and spread the columns wide.
-        transform: (node, pos) => ({ x: pos.y * 2.4, y: pos.x * 0.55 }),
-      });
-      layout.run();
+      const pos = layeredPositions(cy);
+      cy.layout({ name: 'preset', positions: (n) => pos.get(n.id()), animate: false, fit: false }).run();
       cy.fit(undefined, 50);
       // A small graph fitted to a big canvas would get huge: cap the zoom.
-      if (cy.zoom() > 1.3) { cy.zoom(1.3); cy.center(); }
+      if (cy.zoom() > 1.25) { cy.zoom(1.25); cy.center(); }
     }
 
+    let current = null; // the selection, kept to re-apply after elements change
+
     function applySelection(sel) {
+      current = sel;
       cy.elements().removeClass('faded').unselect();
       if (!sel) return;
       let focus;
@@ -644,7 +664,80 @@
     cy.on('tap', (ev) => { if (ev.target === cy) select(null); });
     cy.on('dbltap', 'node', (ev) => { location.hash = workloadHref(ev.target.data('name')); });
 
-    return { update, relayout, select, destroy: () => cy.destroy(), cy };
+    // For devtools and automated checks: window.tracer.cy is the live graph.
+    window.tracer.cy = cy;
+    return {
+      update, relayout, select,
+      destroy() { window.tracer.cy = null; cy.destroy(); },
+    };
+  }
+
+  // Positions for a layered drawing of the graph in `cy` (a Map id -> {x, y}).
+  //  1. rank = longest path from a caller, ignoring edges that close a cycle;
+  //     a pure caller then moves right to sit just before its nearest callee.
+  //  2. order within each column by the barycentre of neighbours' rows,
+  //     a few sweeps each way (the classic heuristic against crossings).
+  //  3. columns are as far apart as the widest node plus the widest edge label.
+  function layeredPositions(cy) {
+    const ids = cy.nodes().map((n) => n.id()).sort();
+    const succ = new Map(ids.map((id) => [id, []]));
+    const pred = new Map(ids.map((id) => [id, []]));
+    cy.edges().forEach((e) => {
+      const a = e.source().id(), b = e.target().id();
+      if (a !== b) { succ.get(a).push(b); pred.get(b).push(a); }
+    });
+    // Depth-first search marks back edges so that cycles do not loop forever.
+    const back = new Set(), color = new Map();
+    function dfs(u) {
+      color.set(u, 1);
+      succ.get(u).forEach((v) => {
+        if (color.get(v) === 1) back.add(u + '\0' + v);
+        else if (!color.get(v)) dfs(v);
+      });
+      color.set(u, 2);
+    }
+    ids.filter((id) => !pred.get(id).length).forEach((id) => { if (!color.get(id)) dfs(id); });
+    ids.forEach((id) => { if (!color.get(id)) dfs(id); });
+    const fwd = (a, b) => !back.has(a + '\0' + b);
+    const rank = new Map();
+    function rankOf(u) {
+      if (rank.has(u)) return rank.get(u);
+      rank.set(u, 0); // provisional, in case of a (non-forward) loop
+      const ps = pred.get(u).filter((p) => fwd(p, u));
+      const r = ps.length ? Math.max(...ps.map(rankOf)) + 1 : 0;
+      rank.set(u, r);
+      return r;
+    }
+    ids.forEach(rankOf);
+    ids.forEach((id) => {
+      const ss = succ.get(id).filter((v) => fwd(id, v));
+      if (!pred.get(id).length && ss.length) rank.set(id, Math.max(0, Math.min(...ss.map((v) => rank.get(v))) - 1));
+    });
+
+    const cols = [];
+    ids.forEach((id) => { const r = rank.get(id); (cols[r] = cols[r] || []).push(id); });
+    const row = new Map();
+    const place = () => cols.forEach((c) => c && c.forEach((id, i) => row.set(id, i - (c.length - 1) / 2)));
+    place();
+    const bary = (id, nbrs) => {
+      const ys = nbrs.get(id).map((v) => row.get(v));
+      return ys.length ? ys.reduce((a, b) => a + b, 0) / ys.length : row.get(id);
+    };
+    for (let sweep = 0; sweep < 6; sweep++) {
+      const nbrs = sweep % 2 ? succ : pred;
+      cols.forEach((c) => c && c.sort((a, b) => bary(a, nbrs) - bary(b, nbrs) || byName(a, b)));
+      place();
+    }
+
+    const ctx = document.createElement('canvas').getContext('2d');
+    ctx.font = '11px ' + cssVar('--sans');
+    const labelW = Math.max(0, ...cy.edges().map((e) => ctx.measureText(e.data('label') || '').width));
+    const nodeW = Math.max(60, ...cy.nodes().map((n) => n.data('w') || 60));
+    const colGap = nodeW + labelW + 70;
+    const rowGap = 84;
+    const pos = new Map();
+    ids.forEach((id) => pos.set(id, { x: rank.get(id) * colGap, y: row.get(id) * rowGap }));
+    return pos;
   }
 
   // ---------------------------------------------------------------------------
@@ -728,7 +821,7 @@
           <th class="num">p95</th><th class="num">p99</th><th class="num">Requests</th><th>RPS, last 10 min</th></tr></thead>
           <tbody><tr><td colspan="9" class="empty">Loading…</td></tr></tbody></table></div>
       </div>
-      <div class="two-col" style="margin-top:16px">
+      <div class="two-col">
         <div class="card"><div class="card-h"><h2>Inbound</h2><span class="meta">who calls ${esc(name)}</span></div><div id="wl-in"></div></div>
         <div class="card"><div class="card-h"><h2>Outbound</h2><span class="meta">what ${esc(name)} calls</span></div><div id="wl-out"></div></div>
       </div>`;
@@ -996,13 +1089,18 @@
       rows.forEach(({ span: s, depth }) => {
         const left = ((s.start_unix_nano - t0) / total) * 100;
         const width = Math.max((s.duration_ms * 1e6 / total) * 100, 0.2);
-        // The duration label goes right of the bar, or inside-left if the bar ends near the edge.
-        const durPos = left + width > 85 ? `right:${(100 - left + 0.5).toFixed(2)}%` : `left:${(left + width + 0.5).toFixed(2)}%`;
+        // The duration label goes right of the bar; if the bar ends near the
+        // right edge, inside the bar when it is wide, else left of it.
+        let durPos = `left:${(left + width + 0.5).toFixed(2)}%`, durCls = '';
+        if (left + width > 80) {
+          if (width > 20) { durPos = `right:${(100 - left - width + 0.5).toFixed(2)}%`; durCls = ' inside'; }
+          else durPos = `right:${(100 - left + 0.5).toFixed(2)}%`;
+        }
         html += `<div class="wf-row" data-span="${esc(s.span_id)}">` +
           `<div class="wf-name" style="padding-left:${10 + depth * 18}px" title="${esc(s.service)} ${esc(s.name)}">` +
           `<span class="kind ${esc(s.kind)}">${esc(s.kind)}</span><span class="svc">${esc(s.service)}</span><span class="op">${esc(s.name)}</span></div>` +
           `<div class="wf-track"><div class="wf-bar ${esc(s.kind)}${s.error ? ' error' : ''}" style="left:${left.toFixed(3)}%;width:${width.toFixed(3)}%"></div>` +
-          `<span class="wf-dur" style="${durPos}">${fmtMs(s.duration_ms)}${s.status_code ? ' · ' + esc(s.status_code) : ''}</span></div>` +
+          `<span class="wf-dur${durCls}" style="${durPos}">${fmtMs(s.duration_ms)}${s.status_code ? ' · ' + esc(s.status_code) : ''}</span></div>` +
           (open.has(s.span_id) ? spanDetail(s) : '') + '</div>';
       });
       $('#wf', view).innerHTML = html + '</div>';
@@ -1088,8 +1186,11 @@
     state.page = null;
     // A window in the link (e.g. #/?window=10s) wins over the remembered one.
     if (WINDOWS.includes(params.get('window'))) setWindow(params.get('window'));
-    const view = $('#view');
-    view.innerHTML = '';
+    // Each page renders into a fresh element: an answer that arrives after the
+    // user moved on then updates a detached node instead of the new page.
+    const view = document.createElement('div');
+    view.className = 'page';
+    $('#view').replaceChildren(view);
     let m, nav;
     if (path === '/' || path === '') { state.page = TopologyPage(view); nav = 'topology'; }
     else if (path === '/workloads') { state.page = WorkloadsPage(view); nav = 'workloads'; }
@@ -1106,6 +1207,7 @@
   }
 
   function init() {
+    window.tracer = { state, cy: null };
     renderWindowSelect();
     $('#window-select').addEventListener('click', (ev) => {
       const b = ev.target.closest('button[data-window]');
