@@ -1,25 +1,10 @@
-mod api;
-mod capture;
-mod cli;
-mod conn;
-mod dashboard;
-mod edges;
-mod event;
-mod http1;
-mod metrics;
-mod otlp;
-mod pipeline;
-mod route;
-mod spans;
-mod tap;
-mod top;
-mod window;
-mod workload;
-
 use clap::Parser as _;
 use tracing_subscriber::EnvFilter;
 
-use crate::cli::{Cli, Command};
+use tracer::{
+    cli::{self, Cli, Command},
+    otlp, pipeline, top,
+};
 
 fn run_config(
     listen: std::net::SocketAddr,

@@ -104,6 +104,82 @@ pub struct Shared {
     pub tap: tap::Sender,
 }
 
+impl Shared {
+    fn new(
+        metrics: Metrics,
+        programs: usize,
+        sampler: Sampler,
+        names: ServiceNames,
+        tx: Option<mpsc::Sender<Span>>,
+    ) -> Self {
+        Self {
+            metrics,
+            aggregator: Mutex::new(Aggregator::new()),
+            started: Instant::now(),
+            programs,
+            sampler,
+            spans_out: SpanSink {
+                recent: Mutex::new(VecDeque::new()),
+                names,
+                tx,
+                reported: Mutex::new(LinkStats::default()),
+            },
+            tap: tap::channel(),
+        }
+    }
+}
+
+/// The stages after the ring buffer, fed with records from elsewhere: the pipeline benchmark
+/// replays recorded or synthesised events through exactly what `tracer run` runs.
+pub struct Replay {
+    reader: Reader,
+}
+
+impl Replay {
+    pub fn new() -> Self {
+        let shared = Arc::new(Shared::new(
+            Metrics::new(),
+            0,
+            Sampler::ratio(1.0),
+            ServiceNames::default(),
+            None,
+        ));
+        Self {
+            reader: Reader::new(shared, SocketAddr::from(([127, 0, 0, 1], 9))),
+        }
+    }
+
+    /// One ring-buffer record.
+    pub fn feed(&mut self, item: &[u8]) {
+        self.reader.handle(item);
+    }
+
+    /// Hands finished spans on, as the reader does every 50 ms.
+    pub fn flush(&mut self) {
+        self.reader.drain_spans();
+    }
+
+    /// Requests counted on every edge so far.
+    pub fn requests(&self) -> u64 {
+        let agg = self
+            .reader
+            .shared
+            .aggregator
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        agg.edges(crate::window::Window::M1)
+            .iter()
+            .map(|e| e.requests)
+            .sum()
+    }
+}
+
+impl Default for Replay {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 pub struct RunConfig {
     pub listen: SocketAddr,
     pub otlp: Option<otlp::Config>,
@@ -142,20 +218,13 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         }
         None => (None, None),
     };
-    let shared = Arc::new(Shared {
-        metrics: metrics.clone(),
-        aggregator: Mutex::new(Aggregator::new()),
-        started: Instant::now(),
-        programs: capture.programs(),
-        sampler: Sampler::ratio(cfg.sample_ratio),
-        spans_out: SpanSink {
-            recent: Mutex::new(VecDeque::new()),
-            names: cfg.services.clone(),
-            tx,
-            reported: Mutex::new(LinkStats::default()),
-        },
-        tap: tap::channel(),
-    });
+    let shared = Arc::new(Shared::new(
+        metrics.clone(),
+        capture.programs(),
+        Sampler::ratio(cfg.sample_ratio),
+        cfg.services.clone(),
+        tx,
+    ));
 
     let reader = tokio::spawn(read_events(ring, shared.clone(), cfg.listen, token.clone()));
     let stats = tokio::spawn(export_kernel_stats(capture, metrics.clone(), token.clone()));
@@ -223,30 +292,49 @@ impl Reader {
                 && (remote.ip().is_loopback() || remote.ip() == ex.tuple.local.ip()))
     }
 
+    fn new(shared: Arc<Shared>, listen: SocketAddr) -> Self {
+        Self {
+            listen,
+            conns: ConnTable::new(MAX_CONNS),
+            linker: Linker::new(shared.sampler),
+            exchanges: Vec::with_capacity(256),
+            ready: Vec::new(),
+            last_drain: Instant::now(),
+            last_expire: Instant::now(),
+            data_events: shared.metrics.events.with_label_values(&["data"]),
+            conn_events: shared.metrics.events.with_label_values(&["conn"]),
+            shared,
+        }
+    }
+
     /// Takes every record there is.
     fn drain(&mut self, ring: &mut RingBuf<MapData>) {
-        let shared = self.shared.clone();
-        let metrics = &shared.metrics;
         while let Some(item) = ring.next() {
-            match event::decode(&item) {
-                Ok(Event::Data(d)) => {
-                    self.data_events.inc();
-                    self.conns
-                        .on_data(&d, metrics, &mut self.linker, &mut self.exchanges);
-                }
-                Ok(Event::Conn(c)) => {
-                    self.conn_events.inc();
-                    self.conns
-                        .on_state(&c, metrics, &mut self.linker, &mut self.exchanges);
-                }
-                Err(e) => metrics.decode_errors.with_label_values(&[e.reason()]).inc(),
-            }
-            if !self.exchanges.is_empty() {
-                self.record_exchanges();
-            }
+            self.handle(&item);
         }
         if self.last_drain.elapsed() >= SPAN_DRAIN {
             self.drain_spans();
+        }
+    }
+
+    /// One ring-buffer record, through every stage.
+    fn handle(&mut self, item: &[u8]) {
+        let metrics = &self.shared.metrics;
+        match event::decode(item) {
+            Ok(Event::Data(d)) => {
+                self.data_events.inc();
+                self.conns
+                    .on_data(&d, metrics, &mut self.linker, &mut self.exchanges);
+            }
+            Ok(Event::Conn(c)) => {
+                self.conn_events.inc();
+                self.conns
+                    .on_state(&c, metrics, &mut self.linker, &mut self.exchanges);
+            }
+            Err(e) => metrics.decode_errors.with_label_values(&[e.reason()]).inc(),
+        }
+        if !self.exchanges.is_empty() {
+            self.record_exchanges();
         }
     }
 
@@ -332,18 +420,7 @@ async fn read_events(
     let mut fd = unsafe { AsyncFd::register(ring) }
         .map_err(std::io::Error::from)
         .context("polling the ring buffer")?;
-    let mut reader = Reader {
-        listen,
-        conns: ConnTable::new(MAX_CONNS),
-        linker: Linker::new(shared.sampler),
-        exchanges: Vec::with_capacity(256),
-        ready: Vec::new(),
-        last_drain: Instant::now(),
-        last_expire: Instant::now(),
-        data_events: shared.metrics.events.with_label_values(&["data"]),
-        conn_events: shared.metrics.events.with_label_values(&["conn"]),
-        shared,
-    };
+    let mut reader = Reader::new(shared, listen);
     let mut poll = tokio::time::interval(POLL_EVERY);
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {

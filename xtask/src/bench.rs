@@ -19,6 +19,34 @@ pub struct Options {
     pub smoke: bool,
     pub phase_secs: u64,
     pub rounds: usize,
+    /// The pipeline ceiling measured by the criterion bench, when it ran.
+    pub pipeline: Value,
+}
+
+/// Requests per iteration of `tracer/benches/pipeline.rs` (its `REQUESTS`), 4 records each.
+const PIPELINE_REQUESTS: f64 = 20_000.0;
+const PIPELINE_RECORDS_PER_REQUEST: f64 = 4.0;
+
+/// The pipeline ceiling from criterion's estimate (`target/criterion/pipeline/requests`).
+pub fn pipeline_result(target: &Path) -> anyhow::Result<Value> {
+    let path = target.join("criterion/pipeline/requests/new/estimates.json");
+    let est: Value = serde_json::from_str(
+        &std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?,
+    )?;
+    let ns = est["mean"]["point_estimate"]
+        .as_f64()
+        .context("criterion estimate without a mean")?;
+    let rps = PIPELINE_REQUESTS / (ns / 1e9);
+    println!(
+        "pipeline ceiling (criterion, one core): {:.0} requests/s, {:.0} events/s (goal: 150000 requests/s)",
+        rps,
+        rps * PIPELINE_RECORDS_PER_REQUEST
+    );
+    Ok(json!({
+        "requests_per_s": rps,
+        "events_per_s": rps * PIPELINE_RECORDS_PER_REQUEST,
+        "ns_per_iteration": ns,
+    }))
 }
 
 fn free_port() -> anyhow::Result<u16> {
@@ -461,6 +489,7 @@ pub fn run(bin: &Path, out_dir: &Path, opts: &Options) -> anyhow::Result<()> {
         "smoke": opts.smoke,
         "loads": report,
         "zero_loss": zero_loss,
+        "pipeline": opts.pipeline,
     });
     std::fs::create_dir_all(out_dir)?;
     let stamp = std::time::SystemTime::now()

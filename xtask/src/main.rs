@@ -193,6 +193,9 @@ fn setup() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The criterion pipeline-replay bench (`tracer/benches/pipeline.rs`).
+const PIPELINE_BENCH: [&str; 5] = ["bench", "--package", "tracer", "--bench", "pipeline"];
+
 fn cargo() -> Command {
     let mut c = Command::new(env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
     c.current_dir(workspace_root());
@@ -220,8 +223,13 @@ fn main() -> anyhow::Result<()> {
                     smoke: true,
                     phase_secs: 2,
                     rounds: 1,
+                    pipeline: serde_json::Value::Null,
                 },
             )?;
+            // The pipeline bench once, in criterion's test mode (it checks its own counts).
+            run(cargo()
+                .args(PIPELINE_BENCH)
+                .args(["--profile", "dev", "--", "--test"]))?;
             // The default members: everything but the eBPF crate, which only builds for BPF.
             run(cargo().arg("test").args(args))
         }
@@ -239,6 +247,13 @@ fn main() -> anyhow::Result<()> {
                 build.arg("--release");
             }
             run(&mut build)?;
+            let pipeline = if smoke {
+                run(cargo().args(PIPELINE_BENCH).args(["--", "--test"]))?;
+                serde_json::Value::Null
+            } else {
+                run(cargo().args(PIPELINE_BENCH).args(["--", "--noplot"]))?;
+                bench::pipeline_result(&workspace_root().join("target"))?
+            };
             bench::run(
                 &workspace_root().join("target").join(profile).join("tracer"),
                 &workspace_root().join("target/bench"),
@@ -246,6 +261,7 @@ fn main() -> anyhow::Result<()> {
                     smoke,
                     phase_secs: phase_secs.unwrap_or(if smoke { 2 } else { 10 }),
                     rounds: rounds.unwrap_or(if smoke { 1 } else { 3 }),
+                    pipeline,
                 },
             )
         }

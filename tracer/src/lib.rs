@@ -1,0 +1,23 @@
+//! The daemon's stages, as a library so that benchmarks can drive them (`benches/`); the
+//! binary is `src/main.rs`. The data path, in order: `capture` (load and attach the eBPF
+//! programs) -> `event` (decode ring-buffer records) -> `conn` and `http1` (follow each
+//! connection, pair requests with responses) -> `edges`, `window` and `route` (golden metrics)
+//! and `spans` (joined into traces) -> `metrics`, `api`, `dashboard`, `tap` and `otlp` (out).
+
+pub mod api;
+pub mod capture;
+pub mod cli;
+pub mod conn;
+pub mod dashboard;
+pub mod edges;
+pub mod event;
+pub mod http1;
+pub mod metrics;
+pub mod otlp;
+pub mod pipeline;
+pub mod route;
+pub mod spans;
+pub mod tap;
+pub mod top;
+pub mod window;
+pub mod workload;
