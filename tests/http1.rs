@@ -155,8 +155,25 @@ fn curl_to_python_http_server() {
 /// paired with its own response (statuses, Content-Length and chunked bodies of many sizes).
 #[test]
 fn keep_alive_pairs_each_request() {
+    let default = if cfg!(target_arch = "x86_64") {
+        "raw-tracepoint"
+    } else {
+        "tracepoint"
+    };
+    keep_alive_pairs(&[], default);
+}
+
+/// The same through the classic syscall tracepoints, the path that works on every kernel and
+/// architecture (and the fallback when raw tracepoints cannot attach).
+#[test]
+fn keep_alive_pairs_each_request_through_syscall_tracepoints() {
+    keep_alive_pairs(&["--attach", "tracepoint"], "tracepoint");
+}
+
+fn keep_alive_pairs(flags: &[&str], attach: &str) {
     let _serial = serial();
-    let daemon = Daemon::start();
+    let daemon = Daemon::start_with(flags);
+    assert_eq!(daemon.json("/api/status")["attach"], attach);
     let server = Server::fixture();
     let mut urls = Vec::new();
     let mut want: BTreeMap<(String, u16), u64> = BTreeMap::new();

@@ -11,8 +11,18 @@ use common::{Daemon, Nginx, curl, scratch, serial};
 /// writev, errors from memory; one keep-alive connection carries them all.
 #[test]
 fn nginx_keep_alive_with_sendfile() {
+    nginx_keep_alive(&[]);
+}
+
+/// The same through the classic syscall tracepoints (sendfile64, writev, read).
+#[test]
+fn nginx_keep_alive_through_syscall_tracepoints() {
+    nginx_keep_alive(&["--attach", "tracepoint"]);
+}
+
+fn nginx_keep_alive(flags: &[&str]) {
     let _serial = serial();
-    let daemon = Daemon::start();
+    let daemon = Daemon::start_with(flags);
     let nginx = Nginx::start(&scratch("nginx-ka"), "");
     let mut urls = Vec::new();
     for i in 0..60 {

@@ -147,6 +147,8 @@ pub struct RoutesResponse {
 #[derive(Debug, Serialize, Deserialize)]
 pub struct StatusResponse {
     pub ready: bool,
+    /// How the syscall probes attached: raw-tracepoint or tracepoint.
+    pub attach: String,
     pub uptime_seconds: f64,
     pub programs: usize,
     pub version: String,
@@ -315,6 +317,7 @@ async fn tap_stream(
 async fn status(State(AppState { shared, .. }): State<AppState>) -> Json<StatusResponse> {
     Json(StatusResponse {
         ready: true,
+        attach: shared.attach.to_owned(),
         uptime_seconds: shared.started.elapsed().as_secs_f64(),
         programs: shared.programs,
         version: env!("CARGO_PKG_VERSION").to_owned(),

@@ -6,7 +6,9 @@ use std::{fs, io, path::Path};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{MapData, PerCpuArray, RingBuf},
-    programs::{TracePoint, trace_point::TracePointLink},
+    programs::{
+        RawTracePoint, TracePoint, raw_trace_point::RawTracePointLink, trace_point::TracePointLink,
+    },
 };
 use thiserror::Error;
 use tracer_common::{KERNEL_STAT_COUNT, KernelStat};
@@ -20,11 +22,19 @@ const TRACEFS: &str = "/sys/kernel/tracing";
 const TRACEFS_DEBUG: &str = "/sys/kernel/debug/tracing";
 const BPFFS: &str = "/sys/fs/bpf";
 
-/// Every program, with the tracepoint it attaches to.
-const TRACEPOINTS: &[(&str, &str)] = &[
+/// Programs on `sock:*` tracepoints, always attached this way.
+const SOCK_TRACEPOINTS: &[(&str, &str)] = &[
     ("sock", "inet_sock_set_state"),
     ("sock", "sock_send_length"),
     ("sock", "sock_recv_length"),
+];
+
+/// The syscall programs as raw tracepoints: (program, raw tracepoint).
+const RAW_SYSCALLS: &[(&str, &str)] =
+    &[("raw_sys_enter", "sys_enter"), ("raw_sys_exit", "sys_exit")];
+
+/// The syscall programs as classic tracepoints, one per syscall and direction.
+const SYSCALL_TRACEPOINTS: &[(&str, &str)] = &[
     ("syscalls", "sys_enter_write"),
     ("syscalls", "sys_exit_write"),
     ("syscalls", "sys_enter_sendto"),
@@ -102,11 +112,30 @@ pub enum CaptureError {
     Map(&'static str, String),
 }
 
+/// How the syscall programs attach.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum AttachMode {
+    /// Raw tracepoints where they work (x86_64), else classic tracepoints.
+    Auto,
+    /// `raw_tp/sys_enter` and `sys_exit`: two attachments, cheaper per call (x86_64 only).
+    RawTracepoint,
+    /// One `syscalls:sys_{enter,exit}_*` tracepoint per traced syscall: works everywhere.
+    Tracepoint,
+}
+
+/// An owned attachment: held only to be dropped (which detaches it).
+enum Link {
+    Tp(#[allow(dead_code)] TracePointLink),
+    Raw(#[allow(dead_code)] RawTracePointLink),
+}
+
 /// The loaded programs; dropping it detaches them.
 pub struct Capture {
-    /// Owned attachments: detached in parallel on drop (each detach waits for an RCU grace
-    /// period; one after the other, 21 of them take seconds).
-    links: Vec<TracePointLink>,
+    /// Owned attachments: detached in parallel on drop (detaching a classic tracepoint waits
+    /// for RCU grace periods; one after the other, 21 of them take seconds).
+    links: Vec<Link>,
+    /// How the syscall programs were attached.
+    pub mode: AttachMode,
     ebpf: Ebpf,
     stats: PerCpuArray<MapData, u64>,
     /// Keeps the kernel's run-time accounting on while held.
@@ -214,7 +243,7 @@ fn field_offset(format: &str, field: &str) -> Option<usize> {
 }
 
 fn check_layouts(tracefs: &str) -> Result<(), CaptureError> {
-    for &(category, name) in TRACEPOINTS {
+    for &(category, name) in SOCK_TRACEPOINTS.iter().chain(SYSCALL_TRACEPOINTS) {
         let path = Path::new(tracefs).join("events").join(category).join(name);
         if !path.is_dir() {
             return Err(CaptureError::MissingTracepoint(
@@ -241,11 +270,54 @@ fn check_layouts(tracefs: &str) -> Result<(), CaptureError> {
     Ok(())
 }
 
+fn attach_tracepoint(
+    ebpf: &mut Ebpf,
+    category: &'static str,
+    name: &'static str,
+) -> Result<Link, CaptureError> {
+    let program: &mut TracePoint = ebpf
+        .program_mut(name)
+        .ok_or_else(|| CaptureError::Program(name, "not in the object".into()))?
+        .try_into()
+        .map_err(|e: aya::programs::ProgramError| CaptureError::Program(name, e.to_string()))?;
+    program
+        .load()
+        .map_err(|e| CaptureError::Program(name, format!("{e:#}")))?;
+    let link = program
+        .attach(category, name)
+        .map_err(|e| CaptureError::Attach(category, name, e.to_string()))?;
+    program
+        .take_link(link)
+        .map(Link::Tp)
+        .map_err(|e| CaptureError::Attach(category, name, e.to_string()))
+}
+
+fn attach_raw(
+    ebpf: &mut Ebpf,
+    program: &'static str,
+    tracepoint: &'static str,
+) -> Result<Link, CaptureError> {
+    let p: &mut RawTracePoint = ebpf
+        .program_mut(program)
+        .ok_or_else(|| CaptureError::Program(program, "not in the object".into()))?
+        .try_into()
+        .map_err(|e: aya::programs::ProgramError| CaptureError::Program(program, e.to_string()))?;
+    p.load()
+        .map_err(|e| CaptureError::Program(program, format!("{e:#}")))?;
+    let link = p
+        .attach(tracepoint)
+        .map_err(|e| CaptureError::Attach("raw_tp", tracepoint, e.to_string()))?;
+    p.take_link(link)
+        .map(Link::Raw)
+        .map_err(|e| CaptureError::Attach("raw_tp", tracepoint, e.to_string()))
+}
+
 impl Capture {
     /// Checks the host, loads every program and attaches it.
     pub fn start(
         bpf_stats: bool,
         ringbuf_bytes: Option<u32>,
+        mode: AttachMode,
     ) -> Result<(Self, RingBuf<MapData>), CaptureError> {
         check_privileges()?;
         let tracefs = ensure_tracefs()?;
@@ -265,26 +337,48 @@ impl Capture {
                 "/tracer"
             )))
             .map_err(CaptureError::Load)?;
-        let mut links = Vec::with_capacity(TRACEPOINTS.len());
-        for &(category, name) in TRACEPOINTS {
-            let program: &mut TracePoint = ebpf
-                .program_mut(name)
-                .ok_or_else(|| CaptureError::Program(name, "not in the object".into()))?
-                .try_into()
-                .map_err(|e: aya::programs::ProgramError| {
-                    CaptureError::Program(name, e.to_string())
-                })?;
-            program
-                .load()
-                .map_err(|e| CaptureError::Program(name, format!("{e:#}")))?;
-            let link = program
-                .attach(category, name)
-                .map_err(|e| CaptureError::Attach(category, name, e.to_string()))?;
-            links.push(
-                program
-                    .take_link(link)
-                    .map_err(|e| CaptureError::Attach(category, name, e.to_string()))?,
-            );
+        let mut links = Vec::with_capacity(SOCK_TRACEPOINTS.len() + SYSCALL_TRACEPOINTS.len());
+        for &(category, name) in SOCK_TRACEPOINTS {
+            links.push(attach_tracepoint(&mut ebpf, category, name)?);
+        }
+        let raw_possible = cfg!(target_arch = "x86_64");
+        let mode = match mode {
+            AttachMode::RawTracepoint if !raw_possible => {
+                return Err(CaptureError::Attach(
+                    "raw_tp",
+                    "sys_enter",
+                    "the syscall raw tracepoints read x86_64 registers; use --attach tracepoint"
+                        .into(),
+                ));
+            }
+            AttachMode::Auto if !raw_possible => AttachMode::Tracepoint,
+            m => m,
+        };
+        let mode = if mode == AttachMode::Tracepoint {
+            mode
+        } else {
+            let mut raw = Vec::with_capacity(RAW_SYSCALLS.len());
+            let attached = RAW_SYSCALLS.iter().try_for_each(|&(program, tp)| {
+                raw.push(attach_raw(&mut ebpf, program, tp)?);
+                Ok::<_, CaptureError>(())
+            });
+            match attached {
+                Ok(()) => {
+                    links.extend(raw);
+                    AttachMode::RawTracepoint
+                }
+                Err(e) if mode == AttachMode::Auto => {
+                    tracing::warn!("raw tracepoints unavailable ({e}); using syscall tracepoints");
+                    drop(raw);
+                    AttachMode::Tracepoint
+                }
+                Err(e) => return Err(e),
+            }
+        };
+        if mode == AttachMode::Tracepoint {
+            for &(category, name) in SYSCALL_TRACEPOINTS {
+                links.push(attach_tracepoint(&mut ebpf, category, name)?);
+            }
         }
         let events = ebpf
             .take_map("EVENTS")
@@ -308,6 +402,7 @@ impl Capture {
         Ok((
             Self {
                 links,
+                mode,
                 ebpf,
                 stats,
                 _bpf_stats: bpf_stats,
@@ -352,7 +447,7 @@ impl Capture {
 
     /// Number of programs attached.
     pub fn programs(&self) -> usize {
-        self.ebpf.programs().count()
+        self.links.len()
     }
 }
 

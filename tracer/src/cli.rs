@@ -11,6 +11,7 @@ use std::io::BufRead as _;
 
 use crate::{
     api::{EdgesResponse, RoutesResponse, SpanView, SpansResponse, StatResponse},
+    capture::AttachMode,
     edges::Quantiles,
     tap::{Filter, TapEvent},
     window::{Window, WindowStats},
@@ -61,6 +62,9 @@ pub enum Command {
         /// (default 16 MiB). Smaller loses events (counted) sooner under bursts.
         #[arg(long, value_parser = parse_ringbuf)]
         ringbuf_bytes: Option<u32>,
+        /// How the syscall probes attach: auto picks raw tracepoints where they work.
+        #[arg(long, env = "TRACER_ATTACH", value_enum, default_value_t = AttachMode::Auto)]
+        attach: AttachMode,
     },
     /// Edges between workloads: who calls whom, with success rate, RPS and latency.
     Edges {

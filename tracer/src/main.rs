@@ -28,6 +28,7 @@ fn run_config(
         services: otlp::ServiceNames::parse(services).map_err(anyhow::Error::msg)?,
         bpf_stats: false,
         ringbuf_bytes: None,
+        attach: tracer::capture::AttachMode::Auto,
     })
 }
 
@@ -47,6 +48,7 @@ fn main() -> std::process::ExitCode {
             services,
             bpf_stats,
             ringbuf_bytes,
+            attach,
         } => run_config(
             listen,
             otlp_endpoint,
@@ -58,6 +60,7 @@ fn main() -> std::process::ExitCode {
         .map(|cfg| pipeline::RunConfig {
             bpf_stats,
             ringbuf_bytes,
+            attach,
             ..cfg
         })
         .and_then(|cfg| {

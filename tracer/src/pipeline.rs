@@ -22,7 +22,7 @@ use tracer_common::KernelStat;
 
 use crate::{
     api,
-    capture::Capture,
+    capture::{AttachMode, Capture},
     conn::{ConnTable, Exchange, MAX_CONNS, Side},
     edges::Aggregator,
     event::{self, Event},
@@ -102,6 +102,8 @@ pub struct Shared {
     pub sampler: Sampler,
     pub spans_out: SpanSink,
     pub tap: tap::Sender,
+    /// How the syscall probes attached.
+    pub attach: &'static str,
 }
 
 impl Shared {
@@ -125,6 +127,7 @@ impl Shared {
                 reported: Mutex::new(LinkStats::default()),
             },
             tap: tap::channel(),
+            attach: "none",
         }
     }
 }
@@ -189,6 +192,7 @@ pub struct RunConfig {
     pub bpf_stats: bool,
     /// Ring buffer size, when not the default.
     pub ringbuf_bytes: Option<u32>,
+    pub attach: AttachMode,
 }
 
 pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
@@ -197,7 +201,8 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     let listener = TcpListener::bind(cfg.listen)
         .await
         .with_context(|| format!("cannot listen on {}", cfg.listen))?;
-    let (capture, ring) = Capture::start(cfg.bpf_stats, cfg.ringbuf_bytes)?;
+    let (capture, ring) = Capture::start(cfg.bpf_stats, cfg.ringbuf_bytes, cfg.attach)?;
+    let mode = capture.mode;
     let token = CancellationToken::new();
     let (tx, exporter) = match cfg.otlp.clone() {
         Some(otlp_cfg) => {
@@ -218,20 +223,27 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         }
         None => (None, None),
     };
-    let shared = Arc::new(Shared::new(
-        metrics.clone(),
-        capture.programs(),
-        Sampler::ratio(cfg.sample_ratio),
-        cfg.services.clone(),
-        tx,
-    ));
+    let shared = Arc::new(Shared {
+        attach: match mode {
+            AttachMode::RawTracepoint => "raw-tracepoint",
+            _ => "tracepoint",
+        },
+        ..Shared::new(
+            metrics.clone(),
+            capture.programs(),
+            Sampler::ratio(cfg.sample_ratio),
+            cfg.services.clone(),
+            tx,
+        )
+    });
 
     let reader = tokio::spawn(read_events(ring, shared.clone(), cfg.listen, token.clone()));
     let stats = tokio::spawn(export_kernel_stats(capture, metrics.clone(), token.clone()));
     let server = tokio::spawn(api::serve(listener, shared.clone(), token.clone()));
     tracing::info!(
-        "tracer attached {} programs; serving http://{}/metrics and /api",
+        "tracer attached {} programs (syscalls: {:?}); dashboard at http://{}/, /metrics and /api",
         shared.programs,
+        mode,
         cfg.listen
     );
 

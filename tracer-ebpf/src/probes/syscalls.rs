@@ -5,11 +5,11 @@ use core::hint::black_box;
 
 use aya_ebpf::{
     helpers::{
-        bpf_get_current_comm, bpf_get_current_pid_tgid,
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_probe_read_kernel,
         generated::{bpf_get_current_cgroup_id, bpf_ktime_get_ns, bpf_probe_read_user},
     },
-    macros::tracepoint,
-    programs::TracePointContext,
+    macros::{raw_tracepoint, tracepoint},
+    programs::{RawTracePointContext, TracePointContext},
 };
 use tracer_common::{
     DATA_EVENT_FIXED, DIR_EGRESS, DIR_INGRESS, DataEvent, EventKind, FLAG_IOVEC,
@@ -37,13 +37,13 @@ macro_rules! enter_exit {
     ($enter:ident, $exit:ident, $kind:expr, $dir:expr) => {
         #[tracepoint]
         pub fn $enter(ctx: TracePointContext) -> u32 {
-            enter(&ctx, $kind, $dir);
+            enter_tp(&ctx, $kind, $dir);
             0
         }
 
         #[tracepoint]
         pub fn $exit(ctx: TracePointContext) -> u32 {
-            exit(&ctx);
+            exit_tp(&ctx);
             0
         }
     };
@@ -66,12 +66,74 @@ enter_exit!(sys_enter_recvfrom, sys_exit_recvfrom, KIND_BUF, DIR_INGRESS);
 enter_exit!(sys_enter_readv, sys_exit_readv, KIND_IOV, DIR_INGRESS);
 enter_exit!(sys_enter_recvmsg, sys_exit_recvmsg, KIND_MSG, DIR_INGRESS);
 
+/// x86_64 numbers of the traced syscalls (arch/x86/entry/syscalls/syscall_64.tbl).
+const NR_READ: u64 = 0;
+const NR_WRITE: u64 = 1;
+const NR_READV: u64 = 19;
+const NR_WRITEV: u64 = 20;
+const NR_SENDFILE: u64 = 40;
+const NR_SENDTO: u64 = 44;
+const NR_RECVFROM: u64 = 45;
+const NR_SENDMSG: u64 = 46;
+const NR_RECVMSG: u64 = 47;
+
+/// Offsets in x86_64 `struct pt_regs` (part of the user ABI: ptrace's `user_regs_struct`):
+/// the second and third syscall arguments, and the syscall number.
+const REGS_SI: u64 = 13 * 8;
+const REGS_DX: u64 = 12 * 8;
+const REGS_ORIG_AX: u64 = 15 * 8;
+
+/// What a syscall number is to the tracer: its kind of buffer and direction.
 #[inline(always)]
-fn enter(ctx: &TracePointContext, kind: u32, direction: u32) {
-    let id = bpf_get_current_pid_tgid();
-    if (id >> 32) as u32 == tracer_tgid() {
-        return;
+fn traced(nr: u64) -> Option<(u32, u32)> {
+    match nr {
+        NR_WRITE | NR_SENDTO => Some((KIND_BUF, DIR_EGRESS)),
+        NR_WRITEV => Some((KIND_IOV, DIR_EGRESS)),
+        NR_SENDMSG => Some((KIND_MSG, DIR_EGRESS)),
+        NR_SENDFILE => Some((KIND_NONE, DIR_EGRESS)),
+        NR_READ | NR_RECVFROM => Some((KIND_BUF, DIR_INGRESS)),
+        NR_READV => Some((KIND_IOV, DIR_INGRESS)),
+        NR_RECVMSG => Some((KIND_MSG, DIR_INGRESS)),
+        _ => None,
     }
+}
+
+/// `raw_tp/sys_enter` (x86_64): one attachment for every syscall instead of eighteen
+/// tracepoints, and no perf record built per call. Untraced syscalls return after a compare.
+#[raw_tracepoint(tracepoint = "sys_enter")]
+pub fn raw_sys_enter(ctx: RawTracePointContext) -> i32 {
+    // TP_PROTO(struct pt_regs *regs, long id)
+    let Some((kind, direction)) = traced(ctx.arg::<u64>(1)) else {
+        return 0;
+    };
+    let regs: u64 = ctx.arg(0);
+    // SAFETY: `regs` is the kernel's pt_regs of this syscall; reads are checked.
+    let (buf, len) = unsafe {
+        (
+            bpf_probe_read_kernel((regs + REGS_SI) as *const u64).unwrap_or(0),
+            bpf_probe_read_kernel((regs + REGS_DX) as *const u64).unwrap_or(0),
+        )
+    };
+    enter(buf, len, kind, direction);
+    0
+}
+
+/// `raw_tp/sys_exit` (x86_64).
+#[raw_tracepoint(tracepoint = "sys_exit")]
+pub fn raw_sys_exit(ctx: RawTracePointContext) -> i32 {
+    // TP_PROTO(struct pt_regs *regs, long ret)
+    let regs: u64 = ctx.arg(0);
+    // SAFETY: as above.
+    let nr =
+        unsafe { bpf_probe_read_kernel((regs + REGS_ORIG_AX) as *const u64) }.unwrap_or(u64::MAX);
+    if traced(nr).is_some() {
+        exit(ctx.arg::<i64>(1));
+    }
+    0
+}
+
+#[inline(always)]
+fn enter_tp(ctx: &TracePointContext, kind: u32, direction: u32) {
     // SAFETY: offsets from the tracepoint's format; read_at copies with probe_read_kernel.
     let (buf, len) = unsafe {
         (
@@ -79,6 +141,21 @@ fn enter(ctx: &TracePointContext, kind: u32, direction: u32) {
             ctx.read_at::<u64>(ARG2).unwrap_or(0),
         )
     };
+    enter(buf, len, kind, direction);
+}
+
+#[inline(always)]
+fn exit_tp(ctx: &TracePointContext) {
+    // SAFETY: `ret` is at a fixed offset in every sys_exit record.
+    exit(unsafe { ctx.read_at::<i64>(RET).unwrap_or(-1) });
+}
+
+#[inline(always)]
+fn enter(buf: u64, len: u64, kind: u32, direction: u32) {
+    let id = bpf_get_current_pid_tgid();
+    if (id >> 32) as u32 == tracer_tgid() {
+        return;
+    }
     let args = SyscallArgs {
         buf,
         len,
@@ -94,7 +171,7 @@ fn enter(ctx: &TracePointContext, kind: u32, direction: u32) {
 }
 
 #[inline(always)]
-fn exit(ctx: &TracePointContext) {
+fn exit(ret: i64) {
     let id = bpf_get_current_pid_tgid();
     // SAFETY: the value is copied out before the entry is removed.
     let args = match unsafe { ACTIVE.get(&id) } {
@@ -105,8 +182,6 @@ fn exit(ctx: &TracePointContext) {
     if args.sk == 0 {
         return;
     }
-    // SAFETY: `ret` is at a fixed offset in every sys_exit record.
-    let ret = unsafe { ctx.read_at::<i64>(RET).unwrap_or(-1) };
     // A read of 0 bytes is end of stream: sent (without payload) so that responses framed by
     // the connection's close can end.
     if ret < 0 || (ret == 0 && args.direction != DIR_INGRESS) {
