@@ -11,7 +11,7 @@ use std::{
     time::Duration,
 };
 
-use common::{Daemon, Server, curl, median, serial};
+use common::{Daemon, Server, curl, median, serial, workspace_root};
 
 /// A directory for `python3 -m http.server` with a few files.
 fn site() -> std::path::PathBuf {
@@ -318,4 +318,64 @@ fn unprivileged_run_fails_clearly() {
         "stderr: {stderr}"
     );
     assert_eq!(stderr.trim().lines().count(), 1, "one line: {stderr}");
+}
+
+/// A connection that turns out not to carry HTTP (a binary protocol here; TLS or a database in
+/// real life) is handed to the kernel side, which stops sending its data: after the first
+/// exchange its syscalls end before any copy (counted as skipped), and HTTP elsewhere is still
+/// counted exactly.
+#[test]
+fn opaque_connections_are_skipped_in_the_kernel() {
+    let _serial = serial();
+    let daemon = Daemon::start();
+    let n = 2000;
+    let data_before = daemon.metric_sum("tracer_kernel_events_total", &[("reason", "data_events")]);
+    let out = std::process::Command::new("python3")
+        .arg(workspace_root().join("tests/fixtures/opaque.py"))
+        .arg(n.to_string())
+        .output()
+        .expect("opaque.py");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        format!("done {n}")
+    );
+    // Kernel counters are read once a second.
+    std::thread::sleep(Duration::from_millis(1500));
+    let skipped = daemon.metric_sum(
+        "tracer_kernel_events_total",
+        &[("reason", "skipped_opaque")],
+    );
+    let data =
+        daemon.metric_sum("tracer_kernel_events_total", &[("reason", "data_events")]) - data_before;
+    let unknown = daemon.metric_sum(
+        "tracer_parse_failures_total",
+        &[("reason", "unknown_protocol")],
+    );
+    eprintln!(
+        "{n} binary round trips: {data} data events sent up, {skipped} syscalls skipped in the kernel, {unknown} connections found opaque"
+    );
+    assert!(
+        unknown >= 1.0,
+        "the binary protocol is recognised as not HTTP"
+    );
+    // 4 syscalls per round trip (send, recv at each end). The first few go up before the daemon
+    // has classified the connection (its 5 ms poll hands the socket over).
+    assert!(
+        skipped >= (4 * n) as f64 * 0.8,
+        "skipped {skipped} of {} syscalls",
+        4 * n
+    );
+    assert!(
+        data <= (4 * n) as f64 * 0.2,
+        "{data} data events for an opaque connection"
+    );
+
+    // HTTP on other connections is unaffected.
+    let server = Server::fixture();
+    let urls: Vec<String> = (0..20)
+        .map(|i| format!("http://127.0.0.1:{}/ok/{i}", server.port))
+        .collect();
+    curl(&urls, "%{http_code}\n");
+    let edge = daemon.wait_edge("curl", server.port, 20);
+    assert_eq!(edge["requests"], 20, "edge: {edge}");
 }

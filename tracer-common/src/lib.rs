@@ -192,9 +192,11 @@ pub enum KernelStat {
     /// by a server (ingress) or written by a client (egress): requests lost, counted.
     LostRequestIngress = 8,
     LostRequestEgress = 9,
+    /// Syscalls on sockets the daemon found not to carry HTTP, skipped in the kernel.
+    SkippedOpaque = 10,
 }
 
-pub const KERNEL_STAT_COUNT: u32 = 10;
+pub const KERNEL_STAT_COUNT: u32 = 11;
 
 impl KernelStat {
     pub const ALL: [KernelStat; KERNEL_STAT_COUNT as usize] = [
@@ -208,6 +210,7 @@ impl KernelStat {
         KernelStat::Peeks,
         KernelStat::LostRequestIngress,
         KernelStat::LostRequestEgress,
+        KernelStat::SkippedOpaque,
     ];
 
     /// Name used as the `reason`/`kind` label in metrics.
@@ -223,6 +226,7 @@ impl KernelStat {
             KernelStat::Peeks => "peeks",
             KernelStat::LostRequestIngress => "lost_request_ingress",
             KernelStat::LostRequestEgress => "lost_request_egress",
+            KernelStat::SkippedOpaque => "skipped_opaque",
         }
     }
 }
@@ -237,6 +241,8 @@ pub mod limits {
     pub const ACTIVE_SYSCALLS: u32 = 32 * 1024;
     /// Sockets whose 4-tuple is known.
     pub const SOCKETS: u32 = 64 * 1024;
+    /// Sockets known not to carry HTTP (TLS, databases, tunnels), whose data is not sent up.
+    pub const OPAQUE_SOCKETS: u32 = 16 * 1024;
 }
 
 const _: () = assert!(core::mem::size_of::<EventHeader>() == 48);

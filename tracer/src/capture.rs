@@ -123,6 +123,18 @@ pub enum AttachMode {
     Tracepoint,
 }
 
+/// Sockets the kernel side stops sending data for (they carry no HTTP).
+pub struct OpaqueSockets(aya::maps::HashMap<MapData, u64, u8>);
+
+impl OpaqueSockets {
+    pub fn mark(&mut self, sk: u64) {
+        // An LRU map: inserting never fails for want of room.
+        if let Err(e) = self.0.insert(&sk, &1, 0) {
+            tracing::debug!("marking socket {sk:#x} opaque: {e}");
+        }
+    }
+}
+
 /// An owned attachment: held only to be dropped (which detaches it).
 enum Link {
     Tp(#[allow(dead_code)] TracePointLink),
@@ -318,7 +330,7 @@ impl Capture {
         bpf_stats: bool,
         ringbuf_bytes: Option<u32>,
         mode: AttachMode,
-    ) -> Result<(Self, RingBuf<MapData>), CaptureError> {
+    ) -> Result<(Self, RingBuf<MapData>, OpaqueSockets), CaptureError> {
         check_privileges()?;
         let tracefs = ensure_tracefs()?;
         ensure_bpffs();
@@ -385,6 +397,13 @@ impl Capture {
             .ok_or_else(|| CaptureError::Map("EVENTS", "missing".into()))?;
         let events =
             RingBuf::try_from(events).map_err(|e| CaptureError::Map("EVENTS", e.to_string()))?;
+        let opaque = ebpf
+            .take_map("OPAQUE")
+            .ok_or_else(|| CaptureError::Map("OPAQUE", "missing".into()))?;
+        let opaque = OpaqueSockets(
+            aya::maps::HashMap::try_from(opaque)
+                .map_err(|e| CaptureError::Map("OPAQUE", e.to_string()))?,
+        );
         let stats = ebpf
             .take_map("STATS")
             .ok_or_else(|| CaptureError::Map("STATS", "missing".into()))?;
@@ -408,6 +427,7 @@ impl Capture {
                 _bpf_stats: bpf_stats,
             },
             events,
+            opaque,
         ))
     }
 

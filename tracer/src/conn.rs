@@ -206,7 +206,12 @@ pub struct ConnTable {
     closed: HashMap<Tuple, Peer>,
     closed_order: VecDeque<Tuple>,
     cap: usize,
+    /// Sockets that became opaque, for [`ConnTable::take_opaque`].
+    opaque: Vec<u64>,
 }
+
+/// Opaque sockets remembered between two hand-overs to the kernel.
+const MAX_OPAQUE_PENDING: usize = 4096;
 
 /// What is known of the process at the other end of a connection, when it is on this host.
 #[derive(Clone, Copy, Debug)]
@@ -223,6 +228,7 @@ impl ConnTable {
             by_tuple: HashMap::default(),
             closed: HashMap::default(),
             closed_order: VecDeque::new(),
+            opaque: Vec::new(),
             cap,
         }
     }
@@ -289,7 +295,17 @@ impl ConnTable {
             linker,
             out,
         };
+        let was_opaque = conn.role == Role::Opaque;
         process(conn, &mut ctx);
+        if !was_opaque && conn.role == Role::Opaque && self.opaque.len() < MAX_OPAQUE_PENDING {
+            self.opaque.push(d.sk);
+        }
+    }
+
+    /// Sockets found not to carry HTTP since the last call: the kernel can stop sending their
+    /// data.
+    pub fn take_opaque(&mut self) -> std::vec::Drain<'_, u64> {
+        self.opaque.drain(..)
     }
 
     pub fn on_state(

@@ -22,7 +22,7 @@ use tracer_common::KernelStat;
 
 use crate::{
     api,
-    capture::{AttachMode, Capture},
+    capture::{AttachMode, Capture, OpaqueSockets},
     conn::{ConnTable, Exchange, MAX_CONNS, Side},
     edges::Aggregator,
     event::{self, Event},
@@ -201,7 +201,7 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     let listener = TcpListener::bind(cfg.listen)
         .await
         .with_context(|| format!("cannot listen on {}", cfg.listen))?;
-    let (capture, ring) = Capture::start(cfg.bpf_stats, cfg.ringbuf_bytes, cfg.attach)?;
+    let (capture, ring, opaque) = Capture::start(cfg.bpf_stats, cfg.ringbuf_bytes, cfg.attach)?;
     let mode = capture.mode;
     let token = CancellationToken::new();
     let (tx, exporter) = match cfg.otlp.clone() {
@@ -237,7 +237,13 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         )
     });
 
-    let reader = tokio::spawn(read_events(ring, shared.clone(), cfg.listen, token.clone()));
+    let reader = tokio::spawn(read_events(
+        ring,
+        opaque,
+        shared.clone(),
+        cfg.listen,
+        token.clone(),
+    ));
     let stats = tokio::spawn(export_kernel_stats(capture, metrics.clone(), token.clone()));
     let server = tokio::spawn(api::serve(listener, shared.clone(), token.clone()));
     tracing::info!(
@@ -289,6 +295,8 @@ struct Reader {
     ready: Vec<Span>,
     last_drain: Instant,
     last_expire: Instant,
+    /// Where sockets found not to carry HTTP are handed to the kernel (none when replaying).
+    opaque: Option<OpaqueSockets>,
     data_events: prometheus::IntCounter,
     conn_events: prometheus::IntCounter,
 }
@@ -313,6 +321,7 @@ impl Reader {
             ready: Vec::new(),
             last_drain: Instant::now(),
             last_expire: Instant::now(),
+            opaque: None,
             data_events: shared.metrics.events.with_label_values(&["data"]),
             conn_events: shared.metrics.events.with_label_values(&["conn"]),
             shared,
@@ -323,6 +332,11 @@ impl Reader {
     fn drain(&mut self, ring: &mut RingBuf<MapData>) {
         while let Some(item) = ring.next() {
             self.handle(&item);
+        }
+        if let Some(opaque) = &mut self.opaque {
+            for sk in self.conns.take_opaque() {
+                opaque.mark(sk);
+            }
         }
         if self.last_drain.elapsed() >= SPAN_DRAIN {
             self.drain_spans();
@@ -423,6 +437,7 @@ impl Reader {
 
 async fn read_events(
     ring: RingBuf<MapData>,
+    opaque: OpaqueSockets,
     shared: Arc<Shared>,
     listen: SocketAddr,
     token: CancellationToken,
@@ -433,6 +448,7 @@ async fn read_events(
         .map_err(std::io::Error::from)
         .context("polling the ring buffer")?;
     let mut reader = Reader::new(shared, listen);
+    reader.opaque = Some(opaque);
     let mut poll = tokio::time::interval(POLL_EVERY);
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {

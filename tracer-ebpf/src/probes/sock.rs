@@ -12,7 +12,7 @@ use tracer_common::{
     SockState, SockTuple, TCP_CLOSE, TCP_ESTABLISHED, TCP_SYN_SENT,
 };
 
-use crate::maps::{ACTIVE, EVENTS, SOCKS, count, wakeup_flags};
+use crate::maps::{ACTIVE, EVENTS, OPAQUE, SOCKS, count, wakeup_flags};
 
 const IPPROTO_TCP: u16 = 6;
 const MSG_PEEK: i32 = 2;
@@ -79,7 +79,13 @@ fn on_length(ctx: &TracePointContext, direction: u32) {
             let _ = ACTIVE.remove(&id);
             return;
         }
-        args.sk = ctx.read_at::<u64>(LEN_SK).unwrap_or(0);
+        let sk = ctx.read_at::<u64>(LEN_SK).unwrap_or(0);
+        if OPAQUE.get(&sk).is_some() {
+            count(KernelStat::SkippedOpaque);
+            let _ = ACTIVE.remove(&id);
+            return;
+        }
+        args.sk = sk;
     }
 }
 
@@ -172,6 +178,7 @@ unsafe fn on_state(ctx: &TracePointContext) {
             },
             TCP_CLOSE => {
                 let _ = SOCKS.remove(&sk);
+                let _ = OPAQUE.remove(&sk);
             }
             _ => {}
         }
