@@ -383,7 +383,14 @@ fn top_and_tap_follow_the_requests() {
     );
     assert_eq!(err[8], "0.00%", "{screen}");
 
-    // tap: one JSON line per request, as curl saw them.
+    // tap: one JSON line per request, as curl saw them. (Stopped after 30 s if it never saw
+    // them all, so that a miss fails the test instead of hanging it.)
+    let mut tap = tap;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while tap.try_wait().expect("wait tap").is_none() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _ = tap.kill();
     let out = tap.wait_with_output().expect("tap output");
     assert!(
         out.status.success(),
