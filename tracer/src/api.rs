@@ -202,7 +202,7 @@ async fn edges(
     Query(q): Query<WindowQuery>,
 ) -> Result<Json<EdgesResponse>, ApiError> {
     let w = q.window()?;
-    let agg = shared.aggregator.lock().unwrap_or_else(|p| p.into_inner());
+    let agg = shared.aggregator();
     Ok(Json(EdgesResponse {
         window: w.as_str().to_owned(),
         window_seconds: agg.clock().window_seconds(w),
@@ -215,7 +215,7 @@ async fn stat(
     Query(q): Query<WindowQuery>,
 ) -> Result<Json<StatResponse>, ApiError> {
     let w = q.window()?;
-    let agg = shared.aggregator.lock().unwrap_or_else(|p| p.into_inner());
+    let agg = shared.aggregator();
     Ok(Json(StatResponse {
         window: w.as_str().to_owned(),
         window_seconds: agg.clock().window_seconds(w),
@@ -234,7 +234,7 @@ async fn routes(
             "workload= is required".to_owned(),
         ));
     };
-    let agg = shared.aggregator.lock().unwrap_or_else(|p| p.into_inner());
+    let agg = shared.aggregator();
     let routes = agg.routes(&workload, w).ok_or_else(|| {
         ApiError(
             StatusCode::NOT_FOUND,
@@ -250,7 +250,7 @@ async fn routes(
 }
 
 fn topology_of(shared: &Shared, w: Window) -> TopologyResponse {
-    let agg = shared.aggregator.lock().unwrap_or_else(|p| p.into_inner());
+    let agg = shared.aggregator();
     let (nodes, edges) = agg.topology(w);
     TopologyResponse {
         window: w.as_str().to_owned(),

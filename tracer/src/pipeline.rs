@@ -107,6 +107,11 @@ pub struct Shared {
 }
 
 impl Shared {
+    /// The aggregator, even if a panicking holder poisoned the lock (its state stays usable).
+    pub fn aggregator(&self) -> std::sync::MutexGuard<'_, Aggregator> {
+        self.aggregator.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     fn new(
         metrics: Metrics,
         programs: usize,
@@ -164,12 +169,7 @@ impl Replay {
 
     /// Requests counted on every edge so far.
     pub fn requests(&self) -> u64 {
-        let agg = self
-            .reader
-            .shared
-            .aggregator
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        let agg = self.reader.shared.aggregator();
         agg.edges(crate::window::Window::M1)
             .iter()
             .map(|e| e.requests)
@@ -367,7 +367,7 @@ impl Reader {
     fn record_exchanges(&mut self) {
         let shared = self.shared.clone();
         let metrics = &shared.metrics;
-        let mut agg = shared.aggregator.lock().unwrap_or_else(|p| p.into_inner());
+        let mut agg = shared.aggregator();
         let mut exchanges = std::mem::take(&mut self.exchanges);
         for ex in exchanges.drain(..) {
             if self.to_self(&ex) {
@@ -425,7 +425,7 @@ impl Reader {
         if self.last_expire.elapsed() >= EXPIRE_EVERY {
             self.last_expire = Instant::now();
             let shared = self.shared.clone();
-            let mut agg = shared.aggregator.lock().unwrap_or_else(|p| p.into_inner());
+            let mut agg = shared.aggregator();
             agg.expire(&shared.metrics);
         }
         self.linker.drain_ready(&mut self.ready);
