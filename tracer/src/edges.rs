@@ -178,7 +178,12 @@ pub struct Aggregator {
     routes_by_dst: HashMap<(NameId, RouteId, Method), RouteStats>,
     /// Wall-clock second the aggregator started (windows do not reach before it).
     started_unix: f64,
+    /// Workload name of a process (by tgid and thread name), resolved once.
+    workload_ids: HashMap<(u32, [u8; 16]), NameId>,
 }
+
+/// Processes whose workload id is remembered; the cache starts over when full.
+const WORKLOAD_CACHE: usize = 8192;
 
 /// What a request was counted as.
 pub struct Recorded<'a> {
@@ -300,7 +305,23 @@ impl Aggregator {
             dst_routes: HashMap::default(),
             routes_by_dst: HashMap::default(),
             started_unix: Clock::now(0.0).now_s,
+            workload_ids: HashMap::default(),
         }
+    }
+
+    /// The interned workload name of a process on this host, without the shared resolver's lock
+    /// or a string hash once it is known.
+    fn workload_id(&mut self, task: &crate::event::Task) -> NameId {
+        let key = (task.tgid, task.comm.0);
+        if let Some(&id) = self.workload_ids.get(&key) {
+            return id;
+        }
+        let id = self.names.id(&workload::name(task));
+        if self.workload_ids.len() >= WORKLOAD_CACHE {
+            self.workload_ids.clear();
+        }
+        self.workload_ids.insert(key, id);
+        id
     }
 
     /// The time to answer a query at.
@@ -338,8 +359,8 @@ impl Aggregator {
         metrics: &Metrics,
     ) -> Recorded<'_> {
         let latency_us = (ex.end_ns.saturating_sub(ex.start_ns) / 1000).max(1);
-        let own = self.names.id(&workload::name(&ex.task));
-        let peer_name = peer.map(|p| self.names.id(&workload::name(&p.task)));
+        let own = self.workload_id(&ex.task);
+        let peer_name = peer.map(|p| self.workload_id(&p.task));
         let (src, dst, counts) = match (ex.side, peer, peer_name) {
             (Side::Server, _, Some(src)) => (src, own, true),
             (Side::Server, _, None) => {
