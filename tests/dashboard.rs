@@ -429,6 +429,39 @@ fn top_and_tap_follow_the_requests() {
             .or_insert(0) += 1;
     }
     assert_eq!(statuses, want);
+
+    // The table verbs read the same API: their last column is the request count curl made.
+    let table = |args: &[&str]| -> Vec<Vec<String>> {
+        let out = Command::new(tracer_bin())
+            .args(args)
+            .args(["--addr", &addr])
+            .output()
+            .expect("tracer CLI");
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| l.split_whitespace().map(str::to_owned).collect())
+            .collect()
+    };
+    let last = |rows: &[Vec<String>], first: &[&str]| -> String {
+        rows.iter()
+            .find(|r| r.len() > first.len() && r[..first.len()] == *first)
+            .and_then(|r| r.last().cloned())
+            .unwrap_or_else(|| panic!("no row {first:?} in {rows:?}"))
+    };
+    let total = (n_ok + n_err).to_string();
+    assert_eq!(last(&table(&["stat", "server"]), &["server"]), total);
+    assert_eq!(
+        last(&table(&["edges", "-t", "10m"]), &["curl", "server"]),
+        total
+    );
+    let routes = table(&["routes", "server"]);
+    assert_eq!(last(&routes, &["/ok/top", "GET"]), n_ok.to_string());
+    assert_eq!(last(&routes, &["/err/top", "GET"]), n_err.to_string());
 }
 
 /// Issue 6, check 3: 10,000 distinct paths on one service stay within the route table's cap

@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     conn::Side,
     dashboard,
-    edges::{EdgeView, NodeView, RouteView, TopologyEdge, WorkloadView},
+    edges::{Aggregator, EdgeView, NodeView, RouteView, TopologyEdge, WorkloadView},
     otlp,
     pipeline::Shared,
     spans::{Span, span_name},
@@ -114,35 +114,52 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// An answer about a window: which one, how long it really covers (less when the daemon is
+/// younger), and the figures (flattened beside them in JSON).
 #[derive(Debug, Serialize, Deserialize)]
-pub struct EdgesResponse {
+pub struct InWindow<T> {
     pub window: String,
     pub window_seconds: f64,
+    #[serde(flatten)]
+    pub body: T,
+}
+
+impl<T> InWindow<T> {
+    fn of(agg: &Aggregator, w: Window, body: T) -> Self {
+        Self {
+            window: w.as_str().to_owned(),
+            window_seconds: agg.clock().window_seconds(w),
+            body,
+        }
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Edges {
     pub edges: Vec<EdgeView>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
-pub struct StatResponse {
-    pub window: String,
-    pub window_seconds: f64,
+pub struct Stat {
     pub workloads: Vec<WorkloadView>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
-pub struct TopologyResponse {
-    pub window: String,
-    pub window_seconds: f64,
+pub struct Topology {
     pub nodes: Vec<NodeView>,
     pub edges: Vec<TopologyEdge>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
-pub struct RoutesResponse {
-    pub window: String,
-    pub window_seconds: f64,
+pub struct Routes {
     pub workload: String,
     pub routes: Vec<RouteView>,
 }
+
+pub type EdgesResponse = InWindow<Edges>;
+pub type StatResponse = InWindow<Stat>;
+pub type TopologyResponse = InWindow<Topology>;
+pub type RoutesResponse = InWindow<Routes>;
 
 #[derive(Debug, Serialize, Deserialize)]
 pub struct StatusResponse {
@@ -203,11 +220,13 @@ async fn edges(
 ) -> Result<Json<EdgesResponse>, ApiError> {
     let w = q.window()?;
     let agg = shared.aggregator();
-    Ok(Json(EdgesResponse {
-        window: w.as_str().to_owned(),
-        window_seconds: agg.clock().window_seconds(w),
-        edges: agg.edges(w),
-    }))
+    Ok(Json(InWindow::of(
+        &agg,
+        w,
+        Edges {
+            edges: agg.edges(w),
+        },
+    )))
 }
 
 async fn stat(
@@ -216,11 +235,8 @@ async fn stat(
 ) -> Result<Json<StatResponse>, ApiError> {
     let w = q.window()?;
     let agg = shared.aggregator();
-    Ok(Json(StatResponse {
-        window: w.as_str().to_owned(),
-        window_seconds: agg.clock().window_seconds(w),
-        workloads: agg.workloads(w),
-    }))
+    let workloads = agg.workloads(w);
+    Ok(Json(InWindow::of(&agg, w, Stat { workloads })))
 }
 
 async fn routes(
@@ -241,23 +257,13 @@ async fn routes(
             format!("no request to workload {workload:?} seen"),
         )
     })?;
-    Ok(Json(RoutesResponse {
-        window: w.as_str().to_owned(),
-        window_seconds: agg.clock().window_seconds(w),
-        workload,
-        routes,
-    }))
+    Ok(Json(InWindow::of(&agg, w, Routes { workload, routes })))
 }
 
 fn topology_of(shared: &Shared, w: Window) -> TopologyResponse {
     let agg = shared.aggregator();
     let (nodes, edges) = agg.topology(w);
-    TopologyResponse {
-        window: w.as_str().to_owned(),
-        window_seconds: agg.clock().window_seconds(w),
-        nodes,
-        edges,
-    }
+    InWindow::of(&agg, w, Topology { nodes, edges })
 }
 
 async fn topology(

@@ -321,11 +321,12 @@ pub fn edges(w: Window, args: &ClientArgs) -> anyhow::Result<()> {
         println!("{raw}");
         return Ok(());
     }
-    if resp.edges.is_empty() {
+    if resp.body.edges.is_empty() {
         println!("No edges seen yet.");
         return Ok(());
     }
     let rows: Vec<Vec<String>> = resp
+        .body
         .edges
         .iter()
         .map(|e| {
@@ -346,8 +347,8 @@ pub fn stat(workload: Option<&str>, w: Window, args: &ClientArgs) -> anyhow::Res
     let (mut resp, raw): (StatResponse, _) =
         fetch(&args.addr, &format!("/api/stat?window={}", w.as_str()))?;
     if let Some(w) = workload {
-        resp.workloads.retain(|x| x.name == w);
-        if resp.workloads.is_empty() {
+        resp.body.workloads.retain(|x| x.name == w);
+        if resp.body.workloads.is_empty() {
             bail!("no traffic to workload {w:?} seen yet");
         }
     }
@@ -359,11 +360,12 @@ pub fn stat(workload: Option<&str>, w: Window, args: &ClientArgs) -> anyhow::Res
         }
         return Ok(());
     }
-    if resp.workloads.is_empty() {
+    if resp.body.workloads.is_empty() {
         println!("No traffic seen yet.");
         return Ok(());
     }
     let rows: Vec<Vec<String>> = resp
+        .body
         .workloads
         .iter()
         .map(|x| {
@@ -392,6 +394,7 @@ pub fn routes(workload: &str, w: Window, args: &ClientArgs) -> anyhow::Result<()
         return Ok(());
     }
     let rows: Vec<Vec<String>> = resp
+        .body
         .routes
         .iter()
         .map(|r| {

@@ -231,6 +231,7 @@ pub struct EdgeView {
     pub failures: u64,
     pub success_rate: f64,
     pub rps: f64,
+    #[serde(deserialize_with = "status_keys")]
     pub status_codes: BTreeMap<u16, u64>,
     pub request_bytes: u64,
     pub response_bytes: u64,
@@ -250,6 +251,7 @@ pub struct WorkloadView {
     pub failures: u64,
     pub success_rate: f64,
     pub rps: f64,
+    #[serde(deserialize_with = "status_keys")]
     pub status_codes: BTreeMap<u16, u64>,
     pub latency: Option<Quantiles>,
     /// Over the window asked for.
@@ -284,6 +286,15 @@ pub struct RouteView {
     pub requests: u64,
     pub window: WindowStats,
     pub history: Vec<Point>,
+}
+
+/// Status-code keys read back from JSON strings: inside a flattened struct (`api::InWindow`)
+/// serde hands map keys over as strings, which the plain `u16` key would refuse.
+fn status_keys<'de, D: serde::Deserializer<'de>>(d: D) -> Result<BTreeMap<u16, u64>, D::Error> {
+    let raw: BTreeMap<String, u64> = serde::Deserialize::deserialize(d)?;
+    raw.into_iter()
+        .map(|(k, v)| k.parse().map(|k| (k, v)).map_err(serde::de::Error::custom))
+        .collect()
 }
 
 pub fn success_rate(requests: u64, failures: u64) -> f64 {
