@@ -35,26 +35,38 @@ fn asset(body: &'static str, content_type: &'static str, cache: bool) -> Respons
     resp
 }
 
+/// Path, body, content type, and whether it may be cached.
+const ASSETS: &[(&str, &str, &str, bool)] = &[
+    ("/", INDEX, "text/html; charset=utf-8", false),
+    (
+        "/assets/app.js",
+        APP_JS,
+        "text/javascript; charset=utf-8",
+        false,
+    ),
+    ("/assets/style.css", STYLE, "text/css; charset=utf-8", false),
+    (
+        "/assets/cytoscape.min.js",
+        CYTOSCAPE,
+        "text/javascript; charset=utf-8",
+        true,
+    ),
+    (
+        "/assets/LICENSE-cytoscape",
+        CYTOSCAPE_LICENSE,
+        "text/plain; charset=utf-8",
+        true,
+    ),
+];
+
 pub fn router() -> Router<AppState> {
-    Router::new()
-        .route(
-            "/",
-            get(|| async { asset(INDEX, "text/html; charset=utf-8", false) }),
-        )
-        .route(
-            "/assets/app.js",
-            get(|| async { asset(APP_JS, "text/javascript; charset=utf-8", false) }),
-        )
-        .route(
-            "/assets/style.css",
-            get(|| async { asset(STYLE, "text/css; charset=utf-8", false) }),
-        )
-        .route(
-            "/assets/cytoscape.min.js",
-            get(|| async { asset(CYTOSCAPE, "text/javascript; charset=utf-8", true) }),
-        )
-        .route(
-            "/assets/LICENSE-cytoscape",
-            get(|| async { asset(CYTOSCAPE_LICENSE, "text/plain; charset=utf-8", true) }),
-        )
+    ASSETS.iter().fold(
+        Router::new(),
+        |router, &(path, body, content_type, cache)| {
+            router.route(
+                path,
+                get(move || async move { asset(body, content_type, cache) }),
+            )
+        },
+    )
 }
