@@ -252,9 +252,13 @@ fn wrk(port: u16, secs: u64, close: bool) -> anyhow::Result<Generated> {
     Ok(g)
 }
 
+/// oha on PATH, or where `cargo install` put it (scripts/test-deps.sh): `$CARGO_HOME/bin`.
 fn oha_bin() -> Option<PathBuf> {
     which("oha").or_else(|| {
-        let p = PathBuf::from(std::env::var_os("HOME")?).join(".cargo/bin/oha");
+        let home = std::env::var_os("CARGO_HOME")
+            .map(PathBuf::from)
+            .or_else(|| Some(PathBuf::from(std::env::var_os("HOME")?).join(".cargo")))?;
+        let p = home.join("bin/oha");
         p.is_file().then_some(p)
     })
 }
