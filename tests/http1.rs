@@ -156,11 +156,19 @@ fn curl_to_python_http_server() {
 #[test]
 fn keep_alive_pairs_each_request() {
     let default = if cfg!(target_arch = "x86_64") {
-        "raw-tracepoint"
+        "socket"
     } else {
         "tracepoint"
     };
     keep_alive_pairs(&[], default);
+}
+
+/// The same through the raw syscall tracepoints (the path for kernels whose socket tracepoints
+/// cannot reach the syscall's registers).
+#[test]
+#[cfg(target_arch = "x86_64")]
+fn keep_alive_pairs_each_request_through_raw_syscall_tracepoints() {
+    keep_alive_pairs(&["--attach", "raw-tracepoint"], "raw-tracepoint");
 }
 
 /// The same through the classic syscall tracepoints, the path that works on every kernel and

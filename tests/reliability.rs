@@ -44,6 +44,9 @@ fn our_programs() -> Vec<String> {
         "inet_sock_set_state",
         "sock_send_length",
         "sock_recv_length",
+        "sock_send_data",
+        "sock_recv_data",
+        "tcp_send_start",
         "sys_enter_write",
         "sys_exit_write",
         "sys_enter_recvfrom",
@@ -184,11 +187,11 @@ fn restart_after_sigkill_is_clean() {
         "completed {completed}, counted {seen}"
     );
     // SIGTERM: a clean exit within a second that leaves nothing behind. (Detaching a classic
-    // tracepoint waits for RCU grace periods: the syscall probes attach as two raw tracepoints
-    // where they can, so that only the three sock:* tracepoints pay it, in parallel.)
+    // tracepoint waits for RCU grace periods: the default data path has three, detached in
+    // parallel.)
     let attach = daemon.json("/api/status")["attach"].clone();
     let exit = daemon.terminate();
-    eprintln!("SIGTERM exit took {exit:?} (syscalls attached as {attach})");
+    eprintln!("SIGTERM exit took {exit:?} (data path {attach})");
     assert!(
         our_programs().is_empty(),
         "programs left after SIGTERM: {:?}",
@@ -196,7 +199,7 @@ fn restart_after_sigkill_is_clean() {
     );
     assert!(
         exit < Duration::from_secs(1),
-        "SIGTERM exit took {exit:?} (syscalls attached as {attach})"
+        "SIGTERM exit took {exit:?} (data path {attach})"
     );
 }
 

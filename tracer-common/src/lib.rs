@@ -194,9 +194,12 @@ pub enum KernelStat {
     LostRequestEgress = 9,
     /// Syscalls on sockets the daemon found not to carry HTTP, skipped in the kernel.
     SkippedOpaque = 10,
+    /// TCP bytes moved by a call the socket data path cannot read (splice, io_uring, sendmmsg,
+    /// a kernel thread): not captured, counted.
+    OtherSyscall = 11,
 }
 
-pub const KERNEL_STAT_COUNT: u32 = 11;
+pub const KERNEL_STAT_COUNT: u32 = 12;
 
 impl KernelStat {
     pub const ALL: [KernelStat; KERNEL_STAT_COUNT as usize] = [
@@ -211,6 +214,7 @@ impl KernelStat {
         KernelStat::LostRequestIngress,
         KernelStat::LostRequestEgress,
         KernelStat::SkippedOpaque,
+        KernelStat::OtherSyscall,
     ];
 
     /// Name used as the `reason`/`kind` label in metrics.
@@ -227,6 +231,7 @@ impl KernelStat {
             KernelStat::LostRequestIngress => "lost_request_ingress",
             KernelStat::LostRequestEgress => "lost_request_egress",
             KernelStat::SkippedOpaque => "skipped_opaque",
+            KernelStat::OtherSyscall => "other_syscall",
         }
     }
 }

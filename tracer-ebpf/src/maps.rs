@@ -50,6 +50,17 @@ pub static OPAQUE: LruHashMap<u64, u8> = LruHashMap::with_max_entries(limits::OP
 #[map]
 pub static SCRATCH: PerCpuArray<DataEvent> = PerCpuArray::with_max_entries(1, 0);
 
+/// When this CPU's current TCP send began (`tcp_send_start`), for the send's data event.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct SendStart {
+    pub pid_tgid: u64,
+    pub ts_ns: u64,
+}
+
+#[map]
+pub static SEND_START: PerCpuArray<SendStart> = PerCpuArray::with_max_entries(1, 0);
+
 #[map]
 pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(KERNEL_STAT_COUNT, 0);
 

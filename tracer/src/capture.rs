@@ -22,11 +22,22 @@ const TRACEFS: &str = "/sys/kernel/tracing";
 const TRACEFS_DEBUG: &str = "/sys/kernel/debug/tracing";
 const BPFFS: &str = "/sys/fs/bpf";
 
-/// Programs on `sock:*` tracepoints, always attached this way.
-const SOCK_TRACEPOINTS: &[(&str, &str)] = &[
-    ("sock", "inet_sock_set_state"),
-    ("sock", "sock_send_length"),
-    ("sock", "sock_recv_length"),
+/// Connection lifecycle, whatever the data path.
+const LIFECYCLE: (&str, &str, &str) = ("inet_sock_set_state", "sock", "inet_sock_set_state");
+
+/// The socket data path: (program, category, tracepoint).
+const SOCK_DATA: &[(&str, &str, &str)] = &[
+    ("sock_send_data", "sock", "sock_send_length"),
+    ("sock_recv_data", "sock", "sock_recv_length"),
+];
+
+/// Where a send began, for the socket data path; without it sends are stamped at their end.
+const SEND_START: (&str, &str) = ("tcp_send_start", "tcp_sendmsg_locked");
+
+/// The syscall data paths name the socket with these.
+const SOCK_LENGTH: &[(&str, &str, &str)] = &[
+    ("sock_send_length", "sock", "sock_send_length"),
+    ("sock_recv_length", "sock", "sock_recv_length"),
 ];
 
 /// The syscall programs as raw tracepoints: (program, raw tracepoint).
@@ -61,7 +72,9 @@ const EXPECTED_FIELDS: &[(&str, &str, &str, usize)] = &[
     ("sock", "sock_send_length", "sk", 8),
     ("sock", "sock_send_length", "family", 16),
     ("sock", "sock_send_length", "protocol", 18),
+    ("sock", "sock_recv_length", "ret", 20),
     ("sock", "sock_recv_length", "flags", 24),
+    ("sock", "sock_send_length", "ret", 20),
     ("sock", "inet_sock_set_state", "skaddr", 8),
     ("sock", "inet_sock_set_state", "newstate", 20),
     ("sock", "inet_sock_set_state", "sport", 24),
@@ -112,11 +125,14 @@ pub enum CaptureError {
     Map(&'static str, String),
 }
 
-/// How the syscall programs attach.
+/// Where the data path hooks in.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum AttachMode {
-    /// Raw tracepoints where they work (x86_64), else classic tracepoints.
+    /// The first of `socket`, `raw-tracepoint`, `tracepoint` that loads and attaches here.
     Auto,
+    /// Only `sock:sock_{send,recv}_length`, reading the syscall's registers through BTF
+    /// (x86_64): nothing runs for the host's other syscalls, and no per-call state.
+    Socket,
     /// `raw_tp/sys_enter` and `sys_exit`: two attachments, cheaper per call (x86_64 only).
     RawTracepoint,
     /// One `syscalls:sys_{enter,exit}_*` tracepoint per traced syscall: works everywhere.
@@ -255,7 +271,9 @@ fn field_offset(format: &str, field: &str) -> Option<usize> {
 }
 
 fn check_layouts(tracefs: &str) -> Result<(), CaptureError> {
-    for &(category, name) in SOCK_TRACEPOINTS.iter().chain(SYSCALL_TRACEPOINTS) {
+    let (_, lc, ln) = LIFECYCLE;
+    let sock = SOCK_DATA.iter().map(|&(_, c, n)| (c, n));
+    for (category, name) in [(lc, ln)].into_iter().chain(sock) {
         let path = Path::new(tracefs).join("events").join(category).join(name);
         if !path.is_dir() {
             return Err(CaptureError::MissingTracepoint(
@@ -271,9 +289,19 @@ fn check_layouts(tracefs: &str) -> Result<(), CaptureError> {
             .join(category)
             .join(name)
             .join("format");
-        let format = fs::read_to_string(&path).map_err(|e| {
-            CaptureError::MissingTracepoint(category, name, format!("{}: {e}", path.display()))
-        })?;
+        let format = match fs::read_to_string(&path) {
+            Ok(f) => f,
+            // Syscall tracepoints are only one of the data paths: their absence shows when
+            // (and if) that path is tried.
+            Err(_) if category == "syscalls" => continue,
+            Err(e) => {
+                return Err(CaptureError::MissingTracepoint(
+                    category,
+                    name,
+                    format!("{}: {e}", path.display()),
+                ));
+            }
+        };
         let got = field_offset(&format, field);
         if got != Some(want) {
             return Err(CaptureError::Layout(category, name, field, got, want));
@@ -284,17 +312,18 @@ fn check_layouts(tracefs: &str) -> Result<(), CaptureError> {
 
 fn attach_tracepoint(
     ebpf: &mut Ebpf,
-    category: &'static str,
-    name: &'static str,
+    (prog, category, name): (&'static str, &'static str, &'static str),
 ) -> Result<Link, CaptureError> {
     let program: &mut TracePoint = ebpf
-        .program_mut(name)
-        .ok_or_else(|| CaptureError::Program(name, "not in the object".into()))?
+        .program_mut(prog)
+        .ok_or_else(|| CaptureError::Program(prog, "not in the object".into()))?
         .try_into()
-        .map_err(|e: aya::programs::ProgramError| CaptureError::Program(name, e.to_string()))?;
-    program
-        .load()
-        .map_err(|e| CaptureError::Program(name, format!("{e:#}")))?;
+        .map_err(|e: aya::programs::ProgramError| CaptureError::Program(prog, e.to_string()))?;
+    if program.fd().is_err() {
+        program
+            .load()
+            .map_err(|e| CaptureError::Program(prog, format!("{e:#}")))?;
+    }
     let link = program
         .attach(category, name)
         .map_err(|e| CaptureError::Attach(category, name, e.to_string()))?;
@@ -314,14 +343,103 @@ fn attach_raw(
         .ok_or_else(|| CaptureError::Program(program, "not in the object".into()))?
         .try_into()
         .map_err(|e: aya::programs::ProgramError| CaptureError::Program(program, e.to_string()))?;
-    p.load()
-        .map_err(|e| CaptureError::Program(program, format!("{e:#}")))?;
+    if p.fd().is_err() {
+        p.load()
+            .map_err(|e| CaptureError::Program(program, format!("{e:#}")))?;
+    }
     let link = p
         .attach(tracepoint)
         .map_err(|e| CaptureError::Attach("raw_tp", tracepoint, e.to_string()))?;
     p.take_link(link)
         .map(Link::Raw)
         .map_err(|e| CaptureError::Attach("raw_tp", tracepoint, e.to_string()))
+}
+
+/// Attaches the first data path of `mode` that works here; which one it was.
+fn attach_data_path(
+    ebpf: &mut Ebpf,
+    links: &mut Vec<Link>,
+    mode: AttachMode,
+) -> Result<AttachMode, CaptureError> {
+    let x86 = cfg!(target_arch = "x86_64");
+    if matches!(mode, AttachMode::Socket | AttachMode::RawTracepoint) && !x86 {
+        return Err(CaptureError::Attach(
+            "data path",
+            "x86_64",
+            "the socket and raw-tracepoint paths read x86_64 registers; use --attach tracepoint"
+                .into(),
+        ));
+    }
+    let auto = mode == AttachMode::Auto;
+    // Each candidate's links are kept only if all of them attach.
+    let mut try_path = |path: AttachMode| -> Result<bool, CaptureError> {
+        let mut new = Vec::new();
+        let attached = (|| {
+            match path {
+                AttachMode::Socket => {
+                    for &p in SOCK_DATA {
+                        new.push(attach_tracepoint(ebpf, p)?);
+                    }
+                    let (prog, tp) = SEND_START;
+                    match attach_raw(ebpf, prog, tp) {
+                        Ok(link) => new.push(link),
+                        Err(e) => tracing::warn!(
+                            "{e}: sends are stamped when they end rather than when they begin"
+                        ),
+                    }
+                }
+                AttachMode::RawTracepoint => {
+                    for &p in SOCK_LENGTH {
+                        new.push(attach_tracepoint(ebpf, p)?);
+                    }
+                    for &(prog, tp) in RAW_SYSCALLS {
+                        new.push(attach_raw(ebpf, prog, tp)?);
+                    }
+                }
+                AttachMode::Tracepoint | AttachMode::Auto => {
+                    for &p in SOCK_LENGTH {
+                        new.push(attach_tracepoint(ebpf, p)?);
+                    }
+                    for &(category, name) in SYSCALL_TRACEPOINTS {
+                        new.push(attach_tracepoint(ebpf, (name, category, name))?);
+                    }
+                }
+            }
+            Ok(())
+        })();
+        match attached {
+            Ok(()) => {
+                links.extend(new);
+                Ok(true)
+            }
+            Err(e) if auto => {
+                tracing::warn!("{path:?} data path unavailable here ({e}); trying the next");
+                Ok(false)
+            }
+            Err(e) => Err(e),
+        }
+    };
+    let candidates: &[AttachMode] = match mode {
+        AttachMode::Auto if x86 => &[
+            AttachMode::Socket,
+            AttachMode::RawTracepoint,
+            AttachMode::Tracepoint,
+        ],
+        AttachMode::Auto => &[AttachMode::Tracepoint],
+        AttachMode::Socket => &[AttachMode::Socket],
+        AttachMode::RawTracepoint => &[AttachMode::RawTracepoint],
+        AttachMode::Tracepoint => &[AttachMode::Tracepoint],
+    };
+    for &path in candidates {
+        if try_path(path)? {
+            return Ok(path);
+        }
+    }
+    Err(CaptureError::Attach(
+        "data path",
+        "any",
+        "no data path attached (see the warnings above)".into(),
+    ))
 }
 
 impl Capture {
@@ -349,49 +467,8 @@ impl Capture {
                 "/tracer"
             )))
             .map_err(CaptureError::Load)?;
-        let mut links = Vec::with_capacity(SOCK_TRACEPOINTS.len() + SYSCALL_TRACEPOINTS.len());
-        for &(category, name) in SOCK_TRACEPOINTS {
-            links.push(attach_tracepoint(&mut ebpf, category, name)?);
-        }
-        let raw_possible = cfg!(target_arch = "x86_64");
-        let mode = match mode {
-            AttachMode::RawTracepoint if !raw_possible => {
-                return Err(CaptureError::Attach(
-                    "raw_tp",
-                    "sys_enter",
-                    "the syscall raw tracepoints read x86_64 registers; use --attach tracepoint"
-                        .into(),
-                ));
-            }
-            AttachMode::Auto if !raw_possible => AttachMode::Tracepoint,
-            m => m,
-        };
-        let mode = if mode == AttachMode::Tracepoint {
-            mode
-        } else {
-            let mut raw = Vec::with_capacity(RAW_SYSCALLS.len());
-            let attached = RAW_SYSCALLS.iter().try_for_each(|&(program, tp)| {
-                raw.push(attach_raw(&mut ebpf, program, tp)?);
-                Ok::<_, CaptureError>(())
-            });
-            match attached {
-                Ok(()) => {
-                    links.extend(raw);
-                    AttachMode::RawTracepoint
-                }
-                Err(e) if mode == AttachMode::Auto => {
-                    tracing::warn!("raw tracepoints unavailable ({e}); using syscall tracepoints");
-                    drop(raw);
-                    AttachMode::Tracepoint
-                }
-                Err(e) => return Err(e),
-            }
-        };
-        if mode == AttachMode::Tracepoint {
-            for &(category, name) in SYSCALL_TRACEPOINTS {
-                links.push(attach_tracepoint(&mut ebpf, category, name)?);
-            }
-        }
+        let mut links = vec![attach_tracepoint(&mut ebpf, LIFECYCLE)?];
+        let mode = attach_data_path(&mut ebpf, &mut links, mode)?;
         let events = ebpf
             .take_map("EVENTS")
             .ok_or_else(|| CaptureError::Map("EVENTS", "missing".into()))?;

@@ -225,8 +225,9 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     };
     let shared = Arc::new(Shared {
         attach: match mode {
+            AttachMode::Socket => "socket",
             AttachMode::RawTracepoint => "raw-tracepoint",
-            _ => "tracepoint",
+            AttachMode::Tracepoint | AttachMode::Auto => "tracepoint",
         },
         ..Shared::new(
             metrics.clone(),
@@ -247,7 +248,7 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     let stats = tokio::spawn(export_kernel_stats(capture, metrics.clone(), token.clone()));
     let server = tokio::spawn(api::serve(listener, shared.clone(), token.clone()));
     tracing::info!(
-        "tracer attached {} programs (syscalls: {:?}); dashboard at http://{}/, /metrics and /api",
+        "tracer attached {} programs (data path: {:?}); dashboard at http://{}/, /metrics and /api",
         shared.programs,
         mode,
         cfg.listen

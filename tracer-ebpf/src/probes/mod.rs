@@ -1,2 +1,4 @@
+pub mod data;
 pub mod sock;
+pub mod sock_data;
 pub mod syscalls;

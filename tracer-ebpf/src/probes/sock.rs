@@ -14,14 +14,15 @@ use tracer_common::{
 
 use crate::maps::{ACTIVE, EVENTS, OPAQUE, SOCKS, count, wakeup_flags};
 
-const IPPROTO_TCP: u16 = 6;
-const MSG_PEEK: i32 = 2;
+pub const IPPROTO_TCP: u16 = 6;
+pub const MSG_PEEK: i32 = 2;
 
 /// `sock:sock_send_length` / `sock_recv_length` record: sk, family, protocol, ret, flags.
-const LEN_SK: usize = 8;
-const LEN_FAMILY: usize = 16;
-const LEN_PROTOCOL: usize = 18;
-const LEN_FLAGS: usize = 24;
+pub const LEN_SK: usize = 8;
+pub const LEN_FAMILY: usize = 16;
+pub const LEN_PROTOCOL: usize = 18;
+pub const LEN_RET: usize = 20;
+pub const LEN_FLAGS: usize = 24;
 
 /// `sock:inet_sock_set_state` record.
 const SS_SKADDR: usize = 8;

@@ -1,0 +1,212 @@
+//! What both data paths share: which syscalls are traced, where their user buffers are, and
+//! building and sending a data event.
+use core::hint::black_box;
+
+use aya_ebpf::helpers::{
+    bpf_get_current_comm,
+    generated::{bpf_get_current_cgroup_id, bpf_ktime_get_ns, bpf_probe_read_user},
+};
+use tracer_common::{
+    DATA_EVENT_FIXED, DIR_EGRESS, DIR_INGRESS, DataEvent, EventKind, FLAG_IOVEC,
+    FLAG_TUPLE_FROM_SOCK, KernelStat, PAYLOAD_CAP, REQUEST_STARTS, TAIL_LEN,
+};
+
+use crate::maps::{
+    EVENTS, KIND_BUF, KIND_IOV, KIND_MSG, KIND_NONE, SCRATCH, SyscallArgs, count, wakeup_flags,
+};
+
+use super::sock::next_event;
+
+/// Offset of `msg_iov` and `msg_iovlen` in `struct user_msghdr` (x86_64 and arm64 alike).
+const MSGHDR_IOV: u64 = 16;
+const MSGHDR_IOVLEN: u64 = 24;
+
+/// x86_64 numbers of the traced syscalls (arch/x86/entry/syscalls/syscall_64.tbl).
+const NR_READ: u64 = 0;
+const NR_WRITE: u64 = 1;
+const NR_READV: u64 = 19;
+const NR_WRITEV: u64 = 20;
+const NR_SENDFILE: u64 = 40;
+const NR_SENDTO: u64 = 44;
+const NR_RECVFROM: u64 = 45;
+const NR_SENDMSG: u64 = 46;
+const NR_RECVMSG: u64 = 47;
+
+/// Offsets in x86_64 `struct pt_regs` (part of the user ABI: ptrace's `user_regs_struct`):
+/// the second and third syscall arguments, the syscall number, and the code segment (whose low
+/// two bits are 3 when the registers are a user program's).
+pub const REGS_SI: u64 = 13 * 8;
+pub const REGS_DX: u64 = 12 * 8;
+pub const REGS_ORIG_AX: u64 = 15 * 8;
+pub const REGS_CS: u64 = 17 * 8;
+
+/// What a syscall number is to the tracer: its kind of buffer and direction.
+#[inline(always)]
+pub fn traced(nr: u64) -> Option<(u32, u32)> {
+    match nr {
+        NR_WRITE | NR_SENDTO => Some((KIND_BUF, DIR_EGRESS)),
+        NR_WRITEV => Some((KIND_IOV, DIR_EGRESS)),
+        NR_SENDMSG => Some((KIND_MSG, DIR_EGRESS)),
+        NR_SENDFILE => Some((KIND_NONE, DIR_EGRESS)),
+        NR_READ | NR_RECVFROM => Some((KIND_BUF, DIR_INGRESS)),
+        NR_READV => Some((KIND_IOV, DIR_INGRESS)),
+        NR_RECVMSG => Some((KIND_MSG, DIR_INGRESS)),
+        _ => None,
+    }
+}
+
+/// First user buffer of the call and its length.
+#[inline(always)]
+fn first_buffer(args: &SyscallArgs) -> Option<(u64, u64)> {
+    match args.kind {
+        KIND_BUF => Some((args.buf, args.len)),
+        KIND_IOV => {
+            if args.len == 0 {
+                return None;
+            }
+            read_iovec(args.buf)
+        }
+        KIND_MSG => {
+            // SAFETY: reads of user memory through the checked helper.
+            let iov = unsafe {
+                aya_ebpf::helpers::bpf_probe_read_user((args.buf + MSGHDR_IOV) as *const u64)
+            }
+            .ok()?;
+            let iovlen = unsafe {
+                aya_ebpf::helpers::bpf_probe_read_user((args.buf + MSGHDR_IOVLEN) as *const u64)
+            }
+            .ok()?;
+            if iovlen == 0 {
+                return None;
+            }
+            read_iovec(iov)
+        }
+        _ => None,
+    }
+}
+
+#[inline(always)]
+fn read_iovec(iov: u64) -> Option<(u64, u64)> {
+    // SAFETY: `struct iovec { void *base; size_t len; }` read through the checked helper.
+    let base = unsafe { aya_ebpf::helpers::bpf_probe_read_user(iov as *const u64) }.ok()?;
+    let len = unsafe { aya_ebpf::helpers::bpf_probe_read_user((iov + 8) as *const u64) }.ok()?;
+    Some((base, len))
+}
+
+#[inline(always)]
+pub fn emit_data(args: &SyscallArgs, ret: u64, id: u64) {
+    let Some(ev) = SCRATCH.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: the per-CPU scratch slot is ours until this program returns.
+    let ev: &mut DataEvent = unsafe { &mut *ev };
+    let (tuple, seq, from_sock) = next_event(args.sk);
+    let (meta, payload) = (&mut ev.meta, &mut ev.payload);
+
+    meta.hdr.kind = EventKind::Data as u32;
+    meta.hdr.flags = 0;
+    // SAFETY: helpers without preconditions.
+    meta.hdr.ts_ns = unsafe { bpf_ktime_get_ns() };
+    meta.hdr.pid_tgid = id;
+    meta.hdr.cgroup_id = unsafe { bpf_get_current_cgroup_id() };
+    meta.hdr.comm = bpf_get_current_comm().unwrap_or([0; 16]);
+    meta.sk = args.sk;
+    meta.ts_enter_ns = if args.ts_enter == 0 {
+        meta.hdr.ts_ns
+    } else {
+        args.ts_enter
+    };
+    meta.direction = args.direction;
+    meta.bytes = if ret > u32::MAX as u64 {
+        u32::MAX
+    } else {
+        ret as u32
+    };
+
+    meta.tuple = tuple;
+    meta.seq = seq;
+    if from_sock {
+        meta.hdr.flags |= FLAG_TUPLE_FROM_SOCK;
+    }
+    if args.kind == KIND_IOV || args.kind == KIND_MSG {
+        meta.hdr.flags |= FLAG_IOVEC;
+    }
+
+    let mut captured: u64 = 0;
+    meta.tail_len = 0;
+    if let Some((src, avail)) = first_buffer(args) {
+        let avail = if avail < ret { avail } else { ret };
+        let want = if avail < PAYLOAD_CAP as u64 {
+            avail
+        } else {
+            PAYLOAD_CAP as u64
+        };
+        if want > 0 {
+            // Provably in [1, PAYLOAD_CAP] for the verifier; black_box keeps LLVM from
+            // dropping the mask it cannot see a use for.
+            let n = black_box(((want - 1) & (PAYLOAD_CAP as u64 - 1)) + 1);
+            // SAFETY: n <= PAYLOAD_CAP bytes into the payload array; src is user memory read
+            // through the checked helper.
+            let rc = unsafe {
+                bpf_probe_read_user(payload.as_mut_ptr().cast(), n as u32, src as *const _)
+            };
+            if rc == 0 {
+                captured = n;
+            } else {
+                count(KernelStat::PayloadReadFailed);
+            }
+        }
+        if ret > captured && args.kind != KIND_NONE {
+            count(KernelStat::PayloadTruncated);
+            // The end of a single buffer shows whether a chunked body ended in it.
+            if args.kind == KIND_BUF && captured > 0 && ret >= TAIL_LEN as u64 && avail == ret {
+                // SAFETY: TAIL_LEN bytes into the tail array, from inside the user's buffer.
+                let rc = unsafe {
+                    bpf_probe_read_user(
+                        meta.tail.as_mut_ptr().cast(),
+                        TAIL_LEN as u32,
+                        (src + ret - TAIL_LEN as u64) as *const _,
+                    )
+                };
+                if rc == 0 {
+                    meta.tail_len = TAIL_LEN as u32;
+                }
+            }
+        }
+    }
+    meta.captured = captured as u32;
+
+    let starts_request = captured >= 4 && {
+        let head = u32::from_le_bytes([payload[0], payload[1], payload[2], payload[3]]);
+        let mut found = false;
+        let mut i = 0;
+        while i < REQUEST_STARTS.len() {
+            found |= head == REQUEST_STARTS[i];
+            i += 1;
+        }
+        found
+    };
+    let size = black_box(DATA_EVENT_FIXED as u64 + (captured & (2 * PAYLOAD_CAP as u64 - 1)));
+    let size = if size > core::mem::size_of::<DataEvent>() as u64 {
+        core::mem::size_of::<DataEvent>() as u64
+    } else {
+        size
+    };
+    // SAFETY: `size` bytes from the start of the scratch event, which is at least that long.
+    let bytes = unsafe {
+        core::slice::from_raw_parts((ev as *const DataEvent).cast::<u8>(), size as usize)
+    };
+    if EVENTS.output::<[u8]>(bytes, wakeup_flags()).is_ok() {
+        count(KernelStat::DataEvents);
+    } else {
+        count(KernelStat::RingbufFullData);
+        // Say how many requests went with it: a lost event that starts a request line.
+        if starts_request {
+            count(if args.direction == DIR_INGRESS {
+                KernelStat::LostRequestIngress
+            } else {
+                KernelStat::LostRequestEgress
+            });
+        }
+    }
+}

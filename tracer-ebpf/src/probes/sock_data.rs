@@ -1,0 +1,126 @@
+//! The data path without syscall tracepoints (x86_64, kernel BTF): `sock:sock_send_length` and
+//! `sock_recv_length` fire once per send or receive on a socket, after the bytes moved; the
+//! syscall's own registers (`bpf_task_pt_regs`) say which call it was and where its user buffer
+//! is. Nothing runs for the rest of the host's syscalls, and no per-call state is kept between
+//! programs, unlike the enter/exit path in `syscalls.rs` (kept for kernels without this).
+use aya_ebpf::{
+    helpers::{
+        bpf_get_current_pid_tgid, bpf_probe_read_kernel,
+        generated::{bpf_get_current_task_btf, bpf_ktime_get_ns, bpf_task_pt_regs},
+    },
+    macros::{raw_tracepoint, tracepoint},
+    programs::{RawTracePointContext, TracePointContext},
+};
+use tracer_common::{AF_INET, AF_INET6, DIR_EGRESS, DIR_INGRESS, KernelStat};
+
+use super::{
+    data::{REGS_CS, REGS_DX, REGS_ORIG_AX, REGS_SI, emit_data, traced},
+    sock::{IPPROTO_TCP, LEN_FAMILY, LEN_FLAGS, LEN_PROTOCOL, LEN_RET, LEN_SK, MSG_PEEK},
+};
+use crate::maps::{OPAQUE, SEND_START, SendStart, SyscallArgs, count, tracer_tgid};
+
+/// `tcp:tcp_sendmsg_locked` fires before a TCP send copies or transmits anything: the moment a
+/// writer hands its bytes over. Kept per CPU for the `sock_send_length` that ends the same call
+/// (a send that sleeps and moves CPU loses it, and is then stamped at its end).
+#[raw_tracepoint(tracepoint = "tcp_sendmsg_locked")]
+pub fn tcp_send_start(_ctx: RawTracePointContext) -> i32 {
+    let id = bpf_get_current_pid_tgid();
+    if let Some(slot) = SEND_START.get_ptr_mut(0) {
+        // SAFETY: per-CPU slot; programs do not nest on one CPU for this tracepoint.
+        unsafe {
+            if (*slot).pid_tgid != id {
+                *slot = SendStart {
+                    pid_tgid: id,
+                    ts_ns: bpf_ktime_get_ns(),
+                };
+            }
+        }
+    }
+    0
+}
+
+#[tracepoint(category = "sock", name = "sock_send_length")]
+pub fn sock_send_data(ctx: TracePointContext) -> u32 {
+    let id = bpf_get_current_pid_tgid();
+    // Taken whatever this send turns out to be, so that it never outlives its call.
+    let started = SEND_START.get_ptr_mut(0).and_then(|slot| {
+        // SAFETY: per-CPU slot, as above.
+        unsafe {
+            if (*slot).pid_tgid == id {
+                (*slot).pid_tgid = 0;
+                Some((*slot).ts_ns)
+            } else {
+                None
+            }
+        }
+    });
+    on_data(&ctx, id, DIR_EGRESS, started);
+    0
+}
+
+#[tracepoint(category = "sock", name = "sock_recv_length")]
+pub fn sock_recv_data(ctx: TracePointContext) -> u32 {
+    on_data(&ctx, bpf_get_current_pid_tgid(), DIR_INGRESS, None);
+    0
+}
+
+#[inline(always)]
+fn on_data(ctx: &TracePointContext, id: u64, direction: u32, started: Option<u64>) {
+    // SAFETY: offsets from the tracepoint's format, checked by the loader.
+    let ret = unsafe { ctx.read_at::<i32>(LEN_RET) }.unwrap_or(-1);
+    // A read of 0 bytes is end of stream: sent (without payload) so that responses framed by
+    // the connection's close can end. Errors (EAGAIN above all) end here.
+    if ret < 0 || (ret == 0 && direction == DIR_EGRESS) || (id >> 32) as u32 == tracer_tgid() {
+        return;
+    }
+    // SAFETY: as above.
+    let (family, protocol) = unsafe {
+        (
+            ctx.read_at::<u16>(LEN_FAMILY).unwrap_or(0),
+            ctx.read_at::<u16>(LEN_PROTOCOL).unwrap_or(0),
+        )
+    };
+    if protocol != IPPROTO_TCP || (family != AF_INET && family != AF_INET6) {
+        return;
+    }
+    if direction == DIR_INGRESS
+        // SAFETY: as above.
+        && unsafe { ctx.read_at::<i32>(LEN_FLAGS) }.unwrap_or(0) & MSG_PEEK != 0
+    {
+        count(KernelStat::Peeks);
+        return;
+    }
+    // SAFETY: as above.
+    let sk = unsafe { ctx.read_at::<u64>(LEN_SK) }.unwrap_or(0);
+    // SAFETY: the value is not kept.
+    if unsafe { OPAQUE.get(&sk) }.is_some() {
+        count(KernelStat::SkippedOpaque);
+        return;
+    }
+    // SAFETY: helpers for the current task; the registers are read through the checked helper.
+    let (cs, nr, buf, len) = unsafe {
+        let regs = bpf_task_pt_regs(bpf_get_current_task_btf()) as u64;
+        let reg = |off: u64| bpf_probe_read_kernel((regs + off) as *const u64).unwrap_or(0);
+        (reg(REGS_CS), reg(REGS_ORIG_AX), reg(REGS_SI), reg(REGS_DX))
+    };
+    // Kernel threads (no user registers), io_uring, splice, sendmmsg: bytes this path cannot
+    // read; counted.
+    let Some((kind, dir)) = traced(nr).filter(|_| cs & 3 == 3) else {
+        count(KernelStat::OtherSyscall);
+        return;
+    };
+    if dir != direction {
+        count(KernelStat::OtherSyscall);
+        return;
+    }
+    let args = SyscallArgs {
+        buf,
+        len,
+        // 0: stamped when the event is built (a read's bytes are there when it returns).
+        ts_enter: started.unwrap_or(0),
+        sk,
+        kind,
+        direction,
+    };
+    emit_data(&args, ret as u64, id);
+}
