@@ -44,6 +44,8 @@ const MAX_HOLD: Duration = Duration::from_secs(10);
 const LATE_LINK_HOLD: Duration = Duration::from_millis(200);
 /// A span that never finishes (connection dropped mid-request) is forgotten after this long.
 const MAX_OPEN: Duration = Duration::from_secs(120);
+/// How often the live table may be sized down to its recent peak.
+const SHRINK_EVERY: Duration = Duration::from_secs(60);
 /// Client spans awaiting their server end, per connection.
 const MAX_PENDING_PER_CONN: usize = 16;
 /// Connections with client spans awaiting their server end.
@@ -102,7 +104,23 @@ pub struct Span {
     finished_at: Option<Instant>,
 }
 
+/// What a child takes from its parent span.
+#[derive(Clone, Copy)]
+struct AsParent {
+    span_id: SpanId,
+    trace_id: TraceId,
+    sampled: bool,
+}
+
 impl Span {
+    fn as_parent(&self) -> AsParent {
+        AsParent {
+            span_id: self.span_id,
+            trace_id: self.trace_id,
+            sampled: self.sampled,
+        }
+    }
+
     pub fn server_addr(&self) -> SocketAddr {
         match self.kind {
             Side::Server => self.tuple.local,
@@ -166,7 +184,12 @@ impl Sampler {
 }
 
 pub struct Linker {
-    live: HashMap<SpanId, Span>,
+    /// Boxed: the table moves its entries when it rehashes (also in place, to clear the
+    /// tombstones that constant insert and remove leave), and a span is a few hundred bytes.
+    live: HashMap<SpanId, Box<Span>>,
+    /// Most spans live at once since the table was last sized down, and when that was.
+    live_peak: usize,
+    last_shrink: Instant,
     /// Server spans in progress, by the (tgid, tid) that read their request.
     serving: HashMap<(u32, u32), Vec<SpanId>>,
     /// Client spans whose server end has not claimed them, by (client, server) address.
@@ -221,6 +244,8 @@ impl Linker {
     pub fn new(sampler: Sampler) -> Self {
         Self {
             live: HashMap::default(),
+            live_peak: 0,
+            last_shrink: Instant::now(),
             serving: HashMap::default(),
             pending_clients: HashMap::default(),
             pending_servers: HashMap::default(),
@@ -257,7 +282,8 @@ impl Linker {
                     .serving
                     .get(&(s.task.tgid, s.task.tid))
                     .filter(|v| v.len() == 1)
-                    .and_then(|v| self.live.get(&v[0]));
+                    .and_then(|v| self.live.get(&v[0]))
+                    .map(|p| p.as_parent());
                 self.parent_of(thread, header).unwrap_or_else(|| {
                     let t = derived_trace_id(key);
                     (Parent::None, t, self.sampler.sample(t))
@@ -265,7 +291,7 @@ impl Linker {
             }
             Side::Server => {
                 let client_span = self.claim_client(client, server, client_span_id(key));
-                match self.parent_of(client_span.as_ref(), header) {
+                match self.parent_of(client_span, header) {
                     Some(chosen) => chosen,
                     None => {
                         // The client's end, as its own daemon names it; if it is on this host
@@ -313,7 +339,7 @@ impl Linker {
         }
         self.live.insert(
             span_id,
-            Span {
+            Box::new(Span {
                 trace_id,
                 span_id,
                 parent,
@@ -330,8 +356,9 @@ impl Linker {
                 link_pending,
                 created: Instant::now(),
                 finished_at: None,
-            },
+            }),
         );
+        self.live_peak = self.live_peak.max(self.live.len());
         if s.kind == Side::Client {
             self.link_waiting_server(client, server, span_id);
         }
@@ -383,7 +410,7 @@ impl Linker {
     /// wins unless the local span is already in its trace. None when there is neither.
     fn parent_of(
         &self,
-        local: Option<&Span>,
+        local: Option<AsParent>,
         header: Option<(TraceId, SpanId, Option<bool>)>,
     ) -> Option<(Parent, TraceId, bool)> {
         match (local, header) {
@@ -407,11 +434,11 @@ impl Linker {
         client: SocketAddr,
         server: SocketAddr,
         expected: SpanId,
-    ) -> Option<Span> {
+    ) -> Option<AsParent> {
         let q = self.pending_clients.get_mut(&(client, server))?;
         // A client span whose response already came back cannot be the request a server is
         // just starting to read: its own server end missed it.
-        let open = |live: &HashMap<SpanId, Span>, id: &SpanId| {
+        let open = |live: &HashMap<SpanId, Box<Span>>, id: &SpanId| {
             live.get(id).is_some_and(|s| s.finished.is_none())
         };
         let id = if let Some(i) = q
@@ -432,7 +459,7 @@ impl Linker {
         };
         let found = id.and_then(|id| self.live.get_mut(&id)).map(|span| {
             span.claimed = true;
-            span.clone()
+            span.as_parent()
         });
         if q.is_empty() {
             self.pending_clients.remove(&(client, server));
@@ -594,14 +621,20 @@ impl Linker {
         ready.sort_unstable();
         for (_, id) in ready {
             if let Some(span) = self.live.remove(&id) {
-                out.push(span);
+                out.push(*span);
             }
         }
         self.pending_clients
             .retain(|_, q| q.iter().any(|id| self.live.contains_key(id)));
-        // Give back what a burst grew: tables keep their peak capacity otherwise.
-        if self.live.capacity() > 4096 && self.live.capacity() > 4 * self.live.len() {
-            self.live.shrink_to(2 * self.live.len());
+        // Give back what a burst grew (tables keep their peak capacity otherwise), judged on a
+        // minute's peak: the table fills and empties between drains, and sizing it down to
+        // each drain's low point only made it grow again, rehashing every entry.
+        if self.last_shrink.elapsed() >= SHRINK_EVERY {
+            if self.live.capacity() > 4096 && self.live.capacity() > 4 * self.live_peak {
+                self.live.shrink_to(2 * self.live_peak);
+            }
+            self.live_peak = self.live.len();
+            self.last_shrink = now;
         }
         self.pending_servers.retain(|_, q| {
             q.iter()
