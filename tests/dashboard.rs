@@ -583,4 +583,13 @@ fn binds_loopback_by_default_and_cli_errors_are_clear() {
             "{verb:?}: {err}"
         );
     }
+    // Metrics only with an OTLP endpoint set is a contradiction, said before anything loads.
+    let out = Command::new(tracer_bin())
+        .args(["run", "--no-spans", "--otlp-endpoint", "http://127.0.0.1:1"])
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .output()
+        .expect("tracer run");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "--no-spans with OTLP must fail");
+    assert!(err.contains("--no-spans builds no spans"), "{err}");
 }

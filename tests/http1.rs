@@ -160,7 +160,8 @@ fn keep_alive_pairs_each_request() {
     } else {
         "tracepoint"
     };
-    keep_alive_pairs(&[], default);
+    let daemon = keep_alive_pairs(&[], default);
+    assert_eq!(daemon.json("/api/status")["spans"], true);
 }
 
 /// The same through the raw syscall tracepoints (the path for kernels whose socket tracepoints
@@ -178,7 +179,21 @@ fn keep_alive_pairs_each_request_through_syscall_tracepoints() {
     keep_alive_pairs(&["--attach", "tracepoint"], "tracepoint");
 }
 
-fn keep_alive_pairs(flags: &[&str], attach: &str) {
+/// Metrics only (`--no-spans`): the same exact counts, each request counted once though both of
+/// its ends are on this host (the server end counts it), and no spans built.
+#[test]
+fn metrics_only_counts_each_request_once() {
+    let default = if cfg!(target_arch = "x86_64") {
+        "socket"
+    } else {
+        "tracepoint"
+    };
+    let daemon = keep_alive_pairs(&["--no-spans"], default);
+    assert_eq!(daemon.json("/api/status")["spans"], false);
+    assert_eq!(daemon.json("/api/spans")["spans"], serde_json::json!([]));
+}
+
+fn keep_alive_pairs(flags: &[&str], attach: &str) -> Daemon {
     let _serial = serial();
     let daemon = Daemon::start_with(flags);
     assert_eq!(daemon.json("/api/status")["attach"], attach);
@@ -232,6 +247,7 @@ fn keep_alive_pairs(flags: &[&str], attach: &str) {
         edge["client_latency"]["count"], 50,
         "client side paired too"
     );
+    daemon
 }
 
 /// Issue 2, check 3: garbage and a truncated request are counted as parse failures, never as

@@ -1,8 +1,10 @@
 //! Kernel side of tracer: TCP lifecycle and the first bytes of every socket read/write.
 //!
-//! The data path needs no kprobes: `syscalls:sys_enter_*` stores the user buffer of each
-//! read/write-family call, `sock:sock_{send,recv}_length` (which fire only for sockets) names the
-//! socket and filters TCP, and `syscalls:sys_exit_*` copies the bytes and emits one event.
+//! The data path needs no kprobes: `sock:sock_{send,recv}_length` (which fire only for sockets)
+//! filter TCP and, from the syscall's own registers, find the user buffer and emit one event
+//! (`probes/sock_data.rs`). Where that cannot load, `sys_enter` stores each read/write-family
+//! call's buffer, `sock_*_length` names the socket, and `sys_exit` copies the bytes
+//! (`probes/syscalls.rs`).
 #![no_std]
 #![no_main]
 

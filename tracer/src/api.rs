@@ -164,11 +164,18 @@ pub type RoutesResponse = InWindow<Routes>;
 #[derive(Debug, Serialize, Deserialize)]
 pub struct StatusResponse {
     pub ready: bool,
-    /// How the syscall probes attached: raw-tracepoint or tracepoint.
+    /// The data path that attached: socket, raw-tracepoint or tracepoint.
     pub attach: String,
+    /// Whether spans are built (false with `tracer run --no-spans`).
+    #[serde(default = "yes")]
+    pub spans: bool,
     pub uptime_seconds: f64,
     pub programs: usize,
     pub version: String,
+}
+
+fn yes() -> bool {
+    true
 }
 
 pub async fn serve(
@@ -324,6 +331,7 @@ async fn status(State(AppState { shared, .. }): State<AppState>) -> Json<StatusR
     Json(StatusResponse {
         ready: true,
         attach: shared.attach.to_owned(),
+        spans: shared.spans,
         uptime_seconds: shared.started.elapsed().as_secs_f64(),
         programs: shared.programs,
         version: env!("CARGO_PKG_VERSION").to_owned(),

@@ -62,9 +62,14 @@ pub enum Command {
         /// (default 16 MiB). Smaller loses events (counted) sooner under bursts.
         #[arg(long, value_parser = parse_ringbuf)]
         ringbuf_bytes: Option<u32>,
-        /// How the syscall probes attach: auto picks raw tracepoints where they work.
+        /// Where the data path hooks in: auto takes the first of socket, raw-tracepoint,
+        /// tracepoint that works here.
         #[arg(long, env = "TRACER_ATTACH", value_enum, default_value_t = AttachMode::Auto)]
         attach: AttachMode,
+        /// Metrics, edges, routes and tap only: no spans are built (cheaper per request), so
+        /// there is nothing for OTLP or /api/spans.
+        #[arg(long, env = "TRACER_NO_SPANS", value_parser = clap::builder::BoolishValueParser::new())]
+        no_spans: bool,
     },
     /// Edges between workloads: who calls whom, with success rate, RPS and latency.
     Edges {

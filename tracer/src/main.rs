@@ -29,6 +29,7 @@ fn run_config(
         bpf_stats: false,
         ringbuf_bytes: None,
         attach: tracer::capture::AttachMode::Auto,
+        spans: true,
     })
 }
 
@@ -60,6 +61,7 @@ fn main() -> std::process::ExitCode {
             bpf_stats,
             ringbuf_bytes,
             attach,
+            no_spans,
         } => run_config(
             listen,
             otlp_endpoint,
@@ -68,11 +70,20 @@ fn main() -> std::process::ExitCode {
             sample_ratio,
             &services,
         )
-        .map(|cfg| pipeline::RunConfig {
-            bpf_stats,
-            ringbuf_bytes,
-            attach,
-            ..cfg
+        .and_then(|cfg| {
+            if no_spans && cfg.otlp.is_some() {
+                anyhow::bail!(
+                    "--no-spans builds no spans, so there is nothing to export to the OTLP \
+                     endpoint that is set (--otlp-endpoint or OTEL_EXPORTER_OTLP_*)"
+                );
+            }
+            Ok(pipeline::RunConfig {
+                bpf_stats,
+                ringbuf_bytes,
+                attach,
+                spans: !no_spans,
+                ..cfg
+            })
         })
         .and_then(|cfg| {
             tokio::runtime::Builder::new_multi_thread()

@@ -104,6 +104,8 @@ pub struct Shared {
     pub tap: tap::Sender,
     /// How the syscall probes attached.
     pub attach: &'static str,
+    /// Whether spans are built (off with `--no-spans`).
+    pub spans: bool,
 }
 
 impl Shared {
@@ -133,6 +135,7 @@ impl Shared {
             },
             tap: tap::channel(),
             attach: "none",
+            spans: true,
         }
     }
 }
@@ -193,6 +196,8 @@ pub struct RunConfig {
     /// Ring buffer size, when not the default.
     pub ringbuf_bytes: Option<u32>,
     pub attach: AttachMode,
+    /// Build spans (else metrics, edges and tap only).
+    pub spans: bool,
 }
 
 pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
@@ -229,6 +234,7 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
             AttachMode::RawTracepoint => "raw-tracepoint",
             AttachMode::Tracepoint | AttachMode::Auto => "tracepoint",
         },
+        spans: cfg.spans,
         ..Shared::new(
             metrics.clone(),
             capture.programs(),
@@ -317,7 +323,7 @@ impl Reader {
         Self {
             listen,
             conns: ConnTable::new(MAX_CONNS),
-            linker: Linker::new(shared.sampler),
+            linker: Linker::with_spans(shared.sampler, shared.spans),
             exchanges: Vec::with_capacity(256),
             ready: Vec::new(),
             last_drain: Instant::now(),
@@ -378,9 +384,11 @@ impl Reader {
                 continue;
             }
             let peer = self.conns.peer_of(&ex.tuple);
-            // A client span the server end claimed: that end counts the request.
-            let server_seen =
-                ex.side == Side::Server || ex.span.is_some_and(|s| self.linker.claimed(s));
+            // A client span the server end claimed: that end counts the request. Without spans,
+            // a server end traced here counts every request of its connection.
+            let server_seen = ex.side == Side::Server
+                || ex.span.is_some_and(|s| self.linker.claimed(s))
+                || (!self.linker.enabled() && peer.is_some_and(|p| p.side == Some(Side::Server)));
             if !server_seen && peer.is_some_and(|p| p.side == Some(Side::Server)) {
                 tracing::debug!(
                     "client exchange counted from the client end: span {:?} live {} {:?}",

@@ -184,6 +184,8 @@ impl Sampler {
 }
 
 pub struct Linker {
+    /// Off with `--no-spans`: metrics only.
+    enabled: bool,
     /// Boxed: the table moves its entries when it rehashes (also in place, to clear the
     /// tombstones that constant insert and remove leave), and a span is a few hundred bytes.
     live: HashMap<SpanId, Box<Span>>,
@@ -242,7 +244,13 @@ fn derived_trace_id(key: u64) -> TraceId {
 
 impl Linker {
     pub fn new(sampler: Sampler) -> Self {
+        Self::with_spans(sampler, true)
+    }
+
+    /// A linker that builds no spans at all (`tracer run --no-spans`) when `enabled` is false.
+    pub fn with_spans(sampler: Sampler, enabled: bool) -> Self {
         Self {
+            enabled,
             live: HashMap::default(),
             live_peak: 0,
             last_shrink: Instant::now(),
@@ -256,6 +264,9 @@ impl Linker {
 
     /// Opens the span of a request at one end; returns its id, or None when the table is full.
     pub fn start(&mut self, s: Start<'_>) -> Option<SpanId> {
+        if !self.enabled {
+            return None;
+        }
         if self.live.len() >= MAX_LIVE {
             self.stats.not_recorded += 1;
             return None;
@@ -486,6 +497,11 @@ impl Linker {
     }
 
     /// The trace a live span is in now.
+    /// Whether spans are built at all.
+    pub fn enabled(&self) -> bool {
+        self.enabled
+    }
+
     pub fn trace_of(&self, span_id: SpanId) -> Option<TraceId> {
         self.live.get(&span_id).map(|s| s.trace_id)
     }

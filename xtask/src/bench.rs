@@ -21,6 +21,8 @@ pub struct Options {
     pub rounds: usize,
     /// The pipeline ceiling measured by the criterion bench, when it ran.
     pub pipeline: Value,
+    /// The daemon's `--attach`: which data path to measure.
+    pub attach: String,
 }
 
 /// Requests per iteration of `tracer/benches/pipeline.rs` (its `REQUESTS`), 4 records each.
@@ -136,10 +138,11 @@ struct Daemon {
 }
 
 impl Daemon {
-    fn start(bin: &Path) -> anyhow::Result<Self> {
+    fn start(bin: &Path, attach: &str, extra: &[&str]) -> anyhow::Result<Self> {
         let addr = format!("127.0.0.1:{}", free_port()?);
         let child = Command::new(bin)
-            .args(["run", "--bpf-stats", "--listen", &addr])
+            .args(["run", "--bpf-stats", "--attach", attach, "--listen", &addr])
+            .args(extra)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
@@ -203,6 +206,8 @@ enum Load {
     KeepAlive,
     Close,
     FixedRate,
+    /// The same rate with the daemon building no spans (`--no-spans`).
+    FixedRateMetricsOnly,
 }
 
 impl Load {
@@ -211,6 +216,14 @@ impl Load {
             Load::KeepAlive => "saturation, keep-alive",
             Load::Close => "saturation, new connection per request",
             Load::FixedRate => "fixed rate",
+            Load::FixedRateMetricsOnly => "fixed rate, metrics only",
+        }
+    }
+
+    fn daemon_args(self) -> &'static [&'static str] {
+        match self {
+            Load::FixedRateMetricsOnly => &["--no-spans"],
+            _ => &[],
         }
     }
 }
@@ -305,18 +318,19 @@ fn run_load(load: Load, port: u16, secs: u64, rate: u64) -> anyhow::Result<Gener
     match load {
         Load::KeepAlive => wrk(port, secs, false),
         Load::Close => wrk(port, secs, true),
-        Load::FixedRate => oha(port, secs, rate),
+        Load::FixedRate | Load::FixedRateMetricsOnly => oha(port, secs, rate),
     }
 }
 
 fn phase_on(
     bin: &Path,
+    attach: &str,
     load: Load,
     port: u16,
     secs: u64,
     rate: u64,
 ) -> anyhow::Result<(Generated, Observed)> {
-    let d = Daemon::start(bin)?;
+    let d = Daemon::start(bin, attach, load.daemon_args())?;
     let cpu0 = cpu_seconds(d.pid());
     let bpf0 = d.metric("tracer_bpf_run_seconds_total", "");
     let g = run_load(load, port, secs, rate)?;
@@ -337,6 +351,41 @@ fn phase_on(
     Ok((g, Observed { shutdown, ..o }))
 }
 
+/// Nanoseconds per 1-byte read+write pair of a process that never touches a socket (dd from
+/// /dev/zero to /dev/null): what the tracer costs the rest of the host.
+fn dd_pair_ns(count: u64) -> anyhow::Result<f64> {
+    let t = Instant::now();
+    let status = Command::new("dd")
+        .args(["if=/dev/zero", "of=/dev/null", "bs=1", &format!("count={count}")])
+        .stderr(Stdio::null())
+        .status()
+        .context("running dd")?;
+    if !status.success() {
+        bail!("dd failed: {status}");
+    }
+    Ok(t.elapsed().as_nanos() as f64 / count as f64)
+}
+
+/// The tax on syscalls that have nothing to do with the network, off and on in turn.
+fn host_syscalls(bin: &Path, opts: &Options) -> anyhow::Result<Value> {
+    let count = if opts.smoke { 100_000 } else { 2_000_000 };
+    let (mut off, mut on) = (Vec::new(), Vec::new());
+    let mut attach = Value::Null;
+    for _ in 0..opts.rounds {
+        off.push(dd_pair_ns(count)?);
+        let d = Daemon::start(bin, &opts.attach, &[])?;
+        attach = serde_json::from_str::<Value>(&d.get("/api/status")?)?["attach"].clone();
+        on.push(dd_pair_ns(count)?);
+        d.stop();
+    }
+    let (off, on) = (mean(&off), mean(&on));
+    println!(
+        "host syscalls, no sockets (dd 1-byte read+write): {off:.0} ns off, {on:.0} ns on per pair, x{:.2} (data path {attach})",
+        on / off
+    );
+    Ok(json!({"off_ns_per_pair": off, "on_ns_per_pair": on, "ratio": on / off, "attach": attach}))
+}
+
 fn mean(v: &[f64]) -> f64 {
     if v.is_empty() {
         0.0
@@ -355,7 +404,7 @@ pub fn run(bin: &Path, out_dir: &Path, opts: &Options) -> anyhow::Result<()> {
     }
     let mut loads = vec![Load::KeepAlive, Load::Close];
     if have_oha {
-        loads.push(Load::FixedRate);
+        loads.extend([Load::FixedRate, Load::FixedRateMetricsOnly]);
     }
     let mut report = BTreeMap::new();
     let mut fixed_rate = 1000;
@@ -384,7 +433,7 @@ pub fn run(bin: &Path, out_dir: &Path, opts: &Options) -> anyhow::Result<()> {
                 g.requests
             );
             off.push(g);
-            let (g, o) = phase_on(bin, load, nginx.port, secs, fixed_rate)?;
+            let (g, o) = phase_on(bin, &opts.attach, load, nginx.port, secs, fixed_rate)?;
             eprintln!(
                 "bench: {} round {round} on: {} requests, tracer counted {} (+{} counted lost)",
                 load.name(),
@@ -419,7 +468,7 @@ pub fn run(bin: &Path, out_dir: &Path, opts: &Options) -> anyhow::Result<()> {
             "off_rps": off_rps,
             "on_rps": on_rps,
             "throughput_ratio": if off_rps > 0.0 { on_rps / off_rps } else { 0.0 },
-            "rate": if load == Load::FixedRate { Some(fixed_rate) } else { None },
+            "rate": if matches!(load, Load::FixedRate | Load::FixedRateMetricsOnly) { Some(fixed_rate) } else { None },
             "off_latency_us": off.iter().map(|g| json!({"p50": g.p50_us, "p99": g.p99_us, "p99.9": g.p999_us})).collect::<Vec<_>>(),
             "on_latency_us": on.iter().map(|g| json!({"p50": g.p50_us, "p99": g.p99_us, "p99.9": g.p999_us})).collect::<Vec<_>>(),
             "added_p50_us": mean(&on.iter().map(|g| g.p50_us).collect::<Vec<_>>()) - mean(&off.iter().map(|g| g.p50_us).collect::<Vec<_>>()),
@@ -447,7 +496,7 @@ pub fn run(bin: &Path, out_dir: &Path, opts: &Options) -> anyhow::Result<()> {
             cpu_pct_per_krps,
             entry["bpf_ns_per_request"].as_f64().unwrap_or(0.0),
             entry["daemon_peak_rss_mb"].as_f64().unwrap_or(0.0),
-            if load == Load::FixedRate {
+            if matches!(load, Load::FixedRate | Load::FixedRateMetricsOnly) {
                 format!(
                     ", added p50 {:.1} us, p99 {:.1} us at {fixed_rate} req/s",
                     entry["added_p50_us"].as_f64().unwrap_or(0.0),
@@ -460,6 +509,8 @@ pub fn run(bin: &Path, out_dir: &Path, opts: &Options) -> anyhow::Result<()> {
         report.insert(load.name().to_owned(), entry);
     }
 
+    let host = host_syscalls(bin, opts)?;
+
     // Highest sustained rate with zero loss, stepping up.
     let mut zero_loss = json!(null);
     if have_oha {
@@ -471,7 +522,7 @@ pub fn run(bin: &Path, out_dir: &Path, opts: &Options) -> anyhow::Result<()> {
         let mut best = 0;
         let mut steps_out = Vec::new();
         for &rate in steps {
-            let (g, o) = phase_on(bin, Load::FixedRate, nginx.port, secs, rate)?;
+            let (g, o) = phase_on(bin, &opts.attach, Load::FixedRate, nginx.port, secs, rate)?;
             let achieved = g.requests as f64 / g.secs;
             let exact = o.counted >= g.requests as f64 && o.ringbuf_drops == 0.0;
             eprintln!(
@@ -493,6 +544,7 @@ pub fn run(bin: &Path, out_dir: &Path, opts: &Options) -> anyhow::Result<()> {
         "smoke": opts.smoke,
         "loads": report,
         "zero_loss": zero_loss,
+        "host_syscalls": host,
         "pipeline": opts.pipeline,
     });
     std::fs::create_dir_all(out_dir)?;

@@ -58,6 +58,9 @@ enum Task {
         /// Build and bench the daemon from the dev profile (as the tests do) instead of release.
         #[arg(long)]
         dev: bool,
+        /// The daemon's data path (`tracer run --attach`), to compare them side by side.
+        #[arg(long, default_value = "auto")]
+        attach: String,
     },
 }
 
@@ -224,6 +227,7 @@ fn main() -> anyhow::Result<()> {
                     phase_secs: 2,
                     rounds: 1,
                     pipeline: serde_json::Value::Null,
+                    attach: "auto".into(),
                 },
             )?;
             // The pipeline bench once, in criterion's test mode (it checks its own counts).
@@ -238,6 +242,7 @@ fn main() -> anyhow::Result<()> {
             phase_secs,
             rounds,
             dev,
+            attach,
         } => {
             setup()?;
             let profile = if dev { "debug" } else { "release" };
@@ -262,6 +267,7 @@ fn main() -> anyhow::Result<()> {
                     phase_secs: phase_secs.unwrap_or(if smoke { 2 } else { 10 }),
                     rounds: rounds.unwrap_or(if smoke { 1 } else { 3 }),
                     pipeline,
+                    attach,
                 },
             )
         }

@@ -9,7 +9,7 @@ use aya_ebpf::{
 };
 use tracer_common::{
     AF_INET, AF_INET6, ConnEvent, DIR_EGRESS, DIR_INGRESS, EventHeader, EventKind, KernelStat,
-    SockState, SockTuple, TCP_CLOSE, TCP_ESTABLISHED, TCP_SYN_SENT,
+    SockState, SockTuple, TCP_CLOSE, TCP_ESTABLISHED, TCP_FIN_WAIT1, TCP_LAST_ACK, TCP_SYN_SENT,
 };
 
 use crate::maps::{ACTIVE, EVENTS, OPAQUE, SOCKS, count, wakeup_flags};
@@ -131,6 +131,19 @@ pub fn next_event(sk: u64) -> (SockTuple, u32, bool) {
     (t, 1, true)
 }
 
+/// The changes the daemon acts on: a connect (who connects), a client connection up, this end
+/// closing, and the end. The rest (server-side establishment, FIN_WAIT2, CLOSE_WAIT, SYN_RECV)
+/// only kept the map above and would cost a ring-buffer record each, four per connection.
+#[inline(always)]
+fn wanted(old_state: u32, new_state: u32) -> bool {
+    match new_state {
+        TCP_SYN_SENT | TCP_LAST_ACK | TCP_CLOSE => true,
+        TCP_ESTABLISHED => old_state == TCP_SYN_SENT,
+        TCP_FIN_WAIT1 => old_state == TCP_ESTABLISHED,
+        _ => false,
+    }
+}
+
 #[tracepoint]
 pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
     // SAFETY: offsets from the tracepoint's format.
@@ -182,6 +195,9 @@ unsafe fn on_state(ctx: &TracePointContext) {
                 let _ = OPAQUE.remove(&sk);
             }
             _ => {}
+        }
+        if !wanted(old_state, new_state) {
+            return;
         }
 
         let Some(mut entry) = EVENTS.reserve::<ConnEvent>(0) else {
