@@ -130,33 +130,38 @@ pub fn records() -> Vec<Vec<u8>> {
 fn bench(c: &mut Criterion) {
     let records = records();
     // The replay must count what it is fed, or the figure means nothing.
-    let mut check = Replay::new();
-    for r in &records {
-        check.feed(r);
+    for spans in [true, false] {
+        let mut check = Replay::with_spans(spans);
+        for r in &records {
+            check.feed(r);
+        }
+        check.flush();
+        assert_eq!(
+            check.requests(),
+            REQUESTS,
+            "the replay counts every request (spans: {spans})"
+        );
     }
-    check.flush();
-    assert_eq!(
-        check.requests(),
-        REQUESTS,
-        "the replay counts every request"
-    );
 
     let mut group = c.benchmark_group("pipeline");
     group.throughput(Throughput::Elements(REQUESTS));
     group.sample_size(20);
-    group.bench_function("requests", |b| {
-        b.iter_batched(
-            Replay::new,
-            |mut replay| {
-                for r in &records {
-                    replay.feed(black_box(r));
-                }
-                replay.flush();
-                replay
-            },
-            BatchSize::PerIteration,
-        )
-    });
+    // With two spans per request, and metrics only (`tracer run --no-spans`).
+    for (name, spans) in [("requests", true), ("requests_metrics_only", false)] {
+        group.bench_function(name, |b| {
+            b.iter_batched(
+                || Replay::with_spans(spans),
+                |mut replay| {
+                    for r in &records {
+                        replay.feed(black_box(r));
+                    }
+                    replay.flush();
+                    replay
+                },
+                BatchSize::PerIteration,
+            )
+        });
+    }
     group.finish();
     eprintln!(
         "pipeline: {} records for {REQUESTS} requests ({} per request) per iteration",

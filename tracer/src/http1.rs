@@ -4,6 +4,8 @@
 //! telling a request start from a response start, the body framing rules of RFC 9112 §6, and a
 //! chunked-body scanner that can skip bytes it was not shown.
 
+use std::mem::MaybeUninit;
+
 use thiserror::Error;
 
 /// Request methods recognised at the start of a message. A known list rather than any token, so
@@ -312,9 +314,11 @@ fn strip_query(target: &str) -> &str {
 }
 
 pub fn parse_request(buf: &[u8]) -> Result<Parsed<RequestHead>, ParseError> {
-    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut req = httparse::Request::new(&mut headers);
-    match req.parse(buf) {
+    // Left uninitialised: httparse writes the ones it finds (initialising all 96 was a 3 KiB
+    // memset per head).
+    let mut headers = [const { MaybeUninit::uninit() }; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut []);
+    match req.parse_with_uninit_headers(buf, &mut headers) {
         Ok(httparse::Status::Complete(head_len)) => {
             let method = req
                 .method
@@ -345,9 +349,13 @@ pub fn parse_request(buf: &[u8]) -> Result<Parsed<RequestHead>, ParseError> {
 }
 
 pub fn parse_response(buf: &[u8]) -> Result<Parsed<ResponseHead>, ParseError> {
-    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut resp = httparse::Response::new(&mut headers);
-    match resp.parse(buf) {
+    let mut headers = [const { MaybeUninit::uninit() }; MAX_HEADERS];
+    let mut resp = httparse::Response::new(&mut []);
+    match httparse::ParserConfig::default().parse_response_with_uninit_headers(
+        &mut resp,
+        buf,
+        &mut headers,
+    ) {
         Ok(httparse::Status::Complete(head_len)) => {
             let status = resp.code.ok_or(ParseError::Invalid)?;
             let (length, chunked) = framing(resp.headers)?;

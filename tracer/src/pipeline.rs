@@ -148,13 +148,21 @@ pub struct Replay {
 
 impl Replay {
     pub fn new() -> Self {
-        let shared = Arc::new(Shared::new(
-            Metrics::new(),
-            0,
-            Sampler::ratio(1.0),
-            ServiceNames::default(),
-            None,
-        ));
+        Self::with_spans(true)
+    }
+
+    /// As `tracer run`, or `tracer run --no-spans` when `spans` is false.
+    pub fn with_spans(spans: bool) -> Self {
+        let shared = Arc::new(Shared {
+            spans,
+            ..Shared::new(
+                Metrics::new(),
+                0,
+                Sampler::ratio(1.0),
+                ServiceNames::default(),
+                None,
+            )
+        });
         Self {
             reader: Reader::new(shared, SocketAddr::from(([127, 0, 0, 1], 9))),
         }

@@ -356,7 +356,12 @@ fn phase_on(
 fn dd_pair_ns(count: u64) -> anyhow::Result<f64> {
     let t = Instant::now();
     let status = Command::new("dd")
-        .args(["if=/dev/zero", "of=/dev/null", "bs=1", &format!("count={count}")])
+        .args([
+            "if=/dev/zero",
+            "of=/dev/null",
+            "bs=1",
+            &format!("count={count}"),
+        ])
         .stderr(Stdio::null())
         .status()
         .context("running dd")?;
