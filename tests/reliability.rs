@@ -46,6 +46,8 @@ fn our_programs() -> Vec<String> {
         "sock_recv_length",
         "sock_send_data",
         "sock_recv_data",
+        "raw_sock_send",
+        "raw_sock_recv",
         "tcp_send_start",
         "sys_enter_write",
         "sys_exit_write",

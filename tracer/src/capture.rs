@@ -25,7 +25,15 @@ const BPFFS: &str = "/sys/fs/bpf";
 /// Connection lifecycle, whatever the data path.
 const LIFECYCLE: (&str, &str, &str) = ("inet_sock_set_state", "sock", "inet_sock_set_state");
 
-/// The socket data path: (program, category, tracepoint).
+/// The socket data path on raw tracepoints (no trace record built per call): (program, raw
+/// tracepoint). Needs `sk_protocol`'s offset from the kernel's BTF.
+const SOCK_DATA_RAW: &[(&str, &str)] = &[
+    ("raw_sock_send", "sock_send_length"),
+    ("raw_sock_recv", "sock_recv_length"),
+];
+
+/// The socket data path on the classic tracepoints, whose records carry family and protocol:
+/// (program, category, tracepoint).
 const SOCK_DATA: &[(&str, &str, &str)] = &[
     ("sock_send_data", "sock", "sock_send_length"),
     ("sock_recv_data", "sock", "sock_recv_length"),
@@ -355,11 +363,49 @@ fn attach_raw(
         .map_err(|e| CaptureError::Attach("raw_tp", tracepoint, e.to_string()))
 }
 
+/// Byte offset of `sk_protocol` in `struct sock`, from the kernel's BTF, when it is a plain
+/// 16-bit field (Linux 5.6 and later; a bitfield before).
+fn sk_protocol_offset() -> Option<u32> {
+    use btf_rs::{Backend, Btf, Type};
+    const VMLINUX: &str = "/sys/kernel/btf/vmlinux";
+    // Mapped where the kernel allows it; else parsed (more memory, briefly).
+    let btf = Btf::from_file_with_backend(VMLINUX, Backend::Mmap)
+        .or_else(|_| Btf::from_file(VMLINUX))
+        .ok()?;
+    let found = btf
+        .resolve_types_by_name("sock")
+        .ok()?
+        .into_iter()
+        .find_map(|t| match t {
+            Type::Struct(s) => s
+                .members
+                .into_iter()
+                .find(|m| btf.resolve_name(m).is_ok_and(|n| n == "sk_protocol")),
+            _ => None,
+        })?;
+    if found.bitfield_size().unwrap_or(0) != 0 || found.bit_offset() % 8 != 0 {
+        return None;
+    }
+    // Through typedefs and qualifiers to the integer, which must be 2 bytes.
+    let mut ty = btf.resolve_chained_type(&found).ok()?;
+    for _ in 0..8 {
+        ty = match ty {
+            Type::Int(i) => return (i.size() == 2).then_some(found.bit_offset() / 8),
+            Type::Typedef(t) => btf.resolve_chained_type(&t).ok()?,
+            Type::Volatile(t) => btf.resolve_chained_type(&t).ok()?,
+            Type::Const(t) => btf.resolve_chained_type(&t).ok()?,
+            _ => return None,
+        };
+    }
+    None
+}
+
 /// Attaches the first data path of `mode` that works here; which one it was.
 fn attach_data_path(
     ebpf: &mut Ebpf,
     links: &mut Vec<Link>,
     mode: AttachMode,
+    sk_protocol: Option<u32>,
 ) -> Result<AttachMode, CaptureError> {
     let x86 = cfg!(target_arch = "x86_64");
     if matches!(mode, AttachMode::Socket | AttachMode::RawTracepoint) && !x86 {
@@ -377,8 +423,23 @@ fn attach_data_path(
         let attached = (|| {
             match path {
                 AttachMode::Socket => {
-                    for &p in SOCK_DATA {
-                        new.push(attach_tracepoint(ebpf, p)?);
+                    let mut raw = Vec::new();
+                    let on_raw = sk_protocol.is_some()
+                        && SOCK_DATA_RAW
+                            .iter()
+                            .try_for_each(|&(prog, tp)| {
+                                raw.push(attach_raw(ebpf, prog, tp)?);
+                                Ok::<_, CaptureError>(())
+                            })
+                            .inspect_err(|e| tracing::info!("{e}; socket data path on tracepoints"))
+                            .is_ok();
+                    if on_raw {
+                        new.extend(raw);
+                    } else {
+                        drop(raw);
+                        for &p in SOCK_DATA {
+                            new.push(attach_tracepoint(ebpf, p)?);
+                        }
                     }
                     let (prog, tp) = SEND_START;
                     match attach_raw(ebpf, prog, tp) {
@@ -456,19 +517,21 @@ impl Capture {
         check_layouts(tracefs)?;
 
         let tgid = std::process::id();
+        let sk_protocol = sk_protocol_offset();
         let mut loader = EbpfLoader::new();
         if let Some(bytes) = ringbuf_bytes {
             loader.map_max_entries("EVENTS", bytes);
         }
         let mut ebpf = loader
             .override_global("TRACER_TGID", &tgid, true)
+            .override_global("SK_PROTOCOL_OFFSET", &sk_protocol.unwrap_or(0), true)
             .load(aya::include_bytes_aligned!(concat!(
                 env!("OUT_DIR"),
                 "/tracer"
             )))
             .map_err(CaptureError::Load)?;
         let mut links = vec![attach_tracepoint(&mut ebpf, LIFECYCLE)?];
-        let mode = attach_data_path(&mut ebpf, &mut links, mode)?;
+        let mode = attach_data_path(&mut ebpf, &mut links, mode, sk_protocol)?;
         let events = ebpf
             .take_map("EVENTS")
             .ok_or_else(|| CaptureError::Map("EVENTS", "missing".into()))?;

@@ -39,11 +39,65 @@ pub fn tcp_send_start(_ctx: RawTracePointContext) -> i32 {
     0
 }
 
-#[tracepoint(category = "sock", name = "sock_send_length")]
-pub fn sock_send_data(ctx: TracePointContext) -> u32 {
-    let id = bpf_get_current_pid_tgid();
-    // Taken whatever this send turns out to be, so that it never outlives its call.
-    let started = SEND_START.get_ptr_mut(0).and_then(|slot| {
+/// What `sock_{send,recv}_length` says about one call, read once its return value shows that
+/// it moved bytes.
+struct Record {
+    sk: u64,
+    flags: i32,
+    family: u16,
+    protocol: u16,
+}
+
+#[inline(always)]
+fn tp_ret(ctx: &TracePointContext) -> i32 {
+    // SAFETY: offset from the tracepoint's format, checked by the loader.
+    unsafe { ctx.read_at::<i32>(LEN_RET) }.unwrap_or(-1)
+}
+
+/// The classic tracepoint's record: the kernel already read family and protocol.
+#[inline(always)]
+fn from_tracepoint(ctx: &TracePointContext) -> Record {
+    // SAFETY: offsets from the tracepoint's format, checked by the loader.
+    unsafe {
+        Record {
+            sk: ctx.read_at::<u64>(LEN_SK).unwrap_or(0),
+            flags: ctx.read_at::<i32>(LEN_FLAGS).unwrap_or(0),
+            family: ctx.read_at::<u16>(LEN_FAMILY).unwrap_or(0),
+            protocol: ctx.read_at::<u16>(LEN_PROTOCOL).unwrap_or(0),
+        }
+    }
+}
+
+/// Byte offset of `sk_protocol` in `struct sock`, from the kernel's BTF (set by the loader;
+/// the raw programs are only attached when it is known).
+#[unsafe(no_mangle)]
+static SK_PROTOCOL_OFFSET: u32 = 0;
+
+/// `skc_family`: offset 16 of `struct sock_common` since Linux 2.6.
+const SKC_FAMILY: u64 = 16;
+
+/// The raw tracepoint's arguments, `(struct sock *sk, int ret, int flags)`: no trace record is
+/// built; family and protocol are read from the socket.
+#[inline(always)]
+fn from_raw(ctx: &RawTracePointContext) -> Record {
+    let sk: u64 = ctx.arg(0);
+    // SAFETY: a read-only global patched by the loader; volatile so LLVM does not fold the 0.
+    let off = unsafe { core::ptr::read_volatile(&SK_PROTOCOL_OFFSET) } as u64;
+    // SAFETY: `sk` is the kernel's live socket; reads are checked.
+    unsafe {
+        Record {
+            sk,
+            flags: ctx.arg::<u64>(2) as i32,
+            family: bpf_probe_read_kernel((sk + SKC_FAMILY) as *const u16).unwrap_or(0),
+            protocol: bpf_probe_read_kernel((sk + off) as *const u16).unwrap_or(0),
+        }
+    }
+}
+
+/// Taken whatever this send turns out to be, so that it never outlives its call.
+#[inline(always)]
+fn take_send_start(id: u64) -> Option<u64> {
+    SEND_START.get_ptr_mut(0).and_then(|slot| {
         // SAFETY: per-CPU slot, as above.
         unsafe {
             if (*slot).pid_tgid == id {
@@ -53,45 +107,69 @@ pub fn sock_send_data(ctx: TracePointContext) -> u32 {
                 None
             }
         }
+    })
+}
+
+#[tracepoint(category = "sock", name = "sock_send_length")]
+pub fn sock_send_data(ctx: TracePointContext) -> u32 {
+    let id = bpf_get_current_pid_tgid();
+    let started = take_send_start(id);
+    on_data(tp_ret(&ctx), id, DIR_EGRESS, started, || {
+        from_tracepoint(&ctx)
     });
-    on_data(&ctx, id, DIR_EGRESS, started);
     0
 }
 
 #[tracepoint(category = "sock", name = "sock_recv_length")]
 pub fn sock_recv_data(ctx: TracePointContext) -> u32 {
-    on_data(&ctx, bpf_get_current_pid_tgid(), DIR_INGRESS, None);
+    let id = bpf_get_current_pid_tgid();
+    on_data(tp_ret(&ctx), id, DIR_INGRESS, None, || {
+        from_tracepoint(&ctx)
+    });
+    0
+}
+
+#[raw_tracepoint(tracepoint = "sock_send_length")]
+pub fn raw_sock_send(ctx: RawTracePointContext) -> i32 {
+    let id = bpf_get_current_pid_tgid();
+    let started = take_send_start(id);
+    on_data(ctx.arg::<u64>(1) as i32, id, DIR_EGRESS, started, || {
+        from_raw(&ctx)
+    });
+    0
+}
+
+#[raw_tracepoint(tracepoint = "sock_recv_length")]
+pub fn raw_sock_recv(ctx: RawTracePointContext) -> i32 {
+    let id = bpf_get_current_pid_tgid();
+    on_data(ctx.arg::<u64>(1) as i32, id, DIR_INGRESS, None, || {
+        from_raw(&ctx)
+    });
     0
 }
 
 #[inline(always)]
-fn on_data(ctx: &TracePointContext, id: u64, direction: u32, started: Option<u64>) {
-    // SAFETY: offsets from the tracepoint's format, checked by the loader.
-    let ret = unsafe { ctx.read_at::<i32>(LEN_RET) }.unwrap_or(-1);
+fn on_data(
+    ret: i32,
+    id: u64,
+    direction: u32,
+    started: Option<u64>,
+    record: impl FnOnce() -> Record,
+) {
     // A read of 0 bytes is end of stream: sent (without payload) so that responses framed by
     // the connection's close can end. Errors (EAGAIN above all) end here.
     if ret < 0 || (ret == 0 && direction == DIR_EGRESS) || (id >> 32) as u32 == tracer_tgid() {
         return;
     }
-    // SAFETY: as above.
-    let (family, protocol) = unsafe {
-        (
-            ctx.read_at::<u16>(LEN_FAMILY).unwrap_or(0),
-            ctx.read_at::<u16>(LEN_PROTOCOL).unwrap_or(0),
-        )
-    };
-    if protocol != IPPROTO_TCP || (family != AF_INET && family != AF_INET6) {
+    let r = record();
+    if r.protocol != IPPROTO_TCP || (r.family != AF_INET && r.family != AF_INET6) {
         return;
     }
-    if direction == DIR_INGRESS
-        // SAFETY: as above.
-        && unsafe { ctx.read_at::<i32>(LEN_FLAGS) }.unwrap_or(0) & MSG_PEEK != 0
-    {
+    if direction == DIR_INGRESS && r.flags & MSG_PEEK != 0 {
         count(KernelStat::Peeks);
         return;
     }
-    // SAFETY: as above.
-    let sk = unsafe { ctx.read_at::<u64>(LEN_SK) }.unwrap_or(0);
+    let sk = r.sk;
     // SAFETY: the value is not kept.
     if unsafe { OPAQUE.get(&sk) }.is_some() {
         count(KernelStat::SkippedOpaque);
