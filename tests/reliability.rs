@@ -208,12 +208,29 @@ fn restart_after_sigkill_is_clean() {
 /// A keep-alive connection opened before the daemon started is followed from its next request.
 #[test]
 fn connection_older_than_the_daemon_is_followed() {
+    older_connection_followed(Server::fixture(), "127.0.0.1");
+}
+
+/// The same over IPv6: the addresses of a socket the daemon never saw connect are read from
+/// the socket (at offsets from the kernel's BTF), so the edge shows the real peer address.
+#[test]
+fn ipv6_connection_older_than_the_daemon_is_followed() {
+    let edge = older_connection_followed(Server::fixture_v6(), "::1");
+    let addrs = edge["dst_addrs"].to_string();
+    assert!(addrs.contains("[::1]:"), "dst_addrs {addrs}");
+}
+
+fn older_connection_followed(server: Server, host: &str) -> serde_json::Value {
     let _serial = serial();
-    let server = Server::fixture();
-    let go = scratch("longconn").join("go");
+    let go = scratch(&format!("longconn-{}", host.replace(':', "_"))).join("go");
     let mut client = Command::new("python3")
         .arg(workspace_root().join("tests/fixtures/longconn.py"))
-        .args([&server.port.to_string(), go.to_str().expect("path"), "10"])
+        .args([
+            &server.port.to_string(),
+            go.to_str().expect("path"),
+            "10",
+            host,
+        ])
         .stdout(Stdio::piped())
         .spawn()
         .expect("client");
@@ -234,4 +251,5 @@ fn connection_older_than_the_daemon_is_followed() {
         not_found, want_404,
         "paired right from the first request seen"
     );
+    edge
 }

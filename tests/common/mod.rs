@@ -232,9 +232,13 @@ pub struct Server {
 }
 
 impl Server {
-    fn wait_listening(mut child: Child, port: u16) -> Self {
+    fn wait_listening(child: Child, port: u16) -> Self {
+        Self::wait_listening_on(child, "127.0.0.1", port)
+    }
+
+    fn wait_listening_on(mut child: Child, host: &str, port: u16) -> Self {
         let deadline = Instant::now() + Duration::from_secs(10);
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        while TcpStream::connect((host, port)).is_err() {
             if let Ok(Some(status)) = child.try_wait() {
                 panic!("server exited early with {status}");
             }
@@ -261,6 +265,20 @@ impl Server {
     /// tests/fixtures/server.py: HTTP/1.1 keep-alive, status and framing chosen by path.
     pub fn fixture() -> Self {
         Self::script("server.py", &[])
+    }
+
+    /// The same on IPv6 loopback, `[::1]`.
+    pub fn fixture_v6() -> Self {
+        let port = free_port();
+        let child = Command::new("python3")
+            .arg(workspace_root().join("tests/fixtures/server.py"))
+            .arg(port.to_string())
+            .env("FIXTURE_HOST", "::1")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn fixture server");
+        Self::wait_listening_on(child, "::1", port)
     }
 
     /// A Python script from tests/fixtures, given its port first and then `args`.

@@ -363,34 +363,63 @@ fn attach_raw(
         .map_err(|e| CaptureError::Attach("raw_tp", tracepoint, e.to_string()))
 }
 
-/// Byte offset of `sk_protocol` in `struct sock`, from the kernel's BTF, when it is a plain
-/// 16-bit field (Linux 5.6 and later; a bitfield before).
-fn sk_protocol_offset() -> Option<u32> {
-    use btf_rs::{Backend, Btf, Type};
-    const VMLINUX: &str = "/sys/kernel/btf/vmlinux";
-    // Mapped where the kernel allows it; else parsed (more memory, briefly).
-    let btf = Btf::from_file_with_backend(VMLINUX, Backend::Mmap)
-        .or_else(|_| Btf::from_file(VMLINUX))
-        .ok()?;
+/// Where fields of `struct sock` are in the running kernel, from its BTF: what the programs
+/// cannot take from a fixed offset. None where BTF does not say.
+#[derive(Clone, Copy, Debug, Default)]
+struct SockOffsets {
+    /// `sk_protocol`, when a plain 16-bit field (Linux 5.6 and later; a bitfield before).
+    sk_protocol: Option<u32>,
+    /// `__sk_common.skc_v6_rcv_saddr` and `skc_v6_daddr` (16 bytes each).
+    v6_rcv_saddr: Option<u32>,
+    v6_daddr: Option<u32>,
+}
+
+impl SockOffsets {
+    fn from_btf() -> Self {
+        use btf_rs::{Backend, Btf};
+        const VMLINUX: &str = "/sys/kernel/btf/vmlinux";
+        // Mapped where the kernel allows it; else parsed (more memory, briefly).
+        let Ok(btf) = Btf::from_file_with_backend(VMLINUX, Backend::Mmap)
+            .or_else(|_| Btf::from_file(VMLINUX))
+        else {
+            return Self::default();
+        };
+        let offsets = Self {
+            sk_protocol: member(&btf, "sock", "sk_protocol", 2),
+            v6_rcv_saddr: member(&btf, "sock_common", "skc_v6_rcv_saddr", 16),
+            v6_daddr: member(&btf, "sock_common", "skc_v6_daddr", 16),
+        };
+        tracing::debug!("struct sock offsets from BTF: {offsets:?}");
+        offsets
+    }
+}
+
+/// Byte offset of `field` in struct `name`, if it is byte-aligned, not a bitfield, and `size`
+/// bytes long.
+fn member(btf: &btf_rs::Btf, name: &str, field: &str, size: usize) -> Option<u32> {
+    use btf_rs::Type;
     let found = btf
-        .resolve_types_by_name("sock")
+        .resolve_types_by_name(name)
         .ok()?
         .into_iter()
         .find_map(|t| match t {
             Type::Struct(s) => s
                 .members
                 .into_iter()
-                .find(|m| btf.resolve_name(m).is_ok_and(|n| n == "sk_protocol")),
+                .find(|m| btf.resolve_name(m).is_ok_and(|n| n == field)),
             _ => None,
         })?;
     if found.bitfield_size().unwrap_or(0) != 0 || found.bit_offset() % 8 != 0 {
         return None;
     }
-    // Through typedefs and qualifiers to the integer, which must be 2 bytes.
+    // Through typedefs and qualifiers to what has a size.
     let mut ty = btf.resolve_chained_type(&found).ok()?;
     for _ in 0..8 {
         ty = match ty {
-            Type::Int(i) => return (i.size() == 2).then_some(found.bit_offset() / 8),
+            Type::Int(i) => return (i.size() == size).then_some(found.bit_offset() / 8),
+            Type::Struct(s) | Type::Union(s) => {
+                return (s.size() == size).then_some(found.bit_offset() / 8);
+            }
             Type::Typedef(t) => btf.resolve_chained_type(&t).ok()?,
             Type::Volatile(t) => btf.resolve_chained_type(&t).ok()?,
             Type::Const(t) => btf.resolve_chained_type(&t).ok()?,
@@ -517,21 +546,31 @@ impl Capture {
         check_layouts(tracefs)?;
 
         let tgid = std::process::id();
-        let sk_protocol = sk_protocol_offset();
+        let offsets = SockOffsets::from_btf();
         let mut loader = EbpfLoader::new();
         if let Some(bytes) = ringbuf_bytes {
             loader.map_max_entries("EVENTS", bytes);
         }
         let mut ebpf = loader
             .override_global("TRACER_TGID", &tgid, true)
-            .override_global("SK_PROTOCOL_OFFSET", &sk_protocol.unwrap_or(0), true)
+            .override_global(
+                "SK_PROTOCOL_OFFSET",
+                &offsets.sk_protocol.unwrap_or(0),
+                true,
+            )
+            .override_global(
+                "SKC_V6_RCV_SADDR_OFFSET",
+                &offsets.v6_rcv_saddr.unwrap_or(0),
+                true,
+            )
+            .override_global("SKC_V6_DADDR_OFFSET", &offsets.v6_daddr.unwrap_or(0), true)
             .load(aya::include_bytes_aligned!(concat!(
                 env!("OUT_DIR"),
                 "/tracer"
             )))
             .map_err(CaptureError::Load)?;
         let mut links = vec![attach_tracepoint(&mut ebpf, LIFECYCLE)?];
-        let mode = attach_data_path(&mut ebpf, &mut links, mode, sk_protocol)?;
+        let mode = attach_data_path(&mut ebpf, &mut links, mode, offsets.sk_protocol)?;
         let events = ebpf
             .take_map("EVENTS")
             .ok_or_else(|| CaptureError::Map("EVENTS", "missing".into()))?;

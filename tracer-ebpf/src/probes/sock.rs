@@ -1,4 +1,6 @@
 //! `sock:*` tracepoints: which TCP socket a syscall touched, and connection lifecycle.
+use core::ptr::read_volatile;
+
 use aya_ebpf::{
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_probe_read_kernel,
@@ -44,6 +46,13 @@ const SKC_RCV_SADDR: u64 = 4;
 const SKC_DPORT: u64 = 12;
 const SKC_NUM: u64 = 14;
 const SKC_FAMILY: u64 = 16;
+
+/// Offsets of `skc_v6_rcv_saddr` and `skc_v6_daddr` in `struct sock_common`, from the kernel's
+/// BTF (set by the loader; 0 when unknown): for IPv6 sockets older than the daemon.
+#[unsafe(no_mangle)]
+static SKC_V6_RCV_SADDR_OFFSET: u32 = 0;
+#[unsafe(no_mangle)]
+static SKC_V6_DADDR_OFFSET: u32 = 0;
 
 #[tracepoint]
 pub fn sock_send_length(ctx: TracePointContext) -> u32 {
@@ -120,6 +129,18 @@ pub fn next_event(sk: u64) -> (SockTuple, u32, bool) {
             t.remote_addr[..4].copy_from_slice(
                 &bpf_probe_read_kernel((sk + SKC_DADDR) as *const [u8; 4]).unwrap_or([0; 4]),
             );
+        } else if family == AF_INET6 {
+            let (local, remote) = (
+                read_volatile(&SKC_V6_RCV_SADDR_OFFSET) as u64,
+                read_volatile(&SKC_V6_DADDR_OFFSET) as u64,
+            );
+            // Zero when the kernel's BTF did not say where they are: addresses stay unknown.
+            if local != 0 && remote != 0 {
+                t.local_addr =
+                    bpf_probe_read_kernel((sk + local) as *const [u8; 16]).unwrap_or([0; 16]);
+                t.remote_addr =
+                    bpf_probe_read_kernel((sk + remote) as *const [u8; 16]).unwrap_or([0; 16]);
+            }
         }
     }
     let state = SockState {
