@@ -151,16 +151,18 @@ fn curl_to_python_http_server() {
     assert_eq!(templated, 40.0);
 }
 
+/// The data path `--attach auto` takes here.
+const DEFAULT_ATTACH: &str = if cfg!(target_arch = "x86_64") {
+    "socket"
+} else {
+    "tracepoint"
+};
+
 /// Issue 2, check 2: one curl fetching 50 URLs over one keep-alive connection: 50 requests, each
 /// paired with its own response (statuses, Content-Length and chunked bodies of many sizes).
 #[test]
 fn keep_alive_pairs_each_request() {
-    let default = if cfg!(target_arch = "x86_64") {
-        "socket"
-    } else {
-        "tracepoint"
-    };
-    let daemon = keep_alive_pairs(&[], default);
+    let daemon = keep_alive_pairs(&[], DEFAULT_ATTACH);
     assert_eq!(daemon.json("/api/status")["spans"], true);
 }
 
@@ -183,12 +185,7 @@ fn keep_alive_pairs_each_request_through_syscall_tracepoints() {
 /// its ends are on this host (the server end counts it), and no spans built.
 #[test]
 fn metrics_only_counts_each_request_once() {
-    let default = if cfg!(target_arch = "x86_64") {
-        "socket"
-    } else {
-        "tracepoint"
-    };
-    let daemon = keep_alive_pairs(&["--no-spans"], default);
+    let daemon = keep_alive_pairs(&["--no-spans"], DEFAULT_ATTACH);
     assert_eq!(daemon.json("/api/status")["spans"], false);
     assert_eq!(daemon.json("/api/spans")["spans"], serde_json::json!([]));
 }
