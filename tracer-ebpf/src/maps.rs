@@ -56,8 +56,12 @@ pub static SCRATCH: PerCpuArray<DataEvent> = PerCpuArray::with_max_entries(1, 0)
 pub struct SendStart {
     pub pid_tgid: u64,
     pub ts_ns: u64,
+    /// The thread's context switches (voluntary + involuntary) when stamped: a send that slept
+    /// or was preempted since (and may have ended on another CPU) does not use the stamp.
+    pub switches: u64,
 }
 
+/// Per CPU, not per thread: a hash map per send cost more than the rest of this program.
 #[map]
 pub static SEND_START: PerCpuArray<SendStart> = PerCpuArray::with_max_entries(1, 0);
 

@@ -372,6 +372,10 @@ struct SockOffsets {
     /// `__sk_common.skc_v6_rcv_saddr` and `skc_v6_daddr` (16 bytes each).
     v6_rcv_saddr: Option<u32>,
     v6_daddr: Option<u32>,
+    /// `task_struct.flags`, to tell io_uring workers and kernel threads.
+    task_flags: Option<u32>,
+    /// `task_struct.nvcsw`, when `nivcsw` directly follows it.
+    task_switches: Option<u32>,
 }
 
 impl SockOffsets {
@@ -388,6 +392,9 @@ impl SockOffsets {
             sk_protocol: member(&btf, "sock", "sk_protocol", 2),
             v6_rcv_saddr: member(&btf, "sock_common", "skc_v6_rcv_saddr", 16),
             v6_daddr: member(&btf, "sock_common", "skc_v6_daddr", 16),
+            task_flags: member(&btf, "task_struct", "flags", 4),
+            task_switches: member(&btf, "task_struct", "nvcsw", 8)
+                .filter(|&v| member(&btf, "task_struct", "nivcsw", 8) == Some(v + 8)),
         };
         tracing::debug!("struct sock offsets from BTF: {offsets:?}");
         offsets
@@ -429,6 +436,71 @@ fn member(btf: &btf_rs::Btf, name: &str, field: &str, size: usize) -> Option<u32
     None
 }
 
+/// The links of one data path, all attached, or the first error (what did attach is dropped,
+/// which detaches it).
+fn attach_path(
+    ebpf: &mut Ebpf,
+    path: AttachMode,
+    sk_protocol: Option<u32>,
+) -> Result<Vec<Link>, CaptureError> {
+    let mut links = Vec::new();
+    match path {
+        AttachMode::Socket => {
+            links.extend(attach_sock_data(ebpf, sk_protocol)?);
+            let (prog, tp) = SEND_START;
+            match attach_raw(ebpf, prog, tp) {
+                Ok(link) => links.push(link),
+                Err(e) => {
+                    tracing::warn!("{e}: sends are stamped when they end rather than begin")
+                }
+            }
+        }
+        AttachMode::RawTracepoint => {
+            for &p in SOCK_LENGTH {
+                links.push(attach_tracepoint(ebpf, p)?);
+            }
+            for &(prog, tp) in RAW_SYSCALLS {
+                links.push(attach_raw(ebpf, prog, tp)?);
+            }
+        }
+        AttachMode::Tracepoint | AttachMode::Auto => {
+            for &p in SOCK_LENGTH {
+                links.push(attach_tracepoint(ebpf, p)?);
+            }
+            for &(category, name) in SYSCALL_TRACEPOINTS {
+                links.push(attach_tracepoint(ebpf, (name, category, name))?);
+            }
+        }
+    }
+    Ok(links)
+}
+
+/// `sock_{send,recv}_length` for the socket data path: as raw tracepoints when BTF gave
+/// `sk_protocol`'s offset, else as the classic tracepoints, whose records carry it.
+fn attach_sock_data(ebpf: &mut Ebpf, sk_protocol: Option<u32>) -> Result<Vec<Link>, CaptureError> {
+    if sk_protocol.is_some() {
+        let raw: Result<Vec<Link>, CaptureError> = SOCK_DATA_RAW
+            .iter()
+            .map(|&(prog, tp)| attach_raw(ebpf, prog, tp))
+            .collect();
+        match raw {
+            Ok(links) => {
+                tracing::info!("socket data path: sock_*_length as raw tracepoints");
+                return Ok(links);
+            }
+            Err(e) => tracing::info!("{e}; socket data path on the classic tracepoints"),
+        }
+    } else {
+        tracing::info!(
+            "sk_protocol not in the kernel's BTF: socket data path on the classic tracepoints"
+        );
+    }
+    SOCK_DATA
+        .iter()
+        .map(|&p| attach_tracepoint(ebpf, p))
+        .collect()
+}
+
 /// Attaches the first data path of `mode` that works here; which one it was.
 fn attach_data_path(
     ebpf: &mut Ebpf,
@@ -446,69 +518,6 @@ fn attach_data_path(
         ));
     }
     let auto = mode == AttachMode::Auto;
-    // Each candidate's links are kept only if all of them attach.
-    let mut try_path = |path: AttachMode| -> Result<bool, CaptureError> {
-        let mut new = Vec::new();
-        let attached = (|| {
-            match path {
-                AttachMode::Socket => {
-                    let mut raw = Vec::new();
-                    let on_raw = sk_protocol.is_some()
-                        && SOCK_DATA_RAW
-                            .iter()
-                            .try_for_each(|&(prog, tp)| {
-                                raw.push(attach_raw(ebpf, prog, tp)?);
-                                Ok::<_, CaptureError>(())
-                            })
-                            .inspect_err(|e| tracing::info!("{e}; socket data path on tracepoints"))
-                            .is_ok();
-                    if on_raw {
-                        new.extend(raw);
-                    } else {
-                        drop(raw);
-                        for &p in SOCK_DATA {
-                            new.push(attach_tracepoint(ebpf, p)?);
-                        }
-                    }
-                    let (prog, tp) = SEND_START;
-                    match attach_raw(ebpf, prog, tp) {
-                        Ok(link) => new.push(link),
-                        Err(e) => tracing::warn!(
-                            "{e}: sends are stamped when they end rather than when they begin"
-                        ),
-                    }
-                }
-                AttachMode::RawTracepoint => {
-                    for &p in SOCK_LENGTH {
-                        new.push(attach_tracepoint(ebpf, p)?);
-                    }
-                    for &(prog, tp) in RAW_SYSCALLS {
-                        new.push(attach_raw(ebpf, prog, tp)?);
-                    }
-                }
-                AttachMode::Tracepoint | AttachMode::Auto => {
-                    for &p in SOCK_LENGTH {
-                        new.push(attach_tracepoint(ebpf, p)?);
-                    }
-                    for &(category, name) in SYSCALL_TRACEPOINTS {
-                        new.push(attach_tracepoint(ebpf, (name, category, name))?);
-                    }
-                }
-            }
-            Ok(())
-        })();
-        match attached {
-            Ok(()) => {
-                links.extend(new);
-                Ok(true)
-            }
-            Err(e) if auto => {
-                tracing::warn!("{path:?} data path unavailable here ({e}); trying the next");
-                Ok(false)
-            }
-            Err(e) => Err(e),
-        }
-    };
     let candidates: &[AttachMode] = match mode {
         AttachMode::Auto if x86 => &[
             AttachMode::Socket,
@@ -521,8 +530,15 @@ fn attach_data_path(
         AttachMode::Tracepoint => &[AttachMode::Tracepoint],
     };
     for &path in candidates {
-        if try_path(path)? {
-            return Ok(path);
+        match attach_path(ebpf, path, sk_protocol) {
+            Ok(new) => {
+                links.extend(new);
+                return Ok(path);
+            }
+            Err(e) if auto => {
+                tracing::warn!("{path:?} data path unavailable here ({e}); trying the next");
+            }
+            Err(e) => return Err(e),
         }
     }
     Err(CaptureError::Attach(
@@ -564,6 +580,12 @@ impl Capture {
                 true,
             )
             .override_global("SKC_V6_DADDR_OFFSET", &offsets.v6_daddr.unwrap_or(0), true)
+            .override_global("TASK_FLAGS_OFFSET", &offsets.task_flags.unwrap_or(0), true)
+            .override_global(
+                "TASK_SWITCHES_OFFSET",
+                &offsets.task_switches.unwrap_or(0),
+                true,
+            )
             .load(aya::include_bytes_aligned!(concat!(
                 env!("OUT_DIR"),
                 "/tracer"

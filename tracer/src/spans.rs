@@ -496,12 +496,12 @@ impl Linker {
         false
     }
 
-    /// The trace a live span is in now.
     /// Whether spans are built at all.
     pub fn enabled(&self) -> bool {
         self.enabled
     }
 
+    /// The trace a live span is in now.
     pub fn trace_of(&self, span_id: SpanId) -> Option<TraceId> {
         self.live.get(&span_id).map(|s| s.trace_id)
     }

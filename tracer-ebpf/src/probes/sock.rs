@@ -45,7 +45,7 @@ const SKC_DADDR: u64 = 0;
 const SKC_RCV_SADDR: u64 = 4;
 const SKC_DPORT: u64 = 12;
 const SKC_NUM: u64 = 14;
-const SKC_FAMILY: u64 = 16;
+pub const SKC_FAMILY: u64 = 16;
 
 /// Offsets of `skc_v6_rcv_saddr` and `skc_v6_daddr` in `struct sock_common`, from the kernel's
 /// BTF (set by the loader; 0 when unknown): for IPv6 sockets older than the daemon.

@@ -1,8 +1,11 @@
 //! The data path without syscall tracepoints (x86_64, kernel BTF): `sock:sock_send_length` and
 //! `sock_recv_length` fire once per send or receive on a socket, after the bytes moved; the
 //! syscall's own registers (`bpf_task_pt_regs`) say which call it was and where its user buffer
-//! is. Nothing runs for the rest of the host's syscalls, and no per-call state is kept between
-//! programs, unlike the enter/exit path in `syscalls.rs` (kept for kernels without this).
+//! is. Nothing runs for the rest of the host's syscalls, and nothing is kept between programs
+//! but when each TCP send began, unlike the enter/exit path in `syscalls.rs` (kept for kernels
+//! without this).
+use core::ptr::read_volatile;
+
 use aya_ebpf::{
     helpers::{
         bpf_get_current_pid_tgid, bpf_probe_read_kernel,
@@ -15,23 +18,60 @@ use tracer_common::{AF_INET, AF_INET6, DIR_EGRESS, DIR_INGRESS, KernelStat};
 
 use super::{
     data::{REGS_CS, REGS_DX, REGS_ORIG_AX, REGS_SI, emit_data, traced},
-    sock::{IPPROTO_TCP, LEN_FAMILY, LEN_FLAGS, LEN_PROTOCOL, LEN_RET, LEN_SK, MSG_PEEK},
+    sock::{
+        IPPROTO_TCP, LEN_FAMILY, LEN_FLAGS, LEN_PROTOCOL, LEN_RET, LEN_SK, MSG_PEEK, SKC_FAMILY,
+    },
 };
 use crate::maps::{OPAQUE, SEND_START, SendStart, SyscallArgs, count, tracer_tgid};
 
+/// `task_struct.flags` bits (include/linux/sched.h).
+const PF_IO_WORKER: u32 = 0x0000_0010;
+const PF_KTHREAD: u32 = 0x0020_0000;
+
+/// Byte offset of `flags` in `struct task_struct`, from the kernel's BTF (0: unknown).
+#[unsafe(no_mangle)]
+static TASK_FLAGS_OFFSET: u32 = 0;
+
+/// Byte offset of `nvcsw` in `struct task_struct` (`nivcsw` follows), from the kernel's BTF
+/// (0: unknown, and then sends are stamped when they end).
+#[unsafe(no_mangle)]
+static TASK_SWITCHES_OFFSET: u32 = 0;
+
+/// How many times the current thread has been switched out.
+#[inline(always)]
+fn switches(task: u64) -> Option<u64> {
+    // SAFETY: a read-only global patched by the loader; the task is read through the checked
+    // helper.
+    unsafe {
+        let off = read_volatile(&TASK_SWITCHES_OFFSET) as u64;
+        if off == 0 {
+            return None;
+        }
+        let [voluntary, involuntary] =
+            bpf_probe_read_kernel((task + off) as *const [u64; 2]).ok()?;
+        Some(voluntary.wrapping_add(involuntary))
+    }
+}
+
 /// `tcp:tcp_sendmsg_locked` fires before a TCP send copies or transmits anything: the moment a
-/// writer hands its bytes over. Kept per CPU for the `sock_send_length` that ends the same call
-/// (a send that sleeps and moves CPU loses it, and is then stamped at its end).
+/// writer hands its bytes over. It fires again for each segment of a long send: the first
+/// stamp stays unless the thread has been switched out since (it may be another send's, left
+/// on this CPU when that send slept and ended elsewhere).
 #[raw_tracepoint(tracepoint = "tcp_sendmsg_locked")]
 pub fn tcp_send_start(_ctx: RawTracePointContext) -> i32 {
     let id = bpf_get_current_pid_tgid();
+    // SAFETY: helper without preconditions.
+    let Some(switches) = switches(unsafe { bpf_get_current_task_btf() } as u64) else {
+        return 0;
+    };
     if let Some(slot) = SEND_START.get_ptr_mut(0) {
         // SAFETY: per-CPU slot; programs do not nest on one CPU for this tracepoint.
         unsafe {
-            if (*slot).pid_tgid != id {
+            if (*slot).pid_tgid != id || (*slot).switches != switches {
                 *slot = SendStart {
                     pid_tgid: id,
                     ts_ns: bpf_ktime_get_ns(),
+                    switches,
                 };
             }
         }
@@ -73,16 +113,13 @@ fn from_tracepoint(ctx: &TracePointContext) -> Record {
 #[unsafe(no_mangle)]
 static SK_PROTOCOL_OFFSET: u32 = 0;
 
-/// `skc_family`: offset 16 of `struct sock_common` since Linux 2.6.
-const SKC_FAMILY: u64 = 16;
-
 /// The raw tracepoint's arguments, `(struct sock *sk, int ret, int flags)`: no trace record is
 /// built; family and protocol are read from the socket.
 #[inline(always)]
 fn from_raw(ctx: &RawTracePointContext) -> Record {
     let sk: u64 = ctx.arg(0);
     // SAFETY: a read-only global patched by the loader; volatile so LLVM does not fold the 0.
-    let off = unsafe { core::ptr::read_volatile(&SK_PROTOCOL_OFFSET) } as u64;
+    let off = unsafe { read_volatile(&SK_PROTOCOL_OFFSET) } as u64;
     // SAFETY: `sk` is the kernel's live socket; reads are checked.
     unsafe {
         Record {
@@ -94,20 +131,20 @@ fn from_raw(ctx: &RawTracePointContext) -> Record {
     }
 }
 
-/// Taken whatever this send turns out to be, so that it never outlives its call.
+/// Taken whatever this send turns out to be, so that it never outlives its call; used only if
+/// the thread ran without a switch since it was stamped (so on this CPU, in this call).
 #[inline(always)]
 fn take_send_start(id: u64) -> Option<u64> {
-    SEND_START.get_ptr_mut(0).and_then(|slot| {
-        // SAFETY: per-CPU slot, as above.
-        unsafe {
-            if (*slot).pid_tgid == id {
-                (*slot).pid_tgid = 0;
-                Some((*slot).ts_ns)
-            } else {
-                None
-            }
+    let slot = SEND_START.get_ptr_mut(0)?;
+    // SAFETY: per-CPU slot, as above.
+    unsafe {
+        if (*slot).pid_tgid != id {
+            return None;
         }
-    })
+        (*slot).pid_tgid = 0;
+        let now = switches(bpf_get_current_task_btf() as u64)?;
+        ((*slot).switches == now).then_some((*slot).ts_ns)
+    }
 }
 
 #[tracepoint(category = "sock", name = "sock_send_length")]
@@ -175,9 +212,24 @@ fn on_data(
         count(KernelStat::SkippedOpaque);
         return;
     }
-    // SAFETY: helpers for the current task; the registers are read through the checked helper.
+    // SAFETY: helper without preconditions.
+    let task = unsafe { bpf_get_current_task_btf() };
+    // io_uring workers carry their creator's registers, kernel threads none: their bytes are
+    // not a syscall's buffer. Offset 0: BTF did not say; `cs` below still catches kernel threads.
+    // SAFETY: a read-only global patched by the loader; the task is read through the checked
+    // helper.
+    let flags_off = unsafe { read_volatile(&TASK_FLAGS_OFFSET) } as u64;
+    if flags_off != 0
+        && unsafe { bpf_probe_read_kernel((task as u64 + flags_off) as *const u32) }.unwrap_or(0)
+            & (PF_IO_WORKER | PF_KTHREAD)
+            != 0
+    {
+        count(KernelStat::OtherSyscall);
+        return;
+    }
+    // SAFETY: the current task; the registers are read through the checked helper.
     let (cs, nr, buf, len) = unsafe {
-        let regs = bpf_task_pt_regs(bpf_get_current_task_btf()) as u64;
+        let regs = bpf_task_pt_regs(task) as u64;
         let reg = |off: u64| bpf_probe_read_kernel((regs + off) as *const u64).unwrap_or(0);
         (reg(REGS_CS), reg(REGS_ORIG_AX), reg(REGS_SI), reg(REGS_DX))
     };
