@@ -278,7 +278,10 @@ fn field_offset(format: &str, field: &str) -> Option<usize> {
     })
 }
 
-fn check_layouts(tracefs: &str) -> Result<(), CaptureError> {
+/// Checks the record layouts the programs read. A problem with the syscall tracepoints is
+/// returned, not raised: only the `tracepoint` data path reads them.
+fn check_layouts(tracefs: &str) -> Result<Option<CaptureError>, CaptureError> {
+    let mut syscalls = None;
     let (_, lc, ln) = LIFECYCLE;
     let sock = SOCK_DATA.iter().map(|&(_, c, n)| (c, n));
     for (category, name) in [(lc, ln)].into_iter().chain(sock) {
@@ -297,25 +300,26 @@ fn check_layouts(tracefs: &str) -> Result<(), CaptureError> {
             .join(category)
             .join(name)
             .join("format");
-        let format = match fs::read_to_string(&path) {
-            Ok(f) => f,
-            // Syscall tracepoints are only one of the data paths: their absence shows when
-            // (and if) that path is tried.
-            Err(_) if category == "syscalls" => continue,
-            Err(e) => {
-                return Err(CaptureError::MissingTracepoint(
-                    category,
-                    name,
-                    format!("{}: {e}", path.display()),
-                ));
+        let problem = match fs::read_to_string(&path) {
+            Ok(format) => {
+                let got = field_offset(&format, field);
+                (got != Some(want)).then(|| CaptureError::Layout(category, name, field, got, want))
             }
+            Err(e) => Some(CaptureError::MissingTracepoint(
+                category,
+                name,
+                format!("{}: {e}", path.display()),
+            )),
         };
-        let got = field_offset(&format, field);
-        if got != Some(want) {
-            return Err(CaptureError::Layout(category, name, field, got, want));
+        match problem {
+            Some(p) if category == "syscalls" => {
+                syscalls.get_or_insert(p);
+            }
+            Some(p) => return Err(p),
+            None => {}
         }
     }
-    Ok(())
+    Ok(syscalls)
 }
 
 fn attach_tracepoint(
@@ -442,6 +446,7 @@ fn attach_path(
     ebpf: &mut Ebpf,
     path: AttachMode,
     sk_protocol: Option<u32>,
+    syscall_layouts: Option<&CaptureError>,
 ) -> Result<Vec<Link>, CaptureError> {
     let mut links = Vec::new();
     match path {
@@ -464,6 +469,13 @@ fn attach_path(
             }
         }
         AttachMode::Tracepoint | AttachMode::Auto => {
+            if let Some(e) = syscall_layouts {
+                return Err(CaptureError::Attach(
+                    "syscalls",
+                    "sys_enter_*",
+                    e.to_string(),
+                ));
+            }
             for &p in SOCK_LENGTH {
                 links.push(attach_tracepoint(ebpf, p)?);
             }
@@ -507,6 +519,7 @@ fn attach_data_path(
     links: &mut Vec<Link>,
     mode: AttachMode,
     sk_protocol: Option<u32>,
+    syscall_layouts: Option<&CaptureError>,
 ) -> Result<AttachMode, CaptureError> {
     let x86 = cfg!(target_arch = "x86_64");
     if matches!(mode, AttachMode::Socket | AttachMode::RawTracepoint) && !x86 {
@@ -530,7 +543,7 @@ fn attach_data_path(
         AttachMode::Tracepoint => &[AttachMode::Tracepoint],
     };
     for &path in candidates {
-        match attach_path(ebpf, path, sk_protocol) {
+        match attach_path(ebpf, path, sk_protocol, syscall_layouts) {
             Ok(new) => {
                 links.extend(new);
                 return Ok(path);
@@ -559,7 +572,7 @@ impl Capture {
         let tracefs = ensure_tracefs()?;
         ensure_bpffs();
         raise_memlock();
-        check_layouts(tracefs)?;
+        let syscall_layouts = check_layouts(tracefs)?;
 
         let tgid = std::process::id();
         let offsets = SockOffsets::from_btf();
@@ -592,7 +605,13 @@ impl Capture {
             )))
             .map_err(CaptureError::Load)?;
         let mut links = vec![attach_tracepoint(&mut ebpf, LIFECYCLE)?];
-        let mode = attach_data_path(&mut ebpf, &mut links, mode, offsets.sk_protocol)?;
+        let mode = attach_data_path(
+            &mut ebpf,
+            &mut links,
+            mode,
+            offsets.sk_protocol,
+            syscall_layouts.as_ref(),
+        )?;
         let events = ebpf
             .take_map("EVENTS")
             .ok_or_else(|| CaptureError::Map("EVENTS", "missing".into()))?;
