@@ -54,6 +54,48 @@ static SKC_V6_RCV_SADDR_OFFSET: u32 = 0;
 #[unsafe(no_mangle)]
 static SKC_V6_DADDR_OFFSET: u32 = 0;
 
+/// What `sock_{send,recv}_length` says about one call, read once its return value shows that
+/// it moved bytes.
+pub struct Record {
+    pub sk: u64,
+    pub flags: i32,
+    pub family: u16,
+    pub protocol: u16,
+}
+
+/// The classic tracepoint's record: the kernel already read family and protocol.
+#[inline(always)]
+pub fn from_tracepoint(ctx: &TracePointContext) -> Record {
+    // SAFETY: offsets from the tracepoint's format, checked by the loader.
+    unsafe {
+        Record {
+            sk: ctx.read_at::<u64>(LEN_SK).unwrap_or(0),
+            flags: ctx.read_at::<i32>(LEN_FLAGS).unwrap_or(0),
+            family: ctx.read_at::<u16>(LEN_FAMILY).unwrap_or(0),
+            protocol: ctx.read_at::<u16>(LEN_PROTOCOL).unwrap_or(0),
+        }
+    }
+}
+
+/// Whether the data path follows this call: TCP over IPv4/IPv6, not a peek, not a socket the
+/// daemon found to carry no HTTP. Peeks and opaque sockets are counted.
+#[inline(always)]
+pub fn traced_socket(r: &Record, direction: u32) -> bool {
+    if r.protocol != IPPROTO_TCP || (r.family != AF_INET && r.family != AF_INET6) {
+        return false;
+    }
+    if direction == DIR_INGRESS && r.flags & MSG_PEEK != 0 {
+        count(KernelStat::Peeks);
+        return false;
+    }
+    // SAFETY: the value is not kept.
+    if unsafe { OPAQUE.get(&r.sk) }.is_some() {
+        count(KernelStat::SkippedOpaque);
+        return false;
+    }
+    true
+}
+
 #[tracepoint]
 pub fn sock_send_length(ctx: TracePointContext) -> u32 {
     on_length(&ctx, DIR_EGRESS);
@@ -78,23 +120,12 @@ fn on_length(ctx: &TracePointContext, direction: u32) {
         if args.direction != direction {
             return;
         }
-        let family = ctx.read_at::<u16>(LEN_FAMILY).unwrap_or(0);
-        let protocol = ctx.read_at::<u16>(LEN_PROTOCOL).unwrap_or(0);
-        if protocol != IPPROTO_TCP || (family != AF_INET && family != AF_INET6) {
+        let r = from_tracepoint(ctx);
+        if !traced_socket(&r, direction) {
             let _ = ACTIVE.remove(&id);
             return;
         }
-        if direction == DIR_INGRESS && ctx.read_at::<i32>(LEN_FLAGS).unwrap_or(0) & MSG_PEEK != 0 {
-            count(KernelStat::Peeks);
-            let _ = ACTIVE.remove(&id);
-            return;
-        }
-        let sk = ctx.read_at::<u64>(LEN_SK).unwrap_or(0);
-        if OPAQUE.get(&sk).is_some() {
-            count(KernelStat::SkippedOpaque);
-            let _ = ACTIVE.remove(&id);
-            return;
-        }
+        let sk = r.sk;
         args.sk = sk;
     }
 }

@@ -14,15 +14,13 @@ use aya_ebpf::{
     macros::{raw_tracepoint, tracepoint},
     programs::{RawTracePointContext, TracePointContext},
 };
-use tracer_common::{AF_INET, AF_INET6, DIR_EGRESS, DIR_INGRESS, KernelStat};
+use tracer_common::{DIR_EGRESS, DIR_INGRESS, KernelStat};
 
 use super::{
     data::{REGS_CS, REGS_DX, REGS_ORIG_AX, REGS_SI, emit_data, traced},
-    sock::{
-        IPPROTO_TCP, LEN_FAMILY, LEN_FLAGS, LEN_PROTOCOL, LEN_RET, LEN_SK, MSG_PEEK, SKC_FAMILY,
-    },
+    sock::{LEN_RET, Record, SKC_FAMILY, from_tracepoint, traced_socket},
 };
-use crate::maps::{OPAQUE, SEND_START, SendStart, SyscallArgs, count, tracer_tgid};
+use crate::maps::{SEND_START, SendStart, SyscallArgs, count, tracer_tgid};
 
 /// `task_struct.flags` bits (include/linux/sched.h).
 const PF_IO_WORKER: u32 = 0x0000_0010;
@@ -79,33 +77,10 @@ pub fn tcp_send_start(_ctx: RawTracePointContext) -> i32 {
     0
 }
 
-/// What `sock_{send,recv}_length` says about one call, read once its return value shows that
-/// it moved bytes.
-struct Record {
-    sk: u64,
-    flags: i32,
-    family: u16,
-    protocol: u16,
-}
-
 #[inline(always)]
 fn tp_ret(ctx: &TracePointContext) -> i32 {
     // SAFETY: offset from the tracepoint's format, checked by the loader.
     unsafe { ctx.read_at::<i32>(LEN_RET) }.unwrap_or(-1)
-}
-
-/// The classic tracepoint's record: the kernel already read family and protocol.
-#[inline(always)]
-fn from_tracepoint(ctx: &TracePointContext) -> Record {
-    // SAFETY: offsets from the tracepoint's format, checked by the loader.
-    unsafe {
-        Record {
-            sk: ctx.read_at::<u64>(LEN_SK).unwrap_or(0),
-            flags: ctx.read_at::<i32>(LEN_FLAGS).unwrap_or(0),
-            family: ctx.read_at::<u16>(LEN_FAMILY).unwrap_or(0),
-            protocol: ctx.read_at::<u16>(LEN_PROTOCOL).unwrap_or(0),
-        }
-    }
 }
 
 /// Byte offset of `sk_protocol` in `struct sock`, from the kernel's BTF (set by the loader;
@@ -199,19 +174,10 @@ fn on_data(
         return;
     }
     let r = record();
-    if r.protocol != IPPROTO_TCP || (r.family != AF_INET && r.family != AF_INET6) {
-        return;
-    }
-    if direction == DIR_INGRESS && r.flags & MSG_PEEK != 0 {
-        count(KernelStat::Peeks);
+    if !traced_socket(&r, direction) {
         return;
     }
     let sk = r.sk;
-    // SAFETY: the value is not kept.
-    if unsafe { OPAQUE.get(&sk) }.is_some() {
-        count(KernelStat::SkippedOpaque);
-        return;
-    }
     // SAFETY: helper without preconditions.
     let task = unsafe { bpf_get_current_task_btf() };
     // io_uring workers carry their creator's registers, kernel threads none: their bytes are
