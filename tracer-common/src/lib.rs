@@ -59,6 +59,13 @@ pub const FLAG_TUPLE_FROM_SOCK: u32 = 1 << 0;
 /// The syscall used an iovec (readv/writev/sendmsg/recvmsg): only the first buffer is captured
 /// and there is no tail.
 pub const FLAG_IOVEC: u32 = 1 << 1;
+/// The header's `comm` and `cgroup_id` are left out (zero): this socket's previous event came
+/// from the same thread and carried them. Read once per socket and thread (and again every
+/// [`TASK_RESEND`] events), not per call.
+pub const FLAG_TASK_KNOWN: u32 = 1 << 2;
+/// A socket's events carry their thread's name and cgroup again at least this often (a power of
+/// two), so that a reader that lost track of a thread learns it again.
+pub const TASK_RESEND: u32 = 256;
 
 /// TCP states as the kernel numbers them (include/net/tcp_states.h).
 pub const TCP_ESTABLISHED: u32 = 1;
@@ -148,6 +155,9 @@ pub struct SockState {
     /// Last data event number given out for this socket.
     pub seq: u32,
     pub _pad: u32,
+    /// pid_tgid of the thread whose name and cgroup this socket's last delivered event carried
+    /// (0: none yet).
+    pub task: u64,
 }
 
 /// A TCP socket changed state (tracepoint `sock:inet_sock_set_state`).
@@ -256,6 +266,7 @@ const _: () = assert!(DATA_EVENT_FIXED == 48 + 16 + 40 + 24 + TAIL_LEN);
 const _: () = assert!(core::mem::size_of::<DataEvent>() == DATA_EVENT_FIXED + PAYLOAD_CAP);
 const _: () = assert!(core::mem::size_of::<ConnEvent>() == 48 + 8 + 40 + 16);
 const _: () = assert!(PAYLOAD_CAP.is_power_of_two());
+const _: () = assert!(TASK_RESEND.is_power_of_two());
 
 #[cfg(feature = "user")]
 mod pod {

@@ -987,6 +987,7 @@ mod tests {
             self.seq += 1;
             let d = Data {
                 task: task(),
+                task_known: false,
                 sk: SK,
                 tuple: tuple(),
                 ts_enter_ns: self.ts - 500,

@@ -5,7 +5,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use thiserror::Error;
 use tracer_common::{
     AF_INET6, ConnEvent, DATA_EVENT_FIXED, DIR_EGRESS, DataMeta, EventHeader, EventKind,
-    PAYLOAD_CAP, SockTuple, TAIL_LEN,
+    FLAG_TASK_KNOWN, PAYLOAD_CAP, SockTuple, TAIL_LEN,
 };
 
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -110,7 +110,11 @@ pub enum Direction {
 /// Bytes a process moved on a TCP socket.
 #[derive(Debug)]
 pub struct Data<'a> {
+    /// `comm` and `cgroup_id` are empty when `task_known`, until `threads::Threads` fills them.
     pub task: Task,
+    /// The kernel left the thread's name and cgroup out: an earlier event of this socket had
+    /// them.
+    pub task_known: bool,
     pub sk: u64,
     pub tuple: Tuple,
     pub ts_enter_ns: u64,
@@ -185,6 +189,7 @@ pub fn decode(buf: &[u8]) -> Result<Event<'_>, DecodeError> {
             let tail_len = (ev.tail_len as usize).min(TAIL_LEN);
             Ok(Event::Data(Data {
                 task: Task::from_header(&hdr),
+                task_known: hdr.flags & FLAG_TASK_KNOWN != 0,
                 sk: ev.sk,
                 tuple: Tuple::from_sock(&ev.tuple),
                 ts_enter_ns: ev.ts_enter_ns,

@@ -1,6 +1,6 @@
 //! The daemon's stages, as a library so that benchmarks can drive them (`benches/`); the
 //! binary is `src/main.rs`. The data path, in order: `capture` (load and attach the eBPF
-//! programs) -> `event` (decode ring-buffer records) -> `conn` and `http1` (follow each
+//! programs) -> `event` (decode ring-buffer records) -> `threads` (name their threads) -> `conn` and `http1` (follow each
 //! connection, pair requests with responses) -> `edges`, `window` and `route` (golden metrics)
 //! and `spans` (joined into traces) -> `metrics`, `api`, `dashboard`, `tap` and `otlp` (out).
 
@@ -18,6 +18,7 @@ pub mod pipeline;
 pub mod route;
 pub mod spans;
 pub mod tap;
+pub mod threads;
 pub mod top;
 pub mod window;
 pub mod workload;

@@ -29,6 +29,7 @@ pub struct Metrics {
     pub conns_tracked: IntGauge,
     pub conn_evictions: IntCounter,
     pub connections_desynced: IntCounter,
+    pub thread_names: IntCounterVec,
     pub series_overflow: IntCounterVec,
     pub series_expired: IntCounterVec,
     pub tap_dropped: IntCounter,
@@ -117,6 +118,17 @@ impl Metrics {
             "Times a connection's events were lost (ring buffer full) and its pairing restarted.",
         )
         .expect("valid metric");
+        let thread_names = IntCounterVec::new(
+            Opts::new(
+                "tracer_thread_names_total",
+                "The kernel names a socket's thread (and its cgroup) once, not per event; the \
+                 daemon remembers them. forgotten: threads dropped to keep that table bounded; \
+                 unknown: events whose thread the daemon did not know, shown unnamed (until \
+                 that socket's next named event, at most 256 events on).",
+            ),
+            &["event"],
+        )
+        .expect("valid metric");
         let spans = IntCounterVec::new(
             Opts::new(
                 "tracer_spans_total",
@@ -187,6 +199,7 @@ impl Metrics {
             Box::new(conns_tracked.clone()),
             Box::new(conn_evictions.clone()),
             Box::new(connections_desynced.clone()),
+            Box::new(thread_names.clone()),
             Box::new(series_overflow.clone()),
             Box::new(spans.clone()),
             Box::new(requests_lost.clone()),
@@ -206,6 +219,9 @@ impl Metrics {
         }
         for reason in ["unknown_protocol", "invalid_head", "truncated_head"] {
             parse_failures.with_label_values(&[reason]);
+        }
+        for event in ["forgotten", "unknown"] {
+            thread_names.with_label_values(&[event]);
         }
         for outcome in ["exported", "dropped_queue_full", "dropped_export_failed"] {
             spans.with_label_values(&[outcome]);
@@ -227,6 +243,7 @@ impl Metrics {
             conns_tracked,
             conn_evictions,
             connections_desynced,
+            thread_names,
             series_overflow,
             series_expired,
             tap_dropped,

@@ -30,6 +30,7 @@ use crate::{
     otlp::{self, ServiceNames},
     spans::{self, LinkStats, Linker, Sampler, Span},
     tap,
+    threads::{self, Threads},
 };
 
 /// How often finished spans are looked at for export: often, so that few are held at a time
@@ -305,6 +306,7 @@ struct Reader {
     shared: Arc<Shared>,
     listen: SocketAddr,
     conns: ConnTable,
+    threads: Threads,
     linker: Linker,
     exchanges: Vec<Exchange>,
     ready: Vec<Span>,
@@ -331,6 +333,7 @@ impl Reader {
         Self {
             listen,
             conns: ConnTable::new(MAX_CONNS),
+            threads: Threads::new(threads::MAX_THREADS, &shared.metrics),
             linker: Linker::with_spans(shared.sampler, shared.spans),
             exchanges: Vec::with_capacity(256),
             ready: Vec::new(),
@@ -362,8 +365,9 @@ impl Reader {
     fn handle(&mut self, item: &[u8]) {
         let metrics = &self.shared.metrics;
         match event::decode(item) {
-            Ok(Event::Data(d)) => {
+            Ok(Event::Data(mut d)) => {
                 self.data_events.inc();
+                self.threads.fill(&mut d);
                 self.conns
                     .on_data(&d, metrics, &mut self.linker, &mut self.exchanges);
             }

@@ -7,8 +7,8 @@ use aya_ebpf::helpers::{
     generated::{bpf_get_current_cgroup_id, bpf_ktime_get_ns, bpf_probe_read_user},
 };
 use tracer_common::{
-    DATA_EVENT_FIXED, DIR_EGRESS, DIR_INGRESS, DataEvent, EventKind, FLAG_IOVEC,
-    FLAG_TUPLE_FROM_SOCK, KernelStat, PAYLOAD_CAP, REQUEST_STARTS, TAIL_LEN,
+    DATA_EVENT_FIXED, DIR_EGRESS, DIR_INGRESS, DataEvent, EventKind, FLAG_IOVEC, FLAG_TASK_KNOWN,
+    FLAG_TUPLE_FROM_SOCK, KernelStat, PAYLOAD_CAP, REQUEST_STARTS, TAIL_LEN, TASK_RESEND,
 };
 
 use crate::maps::{
@@ -17,9 +17,9 @@ use crate::maps::{
 
 use super::sock::next_event;
 
-/// Offset of `msg_iov` and `msg_iovlen` in `struct user_msghdr` (x86_64 and arm64 alike).
+/// Offset of `msg_iov` in `struct user_msghdr`, `msg_iovlen` right after it (x86_64 and arm64
+/// alike).
 const MSGHDR_IOV: u64 = 16;
-const MSGHDR_IOVLEN: u64 = 24;
 
 /// x86_64 numbers of the traced syscalls (arch/x86/entry/syscalls/syscall_64.tbl).
 const NR_READ: u64 = 0;
@@ -67,13 +67,9 @@ fn first_buffer(args: &SyscallArgs) -> Option<(u64, u64)> {
             read_iovec(args.buf)
         }
         KIND_MSG => {
-            // SAFETY: reads of user memory through the checked helper.
-            let iov = unsafe {
-                aya_ebpf::helpers::bpf_probe_read_user((args.buf + MSGHDR_IOV) as *const u64)
-            }
-            .ok()?;
-            let iovlen = unsafe {
-                aya_ebpf::helpers::bpf_probe_read_user((args.buf + MSGHDR_IOVLEN) as *const u64)
+            // SAFETY: `msg_iov` and `msg_iovlen` (adjacent) read through the checked helper.
+            let [iov, iovlen] = unsafe {
+                aya_ebpf::helpers::bpf_probe_read_user((args.buf + MSGHDR_IOV) as *const [u64; 2])
             }
             .ok()?;
             if iovlen == 0 {
@@ -87,9 +83,10 @@ fn first_buffer(args: &SyscallArgs) -> Option<(u64, u64)> {
 
 #[inline(always)]
 fn read_iovec(iov: u64) -> Option<(u64, u64)> {
-    // SAFETY: `struct iovec { void *base; size_t len; }` read through the checked helper.
-    let base = unsafe { aya_ebpf::helpers::bpf_probe_read_user(iov as *const u64) }.ok()?;
-    let len = unsafe { aya_ebpf::helpers::bpf_probe_read_user((iov + 8) as *const u64) }.ok()?;
+    // SAFETY: `struct iovec { void *base; size_t len; }` read through the checked helper, in
+    // one call.
+    let [base, len] =
+        unsafe { aya_ebpf::helpers::bpf_probe_read_user(iov as *const [u64; 2]) }.ok()?;
     Some((base, len))
 }
 
@@ -100,7 +97,7 @@ pub fn emit_data(args: &SyscallArgs, ret: u64, id: u64) {
     };
     // SAFETY: the per-CPU scratch slot is ours until this program returns.
     let ev: &mut DataEvent = unsafe { &mut *ev };
-    let (tuple, seq, from_sock) = next_event(args.sk);
+    let next = next_event(args.sk);
     let (meta, payload) = (&mut ev.meta, &mut ev.payload);
 
     meta.hdr.kind = EventKind::Data as u32;
@@ -108,8 +105,20 @@ pub fn emit_data(args: &SyscallArgs, ret: u64, id: u64) {
     // SAFETY: helpers without preconditions.
     meta.hdr.ts_ns = unsafe { bpf_ktime_get_ns() };
     meta.hdr.pid_tgid = id;
-    meta.hdr.cgroup_id = unsafe { bpf_get_current_cgroup_id() };
-    meta.hdr.comm = bpf_get_current_comm().unwrap_or([0; 16]);
+    // Name and cgroup are two helper calls and 24 bytes per event: sent when the socket's last
+    // delivered event came from another thread, and every TASK_RESEND events.
+    // SAFETY: the map value stays valid while this program runs.
+    let task_known =
+        next.state.is_some_and(|s| unsafe { (*s).task } == id) && next.seq & (TASK_RESEND - 1) != 0;
+    if task_known {
+        meta.hdr.flags = FLAG_TASK_KNOWN;
+        meta.hdr.cgroup_id = 0;
+        meta.hdr.comm = [0; 16];
+    } else {
+        // SAFETY: helper without preconditions.
+        meta.hdr.cgroup_id = unsafe { bpf_get_current_cgroup_id() };
+        meta.hdr.comm = bpf_get_current_comm().unwrap_or([0; 16]);
+    }
     meta.sk = args.sk;
     meta.ts_enter_ns = if args.ts_enter == 0 {
         meta.hdr.ts_ns
@@ -123,9 +132,9 @@ pub fn emit_data(args: &SyscallArgs, ret: u64, id: u64) {
         ret as u32
     };
 
-    meta.tuple = tuple;
-    meta.seq = seq;
-    if from_sock {
+    meta.tuple = next.tuple;
+    meta.seq = next.seq;
+    if next.from_sock {
         meta.hdr.flags |= FLAG_TUPLE_FROM_SOCK;
     }
     if args.kind == KIND_IOV || args.kind == KIND_MSG {
@@ -196,8 +205,13 @@ pub fn emit_data(args: &SyscallArgs, ret: u64, id: u64) {
     let bytes = unsafe {
         core::slice::from_raw_parts((ev as *const DataEvent).cast::<u8>(), size as usize)
     };
-    if EVENTS.output::<[u8]>(bytes, wakeup_flags()).is_ok() {
+    if EVENTS.output::<[u8]>(bytes, wakeup_flags(size)).is_ok() {
         count(KernelStat::DataEvents);
+        // Only a delivered event teaches the reader the thread's name.
+        if let Some(state) = next.state.filter(|_| !task_known) {
+            // SAFETY: as above.
+            unsafe { (*state).task = id };
+        }
     } else {
         count(KernelStat::RingbufFullData);
         // Say how many requests went with it: a lost event that starts a request line.

@@ -130,10 +130,20 @@ fn on_length(ctx: &TracePointContext, direction: u32) {
     }
 }
 
-/// The 4-tuple of `sk`, its next event number, and whether the tuple had to be read from the
-/// socket itself.
+/// What the data path learns of a socket for its next event.
+pub struct NextEvent {
+    pub tuple: SockTuple,
+    pub seq: u32,
+    /// The tuple had to be read from the socket itself.
+    pub from_sock: bool,
+    /// The socket's state in `SOCKS`, if it is there: its `task` says whose name and cgroup the
+    /// last delivered event carried.
+    pub state: Option<*mut SockState>,
+}
+
+/// The 4-tuple of `sk` and its next event number.
 #[inline(always)]
-pub fn next_event(sk: u64) -> (SockTuple, u32, bool) {
+pub fn next_event(sk: u64) -> NextEvent {
     if let Some(state) = SOCKS.get_ptr_mut(&sk) {
         // SAFETY: a live map value. Two threads writing one socket from two CPUs at once can
         // race here (and their events can reach the ring in either order); userspace then sees
@@ -142,7 +152,12 @@ pub fn next_event(sk: u64) -> (SockTuple, u32, bool) {
         unsafe {
             let seq = (*state).seq.wrapping_add(1);
             (*state).seq = seq;
-            return ((*state).tuple, seq, false);
+            return NextEvent {
+                tuple: (*state).tuple,
+                seq,
+                from_sock: false,
+                state: Some(state),
+            };
         }
     }
     let mut t = SockTuple::default();
@@ -178,9 +193,15 @@ pub fn next_event(sk: u64) -> (SockTuple, u32, bool) {
         tuple: t,
         seq: 1,
         _pad: 0,
+        task: 0,
     };
     let _ = SOCKS.insert(&sk, &state, 0);
-    (t, 1, true)
+    NextEvent {
+        tuple: t,
+        seq: 1,
+        from_sock: true,
+        state: None,
+    }
 }
 
 /// The changes the daemon acts on: a connect (who connects), a client connection up, this end
@@ -238,6 +259,7 @@ unsafe fn on_state(ctx: &TracePointContext) {
                         tuple,
                         seq: 0,
                         _pad: 0,
+                        task: 0,
                     };
                     let _ = SOCKS.insert(&sk, &state, 0);
                 }
@@ -272,7 +294,7 @@ unsafe fn on_state(ctx: &TracePointContext) {
             seq,
             _pad: 0,
         });
-        entry.submit(wakeup_flags());
+        entry.submit(wakeup_flags(core::mem::size_of::<ConnEvent>() as u64));
         count(KernelStat::ConnEvents);
     }
 }

@@ -45,9 +45,9 @@ fn switches(task: u64) -> Option<u64> {
         if off == 0 {
             return None;
         }
-        let [voluntary, involuntary] =
-            bpf_probe_read_kernel((task + off) as *const [u64; 2]).ok()?;
-        Some(voluntary.wrapping_add(involuntary))
+        // A BTF-typed task pointer: plain guarded loads, checked against `struct task_struct`.
+        let p = (task + off) as *const u64;
+        Some(read_volatile(p).wrapping_add(read_volatile(p.add(1))))
     }
 }
 
@@ -58,8 +58,7 @@ fn switches(task: u64) -> Option<u64> {
 #[raw_tracepoint(tracepoint = "tcp_sendmsg_locked")]
 pub fn tcp_send_start(_ctx: RawTracePointContext) -> i32 {
     let id = bpf_get_current_pid_tgid();
-    // SAFETY: helper without preconditions.
-    let Some(switches) = switches(unsafe { bpf_get_current_task_btf() } as u64) else {
+    let Some(switches) = switches(current_task()) else {
         return 0;
     };
     if let Some(slot) = SEND_START.get_ptr_mut(0) {
@@ -109,7 +108,7 @@ fn from_raw(ctx: &RawTracePointContext) -> Record {
 /// Taken whatever this send turns out to be, so that it never outlives its call; used only if
 /// the thread ran without a switch since it was stamped (so on this CPU, in this call).
 #[inline(always)]
-fn take_send_start(id: u64) -> Option<u64> {
+fn take_send_start(id: u64, task: u64) -> Option<u64> {
     let slot = SEND_START.get_ptr_mut(0)?;
     // SAFETY: per-CPU slot, as above.
     unsafe {
@@ -117,16 +116,23 @@ fn take_send_start(id: u64) -> Option<u64> {
             return None;
         }
         (*slot).pid_tgid = 0;
-        let now = switches(bpf_get_current_task_btf() as u64)?;
+        let now = switches(task)?;
         ((*slot).switches == now).then_some((*slot).ts_ns)
     }
 }
 
+/// The current task, as the BTF-typed pointer the programs read it through.
+#[inline(always)]
+fn current_task() -> u64 {
+    // SAFETY: helper without preconditions.
+    unsafe { bpf_get_current_task_btf() as u64 }
+}
+
 #[tracepoint(category = "sock", name = "sock_send_length")]
 pub fn sock_send_data(ctx: TracePointContext) -> u32 {
-    let id = bpf_get_current_pid_tgid();
-    let started = take_send_start(id);
-    on_data(tp_ret(&ctx), id, DIR_EGRESS, started, || {
+    let (id, task) = (bpf_get_current_pid_tgid(), current_task());
+    let started = take_send_start(id, task);
+    on_data(tp_ret(&ctx), id, task, DIR_EGRESS, started, || {
         from_tracepoint(&ctx)
     });
     0
@@ -135,7 +141,7 @@ pub fn sock_send_data(ctx: TracePointContext) -> u32 {
 #[tracepoint(category = "sock", name = "sock_recv_length")]
 pub fn sock_recv_data(ctx: TracePointContext) -> u32 {
     let id = bpf_get_current_pid_tgid();
-    on_data(tp_ret(&ctx), id, DIR_INGRESS, None, || {
+    on_data(tp_ret(&ctx), id, current_task(), DIR_INGRESS, None, || {
         from_tracepoint(&ctx)
     });
     0
@@ -143,20 +149,30 @@ pub fn sock_recv_data(ctx: TracePointContext) -> u32 {
 
 #[raw_tracepoint(tracepoint = "sock_send_length")]
 pub fn raw_sock_send(ctx: RawTracePointContext) -> i32 {
-    let id = bpf_get_current_pid_tgid();
-    let started = take_send_start(id);
-    on_data(ctx.arg::<u64>(1) as i32, id, DIR_EGRESS, started, || {
-        from_raw(&ctx)
-    });
+    let (id, task) = (bpf_get_current_pid_tgid(), current_task());
+    let started = take_send_start(id, task);
+    on_data(
+        ctx.arg::<u64>(1) as i32,
+        id,
+        task,
+        DIR_EGRESS,
+        started,
+        || from_raw(&ctx),
+    );
     0
 }
 
 #[raw_tracepoint(tracepoint = "sock_recv_length")]
 pub fn raw_sock_recv(ctx: RawTracePointContext) -> i32 {
     let id = bpf_get_current_pid_tgid();
-    on_data(ctx.arg::<u64>(1) as i32, id, DIR_INGRESS, None, || {
-        from_raw(&ctx)
-    });
+    on_data(
+        ctx.arg::<u64>(1) as i32,
+        id,
+        current_task(),
+        DIR_INGRESS,
+        None,
+        || from_raw(&ctx),
+    );
     0
 }
 
@@ -164,6 +180,7 @@ pub fn raw_sock_recv(ctx: RawTracePointContext) -> i32 {
 fn on_data(
     ret: i32,
     id: u64,
+    task: u64,
     direction: u32,
     started: Option<u64>,
     record: impl FnOnce() -> Record,
@@ -178,25 +195,24 @@ fn on_data(
         return;
     }
     let sk = r.sk;
-    // SAFETY: helper without preconditions.
-    let task = unsafe { bpf_get_current_task_btf() };
     // io_uring workers carry their creator's registers, kernel threads none: their bytes are
     // not a syscall's buffer. Offset 0: BTF did not say; `cs` below still catches kernel threads.
     // SAFETY: a read-only global patched by the loader; the task is read through the checked
     // helper.
     let flags_off = unsafe { read_volatile(&TASK_FLAGS_OFFSET) } as u64;
     if flags_off != 0
-        && unsafe { bpf_probe_read_kernel((task as u64 + flags_off) as *const u32) }.unwrap_or(0)
-            & (PF_IO_WORKER | PF_KTHREAD)
+        && unsafe { read_volatile((task + flags_off) as *const u32) } & (PF_IO_WORKER | PF_KTHREAD)
             != 0
     {
         count(KernelStat::OtherSyscall);
         return;
     }
-    // SAFETY: the current task; the registers are read through the checked helper.
+    // SAFETY: `bpf_task_pt_regs` gives a BTF-typed pointer to the current task's registers:
+    // the verifier checks each load against `struct pt_regs` and guards it (a plain load, not a
+    // helper call per register).
     let (cs, nr, buf, len) = unsafe {
-        let regs = bpf_task_pt_regs(task) as u64;
-        let reg = |off: u64| bpf_probe_read_kernel((regs + off) as *const u64).unwrap_or(0);
+        let regs = bpf_task_pt_regs(task as *mut _) as u64;
+        let reg = |off: u64| read_volatile((regs + off) as *const u64);
         (reg(REGS_CS), reg(REGS_ORIG_AX), reg(REGS_SI), reg(REGS_DX))
     };
     // Kernel threads (no user registers), io_uring, splice, sendmmsg: bytes this path cannot
