@@ -400,3 +400,32 @@ fn opaque_connections_are_skipped_in_the_kernel() {
     let edge = daemon.wait_edge("curl", server.port, 20);
     assert_eq!(edge["requests"], 20, "edge: {edge}");
 }
+
+/// A connection found opaque after it closed (short ones close before the daemon's next poll)
+/// must leave no mark: the kernel hands its socket to the next connection, which would then be
+/// skipped, its requests lost without a trace.
+#[test]
+fn short_opaque_connections_leave_no_mark_on_the_next_socket() {
+    let _serial = serial();
+    let daemon = Daemon::start();
+    let server = Server::fixture();
+    let m = 300;
+    let out = std::process::Command::new("python3")
+        .arg(workspace_root().join("tests/fixtures/opaque.py"))
+        .args(["short", &m.to_string(), &server.port.to_string()])
+        .output()
+        .expect("opaque.py");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        format!("done {m}"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let edge = daemon.wait_edge("opaque", server.port, m);
+    assert_eq!(
+        edge["requests"],
+        m,
+        "edge: {edge}; {}",
+        daemon.diagnostics()
+    );
+}

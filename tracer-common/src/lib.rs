@@ -154,7 +154,10 @@ pub struct SockState {
     pub tuple: SockTuple,
     /// Last data event number given out for this socket.
     pub seq: u32,
-    pub _pad: u32,
+    /// Nonzero: the daemon found this connection to carry no HTTP; its calls end in the kernel,
+    /// before any copy. Set by the daemon only while the entry is this connection's (same
+    /// tuple), and gone with the entry at close, so a socket reusing the address starts clean.
+    pub opaque: u32,
     /// pid_tgid of the thread whose name and cgroup this socket's last delivered event carried
     /// (0: none yet).
     pub task: u64,
@@ -256,8 +259,6 @@ pub mod limits {
     pub const ACTIVE_SYSCALLS: u32 = 32 * 1024;
     /// Sockets whose 4-tuple is known.
     pub const SOCKETS: u32 = 64 * 1024;
-    /// Sockets known not to carry HTTP (TLS, databases, tunnels), whose data is not sent up.
-    pub const OPAQUE_SOCKETS: u32 = 16 * 1024;
 }
 
 const _: () = assert!(core::mem::size_of::<EventHeader>() == 48);
@@ -267,9 +268,12 @@ const _: () = assert!(core::mem::size_of::<DataEvent>() == DATA_EVENT_FIXED + PA
 const _: () = assert!(core::mem::size_of::<ConnEvent>() == 48 + 8 + 40 + 16);
 const _: () = assert!(PAYLOAD_CAP.is_power_of_two());
 const _: () = assert!(TASK_RESEND.is_power_of_two());
+const _: () = assert!(core::mem::size_of::<SockState>() == 40 + 8 + 8);
 
 #[cfg(feature = "user")]
 mod pod {
     // SAFETY: plain-old-data, repr(C), no padding (asserted above), every bit pattern valid.
     unsafe impl aya::Pod for super::SockTuple {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::SockState {}
 }

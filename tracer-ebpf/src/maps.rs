@@ -40,12 +40,6 @@ pub static ACTIVE: HashMap<u64, SyscallArgs> =
 #[map]
 pub static SOCKS: LruHashMap<u64, SockState> = LruHashMap::with_max_entries(limits::SOCKETS, 0);
 
-/// Sockets the daemon found not to carry HTTP: their syscalls end at `sock_*_length`, before
-/// any copy. Written by the daemon, cleared here at close; LRU, so that a full table only
-/// means tracing some opaque sockets again.
-#[map]
-pub static OPAQUE: LruHashMap<u64, u8> = LruHashMap::with_max_entries(limits::OPAQUE_SOCKETS, 0);
-
 /// Per-CPU scratch space for building a data event: too big for the 512-byte stack.
 #[map]
 pub static SCRATCH: PerCpuArray<DataEvent> = PerCpuArray::with_max_entries(1, 0);

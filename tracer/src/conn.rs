@@ -207,7 +207,7 @@ pub struct ConnTable {
     closed_order: VecDeque<Tuple>,
     cap: usize,
     /// Sockets that became opaque, for [`ConnTable::take_opaque`].
-    opaque: Vec<u64>,
+    opaque: Vec<(u64, Tuple)>,
 }
 
 /// Opaque sockets remembered between two hand-overs to the kernel.
@@ -298,13 +298,13 @@ impl ConnTable {
         let was_opaque = conn.role == Role::Opaque;
         process(conn, &mut ctx);
         if !was_opaque && conn.role == Role::Opaque && self.opaque.len() < MAX_OPAQUE_PENDING {
-            self.opaque.push(d.sk);
+            self.opaque.push((d.sk, d.tuple));
         }
     }
 
     /// Sockets found not to carry HTTP since the last call: the kernel can stop sending their
     /// data.
-    pub fn take_opaque(&mut self) -> std::vec::Drain<'_, u64> {
+    pub fn take_opaque(&mut self) -> std::vec::Drain<'_, (u64, Tuple)> {
         self.opaque.drain(..)
     }
 

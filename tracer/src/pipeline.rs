@@ -352,8 +352,8 @@ impl Reader {
             self.handle(&item);
         }
         if let Some(opaque) = &mut self.opaque {
-            for sk in self.conns.take_opaque() {
-                opaque.mark(sk);
+            for (sk, tuple) in self.conns.take_opaque() {
+                opaque.mark(sk, &tuple);
             }
         }
         if self.last_drain.elapsed() >= SPAN_DRAIN {

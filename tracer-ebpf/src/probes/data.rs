@@ -15,7 +15,7 @@ use crate::maps::{
     EVENTS, KIND_BUF, KIND_IOV, KIND_MSG, KIND_NONE, SCRATCH, SyscallArgs, count, wakeup_flags,
 };
 
-use super::sock::next_event;
+use super::sock::{Lookup, next_event};
 
 /// Offset of `msg_iov` in `struct user_msghdr`, `msg_iovlen` right after it (x86_64 and arm64
 /// alike).
@@ -91,13 +91,13 @@ fn read_iovec(iov: u64) -> Option<(u64, u64)> {
 }
 
 #[inline(always)]
-pub fn emit_data(args: &SyscallArgs, ret: u64, id: u64) {
+pub fn emit_data(args: &SyscallArgs, ret: u64, id: u64, lookup: Lookup) {
     let Some(ev) = SCRATCH.get_ptr_mut(0) else {
         return;
     };
     // SAFETY: the per-CPU scratch slot is ours until this program returns.
     let ev: &mut DataEvent = unsafe { &mut *ev };
-    let next = next_event(args.sk);
+    let next = next_event(args.sk, lookup);
     let (meta, payload) = (&mut ev.meta, &mut ev.payload);
 
     meta.hdr.kind = EventKind::Data as u32;

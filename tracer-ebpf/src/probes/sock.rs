@@ -14,7 +14,7 @@ use tracer_common::{
     SockState, SockTuple, TCP_CLOSE, TCP_ESTABLISHED, TCP_FIN_WAIT1, TCP_LAST_ACK, TCP_SYN_SENT,
 };
 
-use crate::maps::{ACTIVE, EVENTS, OPAQUE, SOCKS, count, wakeup_flags};
+use crate::maps::{ACTIVE, EVENTS, SOCKS, count, wakeup_flags};
 
 pub const IPPROTO_TCP: u16 = 6;
 pub const MSG_PEEK: i32 = 2;
@@ -77,23 +77,35 @@ pub fn from_tracepoint(ctx: &TracePointContext) -> Record {
     }
 }
 
-/// Whether the data path follows this call: TCP over IPv4/IPv6, not a peek, not a socket the
-/// daemon found to carry no HTTP. Peeks and opaque sockets are counted.
+/// A socket's entry in `SOCKS`, as far as it was looked up.
+#[derive(Clone, Copy)]
+pub enum Lookup {
+    Found(*mut SockState),
+    Missing,
+    NotYet,
+}
+
+/// Whether the data path follows this call, and the socket's state: TCP over IPv4/IPv6, not a
+/// peek, not a socket the daemon found to carry no HTTP. Peeks and opaque sockets are counted.
+/// One hash lookup serves both the opaque test and the event.
 #[inline(always)]
-pub fn traced_socket(r: &Record, direction: u32) -> bool {
+pub fn traced_socket(r: &Record, direction: u32) -> Option<Lookup> {
     if r.protocol != IPPROTO_TCP || (r.family != AF_INET && r.family != AF_INET6) {
-        return false;
+        return None;
     }
     if direction == DIR_INGRESS && r.flags & MSG_PEEK != 0 {
         count(KernelStat::Peeks);
-        return false;
+        return None;
     }
-    // SAFETY: the value is not kept.
-    if unsafe { OPAQUE.get(&r.sk) }.is_some() {
-        count(KernelStat::SkippedOpaque);
-        return false;
+    match SOCKS.get_ptr_mut(&r.sk) {
+        // SAFETY: a live map value, read while this program runs.
+        Some(state) if unsafe { (*state).opaque } != 0 => {
+            count(KernelStat::SkippedOpaque);
+            None
+        }
+        Some(state) => Some(Lookup::Found(state)),
+        None => Some(Lookup::Missing),
     }
-    true
 }
 
 #[tracepoint]
@@ -121,7 +133,7 @@ fn on_length(ctx: &TracePointContext, direction: u32) {
             return;
         }
         let r = from_tracepoint(ctx);
-        if !traced_socket(&r, direction) {
+        if traced_socket(&r, direction).is_none() {
             let _ = ACTIVE.remove(&id);
             return;
         }
@@ -143,8 +155,13 @@ pub struct NextEvent {
 
 /// The 4-tuple of `sk` and its next event number.
 #[inline(always)]
-pub fn next_event(sk: u64) -> NextEvent {
-    if let Some(state) = SOCKS.get_ptr_mut(&sk) {
+pub fn next_event(sk: u64, lookup: Lookup) -> NextEvent {
+    let state = match lookup {
+        Lookup::Found(state) => Some(state),
+        Lookup::Missing => None,
+        Lookup::NotYet => SOCKS.get_ptr_mut(&sk),
+    };
+    if let Some(state) = state {
         // SAFETY: a live map value. Two threads writing one socket from two CPUs at once can
         // race here (and their events can reach the ring in either order); userspace then sees
         // a gap and restarts the connection's pairing, counted. Atomic fetch-add would need
@@ -192,7 +209,7 @@ pub fn next_event(sk: u64) -> NextEvent {
     let state = SockState {
         tuple: t,
         seq: 1,
-        _pad: 0,
+        opaque: 0,
         task: 0,
     };
     let _ = SOCKS.insert(&sk, &state, 0);
@@ -258,7 +275,7 @@ unsafe fn on_state(ctx: &TracePointContext) {
                     let state = SockState {
                         tuple,
                         seq: 0,
-                        _pad: 0,
+                        opaque: 0,
                         task: 0,
                     };
                     let _ = SOCKS.insert(&sk, &state, 0);
@@ -266,7 +283,6 @@ unsafe fn on_state(ctx: &TracePointContext) {
             },
             TCP_CLOSE => {
                 let _ = SOCKS.remove(&sk);
-                let _ = OPAQUE.remove(&sk);
             }
             _ => {}
         }

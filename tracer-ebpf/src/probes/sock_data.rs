@@ -191,9 +191,9 @@ fn on_data(
         return;
     }
     let r = record();
-    if !traced_socket(&r, direction) {
+    let Some(lookup) = traced_socket(&r, direction) else {
         return;
-    }
+    };
     let sk = r.sk;
     // io_uring workers carry their creator's registers, kernel threads none: their bytes are
     // not a syscall's buffer. Offset 0: BTF did not say; `cs` below still catches kernel threads.
@@ -234,5 +234,5 @@ fn on_data(
         kind,
         direction,
     };
-    emit_data(&args, ret as u64, id);
+    emit_data(&args, ret as u64, id, lookup);
 }

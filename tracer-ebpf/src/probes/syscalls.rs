@@ -8,7 +8,10 @@ use aya_ebpf::{
 };
 use tracer_common::{DIR_EGRESS, DIR_INGRESS, KernelStat};
 
-use super::data::{REGS_DX, REGS_ORIG_AX, REGS_SI, emit_data, traced};
+use super::{
+    data::{REGS_DX, REGS_ORIG_AX, REGS_SI, emit_data, traced},
+    sock::Lookup,
+};
 use crate::maps::{
     ACTIVE, KIND_BUF, KIND_IOV, KIND_MSG, KIND_NONE, SyscallArgs, count, tracer_tgid,
 };
@@ -141,5 +144,5 @@ fn exit(ret: i64) {
     if ret < 0 || (ret == 0 && args.direction != DIR_INGRESS) {
         return;
     }
-    emit_data(&args, ret as u64, id);
+    emit_data(&args, ret as u64, id, Lookup::NotYet);
 }
