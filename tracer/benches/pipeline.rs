@@ -13,7 +13,7 @@ use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_mai
 use tracer::pipeline::Replay;
 use tracer_common::{
     AF_INET, DATA_EVENT_FIXED, DIR_EGRESS, DIR_INGRESS, DataMeta, EventHeader, EventKind,
-    PAYLOAD_CAP, SockTuple, TAIL_LEN,
+    FLAG_TASK_KNOWN, PAYLOAD_CAP, SockTuple, TAIL_LEN, TASK_RESEND,
 };
 
 const CONNECTIONS: u32 = 64;
@@ -57,14 +57,17 @@ impl Socket {
         let tail_len = bytes.len().min(TAIL_LEN);
         let mut tail = [0u8; TAIL_LEN];
         tail[..tail_len].copy_from_slice(&bytes[bytes.len() - tail_len..]);
+        // As the kernel side sends them: the thread's name and cgroup with a socket's first
+        // event and every TASK_RESEND-th, left out of the rest.
+        let named = self.seq == 1 || self.seq % TASK_RESEND == 0;
         let meta = DataMeta {
             hdr: EventHeader {
                 kind: EventKind::Data as u32,
-                flags: 0,
+                flags: if named { 0 } else { FLAG_TASK_KNOWN },
                 ts_ns: *ts,
                 pid_tgid: (u64::from(self.tgid) << 32) | u64::from(self.tgid),
-                cgroup_id: 1,
-                comm: self.comm,
+                cgroup_id: if named { 1 } else { 0 },
+                comm: if named { self.comm } else { [0; 16] },
             },
             sk: self.sk,
             ts_enter_ns: *ts - 1_000,

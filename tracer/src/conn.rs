@@ -284,7 +284,8 @@ impl ConnTable {
         if conn.next_seq != 0 && d.seq != conn.next_seq {
             lost_events(conn, metrics, linker);
         }
-        if self.by_tuple.contains_key(&d.tuple.reversed()) {
+        // Looked for until found: a lookup per event otherwise.
+        if !conn.peer_local && self.by_tuple.contains_key(&d.tuple.reversed()) {
             conn.peer_local = true;
         }
         conn.next_seq = d.seq.wrapping_add(1).max(1);

@@ -180,7 +180,19 @@ pub struct Aggregator {
     started_unix: f64,
     /// Workload name of a process (by tgid and thread name), resolved once.
     workload_ids: HashMap<(u32, [u8; 16]), NameId>,
+    /// Route of a path that templates to itself (no ids in it), per destination: looked up
+    /// rather than templated again. Paths with ids are templated each time (they would only
+    /// churn this). Starts over when a destination's routes expire or it is full.
+    route_ids: HashMap<NameId, HashMap<Box<str>, RouteId>>,
+    /// Where paths are templated, kept between requests.
+    route_buf: String,
+    /// Wall-clock slot and seconds since start, read once per batch of records (`tick`) rather
+    /// than twice per record.
+    now: Option<(u64, u64)>,
 }
+
+/// Request paths whose route is remembered, per destination.
+const ROUTE_CACHE: usize = 4096;
 
 /// Processes whose workload id is remembered; the cache starts over when full.
 const WORKLOAD_CACHE: usize = 8192;
@@ -317,7 +329,15 @@ impl Aggregator {
             routes_by_dst: HashMap::default(),
             started_unix: Clock::now(0.0).now_s,
             workload_ids: HashMap::default(),
+            route_ids: HashMap::default(),
+            route_buf: String::new(),
+            now: None,
         }
+    }
+
+    /// Reads the clock for the records that follow, until the next tick.
+    pub fn tick(&mut self) {
+        self.now = Some((self.clock().slot(), self.now_sec()));
     }
 
     /// The interned workload name of a process on this host, without the shared resolver's lock
@@ -345,9 +365,26 @@ impl Aggregator {
     }
 
     fn route_for(&mut self, dst: NameId, path: &str, metrics: &Metrics) -> RouteId {
-        let template = route::template(path);
+        if let Some(&id) = self.route_ids.get(&dst).and_then(|m| m.get(path)) {
+            return id;
+        }
+        let mut template = std::mem::take(&mut self.route_buf);
+        route::template_into(path, &mut template);
+        let id = self.route_of(dst, &template, metrics);
+        if template == path {
+            let cache = self.route_ids.entry(dst).or_default();
+            if cache.len() >= ROUTE_CACHE {
+                cache.clear();
+            }
+            cache.insert(path.into(), id);
+        }
+        self.route_buf = template;
+        id
+    }
+
+    fn route_of(&mut self, dst: NameId, template: &str, metrics: &Metrics) -> RouteId {
         let routes = self.dst_routes.entry(dst).or_default();
-        let id = self.routes.id(&template);
+        let id = self.routes.id(template);
         if routes.contains(&id) {
             return id;
         }
@@ -385,8 +422,9 @@ impl Aggregator {
             (Side::Client, _, Some(dst)) => (own, dst, true),
             (Side::Client, _, None) => (own, self.names.id(&ex.tuple.remote.to_string()), true),
         };
-        let sec = self.now_sec();
-        let slot = self.clock().slot();
+        let (slot, sec) = self
+            .now
+            .unwrap_or_else(|| (self.clock().slot(), self.now_sec()));
         let key = if self.edges.contains_key(&(src, dst)) || self.edges.len() < MAX_EDGES {
             (src, dst)
         } else {
@@ -519,7 +557,7 @@ impl Aggregator {
             metrics.series_expired.with_label_values(&["edge"]).inc();
             false
         });
-        let dst_routes = &mut self.dst_routes;
+        let (dst_routes, route_ids) = (&mut self.dst_routes, &mut self.route_ids);
         self.routes_by_dst.retain(|(dst, route, _), r| {
             if !r.window.idle(&clock) {
                 return true;
@@ -527,6 +565,8 @@ impl Aggregator {
             if let Some(set) = dst_routes.get_mut(dst) {
                 set.remove(route);
             }
+            // Its paths may map to this route, or to the overflow route it made room in.
+            route_ids.remove(dst);
             metrics.series_expired.with_label_values(&["route"]).inc();
             false
         });

@@ -164,12 +164,15 @@ impl Replay {
                 None,
             )
         });
+        shared.aggregator().tick();
         Self {
             reader: Reader::new(shared, SocketAddr::from(([127, 0, 0, 1], 9))),
         }
     }
 
     /// One ring-buffer record.
+    /// One record, as if read from the ring buffer; the clock is read per `flush`, as the reader
+    /// reads it per drain.
     pub fn feed(&mut self, item: &[u8]) {
         self.reader.handle(item);
     }
@@ -177,6 +180,7 @@ impl Replay {
     /// Hands finished spans on, as the reader does every 50 ms.
     pub fn flush(&mut self) {
         self.reader.drain_spans();
+        self.reader.shared.aggregator().tick();
     }
 
     /// Requests counted on every edge so far.
@@ -348,6 +352,7 @@ impl Reader {
 
     /// Takes every record there is.
     fn drain(&mut self, ring: &mut RingBuf<MapData>) {
+        self.shared.aggregator().tick();
         while let Some(item) = ring.next() {
             self.handle(&item);
         }

@@ -41,17 +41,26 @@ fn is_uuid(b: &[u8]) -> bool {
 
 /// The route template of a request path (query already stripped).
 pub fn template(path: &str) -> String {
+    let mut out = String::with_capacity(path.len().min(MAX_ROUTE_LEN));
+    template_into(path, &mut out);
+    out
+}
+
+/// [`template`] into a buffer the caller keeps, so that the hot path allocates nothing.
+pub fn template_into(path: &str, out: &mut String) {
+    out.clear();
     if path == "*" {
-        return "*".to_owned();
+        out.push('*');
+        return;
     }
     if !path.starts_with('/') {
         // Absolute-form targets (proxies): keep only the path part.
         if let Some(rest) = path.split_once("://").map(|(_, r)| r) {
-            return template(rest.find('/').map_or("/", |i| &rest[i..]));
+            return template_into(rest.find('/').map_or("/", |i| &rest[i..]), out);
         }
-        return "[invalid]".to_owned();
+        out.push_str("[invalid]");
+        return;
     }
-    let mut out = String::with_capacity(path.len().min(MAX_ROUTE_LEN));
     for (i, seg) in path.split('/').skip(1).enumerate() {
         if i == MAX_SEGMENTS {
             out.push_str("/…");
@@ -73,7 +82,6 @@ pub fn template(path: &str) -> String {
             break;
         }
     }
-    out
 }
 
 #[cfg(test)]
