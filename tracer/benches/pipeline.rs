@@ -59,7 +59,7 @@ impl Socket {
         tail[..tail_len].copy_from_slice(&bytes[bytes.len() - tail_len..]);
         // As the kernel side sends them: the thread's name and cgroup with a socket's first
         // event and every TASK_RESEND-th, left out of the rest.
-        let named = self.seq == 1 || self.seq % TASK_RESEND == 0;
+        let named = self.seq == 1 || self.seq.is_multiple_of(TASK_RESEND);
         let meta = DataMeta {
             hdr: EventHeader {
                 kind: EventKind::Data as u32,
