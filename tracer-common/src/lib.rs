@@ -155,8 +155,8 @@ pub struct SockState {
     /// Last data event number given out for this socket.
     pub seq: u32,
     /// Nonzero: the daemon found this connection to carry no HTTP; its calls end in the kernel,
-    /// before any copy. Set by the daemon only while the entry is this connection's (same
-    /// tuple), and gone with the entry at close, so a socket reusing the address starts clean.
+    /// before any copy. Set by the kernel side from the daemon's request (which names the
+    /// tuple), and gone with the entry, which a new connection at this address replaces.
     pub opaque: u32,
     /// pid_tgid of the thread whose name and cgroup this socket's last delivered event carried
     /// (0: none yet).
@@ -259,6 +259,9 @@ pub mod limits {
     pub const ACTIVE_SYSCALLS: u32 = 32 * 1024;
     /// Sockets whose 4-tuple is known.
     pub const SOCKETS: u32 = 64 * 1024;
+    /// The daemon's findings that a socket carries no HTTP (TLS, databases, tunnels), not yet
+    /// taken up by the kernel side.
+    pub const OPAQUE_SOCKETS: u32 = 16 * 1024;
 }
 
 const _: () = assert!(core::mem::size_of::<EventHeader>() == 48);
@@ -274,6 +277,4 @@ const _: () = assert!(core::mem::size_of::<SockState>() == 40 + 8 + 8);
 mod pod {
     // SAFETY: plain-old-data, repr(C), no padding (asserted above), every bit pattern valid.
     unsafe impl aya::Pod for super::SockTuple {}
-    // SAFETY: as above.
-    unsafe impl aya::Pod for super::SockState {}
 }

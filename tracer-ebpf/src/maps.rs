@@ -3,7 +3,7 @@ use aya_ebpf::{
     macros::map,
     maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
-use tracer_common::{DataEvent, KERNEL_STAT_COUNT, KernelStat, SockState, limits};
+use tracer_common::{DataEvent, KERNEL_STAT_COUNT, KernelStat, SockState, SockTuple, limits};
 
 /// What `sys_enter_*` learnt, completed by `sock_*_length` and consumed by `sys_exit_*`.
 #[repr(C)]
@@ -39,6 +39,13 @@ pub static ACTIVE: HashMap<u64, SyscallArgs> =
 /// Socket address -> 4-tuple (filled by `inet_sock_set_state`) and event counter.
 #[map]
 pub static SOCKS: LruHashMap<u64, SockState> = LruHashMap::with_max_entries(limits::SOCKETS, 0);
+
+/// The daemon's findings that a connection carries no HTTP, keyed by socket, with the
+/// connection's tuple: taken into `SOCKS` by the data path (which checks the tuple), cleared at
+/// close. LRU, so that a full table only means tracing some opaque sockets again.
+#[map]
+pub static OPAQUE: LruHashMap<u64, SockTuple> =
+    LruHashMap::with_max_entries(limits::OPAQUE_SOCKETS, 0);
 
 /// Per-CPU scratch space for building a data event: too big for the 512-byte stack.
 #[map]
@@ -90,14 +97,15 @@ const BPF_RB_AVAIL_DATA: u64 = 0;
 /// of the program.
 const WAKEUP_BYTES: u64 = 256 * 1024;
 
-/// Wakes the reader only with the record that takes the pending bytes past `WAKEUP_BYTES`, not
-/// with every record after it: until the woken reader has drained, each of those raised an
-/// interrupt of its own (measured: 1 in 10 ring-buffer samples at saturation was that IPI). Two
-/// CPUs can both step over the line unseen; the reader's 5 ms poll covers that.
+/// Wakes the reader only with a record that takes the pending bytes past a multiple of
+/// `WAKEUP_BYTES`, not with every record past the first: until the woken reader has drained,
+/// each of those raised an interrupt of its own (measured: 1 in 10 ring-buffer samples at
+/// saturation was that IPI). Records that two CPUs add at once can step over a line unseen; the
+/// next line is then at most `WAKEUP_BYTES` on, and the reader's 5 ms poll covers the rest.
 #[inline(always)]
 pub fn wakeup_flags(size: u64) -> u64 {
     let pending = EVENTS.query(BPF_RB_AVAIL_DATA);
-    if pending < WAKEUP_BYTES && pending + size >= WAKEUP_BYTES {
+    if pending / WAKEUP_BYTES != (pending + size) / WAKEUP_BYTES {
         BPF_RB_FORCE_WAKEUP
     } else {
         BPF_RB_NO_WAKEUP

@@ -11,9 +11,7 @@ use aya::{
     },
 };
 use thiserror::Error;
-use tracer_common::{KERNEL_STAT_COUNT, KernelStat, SockState};
-
-use crate::event::Tuple;
+use tracer_common::{KERNEL_STAT_COUNT, KernelStat, SockTuple};
 
 /// Capability bits (include/uapi/linux/capability.h).
 const CAP_SYS_ADMIN: u32 = 21;
@@ -149,26 +147,16 @@ pub enum AttachMode {
     Tracepoint,
 }
 
-/// Sockets the kernel side stops sending data for (they carry no HTTP): marked in the kernel's
-/// own per-socket state, `SOCKS`, which its data path looks up anyway.
-pub struct OpaqueSockets(aya::maps::HashMap<MapData, u64, SockState>);
-
-/// `BPF_EXIST`: update an entry only if it is there.
-const BPF_EXIST: u64 = 2;
+/// Sockets the kernel side stops sending data for (they carry no HTTP). The daemon only asks,
+/// naming the connection's tuple; the kernel side applies the request to its own per-socket
+/// state if the socket at that address is still that connection, so a request that arrives
+/// after the connection closed never reaches the next socket at the same address.
+pub struct OpaqueSockets(aya::maps::HashMap<MapData, u64, SockTuple>);
 
 impl OpaqueSockets {
-    /// Marks `sk` if its kernel entry is still this connection's. A connection that has closed
-    /// since has no entry (one is never made again for it), and a new one at the same address
-    /// has another tuple: neither is marked, so a new socket never inherits the mark.
-    pub fn mark(&mut self, sk: u64, tuple: &Tuple) {
-        let Ok(mut state) = self.0.get(&sk, 0) else {
-            return;
-        };
-        if state.opaque != 0 || Tuple::from_sock(&state.tuple) != *tuple {
-            return;
-        }
-        state.opaque = 1;
-        if let Err(e) = self.0.insert(&sk, &state, BPF_EXIST) {
+    pub fn mark(&mut self, sk: u64, tuple: &SockTuple) {
+        // An LRU map: inserting never fails for want of room.
+        if let Err(e) = self.0.insert(&sk, tuple, 0) {
             tracing::debug!("marking socket {sk:#x} opaque: {e}");
         }
     }
@@ -632,12 +620,12 @@ impl Capture {
             .ok_or_else(|| CaptureError::Map("EVENTS", "missing".into()))?;
         let events =
             RingBuf::try_from(events).map_err(|e| CaptureError::Map("EVENTS", e.to_string()))?;
-        let socks = ebpf
-            .take_map("SOCKS")
-            .ok_or_else(|| CaptureError::Map("SOCKS", "missing".into()))?;
+        let opaque = ebpf
+            .take_map("OPAQUE")
+            .ok_or_else(|| CaptureError::Map("OPAQUE", "missing".into()))?;
         let opaque = OpaqueSockets(
-            aya::maps::HashMap::try_from(socks)
-                .map_err(|e| CaptureError::Map("SOCKS", e.to_string()))?,
+            aya::maps::HashMap::try_from(opaque)
+                .map_err(|e| CaptureError::Map("OPAQUE", e.to_string()))?,
         );
         let stats = ebpf
             .take_map("STATS")

@@ -10,7 +10,9 @@
 use foldhash::HashMap;
 use std::collections::VecDeque;
 
-use tracer_common::{TCP_CLOSE, TCP_ESTABLISHED, TCP_FIN_WAIT1, TCP_LAST_ACK, TCP_SYN_SENT};
+use tracer_common::{
+    SockTuple, TCP_CLOSE, TCP_ESTABLISHED, TCP_FIN_WAIT1, TCP_LAST_ACK, TCP_SYN_SENT,
+};
 
 use crate::{
     event::{self, Data, Direction, Task, Tuple},
@@ -207,7 +209,7 @@ pub struct ConnTable {
     closed_order: VecDeque<Tuple>,
     cap: usize,
     /// Sockets that became opaque, for [`ConnTable::take_opaque`].
-    opaque: Vec<(u64, Tuple)>,
+    opaque: Vec<(u64, SockTuple)>,
 }
 
 /// Opaque sockets remembered between two hand-overs to the kernel.
@@ -281,14 +283,19 @@ impl ConnTable {
         };
         conn.last_ns = now;
         conn.task = d.task;
-        if conn.next_seq != 0 && d.seq != conn.next_seq {
+        // Unnumbered events (0) are neither checked nor a base for the next check.
+        if d.seq != 0 && conn.next_seq != 0 && d.seq != conn.next_seq {
             lost_events(conn, metrics, linker);
         }
         // Looked for until found: a lookup per event otherwise.
         if !conn.peer_local && self.by_tuple.contains_key(&d.tuple.reversed()) {
             conn.peer_local = true;
         }
-        conn.next_seq = d.seq.wrapping_add(1).max(1);
+        conn.next_seq = if d.seq == 0 {
+            0
+        } else {
+            d.seq.wrapping_add(1).max(1)
+        };
         let mut ctx = Ctx {
             d,
             first_ns: None,
@@ -298,14 +305,21 @@ impl ConnTable {
         };
         let was_opaque = conn.role == Role::Opaque;
         process(conn, &mut ctx);
-        if !was_opaque && conn.role == Role::Opaque && self.opaque.len() < MAX_OPAQUE_PENDING {
-            self.opaque.push((d.sk, d.tuple));
+        // Asked again now and then while events keep coming: the request can be lost (LRU) or
+        // the kernel's entry evicted and made again.
+        let ask = if was_opaque {
+            d.seq != 0 && d.seq & 63 == 0
+        } else {
+            conn.role == Role::Opaque
+        };
+        if ask && self.opaque.len() < MAX_OPAQUE_PENDING {
+            self.opaque.push((d.sk, d.sock_tuple));
         }
     }
 
     /// Sockets found not to carry HTTP since the last call: the kernel can stop sending their
     /// data.
-    pub fn take_opaque(&mut self) -> std::vec::Drain<'_, (u64, Tuple)> {
+    pub fn take_opaque(&mut self) -> std::vec::Drain<'_, (u64, SockTuple)> {
         self.opaque.drain(..)
     }
 
@@ -991,6 +1005,7 @@ mod tests {
                 task_known: false,
                 sk: SK,
                 tuple: tuple(),
+                sock_tuple: Default::default(),
                 ts_enter_ns: self.ts - 500,
                 ts_exit_ns: self.ts,
                 direction,

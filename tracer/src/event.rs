@@ -117,12 +117,15 @@ pub struct Data<'a> {
     pub task_known: bool,
     pub sk: u64,
     pub tuple: Tuple,
+    /// The tuple as the kernel side keeps it: how the daemon names the connection to it.
+    pub sock_tuple: SockTuple,
     pub ts_enter_ns: u64,
     pub ts_exit_ns: u64,
     pub direction: Direction,
     /// Bytes the syscall moved; 0 is end of stream on a read.
     pub bytes: u32,
-    /// Per-socket event number: a gap means this socket's events were lost.
+    /// Per-socket event number: a gap means this socket's events were lost. 0: unnumbered
+    /// (read after the socket closed).
     pub seq: u32,
     /// The first bytes moved (at most PAYLOAD_CAP).
     pub payload: &'a [u8],
@@ -192,6 +195,7 @@ pub fn decode(buf: &[u8]) -> Result<Event<'_>, DecodeError> {
                 task_known: hdr.flags & FLAG_TASK_KNOWN != 0,
                 sk: ev.sk,
                 tuple: Tuple::from_sock(&ev.tuple),
+                sock_tuple: ev.tuple,
                 ts_enter_ns: ev.ts_enter_ns,
                 ts_exit_ns: hdr.ts_ns,
                 direction: if ev.direction == DIR_EGRESS {

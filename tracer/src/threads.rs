@@ -9,12 +9,17 @@ use prometheus::IntCounter;
 use crate::event::{Comm, Data};
 use crate::metrics::Metrics;
 
-/// Threads remembered at most; past that the table starts again (counted as forgotten), and
-/// the sockets of a forgotten thread are unnamed until their next named event.
+/// Threads remembered per generation. When the current one is full it becomes the previous one
+/// (whose threads are counted as forgotten) and a new one starts: a thread still at work is
+/// found in the previous generation and carried over, so only threads idle for a whole
+/// generation are forgotten, and their sockets are unnamed until their next named event.
 pub const MAX_THREADS: usize = 16 * 1024;
 
+type Known = HashMap<u64, (Comm, u64), foldhash::fast::RandomState>;
+
 pub struct Threads {
-    known: HashMap<u64, (Comm, u64), foldhash::fast::RandomState>,
+    known: Known,
+    previous: Known,
     cap: usize,
     forgotten: IntCounter,
     unknown: IntCounter,
@@ -24,6 +29,7 @@ impl Threads {
     pub fn new(cap: usize, metrics: &Metrics) -> Self {
         Self {
             known: HashMap::default(),
+            previous: HashMap::default(),
             cap,
             forgotten: metrics.thread_names.with_label_values(&["forgotten"]),
             unknown: metrics.thread_names.with_label_values(&["unknown"]),
@@ -34,8 +40,15 @@ impl Threads {
     pub fn fill(&mut self, d: &mut Data<'_>) {
         let key = (u64::from(d.task.tgid) << 32) | u64::from(d.task.tid);
         if d.task_known {
-            match self.known.get(&key) {
-                Some(&(comm, cgroup_id)) => {
+            let found = match self.known.get(&key) {
+                Some(&named) => Some(named),
+                None => self
+                    .previous
+                    .remove(&key)
+                    .inspect(|&named| self.insert(key, named)),
+            };
+            match found {
+                Some((comm, cgroup_id)) => {
                     d.task.comm = comm;
                     d.task.cgroup_id = cgroup_id;
                 }
@@ -48,9 +61,13 @@ impl Threads {
             *v = named;
             return;
         }
+        self.insert(key, named);
+    }
+
+    fn insert(&mut self, key: u64, named: (Comm, u64)) {
         if self.known.len() >= self.cap {
-            self.forgotten.inc_by(self.known.len() as u64);
-            self.known.clear();
+            self.forgotten.inc_by(self.previous.len() as u64);
+            self.previous = std::mem::take(&mut self.known);
         }
         self.known.insert(key, named);
     }
@@ -78,6 +95,7 @@ mod tests {
                 local: addr,
                 remote: addr,
             },
+            sock_tuple: Default::default(),
             ts_enter_ns: 0,
             ts_exit_ns: 0,
             direction: Direction::Egress,
@@ -106,13 +124,21 @@ mod tests {
             1
         );
 
-        // Full: starts again, counted.
+        // Full: a new generation; threads of the one before are still found, and carried over.
         threads.fill(&mut data(2, b"curl", false));
         threads.fill(&mut data(3, b"wrk", false));
+        let mut d = data(1, b"", true);
+        threads.fill(&mut d);
+        assert_eq!(d.task.comm.as_str(), "nginx");
+        // Thread 2 was in no generation in use: forgotten, counted.
+        threads.fill(&mut data(4, b"oha", false));
         assert_eq!(
             metrics.thread_names.with_label_values(&["forgotten"]).get(),
-            2
+            1
         );
+        let mut d = data(2, b"", true);
+        threads.fill(&mut d);
+        assert_eq!(d.task.comm.as_str(), "");
         let mut d = data(3, b"", true);
         threads.fill(&mut d);
         assert_eq!(d.task.comm.as_str(), "wrk");

@@ -26,6 +26,10 @@ static CACHE: Mutex<Option<Cache>> = Mutex::new(None);
 
 /// The workload name of a process on this host.
 pub fn name(task: &Task) -> Arc<str> {
+    // Not kept: the thread's name is missing (`threads`), not the process's.
+    if task.comm.0[0] == 0 {
+        return "[unknown]".into();
+    }
     let mut guard = CACHE.lock().unwrap_or_else(|p| p.into_inner());
     let cache = guard.get_or_insert_with(HashMap::new);
     if let Some((comm, name)) = cache.get(&task.tgid)

@@ -14,7 +14,7 @@ use tracer_common::{
     SockState, SockTuple, TCP_CLOSE, TCP_ESTABLISHED, TCP_FIN_WAIT1, TCP_LAST_ACK, TCP_SYN_SENT,
 };
 
-use crate::maps::{ACTIVE, EVENTS, SOCKS, count, wakeup_flags};
+use crate::maps::{ACTIVE, EVENTS, OPAQUE, SOCKS, count, wakeup_flags};
 
 pub const IPPROTO_TCP: u16 = 6;
 pub const MSG_PEEK: i32 = 2;
@@ -46,6 +46,7 @@ const SKC_RCV_SADDR: u64 = 4;
 const SKC_DPORT: u64 = 12;
 const SKC_NUM: u64 = 14;
 pub const SKC_FAMILY: u64 = 16;
+const SKC_STATE: u64 = 18;
 
 /// Offsets of `skc_v6_rcv_saddr` and `skc_v6_daddr` in `struct sock_common`, from the kernel's
 /// BTF (set by the loader; 0 when unknown): for IPv6 sockets older than the daemon.
@@ -97,15 +98,56 @@ pub fn traced_socket(r: &Record, direction: u32) -> Option<Lookup> {
         count(KernelStat::Peeks);
         return None;
     }
-    match SOCKS.get_ptr_mut(&r.sk) {
-        // SAFETY: a live map value, read while this program runs.
-        Some(state) if unsafe { (*state).opaque } != 0 => {
-            count(KernelStat::SkippedOpaque);
-            None
+    let Some(state) = SOCKS.get_ptr_mut(&r.sk) else {
+        return Some(Lookup::Missing);
+    };
+    // SAFETY: a live map value, used while this program runs.
+    unsafe {
+        if (*state).opaque == 0 && !take_opaque_mark(r.sk, &mut *state) {
+            return Some(Lookup::Found(state));
         }
-        Some(state) => Some(Lookup::Found(state)),
-        None => Some(Lookup::Missing),
     }
+    count(KernelStat::SkippedOpaque);
+    None
+}
+
+/// Whether two tuples are the same, word by word (both are map values, 8-byte aligned).
+#[inline(always)]
+fn same_tuple(a: &SockTuple, b: &SockTuple) -> bool {
+    let (a, b) = (
+        (a as *const SockTuple).cast::<u64>(),
+        (b as *const SockTuple).cast::<u64>(),
+    );
+    let mut i = 0;
+    let mut same = true;
+    while i < core::mem::size_of::<SockTuple>() / 8 {
+        // SAFETY: within both tuples; read unaligned in case one is on the stack.
+        same &= unsafe { a.add(i).read_unaligned() == b.add(i).read_unaligned() };
+        i += 1;
+    }
+    same
+}
+
+/// Applies the daemon's finding that this connection carries no HTTP, if it has made one (in
+/// `OPAQUE`, with the connection's tuple). Looked for in a connection's first events, when the
+/// daemon classifies it, and every 16th after, not on every event. The kernel sets the mark
+/// in its own state: the daemon never writes `SOCKS`, and a request for an earlier socket at
+/// this address (another tuple) is dropped, not applied.
+#[inline(always)]
+fn take_opaque_mark(sk: u64, state: &mut SockState) -> bool {
+    if state.seq >= 8 && state.seq & 15 != 0 {
+        return false;
+    }
+    let Some(wanted) = OPAQUE.get_ptr(&sk) else {
+        return false;
+    };
+    // SAFETY: a live map value.
+    let applies = same_tuple(unsafe { &*wanted }, &state.tuple);
+    let _ = OPAQUE.remove(&sk);
+    if applies {
+        state.opaque = 1;
+    }
+    applies
 }
 
 #[tracepoint]
@@ -179,6 +221,9 @@ pub fn next_event(sk: u64, lookup: Lookup) -> NextEvent {
     }
     let mut t = SockTuple::default();
     // SAFETY: `sk` is a live `struct sock *` handed to us by the tracepoint; reads are checked.
+    let closed = unsafe { bpf_probe_read_kernel((sk + SKC_STATE) as *const u8) }
+        .is_ok_and(|s| u32::from(s) == TCP_CLOSE);
+    // SAFETY: as above.
     unsafe {
         let family = bpf_probe_read_kernel((sk + SKC_FAMILY) as *const u16).unwrap_or(0);
         t.family = family;
@@ -205,6 +250,17 @@ pub fn next_event(sk: u64, lookup: Lookup) -> NextEvent {
                     bpf_probe_read_kernel((sk + remote) as *const [u8; 16]).unwrap_or([0; 16]);
             }
         }
+    }
+    // A socket already closed (reset, or a half-closed one whose peer finished) is read to its
+    // end without an entry: one made now would outlive it and pass its state (an opaque mark
+    // above all) to the next socket at this address. Its events go unnumbered (0).
+    if closed {
+        return NextEvent {
+            tuple: t,
+            seq: 0,
+            from_sock: true,
+            state: None,
+        };
     }
     let state = SockState {
         tuple: t,
@@ -265,24 +321,34 @@ unsafe fn on_state(ctx: &TracePointContext) {
             tuple.remote_addr[..4]
                 .copy_from_slice(&ctx.read_at::<[u8; 4]>(SS_DADDR).unwrap_or([0; 4]));
         }
-        // SAFETY: the map value is copied out.
-        let seq = SOCKS.get(&sk).map_or(0, |s| s.seq);
-        match new_state {
-            TCP_SYN_SENT | TCP_ESTABLISHED => match SOCKS.get_ptr_mut(&sk) {
-                // Keep the numbering: data may already have gone out (TCP Fast Open).
-                Some(state) => (*state).tuple = tuple,
-                None => {
-                    let state = SockState {
-                        tuple,
-                        seq: 0,
-                        opaque: 0,
-                        task: 0,
-                    };
-                    let _ = SOCKS.insert(&sk, &state, 0);
+        let existing = SOCKS.get_ptr_mut(&sk);
+        // SAFETY: a live map value, read while this program runs.
+        let seq = existing.map_or(0, |s| (*s).seq);
+        let fresh = SockState {
+            tuple,
+            seq: 0,
+            opaque: 0,
+            task: 0,
+        };
+        match (new_state, existing) {
+            // A new connection starts clean, whatever an earlier socket at this address left.
+            (TCP_SYN_SENT, _) | (TCP_ESTABLISHED, None) => {
+                let _ = SOCKS.insert(&sk, &fresh, 0);
+            }
+            // A client's: keep the numbering (data may already have gone out, TCP Fast Open);
+            // the local port may only now be known.
+            (TCP_ESTABLISHED, Some(state)) if old_state == TCP_SYN_SENT => {
+                (*state).tuple = tuple;
+            }
+            // A server's: an entry with another tuple is an earlier socket's.
+            (TCP_ESTABLISHED, Some(state)) => {
+                if !same_tuple(&(*state).tuple, &tuple) {
+                    let _ = SOCKS.insert(&sk, &fresh, 0);
                 }
-            },
-            TCP_CLOSE => {
+            }
+            (TCP_CLOSE, _) => {
                 let _ = SOCKS.remove(&sk);
+                let _ = OPAQUE.remove(&sk);
             }
             _ => {}
         }
@@ -290,6 +356,8 @@ unsafe fn on_state(ctx: &TracePointContext) {
             return;
         }
 
+        // Before the reserve, which already counts as pending.
+        let wakeup = wakeup_flags(core::mem::size_of::<ConnEvent>() as u64);
         let Some(mut entry) = EVENTS.reserve::<ConnEvent>(0) else {
             count(KernelStat::RingbufFullConn);
             return;
@@ -310,7 +378,7 @@ unsafe fn on_state(ctx: &TracePointContext) {
             seq,
             _pad: 0,
         });
-        entry.submit(wakeup_flags(core::mem::size_of::<ConnEvent>() as u64));
+        entry.submit(wakeup);
         count(KernelStat::ConnEvents);
     }
 }

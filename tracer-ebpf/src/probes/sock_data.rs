@@ -38,14 +38,13 @@ static TASK_SWITCHES_OFFSET: u32 = 0;
 /// How many times the current thread has been switched out.
 #[inline(always)]
 fn switches(task: u64) -> Option<u64> {
-    // SAFETY: a read-only global patched by the loader; the task is read through the checked
-    // helper.
+    // SAFETY: a read-only global patched by the loader (frozen, so the verifier knows the
+    // offset); the task is a BTF-typed pointer, whose loads the verifier checks and guards.
     unsafe {
         let off = read_volatile(&TASK_SWITCHES_OFFSET) as u64;
         if off == 0 {
             return None;
         }
-        // A BTF-typed task pointer: plain guarded loads, checked against `struct task_struct`.
         let p = (task + off) as *const u64;
         Some(read_volatile(p).wrapping_add(read_volatile(p.add(1))))
     }
@@ -197,8 +196,7 @@ fn on_data(
     let sk = r.sk;
     // io_uring workers carry their creator's registers, kernel threads none: their bytes are
     // not a syscall's buffer. Offset 0: BTF did not say; `cs` below still catches kernel threads.
-    // SAFETY: a read-only global patched by the loader; the task is read through the checked
-    // helper.
+    // SAFETY: as in `switches`.
     let flags_off = unsafe { read_volatile(&TASK_FLAGS_OFFSET) } as u64;
     if flags_off != 0
         && unsafe { read_volatile((task + flags_off) as *const u32) } & (PF_IO_WORKER | PF_KTHREAD)
@@ -213,7 +211,10 @@ fn on_data(
     let (cs, nr, buf, len) = unsafe {
         let regs = bpf_task_pt_regs(task as *mut _) as u64;
         let reg = |off: u64| read_volatile((regs + off) as *const u64);
-        (reg(REGS_CS), reg(REGS_ORIG_AX), reg(REGS_SI), reg(REGS_DX))
+        // `cs` is a union since 6.9 (with FRED's `csx`): its low 16 bits read the same in every
+        // layout.
+        let cs = read_volatile((regs + REGS_CS) as *const u16);
+        (cs, reg(REGS_ORIG_AX), reg(REGS_SI), reg(REGS_DX))
     };
     // Kernel threads (no user registers), io_uring, splice, sendmmsg: bytes this path cannot
     // read; counted.
