@@ -1,10 +1,9 @@
 //! What both data paths share: which syscalls are traced, where their user buffers are, and
 //! building and sending a data event.
-use core::hint::black_box;
+use core::{hint::black_box, ptr::write_volatile};
 
-use aya_ebpf::helpers::{
-    bpf_get_current_comm,
-    generated::{bpf_get_current_cgroup_id, bpf_ktime_get_ns, bpf_probe_read_user},
+use aya_ebpf::helpers::generated::{
+    bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_ktime_get_ns, bpf_probe_read_user,
 };
 use tracer_common::{
     DATA_EVENT_FIXED, DIR_EGRESS, DIR_INGRESS, DataEvent, EventKind, FLAG_IOVEC, FLAG_TASK_KNOWN,
@@ -110,14 +109,26 @@ pub fn emit_data(args: &SyscallArgs, ret: u64, id: u64, lookup: Lookup) {
     // SAFETY: the map value stays valid while this program runs.
     let task_known =
         next.state.is_some_and(|s| unsafe { (*s).task } == id) && next.seq & (TASK_RESEND - 1) != 0;
+    let comm = meta.hdr.comm.as_mut_ptr();
+    // Word stores: LLVM would make these zeroings calls to a byte-at-a-time memset.
+    // SAFETY: `comm` is 16 bytes at an 8-byte aligned offset of the scratch event.
+    let zero_comm = || unsafe {
+        write_volatile(comm.cast::<u64>(), 0);
+        write_volatile(comm.cast::<u64>().add(1), 0);
+    };
     if task_known {
         meta.hdr.flags = FLAG_TASK_KNOWN;
-        meta.hdr.cgroup_id = 0;
-        meta.hdr.comm = [0; 16];
+        // SAFETY: a field of the scratch event.
+        unsafe { write_volatile(&mut meta.hdr.cgroup_id, 0) };
+        zero_comm();
     } else {
-        // SAFETY: helper without preconditions.
-        meta.hdr.cgroup_id = unsafe { bpf_get_current_cgroup_id() };
-        meta.hdr.comm = bpf_get_current_comm().unwrap_or([0; 16]);
+        // SAFETY: helpers; the name is written straight into the event's 16 bytes.
+        unsafe {
+            meta.hdr.cgroup_id = bpf_get_current_cgroup_id();
+            if bpf_get_current_comm(comm.cast(), 16) != 0 {
+                zero_comm();
+            }
+        }
     }
     meta.sk = args.sk;
     meta.ts_enter_ns = if args.ts_enter == 0 {
