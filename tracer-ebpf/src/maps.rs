@@ -97,17 +97,46 @@ const BPF_RB_AVAIL_DATA: u64 = 0;
 /// of the program.
 const WAKEUP_BYTES: u64 = 256 * 1024;
 
-/// Wakes the reader only with a record that takes the pending bytes past a multiple of
-/// `WAKEUP_BYTES`, not with every record past the first: until the woken reader has drained,
+/// This CPU's records since it last looked at the ring's fill, and the fill it saw then.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct WakeState {
+    pub records: u64,
+    pub pending: u64,
+}
+
+#[map]
+static WAKE: PerCpuArray<WakeState> = PerCpuArray::with_max_entries(1, 0);
+
+/// Records a CPU adds between two looks at the ring's fill (a power of two): the look is a
+/// helper call that reads the producer's and consumer's positions, which other CPUs write.
+const LOOK_EVERY: u64 = 16;
+
+/// Wakes the reader when the pending bytes have passed a multiple of `WAKEUP_BYTES` since this
+/// CPU last looked, not with every record past the first: until the woken reader has drained,
 /// each of those raised an interrupt of its own (measured: 1 in 10 ring-buffer samples at
-/// saturation was that IPI). Records that two CPUs add at once can step over a line unseen; the
-/// next line is then at most `WAKEUP_BYTES` on, and the reader's 5 ms poll covers the rest.
+/// saturation was that IPI). A CPU looks every `LOOK_EVERY` records (a few KiB late at most),
+/// so wake-ups are at most one per CPU per `WAKEUP_BYTES`; the reader's 5 ms poll covers what
+/// they miss.
 #[inline(always)]
-pub fn wakeup_flags(size: u64) -> u64 {
-    let pending = EVENTS.query(BPF_RB_AVAIL_DATA);
-    if pending / WAKEUP_BYTES != (pending + size) / WAKEUP_BYTES {
-        BPF_RB_FORCE_WAKEUP
-    } else {
-        BPF_RB_NO_WAKEUP
+pub fn wakeup_flags() -> u64 {
+    let Some(w) = WAKE.get_ptr_mut(0) else {
+        return BPF_RB_NO_WAKEUP;
+    };
+    // SAFETY: per-CPU slot; a program that interrupts this one on the same CPU can at worst
+    // skew one look.
+    unsafe {
+        (*w).records = (*w).records.wrapping_add(1);
+        if (*w).records & (LOOK_EVERY - 1) != 0 {
+            return BPF_RB_NO_WAKEUP;
+        }
+        let pending = EVENTS.query(BPF_RB_AVAIL_DATA);
+        let crossed = pending / WAKEUP_BYTES > (*w).pending / WAKEUP_BYTES;
+        (*w).pending = pending;
+        if crossed {
+            BPF_RB_FORCE_WAKEUP
+        } else {
+            BPF_RB_NO_WAKEUP
+        }
     }
 }

@@ -216,7 +216,7 @@ pub fn emit_data(args: &SyscallArgs, ret: u64, id: u64, lookup: Lookup) {
     let bytes = unsafe {
         core::slice::from_raw_parts((ev as *const DataEvent).cast::<u8>(), size as usize)
     };
-    if EVENTS.output::<[u8]>(bytes, wakeup_flags(size)).is_ok() {
+    if EVENTS.output::<[u8]>(bytes, wakeup_flags()).is_ok() {
         count(KernelStat::DataEvents);
         // Only a delivered event teaches the reader the thread's name.
         if let Some(state) = next.state.filter(|_| !task_known) {

@@ -356,8 +356,7 @@ unsafe fn on_state(ctx: &TracePointContext) {
             return;
         }
 
-        // Before the reserve, which already counts as pending.
-        let wakeup = wakeup_flags(core::mem::size_of::<ConnEvent>() as u64);
+        let wakeup = wakeup_flags();
         let Some(mut entry) = EVENTS.reserve::<ConnEvent>(0) else {
             count(KernelStat::RingbufFullConn);
             return;
