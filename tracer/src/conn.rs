@@ -170,22 +170,71 @@ impl Conn {
         }
     }
 
-    fn new(tuple: Tuple, task: Task, now: u64) -> Self {
+    fn new(tuple: Tuple, task: Task, now: u64, spare: Buffers) -> Self {
+        let Buffers {
+            pending,
+            request_head,
+            response_head,
+            undecided,
+        } = spare;
         Self {
             tuple,
             task,
             role: Role::Unknown,
-            requests: Reader::default(),
-            responses: Reader::default(),
-            pending: VecDeque::new(),
+            requests: Reader {
+                head: request_head,
+                ..Reader::default()
+            },
+            responses: Reader {
+                head: response_head,
+                ..Reader::default()
+            },
+            pending,
             current: None,
-            undecided: Vec::new(),
+            undecided,
             undecided_ns: 0,
             last_ns: now,
             next_seq: 0,
             requests_seen: 0,
             peer_local: tuple.remote.ip().is_loopback() || tuple.remote.ip() == tuple.local.ip(),
         }
+    }
+}
+
+/// A closed connection's buffers, emptied, for the next one: a connection per request would
+/// otherwise allocate and free them each time.
+#[derive(Default)]
+struct Buffers {
+    pending: VecDeque<Pending>,
+    request_head: Vec<u8>,
+    response_head: Vec<u8>,
+    undecided: Vec<u8>,
+}
+
+/// Closed connections' buffers kept for new ones, and the largest buffer kept.
+const SPARE_BUFFERS: usize = 256;
+const SPARE_BUFFER_BYTES: usize = 4096;
+
+impl Buffers {
+    /// What `conn` had, if small enough to keep.
+    fn of(conn: &mut Conn) -> Option<Self> {
+        let heads = [&conn.requests.head, &conn.responses.head, &conn.undecided];
+        if heads.iter().any(|b| b.capacity() > SPARE_BUFFER_BYTES)
+            || conn.pending.capacity() > MAX_IN_FLIGHT
+        {
+            return None;
+        }
+        let mut b = Self {
+            pending: std::mem::take(&mut conn.pending),
+            request_head: std::mem::take(&mut conn.requests.head),
+            response_head: std::mem::take(&mut conn.responses.head),
+            undecided: std::mem::take(&mut conn.undecided),
+        };
+        b.pending.clear();
+        b.request_head.clear();
+        b.response_head.clear();
+        b.undecided.clear();
+        Some(b)
     }
 }
 
@@ -206,6 +255,8 @@ pub struct ConnTable {
     connecting: HashMap<u64, Task>,
     by_tuple: HashMap<Tuple, u64>,
     closed: HashMap<Tuple, Peer>,
+    /// Buffers of closed connections, for new ones.
+    spare: Vec<Buffers>,
     closed_order: VecDeque<Tuple>,
     cap: usize,
     /// Sockets that became opaque, for [`ConnTable::take_opaque`].
@@ -229,6 +280,7 @@ impl ConnTable {
             connecting: HashMap::default(),
             by_tuple: HashMap::default(),
             closed: HashMap::default(),
+            spare: Vec::new(),
             closed_order: VecDeque::new(),
             opaque: Vec::new(),
             cap,
@@ -274,7 +326,9 @@ impl ConnTable {
             if self.conns.len() >= self.cap {
                 self.evict(now, metrics, linker);
             }
-            self.conns.insert(d.sk, Conn::new(d.tuple, d.task, now));
+            let spare = self.spare.pop().unwrap_or_default();
+            self.conns
+                .insert(d.sk, Conn::new(d.tuple, d.task, now, spare));
             self.by_tuple.insert(d.tuple, d.sk);
             metrics.conns_tracked.set(self.conns.len() as i64);
         }
@@ -346,7 +400,9 @@ impl ConnTable {
                     if self.conns.len() >= self.cap {
                         self.evict(c.ts_ns, metrics, linker);
                     }
-                    self.conns.insert(c.sk, Conn::new(c.tuple, task, c.ts_ns));
+                    let spare = self.spare.pop().unwrap_or_default();
+                    self.conns
+                        .insert(c.sk, Conn::new(c.tuple, task, c.ts_ns, spare));
                     self.by_tuple.insert(c.tuple, c.sk);
                     metrics.conns_tracked.set(self.conns.len() as i64);
                 }
@@ -385,7 +441,7 @@ impl ConnTable {
     }
 
     fn remove(&mut self, sk: u64, metrics: &Metrics, linker: &mut Linker) {
-        if let Some(conn) = self.conns.remove(&sk) {
+        if let Some(mut conn) = self.conns.remove(&sk) {
             if !conn.pending.is_empty() {
                 metrics
                     .pairing_drops
@@ -414,6 +470,11 @@ impl ConnTable {
                 self.closed_order.push_back(conn.tuple);
             }
             metrics.conns_tracked.set(self.conns.len() as i64);
+            if self.spare.len() < SPARE_BUFFERS
+                && let Some(b) = Buffers::of(&mut conn)
+            {
+                self.spare.push(b);
+            }
         }
     }
 
