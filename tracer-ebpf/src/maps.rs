@@ -41,8 +41,9 @@ pub static ACTIVE: HashMap<u64, SyscallArgs> =
 pub static SOCKS: LruHashMap<u64, SockState> = LruHashMap::with_max_entries(limits::SOCKETS, 0);
 
 /// The daemon's findings that a connection carries no HTTP, keyed by socket, with the
-/// connection's tuple: taken into `SOCKS` by the data path (which checks the tuple), cleared at
-/// close. LRU, so that a full table only means tracing some opaque sockets again.
+/// connection's tuple: taken into `SOCKS` by the data path, which checks the tuple and drops a
+/// request left by an earlier socket at the address. LRU, so that a full table only means
+/// tracing some opaque sockets again, and requests never looked at age out.
 #[map]
 pub static OPAQUE: LruHashMap<u64, SockTuple> =
     LruHashMap::with_max_entries(limits::OPAQUE_SOCKETS, 0);

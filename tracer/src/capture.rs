@@ -24,6 +24,9 @@ const BPFFS: &str = "/sys/fs/bpf";
 
 /// Connection lifecycle, whatever the data path.
 const LIFECYCLE: (&str, &str, &str) = ("inet_sock_set_state", "sock", "inet_sock_set_state");
+/// The same as a raw tracepoint (no trace record per state change), where BTF gives
+/// `sk_protocol`: (program, raw tracepoint).
+const LIFECYCLE_RAW: (&str, &str) = ("raw_inet_sock_set_state", "inet_sock_set_state");
 
 /// The socket data path on raw tracepoints (no trace record built per call): (program, raw
 /// tracepoint). Needs `sk_protocol`'s offset from the kernel's BTF.
@@ -516,6 +519,18 @@ fn attach_sock_data(ebpf: &mut Ebpf, sk_protocol: Option<u32>) -> Result<Vec<Lin
         .collect()
 }
 
+/// Connection lifecycle: the raw tracepoint where it loads, else the classic one.
+fn attach_lifecycle(ebpf: &mut Ebpf, sk_protocol: Option<u32>) -> Result<Link, CaptureError> {
+    if sk_protocol.is_some() {
+        let (prog, tp) = LIFECYCLE_RAW;
+        match attach_raw(ebpf, prog, tp) {
+            Ok(link) => return Ok(link),
+            Err(e) => tracing::info!("{e}; connection lifecycle on the classic tracepoint"),
+        }
+    }
+    attach_tracepoint(ebpf, LIFECYCLE)
+}
+
 /// Attaches the first data path of `mode` that works here; which one it was.
 fn attach_data_path(
     ebpf: &mut Ebpf,
@@ -607,7 +622,7 @@ impl Capture {
                 "/tracer"
             )))
             .map_err(CaptureError::Load)?;
-        let mut links = vec![attach_tracepoint(&mut ebpf, LIFECYCLE)?];
+        let mut links = vec![attach_lifecycle(&mut ebpf, offsets.sk_protocol)?];
         let mode = attach_data_path(
             &mut ebpf,
             &mut links,

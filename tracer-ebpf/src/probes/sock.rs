@@ -6,8 +6,8 @@ use aya_ebpf::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_probe_read_kernel,
         generated::{bpf_get_current_cgroup_id, bpf_ktime_get_ns},
     },
-    macros::tracepoint,
-    programs::TracePointContext,
+    macros::{raw_tracepoint, tracepoint},
+    programs::{RawTracePointContext, TracePointContext},
 };
 use tracer_common::{
     AF_INET, AF_INET6, ConnEvent, DIR_EGRESS, DIR_INGRESS, EventHeader, EventKind, KernelStat,
@@ -47,6 +47,11 @@ const SKC_DPORT: u64 = 12;
 const SKC_NUM: u64 = 14;
 pub const SKC_FAMILY: u64 = 16;
 const SKC_STATE: u64 = 18;
+
+/// Byte offset of `sk_protocol` in `struct sock`, from the kernel's BTF (set by the loader;
+/// the raw programs are only attached when it is known).
+#[unsafe(no_mangle)]
+pub static SK_PROTOCOL_OFFSET: u32 = 0;
 
 /// Offsets of `skc_v6_rcv_saddr` and `skc_v6_daddr` in `struct sock_common`, from the kernel's
 /// BTF (set by the loader; 0 when unknown): for IPv6 sockets older than the daemon.
@@ -219,11 +224,41 @@ pub fn next_event(sk: u64, lookup: Lookup) -> NextEvent {
             };
         }
     }
-    let mut t = SockTuple::default();
     // SAFETY: `sk` is a live `struct sock *` handed to us by the tracepoint; reads are checked.
     let closed = unsafe { bpf_probe_read_kernel((sk + SKC_STATE) as *const u8) }
         .is_ok_and(|s| u32::from(s) == TCP_CLOSE);
-    // SAFETY: as above.
+    let t = tuple_from_sock(sk);
+    // A socket already closed (reset, or a half-closed one whose peer finished) is read to its
+    // end without an entry: one made now would outlive it and pass its state (an opaque mark
+    // above all) to the next socket at this address. Its events go unnumbered (0).
+    if closed {
+        return NextEvent {
+            tuple: t,
+            seq: 0,
+            from_sock: true,
+            state: None,
+        };
+    }
+    let state = SockState {
+        tuple: t,
+        seq: 1,
+        opaque: 0,
+        task: 0,
+    };
+    let _ = SOCKS.insert(&sk, &state, 0);
+    NextEvent {
+        tuple: t,
+        seq: 1,
+        from_sock: true,
+        state: None,
+    }
+}
+
+/// `sk`'s 4-tuple, read from `struct sock_common`.
+#[inline(always)]
+fn tuple_from_sock(sk: u64) -> SockTuple {
+    let mut t = SockTuple::default();
+    // SAFETY: `sk` is a live `struct sock *` handed to us by a tracepoint; reads are checked.
     unsafe {
         let family = bpf_probe_read_kernel((sk + SKC_FAMILY) as *const u16).unwrap_or(0);
         t.family = family;
@@ -251,30 +286,7 @@ pub fn next_event(sk: u64, lookup: Lookup) -> NextEvent {
             }
         }
     }
-    // A socket already closed (reset, or a half-closed one whose peer finished) is read to its
-    // end without an entry: one made now would outlive it and pass its state (an opaque mark
-    // above all) to the next socket at this address. Its events go unnumbered (0).
-    if closed {
-        return NextEvent {
-            tuple: t,
-            seq: 0,
-            from_sock: true,
-            state: None,
-        };
-    }
-    let state = SockState {
-        tuple: t,
-        seq: 1,
-        opaque: 0,
-        task: 0,
-    };
-    let _ = SOCKS.insert(&sk, &state, 0);
-    NextEvent {
-        tuple: t,
-        seq: 1,
-        from_sock: true,
-        state: None,
-    }
+    t
 }
 
 /// The changes the daemon acts on: a connect (who connects), a client connection up, this end
@@ -293,12 +305,46 @@ fn wanted(old_state: u32, new_state: u32) -> bool {
 #[tracepoint]
 pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
     // SAFETY: offsets from the tracepoint's format.
-    unsafe { on_state(&ctx) };
+    unsafe { on_state_record(&ctx) };
     0
 }
 
+/// The same, as a raw tracepoint, `(const struct sock *sk, int oldstate, int newstate)`: no
+/// trace record is built for it (about 10 per connection); protocol and tuple are read from
+/// the socket, as for sockets older than the daemon. Attached when BTF gives `sk_protocol`.
+#[raw_tracepoint(tracepoint = "inet_sock_set_state")]
+pub fn raw_inet_sock_set_state(ctx: RawTracePointContext) -> i32 {
+    let sk: u64 = ctx.arg(0);
+    let old_state = ctx.arg::<u64>(1) as u32;
+    let new_state = ctx.arg::<u64>(2) as u32;
+    if !state_wanted(new_state) {
+        return 0;
+    }
+    // SAFETY: a read-only global patched by the loader; `sk` is the kernel's live socket.
+    let protocol = unsafe {
+        let off = read_volatile(&SK_PROTOCOL_OFFSET) as u64;
+        bpf_probe_read_kernel((sk + off) as *const u16).unwrap_or(0)
+    };
+    if protocol == IPPROTO_TCP {
+        // SAFETY: as above.
+        unsafe { on_state(sk, old_state, new_state, tuple_from_sock(sk)) };
+    }
+    0
+}
+
+/// SYN_RECV, FIN_WAIT2, CLOSE_WAIT, CLOSING, LISTEN: nothing to keep or send (3 of about 10
+/// changes per connection end before reading anything else).
 #[inline(always)]
-unsafe fn on_state(ctx: &TracePointContext) {
+fn state_wanted(new_state: u32) -> bool {
+    matches!(
+        new_state,
+        TCP_SYN_SENT | TCP_ESTABLISHED | TCP_FIN_WAIT1 | TCP_LAST_ACK | TCP_CLOSE
+    )
+}
+
+/// The classic tracepoint's record.
+#[inline(always)]
+unsafe fn on_state_record(ctx: &TracePointContext) {
     unsafe {
         if ctx.read_at::<u16>(SS_PROTOCOL).unwrap_or(0) != IPPROTO_TCP {
             return;
@@ -306,6 +352,9 @@ unsafe fn on_state(ctx: &TracePointContext) {
         let sk = ctx.read_at::<u64>(SS_SKADDR).unwrap_or(0);
         let old_state = ctx.read_at::<i32>(SS_OLDSTATE).unwrap_or(0) as u32;
         let new_state = ctx.read_at::<i32>(SS_NEWSTATE).unwrap_or(0) as u32;
+        if !state_wanted(new_state) {
+            return;
+        }
         let mut tuple = SockTuple {
             local_port: ctx.read_at::<u16>(SS_SPORT).unwrap_or(0),
             remote_port: ctx.read_at::<u16>(SS_DPORT).unwrap_or(0),
@@ -321,6 +370,13 @@ unsafe fn on_state(ctx: &TracePointContext) {
             tuple.remote_addr[..4]
                 .copy_from_slice(&ctx.read_at::<[u8; 4]>(SS_DADDR).unwrap_or([0; 4]));
         }
+        on_state(sk, old_state, new_state, tuple);
+    }
+}
+
+#[inline(always)]
+unsafe fn on_state(sk: u64, old_state: u32, new_state: u32, tuple: SockTuple) {
+    unsafe {
         let existing = SOCKS.get_ptr_mut(&sk);
         // SAFETY: a live map value, read while this program runs.
         let seq = existing.map_or(0, |s| (*s).seq);
@@ -346,9 +402,11 @@ unsafe fn on_state(ctx: &TracePointContext) {
                     let _ = SOCKS.insert(&sk, &fresh, 0);
                 }
             }
+            // A request in OPAQUE left for this socket is not removed here (a hash operation
+            // per close): one for an earlier connection never matches a later one's tuple, and
+            // is dropped when looked at.
             (TCP_CLOSE, _) => {
                 let _ = SOCKS.remove(&sk);
-                let _ = OPAQUE.remove(&sk);
             }
             _ => {}
         }

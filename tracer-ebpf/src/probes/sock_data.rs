@@ -18,7 +18,7 @@ use tracer_common::{DIR_EGRESS, DIR_INGRESS, KernelStat};
 
 use super::{
     data::{REGS_CS, REGS_DX, REGS_ORIG_AX, REGS_SI, emit_data, traced},
-    sock::{LEN_RET, Record, SKC_FAMILY, from_tracepoint, traced_socket},
+    sock::{LEN_RET, Record, SK_PROTOCOL_OFFSET, SKC_FAMILY, from_tracepoint, traced_socket},
 };
 use crate::maps::{SEND_START, SendStart, SyscallArgs, count, tracer_tgid};
 
@@ -80,11 +80,6 @@ fn tp_ret(ctx: &TracePointContext) -> i32 {
     // SAFETY: offset from the tracepoint's format, checked by the loader.
     unsafe { ctx.read_at::<i32>(LEN_RET) }.unwrap_or(-1)
 }
-
-/// Byte offset of `sk_protocol` in `struct sock`, from the kernel's BTF (set by the loader;
-/// the raw programs are only attached when it is known).
-#[unsafe(no_mangle)]
-static SK_PROTOCOL_OFFSET: u32 = 0;
 
 /// The raw tracepoint's arguments, `(struct sock *sk, int ret, int flags)`: no trace record is
 /// built; family and protocol are read from the socket.
