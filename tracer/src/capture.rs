@@ -4,10 +4,11 @@
 use std::{fs, io, path::Path};
 
 use aya::{
-    Ebpf, EbpfLoader,
+    Btf, Ebpf, EbpfLoader,
     maps::{MapData, PerCpuArray, RingBuf},
     programs::{
-        RawTracePoint, TracePoint, raw_trace_point::RawTracePointLink, trace_point::TracePointLink,
+        BtfTracePoint, RawTracePoint, TracePoint, raw_trace_point::RawTracePointLink,
+        tp_btf::BtfTracePointLink, trace_point::TracePointLink,
     },
 };
 use thiserror::Error;
@@ -27,6 +28,13 @@ const LIFECYCLE: (&str, &str, &str) = ("inet_sock_set_state", "sock", "inet_sock
 /// The same as a raw tracepoint (no trace record per state change), where BTF gives
 /// `sk_protocol`: (program, raw tracepoint).
 const LIFECYCLE_RAW: (&str, &str) = ("raw_inet_sock_set_state", "inet_sock_set_state");
+
+/// The socket data path on BTF tracepoints: as the raw ones, with the socket a typed pointer
+/// (family and protocol are plain loads, not helper calls): (program, tracepoint).
+const SOCK_DATA_BTF: &[(&str, &str)] = &[
+    ("btf_sock_send", "sock_send_length"),
+    ("btf_sock_recv", "sock_recv_length"),
+];
 
 /// The socket data path on raw tracepoints (no trace record built per call): (program, raw
 /// tracepoint). Needs `sk_protocol`'s offset from the kernel's BTF.
@@ -169,6 +177,7 @@ impl OpaqueSockets {
 enum Link {
     Tp(#[allow(dead_code)] TracePointLink),
     Raw(#[allow(dead_code)] RawTracePointLink),
+    Btf(#[allow(dead_code)] BtfTracePointLink),
 }
 
 /// The loaded programs; dropping it detaches them.
@@ -351,6 +360,29 @@ fn attach_tracepoint(
         .map_err(|e| CaptureError::Attach(category, name, e.to_string()))
 }
 
+fn attach_btf(
+    ebpf: &mut Ebpf,
+    btf: &Btf,
+    program: &'static str,
+    tracepoint: &'static str,
+) -> Result<Link, CaptureError> {
+    let p: &mut BtfTracePoint = ebpf
+        .program_mut(program)
+        .ok_or_else(|| CaptureError::Program(program, "not in the object".into()))?
+        .try_into()
+        .map_err(|e: aya::programs::ProgramError| CaptureError::Program(program, e.to_string()))?;
+    if p.fd().is_err() {
+        p.load(tracepoint, btf)
+            .map_err(|e| CaptureError::Program(program, format!("{e:#}")))?;
+    }
+    let link = p
+        .attach()
+        .map_err(|e| CaptureError::Attach("tp_btf", tracepoint, e.to_string()))?;
+    p.take_link(link)
+        .map(Link::Btf)
+        .map_err(|e| CaptureError::Attach("tp_btf", tracepoint, e.to_string()))
+}
+
 fn attach_raw(
     ebpf: &mut Ebpf,
     program: &'static str,
@@ -452,12 +484,13 @@ fn attach_path(
     ebpf: &mut Ebpf,
     path: AttachMode,
     sk_protocol: Option<u32>,
+    btf: Option<&Btf>,
     syscall_layouts: Option<&CaptureError>,
 ) -> Result<Vec<Link>, CaptureError> {
     let mut links = Vec::new();
     match path {
         AttachMode::Socket => {
-            links.extend(attach_sock_data(ebpf, sk_protocol)?);
+            links.extend(attach_sock_data(ebpf, sk_protocol, btf)?);
             let (prog, tp) = SEND_START;
             match attach_raw(ebpf, prog, tp) {
                 Ok(link) => links.push(link),
@@ -493,9 +526,26 @@ fn attach_path(
     Ok(links)
 }
 
-/// `sock_{send,recv}_length` for the socket data path: as raw tracepoints when BTF gave
-/// `sk_protocol`'s offset, else as the classic tracepoints, whose records carry it.
-fn attach_sock_data(ebpf: &mut Ebpf, sk_protocol: Option<u32>) -> Result<Vec<Link>, CaptureError> {
+/// `sock_{send,recv}_length` for the socket data path: as BTF tracepoints, else raw ones, when
+/// BTF gave `sk_protocol`'s offset, else as the classic tracepoints, whose records carry it.
+fn attach_sock_data(
+    ebpf: &mut Ebpf,
+    sk_protocol: Option<u32>,
+    btf: Option<&Btf>,
+) -> Result<Vec<Link>, CaptureError> {
+    if let (Some(_), Some(btf)) = (sk_protocol, btf) {
+        let typed: Result<Vec<Link>, CaptureError> = SOCK_DATA_BTF
+            .iter()
+            .map(|&(prog, tp)| attach_btf(ebpf, btf, prog, tp))
+            .collect();
+        match typed {
+            Ok(links) => {
+                tracing::info!("socket data path: sock_*_length as BTF tracepoints");
+                return Ok(links);
+            }
+            Err(e) => tracing::info!("{e}; trying raw tracepoints"),
+        }
+    }
     if sk_protocol.is_some() {
         let raw: Result<Vec<Link>, CaptureError> = SOCK_DATA_RAW
             .iter()
@@ -537,6 +587,7 @@ fn attach_data_path(
     links: &mut Vec<Link>,
     mode: AttachMode,
     sk_protocol: Option<u32>,
+    btf: Option<&Btf>,
     syscall_layouts: Option<&CaptureError>,
 ) -> Result<AttachMode, CaptureError> {
     let x86 = cfg!(target_arch = "x86_64");
@@ -561,7 +612,7 @@ fn attach_data_path(
         AttachMode::Tracepoint => &[AttachMode::Tracepoint],
     };
     for &path in candidates {
-        match attach_path(ebpf, path, sk_protocol, syscall_layouts) {
+        match attach_path(ebpf, path, sk_protocol, btf, syscall_layouts) {
             Ok(new) => {
                 links.extend(new);
                 return Ok(path);
@@ -594,6 +645,8 @@ impl Capture {
 
         let tgid = std::process::id();
         let offsets = SockOffsets::from_btf();
+        // For the BTF tracepoints; dropped once they are attached.
+        let btf = Btf::from_sys_fs().ok();
         let mut loader = EbpfLoader::new();
         if let Some(bytes) = ringbuf_bytes {
             loader.map_max_entries("EVENTS", bytes);
@@ -628,8 +681,14 @@ impl Capture {
             &mut links,
             mode,
             offsets.sk_protocol,
+            btf.as_ref(),
             syscall_layouts.as_ref(),
         )?;
+        drop(btf);
+        // Parsing the kernel's BTF took ~7 MB for a moment: give it back now rather than keep
+        // it in the allocator's free lists.
+        // SAFETY: only asks the allocator to release free memory.
+        unsafe { libc::malloc_trim(0) };
         let events = ebpf
             .take_map("EVENTS")
             .ok_or_else(|| CaptureError::Map("EVENTS", "missing".into()))?;

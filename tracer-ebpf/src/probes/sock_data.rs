@@ -11,8 +11,8 @@ use aya_ebpf::{
         bpf_get_current_pid_tgid, bpf_probe_read_kernel,
         generated::{bpf_get_current_task_btf, bpf_ktime_get_ns, bpf_task_pt_regs},
     },
-    macros::{raw_tracepoint, tracepoint},
-    programs::{RawTracePointContext, TracePointContext},
+    macros::{btf_tracepoint, raw_tracepoint, tracepoint},
+    programs::{BtfTracePointContext, RawTracePointContext, TracePointContext},
 };
 use tracer_common::{DIR_EGRESS, DIR_INGRESS, KernelStat};
 
@@ -99,6 +99,24 @@ fn from_raw(ctx: &RawTracePointContext) -> Record {
     }
 }
 
+/// The BTF tracepoint's arguments: `sk` is a typed pointer, so family and protocol are plain
+/// guarded loads rather than two helper calls.
+#[inline(always)]
+fn from_btf(ctx: &BtfTracePointContext) -> Record {
+    let sk = ctx.arg::<*const u8>(0);
+    // SAFETY: a read-only global patched by the loader (frozen: the verifier knows it); loads
+    // through the BTF-typed socket pointer are checked against `struct sock` and guarded.
+    unsafe {
+        let off = read_volatile(&SK_PROTOCOL_OFFSET) as usize;
+        Record {
+            sk: sk as u64,
+            flags: ctx.arg::<u64>(2) as i32,
+            family: read_volatile(sk.add(SKC_FAMILY as usize).cast::<u16>()),
+            protocol: read_volatile(sk.add(off).cast::<u16>()),
+        }
+    }
+}
+
 /// Taken whatever this send turns out to be, so that it never outlives its call; used only if
 /// the thread ran without a switch since it was stamped (so on this CPU, in this call).
 #[inline(always)]
@@ -138,6 +156,35 @@ pub fn sock_recv_data(ctx: TracePointContext) -> u32 {
     on_data(tp_ret(&ctx), id, current_task(), DIR_INGRESS, None, || {
         from_tracepoint(&ctx)
     });
+    0
+}
+
+#[btf_tracepoint(function = "sock_send_length")]
+pub fn btf_sock_send(ctx: BtfTracePointContext) -> i32 {
+    let (id, task) = (bpf_get_current_pid_tgid(), current_task());
+    let started = take_send_start(id, task);
+    on_data(
+        ctx.arg::<u64>(1) as i32,
+        id,
+        task,
+        DIR_EGRESS,
+        started,
+        || from_btf(&ctx),
+    );
+    0
+}
+
+#[btf_tracepoint(function = "sock_recv_length")]
+pub fn btf_sock_recv(ctx: BtfTracePointContext) -> i32 {
+    let id = bpf_get_current_pid_tgid();
+    on_data(
+        ctx.arg::<u64>(1) as i32,
+        id,
+        current_task(),
+        DIR_INGRESS,
+        None,
+        || from_btf(&ctx),
+    );
     0
 }
 
