@@ -190,8 +190,8 @@ fn restart_after_sigkill_is_clean() {
         "completed {completed}, counted {seen}"
     );
     // SIGTERM: a clean exit within a second that leaves nothing behind. (Detaching a classic
-    // tracepoint waits for RCU grace periods: the default data path has three, detached in
-    // parallel.)
+    // tracepoint waits for RCU grace periods; the default data path has none where BTF is
+    // complete, and detaches the rest in parallel.)
     let attach = daemon.json("/api/status")["attach"].clone();
     let exit = daemon.terminate();
     eprintln!("SIGTERM exit took {exit:?} (data path {attach})");

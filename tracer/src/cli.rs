@@ -59,7 +59,7 @@ pub enum Command {
         #[arg(long)]
         bpf_stats: bool,
         /// Ring buffer between kernel and daemon, in bytes: a power of two, at least 4096
-        /// (default 16 MiB). Smaller loses events (counted) sooner under bursts.
+        /// (default 4 MiB). Smaller loses events (counted) sooner under bursts.
         #[arg(long, value_parser = parse_ringbuf)]
         ringbuf_bytes: Option<u32>,
         /// Where the data path hooks in: auto takes the first of socket, raw-tracepoint,

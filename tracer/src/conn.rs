@@ -323,6 +323,15 @@ impl ConnTable {
             if d.bytes == 0 {
                 return;
             }
+            // Read after its socket closed (and after its close was handled here): nothing it
+            // could pair with is left, and a connection made for it would never see a close.
+            if d.seq == 0 {
+                metrics
+                    .pairing_drops
+                    .with_label_values(&["read_after_close"])
+                    .inc();
+                return;
+            }
             if self.conns.len() >= self.cap {
                 self.evict(now, metrics, linker);
             }

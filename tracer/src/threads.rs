@@ -61,6 +61,8 @@ impl Threads {
             *v = named;
             return;
         }
+        // Not forgotten at the next turn: it is in the current generation now.
+        self.previous.remove(&key);
         self.insert(key, named);
     }
 

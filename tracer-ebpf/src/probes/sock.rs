@@ -327,7 +327,7 @@ pub fn raw_inet_sock_set_state(ctx: RawTracePointContext) -> i32 {
     };
     if protocol == IPPROTO_TCP {
         // SAFETY: as above.
-        unsafe { on_state(sk, old_state, new_state, tuple_from_sock(sk)) };
+        unsafe { on_state(sk, old_state, new_state, None) };
     }
     0
 }
@@ -370,14 +370,24 @@ unsafe fn on_state_record(ctx: &TracePointContext) {
             tuple.remote_addr[..4]
                 .copy_from_slice(&ctx.read_at::<[u8; 4]>(SS_DADDR).unwrap_or([0; 4]));
         }
-        on_state(sk, old_state, new_state, tuple);
+        on_state(sk, old_state, new_state, Some(tuple));
     }
 }
 
+/// A state change of `sk`, with its tuple as the classic tracepoint gives it, or None to read it
+/// (the raw tracepoint): from the socket's entry once it is up (at close the kernel has
+/// already released the local port, which then reads 0), else from the socket.
 #[inline(always)]
-unsafe fn on_state(sk: u64, old_state: u32, new_state: u32, tuple: SockTuple) {
+unsafe fn on_state(sk: u64, old_state: u32, new_state: u32, tuple: Option<SockTuple>) {
     unsafe {
         let existing = SOCKS.get_ptr_mut(&sk);
+        let tuple = match (tuple, existing) {
+            (Some(t), _) => t,
+            (None, Some(s)) if matches!(new_state, TCP_FIN_WAIT1 | TCP_LAST_ACK | TCP_CLOSE) => {
+                (*s).tuple
+            }
+            (None, _) => tuple_from_sock(sk),
+        };
         // SAFETY: a live map value, read while this program runs.
         let seq = existing.map_or(0, |s| (*s).seq);
         let fresh = SockState {
@@ -387,9 +397,13 @@ unsafe fn on_state(sk: u64, old_state: u32, new_state: u32, tuple: SockTuple) {
             task: 0,
         };
         match (new_state, existing) {
-            // A new connection starts clean, whatever an earlier socket at this address left.
+            // A new connection starts clean, whatever an earlier socket at this address left:
+            // its state, and an opaque request made for it (the one hash operation per
+            // connection that keeps such a request from waiting for a later socket with the
+            // same 4-tuple).
             (TCP_SYN_SENT, _) | (TCP_ESTABLISHED, None) => {
                 let _ = SOCKS.insert(&sk, &fresh, 0);
+                let _ = OPAQUE.remove(&sk);
             }
             // A client's: keep the numbering (data may already have gone out, TCP Fast Open);
             // the local port may only now be known.
@@ -400,11 +414,9 @@ unsafe fn on_state(sk: u64, old_state: u32, new_state: u32, tuple: SockTuple) {
             (TCP_ESTABLISHED, Some(state)) => {
                 if !same_tuple(&(*state).tuple, &tuple) {
                     let _ = SOCKS.insert(&sk, &fresh, 0);
+                    let _ = OPAQUE.remove(&sk);
                 }
             }
-            // A request in OPAQUE left for this socket is not removed here (a hash operation
-            // per close): one for an earlier connection never matches a later one's tuple, and
-            // is dropped when looked at.
             (TCP_CLOSE, _) => {
                 let _ = SOCKS.remove(&sk);
             }
