@@ -140,80 +140,54 @@ fn current_task() -> u64 {
     unsafe { bpf_get_current_task_btf() as u64 }
 }
 
-#[tracepoint(category = "sock", name = "sock_send_length")]
-pub fn sock_send_data(ctx: TracePointContext) -> u32 {
+/// A send: its start stamp is taken (whatever the send turns out to be) before its bytes.
+#[inline(always)]
+fn on_send(ret: i32, record: impl FnOnce() -> Record) {
     let (id, task) = (bpf_get_current_pid_tgid(), current_task());
     let started = take_send_start(id, task);
-    on_data(tp_ret(&ctx), id, task, DIR_EGRESS, started, || {
-        from_tracepoint(&ctx)
-    });
+    on_data(ret, id, task, DIR_EGRESS, started, record);
+}
+
+/// A receive: its bytes are there when it returns.
+#[inline(always)]
+fn on_recv(ret: i32, record: impl FnOnce() -> Record) {
+    let id = bpf_get_current_pid_tgid();
+    on_data(ret, id, current_task(), DIR_INGRESS, None, record);
+}
+
+#[tracepoint(category = "sock", name = "sock_send_length")]
+pub fn sock_send_data(ctx: TracePointContext) -> u32 {
+    on_send(tp_ret(&ctx), || from_tracepoint(&ctx));
     0
 }
 
 #[tracepoint(category = "sock", name = "sock_recv_length")]
 pub fn sock_recv_data(ctx: TracePointContext) -> u32 {
-    let id = bpf_get_current_pid_tgid();
-    on_data(tp_ret(&ctx), id, current_task(), DIR_INGRESS, None, || {
-        from_tracepoint(&ctx)
-    });
+    on_recv(tp_ret(&ctx), || from_tracepoint(&ctx));
     0
 }
 
 #[btf_tracepoint(function = "sock_send_length")]
 pub fn btf_sock_send(ctx: BtfTracePointContext) -> i32 {
-    let (id, task) = (bpf_get_current_pid_tgid(), current_task());
-    let started = take_send_start(id, task);
-    on_data(
-        ctx.arg::<u64>(1) as i32,
-        id,
-        task,
-        DIR_EGRESS,
-        started,
-        || from_btf(&ctx),
-    );
+    on_send(ctx.arg::<u64>(1) as i32, || from_btf(&ctx));
     0
 }
 
 #[btf_tracepoint(function = "sock_recv_length")]
 pub fn btf_sock_recv(ctx: BtfTracePointContext) -> i32 {
-    let id = bpf_get_current_pid_tgid();
-    on_data(
-        ctx.arg::<u64>(1) as i32,
-        id,
-        current_task(),
-        DIR_INGRESS,
-        None,
-        || from_btf(&ctx),
-    );
+    on_recv(ctx.arg::<u64>(1) as i32, || from_btf(&ctx));
     0
 }
 
 #[raw_tracepoint(tracepoint = "sock_send_length")]
 pub fn raw_sock_send(ctx: RawTracePointContext) -> i32 {
-    let (id, task) = (bpf_get_current_pid_tgid(), current_task());
-    let started = take_send_start(id, task);
-    on_data(
-        ctx.arg::<u64>(1) as i32,
-        id,
-        task,
-        DIR_EGRESS,
-        started,
-        || from_raw(&ctx),
-    );
+    on_send(ctx.arg::<u64>(1) as i32, || from_raw(&ctx));
     0
 }
 
 #[raw_tracepoint(tracepoint = "sock_recv_length")]
 pub fn raw_sock_recv(ctx: RawTracePointContext) -> i32 {
-    let id = bpf_get_current_pid_tgid();
-    on_data(
-        ctx.arg::<u64>(1) as i32,
-        id,
-        current_task(),
-        DIR_INGRESS,
-        None,
-        || from_raw(&ctx),
-    );
+    on_recv(ctx.arg::<u64>(1) as i32, || from_raw(&ctx));
     0
 }
 
