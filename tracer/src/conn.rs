@@ -175,7 +175,6 @@ impl Conn {
             pending,
             request_head,
             response_head,
-            undecided,
         } = spare;
         Self {
             tuple,
@@ -191,7 +190,7 @@ impl Conn {
             },
             pending,
             current: None,
-            undecided,
+            undecided: Vec::new(),
             undecided_ns: 0,
             last_ns: now,
             next_seq: 0,
@@ -202,13 +201,13 @@ impl Conn {
 }
 
 /// A closed connection's buffers, emptied, for the next one: a connection per request would
-/// otherwise allocate and free them each time.
+/// otherwise allocate and free them each time. (Undecided bytes are not among them: they are
+/// always a fresh copy.)
 #[derive(Default)]
 struct Buffers {
     pending: VecDeque<Pending>,
     request_head: Vec<u8>,
     response_head: Vec<u8>,
-    undecided: Vec<u8>,
 }
 
 /// Closed connections' buffers kept for new ones, and the largest buffer kept.
@@ -218,7 +217,7 @@ const SPARE_BUFFER_BYTES: usize = 4096;
 impl Buffers {
     /// What `conn` had, if small enough to keep.
     fn of(conn: &mut Conn) -> Option<Self> {
-        let heads = [&conn.requests.head, &conn.responses.head, &conn.undecided];
+        let heads = [&conn.requests.head, &conn.responses.head];
         if heads.iter().any(|b| b.capacity() > SPARE_BUFFER_BYTES)
             || conn.pending.capacity() > MAX_IN_FLIGHT
         {
@@ -228,12 +227,10 @@ impl Buffers {
             pending: std::mem::take(&mut conn.pending),
             request_head: std::mem::take(&mut conn.requests.head),
             response_head: std::mem::take(&mut conn.responses.head),
-            undecided: std::mem::take(&mut conn.undecided),
         };
         b.pending.clear();
         b.request_head.clear();
         b.response_head.clear();
-        b.undecided.clear();
         Some(b)
     }
 }
