@@ -16,7 +16,7 @@ use tracer_common::{
 
 use crate::{
     event::{self, Data, Direction, Task, Tuple},
-    http1::{self, BodyLen, Chunked, Method, Parsed, Start},
+    http1::{self, BodyLen, Chunked, Method, Parsed, Path, Start},
     metrics::Metrics,
     spans::{self, Linker, SpanId},
 };
@@ -69,7 +69,7 @@ pub struct Exchange {
     /// This end's view of the connection.
     pub tuple: Tuple,
     pub method: Method,
-    pub path: String,
+    pub path: Path,
     pub status: u16,
     /// First byte of the request as this end saw it.
     pub start_ns: u64,
@@ -84,7 +84,7 @@ pub struct Exchange {
 #[derive(Debug)]
 struct Pending {
     method: Method,
-    path: String,
+    path: Path,
     start_ns: u64,
     bytes: u64,
     task: Task,
@@ -1110,7 +1110,7 @@ mod tests {
         fn statuses(&self) -> Vec<(String, u16)> {
             self.out
                 .iter()
-                .map(|e| (e.path.clone(), e.status))
+                .map(|e| (e.path.to_string(), e.status))
                 .collect()
         }
 

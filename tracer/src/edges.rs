@@ -10,6 +10,7 @@ use foldhash::{HashMap, HashSet};
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::SocketAddr,
+    sync::Arc,
     time::Instant,
 };
 
@@ -146,8 +147,9 @@ type RouteId = u32;
 /// for names it has seen.
 #[derive(Default)]
 struct Interner {
-    ids: HashMap<String, u32>,
-    names: Vec<String>,
+    ids: HashMap<Arc<str>, u32>,
+    /// Shared: a span takes its route without a copy.
+    names: Vec<Arc<str>>,
 }
 
 impl Interner {
@@ -156,12 +158,17 @@ impl Interner {
             return id;
         }
         let id = self.names.len() as u32;
-        self.names.push(s.to_owned());
-        self.ids.insert(s.to_owned(), id);
+        let name: Arc<str> = s.into();
+        self.names.push(name.clone());
+        self.ids.insert(name, id);
         id
     }
 
     fn name(&self, id: u32) -> &str {
+        &self.names[id as usize]
+    }
+
+    fn shared(&self, id: u32) -> &Arc<str> {
         &self.names[id as usize]
     }
 }
@@ -199,7 +206,7 @@ const WORKLOAD_CACHE: usize = 8192;
 
 /// What a request was counted as.
 pub struct Recorded<'a> {
-    pub route: &'a str,
+    pub route: &'a Arc<str>,
     pub src: &'a str,
     pub dst: &'a str,
     /// Whether this end's exchange counted the request (else the other end does).
@@ -522,7 +529,7 @@ impl Aggregator {
             let _ = w.latency.record(latency_us);
         }
         Recorded {
-            route: self.routes.name(route),
+            route: self.routes.shared(route),
             src: self.names.name(key.0),
             dst: self.names.name(key.1),
             counted: counts,

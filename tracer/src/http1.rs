@@ -8,6 +8,9 @@ use std::mem::MaybeUninit;
 
 use thiserror::Error;
 
+/// A request path (target without its query): inline when short, as most are.
+pub type Path = compact_str::CompactString;
+
 /// Request methods recognised at the start of a message. A known list rather than any token, so
 /// that random bytes and other protocols are not taken for HTTP.
 const METHODS: [&[u8]; 9] = [
@@ -112,7 +115,7 @@ pub enum BodyLen {
 pub struct RequestHead {
     pub method: Method,
     /// The request target without its query string.
-    pub path: String,
+    pub path: Path,
     pub head_len: usize,
     pub body: BodyLen,
     /// Trace context the request carries (W3C or B3), if any.
@@ -324,7 +327,7 @@ pub fn parse_request(buf: &[u8]) -> Result<Parsed<RequestHead>, ParseError> {
                 .method
                 .and_then(Method::parse)
                 .ok_or(ParseError::UnknownMethod)?;
-            let path = strip_query(req.path.unwrap_or("/")).to_owned();
+            let path = Path::new(strip_query(req.path.unwrap_or("/")));
             let (length, chunked) = framing(req.headers)?;
             let body = if chunked {
                 BodyLen::Chunked
@@ -393,13 +396,13 @@ pub fn parse_response(buf: &[u8]) -> Result<Parsed<ResponseHead>, ParseError> {
 
 /// The request line alone, for a head longer than what was captured: enough to count and route
 /// the request, though its framing is unknown.
-pub fn parse_request_line(buf: &[u8]) -> Option<(Method, String)> {
+pub fn parse_request_line(buf: &[u8]) -> Option<(Method, Path)> {
     let line = buf.split(|&b| b == b'\r' || b == b'\n').next()?;
     let mut parts = line.split(|&b| b == b' ');
     let method = Method::parse(std::str::from_utf8(parts.next()?).ok()?)?;
     let target = std::str::from_utf8(parts.next()?).ok()?;
     parts.next().filter(|v| v.starts_with(b"HTTP/1."))?;
-    Some((method, strip_query(target).to_owned()))
+    Some((method, Path::new(strip_query(target))))
 }
 
 /// The status line alone, for a response head longer than what was captured.

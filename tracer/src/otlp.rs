@@ -223,8 +223,8 @@ pub fn attributes(span: &Span) -> Vec<KeyValue> {
     let client = span.client_addr();
     if let Some(f) = &span.finished {
         a.push(kv("http.request.method", s(f.method.as_str())));
-        a.push(kv("url.path", s(f.path.clone())));
-        a.push(kv("http.route", s(f.route.clone())));
+        a.push(kv("url.path", s(f.path.to_string())));
+        a.push(kv("http.route", s(f.route.to_string())));
         a.push(kv("http.response.status_code", i(i64::from(f.status))));
         // Whole messages, head included (the experimental *.size attributes).
         a.push(kv("http.request.size", i(f.req_bytes as i64)));

@@ -43,14 +43,16 @@ const RECENT_SPANS: usize = 1024;
 
 /// Where finished spans go: the recent list for the API, and the OTLP queue when configured.
 pub struct SpanSink {
-    pub recent: Mutex<VecDeque<Span>>,
+    pub recent: Mutex<VecDeque<Box<Span>>>,
     pub names: ServiceNames,
     tx: Option<mpsc::Sender<Span>>,
     reported: Mutex<LinkStats>,
 }
 
 impl SpanSink {
-    fn publish(&self, ready: &mut Vec<Span>, linker: &Linker, metrics: &Metrics) {
+    /// Spans that fall off the recent list go back to the linker for new spans.
+    #[allow(clippy::vec_box, reason = "boxes are recycled into new spans")]
+    fn publish(&self, ready: &mut Vec<Box<Span>>, linker: &mut Linker, metrics: &Metrics) {
         let stats = linker.stats;
         {
             let mut last = self.reported.lock().unwrap_or_else(|p| p.into_inner());
@@ -76,7 +78,7 @@ impl SpanSink {
             if !span.sampled {
                 metrics.spans.with_label_values(&["unsampled"]).inc();
             } else if let Some(tx) = &self.tx {
-                match tx.try_send(span.clone()) {
+                match tx.try_send(Span::clone(&span)) {
                     Ok(()) => {}
                     Err(TrySendError::Full(_) | TrySendError::Closed(_)) => {
                         metrics
@@ -86,8 +88,10 @@ impl SpanSink {
                     }
                 }
             }
-            if recent.len() >= RECENT_SPANS {
-                recent.pop_front();
+            if recent.len() >= RECENT_SPANS
+                && let Some(old) = recent.pop_front()
+            {
+                linker.recycle(old);
             }
             recent.push_back(span);
         }
@@ -313,7 +317,8 @@ struct Reader {
     threads: Threads,
     linker: Linker,
     exchanges: Vec<Exchange>,
-    ready: Vec<Span>,
+    #[allow(clippy::vec_box, reason = "boxes are recycled into new spans")]
+    ready: Vec<Box<Span>>,
     last_drain: Instant,
     last_expire: Instant,
     /// Where sockets found not to carry HTTP are handed to the kernel (none when replaying).
@@ -418,7 +423,7 @@ impl Reader {
             let mut tapped = (rec.counted && self.shared.tap.receiver_count() > 0)
                 .then(|| tap::TapEvent::of(&ex, &rec));
             // The route as the metrics templated it: computed once.
-            let route = ex.span.map(|_| rec.route.to_owned());
+            let route = ex.span.map(|_| rec.route.clone());
             if let (Some(span), Some(route)) = (ex.span, route) {
                 self.linker.finish(
                     span,
@@ -457,7 +462,7 @@ impl Reader {
         self.linker.drain_ready(&mut self.ready);
         self.shared
             .spans_out
-            .publish(&mut self.ready, &self.linker, &self.shared.metrics);
+            .publish(&mut self.ready, &mut self.linker, &self.shared.metrics);
     }
 }
 

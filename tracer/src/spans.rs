@@ -21,16 +21,17 @@
 // Hot-path tables: foldhash is several times cheaper per lookup than SipHash and still
 // seeded per process.
 use foldhash::HashMap;
+use smallvec::SmallVec;
 use std::{
-    collections::VecDeque,
     net::SocketAddr,
+    sync::Arc,
     time::{Duration, Instant},
 };
 
 use crate::{
     conn::Side,
     event::{Task, Tuple},
-    http1::{Method, Propagated},
+    http1::{Method, Path, Propagated},
 };
 
 pub type TraceId = u128;
@@ -50,6 +51,14 @@ const SHRINK_EVERY: Duration = Duration::from_secs(60);
 const MAX_PENDING_PER_CONN: usize = 16;
 /// Connections with client spans awaiting their server end.
 const MAX_PENDING_CONNS: usize = 16 * 1024;
+/// Exported spans' boxes kept for new spans (a span a request: no allocation per span).
+const MAX_SPARE: usize = 2048;
+
+/// Span ids of one thread, connection or parent: nearly always 0-2, kept inline so that the
+/// per-request churn of these lists allocates nothing.
+type Ids = SmallVec<[SpanId; 2]>;
+/// Oldest first; at most MAX_PENDING_PER_CONN.
+type Queue = SmallVec<[SpanId; 4]>;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Parent {
@@ -73,8 +82,9 @@ impl Parent {
 #[derive(Clone, Debug)]
 pub struct Finished {
     pub method: Method,
-    pub path: String,
-    pub route: String,
+    pub path: Path,
+    /// Shared with the metrics' route table: no copy per span.
+    pub route: Arc<str>,
     pub status: u16,
     pub end_ns: u64,
     pub req_bytes: u64,
@@ -98,7 +108,7 @@ pub struct Span {
     pub finished: Option<Finished>,
     /// A CLIENT span the server end of its request took as parent.
     claimed: bool,
-    children: Vec<SpanId>,
+    children: Ids,
     link_pending: bool,
     created: Instant,
     finished_at: Option<Instant>,
@@ -193,11 +203,14 @@ pub struct Linker {
     live_peak: usize,
     last_shrink: Instant,
     /// Server spans in progress, by the (tgid, tid) that read their request.
-    serving: HashMap<(u32, u32), Vec<SpanId>>,
+    serving: HashMap<(u32, u32), Ids>,
     /// Client spans whose server end has not claimed them, by (client, server) address.
-    pending_clients: HashMap<(SocketAddr, SocketAddr), VecDeque<SpanId>>,
+    pending_clients: HashMap<(SocketAddr, SocketAddr), Queue>,
     /// Server spans that started before their (local) client span was seen.
-    pending_servers: HashMap<(SocketAddr, SocketAddr), VecDeque<SpanId>>,
+    pending_servers: HashMap<(SocketAddr, SocketAddr), Queue>,
+    /// Boxes of exported spans, for new ones.
+    #[allow(clippy::vec_box, reason = "the boxes are what is kept")]
+    spare: Vec<Box<Span>>,
     sampler: Sampler,
     pub stats: LinkStats,
 }
@@ -220,6 +233,17 @@ fn addr_word(a: &SocketAddr) -> u64 {
 /// Identity of a request from its connection and position: the same at both ends.
 fn request_key(client: &SocketAddr, server: &SocketAddr, index: u64) -> u64 {
     mix(addr_word(client) ^ mix(addr_word(server) ^ mix(index ^ 0x7472_6163_6572)))
+}
+
+fn push_bounded(q: &mut Queue, id: SpanId) {
+    if q.len() >= MAX_PENDING_PER_CONN {
+        q.remove(0);
+    }
+    q.push(id);
+}
+
+fn pop_front(q: &mut Queue) -> Option<SpanId> {
+    (!q.is_empty()).then(|| q.remove(0))
 }
 
 fn nonzero(v: u64) -> u64 {
@@ -257,6 +281,7 @@ impl Linker {
             serving: HashMap::default(),
             pending_clients: HashMap::default(),
             pending_servers: HashMap::default(),
+            spare: Vec::new(),
             sampler,
             stats: LinkStats::default(),
         }
@@ -324,22 +349,20 @@ impl Linker {
             p.children.push(span_id);
         }
         if link_pending && self.pending_servers.len() < MAX_PENDING_CONNS {
-            let q = self.pending_servers.entry((client, server)).or_default();
-            if q.len() >= MAX_PENDING_PER_CONN {
-                q.pop_front();
-            }
-            q.push_back(span_id);
+            push_bounded(
+                self.pending_servers.entry((client, server)).or_default(),
+                span_id,
+            );
         }
         match s.kind {
             Side::Client => {
                 if self.pending_clients.len() < MAX_PENDING_CONNS
                     || self.pending_clients.contains_key(&(client, server))
                 {
-                    let q = self.pending_clients.entry((client, server)).or_default();
-                    if q.len() >= MAX_PENDING_PER_CONN {
-                        q.pop_front();
-                    }
-                    q.push_back(span_id);
+                    push_bounded(
+                        self.pending_clients.entry((client, server)).or_default(),
+                        span_id,
+                    );
                 }
             }
             Side::Server => self
@@ -348,27 +371,32 @@ impl Linker {
                 .or_default()
                 .push(span_id),
         }
-        self.live.insert(
+        let span = Span {
+            trace_id,
             span_id,
-            Box::new(Span {
-                trace_id,
-                span_id,
-                parent,
-                kind: s.kind,
-                sampled,
-                tracestate: s.context.and_then(|c| c.tracestate.clone()),
-                start_ns: s.start_ns,
-                task: s.task,
-                tuple: s.tuple,
-                minor_version: s.minor_version,
-                finished: None,
-                claimed: false,
-                children: Vec::new(),
-                link_pending,
-                created: Instant::now(),
-                finished_at: None,
-            }),
-        );
+            parent,
+            kind: s.kind,
+            sampled,
+            tracestate: s.context.and_then(|c| c.tracestate.clone()),
+            start_ns: s.start_ns,
+            task: s.task,
+            tuple: s.tuple,
+            minor_version: s.minor_version,
+            finished: None,
+            claimed: false,
+            children: Ids::new(),
+            link_pending,
+            created: Instant::now(),
+            finished_at: None,
+        };
+        let boxed = match self.spare.pop() {
+            Some(mut b) => {
+                *b = span;
+                b
+            }
+            None => Box::new(span),
+        };
+        self.live.insert(span_id, boxed);
         self.live_peak = self.live_peak.max(self.live.len());
         if s.kind == Side::Client {
             self.link_waiting_server(client, server, span_id);
@@ -383,7 +411,7 @@ impl Linker {
             return;
         };
         let server_id = loop {
-            let Some(id) = q.pop_front() else {
+            let Some(id) = pop_front(q) else {
                 break None;
             };
             if self.live.get(&id).is_some_and(|s| s.link_pending) {
@@ -401,7 +429,7 @@ impl Linker {
         }
         // Not available to later servers on this connection any more.
         if let Some(q) = self.pending_clients.get_mut(&(client, server)) {
-            q.retain(|&id| id != client_id);
+            q.retain(|id| *id != client_id);
         }
         let Some(c) = self.live.get_mut(&client_id) else {
             return;
@@ -460,7 +488,7 @@ impl Linker {
             Some(expected)
         } else {
             loop {
-                let Some(id) = q.pop_front() else {
+                let Some(id) = pop_front(q) else {
                     break None;
                 };
                 if open(&self.live, &id) {
@@ -496,6 +524,13 @@ impl Linker {
         false
     }
 
+    /// Takes back the box of a span that was exported and is no longer shown, for a new span.
+    pub fn recycle(&mut self, span: Box<Span>) {
+        if self.spare.len() < MAX_SPARE {
+            self.spare.push(span);
+        }
+    }
+
     /// Whether spans are built at all.
     pub fn enabled(&self) -> bool {
         self.enabled
@@ -522,7 +557,7 @@ impl Linker {
         };
         let key = (span.task.tgid, span.task.tid);
         if let Some(v) = self.serving.get_mut(&key) {
-            v.retain(|&id| id != span_id);
+            v.retain(|id| *id != span_id);
             if v.is_empty() {
                 self.serving.remove(&key);
             }
@@ -532,8 +567,9 @@ impl Linker {
     /// The request will never be answered (connection gone, or its events lost).
     pub fn abandon(&mut self, span_id: SpanId) {
         self.responding(span_id);
-        if self.live.remove(&span_id).is_some() {
+        if let Some(span) = self.live.remove(&span_id) {
             self.stats.unfinished += 1;
+            self.recycle(span);
         }
     }
 
@@ -602,7 +638,8 @@ impl Linker {
 
     /// Takes the spans ready for export: finished, and their ancestors finished (or held long
     /// enough). Forgets spans that never finished.
-    pub fn drain_ready(&mut self, out: &mut Vec<Span>) {
+    #[allow(clippy::vec_box, reason = "boxes are recycled into new spans")]
+    pub fn drain_ready(&mut self, out: &mut Vec<Box<Span>>) {
         let now = Instant::now();
         let mut ready = Vec::new();
         let mut stale = Vec::new();
@@ -637,7 +674,7 @@ impl Linker {
         ready.sort_unstable();
         for (_, id) in ready {
             if let Some(span) = self.live.remove(&id) {
-                out.push(*span);
+                out.push(span);
             }
         }
         self.pending_clients
@@ -709,8 +746,8 @@ mod tests {
             id,
             Finished {
                 method: Method::Get,
-                path: "/".to_owned(),
-                route: "/".to_owned(),
+                path: "/".into(),
+                route: "/".into(),
                 status: 200,
                 end_ns: 2,
                 req_bytes: 0,
@@ -749,7 +786,7 @@ mod tests {
         done(&mut l, c);
         l.drain_ready(&mut out);
         assert_eq!(out.len(), 4);
-        let by_id: HashMap<SpanId, &Span> = out.iter().map(|s| (s.span_id, s)).collect();
+        let by_id: HashMap<SpanId, &Span> = out.iter().map(|s| (s.span_id, &**s)).collect();
         assert!(out.iter().all(|s| s.trace_id == by_id[&c].trace_id));
         assert_eq!(by_id[&c].parent, Parent::None);
         assert_eq!(by_id[&s].parent, Parent::Local(c));
