@@ -66,10 +66,24 @@ impl Task {
 }
 
 /// Both ends of a connection, from one socket's point of view.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Tuple {
     pub local: SocketAddr,
     pub remote: SocketAddr,
+}
+
+/// Two words per end: `SocketAddr`'s own hash feeds the hasher field by field (variant, a
+/// length-prefixed byte slice, port), and tuples are hashed a few times per event.
+impl std::hash::Hash for Tuple {
+    fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
+        for a in [&self.local, &self.remote] {
+            match a.ip() {
+                IpAddr::V4(ip) => h.write_u32(u32::from(ip)),
+                IpAddr::V6(ip) => h.write_u128(u128::from(ip)),
+            }
+            h.write_u16(a.port());
+        }
+    }
 }
 
 impl Tuple {

@@ -358,6 +358,7 @@ impl Reader {
     /// Takes every record there is.
     fn drain(&mut self, ring: &mut RingBuf<MapData>) {
         self.shared.aggregator().tick();
+        self.linker.tick(Instant::now());
         while let Some(item) = ring.next() {
             self.handle(&item);
         }

@@ -205,9 +205,11 @@ pub struct Linker {
     /// Server spans in progress, by the (tgid, tid) that read their request.
     serving: HashMap<(u32, u32), Ids>,
     /// Client spans whose server end has not claimed them, by (client, server) address.
-    pending_clients: HashMap<(SocketAddr, SocketAddr), Queue>,
+    pending_clients: HashMap<ConnKey, Queue>,
     /// Server spans that started before their (local) client span was seen.
-    pending_servers: HashMap<(SocketAddr, SocketAddr), Queue>,
+    pending_servers: HashMap<ConnKey, Queue>,
+    /// The clock, read once per batch of events rather than per span.
+    now: Instant,
     /// Boxes of exported spans, for new ones.
     #[allow(clippy::vec_box, reason = "the boxes are what is kept")]
     spare: Vec<Box<Span>>,
@@ -228,6 +230,14 @@ fn addr_word(a: &SocketAddr) -> u64 {
         std::net::IpAddr::V6(v6) => u128::from(v6),
     };
     mix((ip as u64) ^ mix((ip >> 64) as u64) ^ (u64::from(a.port()) << 48))
+}
+
+/// A connection by its (client, server) addresses, hashed once: the pending tables are looked
+/// up several times per request, and hashing two socket addresses each time was a cost.
+type ConnKey = u64;
+
+fn conn_key(client: &SocketAddr, server: &SocketAddr) -> ConnKey {
+    mix(addr_word(client) ^ mix(addr_word(server) ^ 0x636f_6e6e))
 }
 
 /// Identity of a request from its connection and position: the same at both ends.
@@ -278,6 +288,7 @@ impl Linker {
             live: HashMap::default(),
             live_peak: 0,
             last_shrink: Instant::now(),
+            now: Instant::now(),
             serving: HashMap::default(),
             pending_clients: HashMap::default(),
             pending_servers: HashMap::default(),
@@ -302,6 +313,7 @@ impl Linker {
             Side::Server => (s.tuple.remote, s.tuple.local),
         };
         let key = request_key(&client, &server, s.index);
+        let conn = conn_key(&client, &server);
         let mut span_id = match s.kind {
             Side::Client => client_span_id(key),
             Side::Server => server_span_id(key),
@@ -326,7 +338,7 @@ impl Linker {
                 })
             }
             Side::Server => {
-                let client_span = self.claim_client(client, server, client_span_id(key));
+                let client_span = self.claim_client(conn, client_span_id(key));
                 match self.parent_of(client_span, header) {
                     Some(chosen) => chosen,
                     None => {
@@ -350,17 +362,17 @@ impl Linker {
         }
         if link_pending && self.pending_servers.len() < MAX_PENDING_CONNS {
             push_bounded(
-                self.pending_servers.entry((client, server)).or_default(),
+                self.pending_servers.entry(conn).or_default(),
                 span_id,
             );
         }
         match s.kind {
             Side::Client => {
                 if self.pending_clients.len() < MAX_PENDING_CONNS
-                    || self.pending_clients.contains_key(&(client, server))
+                    || self.pending_clients.contains_key(&conn)
                 {
                     push_bounded(
-                        self.pending_clients.entry((client, server)).or_default(),
+                        self.pending_clients.entry(conn).or_default(),
                         span_id,
                     );
                 }
@@ -386,7 +398,7 @@ impl Linker {
             claimed: false,
             children: Ids::new(),
             link_pending,
-            created: Instant::now(),
+            created: self.now,
             finished_at: None,
         };
         let boxed = match self.spare.pop() {
@@ -399,15 +411,15 @@ impl Linker {
         self.live.insert(span_id, boxed);
         self.live_peak = self.live_peak.max(self.live.len());
         if s.kind == Side::Client {
-            self.link_waiting_server(client, server, span_id);
+            self.link_waiting_server(conn, span_id);
         }
         Some(span_id)
     }
 
     /// A client span that arrives after its server end: link them now, so that the client's
     /// exchange already knows its server end saw the request.
-    fn link_waiting_server(&mut self, client: SocketAddr, server: SocketAddr, client_id: SpanId) {
-        let Some(q) = self.pending_servers.get_mut(&(client, server)) else {
+    fn link_waiting_server(&mut self, conn: ConnKey, client_id: SpanId) {
+        let Some(q) = self.pending_servers.get_mut(&conn) else {
             return;
         };
         let server_id = loop {
@@ -419,7 +431,7 @@ impl Linker {
             }
         };
         if q.is_empty() {
-            self.pending_servers.remove(&(client, server));
+            self.pending_servers.remove(&conn);
         }
         let Some(server_id) = server_id else {
             return;
@@ -428,7 +440,7 @@ impl Linker {
             return;
         }
         // Not available to later servers on this connection any more.
-        if let Some(q) = self.pending_clients.get_mut(&(client, server)) {
+        if let Some(q) = self.pending_clients.get_mut(&conn) {
             q.retain(|id| *id != client_id);
         }
         let Some(c) = self.live.get_mut(&client_id) else {
@@ -468,13 +480,8 @@ impl Linker {
 
     /// The client span of this request on this connection: the one with the id both ends
     /// derive when it is there (positions agree), else the oldest one no server span claimed.
-    fn claim_client(
-        &mut self,
-        client: SocketAddr,
-        server: SocketAddr,
-        expected: SpanId,
-    ) -> Option<AsParent> {
-        let q = self.pending_clients.get_mut(&(client, server))?;
+    fn claim_client(&mut self, conn: ConnKey, expected: SpanId) -> Option<AsParent> {
+        let q = self.pending_clients.get_mut(&conn)?;
         // A client span whose response already came back cannot be the request a server is
         // just starting to read: its own server end missed it.
         let open = |live: &HashMap<SpanId, Box<Span>>, id: &SpanId| {
@@ -501,7 +508,7 @@ impl Linker {
             span.as_parent()
         });
         if q.is_empty() {
-            self.pending_clients.remove(&(client, server));
+            self.pending_clients.remove(&conn);
         }
         found
     }
@@ -529,6 +536,12 @@ impl Linker {
         if self.spare.len() < MAX_SPARE {
             self.spare.push(span);
         }
+    }
+
+    /// The clock for spans that start or finish until the next tick: the reader ticks once per
+    /// batch of events.
+    pub fn tick(&mut self, now: Instant) {
+        self.now = now;
     }
 
     /// Whether spans are built at all.
@@ -579,15 +592,15 @@ impl Linker {
             return;
         };
         span.finished = Some(f);
-        span.finished_at = Some(Instant::now());
+        span.finished_at = Some(self.now);
         if span.link_pending {
-            let (client, server) = (span.client_addr(), span.server_addr());
+            let conn = conn_key(&span.client_addr(), &span.server_addr());
             let expected = match span.parent {
                 Parent::Remote(id) => id,
                 _ => 0,
             };
             if let Some(c) = self
-                .claim_client(client, server, expected)
+                .claim_client(conn, expected)
                 .filter(|c| !self.descends_from(c.span_id, span_id))
             {
                 self.stats.late_links += 1;
@@ -641,6 +654,7 @@ impl Linker {
     #[allow(clippy::vec_box, reason = "boxes are recycled into new spans")]
     pub fn drain_ready(&mut self, out: &mut Vec<Box<Span>>) {
         let now = Instant::now();
+        self.now = now;
         let mut ready = Vec::new();
         let mut stale = Vec::new();
         for (id, span) in &self.live {
