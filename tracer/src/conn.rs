@@ -648,18 +648,24 @@ fn feed(conn: &mut Conn, requests: bool, ctx: &mut Ctx<'_, '_>) {
                 let prev = reader.head.len();
                 let room = MAX_HEAD - prev;
                 let add = &at[..at.len().min(room)];
-                reader.head.extend_from_slice(add);
                 // Bytes of this syscall past what was captured belong to this head or after it.
                 if (at.len() as u64) < total - off {
                     reader.head_lost = true;
                 }
+                // Most heads come whole in one syscall: parsed where they lie, copied only
+                // when the rest is still to come.
+                let in_place = prev == 0;
+                if !in_place {
+                    reader.head.extend_from_slice(add);
+                }
+                let head: &[u8] = if in_place { add } else { &reader.head };
                 let parsed = if requests {
-                    http1::parse_request(&reader.head).map(|p| match p {
+                    http1::parse_request(head).map(|p| match p {
                         Parsed::Complete(h) => Some((h.head_len, HeadInfo::Request(h))),
                         Parsed::Partial => None,
                     })
                 } else {
-                    http1::parse_response(&reader.head).map(|p| match p {
+                    http1::parse_response(head).map(|p| match p {
                         Parsed::Complete(h) => Some((h.head_len, HeadInfo::Response(h))),
                         Parsed::Partial => None,
                     })
@@ -671,16 +677,18 @@ fn feed(conn: &mut Conn, requests: bool, ctx: &mut Ctx<'_, '_>) {
                         reader.bytes += used;
                         on_head(conn, requests, info, ctx);
                     }
-                    Ok(None) if !reader.head_lost && reader.head.len() < MAX_HEAD => {
+                    Ok(None) if !reader.head_lost && head.len() < MAX_HEAD => {
                         // Wait for the rest of the head.
+                        if in_place {
+                            reader.head.extend_from_slice(add);
+                        }
                         reader.bytes += total - off;
                         return;
                     }
                     Ok(None) => {
                         // The head outgrew the capture: salvage its first line.
-                        reader.bytes += total - off;
                         let info = if requests {
-                            http1::parse_request_line(&reader.head).map(|(method, path)| {
+                            http1::parse_request_line(head).map(|(method, path)| {
                                 HeadInfo::Request(http1::RequestHead {
                                     method,
                                     path,
@@ -691,7 +699,7 @@ fn feed(conn: &mut Conn, requests: bool, ctx: &mut Ctx<'_, '_>) {
                                 })
                             })
                         } else {
-                            http1::parse_status_line(&reader.head).map(|status| {
+                            http1::parse_status_line(head).map(|status| {
                                 HeadInfo::Response(http1::ResponseHead {
                                     status,
                                     head_len: 0,
@@ -700,6 +708,7 @@ fn feed(conn: &mut Conn, requests: bool, ctx: &mut Ctx<'_, '_>) {
                                 })
                             })
                         };
+                        reader.bytes += total - off;
                         ctx.metrics
                             .parse_failures
                             .with_label_values(&["head_beyond_capture"])

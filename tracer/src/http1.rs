@@ -362,17 +362,16 @@ pub fn parse_response(buf: &[u8]) -> Result<Parsed<ResponseHead>, ParseError> {
         Ok(httparse::Status::Complete(head_len)) => {
             let status = resp.code.ok_or(ParseError::Invalid)?;
             let (length, chunked) = framing(resp.headers)?;
-            let connection_close = resp.headers.iter().any(|h| {
-                h.name.eq_ignore_ascii_case("connection")
-                    && h.value
-                        .split(|&b| b == b',')
-                        .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"))
-            });
-            let keep_alive_10 = resp.headers.iter().any(|h| {
-                h.name.eq_ignore_ascii_case("connection")
-                    && h.value.trim_ascii().eq_ignore_ascii_case(b"keep-alive")
-            });
-            let closes = connection_close || (resp.version == Some(0) && !keep_alive_10);
+            let (mut connection_close, mut keep_alive) = (false, false);
+            for h in resp.headers.iter() {
+                if h.name.eq_ignore_ascii_case("connection") {
+                    for t in h.value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
+                        connection_close |= t.eq_ignore_ascii_case(b"close");
+                        keep_alive |= t.eq_ignore_ascii_case(b"keep-alive");
+                    }
+                }
+            }
+            let closes = connection_close || (resp.version == Some(0) && !keep_alive);
             let body = if chunked {
                 BodyLen::Chunked
             } else {
