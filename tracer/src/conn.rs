@@ -32,8 +32,8 @@ const MAX_UNDECIDED: usize = 16;
 pub const MAX_CONNS: usize = 64 * 1024;
 /// A connection with no traffic for this long is forgotten when room is needed.
 const IDLE_NS: u64 = 60 * 1_000_000_000;
-/// Closed connections remembered, so that the other end's last exchange can still name this
-/// end's process after its socket is gone.
+/// Closed connections remembered (this many to twice this many), so that the other end's last
+/// exchange can still name this end's process after its socket is gone.
 const RECENTLY_CLOSED: usize = 4096;
 
 /// Which end of the connection this socket is.
@@ -247,14 +247,21 @@ struct Ctx<'a, 'b> {
 
 /// All followed connections, keyed by socket address.
 pub struct ConnTable {
-    conns: HashMap<u64, Conn>,
+    /// Boxed: a connection is ~430 bytes, and a connection per request moved it in and out of
+    /// the table (cold memory) at every open and close.
+    conns: HashMap<u64, Box<Conn>>,
     /// Sockets in connect(), with the process that called it.
     connecting: HashMap<u64, Task>,
     by_tuple: HashMap<Tuple, u64>,
-    closed: HashMap<Tuple, Peer>,
+    /// Recently closed sockets by their tuple's hash, in two generations: the newer fills, then
+    /// replaces the older wholesale. Removing the oldest entry one by one was a cache miss or
+    /// two per closed socket, the largest cost with a connection per request.
+    closed: HashMap<u64, Peer>,
+    closed_old: HashMap<u64, Peer>,
+    /// Hashes tuples into `closed` keys: one seed for both generations, which swap.
+    closed_hasher: foldhash::fast::RandomState,
     /// Buffers of closed connections, for new ones.
     spare: Vec<Buffers>,
-    closed_order: VecDeque<Tuple>,
     cap: usize,
     /// Sockets that became opaque, for [`ConnTable::take_opaque`].
     opaque: Vec<(u64, SockTuple)>,
@@ -277,8 +284,9 @@ impl ConnTable {
             connecting: HashMap::default(),
             by_tuple: HashMap::default(),
             closed: HashMap::default(),
+            closed_old: HashMap::default(),
+            closed_hasher: Default::default(),
             spare: Vec::new(),
-            closed_order: VecDeque::new(),
             opaque: Vec::new(),
             cap,
         }
@@ -293,12 +301,23 @@ impl ConnTable {
         self.conns.is_empty()
     }
 
+    fn closed_key(&self, tuple: &Tuple) -> u64 {
+        use std::hash::BuildHasher;
+        self.closed_hasher.hash_one(tuple)
+    }
+
     /// The local socket at the other end of `tuple`, if this host has it.
     pub fn peer_of(&self, tuple: &Tuple) -> Option<Peer> {
         let other = tuple.reversed();
         match self.by_tuple.get(&other).and_then(|sk| self.conns.get(sk)) {
             Some(c) => Some(c.peer()),
-            None => self.closed.get(&other).copied(),
+            None => {
+                let key = self.closed_key(&other);
+                self.closed
+                    .get(&key)
+                    .or_else(|| self.closed_old.get(&key))
+                    .copied()
+            }
         }
     }
 
@@ -334,7 +353,7 @@ impl ConnTable {
             }
             let spare = self.spare.pop().unwrap_or_default();
             self.conns
-                .insert(d.sk, Conn::new(d.tuple, d.task, now, spare));
+                .insert(d.sk, Box::new(Conn::new(d.tuple, d.task, now, spare)));
             self.by_tuple.insert(d.tuple, d.sk);
             metrics.conns_tracked.set(self.conns.len() as i64);
         }
@@ -408,7 +427,7 @@ impl ConnTable {
                     }
                     let spare = self.spare.pop().unwrap_or_default();
                     self.conns
-                        .insert(c.sk, Conn::new(c.tuple, task, c.ts_ns, spare));
+                        .insert(c.sk, Box::new(Conn::new(c.tuple, task, c.ts_ns, spare)));
                     self.by_tuple.insert(c.tuple, c.sk);
                     metrics.conns_tracked.set(self.conns.len() as i64);
                 }
@@ -467,14 +486,13 @@ impl ConnTable {
             if self.by_tuple.get(&conn.tuple) == Some(&sk) {
                 self.by_tuple.remove(&conn.tuple);
             }
-            if self.closed_order.len() >= RECENTLY_CLOSED
-                && let Some(old) = self.closed_order.pop_front()
-            {
-                self.closed.remove(&old);
+            if self.closed.len() >= RECENTLY_CLOSED {
+                // Keeps both tables' capacity: no allocation, a memset of control bytes.
+                std::mem::swap(&mut self.closed, &mut self.closed_old);
+                self.closed.clear();
             }
-            if self.closed.insert(conn.tuple, conn.peer()).is_none() {
-                self.closed_order.push_back(conn.tuple);
-            }
+            let key = self.closed_key(&conn.tuple);
+            self.closed.insert(key, conn.peer());
             metrics.conns_tracked.set(self.conns.len() as i64);
             if self.spare.len() < SPARE_BUFFERS
                 && let Some(b) = Buffers::of(&mut conn)

@@ -361,20 +361,14 @@ impl Linker {
             p.children.push(span_id);
         }
         if link_pending && self.pending_servers.len() < MAX_PENDING_CONNS {
-            push_bounded(
-                self.pending_servers.entry(conn).or_default(),
-                span_id,
-            );
+            push_bounded(self.pending_servers.entry(conn).or_default(), span_id);
         }
         match s.kind {
             Side::Client => {
                 if self.pending_clients.len() < MAX_PENDING_CONNS
                     || self.pending_clients.contains_key(&conn)
                 {
-                    push_bounded(
-                        self.pending_clients.entry(conn).or_default(),
-                        span_id,
-                    );
+                    push_bounded(self.pending_clients.entry(conn).or_default(), span_id);
                 }
             }
             Side::Server => self
