@@ -359,8 +359,15 @@ impl Reader {
     fn drain(&mut self, ring: &mut RingBuf<MapData>) {
         self.shared.aggregator().tick();
         self.linker.tick(Instant::now());
+        let mut n = 0u32;
         while let Some(item) = ring.next() {
             self.handle(&item);
+            n += 1;
+            // A long batch (a reader catching up) must not age its spans: their holds are
+            // measured from this clock.
+            if n.is_multiple_of(4096) {
+                self.linker.tick(Instant::now());
+            }
         }
         if let Some(opaque) = &mut self.opaque {
             for (sk, tuple) in self.conns.take_opaque() {
