@@ -68,6 +68,8 @@ pub struct Exchange {
     pub task: Task,
     /// This end's view of the connection.
     pub tuple: Tuple,
+    /// The other end's socket when it was seen here (0: not seen).
+    pub peer_sk: u64,
     pub method: Method,
     pub path: Path,
     pub status: u16,
@@ -157,6 +159,9 @@ struct Conn {
     requests_seen: u64,
     /// The other end may be a socket on this host (whose events may lag this one's).
     peer_local: bool,
+    /// The other end's socket, once seen here (0: not yet): its exchanges name their peer
+    /// without a lookup by addresses.
+    peer_sk: u64,
 }
 
 impl Conn {
@@ -196,6 +201,7 @@ impl Conn {
             next_seq: 0,
             requests_seen: 0,
             peer_local: tuple.remote.ip().is_loopback() || tuple.remote.ip() == tuple.local.ip(),
+            peer_sk: 0,
         }
     }
 }
@@ -306,9 +312,16 @@ impl ConnTable {
         self.closed_hasher.hash_one(tuple)
     }
 
-    /// The local socket at the other end of `tuple`, if this host has it.
-    pub fn peer_of(&self, tuple: &Tuple) -> Option<Peer> {
+    /// The local socket at the other end of `tuple`, if this host has it; `peer_sk` is where
+    /// the exchange's connection last saw it (0: unknown).
+    pub fn peer_of(&self, tuple: &Tuple, peer_sk: u64) -> Option<Peer> {
         let other = tuple.reversed();
+        if peer_sk != 0
+            && let Some(c) = self.conns.get(&peer_sk)
+            && c.tuple == other
+        {
+            return Some(c.peer());
+        }
         match self.by_tuple.get(&other).and_then(|sk| self.conns.get(sk)) {
             Some(c) => Some(c.peer()),
             None => {
@@ -366,9 +379,14 @@ impl ConnTable {
         if d.seq != 0 && conn.next_seq != 0 && d.seq != conn.next_seq {
             lost_events(conn, metrics, linker);
         }
-        // Looked for until found: a lookup per event otherwise.
-        if !conn.peer_local && self.by_tuple.contains_key(&d.tuple.reversed()) {
+        // Looked for until found when the other end could be anywhere, and in a connection's
+        // first requests when it is on this host (its socket's first event can come later).
+        if conn.peer_sk == 0
+            && (!conn.peer_local || conn.requests_seen < 4)
+            && let Some(&peer) = self.by_tuple.get(&d.tuple.reversed())
+        {
             conn.peer_local = true;
+            conn.peer_sk = peer;
         }
         conn.next_seq = if d.seq == 0 {
             0
@@ -1006,6 +1024,7 @@ fn complete_message(conn: &mut Conn, requests: bool, end_ns: u64, out: &mut Vec<
             conn.task
         },
         tuple: conn.tuple,
+        peer_sk: conn.peer_sk,
         method: req.method,
         path: req.path,
         status,
@@ -1331,7 +1350,10 @@ mod tests {
         h.read(b"GET /a HTTP/1.1\r\n\r\n");
         h.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n");
         assert_eq!(h.out.len(), 1);
-        let peer = h.table.peer_of(&h.out[0].tuple).expect("client end known");
+        let peer = h
+            .table
+            .peer_of(&h.out[0].tuple, h.out[0].peer_sk)
+            .expect("client end known");
         assert_eq!(peer.task.comm.as_str(), "curl");
         assert_eq!(peer.task.tgid, 7);
     }

@@ -482,22 +482,26 @@ impl Aggregator {
         if counts {
             series.requests.inc();
         }
-        let server_addr = match ex.side {
-            Side::Server => ex.tuple.local,
-            Side::Client => ex.tuple.remote,
-        };
-        if edge.dst_addrs.len() < MAX_LISTED {
-            edge.dst_addrs.insert(server_addr);
-        }
-        let (src_pid, dst_pid) = match (ex.side, peer) {
-            (Side::Server, p) => (p.map(|p| p.task.tgid), Some(ex.task.tgid)),
-            (Side::Client, p) => (Some(ex.task.tgid), p.map(|p| p.task.tgid)),
-        };
-        for (set, pid) in [(&mut edge.src_pids, src_pid), (&mut edge.dst_pids, dst_pid)] {
-            if let Some(pid) = pid
-                && set.len() < MAX_LISTED
-            {
-                set.insert(pid);
+        // A client end that does not count the request has its server end here, which lists
+        // the same address and processes.
+        if counts {
+            let server_addr = match ex.side {
+                Side::Server => ex.tuple.local,
+                Side::Client => ex.tuple.remote,
+            };
+            if edge.dst_addrs.len() < MAX_LISTED {
+                edge.dst_addrs.insert(server_addr);
+            }
+            let (src_pid, dst_pid) = match (ex.side, peer) {
+                (Side::Server, p) => (p.map(|p| p.task.tgid), Some(ex.task.tgid)),
+                (Side::Client, p) => (Some(ex.task.tgid), p.map(|p| p.task.tgid)),
+            };
+            for (set, pid) in [(&mut edge.src_pids, src_pid), (&mut edge.dst_pids, dst_pid)] {
+                if let Some(pid) = pid
+                    && set.len() < MAX_LISTED
+                {
+                    set.insert(pid);
+                }
             }
         }
         match ex.side {

@@ -202,6 +202,11 @@ fn b3_sampled(v: &[u8]) -> Option<bool> {
 
 /// Trace context from request headers: W3C `traceparent` first, then B3 (single or multi).
 pub fn propagated(headers: &[httparse::Header<'_>]) -> Option<Propagated> {
+    // Most requests carry none: one pass over the names' lengths (traceparent, b3,
+    // x-b3-traceid) instead of a search per header name.
+    if !headers.iter().any(|h| matches!(h.name.len(), 11 | 2 | 12)) {
+        return None;
+    }
     let find = |name: &str| {
         headers
             .iter()

@@ -413,7 +413,7 @@ impl Reader {
                 }
                 continue;
             }
-            let peer = self.conns.peer_of(&ex.tuple);
+            let peer = self.conns.peer_of(&ex.tuple, ex.peer_sk);
             // A client span the server end claimed: that end counts the request. Without spans,
             // a server end traced here counts every request of its connection.
             let server_seen = ex.side == Side::Server
