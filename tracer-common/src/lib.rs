@@ -255,6 +255,9 @@ pub mod limits {
     /// events a request) for the reader to fall behind before anything is lost. It is mapped
     /// into the daemon, so it counts in the daemon's RSS: 16 MiB would cost ~40 MB of RSS.
     pub const RINGBUF_BYTES: u32 = 4 * 1024 * 1024;
+    /// The reader is woken each time this much more is pending (at most an eighth of the ring,
+    /// so a smaller ring still wakes it well before it is full).
+    pub const WAKEUP_BYTES: u32 = 512 * 1024;
     /// Threads inside a traced syscall at once.
     pub const ACTIVE_SYSCALLS: u32 = 32 * 1024;
     /// Sockets whose 4-tuple is known.

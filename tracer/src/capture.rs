@@ -12,7 +12,7 @@ use aya::{
     },
 };
 use thiserror::Error;
-use tracer_common::{KERNEL_STAT_COUNT, KernelStat, SockTuple};
+use tracer_common::{KERNEL_STAT_COUNT, KernelStat, SockTuple, limits};
 
 /// Capability bits (include/uapi/linux/capability.h).
 const CAP_SYS_ADMIN: u32 = 21;
@@ -651,8 +651,11 @@ impl Capture {
         if let Some(bytes) = ringbuf_bytes {
             loader.map_max_entries("EVENTS", bytes);
         }
+        let ring = ringbuf_bytes.unwrap_or(limits::RINGBUF_BYTES);
+        let wakeup_shift = u64::from(limits::WAKEUP_BYTES.min(ring / 8).max(1).ilog2());
         let mut ebpf = loader
             .override_global("TRACER_TGID", &tgid, true)
+            .override_global("WAKEUP_SHIFT", &wakeup_shift, true)
             .override_global(
                 "SK_PROTOCOL_OFFSET",
                 &offsets.sk_protocol.unwrap_or(0),

@@ -306,8 +306,8 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
 
 /// How often the ring buffer is read without being woken: the kernel side wakes the reader only
 /// when a lot is pending (batched wake-ups: each wake-up costs an interrupt, dearer still in a
-/// VM), so this bounds how late an event is seen.
-const POLL_EVERY: Duration = Duration::from_millis(10);
+/// VM, and a context switch), so this bounds how late an event is seen.
+const POLL_EVERY: Duration = Duration::from_millis(20);
 
 /// The capture state, owned by the reader task.
 struct Reader {
