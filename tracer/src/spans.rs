@@ -204,7 +204,7 @@ pub struct Linker {
     last_shrink: Instant,
     /// Server spans in progress, by the (tgid, tid) that read their request.
     serving: HashMap<(u32, u32), Ids>,
-    /// Client spans whose server end has not claimed them, by (client, server) address.
+    /// Client spans whose server end has not claimed them, by connection (`conn_key`).
     pending_clients: HashMap<ConnKey, Queue>,
     /// Server spans that started before their (local) client span was seen.
     pending_servers: HashMap<ConnKey, Queue>,
