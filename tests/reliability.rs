@@ -38,6 +38,15 @@ fn rss_mb(pid: u32) -> f64 {
         / 1024.0
 }
 
+/// Waits until none of our programs is loaded; fails with `what` after `within`.
+fn wait_no_programs(within: Duration, what: &str) {
+    let deadline = Instant::now() + within;
+    while !our_programs().is_empty() {
+        assert!(Instant::now() < deadline, "{what}: {:?}", our_programs());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// Names of loaded eBPF programs that are ours (kernel names are cut at 15 bytes).
 fn our_programs() -> Vec<String> {
     const OURS: &[&str] = &[
@@ -163,15 +172,7 @@ fn restart_after_sigkill_is_clean() {
     let load = std::thread::spawn(move || wrk(port, 3, 8, false));
     std::thread::sleep(Duration::from_secs(1));
     daemon.kill();
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !our_programs().is_empty() {
-        assert!(
-            Instant::now() < deadline,
-            "programs left behind: {:?}",
-            our_programs()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_no_programs(Duration::from_secs(5), "programs left behind");
     let pins: Vec<_> = std::fs::read_dir("/sys/fs/bpf")
         .map(|d| d.filter_map(Result::ok).map(|e| e.file_name()).collect())
         .unwrap_or_default();
@@ -197,15 +198,7 @@ fn restart_after_sigkill_is_clean() {
     eprintln!("SIGTERM exit took {exit:?} (data path {attach})");
     // Raw tracepoints detach at once; the kernel frees their programs a moment after the
     // process is gone (after an RCU grace period).
-    let deadline = Instant::now() + Duration::from_secs(2);
-    while !our_programs().is_empty() {
-        assert!(
-            Instant::now() < deadline,
-            "programs left after SIGTERM: {:?}",
-            our_programs()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_no_programs(Duration::from_secs(2), "programs left after SIGTERM");
     assert!(
         exit < Duration::from_secs(1),
         "SIGTERM exit took {exit:?} (data path {attach})"

@@ -337,15 +337,22 @@ fn check_layouts(tracefs: &str) -> Result<Option<CaptureError>, CaptureError> {
     Ok(syscalls)
 }
 
+/// A program of the object, as its kind (tracepoint, raw or BTF tracepoint).
+fn program_of<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, CaptureError>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    ebpf.program_mut(name)
+        .ok_or_else(|| CaptureError::Program(name, "not in the object".into()))?
+        .try_into()
+        .map_err(|e: aya::programs::ProgramError| CaptureError::Program(name, e.to_string()))
+}
+
 fn attach_tracepoint(
     ebpf: &mut Ebpf,
     (prog, category, name): (&'static str, &'static str, &'static str),
 ) -> Result<Link, CaptureError> {
-    let program: &mut TracePoint = ebpf
-        .program_mut(prog)
-        .ok_or_else(|| CaptureError::Program(prog, "not in the object".into()))?
-        .try_into()
-        .map_err(|e: aya::programs::ProgramError| CaptureError::Program(prog, e.to_string()))?;
+    let program: &mut TracePoint = program_of(ebpf, prog)?;
     if program.fd().is_err() {
         program
             .load()
@@ -366,11 +373,7 @@ fn attach_btf(
     program: &'static str,
     tracepoint: &'static str,
 ) -> Result<Link, CaptureError> {
-    let p: &mut BtfTracePoint = ebpf
-        .program_mut(program)
-        .ok_or_else(|| CaptureError::Program(program, "not in the object".into()))?
-        .try_into()
-        .map_err(|e: aya::programs::ProgramError| CaptureError::Program(program, e.to_string()))?;
+    let p: &mut BtfTracePoint = program_of(ebpf, program)?;
     if p.fd().is_err() {
         p.load(tracepoint, btf)
             .map_err(|e| CaptureError::Program(program, format!("{e:#}")))?;
@@ -388,11 +391,7 @@ fn attach_raw(
     program: &'static str,
     tracepoint: &'static str,
 ) -> Result<Link, CaptureError> {
-    let p: &mut RawTracePoint = ebpf
-        .program_mut(program)
-        .ok_or_else(|| CaptureError::Program(program, "not in the object".into()))?
-        .try_into()
-        .map_err(|e: aya::programs::ProgramError| CaptureError::Program(program, e.to_string()))?;
+    let p: &mut RawTracePoint = program_of(ebpf, program)?;
     if p.fd().is_err() {
         p.load()
             .map_err(|e| CaptureError::Program(program, format!("{e:#}")))?;
