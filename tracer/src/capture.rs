@@ -5,7 +5,7 @@ use std::{fs, io, path::Path};
 
 use aya::{
     Btf, Ebpf, EbpfLoader,
-    maps::{MapData, PerCpuArray, RingBuf},
+    maps::{Map, MapData, PerCpuArray},
     programs::{
         BtfTracePoint, RawTracePoint, TracePoint, raw_trace_point::RawTracePointLink,
         tp_btf::BtfTracePointLink, trace_point::TracePointLink,
@@ -13,6 +13,8 @@ use aya::{
 };
 use thiserror::Error;
 use tracer_common::{KERNEL_STAT_COUNT, KernelStat, SockTuple, limits};
+
+use crate::ring::Ring;
 
 /// Capability bits (include/uapi/linux/capability.h).
 const CAP_SYS_ADMIN: u32 = 21;
@@ -30,8 +32,11 @@ const LIFECYCLE: (&str, &str, &str) = ("inet_sock_set_state", "sock", "inet_sock
 const LIFECYCLE_RAW: (&str, &str) = ("raw_inet_sock_set_state", "inet_sock_set_state");
 
 /// The socket data path on BTF tracepoints: as the raw ones, with the socket a typed pointer
-/// (family and protocol are plain loads, not helper calls): (program, tracepoint).
+/// (family and protocol are plain loads, not helper calls), and each socket's state kept in the
+/// socket (socket storage) rather than in a hash table: (program, tracepoint). The lifecycle
+/// program comes with them, as it keeps the same state.
 const SOCK_DATA_BTF: &[(&str, &str)] = &[
+    ("btf_inet_sock_set_state", "inet_sock_set_state"),
     ("btf_sock_send", "sock_send_length"),
     ("btf_sock_recv", "sock_recv_length"),
 ];
@@ -499,6 +504,7 @@ fn attach_path(
             }
         }
         AttachMode::RawTracepoint => {
+            links.push(attach_lifecycle(ebpf, sk_protocol)?);
             for &p in SOCK_LENGTH {
                 links.push(attach_tracepoint(ebpf, p)?);
             }
@@ -514,6 +520,7 @@ fn attach_path(
                     e.to_string(),
                 ));
             }
+            links.push(attach_lifecycle(ebpf, sk_protocol)?);
             for &p in SOCK_LENGTH {
                 links.push(attach_tracepoint(ebpf, p)?);
             }
@@ -525,8 +532,10 @@ fn attach_path(
     Ok(links)
 }
 
-/// `sock_{send,recv}_length` for the socket data path: as BTF tracepoints, else raw ones, when
-/// BTF gave `sk_protocol`'s offset, else as the classic tracepoints, whose records carry it.
+/// `sock_{send,recv}_length` for the socket data path: as BTF tracepoints (with the lifecycle
+/// on one too: they share the state in the socket), else raw ones, when BTF gave
+/// `sk_protocol`'s offset, else as the classic tracepoints, whose records carry it (these two
+/// with the lifecycle program that keeps state by socket address).
 fn attach_sock_data(
     ebpf: &mut Ebpf,
     sk_protocol: Option<u32>,
@@ -551,8 +560,9 @@ fn attach_sock_data(
             .map(|&(prog, tp)| attach_raw(ebpf, prog, tp))
             .collect();
         match raw {
-            Ok(links) => {
+            Ok(mut links) => {
                 tracing::info!("socket data path: sock_*_length as raw tracepoints");
+                links.push(attach_lifecycle(ebpf, sk_protocol)?);
                 return Ok(links);
             }
             Err(e) => tracing::info!("{e}; socket data path on the classic tracepoints"),
@@ -562,13 +572,16 @@ fn attach_sock_data(
             "sk_protocol not in the kernel's BTF: socket data path on the classic tracepoints"
         );
     }
-    SOCK_DATA
+    let mut links: Vec<Link> = SOCK_DATA
         .iter()
         .map(|&p| attach_tracepoint(ebpf, p))
-        .collect()
+        .collect::<Result<_, _>>()?;
+    links.push(attach_lifecycle(ebpf, sk_protocol)?);
+    Ok(links)
 }
 
-/// Connection lifecycle: the raw tracepoint where it loads, else the classic one.
+/// Connection lifecycle keeping each socket's state by its address, for the data paths that
+/// do too: the raw tracepoint where it loads, else the classic one.
 fn attach_lifecycle(ebpf: &mut Ebpf, sk_protocol: Option<u32>) -> Result<Link, CaptureError> {
     if sk_protocol.is_some() {
         let (prog, tp) = LIFECYCLE_RAW;
@@ -635,7 +648,7 @@ impl Capture {
         bpf_stats: bool,
         ringbuf_bytes: Option<u32>,
         mode: AttachMode,
-    ) -> Result<(Self, RingBuf<MapData>, OpaqueSockets), CaptureError> {
+    ) -> Result<(Self, Ring, OpaqueSockets), CaptureError> {
         check_privileges()?;
         let tracefs = ensure_tracefs()?;
         ensure_bpffs();
@@ -677,7 +690,7 @@ impl Capture {
                 "/tracer"
             )))
             .map_err(CaptureError::Load)?;
-        let mut links = vec![attach_lifecycle(&mut ebpf, offsets.sk_protocol)?];
+        let mut links = Vec::new();
         let mode = attach_data_path(
             &mut ebpf,
             &mut links,
@@ -694,8 +707,11 @@ impl Capture {
         let events = ebpf
             .take_map("EVENTS")
             .ok_or_else(|| CaptureError::Map("EVENTS", "missing".into()))?;
+        let Map::RingBuf(events) = events else {
+            return Err(CaptureError::Map("EVENTS", "not a ring buffer".into()));
+        };
         let events =
-            RingBuf::try_from(events).map_err(|e| CaptureError::Map("EVENTS", e.to_string()))?;
+            Ring::new(events, ring).map_err(|e| CaptureError::Map("EVENTS", e.to_string()))?;
         let opaque = ebpf
             .take_map("OPAQUE")
             .ok_or_else(|| CaptureError::Map("OPAQUE", "missing".into()))?;

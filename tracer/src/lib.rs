@@ -15,6 +15,7 @@ pub mod http1;
 pub mod metrics;
 pub mod otlp;
 pub mod pipeline;
+pub mod ring;
 pub mod route;
 pub mod spans;
 pub mod tap;

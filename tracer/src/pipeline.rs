@@ -9,7 +9,6 @@ use std::{
 };
 
 use anyhow::Context as _;
-use aya::maps::{MapData, RingBuf};
 use tokio::{
     io::unix::AsyncFd,
     net::TcpListener,
@@ -28,6 +27,7 @@ use crate::{
     event::{self, Event},
     metrics::Metrics,
     otlp::{self, ServiceNames},
+    ring::Ring,
     spans::{self, LinkStats, Linker, Sampler, Span},
     tap,
     threads::{self, Threads},
@@ -356,19 +356,19 @@ impl Reader {
     }
 
     /// Takes every record there is.
-    fn drain(&mut self, ring: &mut RingBuf<MapData>) {
+    fn drain(&mut self, ring: &mut Ring) {
         self.shared.aggregator().tick();
         self.linker.tick(Instant::now());
         let mut n = 0u32;
-        while let Some(item) = ring.next() {
-            self.handle(&item);
+        ring.drain(|item| {
+            self.handle(item);
             n += 1;
             // A long batch (a reader catching up) must not age its spans: their holds are
             // measured from this clock.
             if n.is_multiple_of(4096) {
                 self.linker.tick(Instant::now());
             }
-        }
+        });
         if let Some(opaque) = &mut self.opaque {
             for (sk, tuple) in self.conns.take_opaque() {
                 opaque.mark(sk, &tuple);
@@ -475,7 +475,7 @@ impl Reader {
 }
 
 async fn read_events(
-    ring: RingBuf<MapData>,
+    ring: Ring,
     opaque: OpaqueSockets,
     shared: Arc<Shared>,
     listen: SocketAddr,

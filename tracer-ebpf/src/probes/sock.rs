@@ -4,17 +4,90 @@ use core::ptr::read_volatile;
 use aya_ebpf::{
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_probe_read_kernel,
-        generated::{bpf_get_current_cgroup_id, bpf_ktime_get_ns},
+        generated::{
+            bpf_get_current_cgroup_id, bpf_ktime_get_ns, bpf_sk_storage_delete, bpf_sk_storage_get,
+        },
     },
-    macros::{raw_tracepoint, tracepoint},
-    programs::{RawTracePointContext, TracePointContext},
+    macros::{btf_tracepoint, raw_tracepoint, tracepoint},
+    programs::{BtfTracePointContext, RawTracePointContext, TracePointContext},
 };
 use tracer_common::{
     AF_INET, AF_INET6, ConnEvent, DIR_EGRESS, DIR_INGRESS, EventHeader, EventKind, KernelStat,
     SockState, SockTuple, TCP_CLOSE, TCP_ESTABLISHED, TCP_FIN_WAIT1, TCP_LAST_ACK, TCP_SYN_SENT,
 };
 
-use crate::maps::{ACTIVE, EVENTS, OPAQUE, SOCKS, count, wakeup_flags};
+use crate::maps::{ACTIVE, EVENTS, OPAQUE, SOCK_STATES, SOCKS, count, wakeup_flags};
+
+/// Where a socket's state is kept.
+pub trait Store {
+    fn get(sk: u64) -> Option<*mut SockState>;
+    /// Sets the socket's state, whatever was there.
+    fn put(sk: u64, state: &SockState);
+    fn remove(sk: u64);
+}
+
+/// In `SOCKS`, by the socket's address: for programs whose socket is a plain number (classic
+/// and raw tracepoints).
+pub struct ByAddress;
+
+impl Store for ByAddress {
+    #[inline(always)]
+    fn get(sk: u64) -> Option<*mut SockState> {
+        SOCKS.get_ptr_mut(&sk)
+    }
+    #[inline(always)]
+    fn put(sk: u64, state: &SockState) {
+        let _ = SOCKS.insert(&sk, state, 0);
+    }
+    #[inline(always)]
+    fn remove(sk: u64) {
+        let _ = SOCKS.remove(&sk);
+    }
+}
+
+/// In the socket (`SOCK_STATES`): for BTF tracepoints, where `sk` is the typed pointer the
+/// tracepoint gave (the verifier checks it is one).
+pub struct InSocket;
+
+/// `BPF_SK_STORAGE_GET_F_CREATE`.
+const SK_STORAGE_CREATE: u64 = 1;
+
+impl InSocket {
+    #[inline(always)]
+    fn storage(sk: u64, init: *const SockState, flags: u64) -> Option<*mut SockState> {
+        // SAFETY: the map is a socket storage map of `SockState`; `sk` is a `struct sock *`
+        // from the tracepoint and `init` null or a whole `SockState`.
+        let p = unsafe {
+            bpf_sk_storage_get(
+                (&raw const SOCK_STATES).cast_mut().cast(),
+                sk as *mut _,
+                init.cast_mut().cast(),
+                flags,
+            )
+        };
+        (!p.is_null()).then_some(p.cast())
+    }
+}
+
+impl Store for InSocket {
+    #[inline(always)]
+    fn get(sk: u64) -> Option<*mut SockState> {
+        Self::storage(sk, core::ptr::null(), 0)
+    }
+    #[inline(always)]
+    fn put(sk: u64, state: &SockState) {
+        // Created with `state`, or already there: then overwritten.
+        if let Some(p) = Self::storage(sk, state, SK_STORAGE_CREATE) {
+            // SAFETY: the socket's own storage, live while this program runs.
+            unsafe { *p = *state };
+        }
+    }
+    #[inline(always)]
+    fn remove(sk: u64) {
+        // SAFETY: as in `storage`.
+        unsafe { bpf_sk_storage_delete((&raw const SOCK_STATES).cast_mut().cast(), sk as *mut _) };
+    }
+}
 
 pub const IPPROTO_TCP: u16 = 6;
 pub const MSG_PEEK: i32 = 2;
@@ -83,7 +156,7 @@ pub fn from_tracepoint(ctx: &TracePointContext) -> Record {
     }
 }
 
-/// A socket's entry in `SOCKS`, as far as it was looked up.
+/// A socket's state, as far as it was looked up.
 #[derive(Clone, Copy)]
 pub enum Lookup {
     Found(*mut SockState),
@@ -95,7 +168,7 @@ pub enum Lookup {
 /// peek, not a socket the daemon found to carry no HTTP. Peeks and opaque sockets are counted.
 /// One hash lookup serves both the opaque test and the event.
 #[inline(always)]
-pub fn traced_socket(r: &Record, direction: u32) -> Option<Lookup> {
+pub fn traced_socket<S: Store>(r: &Record, direction: u32) -> Option<Lookup> {
     if r.protocol != IPPROTO_TCP || (r.family != AF_INET && r.family != AF_INET6) {
         return None;
     }
@@ -103,7 +176,7 @@ pub fn traced_socket(r: &Record, direction: u32) -> Option<Lookup> {
         count(KernelStat::Peeks);
         return None;
     }
-    let Some(state) = SOCKS.get_ptr_mut(&r.sk) else {
+    let Some(state) = S::get(r.sk) else {
         return Some(Lookup::Missing);
     };
     // SAFETY: a live map value, used while this program runs.
@@ -136,7 +209,7 @@ fn same_tuple(a: &SockTuple, b: &SockTuple) -> bool {
 /// Applies the daemon's finding that this connection carries no HTTP, if it has made one (in
 /// `OPAQUE`, with the connection's tuple). Looked for in a connection's first events, when the
 /// daemon classifies it, and every 16th after, not on every event. The kernel sets the mark
-/// in its own state: the daemon never writes `SOCKS`, and a request for an earlier socket at
+/// in its own state: the daemon never writes it, and a request for an earlier socket at
 /// this address (another tuple) is dropped, not applied.
 #[inline(always)]
 fn take_opaque_mark(sk: u64, state: &mut SockState) -> bool {
@@ -180,7 +253,7 @@ fn on_length(ctx: &TracePointContext, direction: u32) {
             return;
         }
         let r = from_tracepoint(ctx);
-        if traced_socket(&r, direction).is_none() {
+        if traced_socket::<ByAddress>(&r, direction).is_none() {
             let _ = ACTIVE.remove(&id);
             return;
         }
@@ -195,18 +268,18 @@ pub struct NextEvent {
     pub seq: u32,
     /// The tuple had to be read from the socket itself.
     pub from_sock: bool,
-    /// The socket's state in `SOCKS`, if it is there: its `task` says whose name and cgroup the
+    /// The socket's state, if it has one: its `task` says whose name and cgroup the
     /// last delivered event carried.
     pub state: Option<*mut SockState>,
 }
 
 /// The 4-tuple of `sk` and its next event number.
 #[inline(always)]
-pub fn next_event(sk: u64, lookup: Lookup) -> NextEvent {
+pub fn next_event<S: Store>(sk: u64, lookup: Lookup) -> NextEvent {
     let state = match lookup {
         Lookup::Found(state) => Some(state),
         Lookup::Missing => None,
-        Lookup::NotYet => SOCKS.get_ptr_mut(&sk),
+        Lookup::NotYet => S::get(sk),
     };
     if let Some(state) = state {
         // SAFETY: a live map value. Two threads writing one socket from two CPUs at once can
@@ -245,7 +318,7 @@ pub fn next_event(sk: u64, lookup: Lookup) -> NextEvent {
         opaque: 0,
         task: 0,
     };
-    let _ = SOCKS.insert(&sk, &state, 0);
+    S::put(sk, &state);
     NextEvent {
         tuple: t,
         seq: 1,
@@ -327,7 +400,30 @@ pub fn raw_inet_sock_set_state(ctx: RawTracePointContext) -> i32 {
     };
     if protocol == IPPROTO_TCP {
         // SAFETY: as above.
-        unsafe { on_state(sk, old_state, new_state, None) };
+        unsafe { on_state::<ByAddress>(sk, old_state, new_state, None) };
+    }
+    0
+}
+
+/// The same as a BTF tracepoint: the socket is a typed pointer, so its protocol is a plain
+/// load and its state is in the socket (`InSocket`), as the BTF data path keeps it.
+#[btf_tracepoint(function = "inet_sock_set_state")]
+pub fn btf_inet_sock_set_state(ctx: BtfTracePointContext) -> i32 {
+    let sk = ctx.arg::<*const u8>(0);
+    let old_state = ctx.arg::<u64>(1) as u32;
+    let new_state = ctx.arg::<u64>(2) as u32;
+    if !state_wanted(new_state) {
+        return 0;
+    }
+    // SAFETY: a read-only global patched by the loader (frozen: the verifier knows it); the
+    // load through the BTF-typed socket is checked and guarded.
+    let protocol = unsafe {
+        let off = read_volatile(&SK_PROTOCOL_OFFSET) as usize;
+        read_volatile(sk.add(off).cast::<u16>())
+    };
+    if protocol == IPPROTO_TCP {
+        // SAFETY: as above.
+        unsafe { on_state::<InSocket>(sk as u64, old_state, new_state, None) };
     }
     0
 }
@@ -370,7 +466,7 @@ unsafe fn on_state_record(ctx: &TracePointContext) {
             tuple.remote_addr[..4]
                 .copy_from_slice(&ctx.read_at::<[u8; 4]>(SS_DADDR).unwrap_or([0; 4]));
         }
-        on_state(sk, old_state, new_state, Some(tuple));
+        on_state::<ByAddress>(sk, old_state, new_state, Some(tuple));
     }
 }
 
@@ -378,9 +474,9 @@ unsafe fn on_state_record(ctx: &TracePointContext) {
 /// (the raw tracepoint): from the socket's entry once it is up (at close the kernel has
 /// already released the local port, which then reads 0), else from the socket.
 #[inline(always)]
-unsafe fn on_state(sk: u64, old_state: u32, new_state: u32, tuple: Option<SockTuple>) {
+unsafe fn on_state<S: Store>(sk: u64, old_state: u32, new_state: u32, tuple: Option<SockTuple>) {
     unsafe {
-        let existing = SOCKS.get_ptr_mut(&sk);
+        let existing = S::get(sk);
         let tuple = match (tuple, existing) {
             (Some(t), _) => t,
             (None, Some(s)) if matches!(new_state, TCP_FIN_WAIT1 | TCP_LAST_ACK | TCP_CLOSE) => {
@@ -402,7 +498,7 @@ unsafe fn on_state(sk: u64, old_state: u32, new_state: u32, tuple: Option<SockTu
             // connection that keeps such a request from waiting for a later socket with the
             // same 4-tuple).
             (TCP_SYN_SENT, _) | (TCP_ESTABLISHED, None) => {
-                let _ = SOCKS.insert(&sk, &fresh, 0);
+                S::put(sk, &fresh);
                 let _ = OPAQUE.remove(&sk);
             }
             // A client's: keep the numbering (data may already have gone out, TCP Fast Open);
@@ -413,12 +509,12 @@ unsafe fn on_state(sk: u64, old_state: u32, new_state: u32, tuple: Option<SockTu
             // A server's: an entry with another tuple is an earlier socket's.
             (TCP_ESTABLISHED, Some(state)) => {
                 if !same_tuple(&(*state).tuple, &tuple) {
-                    let _ = SOCKS.insert(&sk, &fresh, 0);
+                    S::put(sk, &fresh);
                     let _ = OPAQUE.remove(&sk);
                 }
             }
             (TCP_CLOSE, _) => {
-                let _ = SOCKS.remove(&sk);
+                S::remove(sk);
             }
             _ => {}
         }

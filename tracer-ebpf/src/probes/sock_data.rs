@@ -18,7 +18,10 @@ use tracer_common::{DIR_EGRESS, DIR_INGRESS, KernelStat};
 
 use super::{
     data::{REGS_CS, REGS_DX, REGS_ORIG_AX, REGS_SI, emit_data, traced},
-    sock::{LEN_RET, Record, SK_PROTOCOL_OFFSET, SKC_FAMILY, from_tracepoint, traced_socket},
+    sock::{
+        ByAddress, InSocket, LEN_RET, Record, SK_PROTOCOL_OFFSET, SKC_FAMILY, Store,
+        from_tracepoint, traced_socket,
+    },
 };
 use crate::maps::{SEND_START, SendStart, SyscallArgs, count, tracer_tgid};
 
@@ -142,57 +145,57 @@ fn current_task() -> u64 {
 
 /// A send: its start stamp is taken (whatever the send turns out to be) before its bytes.
 #[inline(always)]
-fn on_send(ret: i32, record: impl FnOnce() -> Record) {
+fn on_send<S: Store>(ret: i32, record: impl FnOnce() -> Record) {
     let (id, task) = (bpf_get_current_pid_tgid(), current_task());
     let started = take_send_start(id, task);
-    on_data(ret, id, task, DIR_EGRESS, started, record);
+    on_data::<S>(ret, id, task, DIR_EGRESS, started, record);
 }
 
 /// A receive: its bytes are there when it returns.
 #[inline(always)]
-fn on_recv(ret: i32, record: impl FnOnce() -> Record) {
+fn on_recv<S: Store>(ret: i32, record: impl FnOnce() -> Record) {
     let id = bpf_get_current_pid_tgid();
-    on_data(ret, id, current_task(), DIR_INGRESS, None, record);
+    on_data::<S>(ret, id, current_task(), DIR_INGRESS, None, record);
 }
 
 #[tracepoint(category = "sock", name = "sock_send_length")]
 pub fn sock_send_data(ctx: TracePointContext) -> u32 {
-    on_send(tp_ret(&ctx), || from_tracepoint(&ctx));
+    on_send::<ByAddress>(tp_ret(&ctx), || from_tracepoint(&ctx));
     0
 }
 
 #[tracepoint(category = "sock", name = "sock_recv_length")]
 pub fn sock_recv_data(ctx: TracePointContext) -> u32 {
-    on_recv(tp_ret(&ctx), || from_tracepoint(&ctx));
+    on_recv::<ByAddress>(tp_ret(&ctx), || from_tracepoint(&ctx));
     0
 }
 
 #[btf_tracepoint(function = "sock_send_length")]
 pub fn btf_sock_send(ctx: BtfTracePointContext) -> i32 {
-    on_send(ctx.arg::<u64>(1) as i32, || from_btf(&ctx));
+    on_send::<InSocket>(ctx.arg::<u64>(1) as i32, || from_btf(&ctx));
     0
 }
 
 #[btf_tracepoint(function = "sock_recv_length")]
 pub fn btf_sock_recv(ctx: BtfTracePointContext) -> i32 {
-    on_recv(ctx.arg::<u64>(1) as i32, || from_btf(&ctx));
+    on_recv::<InSocket>(ctx.arg::<u64>(1) as i32, || from_btf(&ctx));
     0
 }
 
 #[raw_tracepoint(tracepoint = "sock_send_length")]
 pub fn raw_sock_send(ctx: RawTracePointContext) -> i32 {
-    on_send(ctx.arg::<u64>(1) as i32, || from_raw(&ctx));
+    on_send::<ByAddress>(ctx.arg::<u64>(1) as i32, || from_raw(&ctx));
     0
 }
 
 #[raw_tracepoint(tracepoint = "sock_recv_length")]
 pub fn raw_sock_recv(ctx: RawTracePointContext) -> i32 {
-    on_recv(ctx.arg::<u64>(1) as i32, || from_raw(&ctx));
+    on_recv::<ByAddress>(ctx.arg::<u64>(1) as i32, || from_raw(&ctx));
     0
 }
 
 #[inline(always)]
-fn on_data(
+fn on_data<S: Store>(
     ret: i32,
     id: u64,
     task: u64,
@@ -206,7 +209,7 @@ fn on_data(
         return;
     }
     let r = record();
-    let Some(lookup) = traced_socket(&r, direction) else {
+    let Some(lookup) = traced_socket::<S>(&r, direction) else {
         return;
     };
     let sk = r.sk;
@@ -251,5 +254,5 @@ fn on_data(
         kind,
         direction,
     };
-    emit_data(&args, ret as u64, id, lookup);
+    emit_data::<S>(&args, ret as u64, id, lookup);
 }

@@ -10,7 +10,7 @@ use tracer_common::{DIR_EGRESS, DIR_INGRESS, KernelStat};
 
 use super::{
     data::{REGS_DX, REGS_ORIG_AX, REGS_SI, emit_data, traced},
-    sock::Lookup,
+    sock::{ByAddress, Lookup},
 };
 use crate::maps::{
     ACTIVE, KIND_BUF, KIND_IOV, KIND_MSG, KIND_NONE, SyscallArgs, count, tracer_tgid,
@@ -144,5 +144,5 @@ fn exit(ret: i64) {
     if ret < 0 || (ret == 0 && args.direction != DIR_INGRESS) {
         return;
     }
-    emit_data(&args, ret as u64, id, Lookup::NotYet);
+    emit_data::<ByAddress>(&args, ret as u64, id, Lookup::NotYet);
 }

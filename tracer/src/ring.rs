@@ -1,0 +1,179 @@
+//! The reading end of the kernel's BPF ring buffer (`BPF_MAP_TYPE_RINGBUF`), mapped into the
+//! daemon as the kernel lays it out (kernel/bpf/ringbuf.c): a consumer page we write, then a
+//! producer page and the data pages (mapped twice in a row, so a record never wraps), read-only.
+//!
+//! aya's reader (like libbpf's) publishes the consumer position after every record. Every
+//! producer reads that position under the ring's lock on each reserve, so each publication
+//! costs the CPUs producing at that moment a cache miss, a few thousand times per batch. Here it
+//! is published once per `PUBLISH_BYTES` consumed and at the end of a batch: the space it frees
+//! reaches the producers a little later (never more than `PUBLISH_BYTES` late).
+use std::{
+    io,
+    os::fd::{AsFd, AsRawFd, RawFd},
+    ptr::NonNull,
+    sync::atomic::{AtomicU32, AtomicU64, Ordering},
+};
+
+use aya::maps::MapData;
+
+/// A record's header: its length, with these two flags, then its page offset.
+const BUSY_BIT: u32 = 1 << 31;
+const DISCARD_BIT: u32 = 1 << 30;
+const HEADER_BYTES: u64 = 8;
+
+/// How much may be consumed before the position is published within one batch.
+const PUBLISH_BYTES: u64 = 64 * 1024;
+
+/// One mapping, unmapped on drop.
+struct Mapping {
+    ptr: NonNull<libc::c_void>,
+    len: usize,
+}
+
+impl Mapping {
+    fn new(fd: RawFd, len: usize, prot: libc::c_int, offset: usize) -> io::Result<Self> {
+        // SAFETY: a fresh shared mapping of the map's fd; nothing else is at the address the
+        // kernel picks.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                prot,
+                libc::MAP_SHARED,
+                fd,
+                offset as libc::off_t,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        NonNull::new(ptr)
+            .map(|ptr| Self { ptr, len })
+            .ok_or_else(|| io::Error::other("mmap returned null"))
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: our own mapping, no longer referenced.
+        unsafe { libc::munmap(self.ptr.as_ptr(), self.len) };
+    }
+}
+
+pub struct Ring {
+    /// Kept open: the mappings and the poller refer to it.
+    map: MapData,
+    consumer: Mapping,
+    producer: Mapping,
+    page: usize,
+    mask: u64,
+    /// Our position, and the last one published.
+    pos: u64,
+    published: u64,
+}
+
+// SAFETY: the mappings are owned by this value and only touched through `&mut self`.
+unsafe impl Send for Ring {}
+
+impl Ring {
+    /// Maps the ring buffer `map` of `bytes` bytes (a power of two multiple of the page size).
+    pub fn new(map: MapData, bytes: u32) -> io::Result<Self> {
+        // SAFETY: sysconf has no preconditions.
+        let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) })
+            .map_err(|_| io::Error::other("no page size"))?;
+        let bytes = bytes as usize;
+        if !bytes.is_power_of_two() || bytes < page {
+            return Err(io::Error::other(format!(
+                "ring buffer of {bytes} bytes: not a power of two of at least a page"
+            )));
+        }
+        let fd = map.fd().as_fd().as_raw_fd();
+        let consumer = Mapping::new(fd, page, libc::PROT_READ | libc::PROT_WRITE, 0)?;
+        let producer = Mapping::new(fd, page + 2 * bytes, libc::PROT_READ, page)?;
+        let mut ring = Self {
+            map,
+            consumer,
+            producer,
+            page,
+            mask: bytes as u64 - 1,
+            pos: 0,
+            published: 0,
+        };
+        ring.pos = ring.consumer_pos().load(Ordering::Acquire);
+        ring.published = ring.pos;
+        Ok(ring)
+    }
+
+    fn consumer_pos(&self) -> &AtomicU64 {
+        // SAFETY: the consumer page starts with the kernel's `consumer_pos`, an aligned
+        // unsigned long, shared with the kernel for as long as the mapping lives.
+        unsafe { self.consumer.ptr.cast::<AtomicU64>().as_ref() }
+    }
+
+    fn producer_pos(&self) -> u64 {
+        // SAFETY: as above, for the producer page's `producer_pos`. Acquire pairs with the
+        // kernel's release store, after the record's header was written.
+        unsafe { self.producer.ptr.cast::<AtomicU64>().as_ref() }.load(Ordering::Acquire)
+    }
+
+    fn publish(&mut self) {
+        if self.published != self.pos {
+            // Release: the records before it are read; the kernel may reuse their space.
+            self.consumer_pos().store(self.pos, Ordering::Release);
+            self.published = self.pos;
+        }
+    }
+
+    /// Hands every committed record to `f`, in order, and returns how many there were. Stops
+    /// at a record still being written (its producer commits it, and the next drain reads it).
+    pub fn drain(&mut self, mut f: impl FnMut(&[u8])) -> usize {
+        let mut n = 0;
+        let mut end = self.producer_pos();
+        loop {
+            if self.pos == end {
+                // Caught up with what we saw: look again before stopping.
+                end = self.producer_pos();
+                if self.pos == end {
+                    break;
+                }
+            }
+            let offset = (self.pos & self.mask) as usize;
+            // SAFETY: the data pages follow the producer page and are mapped twice, so a record
+            // at `offset` (< size) with its length (< size) lies within the mapping.
+            let record = unsafe {
+                self.producer
+                    .ptr
+                    .as_ptr()
+                    .cast::<u8>()
+                    .add(self.page + offset)
+            };
+            // SAFETY: a record header is 8-byte aligned in the data pages; Acquire pairs with
+            // the kernel's commit (an ordered xchg that clears BUSY after the data is written).
+            let header = unsafe { (*record.cast::<AtomicU32>()).load(Ordering::Acquire) };
+            if header & BUSY_BIT != 0 {
+                break;
+            }
+            let len = u64::from(header & !(BUSY_BIT | DISCARD_BIT));
+            if header & DISCARD_BIT == 0 {
+                // SAFETY: the record's bytes follow its header, within the double mapping.
+                let data = unsafe {
+                    std::slice::from_raw_parts(record.add(HEADER_BYTES as usize), len as usize)
+                };
+                f(data);
+                n += 1;
+            }
+            self.pos += (HEADER_BYTES + len).next_multiple_of(8);
+            if self.pos - self.published >= PUBLISH_BYTES {
+                self.publish();
+            }
+        }
+        self.publish();
+        n
+    }
+}
+
+impl AsRawFd for Ring {
+    fn as_raw_fd(&self) -> RawFd {
+        self.map.fd().as_fd().as_raw_fd()
+    }
+}
