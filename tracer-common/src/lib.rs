@@ -117,9 +117,8 @@ pub struct DataMeta {
     /// Kernel address of the `struct sock`: the connection's identity while it lives.
     pub sk: u64,
     /// When the syscall entered (for a send on the socket data path: when the kernel began
-    /// taking its bytes); `hdr.ts_ns` is when it returned, except for a send stamped when it
-    /// began: the same moment then (one clock read saved; the daemon times a send by its
-    /// start).
+    /// taking its bytes); `hdr.ts_ns` is when it returned, except for a send whose start is
+    /// known: that start then (one clock read saved; the daemon times a send by its start).
     pub ts_enter_ns: u64,
     pub tuple: SockTuple,
     /// [`DIR_EGRESS`] or [`DIR_INGRESS`].

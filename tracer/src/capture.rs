@@ -710,8 +710,7 @@ impl Capture {
         let Map::RingBuf(events) = events else {
             return Err(CaptureError::Map("EVENTS", "not a ring buffer".into()));
         };
-        let events =
-            Ring::new(events, ring).map_err(|e| CaptureError::Map("EVENTS", e.to_string()))?;
+        let events = Ring::new(events).map_err(|e| CaptureError::Map("EVENTS", e.to_string()))?;
         let opaque = ebpf
             .take_map("OPAQUE")
             .ok_or_else(|| CaptureError::Map("OPAQUE", "missing".into()))?;

@@ -16,7 +16,8 @@ use tracer_common::{
 
 use crate::{
     event::{self, Data, Direction, Task, Tuple},
-    http1::{self, BodyLen, Chunked, Method, Parsed, Path, Start},
+    heads::{Head, Heads},
+    http1::{self, BodyLen, Chunked, Method, Path, Start},
     metrics::Metrics,
     spans::{self, Linker, SpanId},
 };
@@ -249,6 +250,7 @@ struct Ctx<'a, 'b> {
     metrics: &'a Metrics,
     linker: &'a mut Linker,
     out: &'a mut Vec<Exchange>,
+    heads: &'a mut Heads,
 }
 
 /// All followed connections, keyed by socket address.
@@ -271,6 +273,8 @@ pub struct ConnTable {
     cap: usize,
     /// Sockets that became opaque, for [`ConnTable::take_opaque`].
     opaque: Vec<(u64, SockTuple)>,
+    /// Heads parsed by one end of a connection on this host, for the other.
+    pub heads: Heads,
 }
 
 /// Opaque sockets remembered between two hand-overs to the kernel.
@@ -294,6 +298,7 @@ impl ConnTable {
             closed_hasher: Default::default(),
             spare: Vec::new(),
             opaque: Vec::new(),
+            heads: Heads::new(),
             cap,
         }
     }
@@ -399,6 +404,7 @@ impl ConnTable {
             metrics,
             linker,
             out,
+            heads: &mut self.heads,
         };
         let was_opaque = conn.role == Role::Opaque;
         process(conn, &mut ctx);
@@ -612,6 +618,7 @@ fn process(conn: &mut Conn, ctx: &mut Ctx<'_, '_>) {
                 metrics: ctx.metrics,
                 linker: &mut *ctx.linker,
                 out: &mut *ctx.out,
+                heads: &mut *ctx.heads,
             };
             feed(conn, requests, &mut ctx);
             return;
@@ -695,17 +702,10 @@ fn feed(conn: &mut Conn, requests: bool, ctx: &mut Ctx<'_, '_>) {
                     reader.head.extend_from_slice(add);
                 }
                 let head: &[u8] = if in_place { add } else { &reader.head };
-                let parsed = if requests {
-                    http1::parse_request(head).map(|p| match p {
-                        Parsed::Complete(h) => Some((h.head_len, HeadInfo::Request(h))),
-                        Parsed::Partial => None,
-                    })
-                } else {
-                    http1::parse_response(head).map(|p| match p {
-                        Parsed::Complete(h) => Some((h.head_len, HeadInfo::Response(h))),
-                        Parsed::Partial => None,
-                    })
-                };
+                let parsed = ctx
+                    .heads
+                    .parse(requests, head, conn.peer_local)
+                    .map(|p| p.map(|h| (h.head_len(), h)));
                 match parsed {
                     Ok(Some((head_len, info))) => {
                         let used = (head_len - prev) as u64;
@@ -725,7 +725,7 @@ fn feed(conn: &mut Conn, requests: bool, ctx: &mut Ctx<'_, '_>) {
                         // The head outgrew the capture: salvage its first line.
                         let info = if requests {
                             http1::parse_request_line(head).map(|(method, path)| {
-                                HeadInfo::Request(http1::RequestHead {
+                                Head::Request(http1::RequestHead {
                                     method,
                                     path,
                                     head_len: 0,
@@ -736,7 +736,7 @@ fn feed(conn: &mut Conn, requests: bool, ctx: &mut Ctx<'_, '_>) {
                             })
                         } else {
                             http1::parse_status_line(head).map(|status| {
-                                HeadInfo::Response(http1::ResponseHead {
+                                Head::Response(http1::ResponseHead {
                                     status,
                                     head_len: 0,
                                     body: BodyLen::UntilClose,
@@ -885,15 +885,10 @@ fn reader_mut(conn: &mut Conn, requests: bool) -> &mut Reader {
     }
 }
 
-enum HeadInfo {
-    Request(http1::RequestHead),
-    Response(http1::ResponseHead),
-}
-
-fn on_head(conn: &mut Conn, requests: bool, info: HeadInfo, ctx: &mut Ctx<'_, '_>) {
+fn on_head(conn: &mut Conn, requests: bool, info: Head, ctx: &mut Ctx<'_, '_>) {
     let d = ctx.d;
     let body = match info {
-        HeadInfo::Request(h) => {
+        Head::Request(h) => {
             if conn.pending.len() >= MAX_IN_FLIGHT {
                 if let Some(span) = conn.pending.pop_front().and_then(|p| p.span) {
                     ctx.linker.abandon(span);
@@ -944,7 +939,7 @@ fn on_head(conn: &mut Conn, requests: bool, info: HeadInfo, ctx: &mut Ctx<'_, '_
             }
             h.body
         }
-        HeadInfo::Response(h) => {
+        Head::Response(h) => {
             if (100..200).contains(&h.status) && h.status != 101 {
                 // Interim response: the final one follows.
                 conn.responses.state = ReadState::Idle;

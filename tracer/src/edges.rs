@@ -153,6 +153,10 @@ struct Interner {
 }
 
 impl Interner {
+    fn get(&self, s: &str) -> Option<u32> {
+        self.ids.get(s).copied()
+    }
+
     fn id(&mut self, s: &str) -> u32 {
         if let Some(&id) = self.ids.get(s) {
             return id;
@@ -171,7 +175,31 @@ impl Interner {
     fn shared(&self, id: u32) -> &Arc<str> {
         &self.names[id as usize]
     }
+
+    /// Whether strings nothing names any more (of `live` still named) are worth forgetting:
+    /// over half of them, and a few thousand.
+    fn bloated(&self, live: usize) -> bool {
+        self.names.len() > 2 * live + COMPACT_SLACK
+    }
+
+    /// Keeps only the `live` strings, renumbered: old number -> new one.
+    fn compact(&mut self, live: &HashSet<u32>) -> HashMap<u32, u32> {
+        let old = std::mem::take(&mut self.names);
+        self.ids.clear();
+        let mut renumber = HashMap::default();
+        for (i, name) in old.into_iter().enumerate() {
+            if live.contains(&(i as u32)) {
+                renumber.insert(i as u32, self.names.len() as u32);
+                self.ids.insert(name.clone(), self.names.len() as u32);
+                self.names.push(name);
+            }
+        }
+        renumber
+    }
 }
+
+/// Strings an interner may hold beyond twice those still named before it is compacted.
+const COMPACT_SLACK: usize = 4096;
 
 pub struct Aggregator {
     started: Instant,
@@ -391,14 +419,18 @@ impl Aggregator {
 
     fn route_of(&mut self, dst: NameId, template: &str, metrics: &Metrics) -> RouteId {
         let routes = self.dst_routes.entry(dst).or_default();
-        let id = self.routes.id(template);
-        if routes.contains(&id) {
+        if let Some(id) = self.routes.get(template)
+            && routes.contains(&id)
+        {
             return id;
         }
+        // Interned only when kept: a template past the limit (a path segment of unbounded
+        // values that is not recognised as an id) would otherwise be kept for good.
         if routes.len() >= MAX_ROUTES_PER_DST {
             metrics.series_overflow.with_label_values(&["route"]).inc();
             return self.routes.id(OTHER);
         }
+        let id = self.routes.id(template);
         routes.insert(id);
         id
     }
@@ -584,6 +616,69 @@ impl Aggregator {
         let edges = &self.edges;
         self.workloads
             .retain(|w, _| edges.keys().any(|(_, dst)| dst == w));
+        self.compact();
+    }
+
+    /// Forgets names and routes nothing refers to any more (expired, or named only by traffic
+    /// that went to an `[other]` series), renumbering what refers to the rest: without it,
+    /// every peer address and route template ever seen would stay.
+    fn compact(&mut self) {
+        let mut names: HashSet<NameId> = HashSet::default();
+        let mut routes: HashSet<RouteId> = HashSet::default();
+        for (&(src, dst), e) in &self.edges {
+            names.extend([src, dst]);
+            routes.extend(e.series.keys().map(|k| k.2));
+        }
+        names.extend(self.workloads.keys().copied());
+        for (&dst, set) in &self.dst_routes {
+            names.insert(dst);
+            routes.extend(set.iter().copied());
+        }
+        for &(dst, route, _) in self.routes_by_dst.keys() {
+            names.insert(dst);
+            routes.insert(route);
+        }
+        if self.names.bloated(names.len()) {
+            let n = self.names.compact(&names);
+            let n = |id: &NameId| n[id];
+            self.edges = std::mem::take(&mut self.edges)
+                .into_iter()
+                .map(|((src, dst), e)| ((n(&src), n(&dst)), e))
+                .collect();
+            self.workloads = std::mem::take(&mut self.workloads)
+                .into_iter()
+                .map(|(w, g)| (n(&w), g))
+                .collect();
+            self.dst_routes = std::mem::take(&mut self.dst_routes)
+                .into_iter()
+                .map(|(dst, set)| (n(&dst), set))
+                .collect();
+            self.routes_by_dst = std::mem::take(&mut self.routes_by_dst)
+                .into_iter()
+                .map(|((dst, route, method), r)| ((n(&dst), route, method), r))
+                .collect();
+            // Caches of names by number: made again as traffic comes.
+            self.workload_ids.clear();
+            self.route_ids.clear();
+        }
+        if self.routes.bloated(routes.len()) {
+            let r = self.routes.compact(&routes);
+            let r = |id: &RouteId| r[id];
+            for e in self.edges.values_mut() {
+                e.series = std::mem::take(&mut e.series)
+                    .into_iter()
+                    .map(|((method, status, route), s)| ((method, status, r(&route)), s))
+                    .collect();
+            }
+            for set in self.dst_routes.values_mut() {
+                *set = set.iter().map(r).collect();
+            }
+            self.routes_by_dst = std::mem::take(&mut self.routes_by_dst)
+                .into_iter()
+                .map(|((dst, route, method), s)| ((dst, r(&route), method), s))
+                .collect();
+            self.route_ids.clear();
+        }
     }
 
     /// Sum of the windows of the edges into (`inbound`) or out of a workload.
@@ -717,5 +812,88 @@ impl Aggregator {
 impl Default for Aggregator {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+
+    use super::*;
+    use crate::{
+        conn::{Exchange, Side},
+        event::{Comm, Task, Tuple},
+        http1::{Method, Path},
+    };
+
+    /// A request served by `nginx` from the client at `client`, for `path`.
+    fn served(client: u32, path: &str) -> Exchange {
+        let mut comm = [0u8; 16];
+        comm[..5].copy_from_slice(b"nginx");
+        Exchange {
+            side: Side::Server,
+            task: Task {
+                tgid: 10,
+                tid: 10,
+                comm: Comm(comm),
+                cgroup_id: 0,
+            },
+            tuple: Tuple {
+                local: SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1)), 80),
+                remote: SocketAddr::new(IpAddr::V4(Ipv4Addr::from(0x0b00_0000 + client)), 40000),
+            },
+            peer_sk: 0,
+            method: Method::Get,
+            path: Path::new(path),
+            status: 200,
+            start_ns: 1_000,
+            end_ns: 2_000_000,
+            req_bytes: 100,
+            resp_bytes: 100,
+            span: None,
+        }
+    }
+
+    /// Paths whose segments are words (not ids) from many remote clients: past the limits they
+    /// go to `[other]`, and neither the route templates nor the peers' names are kept.
+    #[test]
+    fn names_and_routes_past_the_limits_are_not_kept() {
+        let metrics = Metrics::new();
+        let mut agg = Aggregator::new();
+        let word = |mut i: u32| {
+            let mut w = String::new();
+            while i > 0 || w.is_empty() {
+                w.push((b'a' + (i % 26) as u8) as char);
+                i /= 26;
+            }
+            w
+        };
+        for i in 0..20_000 {
+            agg.record(&served(i, &format!("/p/{}", word(i))), None, true, &metrics);
+        }
+        // Per destination (nginx, and the `[other]` edge's), then `[other]` itself.
+        assert_eq!(agg.routes.names.len(), 2 * MAX_ROUTES_PER_DST + 1);
+        assert_eq!(agg.edges.len(), MAX_EDGES + 1, "kept + [other]");
+        // Every client address was named on its way to the `[other]` edge: forgotten at the
+        // next expiry, and what is kept still reads the same.
+        assert!(agg.names.names.len() > 20_000);
+        let before = agg.edges(Window::M1).len();
+        agg.expire(&metrics);
+        assert!(
+            agg.names.names.len() <= MAX_EDGES + 2,
+            "{}",
+            agg.names.names.len()
+        );
+        assert_eq!(agg.edges(Window::M1).len(), before);
+        let other = agg.edges.get(&(agg.names.id(OTHER), agg.names.id(OTHER)));
+        assert_eq!(
+            other.map(|e| e.golden.requests),
+            Some(20_000 - MAX_EDGES as u64)
+        );
+        // And it keeps counting under the renumbered names and routes.
+        agg.record(&served(0, "/p/a"), None, true, &metrics);
+        let first = agg.names.get("11.0.0.0").expect("first client kept");
+        let nginx = agg.names.get("nginx").expect("server kept");
+        assert_eq!(agg.edges[&(first, nginx)].golden.requests, 2);
     }
 }

@@ -11,6 +11,7 @@ pub mod conn;
 pub mod dashboard;
 pub mod edges;
 pub mod event;
+pub mod heads;
 pub mod http1;
 pub mod metrics;
 pub mod otlp;

@@ -3,15 +3,15 @@
 //! producer page and the data pages (mapped twice in a row, so a record never wraps), read-only.
 //!
 //! aya's reader (like libbpf's) publishes the consumer position after every record. Every
-//! producer reads that position under the ring's lock on each reserve, so each publication
-//! costs the CPUs producing at that moment a cache miss, a few thousand times per batch. Here it
-//! is published once per `PUBLISH_BYTES` consumed and at the end of a batch: the space it frees
-//! reaches the producers a little later (never more than `PUBLISH_BYTES` late).
+//! producer reads that position on each reserve, so each publication costs the CPUs producing
+//! at that moment a cache miss, a few thousand times per batch. Here it is published once per
+//! `PUBLISH_BYTES` consumed (a quarter of a smaller ring) and when the reader has caught up: the
+//! space it frees reaches the producers a little later.
 use std::{
     io,
     os::fd::{AsFd, AsRawFd, RawFd},
     ptr::NonNull,
-    sync::atomic::{AtomicU32, AtomicU64, Ordering},
+    sync::atomic::{self, AtomicU32, AtomicU64, Ordering},
 };
 
 use aya::maps::MapData;
@@ -21,7 +21,8 @@ const BUSY_BIT: u32 = 1 << 31;
 const DISCARD_BIT: u32 = 1 << 30;
 const HEADER_BYTES: u64 = 8;
 
-/// How much may be consumed before the position is published within one batch.
+/// How much may be consumed before the position is published within one batch (at most a
+/// quarter of the ring).
 const PUBLISH_BYTES: u64 = 64 * 1024;
 
 /// One mapping, unmapped on drop.
@@ -67,6 +68,7 @@ pub struct Ring {
     producer: Mapping,
     page: usize,
     mask: u64,
+    publish_every: u64,
     /// Our position, and the last one published.
     pos: u64,
     published: u64,
@@ -76,12 +78,13 @@ pub struct Ring {
 unsafe impl Send for Ring {}
 
 impl Ring {
-    /// Maps the ring buffer `map` of `bytes` bytes (a power of two multiple of the page size).
-    pub fn new(map: MapData, bytes: u32) -> io::Result<Self> {
+    /// Maps the ring buffer `map` (its size, from the kernel, a power of two multiple of the
+    /// page size).
+    pub fn new(map: MapData) -> io::Result<Self> {
         // SAFETY: sysconf has no preconditions.
         let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) })
             .map_err(|_| io::Error::other("no page size"))?;
-        let bytes = bytes as usize;
+        let bytes = map.info().map_err(io::Error::other)?.max_entries() as usize;
         if !bytes.is_power_of_two() || bytes < page {
             return Err(io::Error::other(format!(
                 "ring buffer of {bytes} bytes: not a power of two of at least a page"
@@ -96,6 +99,7 @@ impl Ring {
             producer,
             page,
             mask: bytes as u64 - 1,
+            publish_every: PUBLISH_BYTES.min(bytes as u64 / 4),
             pos: 0,
             published: 0,
         };
@@ -131,7 +135,12 @@ impl Ring {
         let mut end = self.producer_pos();
         loop {
             if self.pos == end {
-                // Caught up with what we saw: look again before stopping.
+                // Caught up with what we saw: publish, then look again before stopping, with a
+                // full fence between, so that either this look sees a record committed
+                // meanwhile or its producer sees our position (and wakes us, unless told not
+                // to; the poll covers those), as aya's reader does.
+                self.publish();
+                atomic::fence(Ordering::SeqCst);
                 end = self.producer_pos();
                 if self.pos == end {
                     break;
@@ -154,6 +163,15 @@ impl Ring {
                 break;
             }
             let len = u64::from(header & !(BUSY_BIT | DISCARD_BIT));
+            if len > self.mask || end.wrapping_sub(self.pos) < HEADER_BYTES + len {
+                // Not a record the kernel wrote: stop rather than read past the ring; the
+                // position stays, so nothing is taken for read.
+                tracing::error!(
+                    "ring buffer record of {len} bytes at {}: stopping",
+                    self.pos
+                );
+                break;
+            }
             if header & DISCARD_BIT == 0 {
                 // SAFETY: the record's bytes follow its header, within the double mapping.
                 let data = unsafe {
@@ -163,7 +181,7 @@ impl Ring {
                 n += 1;
             }
             self.pos += (HEADER_BYTES + len).next_multiple_of(8);
-            if self.pos - self.published >= PUBLISH_BYTES {
+            if self.pos - self.published >= self.publish_every {
                 self.publish();
             }
         }

@@ -76,8 +76,9 @@ impl Store for InSocket {
     }
     #[inline(always)]
     fn put(sk: u64, state: &SockState) {
-        // Created with `state`, or already there: then overwritten.
-        if let Some(p) = Self::storage(sk, state, SK_STORAGE_CREATE) {
+        // Created with `state`, or already there: then overwritten. A create can lose a race
+        // with another CPU creating it at the same moment: then it is there to be found.
+        if let Some(p) = Self::storage(sk, state, SK_STORAGE_CREATE).or_else(|| Self::get(sk)) {
             // SAFETY: the socket's own storage, live while this program runs.
             unsafe { *p = *state };
         }
@@ -302,8 +303,9 @@ pub fn next_event<S: Store>(sk: u64, lookup: Lookup) -> NextEvent {
         .is_ok_and(|s| u32::from(s) == TCP_CLOSE);
     let t = tuple_from_sock(sk);
     // A socket already closed (reset, or a half-closed one whose peer finished) is read to its
-    // end without an entry: one made now would outlive it and pass its state (an opaque mark
-    // above all) to the next socket at this address. Its events go unnumbered (0).
+    // end without an entry: one made now by address would outlive it and pass its state (an
+    // opaque mark above all) to the next socket at this address, and the daemon, which has
+    // handled its close, would not follow it anyway. Its events go unnumbered (0).
     if closed {
         return NextEvent {
             tuple: t,
