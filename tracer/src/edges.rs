@@ -172,6 +172,17 @@ impl Interner {
         &self.names[id as usize]
     }
 
+    fn len(&self) -> usize {
+        self.names.len()
+    }
+
+    /// Forgets the strings interned since there were `len`.
+    fn truncate(&mut self, len: usize) {
+        for name in self.names.drain(len.min(self.names.len())..) {
+            self.ids.remove(&name);
+        }
+    }
+
     fn shared(&self, id: u32) -> &Arc<str> {
         &self.names[id as usize]
     }
@@ -448,6 +459,8 @@ impl Aggregator {
         let latency_us = (ex.end_ns.saturating_sub(ex.start_ns) / 1000).max(1);
         let own = self.workload_id(&ex.task);
         let peer_name = peer.map(|p| self.workload_id(&p.task));
+        // Names made below (peer addresses) are forgotten if the request goes to `[other]`.
+        let named = self.names.len();
         let (src, dst, counts) = match (ex.side, peer, peer_name) {
             (Side::Server, _, Some(src)) => (src, own, true),
             (Side::Server, _, None) => {
@@ -468,6 +481,7 @@ impl Aggregator {
             (src, dst)
         } else {
             metrics.series_overflow.with_label_values(&["edge"]).inc();
+            self.names.truncate(named);
             let other = self.names.id(OTHER);
             (other, other)
         };
@@ -600,19 +614,23 @@ impl Aggregator {
             metrics.series_expired.with_label_values(&["edge"]).inc();
             false
         });
-        let (dst_routes, route_ids) = (&mut self.dst_routes, &mut self.route_ids);
-        self.routes_by_dst.retain(|(dst, route, _), r| {
+        let route_ids = &mut self.route_ids;
+        self.routes_by_dst.retain(|(dst, _, _), r| {
             if !r.window.idle(&clock) {
                 return true;
-            }
-            if let Some(set) = dst_routes.get_mut(dst) {
-                set.remove(route);
             }
             // Its paths may map to this route, or to the overflow route it made room in.
             route_ids.remove(dst);
             metrics.series_expired.with_label_values(&["route"]).inc();
             false
         });
+        // The routes a destination keeps are those with a series left (under any method), and
+        // a destination with none is forgotten.
+        let mut kept: HashMap<NameId, HashSet<RouteId>> = HashMap::default();
+        for &(dst, route, _) in self.routes_by_dst.keys() {
+            kept.entry(dst).or_default().insert(route);
+        }
+        self.dst_routes = kept;
         let edges = &self.edges;
         self.workloads
             .retain(|w, _| edges.keys().any(|(_, dst)| dst == w));
@@ -874,16 +892,10 @@ mod tests {
         // Per destination (nginx, and the `[other]` edge's), then `[other]` itself.
         assert_eq!(agg.routes.names.len(), 2 * MAX_ROUTES_PER_DST + 1);
         assert_eq!(agg.edges.len(), MAX_EDGES + 1, "kept + [other]");
-        // Every client address was named on its way to the `[other]` edge: forgotten at the
-        // next expiry, and what is kept still reads the same.
-        assert!(agg.names.names.len() > 20_000);
+        // Client addresses that went to the `[other]` edge are not kept.
+        assert!(agg.names.len() <= MAX_EDGES + 2, "{}", agg.names.len());
         let before = agg.edges(Window::M1).len();
         agg.expire(&metrics);
-        assert!(
-            agg.names.names.len() <= MAX_EDGES + 2,
-            "{}",
-            agg.names.names.len()
-        );
         assert_eq!(agg.edges(Window::M1).len(), before);
         let other = agg.edges.get(&(agg.names.id(OTHER), agg.names.id(OTHER)));
         assert_eq!(
@@ -895,5 +907,64 @@ mod tests {
         let first = agg.names.get("11.0.0.0").expect("first client kept");
         let nginx = agg.names.get("nginx").expect("server kept");
         assert_eq!(agg.edges[&(first, nginx)].golden.requests, 2);
+        // Clients of remote servers at ever new addresses: each destination is forgotten with
+        // its edge.
+        let mut client = served(0, "/");
+        client.side = Side::Client;
+        for i in 0..10_000u16 {
+            client.tuple.remote.set_port(1000 + i);
+            agg.record(&client, None, true, &metrics);
+        }
+        assert_eq!(agg.names.len(), MAX_EDGES + 2);
+        for e in agg.edges.values_mut() {
+            e.window = Windowed::new();
+        }
+        for r in agg.routes_by_dst.values_mut() {
+            r.window = Windowed::new();
+        }
+        agg.expire(&metrics);
+        assert!(agg.edges.is_empty() && agg.dst_routes.is_empty());
+    }
+
+    /// Peers come and go: the names and routes of those whose edges expired are forgotten,
+    /// and what stays is renumbered without losing its counts.
+    #[test]
+    fn expired_names_are_forgotten_and_the_rest_renumbered() {
+        let metrics = Metrics::new();
+        let mut agg = Aggregator::new();
+        // One client stays throughout; a thousand others come for one round each.
+        let keeper = served(500_000, "/keep");
+        for round in 0..8u32 {
+            agg.record(&keeper, None, true, &metrics);
+            for i in 0..1000 {
+                let path = format!("/r{round}/x");
+                agg.record(&served(round * 1000 + i, &path), None, true, &metrics);
+            }
+            let kept = agg.names.get("11.7.161.32").expect("keeper named");
+            let keep = agg.routes.get("/keep").expect("keeper's route");
+            for (&(src, _), e) in agg.edges.iter_mut() {
+                if src != kept {
+                    e.window = Windowed::new();
+                }
+            }
+            for (&(_, route, _), r) in agg.routes_by_dst.iter_mut() {
+                if route != keep {
+                    r.window = Windowed::new();
+                }
+            }
+            agg.expire(&metrics);
+        }
+        // Compacted (more than once): far fewer names than the 8000 clients seen.
+        assert!(agg.names.len() < 4100, "{}", agg.names.len());
+        assert!(agg.routes.len() < 10, "{}", agg.routes.len());
+        let client = agg.names.get("11.7.161.32").expect("keeper kept");
+        let nginx = agg.names.get("nginx").expect("server kept");
+        let route = agg.routes.get("/keep").expect("route kept");
+        let edge = &agg.edges[&(client, nginx)];
+        assert_eq!(edge.golden.requests, 8);
+        assert!(edge.series.keys().all(|k| k.2 == route));
+        assert_eq!(agg.dst_routes[&nginx].iter().collect::<Vec<_>>(), [&route]);
+        agg.record(&keeper, None, true, &metrics);
+        assert_eq!(agg.edges[&(client, nginx)].golden.requests, 9);
     }
 }

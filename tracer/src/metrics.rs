@@ -33,6 +33,7 @@ pub struct Metrics {
     pub series_overflow: IntCounterVec,
     pub series_expired: IntCounterVec,
     pub tap_dropped: IntCounter,
+    pub heads_shared: IntCounter,
     pub spans: IntCounterVec,
     pub requests_lost: IntCounterVec,
     pub bpf_run_seconds: CounterVec,
@@ -186,9 +187,16 @@ impl Metrics {
             "Requests a tap stream skipped because its client read too slowly.",
         )
         .expect("valid metric");
+        let heads_shared = IntCounter::new(
+            "tracer_http_heads_shared_total",
+            "HTTP heads taken as the other end of their connection, on this host, parsed them \
+             (the same bytes) rather than parsed again.",
+        )
+        .expect("valid metric");
         for c in [
             Box::new(series_expired.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(tap_dropped.clone()),
+            Box::new(heads_shared.clone()),
             Box::new(requests.clone()),
             Box::new(latency.clone()),
             Box::new(events.clone()),
@@ -247,6 +255,7 @@ impl Metrics {
             series_overflow,
             series_expired,
             tap_dropped,
+            heads_shared,
             spans,
             requests_lost,
             bpf_run_seconds,

@@ -369,6 +369,10 @@ impl Reader {
                 self.linker.tick(Instant::now());
             }
         });
+        let shared = std::mem::take(&mut self.conns.heads.hits);
+        if shared > 0 {
+            self.shared.metrics.heads_shared.inc_by(shared);
+        }
         if let Some(opaque) = &mut self.opaque {
             for (sk, tuple) in self.conns.take_opaque() {
                 opaque.mark(sk, &tuple);

@@ -164,13 +164,15 @@ impl Ring {
             }
             let len = u64::from(header & !(BUSY_BIT | DISCARD_BIT));
             if len > self.mask || end.wrapping_sub(self.pos) < HEADER_BYTES + len {
-                // Not a record the kernel wrote: stop rather than read past the ring; the
-                // position stays, so nothing is taken for read.
+                // Not a record the kernel wrote: what is pending cannot be read as records, and
+                // is skipped (rather than read past the ring, or stalled on for good).
                 tracing::error!(
-                    "ring buffer record of {len} bytes at {}: stopping",
-                    self.pos
+                    "ring buffer record of {len} bytes at {}: skipping {} bytes",
+                    self.pos,
+                    end.wrapping_sub(self.pos)
                 );
-                break;
+                self.pos = end;
+                continue;
             }
             if header & DISCARD_BIT == 0 {
                 // SAFETY: the record's bytes follow its header, within the double mapping.
