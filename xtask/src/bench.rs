@@ -213,6 +213,9 @@ enum Load {
     FixedRate,
     /// The same rate with the daemon building no spans (`--no-spans`).
     FixedRateMetricsOnly,
+    /// The same rate, each request for a path of its own (`/u/<8 digits>/<6 letters>`): as many
+    /// routes as the limits allow, then `[other]` (memory and CPU under unbounded paths).
+    FixedRateUniquePaths,
 }
 
 impl Load {
@@ -222,7 +225,15 @@ impl Load {
             Load::Close => "saturation, new connection per request",
             Load::FixedRate => "fixed rate",
             Load::FixedRateMetricsOnly => "fixed rate, metrics only",
+            Load::FixedRateUniquePaths => "fixed rate, unique paths",
         }
+    }
+
+    fn fixed(self) -> bool {
+        matches!(
+            self,
+            Load::FixedRate | Load::FixedRateMetricsOnly | Load::FixedRateUniquePaths
+        )
     }
 
     fn daemon_args(self) -> &'static [&'static str] {
@@ -281,17 +292,23 @@ fn oha_bin() -> Option<PathBuf> {
     })
 }
 
-fn oha(port: u16, secs: u64, rate: u64) -> anyhow::Result<Generated> {
+fn oha(port: u16, secs: u64, rate: u64, unique_paths: bool) -> anyhow::Result<Generated> {
     let mut cmd = Command::new(oha_bin().context("oha not found (cargo install oha)")?);
     cmd.args(["-z", &format!("{secs}s"), "-c", "32"]);
     // Rate 0: as fast as it goes (to find oha's own saturation).
     if rate > 0 {
         cmd.args(["-q", &rate.to_string(), "--latency-correction"]);
     }
-    let out = cmd
-        .args(["--no-tui", "--output-format", "json"])
-        .arg(format!("http://127.0.0.1:{port}/"))
-        .output()?;
+    cmd.args(["--no-tui", "--output-format", "json"]);
+    if unique_paths {
+        cmd.args([
+            "--rand-regex-url",
+            &format!("http://127.0.0.1:{port}/u/[0-9]{{8}}/[a-z]{{6}}"),
+        ]);
+    } else {
+        cmd.arg(format!("http://127.0.0.1:{port}/"));
+    }
+    let out = cmd.output()?;
     let v: Value = serde_json::from_slice(&out.stdout)
         .with_context(|| format!("oha output: {}", String::from_utf8_lossy(&out.stdout)))?;
     let pct = |k: &str| v["latencyPercentiles"][k].as_f64().unwrap_or(0.0) * 1e6;
@@ -323,7 +340,8 @@ fn run_load(load: Load, port: u16, secs: u64, rate: u64) -> anyhow::Result<Gener
     match load {
         Load::KeepAlive => wrk(port, secs, false),
         Load::Close => wrk(port, secs, true),
-        Load::FixedRate | Load::FixedRateMetricsOnly => oha(port, secs, rate),
+        Load::FixedRate | Load::FixedRateMetricsOnly => oha(port, secs, rate, false),
+        Load::FixedRateUniquePaths => oha(port, secs, rate, true),
     }
 }
 
@@ -414,7 +432,11 @@ pub fn run(bin: &Path, out_dir: &Path, opts: &Options) -> anyhow::Result<()> {
     }
     let mut loads = vec![Load::KeepAlive, Load::Close];
     if have_oha {
-        loads.extend([Load::FixedRate, Load::FixedRateMetricsOnly]);
+        loads.extend([
+            Load::FixedRate,
+            Load::FixedRateMetricsOnly,
+            Load::FixedRateUniquePaths,
+        ]);
     }
     let mut report = BTreeMap::new();
     let mut fixed_rate = 1000;
@@ -425,7 +447,7 @@ pub fn run(bin: &Path, out_dir: &Path, opts: &Options) -> anyhow::Result<()> {
     for load in loads {
         if load == Load::FixedRate {
             // Half of saturation, as oha itself reaches it (it needs more CPU than wrk).
-            let max = oha(nginx.port, secs.min(3), 0)?;
+            let max = oha(nginx.port, secs.min(3), 0, false)?;
             fixed_rate = ((max.requests as f64 / max.secs / 2.0) as u64).max(100);
             eprintln!(
                 "bench: oha saturates at {:.0} req/s; fixed rate {fixed_rate}",
@@ -478,7 +500,7 @@ pub fn run(bin: &Path, out_dir: &Path, opts: &Options) -> anyhow::Result<()> {
             "off_rps": off_rps,
             "on_rps": on_rps,
             "throughput_ratio": if off_rps > 0.0 { on_rps / off_rps } else { 0.0 },
-            "rate": if matches!(load, Load::FixedRate | Load::FixedRateMetricsOnly) { Some(fixed_rate) } else { None },
+            "rate": if load.fixed() { Some(fixed_rate) } else { None },
             "off_latency_us": off.iter().map(|g| json!({"p50": g.p50_us, "p99": g.p99_us, "p99.9": g.p999_us})).collect::<Vec<_>>(),
             "on_latency_us": on.iter().map(|g| json!({"p50": g.p50_us, "p99": g.p99_us, "p99.9": g.p999_us})).collect::<Vec<_>>(),
             "added_p50_us": mean(&on.iter().map(|g| g.p50_us).collect::<Vec<_>>()) - mean(&off.iter().map(|g| g.p50_us).collect::<Vec<_>>()),
@@ -506,7 +528,7 @@ pub fn run(bin: &Path, out_dir: &Path, opts: &Options) -> anyhow::Result<()> {
             cpu_pct_per_krps,
             entry["bpf_ns_per_request"].as_f64().unwrap_or(0.0),
             entry["daemon_peak_rss_mb"].as_f64().unwrap_or(0.0),
-            if matches!(load, Load::FixedRate | Load::FixedRateMetricsOnly) {
+            if load.fixed() {
                 format!(
                     ", added p50 {:.1} us, p99 {:.1} us at {fixed_rate} req/s",
                     entry["added_p50_us"].as_f64().unwrap_or(0.0),
