@@ -174,6 +174,31 @@ fn keep_alive_pairs_each_request_through_raw_syscall_tracepoints() {
     keep_alive_pairs(&["--attach", "raw-tracepoint"], "raw-tracepoint");
 }
 
+/// The socket data path as it runs where BTF tracepoints do not load (raw tracepoints, state by
+/// socket address), and where BTF does not give `sk_protocol` (classic tracepoints).
+#[test]
+#[cfg(target_arch = "x86_64")]
+fn keep_alive_pairs_each_request_through_the_socket_path_fallbacks() {
+    // Kernel names are cut at 15 bytes.
+    let loaded = || -> Vec<String> {
+        aya::programs::loaded_programs()
+            .filter_map(Result::ok)
+            .filter_map(|p| p.name_as_str().map(str::to_owned))
+            .collect()
+    };
+    let daemon = keep_alive_pairs(&["--attach", "socket-raw"], "socket");
+    let names = loaded();
+    for p in ["raw_sock_send", "raw_sock_recv", "raw_inet_sock_s"] {
+        assert!(names.iter().any(|n| n == p), "{p} not loaded: {names:?}");
+    }
+    drop(daemon);
+    let _daemon = keep_alive_pairs(&["--attach", "socket-classic"], "socket");
+    let names = loaded();
+    for p in ["sock_send_data", "sock_recv_data", "inet_sock_set_s"] {
+        assert!(names.iter().any(|n| n == p), "{p} not loaded: {names:?}");
+    }
+}
+
 /// The same through the classic syscall tracepoints, the path that works on every kernel and
 /// architecture (and the fallback when raw tracepoints cannot attach).
 #[test]

@@ -161,6 +161,14 @@ pub enum AttachMode {
     RawTracepoint,
     /// One `syscalls:sys_{enter,exit}_*` tracepoint per traced syscall: works everywhere.
     Tracepoint,
+    /// `socket` as it runs where BTF tracepoints do not load: raw tracepoints, per-socket state
+    /// by address (for tests of that fallback).
+    #[value(hide = true)]
+    SocketRaw,
+    /// `socket` as it runs where BTF does not give `sk_protocol`: the classic tracepoints (for
+    /// tests of that fallback).
+    #[value(hide = true)]
+    SocketClassic,
 }
 
 /// Sockets the kernel side stops sending data for (they carry no HTTP). The daemon only asks,
@@ -493,7 +501,12 @@ fn attach_path(
 ) -> Result<Vec<Link>, CaptureError> {
     let mut links = Vec::new();
     match path {
-        AttachMode::Socket => {
+        AttachMode::Socket | AttachMode::SocketRaw | AttachMode::SocketClassic => {
+            let (sk_protocol, btf) = match path {
+                AttachMode::SocketRaw => (sk_protocol, None),
+                AttachMode::SocketClassic => (None, None),
+                _ => (sk_protocol, btf),
+            };
             links.extend(attach_sock_data(ebpf, sk_protocol, btf)?);
             let (prog, tp) = SEND_START;
             match attach_raw(ebpf, prog, tp) {
@@ -603,7 +616,7 @@ fn attach_data_path(
     syscall_layouts: Option<&CaptureError>,
 ) -> Result<AttachMode, CaptureError> {
     let x86 = cfg!(target_arch = "x86_64");
-    if matches!(mode, AttachMode::Socket | AttachMode::RawTracepoint) && !x86 {
+    if !matches!(mode, AttachMode::Auto | AttachMode::Tracepoint) && !x86 {
         return Err(CaptureError::Attach(
             "data path",
             "x86_64",
@@ -620,6 +633,8 @@ fn attach_data_path(
         ],
         AttachMode::Auto => &[AttachMode::Tracepoint],
         AttachMode::Socket => &[AttachMode::Socket],
+        AttachMode::SocketRaw => &[AttachMode::SocketRaw],
+        AttachMode::SocketClassic => &[AttachMode::SocketClassic],
         AttachMode::RawTracepoint => &[AttachMode::RawTracepoint],
         AttachMode::Tracepoint => &[AttachMode::Tracepoint],
     };

@@ -247,7 +247,7 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     };
     let shared = Arc::new(Shared {
         attach: match mode {
-            AttachMode::Socket => "socket",
+            AttachMode::Socket | AttachMode::SocketRaw | AttachMode::SocketClassic => "socket",
             AttachMode::RawTracepoint => "raw-tracepoint",
             AttachMode::Tracepoint | AttachMode::Auto => "tracepoint",
         },
