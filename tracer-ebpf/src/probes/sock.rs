@@ -390,20 +390,13 @@ pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
 #[raw_tracepoint(tracepoint = "inet_sock_set_state")]
 pub fn raw_inet_sock_set_state(ctx: RawTracePointContext) -> i32 {
     let sk: u64 = ctx.arg(0);
-    let old_state = ctx.arg::<u64>(1) as u32;
-    let new_state = ctx.arg::<u64>(2) as u32;
-    if !state_wanted(new_state) {
-        return 0;
-    }
-    // SAFETY: a read-only global patched by the loader; `sk` is the kernel's live socket.
-    let protocol = unsafe {
-        let off = read_volatile(&SK_PROTOCOL_OFFSET) as u64;
-        bpf_probe_read_kernel((sk + off) as *const u16).unwrap_or(0)
-    };
-    if protocol == IPPROTO_TCP {
-        // SAFETY: as above.
-        unsafe { on_state::<ByAddress>(sk, old_state, new_state, None) };
-    }
+    state_change::<ByAddress>(sk, ctx.arg::<u64>(1), ctx.arg::<u64>(2), || {
+        // SAFETY: a read-only global patched by the loader; `sk` is the kernel's live socket.
+        unsafe {
+            let off = read_volatile(&SK_PROTOCOL_OFFSET) as u64;
+            bpf_probe_read_kernel((sk + off) as *const u16).unwrap_or(0)
+        }
+    });
     0
 }
 
@@ -412,22 +405,26 @@ pub fn raw_inet_sock_set_state(ctx: RawTracePointContext) -> i32 {
 #[btf_tracepoint(function = "inet_sock_set_state")]
 pub fn btf_inet_sock_set_state(ctx: BtfTracePointContext) -> i32 {
     let sk = ctx.arg::<*const u8>(0);
-    let old_state = ctx.arg::<u64>(1) as u32;
-    let new_state = ctx.arg::<u64>(2) as u32;
-    if !state_wanted(new_state) {
-        return 0;
-    }
-    // SAFETY: a read-only global patched by the loader (frozen: the verifier knows it); the
-    // load through the BTF-typed socket is checked and guarded.
-    let protocol = unsafe {
-        let off = read_volatile(&SK_PROTOCOL_OFFSET) as usize;
-        read_volatile(sk.add(off).cast::<u16>())
-    };
-    if protocol == IPPROTO_TCP {
-        // SAFETY: as above.
-        unsafe { on_state::<InSocket>(sk as u64, old_state, new_state, None) };
-    }
+    state_change::<InSocket>(sk as u64, ctx.arg::<u64>(1), ctx.arg::<u64>(2), || {
+        // SAFETY: a read-only global patched by the loader (frozen: the verifier knows it); the
+        // load through the BTF-typed socket is checked and guarded.
+        unsafe {
+            let off = read_volatile(&SK_PROTOCOL_OFFSET) as usize;
+            read_volatile(sk.add(off).cast::<u16>())
+        }
+    });
     0
+}
+
+/// A state change from a tracepoint that gives the socket and both states: the wanted ones of
+/// TCP sockets (the protocol read only for those), with the tuple read from the socket.
+#[inline(always)]
+fn state_change<S: Store>(sk: u64, old_state: u64, new_state: u64, protocol: impl FnOnce() -> u16) {
+    let (old_state, new_state) = (old_state as u32, new_state as u32);
+    if state_wanted(new_state) && protocol() == IPPROTO_TCP {
+        // SAFETY: `sk` is the tracepoint's live socket.
+        unsafe { on_state::<S>(sk, old_state, new_state, None) };
+    }
 }
 
 /// SYN_RECV, FIN_WAIT2, CLOSE_WAIT, CLOSING, LISTEN: nothing to keep or send (3 of about 10
