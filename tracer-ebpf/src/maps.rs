@@ -37,7 +37,8 @@ pub static EVENTS: RingBuf = RingBuf::with_byte_size(limits::RINGBUF_BYTES, 0);
 pub static ACTIVE: HashMap<u64, SyscallArgs> =
     HashMap::with_max_entries(limits::ACTIVE_SYSCALLS, 0);
 
-/// Socket address -> 4-tuple (filled by `inet_sock_set_state`) and event counter.
+/// Socket address -> the socket's state (4-tuple from `inet_sock_set_state`, event counter, ...),
+/// for the raw and classic tracepoint paths; the BTF path keeps it in `SOCK_STATES`.
 #[map]
 pub static SOCKS: LruHashMap<u64, SockState> = LruHashMap::with_max_entries(limits::SOCKETS, 0);
 
@@ -49,9 +50,9 @@ pub static SOCKS: LruHashMap<u64, SockState> = LruHashMap::with_max_entries(limi
 pub static SOCK_STATES: SkStorage<SockState> = SkStorage::new();
 
 /// The daemon's findings that a connection carries no HTTP, keyed by socket, with the
-/// connection's tuple: taken into `SOCKS` by the data path, which checks the tuple and drops a
-/// request left by an earlier socket at the address. LRU, so that a full table only means
-/// tracing some opaque sockets again, and requests never looked at age out.
+/// connection's tuple: taken into the socket's state by the data path, which checks the tuple
+/// and drops a request left by an earlier socket at the address. LRU, so that a full table only
+/// means tracing some opaque sockets again, and requests never looked at age out.
 #[map]
 pub static OPAQUE: LruHashMap<u64, SockTuple> =
     LruHashMap::with_max_entries(limits::OPAQUE_SOCKETS, 0);

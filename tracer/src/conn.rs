@@ -274,7 +274,7 @@ pub struct ConnTable {
     /// Sockets that became opaque, for [`ConnTable::take_opaque`].
     opaque: Vec<(u64, SockTuple)>,
     /// Heads parsed by one end of a connection on this host, for the other.
-    pub heads: Heads,
+    heads: Heads,
 }
 
 /// Opaque sockets remembered between two hand-overs to the kernel.
@@ -418,6 +418,11 @@ impl ConnTable {
         if ask && self.opaque.len() < MAX_OPAQUE_PENDING {
             self.opaque.push((d.sk, d.sock_tuple));
         }
+    }
+
+    /// Heads one end took from the other since the last call, rather than parsed.
+    pub fn take_heads_shared(&mut self) -> u64 {
+        std::mem::take(&mut self.heads.hits)
     }
 
     /// Sockets found not to carry HTTP since the last call: the kernel can stop sending their

@@ -369,7 +369,7 @@ impl Reader {
                 self.linker.tick(Instant::now());
             }
         });
-        let shared = std::mem::take(&mut self.conns.heads.hits);
+        let shared = self.conns.take_heads_shared();
         if shared > 0 {
             self.shared.metrics.heads_shared.inc_by(shared);
         }

@@ -167,7 +167,7 @@ pub enum Lookup {
 
 /// Whether the data path follows this call, and the socket's state: TCP over IPv4/IPv6, not a
 /// peek, not a socket the daemon found to carry no HTTP. Peeks and opaque sockets are counted.
-/// One hash lookup serves both the opaque test and the event.
+/// One lookup of the socket's state serves both the opaque test and the event.
 #[inline(always)]
 pub fn traced_socket<S: Store>(r: &Record, direction: u32) -> Option<Lookup> {
     if r.protocol != IPPROTO_TCP || (r.family != AF_INET && r.family != AF_INET6) {
