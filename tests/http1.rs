@@ -455,3 +455,92 @@ fn short_opaque_connections_leave_no_mark_on_the_next_socket() {
         daemon.diagnostics()
     );
 }
+
+/// A chunked body written as node.js writes one (a buffer each for a chunk's size, data and
+/// CRLF, in sendmsg calls after the head): every response ends where its last chunk ends, seen
+/// at both ends while the connection is still open, not when the next request or the close
+/// comes.
+#[test]
+fn a_body_written_in_many_buffers_ends_with_its_last_chunk() {
+    let _serial = serial();
+    let daemon = Daemon::start();
+    let server = Server::fixture();
+    let failures =
+        |reason: &str| daemon.metric_sum("tracer_parse_failures_total", &[("reason", reason)]);
+    let before = (failures("response_body_unseen"), failures("truncated_body"));
+    let n = 30;
+    let mut s = TcpStream::connect(("127.0.0.1", server.port)).expect("connect");
+    let mut statuses = 0;
+    let mut took = Vec::new();
+    for i in 0..n {
+        let t0 = std::time::Instant::now();
+        s.write_all(format!("GET /pieces/{i} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+            .expect("write");
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !got.ends_with(b"0\r\n\r\n") {
+            let k = std::io::Read::read(&mut s, &mut buf).expect("read");
+            assert!(k > 0, "server closed: {}", String::from_utf8_lossy(&got));
+            got.extend_from_slice(&buf[..k]);
+        }
+        took.push(t0.elapsed().as_secs_f64() * 1e3);
+        statuses += u64::from(got.starts_with(b"HTTP/1.1 200 "));
+        assert!(
+            got.ends_with(b"part1 \r\n6\r\npart2 \r\n4\r\nend\n\r\n0\r\n\r\n"),
+            "{}",
+            String::from_utf8_lossy(&got)
+        );
+    }
+    assert_eq!(statuses, n);
+    // The connection stays open: the last response must have ended by its own bytes.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let edge = loop {
+        let edges = daemon.json("/api/edges");
+        let edge = edges["edges"].as_array().and_then(|a| {
+            a.iter()
+                .find(|e| {
+                    e["dst_addrs"].as_array().is_some_and(|a| {
+                        a.iter().any(|x| {
+                            x.as_str()
+                                .is_some_and(|x| x.ends_with(&format!(":{}", server.port)))
+                        })
+                    })
+                })
+                .cloned()
+        });
+        let done = edge.as_ref().is_some_and(|e| {
+            e["client_latency"]["count"] == n && e["server_latency"]["count"] == n
+        });
+        if done || std::time::Instant::now() > deadline {
+            break edge;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let edge = edge.unwrap_or_else(|| panic!("no edge; {}", daemon.diagnostics()));
+    assert_eq!(
+        edge["requests"],
+        n,
+        "edge: {edge}; {}",
+        daemon.diagnostics()
+    );
+    assert_eq!(edge["status_codes"]["200"], n, "edge: {edge}");
+    assert_eq!(edge["client_latency"]["count"], n, "edge: {edge}");
+    assert_eq!(edge["server_latency"]["count"], n, "edge: {edge}");
+    let after = (failures("response_body_unseen"), failures("truncated_body"));
+    assert_eq!(
+        after, before,
+        "bodies seen to their end (unseen, truncated)"
+    );
+    // Ended by the last chunk, not by the next request: the client's own timing.
+    let measured = median(took);
+    let seen = edge["client_latency"]["p50_ms"].as_f64().expect("p50");
+    eprintln!(
+        "client measured p50 {measured:.3} ms, tracer {seen:.3} ms (server end {})",
+        edge["server_latency"]["p50_ms"]
+    );
+    assert!(
+        (seen - measured).abs() <= 1.0 + measured * 0.1,
+        "client latency p50: measured {measured:.3} ms, tracer {seen:.3} ms"
+    );
+    drop(s);
+}

@@ -4,7 +4,9 @@ use aya_ebpf::{
     macros::{btf_map, map},
     maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
-use tracer_common::{DataEvent, KERNEL_STAT_COUNT, KernelStat, SockState, SockTuple, limits};
+use tracer_common::{
+    DataEvent, KERNEL_STAT_COUNT, KernelStat, PAYLOAD_CAP, SockState, SockTuple, limits,
+};
 
 /// What `sys_enter_*` learnt, completed by `sock_*_length` and consumed by `sys_exit_*`.
 #[repr(C)]
@@ -57,9 +59,18 @@ pub static SOCK_STATES: SkStorage<SockState> = SkStorage::new();
 pub static OPAQUE: LruHashMap<u64, SockTuple> =
     LruHashMap::with_max_entries(limits::OPAQUE_SOCKETS, 0);
 
+/// A data event being built, and room past its payload that is never written but lets the
+/// verifier accept a copy at a variable offset: it sees offset < PAYLOAD_CAP and length <=
+/// PAYLOAD_CAP, not that their sum stays within the payload.
+#[repr(C)]
+pub struct Scratch {
+    pub ev: DataEvent,
+    pub spill: [u8; PAYLOAD_CAP],
+}
+
 /// Per-CPU scratch space for building a data event: too big for the 512-byte stack.
 #[map]
-pub static SCRATCH: PerCpuArray<DataEvent> = PerCpuArray::with_max_entries(1, 0);
+pub static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
 
 /// When this CPU's current TCP send began (`tcp_send_start`), for the send's data event.
 #[repr(C)]

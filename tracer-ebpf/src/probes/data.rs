@@ -54,48 +54,120 @@ pub fn traced(nr: u64) -> Option<(u32, u32)> {
     }
 }
 
-/// First user buffer of the call and its length.
+/// Iovecs copied from one call, the first included: enough for the pieces a server writes a
+/// chunked response in (node.js: size, CRLF, data, CRLF per chunk, then the last chunk), whose
+/// end the daemon must see.
+const MAX_IOVECS: u64 = 16;
+
+/// Where a call's bytes are: its first buffer and, for the iovec calls, the second one and the
+/// array they came from.
+struct Buffers {
+    base: u64,
+    len: u64,
+    second: (u64, u64),
+    iov: u64,
+    count: u64,
+}
+
+/// The call's first user buffers.
 #[inline(always)]
-fn first_buffer(args: &SyscallArgs) -> Option<(u64, u64)> {
-    match args.kind {
-        KIND_BUF => Some((args.buf, args.len)),
-        KIND_IOV => {
-            if args.len == 0 {
-                return None;
-            }
-            read_iovec(args.buf)
+fn buffers(args: &SyscallArgs) -> Option<Buffers> {
+    let (iov, count) = match args.kind {
+        KIND_BUF => {
+            return Some(Buffers {
+                base: args.buf,
+                len: args.len,
+                second: (0, 0),
+                iov: 0,
+                count: 1,
+            });
         }
+        KIND_IOV => (args.buf, args.len),
         KIND_MSG => {
             // SAFETY: `msg_iov` and `msg_iovlen` (adjacent) read through the checked helper.
             let [iov, iovlen] = unsafe {
                 aya_ebpf::helpers::bpf_probe_read_user((args.buf + MSGHDR_IOV) as *const [u64; 2])
             }
             .ok()?;
-            if iovlen == 0 {
-                return None;
-            }
-            read_iovec(iov)
+            (iov, iovlen)
         }
-        _ => None,
+        _ => return None,
+    };
+    if count == 0 {
+        return None;
     }
+    // `struct iovec { void *base; size_t len; }`: the first two read in one call when there
+    // are two (a head and its body, as nginx writes them).
+    let (first, second) = if count >= 2 {
+        // SAFETY: user memory read through the checked helper.
+        let [b0, l0, b1, l1] =
+            unsafe { aya_ebpf::helpers::bpf_probe_read_user(iov as *const [u64; 4]) }.ok()?;
+        ((b0, l0), (b1, l1))
+    } else {
+        (read_iovec(iov)?, (0, 0))
+    };
+    Some(Buffers {
+        base: first.0,
+        len: first.1,
+        second,
+        iov,
+        count,
+    })
 }
 
 #[inline(always)]
 fn read_iovec(iov: u64) -> Option<(u64, u64)> {
-    // SAFETY: `struct iovec { void *base; size_t len; }` read through the checked helper, in
-    // one call.
+    // SAFETY: `struct iovec` read through the checked helper, in one call.
     let [base, len] =
         unsafe { aya_ebpf::helpers::bpf_probe_read_user(iov as *const [u64; 2]) }.ok()?;
     Some((base, len))
 }
 
+/// Copies the iovecs after the first into `payload` from `off` (where the first ended), until
+/// `limit` bytes (the call's bytes, at most PAYLOAD_CAP) or MAX_IOVECS; returns the new end.
+/// A body written in pieces (node.js writes a chunk's size, data and CRLF as three) is then
+/// seen as the stream the peer reads, up to its end.
+#[inline(always)]
+fn gather(payload: *mut u8, b: &Buffers, mut off: u64, limit: u64) -> u64 {
+    let (mut base, mut len) = b.second;
+    let mut i: u64 = 1;
+    while i < MAX_IOVECS && off < limit {
+        if len > 0 {
+            let want = if len < limit - off { len } else { limit - off };
+            // The masks are no-ops (off < limit <= PAYLOAD_CAP, want in [1, PAYLOAD_CAP]) that
+            // the verifier needs; black_box keeps LLVM from proving them so.
+            let o = black_box(off) & (PAYLOAD_CAP as u64 - 1);
+            let n = ((black_box(want) - 1) & (PAYLOAD_CAP as u64 - 1)) + 1;
+            // SAFETY: at most 2 * PAYLOAD_CAP - 1 bytes past the payload's start, inside the
+            // scratch (payload then spill); `base` is user memory read through the checked
+            // helper.
+            let rc = unsafe {
+                bpf_probe_read_user(payload.add(o as usize).cast(), n as u32, base as *const _)
+            };
+            if rc != 0 {
+                break;
+            }
+            off = o + n;
+        }
+        i += 1;
+        if i >= b.count {
+            break;
+        }
+        let Some((nb, nl)) = read_iovec(b.iov + 16 * i) else {
+            break;
+        };
+        (base, len) = (nb, nl);
+    }
+    off
+}
+
 #[inline(always)]
 pub fn emit_data<S: Store>(args: &SyscallArgs, ret: u64, id: u64, lookup: Lookup) {
-    let Some(ev) = SCRATCH.get_ptr_mut(0) else {
+    let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
         return;
     };
     // SAFETY: the per-CPU scratch slot is ours until this program returns.
-    let ev: &mut DataEvent = unsafe { &mut *ev };
+    let ev: &mut DataEvent = unsafe { &mut (*scratch).ev };
     let next = next_event::<S>(args.sk, lookup);
     let (meta, payload) = (&mut ev.meta, &mut ev.payload);
 
@@ -160,8 +232,9 @@ pub fn emit_data<S: Store>(args: &SyscallArgs, ret: u64, id: u64, lookup: Lookup
 
     let mut captured: u64 = 0;
     meta.tail_len = 0;
-    if let Some((src, avail)) = first_buffer(args) {
-        let avail = if avail < ret { avail } else { ret };
+    if let Some(b) = buffers(args) {
+        let src = b.base;
+        let avail = if b.len < ret { b.len } else { ret };
         let want = if avail < PAYLOAD_CAP as u64 {
             avail
         } else {
@@ -181,6 +254,14 @@ pub fn emit_data<S: Store>(args: &SyscallArgs, ret: u64, id: u64, lookup: Lookup
             } else {
                 count(KernelStat::PayloadReadFailed);
             }
+        }
+        if captured == avail && captured < ret && b.count > 1 {
+            let limit = if ret < PAYLOAD_CAP as u64 {
+                ret
+            } else {
+                PAYLOAD_CAP as u64
+            };
+            captured = gather(payload.as_mut_ptr(), &b, captured, limit);
         }
         if ret > captured && args.kind != KIND_NONE {
             count(KernelStat::PayloadTruncated);
