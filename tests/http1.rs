@@ -164,6 +164,28 @@ const DEFAULT_ATTACH: &str = if cfg!(target_arch = "x86_64") {
 fn keep_alive_pairs_each_request() {
     let daemon = keep_alive_pairs(&[], DEFAULT_ATTACH);
     assert_eq!(daemon.json("/api/status")["spans"], true);
+    // The kernel here has BTF: the best programs loaded, none fell back (a verifier refusal
+    // would only be logged).
+    #[cfg(target_arch = "x86_64")]
+    {
+        let names = loaded_programs();
+        for p in [
+            "btf_sock_send",
+            "btf_sock_recv",
+            "btf_inet_sock_s",
+            "tcp_send_start",
+        ] {
+            assert!(names.iter().any(|n| n == p), "{p} not loaded: {names:?}");
+        }
+    }
+}
+
+/// Names of the programs loaded in the kernel now, cut at 15 bytes as the kernel keeps them.
+fn loaded_programs() -> Vec<String> {
+    aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .filter_map(|p| p.name_as_str().map(str::to_owned))
+        .collect()
 }
 
 /// The same through the raw syscall tracepoints (the path for kernels whose socket tracepoints
@@ -179,21 +201,14 @@ fn keep_alive_pairs_each_request_through_raw_syscall_tracepoints() {
 #[test]
 #[cfg(target_arch = "x86_64")]
 fn keep_alive_pairs_each_request_through_the_socket_path_fallbacks() {
-    // Kernel names are cut at 15 bytes.
-    let loaded = || -> Vec<String> {
-        aya::programs::loaded_programs()
-            .filter_map(Result::ok)
-            .filter_map(|p| p.name_as_str().map(str::to_owned))
-            .collect()
-    };
     let daemon = keep_alive_pairs(&["--attach", "socket-raw"], "socket");
-    let names = loaded();
+    let names = loaded_programs();
     for p in ["raw_sock_send", "raw_sock_recv", "raw_inet_sock_s"] {
         assert!(names.iter().any(|n| n == p), "{p} not loaded: {names:?}");
     }
     drop(daemon);
     let _daemon = keep_alive_pairs(&["--attach", "socket-classic"], "socket");
-    let names = loaded();
+    let names = loaded_programs();
     for p in ["sock_send_data", "sock_recv_data", "inet_sock_set_s"] {
         assert!(names.iter().any(|n| n == p), "{p} not loaded: {names:?}");
     }

@@ -168,7 +168,8 @@ pub struct SockState {
 /// A TCP socket changed state (tracepoint `sock:inet_sock_set_state`).
 ///
 /// The pid in the header is only meaningful for transitions made in process context
-/// (connect, close); the others run in softirq.
+/// (connect, close); the others run in softirq. The name and cgroup are only filled for
+/// SYN_SENT and ESTABLISHED (zero otherwise).
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct ConnEvent {

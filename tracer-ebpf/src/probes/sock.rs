@@ -24,6 +24,11 @@ pub trait Store {
     /// Sets the socket's state, whatever was there.
     fn put(sk: u64, state: &SockState);
     fn remove(sk: u64);
+    /// The socket's 4-tuple, read from the socket itself.
+    #[inline(always)]
+    fn tuple(sk: u64) -> SockTuple {
+        tuple_from_sock(sk)
+    }
 }
 
 /// In `SOCKS`, by the socket's address: for programs whose socket is a plain number (classic
@@ -87,6 +92,38 @@ impl Store for InSocket {
     fn remove(sk: u64) {
         // SAFETY: as in `storage`.
         unsafe { bpf_sk_storage_delete((&raw const SOCK_STATES).cast_mut().cast(), sk as *mut _) };
+    }
+    /// Plain loads through the typed socket (the verifier checks each against `struct sock`
+    /// and guards it), not a helper call per field: three tuples are read per connection.
+    #[inline(always)]
+    fn tuple(sk: u64) -> SockTuple {
+        let sk = sk as *const u8;
+        let mut t = SockTuple::default();
+        // SAFETY: `sk` is the tracepoint's typed `struct sock *`; the v6 offsets are read-only
+        // globals patched by the loader (frozen: the verifier knows them).
+        unsafe {
+            let at = |off: u64| sk.add(off as usize);
+            let family = read_volatile(at(SKC_FAMILY).cast::<u16>());
+            t.family = family;
+            t.local_port = read_volatile(at(SKC_NUM).cast::<u16>());
+            t.remote_port = u16::from_be(read_volatile(at(SKC_DPORT).cast::<u16>()));
+            if family == AF_INET {
+                let local = read_volatile(at(SKC_RCV_SADDR).cast::<[u8; 4]>());
+                let remote = read_volatile(at(SKC_DADDR).cast::<[u8; 4]>());
+                t.local_addr[..4].copy_from_slice(&local);
+                t.remote_addr[..4].copy_from_slice(&remote);
+            } else if family == AF_INET6 {
+                let (local, remote) = (
+                    read_volatile(&SKC_V6_RCV_SADDR_OFFSET) as u64,
+                    read_volatile(&SKC_V6_DADDR_OFFSET) as u64,
+                );
+                if local != 0 && remote != 0 {
+                    t.local_addr = read_volatile(at(local).cast::<[u8; 16]>());
+                    t.remote_addr = read_volatile(at(remote).cast::<[u8; 16]>());
+                }
+            }
+        }
+        t
     }
 }
 
@@ -229,6 +266,16 @@ fn take_opaque_mark(sk: u64, state: &mut SockState) -> bool {
     applies
 }
 
+/// Drops a request the daemon made for an earlier socket at this address. Looked up first: a
+/// delete takes the bucket's lock even when there is nothing to delete, as for nearly every
+/// new connection.
+#[inline(always)]
+fn forget_opaque_request(sk: u64) {
+    if OPAQUE.get_ptr(&sk).is_some() {
+        let _ = OPAQUE.remove(&sk);
+    }
+}
+
 #[tracepoint]
 pub fn sock_send_length(ctx: TracePointContext) -> u32 {
     on_length(&ctx, DIR_EGRESS);
@@ -301,7 +348,7 @@ pub fn next_event<S: Store>(sk: u64, lookup: Lookup) -> NextEvent {
     // SAFETY: `sk` is a live `struct sock *` handed to us by the tracepoint; reads are checked.
     let closed = unsafe { bpf_probe_read_kernel((sk + SKC_STATE) as *const u8) }
         .is_ok_and(|s| u32::from(s) == TCP_CLOSE);
-    let t = tuple_from_sock(sk);
+    let t = S::tuple(sk);
     // A socket already closed (reset, or a half-closed one whose peer finished) is read to its
     // end without an entry: one made now by address would outlive it and pass its state (an
     // opaque mark above all) to the next socket at this address, and the daemon, which has
@@ -475,30 +522,36 @@ unsafe fn on_state_record(ctx: &TracePointContext) {
 #[inline(always)]
 unsafe fn on_state<S: Store>(sk: u64, old_state: u32, new_state: u32, tuple: Option<SockTuple>) {
     unsafe {
+        // A connect starts clean, whatever an earlier socket at this address left: no lookup.
+        if new_state == TCP_SYN_SENT {
+            let tuple = match tuple {
+                Some(t) => t,
+                None => S::tuple(sk),
+            };
+            S::put(sk, &fresh(tuple));
+            forget_opaque_request(sk);
+            emit_conn(sk, tuple, old_state, new_state, 0);
+            return;
+        }
         let existing = S::get(sk);
         let tuple = match (tuple, existing) {
             (Some(t), _) => t,
             (None, Some(s)) if matches!(new_state, TCP_FIN_WAIT1 | TCP_LAST_ACK | TCP_CLOSE) => {
                 (*s).tuple
             }
-            (None, _) => tuple_from_sock(sk),
+            (None, _) => S::tuple(sk),
         };
         // SAFETY: a live map value, read while this program runs.
         let seq = existing.map_or(0, |s| (*s).seq);
-        let fresh = SockState {
-            tuple,
-            seq: 0,
-            opaque: 0,
-            task: 0,
-        };
+        let fresh = fresh(tuple);
         match (new_state, existing) {
             // A new connection starts clean, whatever an earlier socket at this address left:
             // its state, and an opaque request made for it (the one hash operation per
             // connection that keeps such a request from waiting for a later socket with the
             // same 4-tuple).
-            (TCP_SYN_SENT, _) | (TCP_ESTABLISHED, None) => {
+            (TCP_ESTABLISHED, None) => {
                 S::put(sk, &fresh);
-                let _ = OPAQUE.remove(&sk);
+                forget_opaque_request(sk);
             }
             // A client's: keep the numbering (data may already have gone out, TCP Fast Open);
             // the local port may only now be known.
@@ -509,7 +562,7 @@ unsafe fn on_state<S: Store>(sk: u64, old_state: u32, new_state: u32, tuple: Opt
             (TCP_ESTABLISHED, Some(state)) => {
                 if !same_tuple(&(*state).tuple, &tuple) {
                     S::put(sk, &fresh);
-                    let _ = OPAQUE.remove(&sk);
+                    forget_opaque_request(sk);
                 }
             }
             (TCP_CLOSE, _) => {
@@ -517,10 +570,39 @@ unsafe fn on_state<S: Store>(sk: u64, old_state: u32, new_state: u32, tuple: Opt
             }
             _ => {}
         }
-        if !wanted(old_state, new_state) {
-            return;
+        if wanted(old_state, new_state) {
+            emit_conn(sk, tuple, old_state, new_state, seq);
         }
+    }
+}
 
+/// A new connection's state: no events numbered yet, no opaque mark, no name sent.
+#[inline(always)]
+fn fresh(tuple: SockTuple) -> SockState {
+    SockState {
+        tuple,
+        seq: 0,
+        opaque: 0,
+        task: 0,
+    }
+}
+
+/// The record of a state change the daemon acts on.
+#[inline(always)]
+fn emit_conn(sk: u64, tuple: SockTuple, old_state: u32, new_state: u32, seq: u32) {
+    // SAFETY: helpers without preconditions; the reserved record is written whole.
+    unsafe {
+        // Who connects is known at the connect (and, should that event be lost, nearly so when
+        // the connection is up); the other changes only need the time: two helper calls each
+        // saved, four changes per connection.
+        let (cgroup_id, comm) = if new_state == TCP_SYN_SENT || new_state == TCP_ESTABLISHED {
+            (
+                bpf_get_current_cgroup_id(),
+                bpf_get_current_comm().unwrap_or([0; 16]),
+            )
+        } else {
+            (0, [0; 16])
+        };
         let wakeup = wakeup_flags();
         let Some(mut entry) = EVENTS.reserve::<ConnEvent>(0) else {
             count(KernelStat::RingbufFullConn);
@@ -532,8 +614,8 @@ unsafe fn on_state<S: Store>(sk: u64, old_state: u32, new_state: u32, tuple: Opt
                 flags: 0,
                 ts_ns: bpf_ktime_get_ns(),
                 pid_tgid: bpf_get_current_pid_tgid(),
-                cgroup_id: bpf_get_current_cgroup_id(),
-                comm: bpf_get_current_comm().unwrap_or([0; 16]),
+                cgroup_id,
+                comm,
             },
             sk,
             tuple,
