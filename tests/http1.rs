@@ -440,6 +440,29 @@ fn opaque_connections_are_skipped_in_the_kernel() {
     curl(&urls, "%{http_code}\n");
     let edge = daemon.wait_edge("curl", server.port, 20);
     assert_eq!(edge["requests"], 20, "edge: {edge}");
+
+    // Once every request was taken up the kernel side stops looking for them (the daemon
+    // lowers a flag after a second); a new opaque connection raises it again.
+    std::thread::sleep(Duration::from_millis(2500));
+    let out = std::process::Command::new("python3")
+        .arg(workspace_root().join("tests/fixtures/opaque.py"))
+        .arg(n.to_string())
+        .output()
+        .expect("opaque.py");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        format!("done {n}")
+    );
+    std::thread::sleep(Duration::from_millis(1500));
+    let again = daemon.metric_sum(
+        "tracer_kernel_events_total",
+        &[("reason", "skipped_opaque")],
+    ) - skipped;
+    assert!(
+        again >= (4 * n) as f64 * 0.8,
+        "second time: skipped {again} of {} syscalls",
+        4 * n
+    );
 }
 
 /// A connection found opaque after it closed (short ones close before the daemon's next poll)

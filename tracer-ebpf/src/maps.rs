@@ -2,7 +2,7 @@
 use aya_ebpf::{
     btf_maps::SkStorage,
     macros::{btf_map, map},
-    maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 use tracer_common::{
     DataEvent, KERNEL_STAT_COUNT, KernelStat, PAYLOAD_CAP, SockState, SockTuple, limits,
@@ -58,6 +58,12 @@ pub static SOCK_STATES: SkStorage<SockState> = SkStorage::new();
 #[map]
 pub static OPAQUE: LruHashMap<u64, SockTuple> =
     LruHashMap::with_max_entries(limits::OPAQUE_SOCKETS, 0);
+
+/// One slot, nonzero while the daemon may have requests in `OPAQUE` (it lowers it once the map
+/// is empty): looked at before `OPAQUE`, whose lookup in each new connection's first events
+/// costs more than the rest of them on a host that never asks.
+#[map]
+pub static OPAQUE_ASKED: Array<u32> = Array::with_max_entries(1, 0);
 
 /// A data event being built, and room past its payload that is never written but lets the
 /// verifier accept a copy at a variable offset: it sees offset < PAYLOAD_CAP and length <=

@@ -1,7 +1,11 @@
 //! Loading and attaching the eBPF programs, after checking that this host can run them; and
 //! access to what they share with us (the event ring buffer, the kernel-side counters).
 
-use std::{fs, io, path::Path};
+use std::{
+    fs, io,
+    path::Path,
+    time::{Duration, Instant},
+};
 
 use aya::{
     Btf, Ebpf, EbpfLoader,
@@ -175,13 +179,40 @@ pub enum AttachMode {
 /// naming the connection's tuple; the kernel side applies the request to its own per-socket
 /// state if the socket at that address is still that connection, so a request that arrives
 /// after the connection closed never reaches the next socket at the same address.
-pub struct OpaqueSockets(aya::maps::HashMap<MapData, u64, SockTuple>);
+pub struct OpaqueSockets {
+    requests: aya::maps::HashMap<MapData, u64, SockTuple>,
+    /// `OPAQUE_ASKED`: raised before the kernel side is asked anything, lowered once it has
+    /// taken every request (it deletes what it applies or drops), so that a host that never
+    /// asks pays no lookup.
+    asked: aya::maps::Array<MapData, u32>,
+    raised: bool,
+    looked: Instant,
+}
 
 impl OpaqueSockets {
     pub fn mark(&mut self, sk: u64, tuple: &SockTuple) {
         // An LRU map: inserting never fails for want of room.
-        if let Err(e) = self.0.insert(&sk, tuple, 0) {
+        if let Err(e) = self.requests.insert(&sk, tuple, 0) {
             tracing::debug!("marking socket {sk:#x} opaque: {e}");
+            return;
+        }
+        if !self.raised {
+            match self.asked.set(0, &1, 0) {
+                Ok(()) => self.raised = true,
+                Err(e) => tracing::debug!("raising OPAQUE_ASKED: {e}"),
+            }
+        }
+    }
+
+    /// Lowers the flag once no request is left, looked at once a second at most. Only this
+    /// thread adds requests, so none can come between the look and the lowering.
+    pub fn tidy(&mut self) {
+        if !self.raised || self.looked.elapsed() < Duration::from_secs(1) {
+            return;
+        }
+        self.looked = Instant::now();
+        if self.requests.keys().next().is_none() && self.asked.set(0, &0, 0).is_ok() {
+            self.raised = false;
         }
     }
 }
@@ -729,10 +760,17 @@ impl Capture {
         let opaque = ebpf
             .take_map("OPAQUE")
             .ok_or_else(|| CaptureError::Map("OPAQUE", "missing".into()))?;
-        let opaque = OpaqueSockets(
-            aya::maps::HashMap::try_from(opaque)
+        let asked = ebpf
+            .take_map("OPAQUE_ASKED")
+            .ok_or_else(|| CaptureError::Map("OPAQUE_ASKED", "missing".into()))?;
+        let opaque = OpaqueSockets {
+            requests: aya::maps::HashMap::try_from(opaque)
                 .map_err(|e| CaptureError::Map("OPAQUE", e.to_string()))?,
-        );
+            asked: aya::maps::Array::try_from(asked)
+                .map_err(|e| CaptureError::Map("OPAQUE_ASKED", e.to_string()))?,
+            raised: false,
+            looked: Instant::now(),
+        };
         let stats = ebpf
             .take_map("STATS")
             .ok_or_else(|| CaptureError::Map("STATS", "missing".into()))?;

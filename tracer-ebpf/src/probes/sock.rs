@@ -16,7 +16,7 @@ use tracer_common::{
     SockState, SockTuple, TCP_CLOSE, TCP_ESTABLISHED, TCP_FIN_WAIT1, TCP_LAST_ACK, TCP_SYN_SENT,
 };
 
-use crate::maps::{ACTIVE, EVENTS, OPAQUE, SOCK_STATES, SOCKS, count, wakeup_flags};
+use crate::maps::{ACTIVE, EVENTS, OPAQUE, OPAQUE_ASKED, SOCK_STATES, SOCKS, count, wakeup_flags};
 
 /// Where a socket's state is kept.
 pub trait Store {
@@ -252,6 +252,9 @@ fn same_tuple(a: &SockTuple, b: &SockTuple) -> bool {
 #[inline(always)]
 fn take_opaque_mark(sk: u64, state: &mut SockState) -> bool {
     if state.seq >= 8 && state.seq & 15 != 0 {
+        return false;
+    }
+    if OPAQUE_ASKED.get(0).is_none_or(|asked| *asked == 0) {
         return false;
     }
     let Some(wanted) = OPAQUE.get_ptr(&sk) else {
