@@ -444,6 +444,11 @@ fn opaque_connections_are_skipped_in_the_kernel() {
     // Once every request was taken up the kernel side stops looking for them (the daemon
     // lowers a flag after a second); a new opaque connection raises it again.
     std::thread::sleep(Duration::from_millis(2500));
+    assert_eq!(
+        opaque_asked(),
+        Some(0),
+        "flag lowered once no request is left"
+    );
     let out = std::process::Command::new("python3")
         .arg(workspace_root().join("tests/fixtures/opaque.py"))
         .arg(n.to_string())
@@ -463,6 +468,18 @@ fn opaque_connections_are_skipped_in_the_kernel() {
         "second time: skipped {again} of {} syscalls",
         4 * n
     );
+}
+
+/// The daemon's "opaque requests pending" flag, read from the newest loaded map of that name.
+fn opaque_asked() -> Option<u32> {
+    let id = aya::maps::loaded_maps()
+        .filter_map(Result::ok)
+        .filter(|m| m.name_as_str() == Some("OPAQUE_ASKED"))
+        .map(|m| m.id())
+        .max()?;
+    let data = aya::maps::MapData::from_id(id).ok()?;
+    let array = aya::maps::Array::<_, u32>::try_from(aya::maps::Map::Array(data)).ok()?;
+    array.get(&0, 0).ok()
 }
 
 /// A connection found opaque after it closed (short ones close before the daemon's next poll)
@@ -495,9 +512,9 @@ fn short_opaque_connections_leave_no_mark_on_the_next_socket() {
 }
 
 /// A chunked body written as node.js writes one (a buffer each for a chunk's size, data and
-/// CRLF, in sendmsg calls after the head): every response ends where its last chunk ends, seen
-/// at both ends while the connection is still open, not when the next request or the close
-/// comes.
+/// CRLF, in two sendmsg calls, the first with the head) and read with readv into small
+/// buffers: every response ends where its last chunk ends, seen at both ends while the
+/// connection is still open, not when the next request or the close comes.
 #[test]
 fn a_body_written_in_many_buffers_ends_with_its_last_chunk() {
     let _serial = serial();
@@ -514,12 +531,19 @@ fn a_body_written_in_many_buffers_ends_with_its_last_chunk() {
         let t0 = std::time::Instant::now();
         s.write_all(format!("GET /pieces/{i} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
             .expect("write");
+        // Read with readv into small buffers, so that the reading end is an iovec call too.
         let mut got = Vec::new();
-        let mut buf = [0u8; 4096];
+        let (mut a, mut b, mut c) = ([0u8; 8], [0u8; 24], [0u8; 4096]);
         while !got.ends_with(b"0\r\n\r\n") {
-            let k = std::io::Read::read(&mut s, &mut buf).expect("read");
+            let mut bufs = [
+                std::io::IoSliceMut::new(&mut a),
+                std::io::IoSliceMut::new(&mut b),
+                std::io::IoSliceMut::new(&mut c),
+            ];
+            let k = std::io::Read::read_vectored(&mut s, &mut bufs).expect("readv");
             assert!(k > 0, "server closed: {}", String::from_utf8_lossy(&got));
-            got.extend_from_slice(&buf[..k]);
+            let all: Vec<u8> = a.iter().chain(&b).chain(&c).copied().collect();
+            got.extend_from_slice(&all[..k]);
         }
         took.push(t0.elapsed().as_secs_f64() * 1e3);
         statuses += u64::from(got.starts_with(b"HTTP/1.1 200 "));

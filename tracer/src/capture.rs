@@ -197,22 +197,32 @@ impl OpaqueSockets {
             return;
         }
         if !self.raised {
-            match self.asked.set(0, &1, 0) {
-                Ok(()) => self.raised = true,
-                Err(e) => tracing::debug!("raising OPAQUE_ASKED: {e}"),
-            }
+            self.raise();
         }
     }
 
-    /// Lowers the flag once no request is left, looked at once a second at most. Only this
-    /// thread adds requests, so none can come between the look and the lowering.
+    fn raise(&mut self) {
+        match self.asked.set(0, &1, 0) {
+            Ok(()) => self.raised = true,
+            Err(e) => tracing::warn!("raising OPAQUE_ASKED (retried each second): {e}"),
+        }
+    }
+
+    /// Lowers the flag once no request is left (and raises it again if that failed while some
+    /// are), looked at once a second at most. Only this thread adds requests, so none can come
+    /// between the look and the lowering.
     pub fn tidy(&mut self) {
-        if !self.raised || self.looked.elapsed() < Duration::from_secs(1) {
+        if self.looked.elapsed() < Duration::from_secs(1) {
             return;
         }
         self.looked = Instant::now();
-        if self.requests.keys().next().is_none() && self.asked.set(0, &0, 0).is_ok() {
-            self.raised = false;
+        let empty = self.requests.keys().next().is_none();
+        if self.raised && empty {
+            if self.asked.set(0, &0, 0).is_ok() {
+                self.raised = false;
+            }
+        } else if !self.raised && !empty {
+            self.raise();
         }
     }
 }

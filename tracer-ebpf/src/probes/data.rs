@@ -150,7 +150,7 @@ fn gather(payload: *mut u8, b: &Buffers, mut off: u64, limit: u64) -> u64 {
             off = o + n;
         }
         i += 1;
-        if i >= b.count {
+        if i >= b.count || i >= MAX_IOVECS || off >= limit {
             break;
         }
         let Some((nb, nl)) = read_iovec(b.iov + 16 * i) else {
