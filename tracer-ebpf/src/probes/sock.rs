@@ -548,9 +548,9 @@ unsafe fn on_state<S: Store>(sk: u64, old_state: u32, new_state: u32, tuple: Opt
         let seq = existing.map_or(0, |s| (*s).seq);
         let fresh = fresh(tuple);
         match (new_state, existing) {
-            // A new connection starts clean, whatever an earlier socket at this address left:
-            // its state, and an opaque request made for it (the one hash operation per
-            // connection that keeps such a request from waiting for a later socket with the
+            // A server's new connection starts clean, whatever an earlier socket at this
+            // address left: its state, and an opaque request made for it (a lookup per
+            // connection, which keeps such a request from waiting for a later socket with the
             // same 4-tuple).
             (TCP_ESTABLISHED, None) => {
                 S::put(sk, &fresh);
