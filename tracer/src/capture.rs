@@ -209,13 +209,28 @@ impl OpaqueSockets {
     }
 
     /// Lowers the flag once no request is left (and raises it again if that failed while some
-    /// are), looked at once a second at most. Only this thread adds requests, so none can come
-    /// between the look and the lowering.
-    pub fn tidy(&mut self) {
+    /// are), looked at once a second at most. A request for a connection that ended before the
+    /// kernel side took it up would stay (and the flag with it) until a new socket at its
+    /// address: those of sockets that are no longer `open` are deleted, 256 looked at each
+    /// time. Only this thread adds requests, so none can come between the look and the
+    /// lowering.
+    pub fn tidy(&mut self, open: impl Fn(u64) -> bool) {
         if self.looked.elapsed() < Duration::from_secs(1) {
             return;
         }
         self.looked = Instant::now();
+        if self.raised {
+            let gone: Vec<u64> = self
+                .requests
+                .keys()
+                .take(256)
+                .filter_map(Result::ok)
+                .filter(|sk| !open(*sk))
+                .collect();
+            for sk in gone {
+                let _ = self.requests.remove(&sk);
+            }
+        }
         let empty = self.requests.keys().next().is_none();
         if self.raised && empty {
             if self.asked.set(0, &0, 0).is_ok() {

@@ -420,6 +420,11 @@ impl ConnTable {
         }
     }
 
+    /// Whether `sk` is a connection this table follows (not yet closed).
+    pub fn is_open(&self, sk: u64) -> bool {
+        self.conns.contains_key(&sk)
+    }
+
     /// Heads one end took from the other since the last call, rather than parsed.
     pub fn take_heads_shared(&mut self) -> u64 {
         std::mem::take(&mut self.heads.hits)

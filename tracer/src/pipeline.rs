@@ -377,7 +377,7 @@ impl Reader {
             for (sk, tuple) in self.conns.take_opaque() {
                 opaque.mark(sk, &tuple);
             }
-            opaque.tidy();
+            opaque.tidy(|sk| self.conns.is_open(sk));
         }
         if self.last_drain.elapsed() >= SPAN_DRAIN {
             self.drain_spans();
