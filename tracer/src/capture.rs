@@ -219,19 +219,20 @@ impl OpaqueSockets {
             return;
         }
         self.looked = Instant::now();
-        if self.raised {
-            let gone: Vec<u64> = self
-                .requests
-                .keys()
-                .take(256)
-                .filter_map(Result::ok)
-                .filter(|sk| !open(*sk))
-                .collect();
-            for sk in gone {
-                let _ = self.requests.remove(&sk);
+        const LOOK: usize = 256;
+        let (mut seen, mut gone) = (0, Vec::new());
+        for key in self.requests.keys().take(LOOK) {
+            seen += 1;
+            if let Ok(sk) = key
+                && !open(sk)
+            {
+                gone.push(sk);
             }
         }
-        let empty = self.requests.keys().next().is_none();
+        for sk in &gone {
+            let _ = self.requests.remove(sk);
+        }
+        let empty = seen < LOOK && gone.len() == seen;
         if self.raised && empty {
             if self.asked.set(0, &0, 0).is_ok() {
                 self.raised = false;

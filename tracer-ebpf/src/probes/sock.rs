@@ -24,10 +24,17 @@ pub trait Store {
     /// Sets the socket's state, whatever was there.
     fn put(sk: u64, state: &SockState);
     fn remove(sk: u64);
+    /// A field of the socket at byte `off`, zero when it cannot be read: a checked helper
+    /// read by default, a plain load where the socket is a typed pointer.
+    #[inline(always)]
+    fn load<T: Copy + Default>(sk: u64, off: u64) -> T {
+        // SAFETY: `sk` is a live `struct sock *` handed to us by a tracepoint; reads are checked.
+        unsafe { bpf_probe_read_kernel((sk + off) as *const T) }.unwrap_or_default()
+    }
     /// The socket's 4-tuple, read from the socket itself.
     #[inline(always)]
     fn tuple(sk: u64) -> SockTuple {
-        tuple_from_sock(sk)
+        tuple_from_sock::<Self>(sk)
     }
 }
 
@@ -96,34 +103,10 @@ impl Store for InSocket {
     /// Plain loads through the typed socket (the verifier checks each against `struct sock`
     /// and guards it), not a helper call per field: three tuples are read per connection.
     #[inline(always)]
-    fn tuple(sk: u64) -> SockTuple {
-        let sk = sk as *const u8;
-        let mut t = SockTuple::default();
-        // SAFETY: `sk` is the tracepoint's typed `struct sock *`; the v6 offsets are read-only
-        // globals patched by the loader (frozen: the verifier knows them).
-        unsafe {
-            let at = |off: u64| sk.add(off as usize);
-            let family = read_volatile(at(SKC_FAMILY).cast::<u16>());
-            t.family = family;
-            t.local_port = read_volatile(at(SKC_NUM).cast::<u16>());
-            t.remote_port = u16::from_be(read_volatile(at(SKC_DPORT).cast::<u16>()));
-            if family == AF_INET {
-                let local = read_volatile(at(SKC_RCV_SADDR).cast::<[u8; 4]>());
-                let remote = read_volatile(at(SKC_DADDR).cast::<[u8; 4]>());
-                t.local_addr[..4].copy_from_slice(&local);
-                t.remote_addr[..4].copy_from_slice(&remote);
-            } else if family == AF_INET6 {
-                let (local, remote) = (
-                    read_volatile(&SKC_V6_RCV_SADDR_OFFSET) as u64,
-                    read_volatile(&SKC_V6_DADDR_OFFSET) as u64,
-                );
-                if local != 0 && remote != 0 {
-                    t.local_addr = read_volatile(at(local).cast::<[u8; 16]>());
-                    t.remote_addr = read_volatile(at(remote).cast::<[u8; 16]>());
-                }
-            }
-        }
-        t
+    fn load<T: Copy + Default>(sk: u64, off: u64) -> T {
+        // SAFETY: `sk` is the tracepoint's typed `struct sock *`; `off` is a constant or a
+        // read-only global patched by the loader (frozen: the verifier knows it).
+        unsafe { read_volatile((sk as *const u8).add(off as usize).cast::<T>()) }
     }
 }
 
@@ -381,34 +364,27 @@ pub fn next_event<S: Store>(sk: u64, lookup: Lookup) -> NextEvent {
 
 /// `sk`'s 4-tuple, read from `struct sock_common`.
 #[inline(always)]
-fn tuple_from_sock(sk: u64) -> SockTuple {
+fn tuple_from_sock<S: Store + ?Sized>(sk: u64) -> SockTuple {
     let mut t = SockTuple::default();
-    // SAFETY: `sk` is a live `struct sock *` handed to us by a tracepoint; reads are checked.
-    unsafe {
-        let family = bpf_probe_read_kernel((sk + SKC_FAMILY) as *const u16).unwrap_or(0);
-        t.family = family;
-        t.local_port = bpf_probe_read_kernel((sk + SKC_NUM) as *const u16).unwrap_or(0);
-        t.remote_port =
-            u16::from_be(bpf_probe_read_kernel((sk + SKC_DPORT) as *const u16).unwrap_or(0));
-        if family == AF_INET {
-            t.local_addr[..4].copy_from_slice(
-                &bpf_probe_read_kernel((sk + SKC_RCV_SADDR) as *const [u8; 4]).unwrap_or([0; 4]),
-            );
-            t.remote_addr[..4].copy_from_slice(
-                &bpf_probe_read_kernel((sk + SKC_DADDR) as *const [u8; 4]).unwrap_or([0; 4]),
-            );
-        } else if family == AF_INET6 {
-            let (local, remote) = (
+    let family: u16 = S::load(sk, SKC_FAMILY);
+    t.family = family;
+    t.local_port = S::load(sk, SKC_NUM);
+    t.remote_port = u16::from_be(S::load(sk, SKC_DPORT));
+    if family == AF_INET {
+        t.local_addr[..4].copy_from_slice(&S::load::<[u8; 4]>(sk, SKC_RCV_SADDR));
+        t.remote_addr[..4].copy_from_slice(&S::load::<[u8; 4]>(sk, SKC_DADDR));
+    } else if family == AF_INET6 {
+        // SAFETY: read-only globals patched by the loader.
+        let (local, remote) = unsafe {
+            (
                 read_volatile(&SKC_V6_RCV_SADDR_OFFSET) as u64,
                 read_volatile(&SKC_V6_DADDR_OFFSET) as u64,
-            );
-            // Zero when the kernel's BTF did not say where they are: addresses stay unknown.
-            if local != 0 && remote != 0 {
-                t.local_addr =
-                    bpf_probe_read_kernel((sk + local) as *const [u8; 16]).unwrap_or([0; 16]);
-                t.remote_addr =
-                    bpf_probe_read_kernel((sk + remote) as *const [u8; 16]).unwrap_or([0; 16]);
-            }
+            )
+        };
+        // Zero when the kernel's BTF did not say where they are: addresses stay unknown.
+        if local != 0 && remote != 0 {
+            t.local_addr = S::load(sk, local);
+            t.remote_addr = S::load(sk, remote);
         }
     }
     t
