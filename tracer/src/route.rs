@@ -9,26 +9,27 @@ const MAX_SEGMENTS: usize = 12;
 /// Whether a path segment is an identifier rather than a name: all digits, a UUID, a long hex
 /// string (hashes, object ids), or a long mixed token of letters and digits.
 fn is_id(seg: &str) -> bool {
-    if seg.is_empty() {
+    let b = seg.as_bytes();
+    if b.is_empty() {
         return false;
     }
-    let b = seg.as_bytes();
-    if b.iter().all(u8::is_ascii_digit) {
-        return true;
+    // One pass (this runs for every segment of every request whose path is not cached): every
+    // kind of id below is made of token bytes, so the first other byte settles it.
+    let (mut digits, mut hex) = (0, true);
+    for &c in b {
+        if c.is_ascii_digit() {
+            digits += 1;
+        } else if c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.' | b'=' | b'~') {
+            hex &= c.is_ascii_hexdigit();
+        } else {
+            return false;
+        }
     }
-    if is_uuid(b) {
-        return true;
-    }
-    let hex = b.iter().all(u8::is_ascii_hexdigit);
-    let digits = b.iter().filter(|c| c.is_ascii_digit()).count();
-    if hex && b.len() >= 8 && digits > 0 {
-        return true;
-    }
-    // Opaque tokens (base64url ids, slugs with numbers) are long and mix digits in.
-    let token = b
-        .iter()
-        .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.' | b'=' | b'~'));
-    token && b.len() >= 20 && digits >= 2
+    digits == b.len()
+        || is_uuid(b)
+        || (hex && b.len() >= 8 && digits > 0)
+        // Opaque tokens (base64url ids, slugs with numbers) are long and mix digits in.
+        || (b.len() >= 20 && digits >= 2)
 }
 
 fn is_uuid(b: &[u8]) -> bool {
@@ -104,6 +105,10 @@ mod tests {
         assert_eq!(template("http://h:80/a/12"), "/a/{id}");
         assert_eq!(template("*"), "*");
         assert_eq!(template("nonsense"), "[invalid]");
+        assert_eq!(template("/t/aZ3_k9-Qx7pLm2Vb8Nc4"), "/t/{id}");
+        assert_eq!(template("/t/a-long-slug-without-digits"), "/t/a-long-slug-without-digits");
+        assert_eq!(template("/t/has space 1234567890123"), "/t/has space 1234567890123");
+        assert_eq!(template("/v/1.2.3"), "/v/1.2.3");
         assert!(template(&"/a".repeat(200)).chars().count() <= 130);
     }
 }
