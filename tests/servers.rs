@@ -100,3 +100,113 @@ fn wrk_saturation_is_counted() {
         "over-count: {seen} > {completed} + {CONNECTIONS}"
     );
 }
+
+/// A process in a fake Kubernetes pod: a cgroup under `kubepods`, the pod's name as its
+/// hostname, and the service-account namespace file in a mount namespace of its own, as the
+/// kubelet and the container runtime set them up.
+fn in_pod(pod: &str, namespace: &str, cgroup: &std::path::Path, program: &[&str]) -> Command {
+    std::fs::create_dir_all(cgroup).expect("create the pod's cgroup");
+    let script = format!(
+        "mount -t tmpfs pod /run && mkdir -p /run/secrets/kubernetes.io/serviceaccount \
+         && echo {namespace} > /run/secrets/kubernetes.io/serviceaccount/namespace \
+         && echo $$ > {}/cgroup.procs && exec \"$@\"",
+        cgroup.display()
+    );
+    let mut cmd = Command::new("unshare");
+    cmd.args(["-m", "--propagation", "private", "sh", "-c", &script, "pod"])
+        .args(program)
+        .env("HOSTNAME", pod);
+    cmd
+}
+
+/// Where the cgroup2 hierarchy is mounted (`/sys/fs/cgroup` or, on hybrid hosts such as this
+/// one, `/sys/fs/cgroup/unified`).
+fn cgroup2_root() -> std::path::PathBuf {
+    let mounts = std::fs::read_to_string("/proc/mounts").expect("read /proc/mounts");
+    mounts
+        .lines()
+        .find_map(|l| {
+            let f: Vec<&str> = l.split(' ').collect();
+            (f.get(2) == Some(&"cgroup2")).then(|| std::path::PathBuf::from(f[1]))
+        })
+        .expect("a cgroup2 mount")
+}
+
+/// On a Kubernetes node (the DaemonSet in deploy/), a pod's processes are named by the pod's
+/// owner and namespace, as Linkerd names workloads, not by their process names: a curl in a
+/// Deployment's pod calling a python server in a StatefulSet's pod is `frontend.shop ->
+/// orders.shop`.
+#[test]
+fn pods_are_named_by_owner_and_namespace() {
+    let _serial = serial();
+    let daemon = Daemon::start();
+    let root = cgroup2_root().join(format!("kubepods-tracer-test-{}", std::process::id()));
+    let (server_cg, client_cg) = (root.join("pod-orders"), root.join("pod-frontend"));
+    // Removed once their processes are gone (servers are dropped first: declared after).
+    let _cgroups = RemoveDirs(vec![server_cg.clone(), client_cg.clone(), root.clone()]);
+    let port = common::free_port();
+    let fixture = common::workspace_root().join("tests/fixtures/server.py");
+    let server = in_pod(
+        "orders-0",
+        "shop",
+        &server_cg,
+        &[
+            "python3",
+            fixture.to_str().expect("utf-8 path"),
+            &port.to_string(),
+        ],
+    )
+    .stdout(std::process::Stdio::null())
+    .stderr(std::process::Stdio::null())
+    .spawn()
+    .expect("spawn the server in its pod");
+    let _server = common::Server::adopt(server, port);
+    let url = format!("http://127.0.0.1:{port}/ok");
+    let out = in_pod(
+        "frontend-7c9d8b6f5d-bq4zt",
+        "shop",
+        &client_cg,
+        &[
+            "curl",
+            "-s",
+            "-o",
+            "/dev/null",
+            "-o",
+            "/dev/null",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}\n",
+            &url,
+            &url,
+            &url,
+        ],
+    )
+    .output()
+    .expect("run curl in its pod");
+    let codes = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        codes.lines().filter(|c| *c == "200").count(),
+        3,
+        "curl: {codes} {out:?}"
+    );
+
+    let edge = daemon.wait_edge("frontend.shop", port, 3);
+    assert_eq!(edge["dst"], "orders.shop", "edge: {edge}");
+    assert_eq!(
+        edge["requests"],
+        3,
+        "edge: {edge}; {}",
+        daemon.diagnostics()
+    );
+}
+
+struct RemoveDirs(Vec<std::path::PathBuf>);
+
+impl Drop for RemoveDirs {
+    fn drop(&mut self) {
+        for dir in &self.0 {
+            let _ = std::fs::remove_dir(dir);
+        }
+    }
+}

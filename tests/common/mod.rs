@@ -248,6 +248,11 @@ impl Server {
         Self { child, port }
     }
 
+    /// A server started elsewhere, listening on `port` on loopback once it is up.
+    pub fn adopt(child: Child, port: u16) -> Self {
+        Self::wait_listening(child, port)
+    }
+
     /// `python3 -m http.server` serving `dir` (HTTP/1.0, one connection per request).
     pub fn python_http_server(dir: &Path) -> Self {
         let port = free_port();

@@ -106,8 +106,14 @@ mod tests {
         assert_eq!(template("*"), "*");
         assert_eq!(template("nonsense"), "[invalid]");
         assert_eq!(template("/t/aZ3_k9-Qx7pLm2Vb8Nc4"), "/t/{id}");
-        assert_eq!(template("/t/a-long-slug-without-digits"), "/t/a-long-slug-without-digits");
-        assert_eq!(template("/t/has space 1234567890123"), "/t/has space 1234567890123");
+        assert_eq!(
+            template("/t/a-long-slug-without-digits"),
+            "/t/a-long-slug-without-digits"
+        );
+        assert_eq!(
+            template("/t/has space 1234567890123"),
+            "/t/has space 1234567890123"
+        );
         assert_eq!(template("/v/1.2.3"), "/v/1.2.3");
         assert!(template(&"/a".repeat(200)).chars().count() <= 130);
     }

@@ -1,7 +1,9 @@
 //! Workload names for processes on this host. The process name (comm) says little for an
 //! interpreter: two Python services are both `python3`. As Beyla and OBI do, a process's
-//! `OTEL_SERVICE_NAME` wins; an interpreter is named by the script or module it runs; anything
-//! else by its process name.
+//! `OTEL_SERVICE_NAME` wins; a process in a Kubernetes pod is named by the pod's owner and
+//! namespace (`web.shop` for pod `web-5d8f7c9b4-x7k2p` in namespace `shop`), as Linkerd names
+//! workloads; an interpreter is named by the script or module it runs; anything else by its
+//! process name.
 
 use std::{
     collections::HashMap,
@@ -50,13 +52,18 @@ fn resolve(tgid: u32, comm: &str) -> String {
     if comm.is_empty() {
         return "[unknown]".to_owned();
     }
-    if let Ok(env) = std::fs::read(format!("/proc/{tgid}/environ"))
-        && let Some(v) = env
-            .split(|&b| b == 0)
-            .find_map(|kv| kv.strip_prefix(b"OTEL_SERVICE_NAME="))
+    let env = std::fs::read(format!("/proc/{tgid}/environ")).unwrap_or_default();
+    let var = |name: &[u8]| {
+        env.split(|&b| b == 0)
+            .find_map(|kv| kv.strip_prefix(name)?.strip_prefix(b"="))
             .filter(|v| !v.is_empty())
-    {
-        return String::from_utf8_lossy(v).into_owned();
+            .map(|v| String::from_utf8_lossy(v).into_owned())
+    };
+    if let Some(service) = var(b"OTEL_SERVICE_NAME") {
+        return service;
+    }
+    if let Some(pod) = pod_workload(tgid, var(b"HOSTNAME")) {
+        return pod;
     }
     if INTERPRETERS.iter().any(|i| comm.starts_with(i))
         && let Ok(cmdline) = std::fs::read(format!("/proc/{tgid}/cmdline"))
@@ -71,6 +78,76 @@ fn resolve(tgid: u32, comm: &str) -> String {
         }
     }
     comm.to_owned()
+}
+
+/// A process in a Kubernetes pod: `owner.namespace`, or `owner` when the pod's namespace is not
+/// readable. Without asking the API server (a DaemonSet on every node would load it): the pod
+/// is told by its cgroup (`kubepods`), its name by the hostname the runtime gave the container
+/// (`HOSTNAME`, else its `/etc/hostname`), its namespace by the service-account namespace file
+/// the kubelet mounts, and its owner by the suffixes controllers add to the names of the pods
+/// they make (see [`owner_of`]). A pod on the host's network has the node's hostname: not a pod
+/// name, so it is named as any process.
+fn pod_workload(tgid: u32, hostname: Option<String>) -> Option<String> {
+    let cgroup = std::fs::read_to_string(format!("/proc/{tgid}/cgroup")).ok()?;
+    if !cgroup.contains("kubepods") {
+        return None;
+    }
+    let root = format!("/proc/{tgid}/root");
+    let pod = hostname
+        .or_else(|| std::fs::read_to_string(format!("{root}/etc/hostname")).ok())
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty() && *h != crate::otlp::host_name())?;
+    let owner = owner_of(&pod);
+    let namespace = ["/var/run", "/run"].iter().find_map(|dir| {
+        let path = format!("{root}{dir}/secrets/kubernetes.io/serviceaccount/namespace");
+        let ns = std::fs::read_to_string(path).ok()?;
+        let ns = ns.trim();
+        let label = !ns.is_empty()
+            && ns.len() <= 63
+            && ns
+                .bytes()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-');
+        label.then(|| ns.to_owned())
+    });
+    Some(match namespace {
+        Some(ns) => format!("{owner}.{ns}"),
+        None => owner.to_owned(),
+    })
+}
+
+/// The characters of the random suffixes Kubernetes adds to generated names (no vowels, no
+/// 0, 1 or 3: apimachinery's `rand.String` and `SafeEncodeString`).
+fn generated(s: &str, len: std::ops::RangeInclusive<usize>) -> bool {
+    len.contains(&s.len())
+        && s.bytes()
+            .all(|c| b"bcdfghjklmnpqrstvwxz2456789".contains(&c))
+}
+
+/// The controller a pod's name comes from: `web-5d8f7c9b4-x7k2p` (Deployment: ReplicaSet hash
+/// and pod suffix) -> `web`, `backup-29012345-x7k2p` (CronJob: scheduled minute and suffix) ->
+/// `backup`, `agent-x7k2p` (DaemonSet, Job) -> `agent`, `db-0` (StatefulSet) -> `db`; any
+/// other name is the pod's own.
+pub fn owner_of(pod: &str) -> &str {
+    let Some((rest, last)) = pod
+        .rsplit_once('-')
+        .filter(|(r, l)| !r.is_empty() && !l.is_empty())
+    else {
+        return pod;
+    };
+    if generated(last, 5..=5) {
+        if let Some((name, hash)) = rest.rsplit_once('-')
+            && !name.is_empty()
+            && (generated(hash, 8..=10)
+                || (hash.len() >= 8 && hash.bytes().all(|c| c.is_ascii_digit())))
+        {
+            return name;
+        }
+        return rest;
+    }
+    if last.bytes().all(|c| c.is_ascii_digit()) {
+        return rest;
+    }
+    pod
 }
 
 /// The program an interpreter's command line runs: `python3 -m http.server` -> `http.server`,
@@ -126,7 +203,23 @@ fn stem(path: &str) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::program_of;
+    use super::{owner_of, program_of};
+
+    #[test]
+    fn names_pods_by_their_controller() {
+        assert_eq!(owner_of("web-5d8f7c9b4-x7k2p"), "web");
+        assert_eq!(owner_of("orders-api-7c9d8b6f5d-bq4zt"), "orders-api");
+        assert_eq!(owner_of("backup-29012345-x7k2p"), "backup");
+        assert_eq!(owner_of("node-agent-x7k2p"), "node-agent");
+        assert_eq!(owner_of("db-0"), "db");
+        assert_eq!(owner_of("redis-cart-12"), "redis-cart");
+        // Words are not generated suffixes: they have vowels.
+        assert_eq!(owner_of("my-app-redis"), "my-app-redis");
+        assert_eq!(owner_of("web-db-x7k2p"), "web-db");
+        assert_eq!(owner_of("standalone"), "standalone");
+        assert_eq!(owner_of("-x7k2p"), "-x7k2p");
+        assert_eq!(owner_of("web-"), "web-");
+    }
 
     fn p(args: &[&str]) -> Option<String> {
         program_of(&args.iter().map(|s| s.to_string()).collect::<Vec<_>>())
