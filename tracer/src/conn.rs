@@ -11,7 +11,8 @@ use foldhash::HashMap;
 use std::collections::VecDeque;
 
 use tracer_common::{
-    SockTuple, TCP_CLOSE, TCP_ESTABLISHED, TCP_FIN_WAIT1, TCP_LAST_ACK, TCP_SYN_SENT,
+    SockTuple, TCP_CLOSE, TCP_CLOSE_WAIT, TCP_ESTABLISHED, TCP_FIN_WAIT1, TCP_LAST_ACK,
+    TCP_SYN_SENT,
 };
 
 use crate::{
@@ -22,9 +23,11 @@ use crate::{
     spans::{self, Linker, SpanId},
 };
 
-/// Requests awaiting their response on one connection; beyond it the oldest is dropped
-/// (and counted). HTTP/1 clients rarely pipeline more than a handful.
-const MAX_IN_FLIGHT: usize = 16;
+/// Requests awaiting their response on one connection; beyond it a request is not kept (its
+/// place is, as a count: see `Pending::gap_before`) and is counted as lost. Load generators
+/// pipeline 16 to 32 deep (wrk scripts, TechEmpower's 16); a queue grows only as deep as its
+/// connection pipelines.
+const MAX_IN_FLIGHT: usize = 64;
 /// Largest head gathered across syscalls before giving up on it.
 const MAX_HEAD: usize = 16 * 1024;
 /// Bytes of an undecidable message start kept until the next syscall decides it.
@@ -36,6 +39,9 @@ const IDLE_NS: u64 = 60 * 1_000_000_000;
 /// Closed connections remembered (this many to twice this many), so that the other end's last
 /// exchange can still name this end's process after its socket is gone.
 const RECENTLY_CLOSED: usize = 4096;
+/// How long a connection reset by its peer is kept after the reset (see `ConnTable::closing`):
+/// longer than the reader's poll, so that the events the reset came before are read by then.
+const RESET_GRACE: std::time::Duration = std::time::Duration::from_millis(40);
 
 /// Which end of the connection this socket is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -92,6 +98,9 @@ struct Pending {
     bytes: u64,
     task: Task,
     span: Option<SpanId>,
+    /// Requests not kept (the queue was full) just before this one: the next responses are
+    /// theirs, not this one's.
+    gap_before: u32,
 }
 
 #[derive(Debug)]
@@ -163,6 +172,14 @@ struct Conn {
     /// The other end's socket, once seen here (0: not yet): its exchanges name their peer
     /// without a lookup by addresses.
     peer_sk: u64,
+    /// Reset by its peer, and in `ConnTable::closing` until it ends.
+    reset: bool,
+    /// Requests not kept (the queue was full) since the last one queued: the responses after
+    /// the queue's are theirs.
+    overflow_gap: u32,
+    /// Request bytes went by past the capture (a head longer than it, or pipelined requests
+    /// after it): a response with no request to pair is then one of those requests, lost.
+    requests_beyond_capture: bool,
 }
 
 impl Conn {
@@ -203,8 +220,22 @@ impl Conn {
             requests_seen: 0,
             peer_local: tuple.remote.ip().is_loopback() || tuple.remote.ip() == tuple.local.ip(),
             peer_sk: 0,
+            reset: false,
+            overflow_gap: 0,
+            requests_beyond_capture: false,
         }
     }
+}
+
+/// Whether `d` is on the connection `tuple` names. A socket's event after its close carries the
+/// tuple read from the socket then, whose local port the kernel has cleared when it unbound
+/// the closed socket (`inet_num`).
+fn same_connection(tuple: &Tuple, d: &Data<'_>) -> bool {
+    *tuple == d.tuple
+        || (d.seq == 0
+            && d.tuple.local.port() == 0
+            && d.tuple.local.ip() == tuple.local.ip()
+            && d.tuple.remote == tuple.remote)
 }
 
 /// A closed connection's buffers, emptied, for the next one: a connection per request would
@@ -275,6 +306,12 @@ pub struct ConnTable {
     opaque: Vec<(u64, SockTuple)>,
     /// Heads parsed by one end of a connection on this host, for the other.
     heads: Heads,
+    /// Connections reset by their peer, ended only after RESET_GRACE: a reset that answers this
+    /// end's send (the peer had closed without reading: a client that gave up, a health check)
+    /// arrives, on loopback and veth, inside that send, so the socket's close is reported
+    /// before the send that caused it; ended at once, the connection lost the response it was
+    /// about to pair.
+    closing: VecDeque<(u64, std::time::Instant)>,
 }
 
 /// Opaque sockets remembered between two hand-overs to the kernel.
@@ -299,6 +336,7 @@ impl ConnTable {
             spare: Vec::new(),
             opaque: Vec::new(),
             heads: Heads::new(),
+            closing: VecDeque::new(),
             cap,
         }
     }
@@ -347,10 +385,14 @@ impl ConnTable {
         out: &mut Vec<Exchange>,
     ) {
         let now = d.ts_exit_ns;
-        if let Some(c) = self.conns.get(&d.sk)
-            && c.tuple != d.tuple
+        if let Some(c) = self.conns.get_mut(&d.sk)
+            && !same_connection(&c.tuple, d)
         {
-            // The socket address was reused by a new connection whose close we missed.
+            // The socket address was reused by a new connection: the old one was reset (and is
+            // ending now), or its close was missed.
+            if c.reset {
+                finish_all(c, metrics, out);
+            }
             self.remove(d.sk, metrics, linker);
         }
         if !self.conns.contains_key(&d.sk) {
@@ -455,6 +497,12 @@ impl ConnTable {
             // be on this host, and whose events can come first) can name this process.
             (TCP_SYN_SENT, TCP_ESTABLISHED) => {
                 let task = self.connecting.remove(&c.sk).unwrap_or(c.task);
+                if let Some(old) = self.conns.get_mut(&c.sk)
+                    && old.reset
+                {
+                    finish_all(old, metrics, out);
+                    self.remove(c.sk, metrics, linker);
+                }
                 if !self.conns.contains_key(&c.sk) {
                     if self.conns.len() >= self.cap {
                         self.evict(c.ts_ns, metrics, linker);
@@ -475,6 +523,16 @@ impl ConnTable {
         let Some(conn) = self.conns.get_mut(&c.sk) else {
             return;
         };
+        if c.new_state == TCP_CLOSE
+            && matches!(c.old_state, TCP_ESTABLISHED | TCP_CLOSE_WAIT)
+            && !conn.reset
+        {
+            // Reset (or aborted) while open: the send it may have come in answer to is still to
+            // be read. Ended by `reap_resets`.
+            conn.reset = true;
+            self.closing.push_back((c.sk, std::time::Instant::now()));
+            return;
+        }
         // This end closing (FIN_WAIT1 from ESTABLISHED, LAST_ACK after the peer's FIN) happens in
         // the closing process, after all its reads and writes: whatever was open ends here.
         // The peer's FIN (CLOSE_WAIT) is not used: it arrives before this end has read the last
@@ -496,6 +554,30 @@ impl ConnTable {
         }
         if c.new_state == TCP_CLOSE {
             self.remove(c.sk, metrics, linker);
+        }
+    }
+
+    /// Ends the connections reset more than RESET_GRACE before `now`, as their close would
+    /// have: what they left open is finished or counted.
+    pub fn reap_resets(
+        &mut self,
+        now: std::time::Instant,
+        metrics: &Metrics,
+        linker: &mut Linker,
+        out: &mut Vec<Exchange>,
+    ) {
+        while let Some(&(sk, at)) = self.closing.front() {
+            if now.duration_since(at) < RESET_GRACE {
+                break;
+            }
+            self.closing.pop_front();
+            // Unless the socket address is another connection's by now.
+            if let Some(conn) = self.conns.get_mut(&sk)
+                && conn.reset
+            {
+                finish_all(conn, metrics, out);
+                self.remove(sk, metrics, linker);
+            }
         }
     }
 
@@ -755,6 +837,7 @@ fn feed(conn: &mut Conn, requests: bool, ctx: &mut Ctx<'_, '_>) {
                             })
                         };
                         reader.bytes += total - off;
+                        conn.requests_beyond_capture |= requests;
                         ctx.metrics
                             .parse_failures
                             .with_label_values(&["head_beyond_capture"])
@@ -895,23 +978,37 @@ fn reader_mut(conn: &mut Conn, requests: bool) -> &mut Reader {
     }
 }
 
+/// A request this end will not count: lost, unless it is a client's whose server end is
+/// traced on this host (that end counts it).
+fn lost_here(conn: &Conn, side: Side, reason: &str, metrics: &Metrics) {
+    if side == Side::Server || conn.peer_sk == 0 {
+        metrics
+            .requests_lost
+            .with_label_values(&[side.as_str(), reason])
+            .inc();
+    }
+}
+
 fn on_head(conn: &mut Conn, requests: bool, info: Head, ctx: &mut Ctx<'_, '_>) {
     let d = ctx.d;
     let body = match info {
-        Head::Request(h) => {
-            if conn.pending.len() >= MAX_IN_FLIGHT {
-                if let Some(span) = conn.pending.pop_front().and_then(|p| p.span) {
-                    ctx.linker.abandon(span);
-                }
-                ctx.metrics
-                    .pairing_drops
-                    .with_label_values(&["pending_overflow"])
-                    .inc();
-            }
+        Head::Request(h) => 'request: {
             let side = match conn.role {
                 Role::Http(side) => side,
                 _ => Side::Client,
             };
+            if conn.pending.len() >= MAX_IN_FLIGHT {
+                // Not kept, but its place is: dropping the oldest instead paired every later
+                // response with the request after its own.
+                conn.requests_seen += 1;
+                conn.overflow_gap += 1;
+                ctx.metrics
+                    .pairing_drops
+                    .with_label_values(&["pending_overflow"])
+                    .inc();
+                lost_here(conn, side, "pending_overflow", ctx.metrics);
+                break 'request h.body;
+            }
             let span = ctx.linker.start(spans::Start {
                 kind: side,
                 task: d.task,
@@ -930,6 +1027,7 @@ fn on_head(conn: &mut Conn, requests: bool, info: Head, ctx: &mut Ctx<'_, '_>) {
                 bytes: 0,
                 task: d.task,
                 span,
+                gap_before: std::mem::take(&mut conn.overflow_gap),
             });
             // A response still open when the next request begins has ended: by design when its
             // length is unknown; otherwise some of its bytes were not seen (sent by a syscall
@@ -955,13 +1053,37 @@ fn on_head(conn: &mut Conn, requests: bool, info: Head, ctx: &mut Ctx<'_, '_>) {
                 conn.responses.state = ReadState::Idle;
                 return;
             }
-            let request = conn.pending.pop_front();
+            // The response of a request that was not kept (queue full) pairs with nothing: that
+            // request is already counted as lost.
+            let unkept = match conn.pending.front_mut() {
+                Some(front) if front.gap_before > 0 => {
+                    front.gap_before -= 1;
+                    true
+                }
+                None if conn.overflow_gap > 0 => {
+                    conn.overflow_gap -= 1;
+                    true
+                }
+                _ => false,
+            };
+            let request = if unkept {
+                None
+            } else {
+                conn.pending.pop_front()
+            };
             let request_method = request.as_ref().map(|r| r.method);
-            if request.is_none() {
+            if request.is_none() && !unkept {
                 ctx.metrics
                     .pairing_drops
                     .with_label_values(&["response_without_request"])
                     .inc();
+                // Its request was in bytes not captured (pipelined past the capture): a request
+                // that happened and is not counted.
+                if conn.requests_beyond_capture
+                    && let Role::Http(side) = conn.role
+                {
+                    lost_here(conn, side, "request_beyond_capture", ctx.metrics);
+                }
             }
             let body = h.body_for(request.as_ref().map(|r| r.method));
             if let Some(span) = request.as_ref().and_then(|r| r.span) {
@@ -1006,7 +1128,10 @@ fn complete_message(conn: &mut Conn, requests: bool, end_ns: u64, out: &mut Vec<
     };
     if requests {
         let bytes = conn.requests.bytes;
-        if let Some(p) = conn.pending.back_mut() {
+        // Unless this request was not kept (the last one queued is another's).
+        if conn.overflow_gap == 0
+            && let Some(p) = conn.pending.back_mut()
+        {
             p.bytes = bytes;
         }
         conn.requests.state = ReadState::Idle;
@@ -1117,7 +1242,7 @@ mod tests {
         /// One syscall moving `bytes` of which `shown` were captured.
         fn io(&mut self, direction: Direction, shown: &[u8], bytes: usize, tail: &[u8]) {
             self.ts += 1000;
-            self.seq += 1;
+            self.seq = self.seq.wrapping_add(1);
             let d = Data {
                 task: task(),
                 task_known: false,
@@ -1156,6 +1281,16 @@ mod tests {
             };
             self.table
                 .on_state(&c, &self.metrics, &mut self.linker, &mut self.out);
+        }
+
+        /// The reader's periodic look at reset connections, `later` after now.
+        fn reap(&mut self, later: std::time::Duration) {
+            self.table.reap_resets(
+                std::time::Instant::now() + later,
+                &self.metrics,
+                &mut self.linker,
+                &mut self.out,
+            );
         }
 
         fn statuses(&self) -> Vec<(String, u16)> {
@@ -1275,9 +1410,101 @@ mod tests {
         h.read(b"GET /half-a-re");
         h.io(Direction::Ingress, b"", 0, &[]);
         h.state(TCP_ESTABLISHED, TCP_CLOSE);
+        h.reap(RESET_GRACE);
         assert!(h.out.is_empty());
         assert_eq!(h.failures("truncated_head"), 1);
         assert_eq!(h.table.len(), 0);
+    }
+
+    /// Pipelined deeper than the queue: the requests past it are counted as lost, and the
+    /// responses stay paired with their own requests (before, the oldest was dropped and every
+    /// later response went to the request after its own).
+    #[test]
+    fn pipelining_past_the_queue_keeps_pairs_right() {
+        let mut h = Harness::new();
+        let get = |i: usize| format!("GET /p/{i} HTTP/1.1\r\nHost: x\r\n\r\n");
+        let ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+        let n = MAX_IN_FLIGHT + 6;
+        for i in 0..n {
+            h.read(get(i).as_bytes());
+        }
+        for _ in 0..10 {
+            h.write(ok);
+        }
+        for i in n..n + 5 {
+            h.read(get(i).as_bytes());
+        }
+        for _ in 0..n - 10 + 5 {
+            h.write(ok);
+        }
+        let paths: Vec<String> = h.out.iter().map(|e| e.path.to_string()).collect();
+        let want: Vec<String> = (0..MAX_IN_FLIGHT)
+            .chain(n..n + 5)
+            .map(|i| format!("/p/{i}"))
+            .collect();
+        assert_eq!(paths, want);
+        let lost = h
+            .metrics
+            .requests_lost
+            .with_label_values(&["server", "pending_overflow"])
+            .get();
+        assert_eq!(lost, 6);
+        let unpaired = h
+            .metrics
+            .pairing_drops
+            .with_label_values(&["response_without_request"])
+            .get();
+        assert_eq!(unpaired, 0);
+    }
+
+    /// Pipelined requests past the capture (wrk with a pipeline depth of 40): those whose
+    /// bytes were not captured are not made up, but each is counted as lost when its response
+    /// comes, so that counted + lost is every request.
+    #[test]
+    fn pipelined_requests_past_the_capture_are_counted_lost() {
+        let mut h = Harness::new();
+        let batch = b"GET /p HTTP/1.1\r\nHost: x\r\n\r\n".repeat(40);
+        h.io(
+            Direction::Ingress,
+            &batch[..1024],
+            batch.len(),
+            &batch[batch.len() - 16..],
+        );
+        for _ in 0..40 {
+            h.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok");
+        }
+        let lost = h
+            .metrics
+            .requests_lost
+            .with_label_values(&["server", "request_beyond_capture"])
+            .get();
+        assert!(lost > 0);
+        assert_eq!(h.out.len() as u64 + lost, 40);
+    }
+
+    /// A client that writes its request and closes without reading (it gave up, or a health
+    /// check): the server's response makes the client's kernel reset the connection, and on
+    /// loopback that reset is handled inside the server's send, so the close is reported
+    /// before the send. The response still pairs; the connection ends after the grace.
+    #[test]
+    fn a_response_reported_after_the_reset_it_caused_pairs() {
+        let mut h = Harness::new();
+        h.read(b"GET /gone HTTP/1.1\r\nHost: x\r\n\r\n");
+        h.state(TCP_CLOSE_WAIT, TCP_CLOSE);
+        h.reap(std::time::Duration::ZERO);
+        assert_eq!(h.table.len(), 1, "kept for the grace");
+        // The kernel side's state for the socket went with the close: unnumbered.
+        h.seq = u32::MAX;
+        h.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok");
+        assert_eq!(h.statuses(), vec![("/gone".to_owned(), 200)]);
+        h.reap(RESET_GRACE);
+        assert_eq!(h.table.len(), 0);
+        let drops = h
+            .metrics
+            .pairing_drops
+            .with_label_values(&["no_response"])
+            .get();
+        assert_eq!(drops, 0);
     }
 
     #[test]

@@ -369,6 +369,15 @@ impl Reader {
                 self.linker.tick(Instant::now());
             }
         });
+        self.conns.reap_resets(
+            Instant::now(),
+            &self.shared.metrics,
+            &mut self.linker,
+            &mut self.exchanges,
+        );
+        if !self.exchanges.is_empty() {
+            self.record_exchanges();
+        }
         let shared = self.conns.take_heads_shared();
         if shared > 0 {
             self.shared.metrics.heads_shared.inc_by(shared);
