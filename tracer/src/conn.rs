@@ -728,6 +728,8 @@ fn process(conn: &mut Conn, ctx: &mut Ctx<'_, '_>) {
 fn unpair_all(conn: &mut Conn, metrics: &Metrics, linker: &mut Linker, reason: &str) {
     let current = conn.current.take().and_then(|c| c.request);
     let n = conn.pending.len() as u64 + u64::from(current.is_some());
+    // Requests not kept are already counted as lost; their places go with the queue.
+    conn.overflow_gap = 0;
     for span in conn.pending.drain(..).chain(current).filter_map(|p| p.span) {
         linker.abandon(span);
     }
