@@ -172,8 +172,8 @@ struct Conn {
     /// The other end's socket, once seen here (0: not yet): its exchanges name their peer
     /// without a lookup by addresses.
     peer_sk: u64,
-    /// Reset by its peer, and in `ConnTable::closing` until it ends.
-    reset: bool,
+    /// When it was reset by its peer (its entry in `ConnTable::closing`), until it ends.
+    reset: Option<std::time::Instant>,
     /// Requests not kept (the queue was full) since the last one queued: the responses after
     /// the queue's are theirs.
     overflow_gap: u32,
@@ -220,7 +220,7 @@ impl Conn {
             requests_seen: 0,
             peer_local: tuple.remote.ip().is_loopback() || tuple.remote.ip() == tuple.local.ip(),
             peer_sk: 0,
-            reset: false,
+            reset: None,
             overflow_gap: 0,
             requests_beyond_capture: false,
         }
@@ -385,12 +385,13 @@ impl ConnTable {
         out: &mut Vec<Exchange>,
     ) {
         let now = d.ts_exit_ns;
+        // A numbered event after a reset is a new socket's (a closed one's events go unnumbered).
         if let Some(c) = self.conns.get_mut(&d.sk)
-            && !same_connection(&c.tuple, d)
+            && (!same_connection(&c.tuple, d) || (c.reset.is_some() && d.seq != 0))
         {
             // The socket address was reused by a new connection: the old one was reset (and is
             // ending now), or its close was missed.
-            if c.reset {
+            if c.reset.is_some() {
                 finish_all(c, metrics, out);
             }
             self.remove(d.sk, metrics, linker);
@@ -498,7 +499,7 @@ impl ConnTable {
             (TCP_SYN_SENT, TCP_ESTABLISHED) => {
                 let task = self.connecting.remove(&c.sk).unwrap_or(c.task);
                 if let Some(old) = self.conns.get_mut(&c.sk)
-                    && old.reset
+                    && old.reset.is_some()
                 {
                     finish_all(old, metrics, out);
                     self.remove(c.sk, metrics, linker);
@@ -525,12 +526,13 @@ impl ConnTable {
         };
         if c.new_state == TCP_CLOSE
             && matches!(c.old_state, TCP_ESTABLISHED | TCP_CLOSE_WAIT)
-            && !conn.reset
+            && conn.reset.is_none()
         {
             // Reset (or aborted) while open: the send it may have come in answer to is still to
             // be read. Ended by `reap_resets`.
-            conn.reset = true;
-            self.closing.push_back((c.sk, std::time::Instant::now()));
+            let at = std::time::Instant::now();
+            conn.reset = Some(at);
+            self.closing.push_back((c.sk, at));
             return;
         }
         // This end closing (FIN_WAIT1 from ESTABLISHED, LAST_ACK after the peer's FIN) happens in
@@ -571,9 +573,9 @@ impl ConnTable {
                 break;
             }
             self.closing.pop_front();
-            // Unless the socket address is another connection's by now.
+            // Unless the socket address is another connection's by now (reset or not).
             if let Some(conn) = self.conns.get_mut(&sk)
-                && conn.reset
+                && conn.reset == Some(at)
             {
                 finish_all(conn, metrics, out);
                 self.remove(sk, metrics, linker);
@@ -728,8 +730,10 @@ fn process(conn: &mut Conn, ctx: &mut Ctx<'_, '_>) {
 fn unpair_all(conn: &mut Conn, metrics: &Metrics, linker: &mut Linker, reason: &str) {
     let current = conn.current.take().and_then(|c| c.request);
     let n = conn.pending.len() as u64 + u64::from(current.is_some());
-    // Requests not kept are already counted as lost; their places go with the queue.
+    // Requests not kept are already counted as lost; their places go with the queue, and the
+    // responses that come without a request are now these ones' (not uncaptured requests').
     conn.overflow_gap = 0;
+    conn.requests_beyond_capture = false;
     for span in conn.pending.drain(..).chain(current).filter_map(|p| p.span) {
         linker.abandon(span);
     }
@@ -1003,7 +1007,7 @@ fn on_head(conn: &mut Conn, requests: bool, info: Head, ctx: &mut Ctx<'_, '_>) {
                 // Not kept, but its place is: dropping the oldest instead paired every later
                 // response with the request after its own.
                 conn.requests_seen += 1;
-                conn.overflow_gap += 1;
+                conn.overflow_gap = conn.overflow_gap.saturating_add(1);
                 ctx.metrics
                     .pairing_drops
                     .with_label_values(&["pending_overflow"])
@@ -1493,7 +1497,10 @@ mod tests {
         let mut h = Harness::new();
         h.read(b"GET /gone HTTP/1.1\r\nHost: x\r\n\r\n");
         h.state(TCP_CLOSE_WAIT, TCP_CLOSE);
-        h.reap(std::time::Duration::ZERO);
+        // A look from before the reset: within the grace whatever the scheduler does.
+        let before = std::time::Instant::now() - std::time::Duration::from_secs(1);
+        h.table
+            .reap_resets(before, &h.metrics, &mut h.linker, &mut h.out);
         assert_eq!(h.table.len(), 1, "kept for the grace");
         // The kernel side's state for the socket went with the close: unnumbered.
         h.seq = u32::MAX;

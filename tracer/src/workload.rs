@@ -98,7 +98,16 @@ fn pod_workload(tgid: u32, hostname: Option<String>) -> Option<String> {
         .map(|h| h.trim().to_owned())
         .filter(|h| !h.is_empty() && *h != crate::otlp::host_name())?;
     let owner = owner_of(&pod);
-    let namespace = ["/var/run", "/run"].iter().find_map(|dir| {
+    // `/var/run` is often an absolute link to `/run`, which through `/proc/<pid>/root` would
+    // resolve in this process's root (our own pod's namespace file): only followed when real.
+    let var_run_real =
+        std::fs::symlink_metadata(format!("{root}/var/run")).is_ok_and(|m| m.is_dir());
+    let dirs: &[&str] = if var_run_real {
+        &["/run", "/var/run"]
+    } else {
+        &["/run"]
+    };
+    let namespace = dirs.iter().find_map(|dir| {
         let path = format!("{root}{dir}/secrets/kubernetes.io/serviceaccount/namespace");
         let ns = std::fs::read_to_string(path).ok()?;
         let ns = ns.trim();
