@@ -161,27 +161,21 @@ fn pods_are_named_by_owner_and_namespace() {
     .spawn()
     .expect("spawn the server in its pod");
     let _server = common::Server::adopt(server, port);
-    // A client that stays up a while after its requests: the daemon names a process from
-    // /proc when it records its exchange, and a process gone by then is named by its comm
-    // alone (a short-lived pod process is a known limit).
-    let client = format!(
-        "import http.client, time\nc = http.client.HTTPConnection('127.0.0.1', {port})\n\
-         for _ in range(3):\n    c.request('GET', '/ok')\n    r = c.getresponse()\n    \
-         r.read()\n    print(r.status)\nc.close()\ntime.sleep(2)\n"
-    );
-    let out = in_pod(
-        "frontend-7c9d8b6f5d-bq4zt",
-        "shop",
-        &client_cg,
-        &["python3", "-c", &client],
-    )
-    .output()
-    .expect("run the client in its pod");
+    // curl is gone a few milliseconds after its requests, before the daemon records them: it
+    // is named when it connects, while it is certainly there.
+    let url = format!("http://127.0.0.1:{port}/ok");
+    let mut curl = vec!["curl", "-s", "-w", "%{http_code}\n"];
+    for _ in 0..3 {
+        curl.extend(["-o", "/dev/null", url.as_str()]);
+    }
+    let out = in_pod("frontend-7c9d8b6f5d-bq4zt", "shop", &client_cg, &curl)
+        .output()
+        .expect("run curl in its pod");
     let codes = String::from_utf8_lossy(&out.stdout);
     assert_eq!(
         codes.lines().filter(|c| *c == "200").count(),
         3,
-        "client: {codes} {out:?}"
+        "curl: {codes} {out:?}"
     );
 
     let edge = daemon.wait_edge("frontend.shop", port, 3);

@@ -17,7 +17,7 @@ use tokio::{
 };
 use tokio_util::sync::CancellationToken;
 
-use tracer_common::KernelStat;
+use tracer_common::{KernelStat, TCP_SYN_SENT};
 
 use crate::{
     api,
@@ -31,6 +31,7 @@ use crate::{
     spans::{self, LinkStats, Linker, Sampler, Span},
     tap,
     threads::{self, Threads},
+    workload,
 };
 
 /// How often finished spans are looked at for export: often, so that few are held at a time
@@ -405,6 +406,12 @@ impl Reader {
             }
             Ok(Event::Conn(c)) => {
                 self.conn_events.inc();
+                // A client is named (from /proc) while it is certainly alive, in its connect():
+                // a short-lived one (curl, a job in a pod) is gone by the time its exchange is
+                // recorded, and would be named by its process name alone.
+                if c.new_state == TCP_SYN_SENT && c.task.comm.0[0] != 0 {
+                    workload::name(&c.task);
+                }
                 self.conns
                     .on_state(&c, metrics, &mut self.linker, &mut self.exchanges);
             }
