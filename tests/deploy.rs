@@ -41,6 +41,7 @@ fn the_daemonset_runs_the_daemon_on_the_nodes_address() {
         "hostPID: true",
         "privileged: true",
         "fieldPath: status.hostIP",
+        "mountPath: /var/log/pods",
     ] {
         assert!(manifest.contains(needed), "manifest lacks {needed}");
     }

@@ -104,12 +104,21 @@ fn wrk_saturation_is_counted() {
 /// A process in a fake Kubernetes pod: a cgroup under `kubepods`, the pod's name as its
 /// hostname, and the service-account namespace file in a mount namespace of its own, as the
 /// kubelet and the container runtime set them up.
-fn in_pod(pod: &str, namespace: &str, cgroup: &std::path::Path, program: &[&str]) -> Command {
+fn in_pod(
+    pod: &str,
+    namespace: Option<&str>,
+    cgroup: &std::path::Path,
+    program: &[&str],
+) -> Command {
     std::fs::create_dir_all(cgroup).expect("create the pod's cgroup");
+    let secrets = namespace.map_or(String::new(), |ns| {
+        format!(
+            "mount -t tmpfs pod /run && mkdir -p /run/secrets/kubernetes.io/serviceaccount \
+             && echo {ns} > /run/secrets/kubernetes.io/serviceaccount/namespace && "
+        )
+    });
     let script = format!(
-        "mount -t tmpfs pod /run && mkdir -p /run/secrets/kubernetes.io/serviceaccount \
-         && echo {namespace} > /run/secrets/kubernetes.io/serviceaccount/namespace \
-         && echo $$ > {}/cgroup.procs && exec \"$@\"",
+        "{secrets}echo $$ > {}/cgroup.procs && exec \"$@\"",
         cgroup.display()
     );
     let mut cmd = Command::new("unshare");
@@ -148,7 +157,7 @@ fn pods_are_named_by_owner_and_namespace() {
     let fixture = common::workspace_root().join("tests/fixtures/server.py");
     let server = in_pod(
         "orders-0",
-        "shop",
+        Some("shop"),
         &server_cg,
         &[
             "python3",
@@ -161,14 +170,12 @@ fn pods_are_named_by_owner_and_namespace() {
     .spawn()
     .expect("spawn the server in its pod");
     let _server = common::Server::adopt(server, port);
-    // curl is gone a few milliseconds after its requests, before the daemon records them: it
-    // is named when it connects, while it is certainly there.
     let url = format!("http://127.0.0.1:{port}/ok");
     let mut curl = vec!["curl", "-s", "-w", "%{http_code}\n"];
     for _ in 0..3 {
         curl.extend(["-o", "/dev/null", url.as_str()]);
     }
-    let out = in_pod("frontend-7c9d8b6f5d-bq4zt", "shop", &client_cg, &curl)
+    let out = in_pod("frontend-7c9d8b6f5d-bq4zt", Some("shop"), &client_cg, &curl)
         .output()
         .expect("run curl in its pod");
     let codes = String::from_utf8_lossy(&out.stdout);
@@ -186,6 +193,54 @@ fn pods_are_named_by_owner_and_namespace() {
         "edge: {edge}; {}",
         daemon.diagnostics()
     );
+}
+
+/// A pod on the host's network has the node's hostname and, here, no service-account token:
+/// it is named from the kubelet's log directory of the pod UID its cgroup carries
+/// (`/var/log/pods/<namespace>_<pod>_<uid>`, systemd cgroup driver's path).
+#[test]
+fn a_pod_on_the_hosts_network_is_named_from_the_kubelets_pod_logs() {
+    let _serial = serial();
+    let daemon = Daemon::start();
+    let uid = format!("0f3c2a4e-6b1d-4c8e-9a7f-{:012x}", std::process::id());
+    let cgroup = cgroup2_root().join(format!(
+        "kubepods-besteffort-pod{}.slice",
+        uid.replace('-', "_")
+    ));
+    let logs = std::path::Path::new("/var/log/pods");
+    let made_logs = !logs.exists();
+    let pod_logs = logs.join(format!("payments_ledger-7d4b9c8f6b-qw2zx_{uid}"));
+    std::fs::create_dir_all(&pod_logs).expect("create the pod's log directory");
+    let mut dirs = vec![cgroup.clone(), pod_logs];
+    if made_logs {
+        dirs.push(logs.to_path_buf());
+    }
+    let _dirs = RemoveDirs(dirs);
+    let host = String::from_utf8(Command::new("hostname").output().expect("hostname").stdout)
+        .expect("utf-8 hostname");
+    let port = common::free_port();
+    let fixture = common::workspace_root().join("tests/fixtures/server.py");
+    let server = in_pod(
+        host.trim(),
+        None,
+        &cgroup,
+        &[
+            "python3",
+            fixture.to_str().expect("utf-8 path"),
+            &port.to_string(),
+        ],
+    )
+    .stdout(std::process::Stdio::null())
+    .stderr(std::process::Stdio::null())
+    .spawn()
+    .expect("spawn the server in its pod");
+    let _server = common::Server::adopt(server, port);
+    let url = format!("http://127.0.0.1:{port}/ok");
+    let codes = curl(&[&url, &url], "%{http_code}\n");
+    assert_eq!(codes, ["200", "200"]);
+    let edge = daemon.wait_edge("curl", port, 2);
+    assert_eq!(edge["dst"], "ledger.payments", "edge: {edge}");
+    assert_eq!(edge["requests"], 2, "edge: {edge}");
 }
 
 struct RemoveDirs(Vec<std::path::PathBuf>);

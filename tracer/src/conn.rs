@@ -740,10 +740,7 @@ fn unpair_all(conn: &mut Conn, metrics: &Metrics, linker: &mut Linker, reason: &
     if n > 0 {
         metrics.pairing_drops.with_label_values(&[reason]).inc_by(n);
         if let Role::Http(side) = conn.role {
-            metrics
-                .requests_lost
-                .with_label_values(&[side.as_str(), reason])
-                .inc_by(n);
+            lost_here(conn, side, reason, n, metrics);
         }
     }
 }
@@ -986,12 +983,12 @@ fn reader_mut(conn: &mut Conn, requests: bool) -> &mut Reader {
 
 /// A request this end will not count: lost, unless it is a client's whose server end is
 /// traced on this host (that end counts it).
-fn lost_here(conn: &Conn, side: Side, reason: &str, metrics: &Metrics) {
+fn lost_here(conn: &Conn, side: Side, reason: &str, n: u64, metrics: &Metrics) {
     if side == Side::Server || conn.peer_sk == 0 {
         metrics
             .requests_lost
             .with_label_values(&[side.as_str(), reason])
-            .inc();
+            .inc_by(n);
     }
 }
 
@@ -1012,7 +1009,7 @@ fn on_head(conn: &mut Conn, requests: bool, info: Head, ctx: &mut Ctx<'_, '_>) {
                     .pairing_drops
                     .with_label_values(&["pending_overflow"])
                     .inc();
-                lost_here(conn, side, "pending_overflow", ctx.metrics);
+                lost_here(conn, side, "pending_overflow", 1, ctx.metrics);
                 break 'request h.body;
             }
             let span = ctx.linker.start(spans::Start {
@@ -1088,7 +1085,7 @@ fn on_head(conn: &mut Conn, requests: bool, info: Head, ctx: &mut Ctx<'_, '_>) {
                 if conn.requests_beyond_capture
                     && let Role::Http(side) = conn.role
                 {
-                    lost_here(conn, side, "request_beyond_capture", ctx.metrics);
+                    lost_here(conn, side, "request_beyond_capture", 1, ctx.metrics);
                 }
             }
             let body = h.body_for(request.as_ref().map(|r| r.method));

@@ -406,9 +406,10 @@ impl Reader {
             }
             Ok(Event::Conn(c)) => {
                 self.conn_events.inc();
-                // A client is named (from /proc) while it is certainly alive, in its connect():
-                // a short-lived one (curl, a job in a pod) is gone by the time its exchange is
-                // recorded, and would be named by its process name alone.
+                // A client is named (from /proc) at its connect, a read interval after it: one
+                // that exits as soon as a long exchange ends (a CLI tool, a job in a pod) is
+                // gone by the time that exchange is recorded, and would be named by its process
+                // name alone. (One that exits within the interval still is.)
                 if c.new_state == TCP_SYN_SENT && c.task.comm.0[0] != 0 {
                     workload::name(&c.task);
                 }

@@ -80,17 +80,24 @@ fn resolve(tgid: u32, comm: &str) -> String {
     comm.to_owned()
 }
 
+/// Where the kubelet keeps each pod's container logs, in a directory named
+/// `<namespace>_<pod>_<uid>`: the node's own record of its pods' names.
+const POD_LOGS: &str = "/var/log/pods";
+
 /// A process in a Kubernetes pod: `owner.namespace`, or `owner` when the pod's namespace is not
 /// readable. Without asking the API server (a DaemonSet on every node would load it): the pod
-/// is told by its cgroup (`kubepods`), its name by the hostname the runtime gave the container
-/// (`HOSTNAME`, else its `/etc/hostname`), its namespace by the service-account namespace file
-/// the kubelet mounts, and its owner by the suffixes controllers add to the names of the pods
-/// they make (see [`owner_of`]). A pod on the host's network has the node's hostname: not a pod
-/// name, so it is named as any process.
+/// is told by its cgroup (`kubepods`), and named by the kubelet's log directory of the pod UID
+/// in that cgroup; else by the hostname the runtime gave the container (`HOSTNAME`, else its
+/// `/etc/hostname`) and the service-account namespace file the kubelet mounts. Its owner comes
+/// from the suffixes controllers add to the names of the pods they make (see [`owner_of`]). By
+/// hostname alone, a pod on the host's network (the node's hostname) is named as any process.
 fn pod_workload(tgid: u32, hostname: Option<String>) -> Option<String> {
     let cgroup = std::fs::read_to_string(format!("/proc/{tgid}/cgroup")).ok()?;
     if !cgroup.contains("kubepods") {
         return None;
+    }
+    if let Some((namespace, pod)) = pod_uid(&cgroup).and_then(|uid| pod_of_uid(&uid)) {
+        return Some(format!("{}.{namespace}", owner_of(&pod)));
     }
     let root = format!("/proc/{tgid}/root");
     let pod = hostname
@@ -121,6 +128,31 @@ fn pod_workload(tgid: u32, hostname: Option<String>) -> Option<String> {
     Some(match namespace {
         Some(ns) => format!("{owner}.{ns}"),
         None => owner.to_owned(),
+    })
+}
+
+/// The pod UID in a kubepods cgroup path: `.../pod<uid>/...` (cgroupfs driver) or
+/// `...-pod<uid, '_' for '-'>.slice` (systemd driver).
+fn pod_uid(cgroup: &str) -> Option<String> {
+    cgroup.split(['/', '\n']).find_map(|seg| {
+        let seg = seg.strip_suffix(".slice").unwrap_or(seg);
+        let uid = &seg[seg.rfind("pod")? + 3..];
+        let well_formed = uid.len() == 36
+            && uid
+                .bytes()
+                .all(|c| c.is_ascii_hexdigit() || c == b'-' || c == b'_');
+        well_formed.then(|| uid.replace('_', "-"))
+    })
+}
+
+/// `(namespace, pod)` of a pod UID from the kubelet's log directories (neither a namespace
+/// nor a pod name can hold `_`).
+fn pod_of_uid(uid: &str) -> Option<(String, String)> {
+    let suffix = format!("_{uid}");
+    std::fs::read_dir(POD_LOGS).ok()?.find_map(|entry| {
+        let name = entry.ok()?.file_name().into_string().ok()?;
+        let (namespace, pod) = name.strip_suffix(&suffix)?.split_once('_')?;
+        (!namespace.is_empty() && !pod.is_empty()).then(|| (namespace.to_owned(), pod.to_owned()))
     })
 }
 
@@ -212,7 +244,29 @@ fn stem(path: &str) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::{owner_of, program_of};
+    use super::{owner_of, pod_uid, program_of};
+
+    #[test]
+    fn finds_the_pod_uid_in_either_cgroup_driver() {
+        let uid = "0f3c2a4e-6b1d-4c8e-9a7f-2d5e8b1c3a90";
+        assert_eq!(
+            pod_uid(&format!(
+                "12:memory:/kubepods/burstable/pod{uid}/3b5c0a9e1f\n"
+            ))
+            .as_deref(),
+            Some(uid)
+        );
+        let systemd = format!(
+            "0::/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{}.slice/\
+             cri-containerd-3b5c.scope\n",
+            uid.replace('-', "_")
+        );
+        assert_eq!(pod_uid(&systemd).as_deref(), Some(uid));
+        assert_eq!(
+            pod_uid("0::/kubepods.slice/kubepods-besteffort.slice\n"),
+            None
+        );
+    }
 
     #[test]
     fn names_pods_by_their_controller() {
