@@ -243,6 +243,40 @@ fn a_pod_on_the_hosts_network_is_named_from_the_kubelets_pod_logs() {
     assert_eq!(edge["requests"], 2, "edge: {edge}");
 }
 
+/// A client in a pod that has exited by the time its exchange is recorded (curl, a job): no
+/// /proc entry is left to read, but its pod's cgroup is, and the kernel side sent its id (the
+/// cgroup directory's inode number): the process is named by that pod all the same.
+#[test]
+fn a_process_gone_from_proc_is_named_by_its_pods_cgroup() {
+    use std::os::unix::fs::MetadataExt as _;
+    let _serial = serial();
+    let uid = format!("5a1e2b3c-4d5e-4f60-8a9b-{:012x}", std::process::id());
+    let pod_cg = cgroup2_root().join(format!(
+        "kubepods-besteffort-pod{}.slice",
+        uid.replace('-', "_")
+    ));
+    let container = pod_cg.join("cri-containerd-5ca1ab1e.scope");
+    std::fs::create_dir_all(&container).expect("create the pod's cgroups");
+    let logs = std::path::Path::new("/var/log/pods");
+    let made_logs = !logs.exists();
+    let pod_logs = logs.join(format!("batch_report-29012345-x7k2p_{uid}"));
+    std::fs::create_dir_all(&pod_logs).expect("create the pod's log directory");
+    let mut dirs = vec![container.clone(), pod_cg, pod_logs];
+    if made_logs {
+        dirs.push(logs.to_path_buf());
+    }
+    let _dirs = RemoveDirs(dirs);
+    let cgroup_id = std::fs::metadata(&container).expect("cgroup").ino();
+    // A process id no process has (pid_max is at most 2^22).
+    let task = tracer::event::Task {
+        tgid: u32::MAX - 7,
+        tid: u32::MAX - 7,
+        comm: tracer::event::Comm(*b"curl\0\0\0\0\0\0\0\0\0\0\0\0"),
+        cgroup_id,
+    };
+    assert_eq!(&*tracer::workload::name(&task), "report.batch");
+}
+
 struct RemoveDirs(Vec<std::path::PathBuf>);
 
 impl Drop for RemoveDirs {

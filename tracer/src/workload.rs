@@ -40,7 +40,7 @@ pub fn name(task: &Task) -> Arc<str> {
         return name.clone();
     }
     let comm = task.comm.as_str();
-    let name: Arc<str> = resolve(task.tgid, &comm).into();
+    let name: Arc<str> = resolve(task.tgid, &comm, task.cgroup_id).into();
     if cache.len() >= CAPACITY {
         cache.clear();
     }
@@ -48,7 +48,7 @@ pub fn name(task: &Task) -> Arc<str> {
     name
 }
 
-fn resolve(tgid: u32, comm: &str) -> String {
+fn resolve(tgid: u32, comm: &str, cgroup_id: u64) -> String {
     if comm.is_empty() {
         return "[unknown]".to_owned();
     }
@@ -63,6 +63,13 @@ fn resolve(tgid: u32, comm: &str) -> String {
         return service;
     }
     if let Some(pod) = pod_workload(tgid, var(b"HOSTNAME")) {
+        return pod;
+    }
+    // Gone from /proc (a short-lived client, named after its exchange): its pod's cgroup, whose
+    // id the kernel side sent, outlives it.
+    if env.is_empty()
+        && let Some(pod) = pod_by_cgroup(cgroup_id)
+    {
         return pod;
     }
     if INTERPRETERS.iter().any(|i| comm.starts_with(i))
@@ -129,6 +136,95 @@ fn pod_workload(tgid: u32, hostname: Option<String>) -> Option<String> {
         Some(ns) => format!("{owner}.{ns}"),
         None => owner.to_owned(),
     })
+}
+
+/// Pod UIDs by cgroup id (a cgroup v2 directory's inode number), from the last look through
+/// the host's cgroup hierarchy, and when that look was.
+type CgroupPods = (std::time::Instant, HashMap<u64, String>);
+
+static CGROUP_PODS: Mutex<Option<CgroupPods>> = Mutex::new(None);
+
+/// Most cgroups remembered (a node's pods and their containers).
+const MAX_CGROUPS: usize = 16 * 1024;
+
+/// `owner.namespace` of the pod whose cgroup (or a container's below it) has this id.
+fn pod_by_cgroup(cgroup_id: u64) -> Option<String> {
+    if cgroup_id == 0 {
+        return None;
+    }
+    let uid = {
+        let mut guard = CGROUP_PODS.lock().unwrap_or_else(|p| p.into_inner());
+        let fresh = guard
+            .as_ref()
+            .is_some_and(|(at, _)| at.elapsed() < std::time::Duration::from_secs(1));
+        if !fresh
+            && !guard
+                .as_ref()
+                .is_some_and(|(_, m)| m.contains_key(&cgroup_id))
+        {
+            *guard = Some((std::time::Instant::now(), scan_pod_cgroups()));
+        }
+        guard.as_ref()?.1.get(&cgroup_id)?.clone()
+    };
+    let (namespace, pod) = pod_of_uid(&uid)?;
+    Some(format!("{}.{namespace}", owner_of(&pod)))
+}
+
+/// The host's cgroup v2 hierarchy (through init's root: the daemon's own view may be a cgroup
+/// namespace), looked through for pod cgroups and the containers below them.
+fn scan_pod_cgroups() -> HashMap<u64, String> {
+    use std::os::unix::fs::MetadataExt as _;
+    let mut pods = HashMap::new();
+    // `<id> <parent> <dev> <root> <mount point> <options> ... - <fstype> ...`
+    let roots = |process: &str, prefix: &str| -> Vec<String> {
+        let mountinfo = std::fs::read_to_string(format!("/proc/{process}/mountinfo"));
+        mountinfo
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| {
+                let (before, after) = l.split_once(" - ")?;
+                let mount = before.split(' ').nth(4)?;
+                after
+                    .starts_with("cgroup2 ")
+                    .then(|| format!("{prefix}{mount}"))
+            })
+            .filter(|r| std::fs::read_dir(r).is_ok())
+            .collect()
+    };
+    // Through init's root where it can be read (the host's view), else this process's own.
+    let mut found = roots("1", "/proc/1/root");
+    if found.is_empty() {
+        found = roots("self", "");
+    }
+    // (directory, depth, under a kubepods cgroup, pod UID of an ancestor)
+    let mut stack: Vec<(std::path::PathBuf, u32, bool, Option<String>)> = found
+        .into_iter()
+        .map(|r| (r.into(), 0, false, None))
+        .collect();
+    while let Some((dir, depth, kube, uid)) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let Ok(meta) = entry.metadata() else { continue };
+            if !meta.is_dir() || pods.len() >= MAX_CGROUPS {
+                continue;
+            }
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            let uid = uid.clone().or_else(|| pod_uid(&name));
+            if let Some(uid) = &uid {
+                pods.insert(meta.ino(), uid.clone());
+            }
+            // Down kubepods' branches only (`kubepods.slice/...`, `kubepods/burstable/...`),
+            // a few levels at most.
+            let kube = kube || name.contains("kubepods");
+            if depth < 6 && kube {
+                stack.push((entry.path(), depth + 1, kube, uid));
+            }
+        }
+    }
+    pods
 }
 
 /// The pod UID in a kubepods cgroup path: `.../pod<uid>/...` (cgroupfs driver) or
