@@ -71,15 +71,7 @@ fn wrk_saturation_is_counted() {
         .arg(format!("http://127.0.0.1:{}/tiny", nginx.port))
         .output()
         .expect("wrk (apt install wrk)");
-    let text = String::from_utf8_lossy(&out.stdout);
-    let completed: u64 = text
-        .lines()
-        .find_map(|l| {
-            let l = l.trim();
-            l.split_once(" requests in ")
-                .and_then(|(n, _)| n.trim().parse().ok())
-        })
-        .unwrap_or_else(|| panic!("wrk output: {text}"));
+    let completed = wrk_completed(&out.stdout);
     std::thread::sleep(std::time::Duration::from_secs(1));
     let edge = daemon.wait_edge("wrk", nginx.port, completed);
     let seen = edge["requests"].as_u64().expect("requests");
@@ -99,6 +91,18 @@ fn wrk_saturation_is_counted() {
         seen <= completed + CONNECTIONS,
         "over-count: {seen} > {completed} + {CONNECTIONS}"
     );
+}
+
+/// The requests wrk completed, from its summary ("N requests in Ts").
+fn wrk_completed(stdout: &[u8]) -> u64 {
+    let text = String::from_utf8_lossy(stdout);
+    text.lines()
+        .find_map(|l| {
+            l.trim()
+                .split_once(" requests in ")
+                .and_then(|(n, _)| n.trim().parse().ok())
+        })
+        .unwrap_or_else(|| panic!("wrk output: {text}"))
 }
 
 /// A process in a fake Kubernetes pod: a cgroup under `kubepods`, the pod's name as its
@@ -128,6 +132,24 @@ fn in_pod(
     cmd
 }
 
+/// tests/fixtures/server.py in a fake pod (see `in_pod`).
+fn fixture_in_pod(pod: &str, namespace: Option<&str>, cgroup: &std::path::Path) -> common::Server {
+    let port = common::free_port();
+    let fixture = common::workspace_root().join("tests/fixtures/server.py");
+    let fixture = fixture.to_str().expect("utf-8 path");
+    let child = in_pod(
+        pod,
+        namespace,
+        cgroup,
+        &["python3", fixture, &port.to_string()],
+    )
+    .stdout(std::process::Stdio::null())
+    .stderr(std::process::Stdio::null())
+    .spawn()
+    .expect("spawn the server in its pod");
+    common::Server::adopt(child, port)
+}
+
 /// Where the cgroup2 hierarchy is mounted (`/sys/fs/cgroup` or, on hybrid hosts such as this
 /// one, `/sys/fs/cgroup/unified`).
 fn cgroup2_root() -> std::path::PathBuf {
@@ -153,23 +175,8 @@ fn pods_are_named_by_owner_and_namespace() {
     let (server_cg, client_cg) = (root.join("pod-orders"), root.join("pod-frontend"));
     // Removed once their processes are gone (servers are dropped first: declared after).
     let _cgroups = RemoveDirs(vec![server_cg.clone(), client_cg.clone(), root.clone()]);
-    let port = common::free_port();
-    let fixture = common::workspace_root().join("tests/fixtures/server.py");
-    let server = in_pod(
-        "orders-0",
-        Some("shop"),
-        &server_cg,
-        &[
-            "python3",
-            fixture.to_str().expect("utf-8 path"),
-            &port.to_string(),
-        ],
-    )
-    .stdout(std::process::Stdio::null())
-    .stderr(std::process::Stdio::null())
-    .spawn()
-    .expect("spawn the server in its pod");
-    let _server = common::Server::adopt(server, port);
+    let server = fixture_in_pod("orders-0", Some("shop"), &server_cg);
+    let port = server.port;
     let url = format!("http://127.0.0.1:{port}/ok");
     let mut curl = vec!["curl", "-s", "-w", "%{http_code}\n"];
     for _ in 0..3 {
@@ -218,23 +225,8 @@ fn a_pod_on_the_hosts_network_is_named_from_the_kubelets_pod_logs() {
     let _dirs = RemoveDirs(dirs);
     let host = String::from_utf8(Command::new("hostname").output().expect("hostname").stdout)
         .expect("utf-8 hostname");
-    let port = common::free_port();
-    let fixture = common::workspace_root().join("tests/fixtures/server.py");
-    let server = in_pod(
-        host.trim(),
-        None,
-        &cgroup,
-        &[
-            "python3",
-            fixture.to_str().expect("utf-8 path"),
-            &port.to_string(),
-        ],
-    )
-    .stdout(std::process::Stdio::null())
-    .stderr(std::process::Stdio::null())
-    .spawn()
-    .expect("spawn the server in its pod");
-    let _server = common::Server::adopt(server, port);
+    let server = fixture_in_pod(host.trim(), None, &cgroup);
+    let port = server.port;
     let url = format!("http://127.0.0.1:{port}/ok");
     let codes = curl(&[&url, &url], "%{http_code}\n");
     assert_eq!(codes, ["200", "200"]);
@@ -371,15 +363,7 @@ fn wrk_pipelining_is_counted() {
         .arg(format!("http://127.0.0.1:{}/tiny", nginx.port))
         .output()
         .expect("wrk (apt install wrk)");
-    let text = String::from_utf8_lossy(&out.stdout);
-    let completed: u64 = text
-        .lines()
-        .find_map(|l| {
-            l.trim()
-                .split_once(" requests in ")
-                .and_then(|(n, _)| n.trim().parse().ok())
-        })
-        .unwrap_or_else(|| panic!("wrk output: {text}"));
+    let completed = wrk_completed(&out.stdout);
     let edge = daemon.wait_edge("wrk", nginx.port, completed);
     let seen = edge["requests"].as_u64().expect("requests");
     let ring_lost = daemon.metric_sum(
