@@ -27,7 +27,7 @@ use crate::{
 /// place is, as a count: see `Pending::gap_before`) and is counted as lost. Load generators
 /// pipeline 16 to 32 deep (wrk scripts, TechEmpower's 16); a queue grows only as deep as its
 /// connection pipelines.
-const MAX_IN_FLIGHT: usize = 64;
+pub const MAX_IN_FLIGHT: usize = 64;
 /// Largest head gathered across syscalls before giving up on it.
 const MAX_HEAD: usize = 16 * 1024;
 /// Bytes of an undecidable message start kept until the next syscall decides it.
@@ -88,6 +88,9 @@ pub struct Exchange {
     pub resp_bytes: u64,
     /// The span this end opened for the request.
     pub span: Option<SpanId>,
+    /// Responses on this connection went by uncaptured or out of sync before this one: this
+    /// end's pairs may be wrong (a client that pipelines responses past the capture).
+    pub unsure: bool,
 }
 
 #[derive(Debug)]
@@ -177,6 +180,8 @@ struct Conn {
     /// Requests not kept (the queue was full) since the last one queued: the responses after
     /// the queue's are theirs.
     overflow_gap: u32,
+    /// Response bytes went by past the capture or out of sync (see `Exchange::unsure`).
+    responses_unsure: bool,
     /// Request bytes went by past the capture (a head longer than it, or pipelined requests
     /// after it): a response with no request to pair is then one of those requests, lost.
     requests_beyond_capture: bool,
@@ -222,6 +227,7 @@ impl Conn {
             peer_sk: 0,
             reset: None,
             overflow_gap: 0,
+            responses_unsure: false,
             requests_beyond_capture: false,
         }
     }
@@ -430,7 +436,7 @@ impl ConnTable {
         // Looked for until found when the other end could be anywhere, and in a connection's
         // first requests when it is on this host (its socket's first event can come later).
         if conn.peer_sk == 0
-            && (!conn.peer_local || conn.requests_seen < 4)
+            && (!conn.peer_local || conn.requests_seen < 4 || d.seq < 16)
             && let Some(&peer) = self.by_tuple.get(&d.tuple.reversed())
         {
             conn.peer_local = true;
@@ -841,6 +847,7 @@ fn feed(conn: &mut Conn, requests: bool, ctx: &mut Ctx<'_, '_>) {
                         };
                         reader.bytes += total - off;
                         conn.requests_beyond_capture |= requests;
+                        conn.responses_unsure |= !requests;
                         ctx.metrics
                             .parse_failures
                             .with_label_values(&["head_beyond_capture"])
@@ -969,6 +976,7 @@ fn lose_sync(
     }
     reader_mut(conn, requests).state = ReadState::Resync;
     if !requests {
+        conn.responses_unsure = true;
         unpair_all(conn, ctx.metrics, ctx.linker, unpair_reason);
     }
 }
@@ -1158,6 +1166,7 @@ fn complete_message(conn: &mut Conn, requests: bool, end_ns: u64, out: &mut Vec<
         },
         tuple: conn.tuple,
         peer_sk: conn.peer_sk,
+        unsure: conn.responses_unsure,
         method: req.method,
         path: req.path,
         status,

@@ -869,6 +869,7 @@ mod tests {
             req_bytes: 100,
             resp_bytes: 100,
             span: None,
+            unsure: false,
         }
     }
 

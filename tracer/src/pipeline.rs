@@ -438,10 +438,14 @@ impl Reader {
             let peer = self.conns.peer_of(&ex.tuple, ex.peer_sk);
             // A client span the server end claimed: that end counts the request. Without spans,
             // a server end traced here counts every request of its connection.
+            // A client end whose pairs may be wrong (responses went by uncaptured) leaves the
+            // count to its server end when that is traced here: its unclaimed exchanges may be
+            // requests paired with another's response, which that end counts too.
+            let peer_server = peer.is_some_and(|p| p.side == Some(Side::Server));
             let server_seen = ex.side == Side::Server
                 || ex.span.is_some_and(|s| self.linker.claimed(s))
-                || (!self.linker.enabled() && peer.is_some_and(|p| p.side == Some(Side::Server)));
-            if !server_seen && peer.is_some_and(|p| p.side == Some(Side::Server)) {
+                || ((!self.linker.enabled() || ex.unsure) && peer_server);
+            if !server_seen && peer_server {
                 tracing::debug!(
                     "client exchange counted from the client end: span {:?} live {} {:?}",
                     ex.span,

@@ -47,8 +47,9 @@ const LATE_LINK_HOLD: Duration = Duration::from_millis(200);
 const MAX_OPEN: Duration = Duration::from_secs(120);
 /// How often the live table may be sized down to its recent peak.
 const SHRINK_EVERY: Duration = Duration::from_secs(60);
-/// Client spans awaiting their server end, per connection.
-const MAX_PENDING_PER_CONN: usize = 16;
+/// Client spans awaiting their server end, per connection: as many as requests in flight on
+/// one (a client span pushed out here is never claimed, and its request is counted twice).
+const MAX_PENDING_PER_CONN: usize = crate::conn::MAX_IN_FLIGHT;
 /// Connections with client spans awaiting their server end.
 const MAX_PENDING_CONNS: usize = 16 * 1024;
 /// Exported spans' boxes kept for new spans (a span a request: no allocation per span).
