@@ -1318,6 +1318,20 @@ mod tests {
                 .with_label_values(&[reason])
                 .get()
         }
+
+        fn drops(&self, reason: &str) -> u64 {
+            self.metrics
+                .pairing_drops
+                .with_label_values(&[reason])
+                .get()
+        }
+
+        fn lost(&self, side: &str, reason: &str) -> u64 {
+            self.metrics
+                .requests_lost
+                .with_label_values(&[side, reason])
+                .get()
+        }
     }
 
     #[test]
@@ -1455,17 +1469,9 @@ mod tests {
             .map(|i| format!("/p/{i}"))
             .collect();
         assert_eq!(paths, want);
-        let lost = h
-            .metrics
-            .requests_lost
-            .with_label_values(&["server", "pending_overflow"])
-            .get();
+        let lost = h.lost("server", "pending_overflow");
         assert_eq!(lost, 6);
-        let unpaired = h
-            .metrics
-            .pairing_drops
-            .with_label_values(&["response_without_request"])
-            .get();
+        let unpaired = h.drops("response_without_request");
         assert_eq!(unpaired, 0);
     }
 
@@ -1485,11 +1491,7 @@ mod tests {
         for _ in 0..40 {
             h.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok");
         }
-        let lost = h
-            .metrics
-            .requests_lost
-            .with_label_values(&["server", "request_beyond_capture"])
-            .get();
+        let lost = h.lost("server", "request_beyond_capture");
         assert!(lost > 0);
         assert_eq!(h.out.len() as u64 + lost, 40);
     }
@@ -1514,11 +1516,7 @@ mod tests {
         assert_eq!(h.statuses(), vec![("/gone".to_owned(), 200)]);
         h.reap(RESET_GRACE);
         assert_eq!(h.table.len(), 0);
-        let drops = h
-            .metrics
-            .pairing_drops
-            .with_label_values(&["no_response"])
-            .get();
+        let drops = h.drops("no_response");
         assert_eq!(drops, 0);
     }
 
@@ -1563,11 +1561,7 @@ mod tests {
             h.statuses(),
             vec![("/1".to_owned(), 200), ("/4".to_owned(), 201)]
         );
-        let lost = h
-            .metrics
-            .pairing_drops
-            .with_label_values(&["events_lost"])
-            .get();
+        let lost = h.drops("events_lost");
         assert_eq!(lost, 1);
     }
 
@@ -1613,11 +1607,7 @@ mod tests {
         h.read(b"GET /2 HTTP/1.1\r\n\r\n");
         h.write(b"HTTP/1.1 404 NF\r\nContent-Length: 0\r\n\r\n");
         assert_eq!(h.statuses(), vec![("/2".to_owned(), 404)]);
-        let lost = h
-            .metrics
-            .requests_lost
-            .with_label_values(&["server", "response_unparsed"])
-            .get();
+        let lost = h.lost("server", "response_unparsed");
         assert_eq!(lost, 1);
     }
 
