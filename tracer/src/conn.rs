@@ -19,8 +19,10 @@ use crate::{
     event::{self, Data, Direction, Task, Tuple},
     heads::{Head, Heads},
     http1::{self, BodyLen, Chunked, Method, Path, Start},
+    http2::{self, Opening},
     metrics::Metrics,
     spans::{self, Linker, SpanId},
+    streams::{self, Streams},
 };
 
 /// Requests awaiting their response on one connection; beyond it a request is not kept (its
@@ -30,8 +32,12 @@ use crate::{
 pub const MAX_IN_FLIGHT: usize = 64;
 /// Largest head gathered across syscalls before giving up on it.
 const MAX_HEAD: usize = 16 * 1024;
-/// Bytes of an undecidable message start kept until the next syscall decides it.
-const MAX_UNDECIDED: usize = 16;
+/// Bytes of an undecidable message start kept until the next syscall decides it (the HTTP/2
+/// preface is 24).
+const MAX_UNDECIDED: usize = 24;
+/// HTTP/2 connections followed at once: each keeps two HPACK tables (4 KiB each by default).
+/// Past it a new one is not followed, counted as `parse_failures{reason="h2_connections_full"}`.
+pub const MAX_H2_CONNS: usize = 4096;
 /// Connections followed at once.
 pub const MAX_CONNS: usize = 64 * 1024;
 /// A connection with no traffic for this long is forgotten when room is needed.
@@ -63,8 +69,19 @@ impl Side {
 enum Role {
     Unknown,
     Http(Side),
-    /// Not HTTP/1 (or lost sync for good): ignored until closed.
+    /// HTTP/2 with prior knowledge: its streams are in `Conn::h2`.
+    Http2(Side),
+    /// Not HTTP (or lost sync for good): ignored until closed.
     Opaque,
+}
+
+impl Role {
+    fn side(self) -> Option<Side> {
+        match self {
+            Role::Http(side) | Role::Http2(side) => Some(side),
+            _ => None,
+        }
+    }
 }
 
 /// One request and its response, as one end of the connection saw them.
@@ -80,6 +97,8 @@ pub struct Exchange {
     pub method: Method,
     pub path: Path,
     pub status: u16,
+    /// gRPC's status (HTTP/2 trailers), when the response carried one.
+    pub grpc_status: Option<u32>,
     /// First byte of the request as this end saw it.
     pub start_ns: u64,
     /// Last byte of the response as this end saw it.
@@ -185,16 +204,15 @@ struct Conn {
     /// Request bytes went by past the capture (a head longer than it, or pipelined requests
     /// after it): a response with no request to pair is then one of those requests, lost.
     requests_beyond_capture: bool,
+    /// An HTTP/2 connection's streams.
+    h2: Option<Box<Streams>>,
 }
 
 impl Conn {
     fn peer(&self) -> Peer {
         Peer {
             task: self.task,
-            side: match self.role {
-                Role::Http(side) => Some(side),
-                _ => None,
-            },
+            side: self.role.side(),
         }
     }
 
@@ -229,6 +247,7 @@ impl Conn {
             overflow_gap: 0,
             responses_unsure: false,
             requests_beyond_capture: false,
+            h2: None,
         }
     }
 }
@@ -288,6 +307,8 @@ struct Ctx<'a, 'b> {
     linker: &'a mut Linker,
     out: &'a mut Vec<Exchange>,
     heads: &'a mut Heads,
+    /// HTTP/2 connections followed.
+    h2_conns: &'a mut usize,
 }
 
 /// All followed connections, keyed by socket address.
@@ -312,6 +333,8 @@ pub struct ConnTable {
     opaque: Vec<(u64, SockTuple)>,
     /// Heads parsed by one end of a connection on this host, for the other.
     heads: Heads,
+    /// Connections whose `h2` is set.
+    h2_conns: usize,
     /// Connections reset by their peer, ended only after RESET_GRACE: a reset that answers this
     /// end's send (the peer had closed without reading: a client that gave up, a health check)
     /// arrives, on loopback and veth, inside that send, so the socket's close is reported
@@ -342,6 +365,7 @@ impl ConnTable {
             spare: Vec::new(),
             opaque: Vec::new(),
             heads: Heads::new(),
+            h2_conns: 0,
             closing: VecDeque::new(),
             cap,
         }
@@ -454,6 +478,7 @@ impl ConnTable {
             linker,
             out,
             heads: &mut self.heads,
+            h2_conns: &mut self.h2_conns,
         };
         let was_opaque = conn.role == Role::Opaque;
         process(conn, &mut ctx);
@@ -607,6 +632,11 @@ impl ConnTable {
             for span in conn.pending.iter().chain(current).filter_map(|p| p.span) {
                 linker.abandon(span);
             }
+            if let Some(mut h2) = conn.h2.take() {
+                self.h2_conns -= 1;
+                let side = conn.role.side().unwrap_or(Side::Client);
+                h2.unpair_all(side, conn.peer_sk, metrics, linker, "no_response");
+            }
             if self.by_tuple.get(&conn.tuple) == Some(&sk) {
                 self.by_tuple.remove(&conn.tuple);
             }
@@ -655,6 +685,10 @@ impl ConnTable {
 /// message start.
 fn lost_events(conn: &mut Conn, metrics: &Metrics, linker: &mut Linker) {
     metrics.connections_desynced.inc();
+    if let (Some(h2), Some(side)) = (&mut conn.h2, conn.role.side()) {
+        h2.lost_events(side, conn.peer_sk, metrics, linker);
+        return;
+    }
     unpair_all(conn, metrics, linker, "events_lost");
     conn.undecided.clear();
     for reader in [&mut conn.requests, &mut conn.responses] {
@@ -683,7 +717,38 @@ fn process(conn: &mut Conn, ctx: &mut Ctx<'_, '_>) {
             j
         });
         let head = joined.as_deref().unwrap_or(d.payload);
-        conn.role = match (http1::classify(head), d.direction) {
+        let egress = d.direction == Direction::Egress;
+        let h2 = http2::opening(head, egress);
+        let h2_side = match h2 {
+            Opening::Preface if egress => Some(Side::Client),
+            Opening::Preface | Opening::ServerSettings => Some(Side::Server),
+            Opening::Undecided | Opening::Neither => None,
+        };
+        if let Some(side) = h2_side {
+            if *ctx.h2_conns >= MAX_H2_CONNS {
+                ctx.metrics
+                    .parse_failures
+                    .with_label_values(&["h2_connections_full"])
+                    .inc();
+                conn.role = Role::Opaque;
+                return;
+            }
+            *ctx.h2_conns += 1;
+            conn.role = Role::Http2(side);
+            conn.h2 = Some(Box::default());
+            let data = Data {
+                payload: head,
+                bytes: d.bytes + (head.len() - d.payload.len()) as u32,
+                ..*d
+            };
+            feed_h2(conn, side, &data, ctx);
+            return;
+        }
+        let start = match http1::classify(head) {
+            Start::Neither if h2 == Opening::Undecided => Start::Undecided,
+            start => start,
+        };
+        conn.role = match (start, d.direction) {
             (Start::Request, Direction::Egress) | (Start::Response, Direction::Ingress) => {
                 Role::Http(Side::Client)
             }
@@ -719,16 +784,43 @@ fn process(conn: &mut Conn, ctx: &mut Ctx<'_, '_>) {
                 linker: &mut *ctx.linker,
                 out: &mut *ctx.out,
                 heads: &mut *ctx.heads,
+                h2_conns: &mut *ctx.h2_conns,
             };
             feed(conn, requests, &mut ctx);
             return;
         }
+    }
+    if let Role::Http2(side) = conn.role {
+        feed_h2(conn, side, d, ctx);
+        return;
     }
     let Role::Http(side) = conn.role else {
         return;
     };
     let requests = (side == Side::Server) == (d.direction == Direction::Ingress);
     feed(conn, requests, ctx);
+}
+
+/// One syscall's bytes on an HTTP/2 connection.
+fn feed_h2(conn: &mut Conn, side: Side, d: &Data<'_>, ctx: &mut Ctx<'_, '_>) {
+    let Some(h2) = conn.h2.as_mut() else {
+        return;
+    };
+    let requests = (side == Side::Server) == (d.direction == Direction::Ingress);
+    h2.feed(
+        requests,
+        &mut streams::Env {
+            d,
+            side,
+            tuple: conn.tuple,
+            task: conn.task,
+            peer_local: conn.peer_local,
+            peer_sk: conn.peer_sk,
+            metrics: ctx.metrics,
+            linker: ctx.linker,
+            out: ctx.out,
+        },
+    );
 }
 
 /// The requests waiting for a response can no longer be paired truthfully with what comes:
@@ -1027,7 +1119,7 @@ fn on_head(conn: &mut Conn, requests: bool, info: Head, ctx: &mut Ctx<'_, '_>) {
                 context: h.context.as_ref(),
                 index: conn.requests_seen,
                 start_ns: conn.requests.start_ns,
-                minor_version: h.minor_version,
+                version: if h.minor_version == 0 { "1.0" } else { "1.1" },
                 peer_local: conn.peer_local,
             });
             conn.requests_seen += 1;
@@ -1170,6 +1262,7 @@ fn complete_message(conn: &mut Conn, requests: bool, end_ns: u64, out: &mut Vec<
         method: req.method,
         path: req.path,
         status,
+        grpc_status: None,
         start_ns: req.start_ns,
         end_ns: end_ns.max(req.start_ns),
         req_bytes: req.bytes,

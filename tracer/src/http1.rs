@@ -71,7 +71,7 @@ pub enum Method {
 }
 
 impl Method {
-    fn parse(s: &str) -> Option<Self> {
+    pub(crate) fn parse(s: &str) -> Option<Self> {
         Some(match s {
             "GET" => Self::Get,
             "POST" => Self::Post,
@@ -317,7 +317,7 @@ fn framing(headers: &[httparse::Header<'_>]) -> Result<(Option<u64>, bool), Pars
     Ok((length, chunked))
 }
 
-fn strip_query(target: &str) -> &str {
+pub(crate) fn strip_query(target: &str) -> &str {
     target.split(['?', '#']).next().unwrap_or(target)
 }
 

@@ -244,10 +244,7 @@ pub fn attributes(span: &Span) -> Vec<KeyValue> {
     a.push(kv("network.peer.port", i(i64::from(peer.port()))));
     a.push(kv("network.transport", s("tcp")));
     a.push(kv("network.protocol.name", s("http")));
-    a.push(kv(
-        "network.protocol.version",
-        s(format!("1.{}", span.minor_version)),
-    ));
+    a.push(kv("network.protocol.version", s(span.version)));
     a
 }
 

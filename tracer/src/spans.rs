@@ -105,7 +105,8 @@ pub struct Span {
     pub task: Task,
     /// This end's view of the connection.
     pub tuple: Tuple,
-    pub minor_version: u8,
+    /// `network.protocol.version`: "1.0", "1.1" or "2".
+    pub version: &'static str,
     pub finished: Option<Finished>,
     /// A CLIENT span the server end of its request took as parent.
     claimed: bool,
@@ -156,7 +157,7 @@ pub struct Start<'a> {
     /// Position of the request on its connection.
     pub index: u64,
     pub start_ns: u64,
-    pub minor_version: u8,
+    pub version: &'static str,
     /// Whether the other end of the connection is a socket on this host.
     pub peer_local: bool,
 }
@@ -388,7 +389,7 @@ impl Linker {
             start_ns: s.start_ns,
             task: s.task,
             tuple: s.tuple,
-            minor_version: s.minor_version,
+            version: s.version,
             finished: None,
             claimed: false,
             children: Ids::new(),
@@ -742,7 +743,7 @@ mod tests {
             context: ctx,
             index,
             start_ns: 1,
-            minor_version: 1,
+            version: "1.1",
             peer_local: true,
         }
     }

@@ -1,0 +1,588 @@
+//! HTTP/2 over cleartext TCP with prior knowledge (gRPC, h2load, `curl --http2-prior-knowledge`),
+//! over the bytes the probes captured: the frames of one direction of a connection, followed
+//! across syscalls and across bytes past the capture (skipped by the frames' own lengths), and
+//! their header blocks decoded (HPACK, RFC 7541, by loona-hpack) into what a request or a
+//! response needs.
+//!
+//! HPACK state is shared by every header block of a direction: a block that went by unseen
+//! leaves this side's table unlike the encoder's, and any later block could then decode to
+//! wrong values. From then on the direction's blocks are not decoded (`Fields` is `None`):
+//! their streams are counted as lost, never given a made-up route or status.
+
+use loona_hpack::Decoder;
+
+use crate::http1::{self, Method, Path, Propagated};
+
+/// What a client sends first (RFC 9113 §3.4).
+pub const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+const FRAME_HEADER: usize = 9;
+
+// Frame types (RFC 9113 §6).
+const DATA: u8 = 0x0;
+const HEADERS: u8 = 0x1;
+const PRIORITY: u8 = 0x2;
+const RST_STREAM: u8 = 0x3;
+const SETTINGS: u8 = 0x4;
+const PUSH_PROMISE: u8 = 0x5;
+const PING: u8 = 0x6;
+const GOAWAY: u8 = 0x7;
+const WINDOW_UPDATE: u8 = 0x8;
+const CONTINUATION: u8 = 0x9;
+// Frame flags.
+const END_STREAM: u8 = 0x1;
+const END_HEADERS: u8 = 0x4;
+const PADDED: u8 = 0x8;
+const PRIORITY_FLAG: u8 = 0x20;
+
+/// Largest header block gathered (HEADERS and its CONTINUATIONs); a larger one is not decoded.
+const MAX_BLOCK: usize = 16 * 1024;
+/// Largest dynamic table followed (SETTINGS_HEADER_TABLE_SIZE, 4 KiB by default, may allow an
+/// encoder more): a larger size update makes the direction blind rather than the table large.
+const MAX_TABLE: usize = 64 * 1024;
+/// Longest frame believed when looking for frames again after a loss (16 KiB by default;
+/// larger ones must be negotiated).
+const RESYNC_MAX_FRAME: u32 = 1 << 20;
+
+/// How a connection's first bytes open HTTP/2.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Opening {
+    /// The client preface: the end that wrote it is the client.
+    Preface,
+    /// A SETTINGS frame written before anything was read: a server's preface.
+    ServerSettings,
+    /// A start of the preface: more bytes are needed.
+    Undecided,
+    Neither,
+}
+
+pub fn opening(buf: &[u8], egress: bool) -> Opening {
+    if buf.len() >= PREFACE.len() {
+        if buf.starts_with(PREFACE) {
+            return Opening::Preface;
+        }
+    } else if !buf.is_empty() && PREFACE.starts_with(buf) {
+        return Opening::Undecided;
+    }
+    if egress && buf.len() >= FRAME_HEADER {
+        let h = FrameHeader::parse(buf);
+        if h.kind == SETTINGS && h.flags == 0 && h.stream == 0 && !h.reserved && h.len % 6 == 0 {
+            return Opening::ServerSettings;
+        }
+    }
+    Opening::Neither
+}
+
+#[derive(Clone, Copy, Debug)]
+struct FrameHeader {
+    len: u32,
+    kind: u8,
+    flags: u8,
+    stream: u32,
+    reserved: bool,
+}
+
+impl FrameHeader {
+    /// `b` holds at least the 9 bytes of a frame header.
+    fn parse(b: &[u8]) -> Self {
+        let id = u32::from_be_bytes([b[5], b[6], b[7], b[8]]);
+        Self {
+            len: u32::from_be_bytes([0, b[0], b[1], b[2]]),
+            kind: b[3],
+            flags: b[4],
+            stream: id & 0x7fff_ffff,
+            reserved: id >> 31 != 0,
+        }
+    }
+
+    /// Whether bytes where a frame should begin after a loss look like one.
+    fn plausible(&self) -> bool {
+        !self.reserved
+            && self.len <= RESYNC_MAX_FRAME
+            && match self.kind {
+                DATA | HEADERS | PRIORITY | RST_STREAM | PUSH_PROMISE | CONTINUATION => {
+                    self.stream != 0
+                }
+                SETTINGS | PING | GOAWAY => self.stream == 0,
+                WINDOW_UPDATE => true,
+                _ => false,
+            }
+    }
+}
+
+/// What one direction's frames say, as they complete.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Frame {
+    /// A stream's whole header block (HEADERS and its CONTINUATIONs), decoded; `None` when it
+    /// could not be (bytes of it, or of an earlier block, went by unseen).
+    Headers {
+        stream: u32,
+        end_stream: bool,
+        fields: Option<Fields>,
+    },
+    Data {
+        stream: u32,
+        len: u32,
+        end_stream: bool,
+    },
+    Reset {
+        stream: u32,
+    },
+    /// Frames went by that could not be followed: what they held is unknown.
+    Lost,
+}
+
+/// What a header block says that the tracer uses.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Fields {
+    pub method: Option<Method>,
+    pub path: Option<Path>,
+    pub status: Option<u16>,
+    /// gRPC's own status (trailers, or headers of a response without body).
+    pub grpc_status: Option<u32>,
+    pub context: Option<Propagated>,
+}
+
+/// The frame whose payload is being read.
+#[derive(Debug)]
+struct Current {
+    h: FrameHeader,
+    left: u32,
+}
+
+/// One direction of an HTTP/2 connection: its frames, and the HPACK table its header blocks
+/// build.
+pub struct Half {
+    /// Bytes of the client preface still to pass (the client's direction, followed from the
+    /// start).
+    preface: u8,
+    hdr: [u8; FRAME_HEADER],
+    hdr_len: u8,
+    current: Option<Current>,
+    /// Frame boundaries are known.
+    synced: bool,
+    /// The kept payload of the current frame (HEADERS, CONTINUATION, PUSH_PROMISE).
+    payload: Vec<u8>,
+    /// Bytes of the current frame's payload went by past the capture.
+    payload_lost: bool,
+    /// A header block still open (no END_HEADERS yet): its stream, END_STREAM and whether it
+    /// is a PUSH_PROMISE's.
+    open: Option<(u32, bool, bool)>,
+    block: Vec<u8>,
+    block_lost: bool,
+    hpack: Decoder<'static>,
+    /// A header block went by undecoded: this side's table is no longer the encoder's.
+    blind: bool,
+}
+
+impl std::fmt::Debug for Half {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Half")
+            .field("synced", &self.synced)
+            .field("blind", &self.blind)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Half {
+    /// A direction followed from the connection's start; `preface`: the client's, which opens
+    /// with the preface.
+    pub fn new(preface: bool) -> Self {
+        let mut hpack = Decoder::new();
+        hpack.set_max_allowed_table_size(MAX_TABLE);
+        Self {
+            preface: if preface { PREFACE.len() as u8 } else { 0 },
+            hdr: [0; FRAME_HEADER],
+            hdr_len: 0,
+            current: None,
+            synced: true,
+            payload: Vec::new(),
+            payload_lost: false,
+            open: None,
+            block: Vec::new(),
+            block_lost: false,
+            hpack,
+            blind: false,
+        }
+    }
+
+    /// Whether frame boundaries are known.
+    pub fn synced(&self) -> bool {
+        self.synced
+    }
+
+    /// Events of this direction went missing: frames (and header blocks) unseen.
+    pub fn lose(&mut self, out: &mut impl FnMut(Frame)) {
+        self.synced = false;
+        self.blind = true;
+        self.current = None;
+        self.hdr_len = 0;
+        self.open = None;
+        self.block.clear();
+        self.preface = 0;
+        out(Frame::Lost);
+    }
+
+    /// One syscall's bytes: `shown` is what was captured of its `total`.
+    pub fn feed(&mut self, shown: &[u8], total: u64, out: &mut impl FnMut(Frame)) {
+        if !self.synced {
+            // Frames are looked for again at a call that holds whole frames only (writers
+            // write whole frames; most reads end where a write did).
+            if !whole_frames(shown, total) {
+                return;
+            }
+            self.synced = true;
+        }
+        let mut off: u64 = 0;
+        while off < total {
+            let at = &shown[(off as usize).min(shown.len())..];
+            let rest = total - off;
+            if self.preface > 0 {
+                let n = rest.min(u64::from(self.preface)) as usize;
+                let from = PREFACE.len() - self.preface as usize;
+                let seen = n.min(at.len());
+                if at[..seen] != PREFACE[from..from + seen] {
+                    self.lose(out);
+                    return;
+                }
+                self.preface -= n as u8;
+                off += n as u64;
+                continue;
+            }
+            let Some(cur) = &mut self.current else {
+                let need = FRAME_HEADER - self.hdr_len as usize;
+                let n = (rest as usize).min(need);
+                if at.len() < n {
+                    // A frame header went by uncaptured.
+                    self.lose(out);
+                    return;
+                }
+                let from = self.hdr_len as usize;
+                self.hdr[from..from + n].copy_from_slice(&at[..n]);
+                self.hdr_len += n as u8;
+                off += n as u64;
+                if (self.hdr_len as usize) < FRAME_HEADER {
+                    return;
+                }
+                self.hdr_len = 0;
+                let h = FrameHeader::parse(&self.hdr);
+                if self.open.is_some() && h.kind != CONTINUATION {
+                    // RFC 9113 §6.10: nothing may come between a block's frames.
+                    self.lose(out);
+                    return;
+                }
+                self.payload.clear();
+                self.payload_lost = false;
+                self.current = Some(Current { h, left: h.len });
+                if h.len == 0 {
+                    self.end_frame(out);
+                }
+                continue;
+            };
+            let n = rest.min(u64::from(cur.left));
+            let kept = matches!(cur.h.kind, HEADERS | CONTINUATION | PUSH_PROMISE);
+            if kept {
+                let seen = (n as usize).min(at.len());
+                if self.payload.len() + seen > MAX_BLOCK {
+                    self.payload_lost = true;
+                } else {
+                    self.payload.extend_from_slice(&at[..seen]);
+                }
+                if (seen as u64) < n {
+                    self.payload_lost = true;
+                }
+            }
+            cur.left -= n as u32;
+            off += n;
+            if cur.left == 0 {
+                self.end_frame(out);
+            }
+        }
+    }
+
+    fn end_frame(&mut self, out: &mut impl FnMut(Frame)) {
+        let Some(Current { h, .. }) = self.current.take() else {
+            return;
+        };
+        match h.kind {
+            DATA => out(Frame::Data {
+                stream: h.stream,
+                len: h.len,
+                end_stream: h.flags & END_STREAM != 0,
+            }),
+            HEADERS | PUSH_PROMISE => {
+                let promise = h.kind == PUSH_PROMISE;
+                let fragment = if self.payload_lost {
+                    None
+                } else {
+                    fragment(&self.payload, h.flags, promise)
+                };
+                self.block.clear();
+                self.block_lost = fragment.is_none();
+                if let Some(f) = fragment {
+                    self.block.extend_from_slice(f);
+                }
+                self.open = Some((h.stream, h.flags & END_STREAM != 0, promise));
+                if h.flags & END_HEADERS != 0 {
+                    self.end_block(out);
+                }
+            }
+            CONTINUATION => {
+                // One after a loss, whose block began unseen: skipped.
+                if self.open.is_none() {
+                    return;
+                }
+                if self.payload_lost || self.block.len() + self.payload.len() > MAX_BLOCK {
+                    self.block_lost = true;
+                } else {
+                    self.block.extend_from_slice(&self.payload);
+                }
+                if h.flags & END_HEADERS != 0 {
+                    self.end_block(out);
+                }
+            }
+            RST_STREAM => out(Frame::Reset { stream: h.stream }),
+            _ => {}
+        }
+    }
+
+    /// A whole header block: decoded (the table must follow every block, a push's too) unless
+    /// this side's table is no longer the encoder's.
+    fn end_block(&mut self, out: &mut impl FnMut(Frame)) {
+        let Some((stream, end_stream, promise)) = self.open.take() else {
+            return;
+        };
+        if self.block_lost {
+            self.blind = true;
+        }
+        let fields = if self.blind {
+            None
+        } else {
+            let fields = decode(&mut self.hpack, &self.block);
+            self.blind = fields.is_none();
+            fields
+        };
+        self.block.clear();
+        if !promise {
+            out(Frame::Headers {
+                stream,
+                end_stream,
+                fields,
+            });
+        }
+    }
+}
+
+/// A HEADERS (or PUSH_PROMISE) payload's header block fragment, without padding, priority or
+/// promised stream.
+fn fragment(payload: &[u8], flags: u8, promise: bool) -> Option<&[u8]> {
+    let mut p = payload;
+    let mut pad = 0;
+    if flags & PADDED != 0 {
+        pad = *p.first()? as usize;
+        p = &p[1..];
+    }
+    if promise {
+        p = p.get(4..)?;
+    } else if flags & PRIORITY_FLAG != 0 {
+        p = p.get(5..)?;
+    }
+    p.get(..p.len().checked_sub(pad)?)
+}
+
+/// Whether a call's bytes are frames from its first byte to its last.
+fn whole_frames(shown: &[u8], total: u64) -> bool {
+    let mut off: u64 = 0;
+    while off < total {
+        let o = off as usize;
+        let Some(b) = shown.get(o..o + FRAME_HEADER) else {
+            return false;
+        };
+        let h = FrameHeader::parse(b);
+        if !h.plausible() {
+            return false;
+        }
+        off += FRAME_HEADER as u64 + u64::from(h.len);
+    }
+    off == total
+}
+
+/// Decodes a header block into the fields the tracer uses; `None` when it is not valid HPACK
+/// (the table then no longer follows the encoder's).
+fn decode(hpack: &mut Decoder<'static>, block: &[u8]) -> Option<Fields> {
+    let mut f = Fields::default();
+    // Names are lowercase in HTTP/2; the few this looks for are matched by length first.
+    let mut context: [(&'static str, Vec<u8>); 5] = [
+        ("traceparent", Vec::new()),
+        ("tracestate", Vec::new()),
+        ("b3", Vec::new()),
+        ("x-b3-traceid", Vec::new()),
+        ("x-b3-spanid", Vec::new()),
+    ];
+    let mut has_context = false;
+    hpack
+        .decode_with_cb(block, |name, value| match &name[..] {
+            b":method" => f.method = std::str::from_utf8(&value).ok().and_then(Method::parse),
+            b":path" => {
+                f.path = std::str::from_utf8(&value)
+                    .ok()
+                    .map(|p| Path::new(http1::strip_query(p)))
+            }
+            b":status" => {
+                f.status = std::str::from_utf8(&value)
+                    .ok()
+                    .and_then(|s| s.parse().ok())
+                    .filter(|s| (100..1000).contains(s))
+            }
+            b"grpc-status" => {
+                f.grpc_status = std::str::from_utf8(&value).ok().and_then(|s| s.parse().ok())
+            }
+            n => {
+                if let Some(slot) = context.iter_mut().find(|(k, _)| k.as_bytes() == n) {
+                    slot.1 = value.into_owned();
+                    has_context = true;
+                }
+            }
+        })
+        .ok()?;
+    if has_context {
+        let headers: Vec<httparse::Header<'_>> = context
+            .iter()
+            .filter(|(_, v)| !v.is_empty())
+            .map(|(name, value)| httparse::Header { name, value })
+            .collect();
+        f.context = http1::propagated(&headers);
+    }
+    Some(f)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use loona_hpack::Encoder;
+
+    fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+        let len = payload.len() as u32;
+        let mut f = len.to_be_bytes()[1..].to_vec();
+        f.extend([kind, flags]);
+        f.extend(stream.to_be_bytes());
+        f.extend(payload);
+        f
+    }
+
+    fn headers(enc: &mut Encoder<'_>, stream: u32, flags: u8, fields: &[(&[u8], &[u8])]) -> Vec<u8> {
+        let block = enc.encode(fields.iter().copied());
+        frame(HEADERS, flags | END_HEADERS, stream, &block)
+    }
+
+    fn collect(half: &mut Half, shown: &[u8], total: u64) -> Vec<Frame> {
+        let mut v = Vec::new();
+        half.feed(shown, total, &mut |f| v.push(f));
+        v
+    }
+
+    #[test]
+    fn preface_and_requests_across_calls() {
+        let mut enc = Encoder::new();
+        let mut bytes = PREFACE.to_vec();
+        bytes.extend(frame(SETTINGS, 0, 0, &[0, 3, 0, 0, 0, 100]));
+        bytes.extend(headers(
+            &mut enc,
+            1,
+            END_STREAM,
+            &[(b":method", b"GET"), (b":path", b"/users/7?x=1"), (b":scheme", b"http")],
+        ));
+        bytes.extend(headers(
+            &mut enc,
+            3,
+            0,
+            &[(b":method", b"POST"), (b":path", b"/users/7?x=1"), (b"traceparent", b"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01")],
+        ));
+        bytes.extend(frame(DATA, END_STREAM, 3, b"hello"));
+        let mut half = Half::new(true);
+        // Split at every point: frames followed across calls.
+        for cut in [1, 9, 24, 30, 40, bytes.len() - 3] {
+            let mut half2 = Half::new(true);
+            let mut got = collect(&mut half2, &bytes[..cut], cut as u64);
+            got.extend(collect(&mut half2, &bytes[cut..], (bytes.len() - cut) as u64));
+            assert_eq!(got.len(), 3, "cut at {cut}: {got:?}");
+        }
+        let got = collect(&mut half, &bytes, bytes.len() as u64);
+        let Frame::Headers { stream: 1, end_stream: true, fields: Some(f) } = &got[0] else {
+            panic!("{got:?}");
+        };
+        assert_eq!((f.method, f.path.as_deref()), (Some(Method::Get), Some("/users/7")));
+        let Frame::Headers { stream: 3, end_stream: false, fields: Some(f) } = &got[1] else {
+            panic!("{got:?}");
+        };
+        assert_eq!(f.method, Some(Method::Post));
+        assert_eq!(f.path.as_deref(), Some("/users/7"), "from the dynamic table");
+        assert!(f.context.is_some());
+        assert_eq!(got[2], Frame::Data { stream: 3, len: 5, end_stream: true });
+    }
+
+    #[test]
+    fn data_past_the_capture_is_skipped_by_length() {
+        let mut enc = Encoder::new();
+        let mut bytes = headers(&mut enc, 1, 0, &[(b":status", b"200")]);
+        bytes.extend(frame(DATA, 0, 1, &[b'x'; 3000]));
+        let shown = 100;
+        let mut half = Half::new(false);
+        let got = collect(&mut half, &bytes[..shown], bytes.len() as u64);
+        assert_eq!(got.len(), 2, "{got:?}");
+        // Still in sync: the next call's frames are read.
+        let next = headers(&mut enc, 3, END_STREAM, &[(b":status", b"404")]);
+        let got = collect(&mut half, &next, next.len() as u64);
+        let Frame::Headers { stream: 3, fields: Some(f), .. } = &got[0] else {
+            panic!("{got:?}");
+        };
+        assert_eq!(f.status, Some(404));
+    }
+
+    #[test]
+    fn an_unseen_block_blinds_the_direction_until_the_end() {
+        let mut enc = Encoder::new();
+        let mut bytes = frame(DATA, 0, 1, &[b'x'; 2000]);
+        let first = bytes.len();
+        bytes.extend(headers(&mut enc, 3, 0, &[(b":status", b"200"), (b"x-id", b"a")]));
+        let mut half = Half::new(false);
+        // The second frame's header is past the capture: lost, and found again at a call of
+        // whole frames.
+        let got = collect(&mut half, &bytes[..first - 10], bytes.len() as u64);
+        assert_eq!(got.last(), Some(&Frame::Lost));
+        let next = headers(&mut enc, 5, END_STREAM, &[(b":status", b"200"), (b"x-id", b"a")]);
+        let got = collect(&mut half, &next, next.len() as u64);
+        assert_eq!(
+            got,
+            vec![Frame::Headers { stream: 5, end_stream: true, fields: None }],
+            "a block after an unseen one is not decoded"
+        );
+        // Garbage is not taken for frames.
+        let got = collect(&mut half, b"GET / HTTP/1.1\r\n\r\n", 18);
+        assert!(got.is_empty());
+    }
+
+    #[test]
+    fn openings() {
+        assert_eq!(opening(PREFACE, true), Opening::Preface);
+        assert_eq!(opening(&PREFACE[..5], false), Opening::Undecided);
+        assert_eq!(opening(&frame(SETTINGS, 0, 0, &[0, 3, 0, 0, 0, 100]), true), Opening::ServerSettings);
+        assert_eq!(opening(&frame(SETTINGS, 0, 0, &[]), false), Opening::Neither);
+        assert_eq!(opening(b"GET / HTTP/1.1\r\n", true), Opening::Neither);
+    }
+
+    #[test]
+    fn padded_headers_with_priority() {
+        let mut enc = Encoder::new();
+        let block = enc.encode([(&b":status"[..], &b"503"[..])]);
+        let mut payload = vec![2u8];
+        payload.extend([0, 0, 0, 0, 16]);
+        payload.extend(&block);
+        payload.extend([0, 0]);
+        let bytes = frame(HEADERS, PADDED | PRIORITY_FLAG | END_HEADERS | END_STREAM, 1, &payload);
+        let got = collect(&mut Half::new(false), &bytes, bytes.len() as u64);
+        let Frame::Headers { fields: Some(f), .. } = &got[0] else {
+            panic!("{got:?}");
+        };
+        assert_eq!(f.status, Some(503));
+    }
+}

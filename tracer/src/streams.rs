@@ -1,0 +1,350 @@
+//! The streams of one HTTP/2 connection, paired into exchanges: a stream's request headers open
+//! it, its response's END_STREAM ends it. Pairs are by stream id, so a stream lost or reset
+//! never shifts another's.
+
+use foldhash::HashMap;
+
+use crate::{
+    conn::{Exchange, Side},
+    event::{Data, Task, Tuple},
+    http1::{Method, Path},
+    http2::{Fields, Frame, Half},
+    metrics::Metrics,
+    spans::{self, Linker, SpanId},
+};
+
+/// Streams open at once on one connection (servers allow 100 to 250 by default); a request
+/// past it is counted as lost.
+pub const MAX_STREAMS: usize = 512;
+
+/// One stream as this end saw it.
+#[derive(Debug)]
+struct Stream {
+    /// The request's method and path; `None` when its header block could not be decoded.
+    request: Option<(Method, Path)>,
+    start_ns: u64,
+    req_bytes: u64,
+    /// The thread that read or wrote the request.
+    task: Task,
+    span: Option<SpanId>,
+    /// The final response status: `Some(None)` when the response's header block could not be
+    /// decoded.
+    status: Option<Option<u16>>,
+    grpc_status: Option<u32>,
+    resp_bytes: u64,
+    /// Response frames had gone by unseen (`Streams::response_losses`) when it opened: its
+    /// end may be among them.
+    losses_at_open: u32,
+}
+
+/// What this end's connection is, for the exchanges its streams make.
+pub struct Env<'a, 'b> {
+    pub d: &'a Data<'b>,
+    pub side: Side,
+    pub tuple: Tuple,
+    /// The connection's latest process (a client's exchanges name it).
+    pub task: Task,
+    pub peer_local: bool,
+    pub peer_sk: u64,
+    pub metrics: &'a Metrics,
+    pub linker: &'a mut Linker,
+    pub out: &'a mut Vec<Exchange>,
+}
+
+/// Both directions of an HTTP/2 connection and its open streams.
+#[derive(Debug)]
+pub struct Streams {
+    /// Client to server.
+    requests: Half,
+    /// Server to client.
+    responses: Half,
+    open: HashMap<u32, Stream>,
+    /// The next client stream id expected.
+    next_id: u32,
+    /// Request frames went by unseen since `next_id` was set: streams skipped over are
+    /// requests this end did not see.
+    requests_gap: bool,
+    /// Times response frames went by unseen (and while they are not followed, one more).
+    response_losses: u32,
+    /// Frames decoded but not yet applied (kept for their allocation).
+    frames: Vec<Frame>,
+}
+
+impl Streams {
+    /// A connection followed from its start: the client direction opens with the preface.
+    pub fn new() -> Self {
+        Self {
+            requests: Half::new(true),
+            responses: Half::new(false),
+            open: HashMap::default(),
+            next_id: 1,
+            requests_gap: false,
+            response_losses: 0,
+            frames: Vec::new(),
+        }
+    }
+
+    /// One syscall's bytes on the request (client to server) or response direction.
+    pub fn feed(&mut self, requests: bool, env: &mut Env<'_, '_>) {
+        let d = env.d;
+        let mut frames = std::mem::take(&mut self.frames);
+        let half = if requests {
+            &mut self.requests
+        } else {
+            &mut self.responses
+        };
+        half.feed(d.payload, u64::from(d.bytes), &mut |f| frames.push(f));
+        let at_ns = d.boundary_ns();
+        for f in frames.drain(..) {
+            if requests {
+                self.on_request_frame(f, at_ns, env);
+            } else {
+                self.on_response_frame(f, at_ns, env);
+            }
+        }
+        self.frames = frames;
+    }
+
+    fn on_request_frame(&mut self, f: Frame, at_ns: u64, env: &mut Env<'_, '_>) {
+        match f {
+            Frame::Headers { stream, fields, .. } => {
+                // Client streams are odd; a known one's second block is its trailers.
+                if stream % 2 == 0 || self.open.contains_key(&stream) || stream < self.next_id {
+                    return;
+                }
+                // Streams skipped over after a loss were opened in frames not seen. (A client
+                // may skip ids; none of those followed here do.)
+                if self.requests_gap && stream > self.next_id {
+                    lost(env, "h2_stream_unseen", u64::from((stream - self.next_id) / 2));
+                }
+                self.requests_gap = false;
+                self.next_id = stream.saturating_add(2);
+                if self.open.len() >= MAX_STREAMS {
+                    env.metrics
+                        .pairing_drops
+                        .with_label_values(&["pending_overflow"])
+                        .inc();
+                    lost(env, "pending_overflow", 1);
+                    return;
+                }
+                let request = fields.as_ref().and_then(|f| Some((f.method?, f.path.clone()?)));
+                let span = request.as_ref().and_then(|_| {
+                    env.linker.start(spans::Start {
+                        kind: env.side,
+                        task: env.d.task,
+                        tuple: env.tuple,
+                        context: fields.as_ref().and_then(|f| f.context.as_ref()),
+                        // Both ends number a request by its stream id.
+                        index: u64::from(stream),
+                        start_ns: at_ns,
+                        version: "2",
+                        peer_local: env.peer_local,
+                    })
+                });
+                self.open.insert(
+                    stream,
+                    Stream {
+                        request,
+                        start_ns: at_ns,
+                        req_bytes: 0,
+                        task: env.d.task,
+                        span,
+                        status: None,
+                        grpc_status: None,
+                        resp_bytes: 0,
+                        losses_at_open: self.response_losses
+                            + u32::from(!self.responses.synced()),
+                    },
+                );
+            }
+            Frame::Data { stream, len, .. } => {
+                if let Some(s) = self.open.get_mut(&stream) {
+                    s.req_bytes += u64::from(len);
+                }
+            }
+            Frame::Reset { stream } => self.reset(stream, env),
+            Frame::Lost => self.requests_gap = true,
+        }
+    }
+
+    fn on_response_frame(&mut self, f: Frame, at_ns: u64, env: &mut Env<'_, '_>) {
+        if let Frame::Headers { stream, .. } | Frame::Data { stream, .. } = f {
+            self.unseen_request(stream, env);
+        }
+        match f {
+            Frame::Headers {
+                stream,
+                end_stream,
+                fields,
+            } => {
+                let Some(s) = self.open.get_mut(&stream) else {
+                    return;
+                };
+                if let Some(g) = fields.as_ref().and_then(|f| f.grpc_status) {
+                    s.grpc_status = Some(g);
+                }
+                if s.status.is_none() {
+                    match fields.as_ref().map(|f: &Fields| f.status) {
+                        // Interim (1xx): the final response follows.
+                        Some(Some(status)) if status < 200 && !end_stream => return,
+                        Some(status) => s.status = Some(status),
+                        None => s.status = Some(None),
+                    }
+                    if let Some(span) = s.span {
+                        env.linker.responding(span);
+                    }
+                }
+                if end_stream {
+                    self.complete(stream, at_ns, env);
+                }
+            }
+            Frame::Data {
+                stream,
+                len,
+                end_stream,
+            } => {
+                if let Some(s) = self.open.get_mut(&stream) {
+                    s.resp_bytes += u64::from(len);
+                    if end_stream {
+                        self.complete(stream, at_ns, env);
+                    }
+                }
+            }
+            Frame::Reset { stream } => self.reset(stream, env),
+            // Response frames went by unseen: streams whose end was among them end at the
+            // connection's close, counted there.
+            Frame::Lost => self.response_losses = self.response_losses.saturating_add(1),
+        }
+    }
+
+    /// A response on a client stream this end never saw open: it and the streams before it
+    /// that were not seen either are requests that happened, not counted here.
+    fn unseen_request(&mut self, stream: u32, env: &mut Env<'_, '_>) {
+        if stream % 2 == 1 && stream >= self.next_id {
+            lost(env, "h2_stream_unseen", u64::from((stream - self.next_id) / 2 + 1));
+            self.next_id = stream.saturating_add(2);
+            self.requests_gap = false;
+        }
+    }
+
+    /// A stream's response ended at `end_ns`.
+    fn complete(&mut self, stream: u32, end_ns: u64, env: &mut Env<'_, '_>) {
+        let Some(s) = self.open.remove(&stream) else {
+            return;
+        };
+        let (Some((method, path)), Some(Some(status))) = (s.request, s.status) else {
+            // A header block that could not be decoded: a request that happened, not counted.
+            if let Some(span) = s.span {
+                env.linker.abandon(span);
+            }
+            lost(env, "h2_headers_unreadable", 1);
+            return;
+        };
+        env.out.push(Exchange {
+            side: env.side,
+            task: if env.side == Side::Server {
+                s.task
+            } else {
+                env.task
+            },
+            tuple: env.tuple,
+            peer_sk: env.peer_sk,
+            method,
+            path,
+            status,
+            grpc_status: s.grpc_status,
+            start_ns: s.start_ns,
+            end_ns: end_ns.max(s.start_ns),
+            req_bytes: s.req_bytes,
+            resp_bytes: s.resp_bytes,
+            span: s.span,
+            unsure: false,
+        });
+    }
+
+    /// RST_STREAM from either end: a stream already answered ends with its status (a
+    /// response cut short); one not answered yet has no response.
+    fn reset(&mut self, stream: u32, env: &mut Env<'_, '_>) {
+        match self.open.get(&stream) {
+            Some(s) if s.status.is_some() => self.complete(stream, env.d.boundary_ns(), env),
+            Some(_) => {
+                if let Some(span) = self.open.remove(&stream).and_then(|s| s.span) {
+                    env.linker.abandon(span);
+                }
+                env.metrics
+                    .pairing_drops
+                    .with_label_values(&["stream_reset"])
+                    .inc();
+            }
+            None => {}
+        }
+    }
+
+    /// Events of this connection went missing: both directions look for frames again, and the
+    /// open streams (whose ends may have been among them) are dropped and counted.
+    pub fn lost_events(
+        &mut self,
+        side: Side,
+        peer_sk: u64,
+        metrics: &Metrics,
+        linker: &mut Linker,
+    ) {
+        self.requests.lose(&mut |_| {});
+        self.responses.lose(&mut |_| {});
+        self.requests_gap = true;
+        self.unpair_all(side, peer_sk, metrics, linker, "events_lost");
+    }
+
+    /// Drops the open streams (the connection closed, or lost events), counted with `reason`.
+    pub fn unpair_all(
+        &mut self,
+        side: Side,
+        peer_sk: u64,
+        metrics: &Metrics,
+        linker: &mut Linker,
+        reason: &str,
+    ) {
+        let n = self.open.len() as u64;
+        if n == 0 {
+            return;
+        }
+        // At the close, a stream left open is a request its server did not answer, unless
+        // response frames went by unseen since it opened (its end may have been among them).
+        let losses = self.response_losses + u32::from(!self.responses.synced());
+        let mut unseen = 0;
+        for (_, s) in self.open.drain() {
+            unseen += u64::from(s.losses_at_open != losses);
+            if let Some(span) = s.span {
+                linker.abandon(span);
+            }
+        }
+        metrics.pairing_drops.with_label_values(&[reason]).inc_by(n);
+        if reason == "no_response" {
+            lost_counted(side, peer_sk, "response_unseen", unseen, metrics);
+        } else {
+            lost_counted(side, peer_sk, reason, n, metrics);
+        }
+    }
+}
+
+impl Default for Streams {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Requests that happened and that this end will not count.
+fn lost(env: &Env<'_, '_>, reason: &str, n: u64) {
+    lost_counted(env.side, env.peer_sk, reason, n, env.metrics);
+}
+
+/// As `conn::lost_here`: not counted at a client whose server end is traced on this host (that
+/// end counts the request).
+fn lost_counted(side: Side, peer_sk: u64, reason: &str, n: u64, metrics: &Metrics) {
+    if n > 0 && (side == Side::Server || peer_sk == 0) {
+        metrics
+            .requests_lost
+            .with_label_values(&[side.as_str(), reason])
+            .inc_by(n);
+    }
+}
