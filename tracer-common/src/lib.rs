@@ -131,7 +131,9 @@ pub struct DataMeta {
     pub tail_len: u32,
     /// Per-socket event number, from 1: a gap means events of this socket were lost.
     pub seq: u32,
-    pub _pad: u32,
+    /// Bytes of HTTP/2 frame segments after the whole `payload` (see [`FRAMES_CAP`]); 0 for
+    /// other sockets.
+    pub frames_len: u32,
     pub tail: [u8; TAIL_LEN],
 }
 
@@ -149,6 +151,20 @@ pub struct DataEvent {
 /// Size of a [`DataEvent`] without its payload.
 pub const DATA_EVENT_FIXED: usize = core::mem::size_of::<DataMeta>();
 
+/// On an HTTP/2 connection (the kernel side saw its preface) a call longer than its captured
+/// payload also sends, after the whole payload, segments of the frames past it: each frame's
+/// 9-byte header and, for the frames that carry a header block (HEADERS, CONTINUATION,
+/// PUSH_PROMISE), up to [`FRAME_KEEP_CAP`] bytes of that. A segment is `offset: u32` (in the
+/// call's bytes), `len: u32`, then `len` bytes. At most this many bytes of segments (the
+/// last one may run past it).
+pub const FRAMES_CAP: usize = 4096;
+/// Header-block bytes kept per frame in a segment (a power of two).
+pub const FRAME_KEEP_CAP: usize = 1024;
+/// A segment's own header: offset and length.
+pub const SEGMENT_HEADER: usize = 8;
+/// Frames a call is walked through, at most.
+pub const MAX_FRAMES_WALKED: u32 = 128;
+
 /// What the kernel side keeps per socket.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
@@ -163,7 +179,18 @@ pub struct SockState {
     /// pid_tgid of the thread whose name and cgroup this socket's last delivered event carried
     /// (0: none yet).
     pub task: u64,
+    /// Nonzero: the connection opened with the HTTP/2 preface; its calls are walked frame by
+    /// frame.
+    pub h2: u32,
+    /// Per direction (egress, ingress): bytes at the start of the next call that finish the
+    /// frame the last call ended in ([`CARRY_UNKNOWN`]: the walk stopped short).
+    pub h2_carry: [u32; 2],
+    pub _pad: u32,
 }
+
+/// `SockState::h2_carry` when the next call's first frame is not known: it is taken to begin
+/// the call, as writers' calls do.
+pub const CARRY_UNKNOWN: u32 = u32::MAX;
 
 /// A TCP socket changed state (tracepoint `sock:inet_sock_set_state`).
 ///
@@ -276,8 +303,9 @@ const _: () = assert!(DATA_EVENT_FIXED == 48 + 16 + 40 + 24 + TAIL_LEN);
 const _: () = assert!(core::mem::size_of::<DataEvent>() == DATA_EVENT_FIXED + PAYLOAD_CAP);
 const _: () = assert!(core::mem::size_of::<ConnEvent>() == 48 + 8 + 40 + 16);
 const _: () = assert!(PAYLOAD_CAP.is_power_of_two());
+const _: () = assert!(FRAMES_CAP.is_power_of_two() && FRAME_KEEP_CAP.is_power_of_two());
 const _: () = assert!(TASK_RESEND.is_power_of_two());
-const _: () = assert!(core::mem::size_of::<SockState>() == 40 + 8 + 8);
+const _: () = assert!(core::mem::size_of::<SockState>() == 40 + 8 + 8 + 16);
 
 #[cfg(feature = "user")]
 mod pod {

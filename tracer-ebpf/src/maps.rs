@@ -5,7 +5,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 use tracer_common::{
-    DataEvent, KERNEL_STAT_COUNT, KernelStat, PAYLOAD_CAP, SockState, SockTuple, limits,
+    DataEvent, FRAME_KEEP_CAP, FRAMES_CAP, KERNEL_STAT_COUNT, KernelStat, PAYLOAD_CAP,
+    SEGMENT_HEADER, SockState, SockTuple, limits,
 };
 
 /// What `sys_enter_*` learnt, completed by `sock_*_length` and consumed by `sys_exit_*`.
@@ -71,7 +72,24 @@ pub static OPAQUE_ASKED: Array<u32> = Array::with_max_entries(1, 0);
 #[repr(C)]
 pub struct Scratch {
     pub ev: DataEvent,
-    pub spill: [u8; PAYLOAD_CAP],
+    /// An HTTP/2 call's frame segments, sent right after the whole payload.
+    pub frames: [u8; FRAMES_CAP],
+    /// Room for the last segment past FRAMES_CAP (and for the payload's variable-offset copies,
+    /// which may run through `frames`, written after them).
+    pub spill: [u8; SEGMENT_HEADER + 9 + FRAME_KEEP_CAP + PAYLOAD_CAP],
+    /// The frame walk (`data::walk_frames`), kept here for its `bpf_loop` callback: where it
+    /// is, what it wrote, and the call it walks.
+    pub walk: Walk,
+}
+
+#[repr(C)]
+pub struct Walk {
+    pub at: u64,
+    pub len: u64,
+    pub buf: u64,
+    pub ret: u64,
+    pub captured: u64,
+    pub done: u64,
 }
 
 /// Per-CPU scratch space for building a data event: too big for the 512-byte stack.

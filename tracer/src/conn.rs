@@ -1361,6 +1361,7 @@ mod tests {
                 seq: self.seq,
                 payload: shown,
                 tail,
+                frames: &[],
             };
             self.table
                 .on_data(&d, &self.metrics, &mut self.linker, &mut self.out);

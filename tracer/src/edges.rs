@@ -864,6 +864,7 @@ mod tests {
             method: Method::Get,
             path: Path::new(path),
             status: 200,
+            grpc_status: None,
             start_ns: 1_000,
             end_ns: 2_000_000,
             req_bytes: 100,

@@ -145,6 +145,9 @@ pub struct Data<'a> {
     pub payload: &'a [u8],
     /// The last bytes moved, when not all of them are in `payload`.
     pub tail: &'a [u8],
+    /// HTTP/2 frame segments past `payload` (`tracer_common::FRAMES_CAP`), when the kernel side
+    /// walked the call's frames.
+    pub frames: &'a [u8],
 }
 
 impl Data<'_> {
@@ -204,6 +207,14 @@ pub fn decode(buf: &[u8]) -> Result<Event<'_>, DecodeError> {
                 return Err(DecodeError::BadLength(ev.captured));
             }
             let tail_len = (ev.tail_len as usize).min(TAIL_LEN);
+            let frames = match ev.frames_len as usize {
+                0 => &[][..],
+                n => {
+                    let at = DATA_EVENT_FIXED + PAYLOAD_CAP;
+                    buf.get(at..at + n)
+                        .ok_or(DecodeError::BadLength(ev.frames_len))?
+                }
+            };
             Ok(Event::Data(Data {
                 task: Task::from_header(&hdr),
                 task_known: hdr.flags & FLAG_TASK_KNOWN != 0,
@@ -221,6 +232,7 @@ pub fn decode(buf: &[u8]) -> Result<Event<'_>, DecodeError> {
                 seq: ev.seq,
                 payload: &buf[DATA_EVENT_FIXED..DATA_EVENT_FIXED + captured],
                 tail: &buf[std::mem::offset_of!(DataMeta, tail)..][..tail_len],
+                frames,
             }))
         }
         Some(EventKind::Conn) => {

@@ -1,17 +1,19 @@
 //! HTTP/2 over cleartext TCP with prior knowledge (gRPC, h2load, `curl --http2-prior-knowledge`),
 //! over the bytes the probes captured: the frames of one direction of a connection, followed
 //! across syscalls and across bytes past the capture (skipped by the frames' own lengths), and
-//! their header blocks decoded (HPACK, RFC 7541, by loona-hpack) into what a request or a
-//! response needs.
+//! their header blocks decoded (HPACK: `hpack`) into what a request or a response needs.
 //!
 //! HPACK state is shared by every header block of a direction: a block that went by unseen
 //! leaves this side's table unlike the encoder's, and any later block could then decode to
 //! wrong values. From then on the direction's blocks are not decoded (`Fields` is `None`):
 //! their streams are counted as lost, never given a made-up route or status.
 
-use loona_hpack::Decoder;
+use tracer_common::SEGMENT_HEADER;
 
-use crate::http1::{self, Method, Path, Propagated};
+use crate::{
+    hpack::Decoder,
+    http1::{self, Method, Path, Propagated},
+};
 
 /// What a client sends first (RFC 9113 §3.4).
 pub const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -169,7 +171,7 @@ pub struct Half {
     open: Option<(u32, bool, bool)>,
     block: Vec<u8>,
     block_lost: bool,
-    hpack: Decoder<'static>,
+    hpack: Decoder,
     /// A header block went by undecoded: this side's table is no longer the encoder's.
     blind: bool,
 }
@@ -187,8 +189,7 @@ impl Half {
     /// A direction followed from the connection's start; `preface`: the client's, which opens
     /// with the preface.
     pub fn new(preface: bool) -> Self {
-        let mut hpack = Decoder::new();
-        hpack.set_max_allowed_table_size(MAX_TABLE);
+        let hpack = Decoder::new(MAX_TABLE);
         Self {
             preface: if preface { PREFACE.len() as u8 } else { 0 },
             hdr: [0; FRAME_HEADER],
@@ -210,6 +211,11 @@ impl Half {
         self.synced
     }
 
+    /// Whether header blocks to come can be decoded.
+    pub fn readable(&self) -> bool {
+        self.synced && !self.blind
+    }
+
     /// Events of this direction went missing: frames (and header blocks) unseen.
     pub fn lose(&mut self, out: &mut impl FnMut(Frame)) {
         self.synced = false;
@@ -222,19 +228,20 @@ impl Half {
         out(Frame::Lost);
     }
 
-    /// One syscall's bytes: `shown` is what was captured of its `total`.
-    pub fn feed(&mut self, shown: &[u8], total: u64, out: &mut impl FnMut(Frame)) {
+    /// One syscall's bytes, as far as they were captured.
+    pub fn feed(&mut self, view: &View<'_>, out: &mut impl FnMut(Frame)) {
+        let total = view.total;
         if !self.synced {
             // Frames are looked for again at a call that holds whole frames only (writers
             // write whole frames; most reads end where a write did).
-            if !whole_frames(shown, total) {
+            if !whole_frames(view) {
                 return;
             }
             self.synced = true;
         }
         let mut off: u64 = 0;
         while off < total {
-            let at = &shown[(off as usize).min(shown.len())..];
+            let at = view.at(off);
             let rest = total - off;
             if self.preface > 0 {
                 let n = rest.min(u64::from(self.preface)) as usize;
@@ -250,8 +257,8 @@ impl Half {
             }
             let Some(cur) = &mut self.current else {
                 let need = FRAME_HEADER - self.hdr_len as usize;
-                let n = (rest as usize).min(need);
-                if at.len() < n {
+                let n = (rest as usize).min(need).min(at.len());
+                if n == 0 {
                     // A frame header went by uncaptured.
                     self.lose(out);
                     return;
@@ -261,7 +268,8 @@ impl Half {
                 self.hdr_len += n as u8;
                 off += n as u64;
                 if (self.hdr_len as usize) < FRAME_HEADER {
-                    return;
+                    // The rest in the next call, or captured further on in this one.
+                    continue;
                 }
                 self.hdr_len = 0;
                 let h = FrameHeader::parse(&self.hdr);
@@ -278,17 +286,21 @@ impl Half {
                 }
                 continue;
             };
-            let n = rest.min(u64::from(cur.left));
+            let mut n = rest.min(u64::from(cur.left));
             let kept = matches!(cur.h.kind, HEADERS | CONTINUATION | PUSH_PROMISE);
             if kept {
                 let seen = (n as usize).min(at.len());
-                if self.payload.len() + seen > MAX_BLOCK {
+                if seen == 0 {
+                    // Not captured up to the next bytes that were.
+                    n = n.min(view.known_from(off) - off);
                     self.payload_lost = true;
                 } else {
-                    self.payload.extend_from_slice(&at[..seen]);
-                }
-                if (seen as u64) < n {
-                    self.payload_lost = true;
+                    n = seen as u64;
+                    if self.payload.len() + seen > MAX_BLOCK {
+                        self.payload_lost = true;
+                    } else {
+                        self.payload.extend_from_slice(&at[..seen]);
+                    }
                 }
             }
             cur.left -= n as u32;
@@ -390,11 +402,10 @@ fn fragment(payload: &[u8], flags: u8, promise: bool) -> Option<&[u8]> {
 }
 
 /// Whether a call's bytes are frames from its first byte to its last.
-fn whole_frames(shown: &[u8], total: u64) -> bool {
+fn whole_frames(view: &View<'_>) -> bool {
     let mut off: u64 = 0;
-    while off < total {
-        let o = off as usize;
-        let Some(b) = shown.get(o..o + FRAME_HEADER) else {
+    while off < view.total {
+        let Some(b) = view.at(off).get(..FRAME_HEADER) else {
             return false;
         };
         let h = FrameHeader::parse(b);
@@ -403,12 +414,68 @@ fn whole_frames(shown: &[u8], total: u64) -> bool {
         }
         off += FRAME_HEADER as u64 + u64::from(h.len);
     }
-    off == total
+    off == view.total
+}
+
+/// What was captured of one call: its first bytes, and the kernel side's segments of the
+/// frames past them (`tracer_common::FRAMES_CAP`).
+pub struct View<'a> {
+    shown: &'a [u8],
+    total: u64,
+    segments: smallvec::SmallVec<[(u64, &'a [u8]); 16]>,
+}
+
+impl<'a> View<'a> {
+    /// `shown` of the call's `total` bytes, and the segments as the kernel side sent them
+    /// (a malformed one ends them).
+    pub fn new(shown: &'a [u8], total: u64, mut frames: &'a [u8]) -> Self {
+        let mut segments = smallvec::SmallVec::new();
+        while let Some((head, rest)) = frames.split_first_chunk::<SEGMENT_HEADER>() {
+            let off = u32::from_le_bytes([head[0], head[1], head[2], head[3]]);
+            let len = u32::from_le_bytes([head[4], head[5], head[6], head[7]]) as usize;
+            let Some(bytes) = rest.get(..len) else {
+                break;
+            };
+            if u64::from(off) + len as u64 <= total {
+                segments.push((u64::from(off), bytes));
+            }
+            frames = &rest[len..];
+        }
+        Self {
+            shown,
+            total,
+            segments,
+        }
+    }
+
+    /// The captured bytes from `off` on, as far as they run without a gap.
+    fn at(&self, off: u64) -> &'a [u8] {
+        let mut best: &'a [u8] = self.shown.get(off as usize..).unwrap_or(&[]);
+        for &(at, bytes) in &self.segments {
+            if at <= off && off < at + bytes.len() as u64 {
+                let s = &bytes[(off - at) as usize..];
+                if s.len() > best.len() {
+                    best = s;
+                }
+            }
+        }
+        best
+    }
+
+    /// Where captured bytes begin again after `off` (the call's end if nowhere).
+    fn known_from(&self, off: u64) -> u64 {
+        self.segments
+            .iter()
+            .map(|&(at, _)| at)
+            .filter(|&at| at > off)
+            .min()
+            .unwrap_or(self.total)
+    }
 }
 
 /// Decodes a header block into the fields the tracer uses; `None` when it is not valid HPACK
 /// (the table then no longer follows the encoder's).
-fn decode(hpack: &mut Decoder<'static>, block: &[u8]) -> Option<Fields> {
+fn decode(hpack: &mut Decoder, block: &[u8]) -> Option<Fields> {
     let mut f = Fields::default();
     // Names are lowercase in HTTP/2; the few this looks for are matched by length first.
     let mut context: [(&'static str, Vec<u8>); 5] = [
@@ -420,25 +487,25 @@ fn decode(hpack: &mut Decoder<'static>, block: &[u8]) -> Option<Fields> {
     ];
     let mut has_context = false;
     hpack
-        .decode_with_cb(block, |name, value| match &name[..] {
-            b":method" => f.method = std::str::from_utf8(&value).ok().and_then(Method::parse),
+        .decode(block, |name, value| match name {
+            b":method" => f.method = std::str::from_utf8(value).ok().and_then(Method::parse),
             b":path" => {
-                f.path = std::str::from_utf8(&value)
+                f.path = std::str::from_utf8(value)
                     .ok()
                     .map(|p| Path::new(http1::strip_query(p)))
             }
             b":status" => {
-                f.status = std::str::from_utf8(&value)
+                f.status = std::str::from_utf8(value)
                     .ok()
                     .and_then(|s| s.parse().ok())
                     .filter(|s| (100..1000).contains(s))
             }
             b"grpc-status" => {
-                f.grpc_status = std::str::from_utf8(&value).ok().and_then(|s| s.parse().ok())
+                f.grpc_status = std::str::from_utf8(value).ok().and_then(|s| s.parse().ok())
             }
             n => {
                 if let Some(slot) = context.iter_mut().find(|(k, _)| k.as_bytes() == n) {
-                    slot.1 = value.into_owned();
+                    slot.1 = value.to_vec();
                     has_context = true;
                 }
             }
@@ -476,7 +543,7 @@ mod tests {
 
     fn collect(half: &mut Half, shown: &[u8], total: u64) -> Vec<Frame> {
         let mut v = Vec::new();
-        half.feed(shown, total, &mut |f| v.push(f));
+        half.feed(&View::new(shown, total, &[]), &mut |f| v.push(f));
         v
     }
 

@@ -13,6 +13,7 @@ pub mod edges;
 pub mod event;
 pub mod heads;
 pub mod http1;
+pub mod hpack;
 pub mod http2;
 pub mod metrics;
 pub mod otlp;

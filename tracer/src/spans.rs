@@ -573,10 +573,19 @@ impl Linker {
         }
     }
 
-    /// The request will never be answered (connection gone, or its events lost).
+    /// The request will never be answered (connection gone, or its events lost), or not seen
+    /// whole at this end. A server span gives back the client span it claimed: that end's
+    /// exchange counts the request now.
     pub fn abandon(&mut self, span_id: SpanId) {
         self.responding(span_id);
         if let Some(span) = self.live.remove(&span_id) {
+            if let (Side::Server, Parent::Local(client)) = (span.kind, span.parent)
+                && let Some(c) = self.live.get_mut(&client)
+                && c.kind == Side::Client
+            {
+                c.claimed = false;
+                c.children.retain(|id| *id != span_id);
+            }
             self.stats.unfinished += 1;
             self.recycle(span);
         }

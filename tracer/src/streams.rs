@@ -8,7 +8,7 @@ use crate::{
     conn::{Exchange, Side},
     event::{Data, Task, Tuple},
     http1::{Method, Path},
-    http2::{Fields, Frame, Half},
+    http2::{Fields, Frame, Half, View},
     metrics::Metrics,
     spans::{self, Linker, SpanId},
 };
@@ -35,6 +35,9 @@ struct Stream {
     /// Response frames had gone by unseen (`Streams::response_losses`) when it opened: its
     /// end may be among them.
     losses_at_open: u32,
+    /// Its span was given back to the client end after response frames went by unseen: that
+    /// end counts it when it is traced here.
+    released: bool,
 }
 
 /// What this end's connection is, for the exchanges its streams make.
@@ -93,7 +96,8 @@ impl Streams {
         } else {
             &mut self.responses
         };
-        half.feed(d.payload, u64::from(d.bytes), &mut |f| frames.push(f));
+        let view = View::new(d.payload, u64::from(d.bytes), d.frames);
+        half.feed(&view, &mut |f| frames.push(f));
         let at_ns = d.boundary_ns();
         for f in frames.drain(..) {
             if requests {
@@ -128,7 +132,10 @@ impl Streams {
                     return;
                 }
                 let request = fields.as_ref().and_then(|f| Some((f.method?, f.path.clone()?)));
-                let span = request.as_ref().and_then(|_| {
+                // No span for a stream whose response this end cannot read (the direction's
+                // table went blind): it would claim the client end's span, and that end may
+                // see the whole exchange.
+                let span = request.as_ref().filter(|_| self.responses.readable()).and_then(|_| {
                     env.linker.start(spans::Start {
                         kind: env.side,
                         task: env.d.task,
@@ -154,6 +161,7 @@ impl Streams {
                         resp_bytes: 0,
                         losses_at_open: self.response_losses
                             + u32::from(!self.responses.synced()),
+                        released: false,
                     },
                 );
             }
@@ -212,8 +220,17 @@ impl Streams {
             }
             Frame::Reset { stream } => self.reset(stream, env),
             // Response frames went by unseen: streams whose end was among them end at the
-            // connection's close, counted there.
-            Frame::Lost => self.response_losses = self.response_losses.saturating_add(1),
+            // connection's close, counted there. Their spans go now (the other end, if traced
+            // here, may have seen their responses).
+            Frame::Lost => {
+                self.response_losses = self.response_losses.saturating_add(1);
+                for s in self.open.values_mut() {
+                    if let Some(span) = s.span.take() {
+                        env.linker.abandon(span);
+                        s.released = true;
+                    }
+                }
+            }
         }
     }
 
@@ -232,6 +249,9 @@ impl Streams {
         let Some(s) = self.open.remove(&stream) else {
             return;
         };
+        if s.released && env.side == Side::Server && env.peer_sk != 0 {
+            return;
+        }
         let (Some((method, path)), Some(Some(status))) = (s.request, s.status) else {
             // A header block that could not be decoded: a request that happened, not counted.
             if let Some(span) = s.span {
@@ -333,8 +353,13 @@ impl Default for Streams {
     }
 }
 
-/// Requests that happened and that this end will not count.
+/// Requests that happened and that this end will not count. With spans, a server end whose
+/// client end is traced here leaves them to that end: it gave the client span back
+/// (`Linker::abandon`), and that end counts the request or its loss.
 fn lost(env: &Env<'_, '_>, reason: &str, n: u64) {
+    if env.side == Side::Server && env.peer_sk != 0 && env.linker.enabled() {
+        return;
+    }
     lost_counted(env.side, env.peer_sk, reason, n, env.metrics);
 }
 

@@ -105,6 +105,7 @@ mod tests {
             seq: 1,
             payload: &[],
             tail: &[],
+            frames: &[],
         }
     }
 

@@ -1,17 +1,27 @@
 //! What both data paths share: which syscalls are traced, where their user buffers are, and
 //! building and sending a data event.
-use core::{hint::black_box, ptr::write_volatile};
+use core::{
+    hint::black_box,
+    ptr::{read_unaligned, read_volatile, write_unaligned, write_volatile},
+};
 
-use aya_ebpf::helpers::generated::{
-    bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_ktime_get_ns, bpf_probe_read_user,
+use aya_ebpf::{
+    cty::c_void,
+    helpers::generated::{
+        bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_ktime_get_ns, bpf_loop,
+        bpf_probe_read_user,
+    },
 };
 use tracer_common::{
-    DATA_EVENT_FIXED, DIR_EGRESS, DIR_INGRESS, DataEvent, EventKind, FLAG_IOVEC, FLAG_TASK_KNOWN,
-    FLAG_TUPLE_FROM_SOCK, KernelStat, PAYLOAD_CAP, REQUEST_STARTS, TAIL_LEN, TASK_RESEND,
+    CARRY_UNKNOWN, DATA_EVENT_FIXED, DIR_EGRESS, DIR_INGRESS, DataEvent, EventKind, FLAG_IOVEC,
+    FLAG_TASK_KNOWN, FLAG_TUPLE_FROM_SOCK, FRAME_KEEP_CAP, FRAMES_CAP, KernelStat,
+    MAX_FRAMES_WALKED, PAYLOAD_CAP, REQUEST_STARTS, SEGMENT_HEADER, SockState, TAIL_LEN,
+    TASK_RESEND,
 };
 
 use crate::maps::{
-    EVENTS, KIND_BUF, KIND_IOV, KIND_MSG, KIND_NONE, SCRATCH, SyscallArgs, count, wakeup_flags,
+    EVENTS, KIND_BUF, KIND_IOV, KIND_MSG, KIND_NONE, SCRATCH, Scratch, SyscallArgs, count,
+    wakeup_flags,
 };
 
 use super::sock::{Lookup, Store, next_event};
@@ -161,8 +171,185 @@ fn gather(payload: *mut u8, b: &Buffers, mut off: u64, limit: u64) -> u64 {
     off
 }
 
+/// The first 8 bytes of the HTTP/2 client preface, as a little-endian u64.
+const PREFACE_START: u64 = u64::from_le_bytes(*b"PRI * HT");
+/// The whole preface's length: the first frame follows it.
+const PREFACE_LEN: u64 = 24;
+/// HTTP/2 frame header length, and the frame types that carry a header block.
+const FRAME_HEADER: u64 = 9;
+const FRAME_HEADERS: u8 = 0x1;
+const FRAME_PUSH_PROMISE: u8 = 0x5;
+const FRAME_CONTINUATION: u8 = 0x9;
+
+/// Walks an HTTP/2 call's frames (a single buffer of `ret` bytes at `buf`; the first frame
+/// header at `start`) and writes a segment for each frame that ends past the `captured`
+/// payload: its header, and the start of its header block if it has one. A read of 16 KiB of
+/// responses holds many frames whose headers the payload alone would miss, and HPACK needs
+/// every header block. Returns the segments' length and where the next call's first frame
+/// begins (`CARRY_UNKNOWN` when the walk stopped short: frame header split across calls, too
+/// many frames, or no room).
+///
+/// A `bpf_loop` whose callback keeps its state in the scratch: the verifier checks one step,
+/// not every turn of an unrolled loop (which took it past its million instructions).
 #[inline(always)]
-pub fn emit_data<S: Store>(args: &SyscallArgs, ret: u64, id: u64, lookup: Lookup) {
+fn walk_frames(s: *mut Scratch, buf: u64, ret: u64, start: u64, captured: u64) -> (u64, u32) {
+    // SAFETY: the per-CPU scratch is ours until this program returns; the helper takes a
+    // callback of the signature it expects.
+    unsafe {
+        let w = &mut (*s).walk;
+        write_volatile(&mut w.at, start);
+        write_volatile(&mut w.len, 0);
+        write_volatile(&mut w.buf, buf);
+        write_volatile(&mut w.ret, ret);
+        write_volatile(&mut w.captured, captured);
+        write_volatile(&mut w.done, 0);
+        bpf_loop(
+            MAX_FRAMES_WALKED,
+            walk_step as *mut c_void,
+            core::ptr::null_mut(),
+            0,
+        );
+        let w = &(*s).walk;
+        let o = read_volatile(&w.at);
+        let carry = if read_volatile(&w.done) != 0 && o - ret < CARRY_UNKNOWN as u64 {
+            (o - ret) as u32
+        } else {
+            CARRY_UNKNOWN
+        };
+        (read_volatile(&w.len), carry)
+    }
+}
+
+/// One frame of `walk_frames`: 0 to go on, 1 to stop.
+extern "C" fn walk_step(_index: u64, _ctx: *mut c_void) -> i64 {
+    let Some(s) = SCRATCH.get_ptr_mut(0) else {
+        return 1;
+    };
+    // SAFETY: the per-CPU scratch is ours until this program returns; every offset into it is
+    // masked below its array's size, and the arrays after it (spill) take what a copy may run
+    // past; user memory is read through the checked helper.
+    unsafe {
+        let walk = &mut (*s).walk;
+        let (o, w) = (read_volatile(&walk.at), read_volatile(&walk.len));
+        let (buf, ret, captured) = (
+            read_volatile(&walk.buf),
+            read_volatile(&walk.ret),
+            read_volatile(&walk.captured),
+        );
+        if o >= ret {
+            write_volatile(&mut walk.done, 1);
+            return 1;
+        }
+        if o + FRAME_HEADER > ret || w >= FRAMES_CAP as u64 {
+            return 1;
+        }
+        let w = w & (FRAMES_CAP as u64 - 1);
+        let seg = (*s).frames.as_mut_ptr().add(w as usize);
+        let hdr = seg.add(SEGMENT_HEADER);
+        if o + FRAME_HEADER <= captured {
+            // In the payload already: copied, not read from the process again.
+            let p = (*s)
+                .ev
+                .payload
+                .as_ptr()
+                .add((o & (PAYLOAD_CAP as u64 - 1)) as usize);
+            let mut k = 0;
+            while k < FRAME_HEADER as usize {
+                *hdr.add(k) = *p.add(k);
+                k += 1;
+            }
+        } else if bpf_probe_read_user(hdr.cast(), FRAME_HEADER as u32, (buf + o) as *const _) != 0
+        {
+            return 1;
+        }
+        let len = (u64::from(*hdr) << 16) | (u64::from(*hdr.add(1)) << 8) | u64::from(*hdr.add(2));
+        let kind = *hdr.add(3);
+        let body = o + FRAME_HEADER;
+        let end = body + len;
+        if end > captured {
+            let mut keep = 0;
+            if (kind == FRAME_HEADERS || kind == FRAME_PUSH_PROMISE || kind == FRAME_CONTINUATION)
+                && len > 0
+                && body < ret
+            {
+                let avail = if len < ret - body { len } else { ret - body };
+                let want = if avail < FRAME_KEEP_CAP as u64 {
+                    avail
+                } else {
+                    FRAME_KEEP_CAP as u64
+                };
+                // In [1, FRAME_KEEP_CAP] for the verifier, as in `emit_data`.
+                let n = black_box(((want - 1) & (FRAME_KEEP_CAP as u64 - 1)) + 1);
+                if bpf_probe_read_user(
+                    hdr.add(FRAME_HEADER as usize).cast(),
+                    n as u32,
+                    (buf + body) as *const _,
+                ) == 0
+                {
+                    keep = n;
+                }
+            }
+            write_unaligned(seg.cast::<u32>(), o as u32);
+            write_unaligned(seg.add(4).cast::<u32>(), (FRAME_HEADER + keep) as u32);
+            write_volatile(
+                &mut walk.len,
+                w + SEGMENT_HEADER as u64 + FRAME_HEADER + keep,
+            );
+        }
+        write_volatile(&mut walk.at, end);
+        0
+    }
+}
+
+/// HTTP/2 on the socket data path: a connection whose first bytes are the client preface is
+/// marked, and its single-buffer calls are walked frame by frame (`walk_frames`). Returns the
+/// segments' length.
+#[inline(always)]
+fn http2_frames(
+    s: *mut Scratch,
+    state: *mut SockState,
+    args: &SyscallArgs,
+    seq: u32,
+    ret: u64,
+    captured: u64,
+) -> u64 {
+    // SAFETY: a live map value, and the scratch as in `walk_frames`.
+    unsafe {
+        let preface = captured >= PREFACE_LEN
+            && read_unaligned((*s).ev.payload.as_ptr().cast::<u64>()) == PREFACE_START;
+        if preface && seq <= 4 {
+            (*state).h2 = 1;
+        }
+        if (*state).h2 == 0 {
+            return 0;
+        }
+        let dir = ((args.direction - 1) & 1) as usize;
+        if args.kind != KIND_BUF {
+            // Not walked: its frames are taken to end with it, as writers' do.
+            (*state).h2_carry[dir] = CARRY_UNKNOWN;
+            return 0;
+        }
+        let carry = (*state).h2_carry[dir];
+        let start = if preface {
+            PREFACE_LEN
+        } else if carry == CARRY_UNKNOWN {
+            0
+        } else {
+            u64::from(carry)
+        };
+        let (len, next) = walk_frames(s, args.buf, ret, start, captured);
+        (*state).h2_carry[dir] = next;
+        len
+    }
+}
+
+#[inline(always)]
+pub fn emit_data<S: Store, const WALK: bool>(
+    args: &SyscallArgs,
+    ret: u64,
+    id: u64,
+    lookup: Lookup,
+) {
     let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
         return;
     };
@@ -282,6 +469,11 @@ pub fn emit_data<S: Store>(args: &SyscallArgs, ret: u64, id: u64, lookup: Lookup
         }
     }
     meta.captured = captured as u32;
+    let frames_len = match next.state {
+        Some(state) if WALK => http2_frames(scratch, state, args, next.seq, ret, captured),
+        _ => 0,
+    };
+    meta.frames_len = frames_len as u32;
 
     let starts_request = captured >= 4 && {
         let head = u32::from_le_bytes([payload[0], payload[1], payload[2], payload[3]]);
@@ -293,16 +485,24 @@ pub fn emit_data<S: Store>(args: &SyscallArgs, ret: u64, id: u64, lookup: Lookup
         }
         found
     };
-    let size = black_box(DATA_EVENT_FIXED as u64 + (captured & (2 * PAYLOAD_CAP as u64 - 1)));
-    let size = if size > core::mem::size_of::<DataEvent>() as u64 {
-        core::mem::size_of::<DataEvent>() as u64
+    let size = if frames_len > 0 {
+        // Segments follow the whole payload.
+        let max = core::mem::size_of::<Scratch>() as u64 - 16;
+        let size = black_box(
+            (DATA_EVENT_FIXED + PAYLOAD_CAP) as u64 + (frames_len & (2 * FRAMES_CAP as u64 - 1)),
+        );
+        if size > max { max } else { size }
     } else {
-        size
+        let size = black_box(DATA_EVENT_FIXED as u64 + (captured & (2 * PAYLOAD_CAP as u64 - 1)));
+        if size > core::mem::size_of::<DataEvent>() as u64 {
+            core::mem::size_of::<DataEvent>() as u64
+        } else {
+            size
+        }
     };
-    // SAFETY: `size` bytes from the start of the scratch event, which is at least that long.
-    let bytes = unsafe {
-        core::slice::from_raw_parts((ev as *const DataEvent).cast::<u8>(), size as usize)
-    };
+    // SAFETY: `size` bytes from the start of the scratch (the event first), which is at least
+    // that long.
+    let bytes = unsafe { core::slice::from_raw_parts(scratch.cast::<u8>().cast_const(), size as usize) };
     if EVENTS.output::<[u8]>(bytes, wakeup_flags()).is_ok() {
         count(KernelStat::DataEvents);
         // Only a delivered event teaches the reader the thread's name.

@@ -352,6 +352,9 @@ pub fn next_event<S: Store>(sk: u64, lookup: Lookup) -> NextEvent {
         seq: 1,
         opaque: 0,
         task: 0,
+        h2: 0,
+        h2_carry: [0; 2],
+        _pad: 0,
     };
     S::put(sk, &state);
     NextEvent {
@@ -563,6 +566,9 @@ fn fresh(tuple: SockTuple) -> SockState {
         seq: 0,
         opaque: 0,
         task: 0,
+        h2: 0,
+        h2_carry: [0; 2],
+        _pad: 0,
     }
 }
 

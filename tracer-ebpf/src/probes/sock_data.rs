@@ -254,5 +254,5 @@ fn on_data<S: Store>(
         kind,
         direction,
     };
-    emit_data::<S>(&args, ret as u64, id, lookup);
+    emit_data::<S, true>(&args, ret as u64, id, lookup);
 }
