@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
 # What the tests and the bench drive, installed when missing (as root, idempotent): curl, wrk,
 # nginx, promtool (Debian package prometheus), setpriv (util-linux), chromium and tmux (the
-# dashboard and `tracer top` tests), and oha (crates.io) for the
-# bench's fixed-rate load. python3 is part of the image.
+# dashboard and `tracer top` tests), h2load (nghttp2-client) and python3-grpcio for the HTTP/2
+# tests, and oha (crates.io) for the bench's fixed-rate load. python3 is part of the image.
 set -euo pipefail
 export DEBIAN_FRONTEND=noninteractive
 missing=()
-for tool in curl:curl wrk:wrk nginx:nginx promtool:prometheus setpriv:util-linux chromium:chromium tmux:tmux; do
+for tool in curl:curl wrk:wrk nginx:nginx promtool:prometheus setpriv:util-linux chromium:chromium tmux:tmux h2load:nghttp2-client; do
   command -v "${tool%%:*}" >/dev/null || [ -x "/usr/sbin/${tool%%:*}" ] || missing+=("${tool#*:}")
 done
+# For the system's python3 (the gRPC fixtures run with /usr/bin/python3, not a python earlier
+# on PATH).
+/usr/bin/python3 -c 'import grpc' 2>/dev/null || missing+=(python3-grpcio)
 if [ ${#missing[@]} -gt 0 ]; then
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null

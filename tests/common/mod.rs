@@ -308,6 +308,15 @@ impl Drop for Server {
     }
 }
 
+/// The system's python3 (where apt's python3-grpcio is), rather than one earlier on PATH.
+pub fn system_python() -> &'static str {
+    if Path::new("/usr/bin/python3").exists() {
+        "/usr/bin/python3"
+    } else {
+        "python3"
+    }
+}
+
 /// One curl invocation fetching `urls` in order (bodies discarded); returns curl's `-w` output
 /// lines, one per URL.
 pub fn curl<S: AsRef<str>>(urls: &[S], write_out: &str) -> Vec<String> {
@@ -348,6 +357,15 @@ pub struct Nginx {
 impl Nginx {
     /// `locations`: extra `location` blocks for the server, e.g. a proxy_pass.
     pub fn start(dir: &Path, locations: &str) -> Self {
+        Self::start_listening(dir, "", locations)
+    }
+
+    /// HTTP/2 without TLS (prior knowledge, as gRPC and h2load speak it).
+    pub fn start_h2(dir: &Path, locations: &str) -> Self {
+        Self::start_listening(dir, " http2", locations)
+    }
+
+    fn start_listening(dir: &Path, listen: &str, locations: &str) -> Self {
         let port = free_port();
         let www = dir.join("www");
         std::fs::create_dir_all(&www).expect("www");
@@ -361,7 +379,7 @@ impl Nginx {
                client_body_temp_path {dir}/body;\n  proxy_temp_path {dir}/proxy;\n\
                fastcgi_temp_path {dir}/fastcgi;\n  uwsgi_temp_path {dir}/uwsgi;\n\
                scgi_temp_path {dir}/scgi;\n\
-               server {{\n    listen 127.0.0.1:{port};\n    root {www};\n\
+               server {{\n    listen 127.0.0.1:{port}{listen};\n    root {www};\n\
                  location = /tiny {{ return 200 \"ok\\n\"; }}\n\
                  location /fail/ {{ return 503; }}\n    {locations}\n  }}\n}}\n",
             dir = dir.display(),

@@ -80,6 +80,19 @@ pub struct Scratch {
     /// The frame walk (`data::walk_frames`), kept here for its `bpf_loop` callback: where it
     /// is, what it wrote, and the call it walks.
     pub walk: Walk,
+    pub gather: Gather,
+}
+
+/// The socket path's iovec copy (`data::gather_loop`), kept here for its `bpf_loop` callback.
+#[repr(C)]
+pub struct Gather {
+    /// Where the next bytes go in the payload, and where it stops.
+    pub off: u64,
+    pub limit: u64,
+    /// The iovec array, its length, and the next iovec to copy.
+    pub iov: u64,
+    pub count: u64,
+    pub next: u64,
 }
 
 #[repr(C)]

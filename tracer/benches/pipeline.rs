@@ -77,7 +77,7 @@ impl Socket {
             captured: captured as u32,
             tail_len: tail_len as u32,
             seq: self.seq,
-            _pad: 0,
+            frames_len: 0,
             tail,
         };
         let mut out = vec![0u8; DATA_EVENT_FIXED + captured];

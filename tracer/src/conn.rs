@@ -112,6 +112,14 @@ pub struct Exchange {
     pub unsure: bool,
 }
 
+impl Exchange {
+    /// A failure for success rates: a 5xx, or a gRPC status other than OK (as Linkerd counts
+    /// them).
+    pub fn failed(&self) -> bool {
+        self.status >= 500 || self.grpc_status.is_some_and(|g| g != 0)
+    }
+}
+
 #[derive(Debug)]
 struct Pending {
     method: Method,
@@ -718,9 +726,13 @@ fn process(conn: &mut Conn, ctx: &mut Ctx<'_, '_>) {
         });
         let head = joined.as_deref().unwrap_or(d.payload);
         let egress = d.direction == Direction::Egress;
-        let h2 = http2::opening(head, egress);
+        let h2 = http2::opening(head);
+        // The client writes the preface; a server may write its SETTINGS first, which its
+        // client then reads first.
         let h2_side = match h2 {
-            Opening::Preface if egress => Some(Side::Client),
+            Opening::Preface | Opening::ServerSettings if egress == (h2 == Opening::Preface) => {
+                Some(Side::Client)
+            }
             Opening::Preface | Opening::ServerSettings => Some(Side::Server),
             Opening::Undecided | Opening::Neither => None,
         };
@@ -1426,6 +1438,80 @@ mod tests {
                 .with_label_values(&[side, reason])
                 .get()
         }
+    }
+
+    /// HTTP/2 at a server: streams answered out of order pair by id; a gRPC status in the
+    /// trailers makes a failure under HTTP 200; a stream reset before its answer is no request
+    /// counted.
+    #[test]
+    fn http2_streams_pair_by_id() {
+        use crate::http2::testing::*;
+        let (mut client, mut server) = (Encoder::new(), Encoder::new());
+        let mut h = Harness::new();
+        let mut opening = crate::http2::PREFACE.to_vec();
+        opening.extend(frame(SETTINGS, 0, 0, &[]));
+        opening.extend(headers(
+            &mut client,
+            1,
+            END_STREAM,
+            &[(b":method", b"GET"), (b":path", b"/a/1")],
+        ));
+        opening.extend(headers(
+            &mut client,
+            3,
+            0,
+            &[(b":method", b"POST"), (b":path", b"/b")],
+        ));
+        // Split in the middle of a frame header: read as it comes.
+        h.read(&opening[..40]);
+        h.read(&opening[40..]);
+        h.read(&frame(DATA, END_STREAM, 3, b"body"));
+        h.write(&headers(
+            &mut server,
+            3,
+            END_STREAM,
+            &[(b":status", b"201")],
+        ));
+        let mut answer = headers(&mut server, 1, 0, &[(b":status", b"200")]);
+        answer.extend(frame(DATA, END_STREAM, 1, b"hello"));
+        h.write(&answer);
+        assert_eq!(
+            h.statuses(),
+            [("/b".to_owned(), 201), ("/a/1".to_owned(), 200)]
+        );
+        assert_eq!((h.out[0].req_bytes, h.out[1].resp_bytes), (4, 5));
+
+        h.read(&headers(
+            &mut client,
+            5,
+            END_STREAM,
+            &[(b":method", b"POST"), (b":path", b"/shop.Catalog/Get")],
+        ));
+        h.read(&headers(
+            &mut client,
+            7,
+            END_STREAM,
+            &[(b":method", b"GET"), (b":path", b"/slow")],
+        ));
+        h.read(&frame(RST_STREAM, 0, 7, &[0, 0, 0, 8]));
+        let mut grpc = headers(
+            &mut server,
+            5,
+            0,
+            &[(b":status", b"200"), (b"content-type", b"application/grpc")],
+        );
+        grpc.extend(frame(DATA, 0, 5, &[0; 5]));
+        grpc.extend(headers(
+            &mut server,
+            5,
+            END_STREAM,
+            &[(b"grpc-status", b"14")],
+        ));
+        h.write(&grpc);
+        assert_eq!(h.out.len(), 3, "{:?}", h.statuses());
+        assert_eq!((h.out[2].status, h.out[2].grpc_status), (200, Some(14)));
+        assert!(h.out[2].failed());
+        assert_eq!(h.drops("stream_reset"), 1);
     }
 
     #[test]

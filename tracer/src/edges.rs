@@ -104,9 +104,9 @@ impl Golden {
         }
     }
 
-    fn count(&mut self, status: u16, sec: u64) {
+    fn count(&mut self, status: u16, failed: bool, sec: u64) {
         self.requests += 1;
-        if status >= 500 {
+        if failed {
             self.failures += 1;
         }
         *self.by_status.entry(status).or_default() += 1;
@@ -559,7 +559,7 @@ impl Aggregator {
             }
         }
         if counts {
-            let failed = ex.status >= 500;
+            let failed = ex.failed();
             edge.window.record(slot, failed, Some(latency_us));
             let r = self
                 .routes_by_dst
@@ -570,11 +570,11 @@ impl Aggregator {
                 });
             r.requests += 1;
             r.window.record(slot, failed, Some(latency_us));
-            edge.golden.count(ex.status, sec);
+            edge.golden.count(ex.status, failed, sec);
             edge.req_bytes += ex.req_bytes;
             edge.resp_bytes += ex.resp_bytes;
             let w = self.workloads.entry(key.1).or_insert_with(Golden::new);
-            w.count(ex.status, sec);
+            w.count(ex.status, failed, sec);
             // Server-side latency when the server is here, else the client's.
             let _ = w.latency.record(latency_us);
         }

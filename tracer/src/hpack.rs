@@ -92,10 +92,13 @@ const ENTRY_OVERHEAD: usize = 32;
 /// default).
 const DEFAULT_SIZE: usize = 4096;
 
+/// A dynamic table entry: name and value.
+type Entry = (Box<[u8]>, Box<[u8]>);
+
 /// One direction's decoder.
 pub struct Decoder {
     /// Newest first.
-    entries: VecDeque<(Box<[u8]>, Box<[u8]>)>,
+    entries: VecDeque<Entry>,
     size: usize,
     max: usize,
     /// Largest size an encoder may set here: past it the block is refused (and the direction

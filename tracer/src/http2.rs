@@ -20,18 +20,18 @@ pub const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 const FRAME_HEADER: usize = 9;
 
 // Frame types (RFC 9113 §6).
-const DATA: u8 = 0x0;
-const HEADERS: u8 = 0x1;
+pub(crate) const DATA: u8 = 0x0;
+pub(crate) const HEADERS: u8 = 0x1;
 const PRIORITY: u8 = 0x2;
-const RST_STREAM: u8 = 0x3;
-const SETTINGS: u8 = 0x4;
+pub(crate) const RST_STREAM: u8 = 0x3;
+pub(crate) const SETTINGS: u8 = 0x4;
 const PUSH_PROMISE: u8 = 0x5;
 const PING: u8 = 0x6;
 const GOAWAY: u8 = 0x7;
 const WINDOW_UPDATE: u8 = 0x8;
 const CONTINUATION: u8 = 0x9;
 // Frame flags.
-const END_STREAM: u8 = 0x1;
+pub(crate) const END_STREAM: u8 = 0x1;
 const END_HEADERS: u8 = 0x4;
 const PADDED: u8 = 0x8;
 const PRIORITY_FLAG: u8 = 0x20;
@@ -50,14 +50,15 @@ const RESYNC_MAX_FRAME: u32 = 1 << 20;
 pub enum Opening {
     /// The client preface: the end that wrote it is the client.
     Preface,
-    /// A SETTINGS frame written before anything was read: a server's preface.
+    /// A SETTINGS frame first: a server's preface, which a server may write (and so its
+    /// client read) before the client's preface.
     ServerSettings,
     /// A start of the preface: more bytes are needed.
     Undecided,
     Neither,
 }
 
-pub fn opening(buf: &[u8], egress: bool) -> Opening {
+pub fn opening(buf: &[u8]) -> Opening {
     if buf.len() >= PREFACE.len() {
         if buf.starts_with(PREFACE) {
             return Opening::Preface;
@@ -65,9 +66,9 @@ pub fn opening(buf: &[u8], egress: bool) -> Opening {
     } else if !buf.is_empty() && PREFACE.starts_with(buf) {
         return Opening::Undecided;
     }
-    if egress && buf.len() >= FRAME_HEADER {
+    if buf.len() >= FRAME_HEADER {
         let h = FrameHeader::parse(buf);
-        if h.kind == SETTINGS && h.flags == 0 && h.stream == 0 && !h.reserved && h.len % 6 == 0 {
+        if h.kind == SETTINGS && h.flags == 0 && h.stream == 0 && !h.reserved && h.len.is_multiple_of(6) {
             return Opening::ServerSettings;
         }
     }
@@ -522,12 +523,14 @@ fn decode(hpack: &mut Decoder, block: &[u8]) -> Option<Fields> {
     Some(f)
 }
 
+/// Frames as a peer writes them, for tests (HPACK by another implementation: loona-hpack).
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use loona_hpack::Encoder;
+pub(crate) mod testing {
+    use super::END_HEADERS;
+    pub(crate) use super::{DATA, END_STREAM, HEADERS, RST_STREAM, SETTINGS};
+    pub use loona_hpack::Encoder;
 
-    fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    pub fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
         let len = payload.len() as u32;
         let mut f = len.to_be_bytes()[1..].to_vec();
         f.extend([kind, flags]);
@@ -536,10 +539,21 @@ mod tests {
         f
     }
 
-    fn headers(enc: &mut Encoder<'_>, stream: u32, flags: u8, fields: &[(&[u8], &[u8])]) -> Vec<u8> {
+    pub fn headers(
+        enc: &mut Encoder<'_>,
+        stream: u32,
+        flags: u8,
+        fields: &[(&[u8], &[u8])],
+    ) -> Vec<u8> {
         let block = enc.encode(fields.iter().copied());
         frame(HEADERS, flags | END_HEADERS, stream, &block)
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testing::{Encoder, frame, headers};
+    use super::*;
 
     fn collect(half: &mut Half, shown: &[u8], total: u64) -> Vec<Frame> {
         let mut v = Vec::new();
@@ -556,13 +570,24 @@ mod tests {
             &mut enc,
             1,
             END_STREAM,
-            &[(b":method", b"GET"), (b":path", b"/users/7?x=1"), (b":scheme", b"http")],
+            &[
+                (b":method", b"GET"),
+                (b":path", b"/users/7?x=1"),
+                (b":scheme", b"http"),
+            ],
         ));
         bytes.extend(headers(
             &mut enc,
             3,
             0,
-            &[(b":method", b"POST"), (b":path", b"/users/7?x=1"), (b"traceparent", b"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01")],
+            &[
+                (b":method", b"POST"),
+                (b":path", b"/users/7?x=1"),
+                (
+                    b"traceparent",
+                    b"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+                ),
+            ],
         ));
         bytes.extend(frame(DATA, END_STREAM, 3, b"hello"));
         let mut half = Half::new(true);
@@ -570,21 +595,49 @@ mod tests {
         for cut in [1, 9, 24, 30, 40, bytes.len() - 3] {
             let mut half2 = Half::new(true);
             let mut got = collect(&mut half2, &bytes[..cut], cut as u64);
-            got.extend(collect(&mut half2, &bytes[cut..], (bytes.len() - cut) as u64));
+            got.extend(collect(
+                &mut half2,
+                &bytes[cut..],
+                (bytes.len() - cut) as u64,
+            ));
             assert_eq!(got.len(), 3, "cut at {cut}: {got:?}");
         }
         let got = collect(&mut half, &bytes, bytes.len() as u64);
-        let Frame::Headers { stream: 1, end_stream: true, fields: Some(f) } = &got[0] else {
+        let Frame::Headers {
+            stream: 1,
+            end_stream: true,
+            fields: Some(f),
+        } = &got[0]
+        else {
             panic!("{got:?}");
         };
-        assert_eq!((f.method, f.path.as_deref()), (Some(Method::Get), Some("/users/7")));
-        let Frame::Headers { stream: 3, end_stream: false, fields: Some(f) } = &got[1] else {
+        assert_eq!(
+            (f.method, f.path.as_deref()),
+            (Some(Method::Get), Some("/users/7"))
+        );
+        let Frame::Headers {
+            stream: 3,
+            end_stream: false,
+            fields: Some(f),
+        } = &got[1]
+        else {
             panic!("{got:?}");
         };
         assert_eq!(f.method, Some(Method::Post));
-        assert_eq!(f.path.as_deref(), Some("/users/7"), "from the dynamic table");
+        assert_eq!(
+            f.path.as_deref(),
+            Some("/users/7"),
+            "from the dynamic table"
+        );
         assert!(f.context.is_some());
-        assert_eq!(got[2], Frame::Data { stream: 3, len: 5, end_stream: true });
+        assert_eq!(
+            got[2],
+            Frame::Data {
+                stream: 3,
+                len: 5,
+                end_stream: true
+            }
+        );
     }
 
     #[test]
@@ -599,7 +652,12 @@ mod tests {
         // Still in sync: the next call's frames are read.
         let next = headers(&mut enc, 3, END_STREAM, &[(b":status", b"404")]);
         let got = collect(&mut half, &next, next.len() as u64);
-        let Frame::Headers { stream: 3, fields: Some(f), .. } = &got[0] else {
+        let Frame::Headers {
+            stream: 3,
+            fields: Some(f),
+            ..
+        } = &got[0]
+        else {
             panic!("{got:?}");
         };
         assert_eq!(f.status, Some(404));
@@ -610,17 +668,31 @@ mod tests {
         let mut enc = Encoder::new();
         let mut bytes = frame(DATA, 0, 1, &[b'x'; 2000]);
         let first = bytes.len();
-        bytes.extend(headers(&mut enc, 3, 0, &[(b":status", b"200"), (b"x-id", b"a")]));
+        bytes.extend(headers(
+            &mut enc,
+            3,
+            0,
+            &[(b":status", b"200"), (b"x-id", b"a")],
+        ));
         let mut half = Half::new(false);
         // The second frame's header is past the capture: lost, and found again at a call of
         // whole frames.
         let got = collect(&mut half, &bytes[..first - 10], bytes.len() as u64);
         assert_eq!(got.last(), Some(&Frame::Lost));
-        let next = headers(&mut enc, 5, END_STREAM, &[(b":status", b"200"), (b"x-id", b"a")]);
+        let next = headers(
+            &mut enc,
+            5,
+            END_STREAM,
+            &[(b":status", b"200"), (b"x-id", b"a")],
+        );
         let got = collect(&mut half, &next, next.len() as u64);
         assert_eq!(
             got,
-            vec![Frame::Headers { stream: 5, end_stream: true, fields: None }],
+            vec![Frame::Headers {
+                stream: 5,
+                end_stream: true,
+                fields: None
+            }],
             "a block after an unseen one is not decoded"
         );
         // Garbage is not taken for frames.
@@ -630,11 +702,15 @@ mod tests {
 
     #[test]
     fn openings() {
-        assert_eq!(opening(PREFACE, true), Opening::Preface);
-        assert_eq!(opening(&PREFACE[..5], false), Opening::Undecided);
-        assert_eq!(opening(&frame(SETTINGS, 0, 0, &[0, 3, 0, 0, 0, 100]), true), Opening::ServerSettings);
-        assert_eq!(opening(&frame(SETTINGS, 0, 0, &[]), false), Opening::Neither);
-        assert_eq!(opening(b"GET / HTTP/1.1\r\n", true), Opening::Neither);
+        assert_eq!(opening(PREFACE), Opening::Preface);
+        assert_eq!(opening(&PREFACE[..5]), Opening::Undecided);
+        assert_eq!(
+            opening(&frame(SETTINGS, 0, 0, &[0, 3, 0, 0, 0, 100])),
+            Opening::ServerSettings
+        );
+        assert_eq!(opening(&frame(SETTINGS, 0, 0, &[1])), Opening::Neither);
+        assert_eq!(opening(&frame(PING, 0, 0, &[0; 8])), Opening::Neither);
+        assert_eq!(opening(b"GET / HTTP/1.1\r\n"), Opening::Neither);
     }
 
     #[test]
@@ -645,9 +721,17 @@ mod tests {
         payload.extend([0, 0, 0, 0, 16]);
         payload.extend(&block);
         payload.extend([0, 0]);
-        let bytes = frame(HEADERS, PADDED | PRIORITY_FLAG | END_HEADERS | END_STREAM, 1, &payload);
+        let bytes = frame(
+            HEADERS,
+            PADDED | PRIORITY_FLAG | END_HEADERS | END_STREAM,
+            1,
+            &payload,
+        );
         let got = collect(&mut Half::new(false), &bytes, bytes.len() as u64);
-        let Frame::Headers { fields: Some(f), .. } = &got[0] else {
+        let Frame::Headers {
+            fields: Some(f), ..
+        } = &got[0]
+        else {
             panic!("{got:?}");
         };
         assert_eq!(f.status, Some(503));

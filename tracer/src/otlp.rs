@@ -226,6 +226,10 @@ pub fn attributes(span: &Span) -> Vec<KeyValue> {
         a.push(kv("url.path", s(f.path.to_string())));
         a.push(kv("http.route", s(f.route.to_string())));
         a.push(kv("http.response.status_code", i(i64::from(f.status))));
+        if let Some(g) = f.grpc_status {
+            a.push(kv("rpc.system", s("grpc")));
+            a.push(kv("rpc.grpc.status_code", i(i64::from(g))));
+        }
         // Whole messages, head included (the experimental *.size attributes).
         a.push(kv("http.request.size", i(f.req_bytes as i64)));
         a.push(kv("http.response.size", i(f.resp_bytes as i64)));
@@ -248,11 +252,15 @@ pub fn attributes(span: &Span) -> Vec<KeyValue> {
     a
 }
 
-/// Error for 5xx at servers, for 4xx and 5xx at clients.
-pub fn is_error(kind: Side, status: u16) -> bool {
-    match kind {
-        Side::Server => status >= 500,
-        Side::Client => status >= 400,
+/// Error for 5xx at servers, for 4xx and 5xx at clients; for gRPC, by the RPC conventions:
+/// any status but OK at clients, UNKNOWN, DEADLINE_EXCEEDED, UNIMPLEMENTED, INTERNAL,
+/// UNAVAILABLE and DATA_LOSS at servers.
+pub fn is_error(kind: Side, status: u16, grpc_status: Option<u32>) -> bool {
+    match (kind, grpc_status) {
+        (Side::Server, Some(g)) => status >= 500 || matches!(g, 2 | 4 | 12 | 13 | 14 | 15),
+        (Side::Client, Some(g)) => status >= 400 || g != 0,
+        (Side::Server, None) => status >= 500,
+        (Side::Client, None) => status >= 400,
     }
 }
 
@@ -283,14 +291,16 @@ fn proto_span(span: &Span) -> ProtoSpan {
         start_time_unix_nano: wall_ns(span.start_ns),
         end_time_unix_nano: wall_ns(f.map_or(span.start_ns, |f| f.end_ns)),
         attributes: attributes(span),
-        status: Some(if is_error(span.kind, status_code) {
-            Status {
-                code: status::StatusCode::Error as i32,
-                message: String::new(),
-            }
-        } else {
-            Status::default()
-        }),
+        status: Some(
+            if is_error(span.kind, status_code, f.and_then(|f| f.grpc_status)) {
+                Status {
+                    code: status::StatusCode::Error as i32,
+                    message: String::new(),
+                }
+            } else {
+                Status::default()
+            },
+        ),
         ..Default::default()
     }
 }
@@ -453,9 +463,13 @@ mod tests {
 
     #[test]
     fn error_status_by_side() {
-        assert!(is_error(Side::Server, 503));
-        assert!(!is_error(Side::Server, 404));
-        assert!(is_error(Side::Client, 404));
-        assert!(!is_error(Side::Client, 302));
+        assert!(is_error(Side::Server, 503, None));
+        assert!(!is_error(Side::Server, 404, None));
+        assert!(is_error(Side::Client, 404, None));
+        assert!(!is_error(Side::Client, 302, None));
+        assert!(is_error(Side::Server, 200, Some(13)));
+        assert!(!is_error(Side::Server, 200, Some(5)));
+        assert!(is_error(Side::Client, 200, Some(5)));
+        assert!(!is_error(Side::Client, 200, Some(0)));
     }
 }

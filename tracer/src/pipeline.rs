@@ -326,6 +326,7 @@ struct Reader {
     opaque: Option<OpaqueSockets>,
     data_events: prometheus::IntCounter,
     conn_events: prometheus::IntCounter,
+    own_pid: u32,
 }
 
 impl Reader {
@@ -352,6 +353,7 @@ impl Reader {
             opaque: None,
             data_events: shared.metrics.events.with_label_values(&["data"]),
             conn_events: shared.metrics.events.with_label_values(&["conn"]),
+            own_pid: std::process::id(),
             shared,
         }
     }
@@ -436,6 +438,14 @@ impl Reader {
                 continue;
             }
             let peer = self.conns.peer_of(&ex.tuple, ex.peer_sk);
+            // The other end is this daemon (its span export to a collector on this host):
+            // counting it would make spans of spans, without end.
+            if peer.is_some_and(|p| p.task.tgid == self.own_pid) {
+                if let Some(span) = ex.span {
+                    self.linker.abandon(span);
+                }
+                continue;
+            }
             // A client span the server end claimed: that end counts the request. Without spans,
             // a server end traced here counts every request of its connection.
             // A client end whose pairs may be wrong (responses went by uncaptured) leaves the
@@ -466,6 +476,7 @@ impl Reader {
                         path: ex.path,
                         route,
                         status: ex.status,
+                        grpc_status: ex.grpc_status,
                         end_ns: ex.end_ns,
                         req_bytes: ex.req_bytes,
                         resp_bytes: ex.resp_bytes,

@@ -87,6 +87,8 @@ pub struct Finished {
     /// Shared with the metrics' route table: no copy per span.
     pub route: Arc<str>,
     pub status: u16,
+    /// gRPC's status, for gRPC.
+    pub grpc_status: Option<u32>,
     pub end_ns: u64,
     pub req_bytes: u64,
     pub resp_bytes: u64,
@@ -765,6 +767,7 @@ mod tests {
                 path: "/".into(),
                 route: "/".into(),
                 status: 200,
+                grpc_status: None,
                 end_ns: 2,
                 req_bytes: 0,
                 resp_bytes: 0,

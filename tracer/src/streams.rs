@@ -119,7 +119,11 @@ impl Streams {
                 // Streams skipped over after a loss were opened in frames not seen. (A client
                 // may skip ids; none of those followed here do.)
                 if self.requests_gap && stream > self.next_id {
-                    lost(env, "h2_stream_unseen", u64::from((stream - self.next_id) / 2));
+                    lost(
+                        env,
+                        "h2_stream_unseen",
+                        u64::from((stream - self.next_id) / 2),
+                    );
                 }
                 self.requests_gap = false;
                 self.next_id = stream.saturating_add(2);
@@ -131,23 +135,28 @@ impl Streams {
                     lost(env, "pending_overflow", 1);
                     return;
                 }
-                let request = fields.as_ref().and_then(|f| Some((f.method?, f.path.clone()?)));
+                let request = fields
+                    .as_ref()
+                    .and_then(|f| Some((f.method?, f.path.clone()?)));
                 // No span for a stream whose response this end cannot read (the direction's
                 // table went blind): it would claim the client end's span, and that end may
                 // see the whole exchange.
-                let span = request.as_ref().filter(|_| self.responses.readable()).and_then(|_| {
-                    env.linker.start(spans::Start {
-                        kind: env.side,
-                        task: env.d.task,
-                        tuple: env.tuple,
-                        context: fields.as_ref().and_then(|f| f.context.as_ref()),
-                        // Both ends number a request by its stream id.
-                        index: u64::from(stream),
-                        start_ns: at_ns,
-                        version: "2",
-                        peer_local: env.peer_local,
-                    })
-                });
+                let span = request
+                    .as_ref()
+                    .filter(|_| self.responses.readable())
+                    .and_then(|_| {
+                        env.linker.start(spans::Start {
+                            kind: env.side,
+                            task: env.d.task,
+                            tuple: env.tuple,
+                            context: fields.as_ref().and_then(|f| f.context.as_ref()),
+                            // Both ends number a request by its stream id.
+                            index: u64::from(stream),
+                            start_ns: at_ns,
+                            version: "2",
+                            peer_local: env.peer_local,
+                        })
+                    });
                 self.open.insert(
                     stream,
                     Stream {
@@ -159,8 +168,7 @@ impl Streams {
                         status: None,
                         grpc_status: None,
                         resp_bytes: 0,
-                        losses_at_open: self.response_losses
-                            + u32::from(!self.responses.synced()),
+                        losses_at_open: self.response_losses + u32::from(!self.responses.synced()),
                         released: false,
                     },
                 );
@@ -238,7 +246,11 @@ impl Streams {
     /// that were not seen either are requests that happened, not counted here.
     fn unseen_request(&mut self, stream: u32, env: &mut Env<'_, '_>) {
         if stream % 2 == 1 && stream >= self.next_id {
-            lost(env, "h2_stream_unseen", u64::from((stream - self.next_id) / 2 + 1));
+            lost(
+                env,
+                "h2_stream_unseen",
+                u64::from((stream - self.next_id) / 2 + 1),
+            );
             self.next_id = stream.saturating_add(2);
             self.requests_gap = false;
         }

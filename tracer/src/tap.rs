@@ -27,6 +27,12 @@ pub struct TapEvent {
     pub path: String,
     pub route: String,
     pub status: u16,
+    /// gRPC's status, for gRPC.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub grpc_status: Option<u32>,
+    /// A 5xx, or a gRPC status other than OK.
+    #[serde(default)]
+    pub failed: bool,
     pub latency_ms: f64,
     /// Which end measured it: the server when it is on this host.
     pub observer: String,
@@ -50,6 +56,8 @@ impl TapEvent {
             path: ex.path.to_string(),
             route: rec.route.to_string(),
             status: ex.status,
+            grpc_status: ex.grpc_status,
+            failed: ex.failed(),
             latency_ms: ex.end_ns.saturating_sub(ex.start_ns) as f64 / 1e6,
             observer: observer.to_owned(),
             trace_id: None,
@@ -131,6 +139,8 @@ mod tests {
             path: "/api/users/1".into(),
             route: "/api/users/{id}".into(),
             status: 200,
+            grpc_status: None,
+            failed: false,
             latency_ms: 1.0,
             observer: "server".into(),
             trace_id: None,

@@ -64,7 +64,7 @@ impl PathTable {
             last_ms: 0.0,
         });
         s.count += 1;
-        s.successes += u64::from(e.status < 500);
+        s.successes += u64::from(!e.failed);
         s.best_ms = s.best_ms.min(e.latency_ms);
         s.worst_ms = s.worst_ms.max(e.latency_ms);
         s.last_ms = e.latency_ms;

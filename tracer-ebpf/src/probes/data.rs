@@ -258,8 +258,7 @@ extern "C" fn walk_step(_index: u64, _ctx: *mut c_void) -> i64 {
                 *hdr.add(k) = *p.add(k);
                 k += 1;
             }
-        } else if bpf_probe_read_user(hdr.cast(), FRAME_HEADER as u32, (buf + o) as *const _) != 0
-        {
+        } else if bpf_probe_read_user(hdr.cast(), FRAME_HEADER as u32, (buf + o) as *const _) != 0 {
             return 1;
         }
         let len = (u64::from(*hdr) << 16) | (u64::from(*hdr.add(1)) << 8) | u64::from(*hdr.add(2));
@@ -340,6 +339,69 @@ fn http2_frames(
         let (len, next) = walk_frames(s, args.buf, ret, start, captured);
         (*state).h2_carry[dir] = next;
         len
+    }
+}
+
+/// Iovecs the socket data path copies from one call: gRPC writes a header block as one buffer
+/// per name and value (28 for its first request).
+const MAX_IOVECS_LOOPED: u32 = 64;
+
+/// `gather` for the socket data path, as a `bpf_loop` (one iovec per step, its state in the
+/// scratch): up to MAX_IOVECS_LOOPED buffers, where an unrolled loop stops at MAX_IOVECS.
+#[inline(always)]
+fn gather_loop(s: *mut Scratch, b: &Buffers, off: u64, limit: u64) -> u64 {
+    // SAFETY: the per-CPU scratch is ours until this program returns; the helper takes a
+    // callback of the signature it expects.
+    unsafe {
+        let g = &mut (*s).gather;
+        write_volatile(&mut g.off, off);
+        write_volatile(&mut g.limit, limit);
+        write_volatile(&mut g.iov, b.iov);
+        write_volatile(&mut g.count, b.count);
+        write_volatile(&mut g.next, 1);
+        bpf_loop(
+            MAX_IOVECS_LOOPED,
+            gather_step as *mut c_void,
+            core::ptr::null_mut(),
+            0,
+        );
+        read_volatile(&(*s).gather.off)
+    }
+}
+
+/// One iovec of `gather_loop`: 0 to go on, 1 to stop.
+extern "C" fn gather_step(_index: u64, _ctx: *mut c_void) -> i64 {
+    let Some(s) = SCRATCH.get_ptr_mut(0) else {
+        return 1;
+    };
+    // SAFETY: as in `gather`: offsets masked below PAYLOAD_CAP, the copy's overrun inside the
+    // scratch; user memory through the checked helper.
+    unsafe {
+        let g = &mut (*s).gather;
+        let (off, limit, next) = (
+            read_volatile(&g.off),
+            read_volatile(&g.limit),
+            read_volatile(&g.next),
+        );
+        if next >= read_volatile(&g.count) || off >= limit {
+            return 1;
+        }
+        let Some((base, len)) = read_iovec(read_volatile(&g.iov) + 16 * next) else {
+            return 1;
+        };
+        write_volatile(&mut g.next, next + 1);
+        if len == 0 {
+            return 0;
+        }
+        let want = if len < limit - off { len } else { limit - off };
+        let o = black_box(off) & (PAYLOAD_CAP as u64 - 1);
+        let n = ((black_box(want) - 1) & (PAYLOAD_CAP as u64 - 1)) + 1;
+        let payload = (*s).ev.payload.as_mut_ptr();
+        if bpf_probe_read_user(payload.add(o as usize).cast(), n as u32, base as *const _) != 0 {
+            return 1;
+        }
+        write_volatile(&mut g.off, o + n);
+        0
     }
 }
 
@@ -448,7 +510,11 @@ pub fn emit_data<S: Store, const WALK: bool>(
             } else {
                 PAYLOAD_CAP as u64
             };
-            captured = gather(payload.as_mut_ptr(), &b, captured, limit);
+            captured = if WALK {
+                gather_loop(scratch, &b, captured, limit)
+            } else {
+                gather(payload.as_mut_ptr(), &b, captured, limit)
+            };
         }
         if ret > captured && args.kind != KIND_NONE {
             count(KernelStat::PayloadTruncated);
@@ -502,7 +568,8 @@ pub fn emit_data<S: Store, const WALK: bool>(
     };
     // SAFETY: `size` bytes from the start of the scratch (the event first), which is at least
     // that long.
-    let bytes = unsafe { core::slice::from_raw_parts(scratch.cast::<u8>().cast_const(), size as usize) };
+    let bytes =
+        unsafe { core::slice::from_raw_parts(scratch.cast::<u8>().cast_const(), size as usize) };
     if EVENTS.output::<[u8]>(bytes, wakeup_flags()).is_ok() {
         count(KernelStat::DataEvents);
         // Only a delivered event teaches the reader the thread's name.

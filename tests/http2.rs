@@ -1,0 +1,226 @@
+//! HTTP/2 without TLS (prior knowledge): h2load against nginx, and gRPC (python grpcio). Counts
+//! checked against what the clients reported; spans against the gRPC status they returned.
+
+mod common;
+
+use std::{
+    collections::BTreeMap,
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+use common::{
+    Daemon, Nginx, Server, free_port,
+    otlp::{Protocol, Receiver},
+    scratch, serial, system_python, workspace_root,
+};
+
+/// What h2load reported: requests done (answered, whatever the status), and responses by
+/// status class (2xx..5xx).
+fn h2load(args: &[&str], url: &str) -> (u64, [u64; 4]) {
+    let out = Command::new("h2load")
+        .args(args)
+        .arg(url)
+        .output()
+        .expect("h2load (apt install nghttp2-client)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let numbers = |prefix: &str| -> Vec<u64> {
+        let line = text
+            .lines()
+            .find(|l| l.starts_with(prefix))
+            .unwrap_or_else(|| panic!("no `{prefix}` in h2load's output:\n{text}"));
+        line[prefix.len()..]
+            .split(',')
+            .map(|f| {
+                f.split_whitespace()
+                    .next()
+                    .expect("count")
+                    .parse()
+                    .expect("number")
+            })
+            .collect()
+    };
+    let requests = numbers("requests:");
+    let codes = numbers("status codes:");
+    // "requests: N total, N started, N done, N succeeded, ...": succeeded leaves out 4xx/5xx.
+    (requests[2], [codes[0], codes[1], codes[2], codes[3]])
+}
+
+/// h2load with many streams in flight on each connection, against nginx: tiny responses (many
+/// frames per read), 100 KB ones (DATA frames past the capture, read 8 KiB at a time), and 404s.
+/// Every request h2load completed is counted, with its status.
+#[test]
+fn h2load_streams_are_counted() {
+    let _serial = serial();
+    let daemon = Daemon::start();
+    let nginx = Nginx::start_h2(&scratch("nginx-h2"), "");
+    let mut done = 0;
+    let mut classes = [0u64; 4];
+    // At a fixed rate: a saturating h2load leaves no CPU to the tracer on 2 cores (what it then
+    // misses is counted as lost: the reliability tests' business, not this one's).
+    for (path, n, rps) in [
+        ("/tiny", 4000, 250),
+        ("/big.bin", 400, 25),
+        ("/missing/7", 1000, 100),
+    ] {
+        let url = format!("http://127.0.0.1:{}{path}", nginx.port);
+        let (ok, c) = h2load(
+            &["-c4", "-m10", &format!("-n{n}"), &format!("--rps={rps}")],
+            &url,
+        );
+        done += ok;
+        for (a, b) in classes.iter_mut().zip(c) {
+            *a += b;
+        }
+    }
+    assert_eq!(done, 5400, "h2load completed every request");
+    let edge = daemon.wait_edge("h2load", nginx.port, done);
+    assert_eq!(edge["requests"], done, "{}", daemon.diagnostics());
+    let codes: BTreeMap<String, u64> = edge["status_codes"]
+        .as_object()
+        .expect("status_codes")
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_u64().expect("n")))
+        .collect();
+    assert_eq!(
+        codes.get("200").copied().unwrap_or(0),
+        classes[0],
+        "{codes:?}"
+    );
+    assert_eq!(
+        codes.get("404").copied().unwrap_or(0),
+        classes[2],
+        "{codes:?}"
+    );
+    let routes = daemon.json("/api/routes?workload=nginx&window=10m");
+    let route = |name: &str| {
+        routes["routes"]
+            .as_array()
+            .expect("routes")
+            .iter()
+            .filter(|r| r["route"] == name)
+            .map(|r| r["requests"].as_u64().unwrap_or(0))
+            .sum::<u64>()
+    };
+    assert_eq!(route("/tiny"), 4000, "{routes}");
+    assert_eq!(route("/big.bin"), 400, "{routes}");
+    assert_eq!(route("/missing/{id}"), 1000, "{routes}");
+    assert_eq!(
+        daemon.metric_sum("tracer_requests_lost_total", &[]),
+        0.0,
+        "{}",
+        daemon.diagnostics()
+    );
+}
+
+/// gRPC over one HTTP/2 connection: every call counted on its method's route, the calls that
+/// failed (grpc-status not OK, under HTTP 200) counted as failures, and spans that carry the
+/// gRPC status and are errors as the RPC conventions say.
+#[test]
+fn grpc_calls_are_counted_with_their_status() {
+    let _serial = serial();
+    let receiver = Receiver::start(Protocol::Grpc, free_port());
+    let endpoint = format!("http://{}", receiver.addr);
+    let daemon = Daemon::start_with(&["--otlp-endpoint", &endpoint, "--otlp-protocol", "grpc"]);
+    let port = free_port();
+    let fixtures = workspace_root().join("tests/fixtures");
+    let child = Command::new(system_python())
+        .arg(fixtures.join("grpc_server.py"))
+        .arg(port.to_string())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn grpc_server.py");
+    let _server = Server::adopt(child, port);
+    const ROUNDS: u64 = 50;
+    let out = Command::new(system_python())
+        .arg(fixtures.join("grpc_client.py"))
+        .args([port.to_string(), ROUNDS.to_string()])
+        .output()
+        .expect("grpc_client.py (apt install python3-grpcio)");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let got: serde_json::Value = serde_json::from_slice(&out.stdout).expect("client's JSON");
+    assert_eq!(got["Get"]["OK"], 2 * ROUNDS, "{got}");
+    assert_eq!(got["Missing"]["NOT_FOUND"], ROUNDS, "{got}");
+    assert_eq!(got["Boom"]["INTERNAL"], ROUNDS, "{got}");
+
+    let total = 4 * ROUNDS;
+    let edge = daemon.wait_edge("grpc_client", port, total);
+    assert_eq!(edge["requests"], total, "{}", daemon.diagnostics());
+    assert_eq!(edge["dst"], "grpc_server", "{edge}");
+    assert_eq!(
+        edge["failures"],
+        2 * ROUNDS,
+        "NOT_FOUND and INTERNAL: {edge}"
+    );
+    let routes = daemon.json("/api/routes?workload=grpc_server&window=10m");
+    for (route, n) in [
+        ("/shop.Catalog/Get", 2 * ROUNDS),
+        ("/shop.Catalog/Missing", ROUNDS),
+        ("/shop.Catalog/Boom", ROUNDS),
+    ] {
+        let seen: u64 = routes["routes"]
+            .as_array()
+            .expect("routes")
+            .iter()
+            .filter(|r| r["route"] == route && r["method"] == "POST")
+            .map(|r| r["requests"].as_u64().unwrap_or(0))
+            .sum();
+        assert_eq!(seen, n, "{route}: {routes}");
+    }
+
+    // Spans: one server and one client span per call, with the gRPC status.
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let spans = loop {
+        let spans: Vec<_> = receiver
+            .spans()
+            .into_iter()
+            .filter(|s| {
+                s.attr_str("url.path")
+                    .is_some_and(|p| p.starts_with("/shop.Catalog/"))
+            })
+            .collect();
+        if spans.len() as u64 >= 2 * total || std::time::Instant::now() > deadline {
+            break spans;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(spans.len() as u64, 2 * total, "{}", daemon.diagnostics());
+    let is_error =
+        |s: &common::otlp::Received| s.span.status.as_ref().is_some_and(|st| st.code == 2);
+    for s in &spans {
+        assert_eq!(s.attr_str("network.protocol.version").as_deref(), Some("2"));
+        assert_eq!(s.attr_str("rpc.system").as_deref(), Some("grpc"));
+        let code = s
+            .attr_int("rpc.grpc.status_code")
+            .expect("rpc.grpc.status_code");
+        let path = s.attr_str("url.path").expect("url.path");
+        let want = match path.as_str() {
+            "/shop.Catalog/Get" => 0,
+            "/shop.Catalog/Missing" => 5,
+            "/shop.Catalog/Boom" => 13,
+            other => panic!("unexpected path {other}"),
+        };
+        assert_eq!(code, want, "{path}");
+        // Servers err on INTERNAL, not on NOT_FOUND (the caller's problem); clients on both.
+        let server = s.span.kind == 2;
+        let want_error = if server { code == 13 } else { code != 0 };
+        assert_eq!(is_error(s), want_error, "{path} server={server}");
+    }
+    // Client and server spans of a call are one trace: each server span's parent is a client
+    // span.
+    let clients: std::collections::HashSet<String> = spans
+        .iter()
+        .filter(|s| s.span.kind == 3)
+        .map(|s| s.span_id())
+        .collect();
+    let linked = spans
+        .iter()
+        .filter(|s| s.span.kind == 2 && clients.contains(&s.parent_id()))
+        .count() as u64;
+    assert_eq!(linked, total, "every server span under its client span");
+}
