@@ -68,7 +68,12 @@ pub fn opening(buf: &[u8]) -> Opening {
     }
     if buf.len() >= FRAME_HEADER {
         let h = FrameHeader::parse(buf);
-        if h.kind == SETTINGS && h.flags == 0 && h.stream == 0 && !h.reserved && h.len.is_multiple_of(6) {
+        if h.kind == SETTINGS
+            && h.flags == 0
+            && h.stream == 0
+            && !h.reserved
+            && h.len.is_multiple_of(6)
+        {
             return Opening::ServerSettings;
         }
     }
