@@ -162,8 +162,8 @@ pub const FRAMES_CAP: usize = 4096;
 pub const FRAME_KEEP_CAP: usize = 1024;
 /// A segment's own header: offset and length.
 pub const SEGMENT_HEADER: usize = 8;
-/// Frames a call is walked through, at most.
-pub const MAX_FRAMES_WALKED: u32 = 128;
+/// Frames a call is walked through, at most (a 32 KiB read of small gRPC responses holds ~400).
+pub const MAX_FRAMES_WALKED: u32 = 512;
 
 /// What the kernel side keeps per socket.
 #[repr(C)]

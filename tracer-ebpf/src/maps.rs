@@ -103,6 +103,8 @@ pub struct Walk {
     pub ret: u64,
     pub captured: u64,
     pub done: u64,
+    /// The frame header being looked at.
+    pub hdr: [u8; 16],
 }
 
 /// Per-CPU scratch space for building a data event: too big for the 512-byte stack.

@@ -35,8 +35,9 @@ const MAX_HEAD: usize = 16 * 1024;
 /// Bytes of an undecidable message start kept until the next syscall decides it (the HTTP/2
 /// preface is 24).
 const MAX_UNDECIDED: usize = 24;
-/// HTTP/2 connections followed at once: each keeps two HPACK tables (4 KiB each by default).
-/// Past it a new one is not followed, counted as `parse_failures{reason="h2_connections_full"}`.
+/// HTTP/2 connections followed at once: each keeps two HPACK tables (4 KiB each by default, 16
+/// KiB at most: ~80 KiB a connection at worst, with its buffers). Past it a new one is not
+/// followed, counted as `parse_failures{reason="h2_connections_full"}`.
 pub const MAX_H2_CONNS: usize = 4096;
 /// Connections followed at once.
 pub const MAX_CONNS: usize = 64 * 1024;
@@ -726,7 +727,11 @@ fn process(conn: &mut Conn, ctx: &mut Ctx<'_, '_>) {
         });
         let head = joined.as_deref().unwrap_or(d.payload);
         let egress = d.direction == Direction::Egress;
-        let h2 = http2::opening(head);
+        // A SETTINGS frame first on a connection older than the tracer is one from its middle.
+        let h2 = match http2::opening(head) {
+            Opening::ServerSettings if d.from_sock => Opening::Neither,
+            h2 => h2,
+        };
         // The client writes the preface; a server may write its SETTINGS first, which its
         // client then reads first.
         let h2_side = match h2 {
@@ -844,13 +849,15 @@ fn unpair_all(conn: &mut Conn, metrics: &Metrics, linker: &mut Linker, reason: &
     // responses that come without a request are now these ones' (not uncaptured requests').
     conn.overflow_gap = 0;
     conn.requests_beyond_capture = false;
+    // A server span that gives its client span back leaves the request to that end.
+    let mut handed_back = 0;
     for span in conn.pending.drain(..).chain(current).filter_map(|p| p.span) {
-        linker.abandon(span);
+        handed_back += u64::from(linker.abandon(span));
     }
     if n > 0 {
         metrics.pairing_drops.with_label_values(&[reason]).inc_by(n);
         if let Role::Http(side) = conn.role {
-            lost_here(conn, side, reason, n, metrics);
+            lost_here(conn, side, reason, n - handed_back, metrics);
         }
     }
 }
@@ -1096,7 +1103,7 @@ fn reader_mut(conn: &mut Conn, requests: bool) -> &mut Reader {
 /// A request this end will not count: lost, unless it is a client's whose server end is
 /// traced on this host (that end counts it).
 fn lost_here(conn: &Conn, side: Side, reason: &str, n: u64, metrics: &Metrics) {
-    if side == Side::Server || conn.peer_sk == 0 {
+    if n > 0 && (side == Side::Server || conn.peer_sk == 0) {
         metrics
             .requests_lost
             .with_label_values(&[side.as_str(), reason])
@@ -1374,6 +1381,7 @@ mod tests {
                 payload: shown,
                 tail,
                 frames: &[],
+                from_sock: false,
             };
             self.table
                 .on_data(&d, &self.metrics, &mut self.linker, &mut self.out);

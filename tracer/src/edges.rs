@@ -851,7 +851,8 @@ mod tests {
         Exchange {
             side: Side::Server,
             task: Task {
-                tgid: 10,
+                // No such process (pid_max is at most 2^22): named by its comm.
+                tgid: 0x7fff_0010,
                 tid: 10,
                 comm: Comm(comm),
                 cgroup_id: 0,

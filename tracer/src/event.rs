@@ -5,7 +5,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use thiserror::Error;
 use tracer_common::{
     AF_INET6, ConnEvent, DATA_EVENT_FIXED, DIR_EGRESS, DataMeta, EventHeader, EventKind,
-    FLAG_TASK_KNOWN, PAYLOAD_CAP, SockTuple, TAIL_LEN,
+    FLAG_TASK_KNOWN, FLAG_TUPLE_FROM_SOCK, PAYLOAD_CAP, SockTuple, TAIL_LEN,
 };
 
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -148,6 +148,9 @@ pub struct Data<'a> {
     /// HTTP/2 frame segments past `payload` (`tracer_common::FRAMES_CAP`), when the kernel side
     /// walked the call's frames.
     pub frames: &'a [u8],
+    /// The kernel side had no state for the socket: a connection older than the tracer,
+    /// followed from the middle.
+    pub from_sock: bool,
 }
 
 impl Data<'_> {
@@ -233,6 +236,7 @@ pub fn decode(buf: &[u8]) -> Result<Event<'_>, DecodeError> {
                 payload: &buf[DATA_EVENT_FIXED..DATA_EVENT_FIXED + captured],
                 tail: &buf[std::mem::offset_of!(DataMeta, tail)..][..tail_len],
                 frames,
+                from_sock: hdr.flags & FLAG_TUPLE_FROM_SOCK != 0,
             }))
         }
         Some(EventKind::Conn) => {

@@ -38,9 +38,14 @@ const PRIORITY_FLAG: u8 = 0x20;
 
 /// Largest header block gathered (HEADERS and its CONTINUATIONs); a larger one is not decoded.
 const MAX_BLOCK: usize = 16 * 1024;
-/// Largest dynamic table followed (SETTINGS_HEADER_TABLE_SIZE, 4 KiB by default, may allow an
-/// encoder more): a larger size update makes the direction blind rather than the table large.
-const MAX_TABLE: usize = 64 * 1024;
+/// Largest dynamic table followed (SETTINGS_HEADER_TABLE_SIZE, 4 KiB by default and in gRPC,
+/// Go, nginx and Envoy, may allow an encoder more): a larger size update makes the direction
+/// blind rather than the table large.
+const MAX_TABLE: usize = 16 * 1024;
+/// Buffers kept between header blocks; a larger one (a rare long block) is given back.
+const KEPT_BUFFER: usize = 4096;
+/// Longest path kept: a longer one is cut (at a character boundary).
+const MAX_PATH: usize = 2048;
 /// Longest frame believed when looking for frames again after a loss (16 KiB by default;
 /// larger ones must be negotiated).
 const RESYNC_MAX_FRAME: u32 = 1 << 20;
@@ -380,6 +385,12 @@ impl Half {
             fields
         };
         self.block.clear();
+        if self.block.capacity() > KEPT_BUFFER {
+            self.block.shrink_to(KEPT_BUFFER);
+        }
+        if self.payload.capacity() > KEPT_BUFFER {
+            self.payload.shrink_to(KEPT_BUFFER);
+        }
         if !promise {
             out(Frame::Headers {
                 stream,
@@ -484,21 +495,28 @@ impl<'a> View<'a> {
 fn decode(hpack: &mut Decoder, block: &[u8]) -> Option<Fields> {
     let mut f = Fields::default();
     // Names are lowercase in HTTP/2; the few this looks for are matched by length first.
-    let mut context: [(&'static str, Vec<u8>); 5] = [
+    let mut context: [(&'static str, Vec<u8>); 7] = [
         ("traceparent", Vec::new()),
         ("tracestate", Vec::new()),
         ("b3", Vec::new()),
         ("x-b3-traceid", Vec::new()),
         ("x-b3-spanid", Vec::new()),
+        ("x-b3-sampled", Vec::new()),
+        ("x-b3-flags", Vec::new()),
     ];
     let mut has_context = false;
     hpack
         .decode(block, |name, value| match name {
             b":method" => f.method = std::str::from_utf8(value).ok().and_then(Method::parse),
             b":path" => {
-                f.path = std::str::from_utf8(value)
-                    .ok()
-                    .map(|p| Path::new(http1::strip_query(p)))
+                f.path = std::str::from_utf8(value).ok().map(|p| {
+                    let p = http1::strip_query(p);
+                    let mut cut = p.len().min(MAX_PATH);
+                    while !p.is_char_boundary(cut) {
+                        cut -= 1;
+                    }
+                    Path::new(&p[..cut])
+                })
             }
             b":status" => {
                 f.status = std::str::from_utf8(value)

@@ -577,20 +577,26 @@ impl Linker {
 
     /// The request will never be answered (connection gone, or its events lost), or not seen
     /// whole at this end. A server span gives back the client span it claimed: that end's
-    /// exchange counts the request now.
-    pub fn abandon(&mut self, span_id: SpanId) {
+    /// exchange counts the request now. Returns whether it did (the request is then the client
+    /// end's to count, or to count as lost).
+    pub fn abandon(&mut self, span_id: SpanId) -> bool {
         self.responding(span_id);
-        if let Some(span) = self.live.remove(&span_id) {
-            if let (Side::Server, Parent::Local(client)) = (span.kind, span.parent)
-                && let Some(c) = self.live.get_mut(&client)
-                && c.kind == Side::Client
-            {
-                c.claimed = false;
-                c.children.retain(|id| *id != span_id);
-            }
-            self.stats.unfinished += 1;
-            self.recycle(span);
+        let Some(span) = self.live.remove(&span_id) else {
+            return false;
+        };
+        let mut handed_back = false;
+        if let (Side::Server, Parent::Local(client)) = (span.kind, span.parent)
+            && let Some(c) = self.live.get_mut(&client)
+            && c.kind == Side::Client
+            && c.claimed
+        {
+            c.claimed = false;
+            c.children.retain(|id| *id != span_id);
+            handed_back = true;
         }
+        self.stats.unfinished += 1;
+        self.recycle(span);
+        handed_back
     }
 
     pub fn finish(&mut self, span_id: SpanId, f: Finished) {

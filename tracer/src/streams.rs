@@ -16,6 +16,10 @@ use crate::{
 /// Streams open at once on one connection (servers allow 100 to 250 by default); a request
 /// past it is counted as lost.
 pub const MAX_STREAMS: usize = 512;
+/// Furthest a client stream id is believed ahead of the next one expected: ids go up by 2 per
+/// stream, and a jump further than this many streams is bytes misread as a frame (after a
+/// loss), not requests unseen.
+const MAX_ID_JUMP: u32 = 2 * 4096;
 
 /// One stream as this end saw it.
 #[derive(Debug)]
@@ -35,8 +39,8 @@ struct Stream {
     /// Response frames had gone by unseen (`Streams::response_losses`) when it opened: its
     /// end may be among them.
     losses_at_open: u32,
-    /// Its span was given back to the client end after response frames went by unseen: that
-    /// end counts it when it is traced here.
+    /// Its server span gave its client span back after response frames went by unseen: the
+    /// client end, traced here, counts it.
     released: bool,
 }
 
@@ -113,7 +117,11 @@ impl Streams {
         match f {
             Frame::Headers { stream, fields, .. } => {
                 // Client streams are odd; a known one's second block is its trailers.
-                if stream % 2 == 0 || self.open.contains_key(&stream) || stream < self.next_id {
+                if stream % 2 == 0
+                    || self.open.contains_key(&stream)
+                    || stream < self.next_id
+                    || stream - self.next_id > MAX_ID_JUMP
+                {
                     return;
                 }
                 // Streams skipped over after a loss were opened in frames not seen. (A client
@@ -125,9 +133,9 @@ impl Streams {
                         u64::from((stream - self.next_id) / 2),
                     );
                 }
-                self.requests_gap = false;
+                self.requests_gap = !self.requests.synced();
                 self.next_id = stream.saturating_add(2);
-                if self.open.len() >= MAX_STREAMS {
+                if self.open.len() >= MAX_STREAMS && !self.evict_doubtful(env) {
                     env.metrics
                         .pairing_drops
                         .with_label_values(&["pending_overflow"])
@@ -157,6 +165,13 @@ impl Streams {
                             peer_local: env.peer_local,
                         })
                     });
+                // Without a span for want of a readable response: a client end traced here
+                // (with spans) counts it, its span unclaimed.
+                let released = env.side == Side::Server
+                    && span.is_none()
+                    && request.is_some()
+                    && env.peer_sk != 0
+                    && env.linker.enabled();
                 self.open.insert(
                     stream,
                     Stream {
@@ -168,8 +183,8 @@ impl Streams {
                         status: None,
                         grpc_status: None,
                         resp_bytes: 0,
-                        losses_at_open: self.response_losses + u32::from(!self.responses.synced()),
-                        released: false,
+                        losses_at_open: self.current_losses(),
+                        released,
                     },
                 );
             }
@@ -228,14 +243,15 @@ impl Streams {
             }
             Frame::Reset { stream } => self.reset(stream, env),
             // Response frames went by unseen: streams whose end was among them end at the
-            // connection's close, counted there. Their spans go now (the other end, if traced
-            // here, may have seen their responses).
+            // connection's close, counted there. A server end gives their client spans back
+            // now: the client end, if traced here, may have seen their responses whole.
             Frame::Lost => {
                 self.response_losses = self.response_losses.saturating_add(1);
-                for s in self.open.values_mut() {
-                    if let Some(span) = s.span.take() {
-                        env.linker.abandon(span);
-                        s.released = true;
+                if env.side == Side::Server {
+                    for s in self.open.values_mut() {
+                        if let Some(span) = s.span.take() {
+                            s.released = env.linker.abandon(span);
+                        }
                     }
                 }
             }
@@ -245,15 +261,50 @@ impl Streams {
     /// A response on a client stream this end never saw open: it and the streams before it
     /// that were not seen either are requests that happened, not counted here.
     fn unseen_request(&mut self, stream: u32, env: &mut Env<'_, '_>) {
-        if stream % 2 == 1 && stream >= self.next_id {
+        if stream % 2 == 1 && stream >= self.next_id && stream - self.next_id <= MAX_ID_JUMP {
             lost(
                 env,
                 "h2_stream_unseen",
                 u64::from((stream - self.next_id) / 2 + 1),
             );
             self.next_id = stream.saturating_add(2);
-            self.requests_gap = false;
+            self.requests_gap = !self.requests.synced();
         }
+    }
+
+    /// Makes room for a new stream by dropping one whose end may have gone by unseen (response
+    /// frames were lost since it opened), counted as such; false when there is none.
+    fn evict_doubtful(&mut self, env: &mut Env<'_, '_>) -> bool {
+        let losses = self.current_losses();
+        let Some(id) = self
+            .open
+            .iter()
+            .filter(|(_, s)| s.losses_at_open != losses)
+            .map(|(id, _)| *id)
+            .min()
+        else {
+            return false;
+        };
+        if let Some(s) = self.open.remove(&id) {
+            env.metrics
+                .pairing_drops
+                .with_label_values(&["no_response"])
+                .inc();
+            give_up(
+                env.side,
+                env.peer_sk,
+                &s,
+                "response_unseen",
+                env.linker,
+                env.metrics,
+            );
+        }
+        true
+    }
+
+    /// Losses of response frames so far, counting a direction not followed now as one more.
+    fn current_losses(&self) -> u32 {
+        self.response_losses + u32::from(!self.responses.synced())
     }
 
     /// A stream's response ended at `end_ns`.
@@ -261,15 +312,23 @@ impl Streams {
         let Some(s) = self.open.remove(&stream) else {
             return;
         };
-        if s.released && env.side == Side::Server && env.peer_sk != 0 {
+        if s.released {
+            return;
+        }
+        if s.request.is_none() || !matches!(s.status, Some(Some(_))) {
+            // A header block that could not be decoded: a request that happened, not counted
+            // here.
+            give_up(
+                env.side,
+                env.peer_sk,
+                &s,
+                "h2_headers_unreadable",
+                env.linker,
+                env.metrics,
+            );
             return;
         }
         let (Some((method, path)), Some(Some(status))) = (s.request, s.status) else {
-            // A header block that could not be decoded: a request that happened, not counted.
-            if let Some(span) = s.span {
-                env.linker.abandon(span);
-            }
-            lost(env, "h2_headers_unreadable", 1);
             return;
         };
         env.out.push(Exchange {
@@ -342,20 +401,23 @@ impl Streams {
         }
         // At the close, a stream left open is a request its server did not answer, unless
         // response frames went by unseen since it opened (its end may have been among them).
-        let losses = self.response_losses + u32::from(!self.responses.synced());
-        let mut unseen = 0;
+        let losses = self.current_losses();
         for (_, s) in self.open.drain() {
-            unseen += u64::from(s.losses_at_open != losses);
-            if let Some(span) = s.span {
-                linker.abandon(span);
+            let lost = match reason {
+                "no_response" if s.losses_at_open == losses => None,
+                "no_response" => Some("response_unseen"),
+                other => Some(other),
+            };
+            match lost {
+                Some(lost) => give_up(side, peer_sk, &s, lost, linker, metrics),
+                None => {
+                    if let Some(span) = s.span {
+                        linker.abandon(span);
+                    }
+                }
             }
         }
         metrics.pairing_drops.with_label_values(&[reason]).inc_by(n);
-        if reason == "no_response" {
-            lost_counted(side, peer_sk, "response_unseen", unseen, metrics);
-        } else {
-            lost_counted(side, peer_sk, reason, n, metrics);
-        }
     }
 }
 
@@ -365,14 +427,40 @@ impl Default for Streams {
     }
 }
 
-/// Requests that happened and that this end will not count. With spans, a server end whose
-/// client end is traced here leaves them to that end: it gave the client span back
-/// (`Linker::abandon`), and that end counts the request or its loss.
+/// Requests that happened and that this end will not count, with no span to say whether the
+/// other end has them.
 fn lost(env: &Env<'_, '_>, reason: &str, n: u64) {
-    if env.side == Side::Server && env.peer_sk != 0 && env.linker.enabled() {
-        return;
-    }
     lost_counted(env.side, env.peer_sk, reason, n, env.metrics);
+}
+
+/// A stream this end will not count: its span goes, and its request is counted as lost unless
+/// the other end, traced here, has it: a server span that gives its client span back leaves
+/// the request to that end (which counts it, or its loss); a client span its server end
+/// claimed is that end's to count.
+fn give_up(
+    side: Side,
+    peer_sk: u64,
+    s: &Stream,
+    reason: &str,
+    linker: &mut Linker,
+    metrics: &Metrics,
+) {
+    let others = match (side, s.span) {
+        (Side::Server, Some(span)) => linker.abandon(span),
+        (Side::Server, None) => s.released,
+        (Side::Client, Some(span)) => {
+            let claimed = linker.claimed(span);
+            linker.abandon(span);
+            claimed
+        }
+        (Side::Client, None) => peer_sk != 0,
+    };
+    if !others {
+        metrics
+            .requests_lost
+            .with_label_values(&[side.as_str(), reason])
+            .inc();
+    }
 }
 
 /// As `conn::lost_here`: not counted at a client whose server end is traced on this host (that

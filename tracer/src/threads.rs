@@ -106,6 +106,7 @@ mod tests {
             payload: &[],
             tail: &[],
             frames: &[],
+            from_sock: false,
         }
     }
 

@@ -21,8 +21,9 @@ const INTERPRETERS: &[&str] = &[
     "python", "node", "ruby", "perl", "php", "java", "bun", "deno", "dotnet",
 ];
 
-/// Per process: the comm it had when named (a new one means it exec'd) and its name.
-type Cache = HashMap<u32, ([u8; 16], Arc<str>)>;
+/// Names by process and thread name (a thread name not seen before, as after an exec, is
+/// named again).
+type Cache = HashMap<(u32, [u8; 16]), Arc<str>>;
 
 static CACHE: Mutex<Option<Cache>> = Mutex::new(None);
 
@@ -34,24 +35,33 @@ pub fn name(task: &Task) -> Arc<str> {
     }
     let mut guard = CACHE.lock().unwrap_or_else(|p| p.into_inner());
     let cache = guard.get_or_insert_with(HashMap::new);
-    if let Some((comm, name)) = cache.get(&task.tgid)
-        && *comm == task.comm.0
-    {
+    // By process and thread name: a process that exec'd another program under the same pid
+    // has new thread names too.
+    let key = (task.tgid, task.comm.0);
+    if let Some(name) = cache.get(&key) {
         return name.clone();
     }
-    let comm = task.comm.as_str();
-    let name: Arc<str> = resolve(task.tgid, &comm, task.cgroup_id).into();
+    let name: Arc<str> = resolve(task.tgid, &task.comm.as_str(), task.cgroup_id).into();
     if cache.len() >= CAPACITY {
         cache.clear();
     }
-    cache.insert(task.tgid, (task.comm.0, name.clone()));
+    cache.insert(key, name.clone());
     name
 }
 
-fn resolve(tgid: u32, comm: &str, cgroup_id: u64) -> String {
-    if comm.is_empty() {
+/// `thread_comm` is the name of the thread that moved the bytes; the process is named by its
+/// own (main thread's) name: threads of one process often have names of their own (gRPC's
+/// `default-executor`, Java's `http-nio-8080-exec-1`), which would split one workload into
+/// many.
+fn resolve(tgid: u32, thread_comm: &str, cgroup_id: u64) -> String {
+    if thread_comm.is_empty() {
         return "[unknown]".to_owned();
     }
+    let process_comm = std::fs::read_to_string(format!("/proc/{tgid}/comm"))
+        .ok()
+        .map(|c| c.trim_end().to_owned())
+        .filter(|c| !c.is_empty());
+    let comm = process_comm.as_deref().unwrap_or(thread_comm);
     let env = std::fs::read(format!("/proc/{tgid}/environ")).unwrap_or_default();
     let var = |name: &[u8]| {
         env.split(|&b| b == 0)

@@ -134,11 +134,11 @@ fn read_iovec(iov: u64) -> Option<(u64, u64)> {
 }
 
 /// Copies the iovecs after the first into `payload` from `off` (where the first ended), until
-/// `limit` bytes (the call's bytes, at most PAYLOAD_CAP) or MAX_IOVECS; returns the new end.
-/// A body written in pieces (node.js writes a chunk's size, data and CRLF as three) is then
-/// seen as the stream the peer reads, up to its end.
+/// `limit` bytes (the call's bytes, at most PAYLOAD_CAP) or MAX_IOVECS; returns the new end and
+/// the iovec it stopped at. A body written in pieces (node.js writes a chunk's size, data and
+/// CRLF as three) is then seen as the stream the peer reads, up to its end.
 #[inline(always)]
-fn gather(payload: *mut u8, b: &Buffers, mut off: u64, limit: u64) -> u64 {
+fn gather(payload: *mut u8, b: &Buffers, mut off: u64, limit: u64) -> (u64, u64) {
     let (mut base, mut len) = b.second;
     let mut i: u64 = 1;
     while i < MAX_IOVECS && off < limit {
@@ -168,7 +168,7 @@ fn gather(payload: *mut u8, b: &Buffers, mut off: u64, limit: u64) -> u64 {
         };
         (base, len) = (nb, nl);
     }
-    off
+    (off, i)
 }
 
 /// The first 8 bytes of the HTTP/2 client preface, as a little-endian u64.
@@ -180,6 +180,9 @@ const FRAME_HEADER: u64 = 9;
 const FRAME_HEADERS: u8 = 0x1;
 const FRAME_PUSH_PROMISE: u8 = 0x5;
 const FRAME_CONTINUATION: u8 = 0x9;
+/// Highest frame type taken for one while walking (RFC 9113's ten, and the extensions up to
+/// PRIORITY_UPDATE, 0x10).
+const FRAME_TYPE_MAX: u8 = 0x10;
 
 /// Walks an HTTP/2 call's frames (a single buffer of `ret` bytes at `buf`; the first frame
 /// header at `start`) and writes a segment for each frame that ends past the `captured`
@@ -220,7 +223,8 @@ fn walk_frames(s: *mut Scratch, buf: u64, ret: u64, start: u64, captured: u64) -
     }
 }
 
-/// One frame of `walk_frames`: 0 to go on, 1 to stop.
+/// One frame of `walk_frames`: 0 to go on, 1 to stop. Out of room for segments, it goes on
+/// without writing, so that where the next call's first frame begins stays known.
 extern "C" fn walk_step(_index: u64, _ctx: *mut c_void) -> i64 {
     let Some(s) = SCRATCH.get_ptr_mut(0) else {
         return 1;
@@ -240,12 +244,10 @@ extern "C" fn walk_step(_index: u64, _ctx: *mut c_void) -> i64 {
             write_volatile(&mut walk.done, 1);
             return 1;
         }
-        if o + FRAME_HEADER > ret || w >= FRAMES_CAP as u64 {
+        if o + FRAME_HEADER > ret {
             return 1;
         }
-        let w = w & (FRAMES_CAP as u64 - 1);
-        let seg = (*s).frames.as_mut_ptr().add(w as usize);
-        let hdr = seg.add(SEGMENT_HEADER);
+        let hdr = walk.hdr.as_mut_ptr();
         if o + FRAME_HEADER <= captured {
             // In the payload already: copied, not read from the process again.
             let p = (*s)
@@ -263,9 +265,21 @@ extern "C" fn walk_step(_index: u64, _ctx: *mut c_void) -> i64 {
         }
         let len = (u64::from(*hdr) << 16) | (u64::from(*hdr.add(1)) << 8) | u64::from(*hdr.add(2));
         let kind = *hdr.add(3);
+        // Not a frame header (the walk began inside a frame): stop, where-next unknown.
+        if kind > FRAME_TYPE_MAX || *hdr.add(5) & 0x80 != 0 {
+            return 1;
+        }
         let body = o + FRAME_HEADER;
         let end = body + len;
-        if end > captured {
+        let in_call = if end < ret { end } else { ret };
+        if in_call > captured && w < FRAMES_CAP as u64 {
+            let w = w & (FRAMES_CAP as u64 - 1);
+            let seg = (*s).frames.as_mut_ptr().add(w as usize);
+            let mut k = 0;
+            while k < FRAME_HEADER as usize {
+                *seg.add(SEGMENT_HEADER + k) = *hdr.add(k);
+                k += 1;
+            }
             let mut keep = 0;
             if (kind == FRAME_HEADERS || kind == FRAME_PUSH_PROMISE || kind == FRAME_CONTINUATION)
                 && len > 0
@@ -280,7 +294,7 @@ extern "C" fn walk_step(_index: u64, _ctx: *mut c_void) -> i64 {
                 // In [1, FRAME_KEEP_CAP] for the verifier, as in `emit_data`.
                 let n = black_box(((want - 1) & (FRAME_KEEP_CAP as u64 - 1)) + 1);
                 if bpf_probe_read_user(
-                    hdr.add(FRAME_HEADER as usize).cast(),
+                    seg.add(SEGMENT_HEADER + FRAME_HEADER as usize).cast(),
                     n as u32,
                     (buf + body) as *const _,
                 ) == 0
@@ -342,14 +356,15 @@ fn http2_frames(
     }
 }
 
-/// Iovecs the socket data path copies from one call: gRPC writes a header block as one buffer
-/// per name and value (28 for its first request).
-const MAX_IOVECS_LOOPED: u32 = 64;
+/// Iovecs the socket data path copies from one call past the first MAX_IOVECS: gRPC writes a
+/// header block as one buffer per name and value (28 for its first request).
+const MAX_IOVECS_LOOPED: u32 = 48;
 
-/// `gather` for the socket data path, as a `bpf_loop` (one iovec per step, its state in the
-/// scratch): up to MAX_IOVECS_LOOPED buffers, where an unrolled loop stops at MAX_IOVECS.
+/// `gather` on from iovec `next`, on the socket data path: a `bpf_loop` (one iovec per step,
+/// its state in the scratch) up to MAX_IOVECS_LOOPED buffers, where the unrolled loop stops at
+/// MAX_IOVECS.
 #[inline(always)]
-fn gather_loop(s: *mut Scratch, b: &Buffers, off: u64, limit: u64) -> u64 {
+fn gather_loop(s: *mut Scratch, b: &Buffers, off: u64, limit: u64, next: u64) -> u64 {
     // SAFETY: the per-CPU scratch is ours until this program returns; the helper takes a
     // callback of the signature it expects.
     unsafe {
@@ -358,7 +373,7 @@ fn gather_loop(s: *mut Scratch, b: &Buffers, off: u64, limit: u64) -> u64 {
         write_volatile(&mut g.limit, limit);
         write_volatile(&mut g.iov, b.iov);
         write_volatile(&mut g.count, b.count);
-        write_volatile(&mut g.next, 1);
+        write_volatile(&mut g.next, next);
         bpf_loop(
             MAX_IOVECS_LOOPED,
             gather_step as *mut c_void,
@@ -510,11 +525,11 @@ pub fn emit_data<S: Store, const WALK: bool>(
             } else {
                 PAYLOAD_CAP as u64
             };
-            captured = if WALK {
-                gather_loop(scratch, &b, captured, limit)
-            } else {
-                gather(payload.as_mut_ptr(), &b, captured, limit)
-            };
+            let (end, next) = gather(payload.as_mut_ptr(), &b, captured, limit);
+            captured = end;
+            if WALK && next == MAX_IOVECS && b.count > MAX_IOVECS && end < limit {
+                captured = gather_loop(scratch, &b, end, limit, next);
+            }
         }
         if ret > captured && args.kind != KIND_NONE {
             count(KernelStat::PayloadTruncated);
