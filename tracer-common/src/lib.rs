@@ -157,7 +157,7 @@ pub const DATA_EVENT_FIXED: usize = core::mem::size_of::<DataMeta>();
 /// PUSH_PROMISE), up to [`FRAME_KEEP_CAP`] bytes of that. A segment is `offset: u32` (in the
 /// call's bytes), `len: u32`, then `len` bytes. At most this many bytes of segments (the
 /// last one may run past it).
-pub const FRAMES_CAP: usize = 4096;
+pub const FRAMES_CAP: usize = 8192;
 /// Header-block bytes kept per frame in a segment (a power of two).
 pub const FRAME_KEEP_CAP: usize = 1024;
 /// A segment's own header: offset and length.

@@ -76,7 +76,7 @@ pub struct Scratch {
     pub frames: [u8; FRAMES_CAP],
     /// Room for the last segment past FRAMES_CAP (and for the payload's variable-offset copies,
     /// which may run through `frames`, written after them).
-    pub spill: [u8; SEGMENT_HEADER + 9 + FRAME_KEEP_CAP + PAYLOAD_CAP],
+    pub spill: [u8; SEGMENT_HEADER + 9 + 2 * FRAME_KEEP_CAP + PAYLOAD_CAP],
     /// The frame walk (`data::walk_frames`), kept here for its `bpf_loop` callback: where it
     /// is, what it wrote, and the call it walks.
     pub walk: Walk,
@@ -105,6 +105,20 @@ pub struct Walk {
     pub done: u64,
     /// The frame header being looked at.
     pub hdr: [u8; 16],
+    /// Over an iovec call (`data::iov_step`): the iovec array and its length, the buffer being
+    /// read (its index, where it starts in the call's bytes, its address and length), and a
+    /// header block being copied into the segment at `keep_seg` (`keep_n` bytes so far, the
+    /// next at `keep_at`, up to `keep_to`; 0: none).
+    pub iov: u64,
+    pub count: u64,
+    pub i: u64,
+    pub start: u64,
+    pub base: u64,
+    pub blen: u64,
+    pub keep_seg: u64,
+    pub keep_n: u64,
+    pub keep_at: u64,
+    pub keep_to: u64,
 }
 
 /// Per-CPU scratch space for building a data event: too big for the 512-byte stack.

@@ -47,9 +47,14 @@ const LATE_LINK_HOLD: Duration = Duration::from_millis(200);
 const MAX_OPEN: Duration = Duration::from_secs(120);
 /// How often the live table may be sized down to its recent peak.
 const SHRINK_EVERY: Duration = Duration::from_secs(60);
-/// Client spans awaiting their server end, per connection: as many as requests in flight on
-/// one (a client span pushed out here is never claimed, and its request is counted twice).
-const MAX_PENDING_PER_CONN: usize = crate::conn::MAX_IN_FLIGHT;
+/// Spans awaiting their other end, per connection: as many as requests in flight on one, an
+/// HTTP/1 pipeline's or an HTTP/2 connection's streams (a span pushed out here is never
+/// linked, and its request is counted by both ends).
+const MAX_PENDING_PER_CONN: usize = if crate::streams::MAX_STREAMS > crate::conn::MAX_IN_FLIGHT {
+    crate::streams::MAX_STREAMS
+} else {
+    crate::conn::MAX_IN_FLIGHT
+};
 /// Connections with client spans awaiting their server end.
 const MAX_PENDING_CONNS: usize = 16 * 1024;
 /// Exported spans' boxes kept for new spans (a span a request: no allocation per span).
@@ -409,23 +414,36 @@ impl Linker {
         self.live.insert(span_id, boxed);
         self.live_peak = self.live_peak.max(self.live.len());
         if s.kind == Side::Client {
-            self.link_waiting_server(conn, span_id);
+            self.link_waiting_server(conn, span_id, server_span_id(key));
         }
         Some(span_id)
     }
 
     /// A client span that arrives after its server end: link them now, so that the client's
-    /// exchange already knows its server end saw the request.
-    fn link_waiting_server(&mut self, conn: ConnKey, client_id: SpanId) {
+    /// exchange already knows its server end saw the request. The server span with the id
+    /// both ends derive for this request when it is waiting (HTTP/2's streams finish in any
+    /// order), else the oldest waiting one.
+    fn link_waiting_server(&mut self, conn: ConnKey, client_id: SpanId, expected: SpanId) {
         let Some(q) = self.pending_servers.get_mut(&conn) else {
             return;
         };
-        let server_id = loop {
-            let Some(id) = pop_front(q) else {
-                break None;
-            };
-            if self.live.get(&id).is_some_and(|s| s.link_pending) {
-                break Some(id);
+        let waiting = |live: &HashMap<SpanId, Box<Span>>, id: &SpanId| {
+            live.get(id).is_some_and(|s| s.link_pending)
+        };
+        let server_id = if let Some(i) = q
+            .iter()
+            .position(|&id| id == expected && waiting(&self.live, &id))
+        {
+            q.remove(i);
+            Some(expected)
+        } else {
+            loop {
+                let Some(id) = pop_front(q) else {
+                    break None;
+                };
+                if waiting(&self.live, &id) {
+                    break Some(id);
+                }
             }
         };
         if q.is_empty() {
@@ -554,6 +572,16 @@ impl Linker {
 
     pub fn is_live(&self, span_id: SpanId) -> bool {
         self.live.contains_key(&span_id)
+    }
+
+    /// Whether this SERVER span has claimed a client span on this host (`abandon` would give
+    /// it back).
+    pub fn holds_client(&self, span_id: SpanId) -> bool {
+        self.live.get(&span_id).is_some_and(|s| {
+            s.kind == Side::Server
+                && matches!(s.parent, Parent::Local(c)
+                    if self.live.get(&c).is_some_and(|c| c.kind == Side::Client && c.claimed))
+        })
     }
 
     /// Whether the server end of this CLIENT span's request was seen on this host.

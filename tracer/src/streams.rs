@@ -36,8 +36,7 @@ struct Stream {
     status: Option<Option<u16>>,
     grpc_status: Option<u32>,
     resp_bytes: u64,
-    /// Response frames had gone by unseen (`Streams::response_losses`) when it opened: its
-    /// end may be among them.
+    /// `Streams::response_losses` when it opened: more since, and its end may be among them.
     losses_at_open: u32,
     /// Its server span gave its client span back after response frames went by unseen: the
     /// client end, traced here, counts it.
@@ -183,7 +182,7 @@ impl Streams {
                         status: None,
                         grpc_status: None,
                         resp_bytes: 0,
-                        losses_at_open: self.current_losses(),
+                        losses_at_open: self.response_losses,
                         released,
                     },
                 );
@@ -243,13 +242,15 @@ impl Streams {
             }
             Frame::Reset { stream } => self.reset(stream, env),
             // Response frames went by unseen: streams whose end was among them end at the
-            // connection's close, counted there. A server end gives their client spans back
-            // now: the client end, if traced here, may have seen their responses whole.
+            // connection's close, counted there. A server end gives the client spans it holds
+            // back now: the client end, traced here, may have seen their responses whole (a
+            // span that holds none yet keeps going: it may still complete, and link then).
             Frame::Lost => {
                 self.response_losses = self.response_losses.saturating_add(1);
                 if env.side == Side::Server {
                     for s in self.open.values_mut() {
-                        if let Some(span) = s.span.take() {
+                        if let Some(span) = s.span.filter(|&span| env.linker.holds_client(span)) {
+                            s.span = None;
                             s.released = env.linker.abandon(span);
                         }
                     }
@@ -275,11 +276,10 @@ impl Streams {
     /// Makes room for a new stream by dropping one whose end may have gone by unseen (response
     /// frames were lost since it opened), counted as such; false when there is none.
     fn evict_doubtful(&mut self, env: &mut Env<'_, '_>) -> bool {
-        let losses = self.current_losses();
         let Some(id) = self
             .open
             .iter()
-            .filter(|(_, s)| s.losses_at_open != losses)
+            .filter(|(_, s)| self.doubtful(s))
             .map(|(id, _)| *id)
             .min()
         else {
@@ -302,9 +302,10 @@ impl Streams {
         true
     }
 
-    /// Losses of response frames so far, counting a direction not followed now as one more.
-    fn current_losses(&self) -> u32 {
-        self.response_losses + u32::from(!self.responses.synced())
+    /// Whether a stream's end may have gone by unseen: response frames were lost since it
+    /// opened, or are not followed now (as `unpair_all` tells).
+    fn doubtful(&self, s: &Stream) -> bool {
+        s.losses_at_open != self.response_losses || !self.responses.synced()
     }
 
     /// A stream's response ended at `end_ns`.
@@ -401,10 +402,11 @@ impl Streams {
         }
         // At the close, a stream left open is a request its server did not answer, unless
         // response frames went by unseen since it opened (its end may have been among them).
-        let losses = self.current_losses();
+        let (losses, synced) = (self.response_losses, self.responses.synced());
         for (_, s) in self.open.drain() {
+            let doubtful = s.losses_at_open != losses || !synced;
             let lost = match reason {
-                "no_response" if s.losses_at_open == losses => None,
+                "no_response" if !doubtful => None,
                 "no_response" => Some("response_unseen"),
                 other => Some(other),
             };

@@ -314,6 +314,199 @@ extern "C" fn walk_step(_index: u64, _ctx: *mut c_void) -> i64 {
     }
 }
 
+/// `walk_frames` over an iovec call (`count` buffers at `iov`; nginx's `writev` of DATA frames,
+/// gRPC's `sendmsg` of a response's frames): the same segments, a header block copied across
+/// the buffers it spans (gRPC writes one buffer per name and value).
+#[inline(always)]
+fn walk_iov_frames(
+    s: *mut Scratch,
+    (iov, count): (u64, u64),
+    ret: u64,
+    start: u64,
+    captured: u64,
+) -> (u64, u32) {
+    // SAFETY: as in `walk_frames`.
+    unsafe {
+        let Some((base, blen)) = read_iovec(iov) else {
+            return (0, CARRY_UNKNOWN);
+        };
+        let w = &mut (*s).walk;
+        write_volatile(&mut w.at, start);
+        write_volatile(&mut w.len, 0);
+        write_volatile(&mut w.ret, ret);
+        write_volatile(&mut w.captured, captured);
+        write_volatile(&mut w.done, 0);
+        write_volatile(&mut w.iov, iov);
+        write_volatile(&mut w.count, count);
+        write_volatile(&mut w.i, 0);
+        write_volatile(&mut w.start, 0);
+        write_volatile(&mut w.base, base);
+        write_volatile(&mut w.blen, blen);
+        write_volatile(&mut w.keep_to, 0);
+        bpf_loop(
+            MAX_FRAMES_WALKED,
+            iov_step as *mut c_void,
+            core::ptr::null_mut(),
+            0,
+        );
+        let w = &(*s).walk;
+        let o = read_volatile(&w.at);
+        let carry = if read_volatile(&w.done) != 0 && o - ret < CARRY_UNKNOWN as u64 {
+            (o - ret) as u32
+        } else {
+            CARRY_UNKNOWN
+        };
+        (read_volatile(&w.len), carry)
+    }
+}
+
+/// One step of `walk_iov_frames`: a piece of a header block copied, the next buffer taken, or
+/// a frame header read. 0 to go on, 1 to stop.
+extern "C" fn iov_step(_index: u64, _ctx: *mut c_void) -> i64 {
+    let Some(s) = SCRATCH.get_ptr_mut(0) else {
+        return 1;
+    };
+    // SAFETY: as in `walk_step`; the block copy's destination is masked below FRAMES_CAP plus
+    // FRAME_KEEP_CAP, its length below FRAME_KEEP_CAP, inside the spill.
+    unsafe {
+        let walk = &mut (*s).walk;
+        let (start, base, blen) = (
+            read_volatile(&walk.start),
+            read_volatile(&walk.base),
+            read_volatile(&walk.blen),
+        );
+        let keep_to = read_volatile(&walk.keep_to);
+        if keep_to != 0 {
+            let (seg, n, at) = (
+                read_volatile(&walk.keep_seg) & (FRAMES_CAP as u64 - 1),
+                read_volatile(&walk.keep_n) & (FRAME_KEEP_CAP as u64 - 1),
+                read_volatile(&walk.keep_at),
+            );
+            let seg_ptr = (*s).frames.as_mut_ptr().add(seg as usize);
+            if at >= keep_to || n >= FRAME_KEEP_CAP as u64 - 1 {
+                // The block's segment is done.
+                write_unaligned(seg_ptr.add(4).cast::<u32>(), (FRAME_HEADER + n) as u32);
+                write_volatile(
+                    &mut walk.len,
+                    seg + SEGMENT_HEADER as u64 + FRAME_HEADER + n,
+                );
+                write_volatile(&mut walk.keep_to, 0);
+                return 0;
+            }
+            if at >= start + blen {
+                return next_iovec(walk, start, blen);
+            }
+            let end = if keep_to < start + blen {
+                keep_to
+            } else {
+                start + blen
+            };
+            let room = FRAME_KEEP_CAP as u64 - 1 - n;
+            let want = if end - at < room { end - at } else { room };
+            let m = black_box(((want - 1) & (FRAME_KEEP_CAP as u64 - 1)) + 1);
+            let dst = seg_ptr.add(SEGMENT_HEADER + FRAME_HEADER as usize + n as usize);
+            if bpf_probe_read_user(dst.cast(), m as u32, (base + (at - start)) as *const _) != 0 {
+                write_volatile(&mut walk.keep_at, keep_to);
+                return 0;
+            }
+            write_volatile(&mut walk.keep_n, n + m);
+            write_volatile(&mut walk.keep_at, at + m);
+            return 0;
+        }
+        let (o, w, ret, captured) = (
+            read_volatile(&walk.at),
+            read_volatile(&walk.len),
+            read_volatile(&walk.ret),
+            read_volatile(&walk.captured),
+        );
+        if o >= ret {
+            write_volatile(&mut walk.done, 1);
+            return 1;
+        }
+        if o >= start + blen {
+            return next_iovec(walk, start, blen);
+        }
+        if o + FRAME_HEADER > start + blen {
+            // A frame header across two buffers: not followed.
+            return 1;
+        }
+        let hdr = walk.hdr.as_mut_ptr();
+        if o + FRAME_HEADER <= captured {
+            let p = (*s)
+                .ev
+                .payload
+                .as_ptr()
+                .add((o & (PAYLOAD_CAP as u64 - 1)) as usize);
+            let mut k = 0;
+            while k < FRAME_HEADER as usize {
+                *hdr.add(k) = *p.add(k);
+                k += 1;
+            }
+        } else if bpf_probe_read_user(
+            hdr.cast(),
+            FRAME_HEADER as u32,
+            (base + (o - start)) as *const _,
+        ) != 0
+        {
+            return 1;
+        }
+        let len = (u64::from(*hdr) << 16) | (u64::from(*hdr.add(1)) << 8) | u64::from(*hdr.add(2));
+        let kind = *hdr.add(3);
+        if kind > FRAME_TYPE_MAX || *hdr.add(5) & 0x80 != 0 {
+            return 1;
+        }
+        let body = o + FRAME_HEADER;
+        let end = body + len;
+        let in_call = if end < ret { end } else { ret };
+        if in_call > captured && w < FRAMES_CAP as u64 {
+            let w = w & (FRAMES_CAP as u64 - 1);
+            let seg = (*s).frames.as_mut_ptr().add(w as usize);
+            let mut k = 0;
+            while k < FRAME_HEADER as usize {
+                *seg.add(SEGMENT_HEADER + k) = *hdr.add(k);
+                k += 1;
+            }
+            write_unaligned(seg.cast::<u32>(), o as u32);
+            write_unaligned(seg.add(4).cast::<u32>(), FRAME_HEADER as u32);
+            if (kind == FRAME_HEADERS || kind == FRAME_PUSH_PROMISE || kind == FRAME_CONTINUATION)
+                && len > 0
+                && body < ret
+            {
+                // Copied over the next steps, buffer by buffer.
+                write_volatile(&mut walk.keep_seg, w);
+                write_volatile(&mut walk.keep_n, 0);
+                write_volatile(&mut walk.keep_at, body);
+                write_volatile(&mut walk.keep_to, in_call);
+            } else {
+                write_volatile(&mut walk.len, w + SEGMENT_HEADER as u64 + FRAME_HEADER);
+            }
+        }
+        write_volatile(&mut walk.at, end);
+        0
+    }
+}
+
+/// The iovec after the one that starts at `start` and is `blen` long; 1 (stop) when there is
+/// none.
+#[inline(always)]
+fn next_iovec(walk: &mut crate::maps::Walk, start: u64, blen: u64) -> i64 {
+    // SAFETY: fields of the scratch, as in `iov_step`.
+    unsafe {
+        let i = read_volatile(&walk.i) + 1;
+        if i >= read_volatile(&walk.count) {
+            return 1;
+        }
+        let Some((base, len)) = read_iovec(read_volatile(&walk.iov) + 16 * i) else {
+            return 1;
+        };
+        write_volatile(&mut walk.i, i);
+        write_volatile(&mut walk.start, start + blen);
+        write_volatile(&mut walk.base, base);
+        write_volatile(&mut walk.blen, len);
+        0
+    }
+}
+
 /// HTTP/2 on the socket data path: a connection whose first bytes are the client preface is
 /// marked, and its single-buffer calls are walked frame by frame (`walk_frames`). Returns the
 /// segments' length.
@@ -323,8 +516,9 @@ fn http2_frames(
     state: *mut SockState,
     args: &SyscallArgs,
     seq: u32,
-    ret: u64,
-    captured: u64,
+    (ret, captured): (u64, u64),
+    (base, len): (u64, u64),
+    iovecs: (u64, u64),
 ) -> u64 {
     // SAFETY: a live map value, and the scratch as in `walk_frames`.
     unsafe {
@@ -337,8 +531,7 @@ fn http2_frames(
             return 0;
         }
         let dir = ((args.direction - 1) & 1) as usize;
-        if args.kind != KIND_BUF {
-            // Not walked: its frames are taken to end with it, as writers' do.
+        if base == 0 {
             (*state).h2_carry[dir] = CARRY_UNKNOWN;
             return 0;
         }
@@ -350,9 +543,15 @@ fn http2_frames(
         } else {
             u64::from(carry)
         };
-        let (len, next) = walk_frames(s, args.buf, ret, start, captured);
+        // A single buffer (or an iovec call's first buffer holding all its bytes, as a
+        // recvmsg's does), or buffer by buffer.
+        let (segments, next) = if len >= ret {
+            walk_frames(s, base, ret, start, captured)
+        } else {
+            walk_iov_frames(s, iovecs, ret, start, captured)
+        };
         (*state).h2_carry[dir] = next;
-        len
+        segments
     }
 }
 
@@ -496,7 +695,11 @@ pub fn emit_data<S: Store, const WALK: bool>(
 
     let mut captured: u64 = 0;
     meta.tail_len = 0;
+    // The call's first buffer, where an HTTP/2 walk reads when it holds all the bytes.
+    let (mut first, mut iovecs) = ((0, 0), (0, 0));
     if let Some(b) = buffers(args) {
+        first = (b.base, b.len);
+        iovecs = (b.iov, b.count);
         let src = b.base;
         let avail = if b.len < ret { b.len } else { ret };
         let want = if avail < PAYLOAD_CAP as u64 {
@@ -551,7 +754,15 @@ pub fn emit_data<S: Store, const WALK: bool>(
     }
     meta.captured = captured as u32;
     let frames_len = match next.state {
-        Some(state) if WALK => http2_frames(scratch, state, args, next.seq, ret, captured),
+        Some(state) if WALK => http2_frames(
+            scratch,
+            state,
+            args,
+            next.seq,
+            (ret, captured),
+            first,
+            iovecs,
+        ),
         _ => 0,
     };
     meta.frames_len = frames_len as u32;
