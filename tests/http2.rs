@@ -57,23 +57,29 @@ fn h2load_streams_are_counted() {
     let mut done = 0;
     let mut classes = [0u64; 4];
     // At a fixed rate: a saturating h2load leaves no CPU to the tracer on 2 cores (what it then
-    // misses is counted as lost: the reliability tests' business, not this one's).
-    for (path, n, rps) in [
-        ("/tiny", 4000, 250),
-        ("/big.bin", 400, 25),
-        ("/missing/7", 1000, 100),
+    // misses is counted as lost: the reliability tests' business, not this one's). 100 streams
+    // in flight per connection: more than an HTTP/1 pipeline's depth anywhere in the daemon.
+    for (conns, streams, path, n, rps) in [
+        (4, 10, "/tiny", 4000, 250),
+        (2, 100, "/tiny", 20_000, 2000),
+        (4, 10, "/big.bin", 400, 25),
+        (4, 10, "/missing/7", 1000, 100),
     ] {
         let url = format!("http://127.0.0.1:{}{path}", nginx.port);
-        let (ok, c) = h2load(
-            &["-c4", "-m10", &format!("-n{n}"), &format!("--rps={rps}")],
-            &url,
-        );
+        let args = [
+            format!("-c{conns}"),
+            format!("-m{streams}"),
+            format!("-n{n}"),
+            format!("--rps={rps}"),
+        ];
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (ok, c) = h2load(&args, &url);
         done += ok;
         for (a, b) in classes.iter_mut().zip(c) {
             *a += b;
         }
     }
-    assert_eq!(done, 5400, "h2load completed every request");
+    assert_eq!(done, 25_400, "h2load completed every request");
     let edge = daemon.wait_edge("h2load", nginx.port, done);
     assert_eq!(edge["requests"], done, "{}", daemon.diagnostics());
     let codes: BTreeMap<String, u64> = edge["status_codes"]
@@ -102,7 +108,7 @@ fn h2load_streams_are_counted() {
             .map(|r| r["requests"].as_u64().unwrap_or(0))
             .sum::<u64>()
     };
-    assert_eq!(route("/tiny"), 4000, "{routes}");
+    assert_eq!(route("/tiny"), 24_000, "{routes}");
     assert_eq!(route("/big.bin"), 400, "{routes}");
     assert_eq!(route("/missing/{id}"), 1000, "{routes}");
     assert_eq!(
@@ -113,9 +119,10 @@ fn h2load_streams_are_counted() {
     );
 }
 
-/// gRPC over one HTTP/2 connection: every call counted on its method's route, the calls that
-/// failed (grpc-status not OK, under HTTP 200) counted as failures, and spans that carry the
-/// gRPC status and are errors as the RPC conventions say.
+/// gRPC over one HTTP/2 connection: every call counted on its method's route, by both ends
+/// (5 KB responses included: frames past what the kernel side copies of a `sendmsg`), the
+/// calls that failed (grpc-status not OK, under HTTP 200) counted as failures, and spans that
+/// carry the gRPC status and are errors as the RPC conventions say.
 #[test]
 fn grpc_calls_are_counted_with_their_status() {
     let _serial = serial();
@@ -147,10 +154,19 @@ fn grpc_calls_are_counted_with_their_status() {
     assert_eq!(got["Get"]["OK"], 2 * ROUNDS, "{got}");
     assert_eq!(got["Missing"]["NOT_FOUND"], ROUNDS, "{got}");
     assert_eq!(got["Boom"]["INTERNAL"], ROUNDS, "{got}");
+    assert_eq!(got["Big"]["OK"], ROUNDS, "{got}");
 
-    let total = 4 * ROUNDS;
+    let total = 5 * ROUNDS;
     let edge = daemon.wait_edge("grpc_client", port, total);
     assert_eq!(edge["requests"], total, "{}", daemon.diagnostics());
+    assert_eq!(
+        edge["server_latency"]["count"], total,
+        "the server end saw every call"
+    );
+    assert_eq!(
+        edge["client_latency"]["count"], total,
+        "the client end saw every call"
+    );
     assert_eq!(edge["dst"], "grpc_server", "{edge}");
     assert_eq!(
         edge["failures"],
@@ -162,6 +178,7 @@ fn grpc_calls_are_counted_with_their_status() {
         ("/shop.Catalog/Get", 2 * ROUNDS),
         ("/shop.Catalog/Missing", ROUNDS),
         ("/shop.Catalog/Boom", ROUNDS),
+        ("/shop.Catalog/Big", ROUNDS),
     ] {
         let seen: u64 = routes["routes"]
             .as_array()
@@ -200,7 +217,7 @@ fn grpc_calls_are_counted_with_their_status() {
             .expect("rpc.grpc.status_code");
         let path = s.attr_str("url.path").expect("url.path");
         let want = match path.as_str() {
-            "/shop.Catalog/Get" => 0,
+            "/shop.Catalog/Get" | "/shop.Catalog/Big" => 0,
             "/shop.Catalog/Missing" => 5,
             "/shop.Catalog/Boom" => 13,
             other => panic!("unexpected path {other}"),
