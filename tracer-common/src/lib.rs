@@ -157,13 +157,14 @@ pub const DATA_EVENT_FIXED: usize = core::mem::size_of::<DataMeta>();
 /// PUSH_PROMISE), up to [`FRAME_KEEP_CAP`] bytes of that. A segment is `offset: u32` (in the
 /// call's bytes), `len: u32`, then `len` bytes. At most this many bytes of segments (the
 /// last one may run past it).
-pub const FRAMES_CAP: usize = 8192;
+pub const FRAMES_CAP: usize = 16 * 1024;
 /// Header-block bytes kept per frame in a segment (a power of two).
 pub const FRAME_KEEP_CAP: usize = 1024;
 /// A segment's own header: offset and length.
 pub const SEGMENT_HEADER: usize = 8;
-/// Frames a call is walked through, at most (a 32 KiB read of small gRPC responses holds ~400).
-pub const MAX_FRAMES_WALKED: u32 = 512;
+/// Steps of a call's walk, at most: a frame, or for an iovec call also a buffer or a piece of
+/// a header block (node's `writev` of 300 streams' responses: ~1200 buffers).
+pub const MAX_FRAMES_WALKED: u32 = 2048;
 
 /// What the kernel side keeps per socket.
 #[repr(C)]

@@ -265,6 +265,22 @@ fn pop_front(q: &mut Queue) -> Option<SpanId> {
     (!q.is_empty()).then(|| q.remove(0))
 }
 
+/// From a queue of spans awaiting their other end: `expected` (the id both ends derive for the
+/// request) when it is there and `fits`, else the oldest that fits; the ones before it that do
+/// not fit any more go.
+fn take(q: &mut Queue, expected: SpanId, fits: impl Fn(&SpanId) -> bool) -> Option<SpanId> {
+    if let Some(i) = q.iter().position(|id| *id == expected && fits(id)) {
+        q.remove(i);
+        return Some(expected);
+    }
+    loop {
+        let id = pop_front(q)?;
+        if fits(&id) {
+            return Some(id);
+        }
+    }
+}
+
 fn nonzero(v: u64) -> u64 {
     if v == 0 { 1 } else { v }
 }
@@ -427,25 +443,9 @@ impl Linker {
         let Some(q) = self.pending_servers.get_mut(&conn) else {
             return;
         };
-        let waiting = |live: &HashMap<SpanId, Box<Span>>, id: &SpanId| {
-            live.get(id).is_some_and(|s| s.link_pending)
-        };
-        let server_id = if let Some(i) = q
-            .iter()
-            .position(|&id| id == expected && waiting(&self.live, &id))
-        {
-            q.remove(i);
-            Some(expected)
-        } else {
-            loop {
-                let Some(id) = pop_front(q) else {
-                    break None;
-                };
-                if waiting(&self.live, &id) {
-                    break Some(id);
-                }
-            }
-        };
+        let server_id = take(q, expected, |id| {
+            self.live.get(id).is_some_and(|s| s.link_pending)
+        });
         if q.is_empty() {
             self.pending_servers.remove(&conn);
         }
@@ -500,25 +500,9 @@ impl Linker {
         let q = self.pending_clients.get_mut(&conn)?;
         // A client span whose response already came back cannot be the request a server is
         // just starting to read: its own server end missed it.
-        let open = |live: &HashMap<SpanId, Box<Span>>, id: &SpanId| {
-            live.get(id).is_some_and(|s| s.finished.is_none())
-        };
-        let id = if let Some(i) = q
-            .iter()
-            .position(|&id| id == expected && open(&self.live, &id))
-        {
-            q.remove(i);
-            Some(expected)
-        } else {
-            loop {
-                let Some(id) = pop_front(q) else {
-                    break None;
-                };
-                if open(&self.live, &id) {
-                    break Some(id);
-                }
-            }
-        };
+        let id = take(q, expected, |id| {
+            self.live.get(id).is_some_and(|s| s.finished.is_none())
+        });
         let found = id.and_then(|id| self.live.get_mut(&id)).map(|span| {
             span.claimed = true;
             span.as_parent()

@@ -233,58 +233,34 @@ extern "C" fn walk_step(_index: u64, _ctx: *mut c_void) -> i64 {
     // masked below its array's size, and the arrays after it (spill) take what a copy may run
     // past; user memory is read through the checked helper.
     unsafe {
-        let walk = &mut (*s).walk;
-        let (o, w) = (read_volatile(&walk.at), read_volatile(&walk.len));
+        let walk = &raw mut (*s).walk;
+        let (o, w) = (
+            read_volatile(&raw const (*walk).at),
+            read_volatile(&raw const (*walk).len),
+        );
         let (buf, ret, captured) = (
-            read_volatile(&walk.buf),
-            read_volatile(&walk.ret),
-            read_volatile(&walk.captured),
+            read_volatile(&raw const (*walk).buf),
+            read_volatile(&raw const (*walk).ret),
+            read_volatile(&raw const (*walk).captured),
         );
         if o >= ret {
-            write_volatile(&mut walk.done, 1);
+            write_volatile(&raw mut (*walk).done, 1);
             return 1;
         }
         if o + FRAME_HEADER > ret {
             return 1;
         }
-        let hdr = walk.hdr.as_mut_ptr();
-        if o + FRAME_HEADER <= captured {
-            // In the payload already: copied, not read from the process again.
-            let p = (*s)
-                .ev
-                .payload
-                .as_ptr()
-                .add((o & (PAYLOAD_CAP as u64 - 1)) as usize);
-            let mut k = 0;
-            while k < FRAME_HEADER as usize {
-                *hdr.add(k) = *p.add(k);
-                k += 1;
-            }
-        } else if bpf_probe_read_user(hdr.cast(), FRAME_HEADER as u32, (buf + o) as *const _) != 0 {
+        let Some((len, kind)) = frame_header(s, o, captured, buf + o) else {
             return 1;
-        }
-        let len = (u64::from(*hdr) << 16) | (u64::from(*hdr.add(1)) << 8) | u64::from(*hdr.add(2));
-        let kind = *hdr.add(3);
-        // Not a frame header (the walk began inside a frame): stop, where-next unknown.
-        if kind > FRAME_TYPE_MAX || *hdr.add(5) & 0x80 != 0 {
-            return 1;
-        }
+        };
         let body = o + FRAME_HEADER;
         let end = body + len;
         let in_call = if end < ret { end } else { ret };
         if in_call > captured && w < FRAMES_CAP as u64 {
             let w = w & (FRAMES_CAP as u64 - 1);
-            let seg = (*s).frames.as_mut_ptr().add(w as usize);
-            let mut k = 0;
-            while k < FRAME_HEADER as usize {
-                *seg.add(SEGMENT_HEADER + k) = *hdr.add(k);
-                k += 1;
-            }
+            let seg = begin_segment(s, w, o);
             let mut keep = 0;
-            if (kind == FRAME_HEADERS || kind == FRAME_PUSH_PROMISE || kind == FRAME_CONTINUATION)
-                && len > 0
-                && body < ret
-            {
+            if keeps_block(kind) && len > 0 && body < ret {
                 let avail = if len < ret - body { len } else { ret - body };
                 let want = if avail < FRAME_KEEP_CAP as u64 {
                     avail
@@ -302,16 +278,74 @@ extern "C" fn walk_step(_index: u64, _ctx: *mut c_void) -> i64 {
                     keep = n;
                 }
             }
-            write_unaligned(seg.cast::<u32>(), o as u32);
             write_unaligned(seg.add(4).cast::<u32>(), (FRAME_HEADER + keep) as u32);
             write_volatile(
-                &mut walk.len,
+                &raw mut (*walk).len,
                 w + SEGMENT_HEADER as u64 + FRAME_HEADER + keep,
             );
         }
-        write_volatile(&mut walk.at, end);
+        write_volatile(&raw mut (*walk).at, end);
         0
     }
+}
+
+/// Reads the frame header at call offset `o` into the walk's `hdr`: from the payload when it
+/// was captured, else from `src`, the process's address of that byte. Its length and type, or
+/// None to stop the walk: unreadable, or no frame header (the walk began inside a frame).
+#[inline(always)]
+unsafe fn frame_header(s: *mut Scratch, o: u64, captured: u64, src: u64) -> Option<(u64, u8)> {
+    // SAFETY: the scratch as in `walk_step`; the payload offset is masked below PAYLOAD_CAP,
+    // with the arrays after it to read past; user memory through the checked helper.
+    unsafe {
+        let hdr = (*s).walk.hdr.as_mut_ptr();
+        if o + FRAME_HEADER <= captured {
+            // In the payload already: copied, not read from the process again.
+            let p = (*s)
+                .ev
+                .payload
+                .as_ptr()
+                .add((o & (PAYLOAD_CAP as u64 - 1)) as usize);
+            let mut k = 0;
+            while k < FRAME_HEADER as usize {
+                *hdr.add(k) = *p.add(k);
+                k += 1;
+            }
+        } else if bpf_probe_read_user(hdr.cast(), FRAME_HEADER as u32, src as *const _) != 0 {
+            return None;
+        }
+        let len = (u64::from(*hdr) << 16) | (u64::from(*hdr.add(1)) << 8) | u64::from(*hdr.add(2));
+        let kind = *hdr.add(3);
+        (kind <= FRAME_TYPE_MAX && *hdr.add(5) & 0x80 == 0).then_some((len, kind))
+    }
+}
+
+/// Starts the segment at `w` (below FRAMES_CAP) for the frame at call offset `o`: its offset,
+/// a length of the frame header alone, and the header the walk read. Returns the segment.
+#[inline(always)]
+unsafe fn begin_segment(s: *mut Scratch, w: u64, o: u64) -> *mut u8 {
+    // SAFETY: `w` masked below FRAMES_CAP: the segment's header and the frame header lie
+    // inside `frames` and the spill after it.
+    unsafe {
+        let seg = (*s)
+            .frames
+            .as_mut_ptr()
+            .add((w & (FRAMES_CAP as u64 - 1)) as usize);
+        let hdr = (*s).walk.hdr.as_ptr();
+        let mut k = 0;
+        while k < FRAME_HEADER as usize {
+            *seg.add(SEGMENT_HEADER + k) = *hdr.add(k);
+            k += 1;
+        }
+        write_unaligned(seg.cast::<u32>(), o as u32);
+        write_unaligned(seg.add(4).cast::<u32>(), FRAME_HEADER as u32);
+        seg
+    }
+}
+
+/// Frames whose payload is (or begins) a header block.
+#[inline(always)]
+fn keeps_block(kind: u8) -> bool {
+    kind == FRAME_HEADERS || kind == FRAME_PUSH_PROMISE || kind == FRAME_CONTINUATION
 }
 
 /// `walk_frames` over an iovec call (`count` buffers at `iov`; nginx's `writev` of DATA frames,
@@ -369,28 +403,28 @@ extern "C" fn iov_step(_index: u64, _ctx: *mut c_void) -> i64 {
     // SAFETY: as in `walk_step`; the block copy's destination is masked below FRAMES_CAP plus
     // FRAME_KEEP_CAP, its length below FRAME_KEEP_CAP, inside the spill.
     unsafe {
-        let walk = &mut (*s).walk;
+        let walk = &raw mut (*s).walk;
         let (start, base, blen) = (
-            read_volatile(&walk.start),
-            read_volatile(&walk.base),
-            read_volatile(&walk.blen),
+            read_volatile(&raw const (*walk).start),
+            read_volatile(&raw const (*walk).base),
+            read_volatile(&raw const (*walk).blen),
         );
-        let keep_to = read_volatile(&walk.keep_to);
+        let keep_to = read_volatile(&raw const (*walk).keep_to);
         if keep_to != 0 {
             let (seg, n, at) = (
-                read_volatile(&walk.keep_seg) & (FRAMES_CAP as u64 - 1),
-                read_volatile(&walk.keep_n) & (FRAME_KEEP_CAP as u64 - 1),
-                read_volatile(&walk.keep_at),
+                read_volatile(&raw const (*walk).keep_seg) & (FRAMES_CAP as u64 - 1),
+                read_volatile(&raw const (*walk).keep_n) & (FRAME_KEEP_CAP as u64 - 1),
+                read_volatile(&raw const (*walk).keep_at),
             );
             let seg_ptr = (*s).frames.as_mut_ptr().add(seg as usize);
             if at >= keep_to || n >= FRAME_KEEP_CAP as u64 - 1 {
                 // The block's segment is done.
                 write_unaligned(seg_ptr.add(4).cast::<u32>(), (FRAME_HEADER + n) as u32);
                 write_volatile(
-                    &mut walk.len,
+                    &raw mut (*walk).len,
                     seg + SEGMENT_HEADER as u64 + FRAME_HEADER + n,
                 );
-                write_volatile(&mut walk.keep_to, 0);
+                write_volatile(&raw mut (*walk).keep_to, 0);
                 return 0;
             }
             if at >= start + blen {
@@ -406,21 +440,21 @@ extern "C" fn iov_step(_index: u64, _ctx: *mut c_void) -> i64 {
             let m = black_box(((want - 1) & (FRAME_KEEP_CAP as u64 - 1)) + 1);
             let dst = seg_ptr.add(SEGMENT_HEADER + FRAME_HEADER as usize + n as usize);
             if bpf_probe_read_user(dst.cast(), m as u32, (base + (at - start)) as *const _) != 0 {
-                write_volatile(&mut walk.keep_at, keep_to);
+                write_volatile(&raw mut (*walk).keep_at, keep_to);
                 return 0;
             }
-            write_volatile(&mut walk.keep_n, n + m);
-            write_volatile(&mut walk.keep_at, at + m);
+            write_volatile(&raw mut (*walk).keep_n, n + m);
+            write_volatile(&raw mut (*walk).keep_at, at + m);
             return 0;
         }
         let (o, w, ret, captured) = (
-            read_volatile(&walk.at),
-            read_volatile(&walk.len),
-            read_volatile(&walk.ret),
-            read_volatile(&walk.captured),
+            read_volatile(&raw const (*walk).at),
+            read_volatile(&raw const (*walk).len),
+            read_volatile(&raw const (*walk).ret),
+            read_volatile(&raw const (*walk).captured),
         );
         if o >= ret {
-            write_volatile(&mut walk.done, 1);
+            write_volatile(&raw mut (*walk).done, 1);
             return 1;
         }
         if o >= start + blen {
@@ -430,58 +464,29 @@ extern "C" fn iov_step(_index: u64, _ctx: *mut c_void) -> i64 {
             // A frame header across two buffers: not followed.
             return 1;
         }
-        let hdr = walk.hdr.as_mut_ptr();
-        if o + FRAME_HEADER <= captured {
-            let p = (*s)
-                .ev
-                .payload
-                .as_ptr()
-                .add((o & (PAYLOAD_CAP as u64 - 1)) as usize);
-            let mut k = 0;
-            while k < FRAME_HEADER as usize {
-                *hdr.add(k) = *p.add(k);
-                k += 1;
-            }
-        } else if bpf_probe_read_user(
-            hdr.cast(),
-            FRAME_HEADER as u32,
-            (base + (o - start)) as *const _,
-        ) != 0
-        {
+        let Some((len, kind)) = frame_header(s, o, captured, base + (o - start)) else {
             return 1;
-        }
-        let len = (u64::from(*hdr) << 16) | (u64::from(*hdr.add(1)) << 8) | u64::from(*hdr.add(2));
-        let kind = *hdr.add(3);
-        if kind > FRAME_TYPE_MAX || *hdr.add(5) & 0x80 != 0 {
-            return 1;
-        }
+        };
         let body = o + FRAME_HEADER;
         let end = body + len;
         let in_call = if end < ret { end } else { ret };
         if in_call > captured && w < FRAMES_CAP as u64 {
             let w = w & (FRAMES_CAP as u64 - 1);
-            let seg = (*s).frames.as_mut_ptr().add(w as usize);
-            let mut k = 0;
-            while k < FRAME_HEADER as usize {
-                *seg.add(SEGMENT_HEADER + k) = *hdr.add(k);
-                k += 1;
-            }
-            write_unaligned(seg.cast::<u32>(), o as u32);
-            write_unaligned(seg.add(4).cast::<u32>(), FRAME_HEADER as u32);
-            if (kind == FRAME_HEADERS || kind == FRAME_PUSH_PROMISE || kind == FRAME_CONTINUATION)
-                && len > 0
-                && body < ret
-            {
+            begin_segment(s, w, o);
+            if keeps_block(kind) && len > 0 && body < ret {
                 // Copied over the next steps, buffer by buffer.
-                write_volatile(&mut walk.keep_seg, w);
-                write_volatile(&mut walk.keep_n, 0);
-                write_volatile(&mut walk.keep_at, body);
-                write_volatile(&mut walk.keep_to, in_call);
+                write_volatile(&raw mut (*walk).keep_seg, w);
+                write_volatile(&raw mut (*walk).keep_n, 0);
+                write_volatile(&raw mut (*walk).keep_at, body);
+                write_volatile(&raw mut (*walk).keep_to, in_call);
             } else {
-                write_volatile(&mut walk.len, w + SEGMENT_HEADER as u64 + FRAME_HEADER);
+                write_volatile(
+                    &raw mut (*walk).len,
+                    w + SEGMENT_HEADER as u64 + FRAME_HEADER,
+                );
             }
         }
-        write_volatile(&mut walk.at, end);
+        write_volatile(&raw mut (*walk).at, end);
         0
     }
 }
@@ -489,20 +494,20 @@ extern "C" fn iov_step(_index: u64, _ctx: *mut c_void) -> i64 {
 /// The iovec after the one that starts at `start` and is `blen` long; 1 (stop) when there is
 /// none.
 #[inline(always)]
-fn next_iovec(walk: &mut crate::maps::Walk, start: u64, blen: u64) -> i64 {
+fn next_iovec(walk: *mut crate::maps::Walk, start: u64, blen: u64) -> i64 {
     // SAFETY: fields of the scratch, as in `iov_step`.
     unsafe {
-        let i = read_volatile(&walk.i) + 1;
-        if i >= read_volatile(&walk.count) {
+        let i = read_volatile(&raw const (*walk).i) + 1;
+        if i >= read_volatile(&raw const (*walk).count) {
             return 1;
         }
-        let Some((base, len)) = read_iovec(read_volatile(&walk.iov) + 16 * i) else {
+        let Some((base, len)) = read_iovec(read_volatile(&raw const (*walk).iov) + 16 * i) else {
             return 1;
         };
-        write_volatile(&mut walk.i, i);
-        write_volatile(&mut walk.start, start + blen);
-        write_volatile(&mut walk.base, base);
-        write_volatile(&mut walk.blen, len);
+        write_volatile(&raw mut (*walk).i, i);
+        write_volatile(&raw mut (*walk).start, start + blen);
+        write_volatile(&raw mut (*walk).base, base);
+        write_volatile(&raw mut (*walk).blen, len);
         0
     }
 }
