@@ -1103,7 +1103,12 @@ fn reader_mut(conn: &mut Conn, requests: bool) -> &mut Reader {
 /// A request this end will not count: lost, unless it is a client's whose server end is
 /// traced on this host (that end counts it).
 fn lost_here(conn: &Conn, side: Side, reason: &str, n: u64, metrics: &Metrics) {
-    if n > 0 && (side == Side::Server || conn.peer_sk == 0) {
+    count_lost(side, conn.peer_sk, reason, n, metrics);
+}
+
+/// `lost_here` for an end known by its side and peer socket (0: not seen on this host).
+pub(crate) fn count_lost(side: Side, peer_sk: u64, reason: &str, n: u64, metrics: &Metrics) {
+    if n > 0 && (side == Side::Server || peer_sk == 0) {
         metrics
             .requests_lost
             .with_label_values(&[side.as_str(), reason])

@@ -5,7 +5,7 @@
 use foldhash::HashMap;
 
 use crate::{
-    conn::{Exchange, Side},
+    conn::{self, Exchange, Side},
     event::{Data, Task, Tuple},
     http1::{Method, Path},
     http2::{Fields, Frame, Half, View},
@@ -305,7 +305,7 @@ impl Streams {
     /// Whether a stream's end may have gone by unseen: response frames were lost since it
     /// opened, or are not followed now (as `unpair_all` tells).
     fn doubtful(&self, s: &Stream) -> bool {
-        s.losses_at_open != self.response_losses || !self.responses.synced()
+        doubtful(s, self.response_losses, self.responses.synced())
     }
 
     /// A stream's response ended at `end_ns`.
@@ -404,9 +404,8 @@ impl Streams {
         // response frames went by unseen since it opened (its end may have been among them).
         let (losses, synced) = (self.response_losses, self.responses.synced());
         for (_, s) in self.open.drain() {
-            let doubtful = s.losses_at_open != losses || !synced;
             let lost = match reason {
-                "no_response" if !doubtful => None,
+                "no_response" if !doubtful(&s, losses, synced) => None,
                 "no_response" => Some("response_unseen"),
                 other => Some(other),
             };
@@ -429,10 +428,15 @@ impl Default for Streams {
     }
 }
 
+/// `Streams::doubtful`, from the connection's response losses and whether they are followed.
+fn doubtful(s: &Stream, losses: u32, synced: bool) -> bool {
+    s.losses_at_open != losses || !synced
+}
+
 /// Requests that happened and that this end will not count, with no span to say whether the
 /// other end has them.
 fn lost(env: &Env<'_, '_>, reason: &str, n: u64) {
-    lost_counted(env.side, env.peer_sk, reason, n, env.metrics);
+    conn::count_lost(env.side, env.peer_sk, reason, n, env.metrics);
 }
 
 /// A stream this end will not count: its span goes, and its request is counted as lost unless
@@ -462,16 +466,5 @@ fn give_up(
             .requests_lost
             .with_label_values(&[side.as_str(), reason])
             .inc();
-    }
-}
-
-/// As `conn::lost_here`: not counted at a client whose server end is traced on this host (that
-/// end counts the request).
-fn lost_counted(side: Side, peer_sk: u64, reason: &str, n: u64, metrics: &Metrics) {
-    if n > 0 && (side == Side::Server || peer_sk == 0) {
-        metrics
-            .requests_lost
-            .with_label_values(&[side.as_str(), reason])
-            .inc_by(n);
     }
 }

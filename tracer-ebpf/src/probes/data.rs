@@ -199,19 +199,44 @@ fn walk_frames(s: *mut Scratch, buf: u64, ret: u64, start: u64, captured: u64) -
     // SAFETY: the per-CPU scratch is ours until this program returns; the helper takes a
     // callback of the signature it expects.
     unsafe {
-        let w = &mut (*s).walk;
-        write_volatile(&mut w.at, start);
-        write_volatile(&mut w.len, 0);
-        write_volatile(&mut w.buf, buf);
-        write_volatile(&mut w.ret, ret);
-        write_volatile(&mut w.captured, captured);
-        write_volatile(&mut w.done, 0);
+        write_volatile(&mut (*s).walk.buf, buf);
         bpf_loop(
             MAX_FRAMES_WALKED,
-            walk_step as *mut c_void,
+            begin_walk(s, start, ret, captured, walk_step as *mut c_void),
             core::ptr::null_mut(),
             0,
         );
+        end_walk(s, ret)
+    }
+}
+
+/// Sets up a walk of a call of `ret` bytes from `start`; returns `step`, for `bpf_loop`.
+#[inline(always)]
+fn begin_walk(
+    s: *mut Scratch,
+    start: u64,
+    ret: u64,
+    captured: u64,
+    step: *mut c_void,
+) -> *mut c_void {
+    // SAFETY: the per-CPU scratch is ours until this program returns.
+    unsafe {
+        let w = &mut (*s).walk;
+        write_volatile(&mut w.at, start);
+        write_volatile(&mut w.len, 0);
+        write_volatile(&mut w.ret, ret);
+        write_volatile(&mut w.captured, captured);
+        write_volatile(&mut w.done, 0);
+    }
+    step
+}
+
+/// What a walk left: the segments' length, and where the next call's first frame begins
+/// (`CARRY_UNKNOWN` unless the walk reached the call's end).
+#[inline(always)]
+fn end_walk(s: *mut Scratch, ret: u64) -> (u64, u32) {
+    // SAFETY: as in `begin_walk`.
+    unsafe {
         let w = &(*s).walk;
         let o = read_volatile(&w.at);
         let carry = if read_volatile(&w.done) != 0 && o - ret < CARRY_UNKNOWN as u64 {
@@ -365,11 +390,6 @@ fn walk_iov_frames(
             return (0, CARRY_UNKNOWN);
         };
         let w = &mut (*s).walk;
-        write_volatile(&mut w.at, start);
-        write_volatile(&mut w.len, 0);
-        write_volatile(&mut w.ret, ret);
-        write_volatile(&mut w.captured, captured);
-        write_volatile(&mut w.done, 0);
         write_volatile(&mut w.iov, iov);
         write_volatile(&mut w.count, count);
         write_volatile(&mut w.i, 0);
@@ -379,18 +399,11 @@ fn walk_iov_frames(
         write_volatile(&mut w.keep_to, 0);
         bpf_loop(
             MAX_FRAMES_WALKED,
-            iov_step as *mut c_void,
+            begin_walk(s, start, ret, captured, iov_step as *mut c_void),
             core::ptr::null_mut(),
             0,
         );
-        let w = &(*s).walk;
-        let o = read_volatile(&w.at);
-        let carry = if read_volatile(&w.done) != 0 && o - ret < CARRY_UNKNOWN as u64 {
-            (o - ret) as u32
-        } else {
-            CARRY_UNKNOWN
-        };
-        (read_volatile(&w.len), carry)
+        end_walk(s, ret)
     }
 }
 
