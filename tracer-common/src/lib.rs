@@ -63,6 +63,9 @@ pub const FLAG_IOVEC: u32 = 1 << 1;
 /// from the same thread and carried them. Read once per socket and thread (and again every
 /// [`TASK_RESEND`] events), not per call.
 pub const FLAG_TASK_KNOWN: u32 = 1 << 2;
+/// The bytes are the plaintext a TLS library (OpenSSL's `SSL_read`/`SSL_write`) handed over or
+/// returned on this socket, not what crossed the socket: its ciphertext is not sent.
+pub const FLAG_TLS: u32 = 1 << 3;
 /// A socket's events carry their thread's name and cgroup again at least this often (a power of
 /// two), so that a reader that lost track of a thread learns it again.
 pub const TASK_RESEND: u32 = 256;
@@ -106,8 +109,14 @@ pub struct SockTuple {
     pub local_port: u16,
     pub remote_port: u16,
     pub family: u16,
+    /// 0, or [`TUPLE_TLS`] in the tuples of TLS plaintext events: the daemon names the
+    /// connection back with the tuple it was given, so that its finding that a TLS
+    /// connection's plaintext is no HTTP is not taken for its ciphertext's, nor the reverse.
     pub _pad: u16,
 }
+
+/// `SockTuple::_pad` of TLS plaintext events' tuples.
+pub const TUPLE_TLS: u16 = 1;
 
 /// Everything about one read- or write-family syscall on a TCP socket but its payload.
 #[repr(C)]
@@ -173,9 +182,10 @@ pub struct SockState {
     pub tuple: SockTuple,
     /// Last data event number given out for this socket.
     pub seq: u32,
-    /// Nonzero: the daemon found this connection to carry no HTTP; its calls end in the kernel,
-    /// before any copy. Set by the kernel side from the daemon's request (which names the
-    /// tuple), and gone with the entry, which a new connection at this address replaces.
+    /// Nonzero: its calls end in the kernel, before any copy: [`OPAQUE_NOT_HTTP`] (the daemon
+    /// found this connection to carry no HTTP: set by the kernel side from the daemon's
+    /// request, which names the tuple) or [`OPAQUE_TLS`]. Gone with the entry, which a new
+    /// connection at this address replaces.
     pub opaque: u32,
     /// pid_tgid of the thread whose name and cgroup this socket's last delivered event carried
     /// (0: none yet).
@@ -188,6 +198,12 @@ pub struct SockState {
     pub h2_carry: [u32; 2],
     pub _pad: u32,
 }
+
+/// `SockState::opaque`: the daemon found no HTTP on this connection.
+pub const OPAQUE_NOT_HTTP: u32 = 1;
+/// `SockState::opaque`: a TLS library drives this connection; its plaintext is taken at the
+/// library ([`FLAG_TLS`]), its ciphertext is of no use.
+pub const OPAQUE_TLS: u32 = 2;
 
 /// `SockState::h2_carry` when the next call's first frame is not known: it is taken to begin
 /// the call, as writers' calls do.
@@ -241,9 +257,16 @@ pub enum KernelStat {
     /// TCP bytes moved by a call the socket data path cannot read (splice, io_uring, sendmmsg,
     /// a kernel thread): not captured, counted.
     OtherSyscall = 11,
+    /// Socket calls made by a TLS library on a connection it drives: their ciphertext is not
+    /// sent (the plaintext is, from the library).
+    TlsCiphertext = 12,
+    /// TLS library calls whose socket was never seen (a library that does not do its own
+    /// socket I/O, such as a memory BIO, or a connection older than the tracer that has not
+    /// touched its socket since): their plaintext is not sent, counted.
+    TlsNoSocket = 13,
 }
 
-pub const KERNEL_STAT_COUNT: u32 = 12;
+pub const KERNEL_STAT_COUNT: u32 = 14;
 
 impl KernelStat {
     pub const ALL: [KernelStat; KERNEL_STAT_COUNT as usize] = [
@@ -259,6 +282,8 @@ impl KernelStat {
         KernelStat::LostRequestEgress,
         KernelStat::SkippedOpaque,
         KernelStat::OtherSyscall,
+        KernelStat::TlsCiphertext,
+        KernelStat::TlsNoSocket,
     ];
 
     /// Name used as the `reason`/`kind` label in metrics.
@@ -276,6 +301,8 @@ impl KernelStat {
             KernelStat::LostRequestEgress => "lost_request_egress",
             KernelStat::SkippedOpaque => "skipped_opaque",
             KernelStat::OtherSyscall => "other_syscall",
+            KernelStat::TlsCiphertext => "tls_ciphertext",
+            KernelStat::TlsNoSocket => "tls_no_socket",
         }
     }
 }
@@ -296,6 +323,11 @@ pub mod limits {
     /// The daemon's findings that a socket carries no HTTP (TLS, databases, tunnels), not yet
     /// taken up by the kernel side.
     pub const OPAQUE_SOCKETS: u32 = 16 * 1024;
+    /// Threads inside a TLS library call at once (LRU: a thread killed inside one leaves an
+    /// entry that ages out).
+    pub const TLS_CALLS: u32 = 16 * 1024;
+    /// TLS sessions whose socket is known (LRU, by process and session).
+    pub const TLS_SESSIONS: u32 = 64 * 1024;
 }
 
 const _: () = assert!(core::mem::size_of::<EventHeader>() == 48);

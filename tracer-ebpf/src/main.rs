@@ -7,6 +7,7 @@
 //! (`probes/syscalls.rs`).
 #![no_std]
 #![no_main]
+#![feature(asm_experimental_arch)]
 
 mod maps;
 mod probes;

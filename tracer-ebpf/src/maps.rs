@@ -219,3 +219,73 @@ pub fn wakeup_flags() -> u64 {
         }
     }
 }
+
+/// A thread inside a TLS library call (`probes::tls`), from its entry to its return.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct TlsCall {
+    /// The library's session (`SSL *`).
+    pub ssl: u64,
+    /// The plaintext buffer, its length, and for the `_ex` calls where the byte count goes.
+    pub buf: u64,
+    pub num: u64,
+    pub out: u64,
+    pub ts_enter: u64,
+    /// [`DIR_EGRESS`](tracer_common::DIR_EGRESS) (a write), `DIR_INGRESS` (a read), or 0 (a
+    /// handshake).
+    pub direction: u32,
+    /// Nonzero for `SSL_read_ex`/`SSL_write_ex` (1 on success, bytes in `*out`).
+    pub ex: u32,
+}
+
+/// Keyed by pid_tgid.
+#[map]
+pub static TLS_CALLS: LruHashMap<u64, TlsCall> = LruHashMap::with_max_entries(limits::TLS_CALLS, 0);
+
+/// A TLS session of a process: which socket it drives.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct TlsKey {
+    pub ssl: u64,
+    pub tgid: u64,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct TlsSession {
+    pub sk: u64,
+    pub tuple: SockTuple,
+    /// Last plaintext event number given out (the socket's own numbering is not used: its
+    /// ciphertext calls send nothing).
+    pub seq: u32,
+    /// `TLS_SEEN_HANDSHAKE`, `TLS_OPAQUE`.
+    pub flags: u32,
+}
+
+/// The session's socket was first seen in a handshake (else the connection may be older than
+/// the tracer).
+pub const TLS_SEEN_HANDSHAKE: u32 = 1;
+/// The daemon found no HTTP in the plaintext.
+pub const TLS_OPAQUE: u32 = 2;
+
+#[map]
+pub static TLS_SESSIONS: LruHashMap<TlsKey, TlsSession> =
+    LruHashMap::with_max_entries(limits::TLS_SESSIONS, 0);
+
+/// One slot: how many threads are inside a TLS library call (entries in `TLS_CALLS`). While it
+/// is 0 (no TLS library in use, or none attached), socket calls do not look in `TLS_CALLS`.
+/// A thread killed inside a call leaves it above 0: calls are then looked up, which is only
+/// slower.
+#[map]
+pub static TLS_BUSY: Array<u64> = Array::with_max_entries(1, 0);
+
+/// Values `probes::tls::claim` writes to maps, built here rather than on the data path's
+/// stack, which has no room left for them.
+#[repr(C)]
+pub struct TlsScratch {
+    pub state: SockState,
+    pub session: TlsSession,
+}
+
+#[map]
+pub static TLS_SCRATCH: PerCpuArray<TlsScratch> = PerCpuArray::with_max_entries(1, 0);

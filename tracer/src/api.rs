@@ -171,6 +171,9 @@ pub struct StatusResponse {
     pub spans: bool,
     pub uptime_seconds: f64,
     pub programs: usize,
+    /// TLS library files whose calls are hooked (their plaintext is followed).
+    #[serde(default)]
+    pub tls_libraries: i64,
     pub version: String,
 }
 
@@ -334,6 +337,7 @@ async fn status(State(AppState { shared, .. }): State<AppState>) -> Json<StatusR
         spans: shared.spans,
         uptime_seconds: shared.started.elapsed().as_secs_f64(),
         programs: shared.programs,
+        tls_libraries: shared.metrics.tls_libraries.get(),
         version: env!("CARGO_PKG_VERSION").to_owned(),
     })
 }

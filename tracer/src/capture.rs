@@ -18,7 +18,7 @@ use aya::{
 use thiserror::Error;
 use tracer_common::{KERNEL_STAT_COUNT, KernelStat, SockTuple, limits};
 
-use crate::ring::Ring;
+use crate::{ring::Ring, tls::TlsHooks};
 
 /// Capability bits (include/uapi/linux/capability.h).
 const CAP_SYS_ADMIN: u32 = 21;
@@ -258,6 +258,8 @@ pub struct Capture {
     /// How the syscall programs were attached.
     pub mode: AttachMode,
     ebpf: Ebpf,
+    /// The TLS libraries' hooks.
+    tls: TlsHooks,
     stats: PerCpuArray<MapData, u64>,
     /// Keeps the kernel's run-time accounting on while held.
     _bpf_stats: Option<std::os::fd::OwnedFd>,
@@ -772,6 +774,8 @@ impl Capture {
             syscall_layouts.as_ref(),
         )?;
         drop(btf);
+        let mut tls = TlsHooks::load(&mut ebpf);
+        tls.refresh(&mut ebpf, true);
         // Parsing the kernel's BTF took ~7 MB for a moment: give it back now rather than keep
         // it in the allocator's free lists.
         // SAFETY: only asks the allocator to release free memory.
@@ -816,6 +820,7 @@ impl Capture {
                 links,
                 mode,
                 ebpf,
+                tls,
                 stats,
                 _bpf_stats: bpf_stats,
             },
@@ -847,9 +852,17 @@ impl Capture {
             .collect()
     }
 
+    /// Hooks the TLS libraries of processes started since the last call (containers bring
+    /// their own); returns how many library files are hooked.
+    pub fn refresh_tls(&mut self) -> usize {
+        self.tls.refresh(&mut self.ebpf, false);
+        self.tls.libraries()
+    }
+
     /// Detaches every program, all at once.
     pub fn detach(&mut self) {
         let t = std::time::Instant::now();
+        self.tls.detach();
         std::thread::scope(|scope| {
             for link in self.links.drain(..) {
                 scope.spawn(move || drop(link));

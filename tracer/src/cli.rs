@@ -429,7 +429,7 @@ pub fn tap(filter: &Filter, max: Option<usize>, args: &ClientArgs) -> anyhow::Re
             "request" => match serde_json::from_str::<TapEvent>(data) {
                 Ok(e) => writeln!(
                     out,
-                    "{} {} -> {} {} {} {} {:.3}ms{}",
+                    "{} {} -> {} {} {} {} {:.3}ms{}{}",
                     clock_time(e.ts_ms),
                     e.src,
                     e.dst,
@@ -437,6 +437,7 @@ pub fn tap(filter: &Filter, max: Option<usize>, args: &ClientArgs) -> anyhow::Re
                     e.path,
                     e.status,
                     e.latency_ms,
+                    if e.tls { " tls" } else { "" },
                     e.trace_id
                         .as_deref()
                         .map(|t| format!(" trace={t}"))

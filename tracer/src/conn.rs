@@ -108,6 +108,8 @@ pub struct Exchange {
     pub resp_bytes: u64,
     /// The span this end opened for the request.
     pub span: Option<SpanId>,
+    /// Seen as a TLS library's plaintext (the connection is encrypted).
+    pub tls: bool,
     /// Responses on this connection went by uncaptured or out of sync before this one: this
     /// end's pairs may be wrong (a client that pipelines responses past the capture).
     pub unsure: bool,
@@ -215,6 +217,8 @@ struct Conn {
     requests_beyond_capture: bool,
     /// An HTTP/2 connection's streams.
     h2: Option<Box<Streams>>,
+    /// Its events are a TLS library's plaintext (`Data::tls`).
+    tls: bool,
 }
 
 impl Conn {
@@ -257,6 +261,7 @@ impl Conn {
             responses_unsure: false,
             requests_beyond_capture: false,
             h2: None,
+            tls: false,
         }
     }
 }
@@ -424,9 +429,26 @@ impl ConnTable {
         out: &mut Vec<Exchange>,
     ) {
         let now = d.ts_exit_ns;
-        // A numbered event after a reset is a new socket's (a closed one's events go unnumbered).
+        if let Some(c) = self.conns.get(&d.sk)
+            && c.tls
+            && !d.tls
+            && same_connection(&c.tuple, d)
+        {
+            // Ciphertext of a connection whose plaintext is followed: a call that began before
+            // the library's hooks were in place.
+            metrics
+                .pairing_drops
+                .with_label_values(&["tls_ciphertext"])
+                .inc();
+            return;
+        }
+        // A numbered event after a reset is a new socket's (a closed one's events go
+        // unnumbered). The first plaintext event of a connection whose ciphertext was seen
+        // (one older than the tracer, found opaque) starts it again, as TLS.
         if let Some(c) = self.conns.get_mut(&d.sk)
-            && (!same_connection(&c.tuple, d) || (c.reset.is_some() && d.seq != 0))
+            && (!same_connection(&c.tuple, d)
+                || (c.reset.is_some() && d.seq != 0)
+                || (d.tls && !c.tls))
         {
             // The socket address was reused by a new connection: the old one was reset (and is
             // ending now), or its close was missed.
@@ -452,8 +474,9 @@ impl ConnTable {
                 self.evict(now, metrics, linker);
             }
             let spare = self.spare.pop().unwrap_or_default();
-            self.conns
-                .insert(d.sk, Box::new(Conn::new(d.tuple, d.task, now, spare)));
+            let mut conn = Box::new(Conn::new(d.tuple, d.task, now, spare));
+            conn.tls = d.tls;
+            self.conns.insert(d.sk, conn);
             self.by_tuple.insert(d.tuple, d.sk);
             metrics.conns_tracked.set(self.conns.len() as i64);
         }
@@ -1144,6 +1167,7 @@ fn on_head(conn: &mut Conn, requests: bool, info: Head, ctx: &mut Ctx<'_, '_>) {
                 index: conn.requests_seen,
                 start_ns: conn.requests.start_ns,
                 version: if h.minor_version == 0 { "1.0" } else { "1.1" },
+                tls: d.tls,
                 peer_local: conn.peer_local,
             });
             conn.requests_seen += 1;
@@ -1292,6 +1316,7 @@ fn complete_message(conn: &mut Conn, requests: bool, end_ns: u64, out: &mut Vec<
         req_bytes: req.bytes,
         resp_bytes,
         span: req.span,
+        tls: conn.tls,
     });
 }
 
@@ -1354,6 +1379,8 @@ mod tests {
         out: Vec<Exchange>,
         ts: u64,
         seq: u32,
+        /// The next events are TLS plaintext.
+        tls: bool,
     }
 
     impl Harness {
@@ -1365,6 +1392,7 @@ mod tests {
                 out: Vec::new(),
                 ts: 1_000_000,
                 seq: 0,
+                tls: false,
             }
         }
 
@@ -1387,6 +1415,7 @@ mod tests {
                 tail,
                 frames: &[],
                 from_sock: false,
+                tls: self.tls,
             };
             self.table
                 .on_data(&d, &self.metrics, &mut self.linker, &mut self.out);
@@ -1611,6 +1640,33 @@ mod tests {
         h.write(b"HTTP/1.1 201 Created\r\nContent-Length: 0\r\n\r\n");
         assert_eq!(h.statuses(), vec![("/up".to_owned(), 201)]);
         assert_eq!(h.out[0].req_bytes, 65);
+    }
+
+    #[test]
+    fn tls_plaintext_starts_a_connection_seen_as_ciphertext_again() {
+        let mut h = Harness::new();
+        // A connection older than the tracer: its ciphertext was seen first.
+        h.read(b"\x17\x03\x03\x00\x20\x9a\x01\xfe\x33");
+        assert_eq!(h.failures("unknown_protocol"), 1);
+        // Then its plaintext, numbered by the library's session from 1.
+        (h.tls, h.seq) = (true, 0);
+        h.read(b"GET /a HTTP/1.1\r\n\r\n");
+        h.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n");
+        // A ciphertext call that began before the hooks: not bytes of the exchange (numbered
+        // by the socket, not the session).
+        let seq = h.seq;
+        (h.tls, h.seq) = (false, 7);
+        h.read(b"\x17\x03\x03\x00\x20\x9a\x01\xfe\x33");
+        (h.tls, h.seq) = (true, seq);
+        h.read(b"GET /b HTTP/1.1\r\n\r\n");
+        h.write(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n");
+        assert_eq!(
+            h.statuses(),
+            vec![("/a".to_owned(), 200), ("/b".to_owned(), 404)]
+        );
+        assert!(h.out.iter().all(|e| e.tls));
+        assert_eq!(h.drops("tls_ciphertext"), 1);
+        assert_eq!(h.metrics.connections_desynced.get(), 0);
     }
 
     #[test]

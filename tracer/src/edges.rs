@@ -872,6 +872,7 @@ mod tests {
             resp_bytes: 100,
             span: None,
             unsure: false,
+            tls: false,
         }
     }
 

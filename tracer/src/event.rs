@@ -5,7 +5,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use thiserror::Error;
 use tracer_common::{
     AF_INET6, ConnEvent, DATA_EVENT_FIXED, DIR_EGRESS, DataMeta, EventHeader, EventKind,
-    FLAG_TASK_KNOWN, FLAG_TUPLE_FROM_SOCK, PAYLOAD_CAP, SockTuple, TAIL_LEN,
+    FLAG_TASK_KNOWN, FLAG_TLS, FLAG_TUPLE_FROM_SOCK, PAYLOAD_CAP, SockTuple, TAIL_LEN,
 };
 
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -151,6 +151,8 @@ pub struct Data<'a> {
     /// The kernel side had no state for the socket: a connection older than the tracer,
     /// followed from the middle.
     pub from_sock: bool,
+    /// The bytes are a TLS library's plaintext (`FLAG_TLS`), not what crossed the socket.
+    pub tls: bool,
 }
 
 impl Data<'_> {
@@ -237,6 +239,7 @@ pub fn decode(buf: &[u8]) -> Result<Event<'_>, DecodeError> {
                 tail: &buf[std::mem::offset_of!(DataMeta, tail)..][..tail_len],
                 frames,
                 from_sock: hdr.flags & FLAG_TUPLE_FROM_SOCK != 0,
+                tls: hdr.flags & FLAG_TLS != 0,
             }))
         }
         Some(EventKind::Conn) => {

@@ -24,6 +24,7 @@ pub mod spans;
 pub mod streams;
 pub mod tap;
 pub mod threads;
+pub mod tls;
 pub mod top;
 pub mod window;
 pub mod workload;

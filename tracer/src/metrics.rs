@@ -27,6 +27,7 @@ pub struct Metrics {
     pub parse_failures: IntCounterVec,
     pub pairing_drops: IntCounterVec,
     pub conns_tracked: IntGauge,
+    pub tls_libraries: IntGauge,
     pub conn_evictions: IntCounter,
     pub connections_desynced: IntCounter,
     pub thread_names: IntCounterVec,
@@ -107,6 +108,11 @@ impl Metrics {
         let conns_tracked = IntGauge::new(
             "tracer_connections_tracked",
             "Connections whose HTTP state is followed now.",
+        )
+        .expect("valid metric");
+        let tls_libraries = IntGauge::new(
+            "tracer_tls_libraries",
+            "TLS library files (libssl) whose read, write and handshake calls are hooked.",
         )
         .expect("valid metric");
         let conn_evictions = IntCounter::new(
@@ -205,6 +211,7 @@ impl Metrics {
             Box::new(parse_failures.clone()),
             Box::new(pairing_drops.clone()),
             Box::new(conns_tracked.clone()),
+            Box::new(tls_libraries.clone()),
             Box::new(conn_evictions.clone()),
             Box::new(connections_desynced.clone()),
             Box::new(thread_names.clone()),
@@ -249,6 +256,7 @@ impl Metrics {
             parse_failures,
             pairing_drops,
             conns_tracked,
+            tls_libraries,
             conn_evictions,
             connections_desynced,
             thread_names,

@@ -224,6 +224,7 @@ pub fn attributes(span: &Span) -> Vec<KeyValue> {
     if let Some(f) = &span.finished {
         a.push(kv("http.request.method", s(f.method.as_str())));
         a.push(kv("url.path", s(f.path.to_string())));
+        a.push(kv("url.scheme", s(if span.tls { "https" } else { "http" })));
         a.push(kv("http.route", s(f.route.to_string())));
         a.push(kv("http.response.status_code", i(i64::from(f.status))));
         if let Some(g) = f.grpc_status {

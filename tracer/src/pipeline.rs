@@ -540,9 +540,13 @@ async fn read_events(
     }
 }
 
-/// Copies the kernel-side counters into the metrics once a second.
+/// Seconds between looks for TLS libraries in new processes.
+const TLS_LOOK_EVERY: u64 = 5;
+
+/// Copies the kernel-side counters into the metrics once a second, and hooks the TLS libraries
+/// of new processes.
 async fn export_kernel_stats(
-    capture: Capture,
+    mut capture: Capture,
     metrics: Metrics,
     token: CancellationToken,
 ) -> anyhow::Result<()> {
@@ -553,10 +557,17 @@ async fn export_kernel_stats(
         .map(|(n, t, c)| (n, (t, c)))
         .collect();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut ticks: u64 = 0;
+    metrics.tls_libraries.set(capture.refresh_tls() as i64);
     loop {
         tokio::select! {
             _ = tick.tick() => {},
             _ = token.cancelled() => break,
+        }
+        ticks += 1;
+        // New processes (a container's own libssl) are looked at every few seconds.
+        if ticks % TLS_LOOK_EVERY == 0 {
+            metrics.tls_libraries.set(capture.refresh_tls() as i64);
         }
         for (i, (stat, value)) in capture.kernel_stats().into_iter().enumerate() {
             let delta = value.saturating_sub(last[i]);

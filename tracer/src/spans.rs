@@ -114,6 +114,8 @@ pub struct Span {
     pub tuple: Tuple,
     /// `network.protocol.version`: "1.0", "1.1" or "2".
     pub version: &'static str,
+    /// Seen as a TLS library's plaintext (`url.scheme` https).
+    pub tls: bool,
     pub finished: Option<Finished>,
     /// A CLIENT span the server end of its request took as parent.
     claimed: bool,
@@ -165,6 +167,8 @@ pub struct Start<'a> {
     pub index: u64,
     pub start_ns: u64,
     pub version: &'static str,
+    /// The request was seen as a TLS library's plaintext.
+    pub tls: bool,
     /// Whether the other end of the connection is a socket on this host.
     pub peer_local: bool,
 }
@@ -413,6 +417,7 @@ impl Linker {
             task: s.task,
             tuple: s.tuple,
             version: s.version,
+            tls: s.tls,
             finished: None,
             claimed: false,
             children: Ids::new(),
@@ -773,6 +778,7 @@ mod tests {
             index,
             start_ns: 1,
             version: "1.1",
+            tls: false,
             peer_local: true,
         }
     }

@@ -161,6 +161,7 @@ impl Streams {
                             index: u64::from(stream),
                             start_ns: at_ns,
                             version: "2",
+                            tls: env.d.tls,
                             peer_local: env.peer_local,
                         })
                     });
@@ -351,6 +352,7 @@ impl Streams {
             resp_bytes: s.resp_bytes,
             span: s.span,
             unsure: false,
+            tls: env.d.tls,
         });
     }
 

@@ -33,6 +33,9 @@ pub struct TapEvent {
     /// A 5xx, or a gRPC status other than OK.
     #[serde(default)]
     pub failed: bool,
+    /// Seen as a TLS library's plaintext: the connection is encrypted.
+    #[serde(default)]
+    pub tls: bool,
     pub latency_ms: f64,
     /// Which end measured it: the server when it is on this host.
     pub observer: String,
@@ -58,6 +61,7 @@ impl TapEvent {
             status: ex.status,
             grpc_status: ex.grpc_status,
             failed: ex.failed(),
+            tls: ex.tls,
             latency_ms: ex.end_ns.saturating_sub(ex.start_ns) as f64 / 1e6,
             observer: observer.to_owned(),
             trace_id: None,
@@ -141,6 +145,7 @@ mod tests {
             status: 200,
             grpc_status: None,
             failed: false,
+            tls: false,
             latency_ms: 1.0,
             observer: "server".into(),
             trace_id: None,

@@ -107,6 +107,7 @@ mod tests {
             tail: &[],
             frames: &[],
             from_sock: false,
+            tls: false,
         }
     }
 

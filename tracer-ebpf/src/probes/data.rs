@@ -24,7 +24,7 @@ use crate::maps::{
     wakeup_flags,
 };
 
-use super::sock::{Lookup, Store, next_event};
+use super::sock::{Lookup, NextEvent, Store, next_event};
 
 /// Offset of `msg_iov` in `struct user_msghdr`, `msg_iovlen` right after it (x86_64 and arm64
 /// alike).
@@ -644,16 +644,22 @@ pub fn emit_data<S: Store, const WALK: bool>(
     id: u64,
     lookup: Lookup,
 ) {
+    emit::<WALK>(args, ret, id, next_event::<S>(args.sk, lookup), 0);
+}
+
+/// Builds and sends the event of a call whose socket's tuple and event number are known
+/// (`next`), with `flags` besides those it finds itself.
+#[inline(always)]
+pub fn emit<const WALK: bool>(args: &SyscallArgs, ret: u64, id: u64, next: NextEvent, flags: u32) {
     let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
         return;
     };
     // SAFETY: the per-CPU scratch slot is ours until this program returns.
     let ev: &mut DataEvent = unsafe { &mut (*scratch).ev };
-    let next = next_event::<S>(args.sk, lookup);
     let (meta, payload) = (&mut ev.meta, &mut ev.payload);
 
     meta.hdr.kind = EventKind::Data as u32;
-    meta.hdr.flags = 0;
+    meta.hdr.flags = flags;
     // A send stamped when it began is timed by that (the daemon times a send by its start, a
     // read by its return): no second clock read, ~50 ns here.
     // SAFETY: helper without preconditions.
@@ -676,7 +682,7 @@ pub fn emit_data<S: Store, const WALK: bool>(
         write_volatile(comm.cast::<u64>().add(1), 0);
     };
     if task_known {
-        meta.hdr.flags = FLAG_TASK_KNOWN;
+        meta.hdr.flags |= FLAG_TASK_KNOWN;
         // SAFETY: a field of the scratch event.
         unsafe { write_volatile(&mut meta.hdr.cgroup_id, 0) };
         zero_comm();

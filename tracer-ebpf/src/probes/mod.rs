@@ -2,3 +2,4 @@ pub mod data;
 pub mod sock;
 pub mod sock_data;
 pub mod syscalls;
+pub mod tls;

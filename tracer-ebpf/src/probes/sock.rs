@@ -13,7 +13,8 @@ use aya_ebpf::{
 };
 use tracer_common::{
     AF_INET, AF_INET6, ConnEvent, DIR_EGRESS, DIR_INGRESS, EventHeader, EventKind, KernelStat,
-    SockState, SockTuple, TCP_CLOSE, TCP_ESTABLISHED, TCP_FIN_WAIT1, TCP_LAST_ACK, TCP_SYN_SENT,
+    OPAQUE_NOT_HTTP, OPAQUE_TLS, SockState, SockTuple, TCP_CLOSE, TCP_ESTABLISHED, TCP_FIN_WAIT1,
+    TCP_LAST_ACK, TCP_SYN_SENT,
 };
 
 use crate::maps::{ACTIVE, EVENTS, OPAQUE, OPAQUE_ASKED, SOCK_STATES, SOCKS, count, wakeup_flags};
@@ -205,14 +206,18 @@ pub fn traced_socket<S: Store>(r: &Record, direction: u32) -> Option<Lookup> {
         if (*state).opaque == 0 && !take_opaque_mark(r.sk, &mut *state) {
             return Some(Lookup::Found(state));
         }
+        count(if (*state).opaque == OPAQUE_TLS {
+            KernelStat::TlsCiphertext
+        } else {
+            KernelStat::SkippedOpaque
+        });
     }
-    count(KernelStat::SkippedOpaque);
     None
 }
 
 /// Whether two tuples are the same, word by word (both are map values, 8-byte aligned).
 #[inline(always)]
-fn same_tuple(a: &SockTuple, b: &SockTuple) -> bool {
+pub fn same_tuple(a: &SockTuple, b: &SockTuple) -> bool {
     let (a, b) = (
         (a as *const SockTuple).cast::<u64>(),
         (b as *const SockTuple).cast::<u64>(),
@@ -234,7 +239,18 @@ fn same_tuple(a: &SockTuple, b: &SockTuple) -> bool {
 /// this address (another tuple) is dropped, not applied.
 #[inline(always)]
 fn take_opaque_mark(sk: u64, state: &mut SockState) -> bool {
-    if state.seq >= 8 && state.seq & 15 != 0 {
+    let applies = opaque_requested(sk, &state.tuple, state.seq);
+    if applies {
+        state.opaque = OPAQUE_NOT_HTTP;
+    }
+    applies
+}
+
+/// Whether the daemon asked that the connection `sk` with `tuple`, at event `seq`, be no longer
+/// followed (the request is taken: removed).
+#[inline(always)]
+pub fn opaque_requested(sk: u64, tuple: &SockTuple, seq: u32) -> bool {
+    if seq >= 8 && seq & 15 != 0 {
         return false;
     }
     if OPAQUE_ASKED.get(0).is_none_or(|asked| *asked == 0) {
@@ -244,11 +260,8 @@ fn take_opaque_mark(sk: u64, state: &mut SockState) -> bool {
         return false;
     };
     // SAFETY: a live map value.
-    let applies = same_tuple(unsafe { &*wanted }, &state.tuple);
+    let applies = same_tuple(unsafe { &*wanted }, tuple);
     let _ = OPAQUE.remove(&sk);
-    if applies {
-        state.opaque = 1;
-    }
     applies
 }
 
@@ -287,7 +300,9 @@ fn on_length(ctx: &TracePointContext, direction: u32) {
             return;
         }
         let r = from_tracepoint(ctx);
-        if traced_socket::<ByAddress>(&r, direction).is_none() {
+        if super::tls::claim::<ByAddress>(id, &r)
+            || traced_socket::<ByAddress>(&r, direction).is_none()
+        {
             let _ = ACTIVE.remove(&id);
             return;
         }

@@ -209,6 +209,9 @@ fn on_data<S: Store>(
         return;
     }
     let r = record();
+    if super::tls::claim::<S>(id, &r) {
+        return;
+    }
     let Some(lookup) = traced_socket::<S>(&r, direction) else {
         return;
     };
