@@ -365,6 +365,19 @@ impl Nginx {
         Self::start_listening(dir, " http2", locations)
     }
 
+    /// Over TLS (a self-signed certificate made here), with HTTP/2 offered by ALPN when
+    /// `http2`.
+    pub fn start_tls(dir: &Path, http2: bool, locations: &str) -> Self {
+        let (cert, key) = self_signed(dir);
+        let listen = if http2 { " ssl http2" } else { " ssl" };
+        let locations = format!(
+            "ssl_certificate {};\n    ssl_certificate_key {};\n    {locations}",
+            cert.display(),
+            key.display()
+        );
+        Self::start_listening(dir, listen, &locations)
+    }
+
     fn start_listening(dir: &Path, listen: &str, locations: &str) -> Self {
         let port = free_port();
         let www = dir.join("www");
@@ -403,6 +416,25 @@ impl Nginx {
         }
         Self { child, port }
     }
+}
+
+/// A self-signed certificate for `localhost` and its key, made in `dir` with the openssl tool.
+pub fn self_signed(dir: &Path) -> (PathBuf, PathBuf) {
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    let status = Command::new("openssl")
+        .args([
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+        ])
+        .args(["-subj", "/CN=localhost", "-keyout"])
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .expect("openssl (apt install openssl)");
+    assert!(status.success(), "openssl req failed");
+    (cert, key)
 }
 
 fn nginx_bin() -> PathBuf {

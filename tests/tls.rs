@@ -1,0 +1,254 @@
+//! TLS: plaintext taken at OpenSSL's read and write calls (uprobes), against real TLS servers
+//! and clients: nginx and curl, python's ssl module on both ends (and a connection older than
+//! the daemon), h2load speaking HTTP/2 over TLS (ALPN). Counts checked against what the
+//! clients reported.
+
+mod common;
+
+use std::{
+    collections::{BTreeMap, HashSet},
+    io::{BufRead as _, BufReader},
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use common::{Daemon, Nginx, Server, scratch, self_signed, serial, workspace_root};
+use serde_json::Value;
+
+/// Requests counted by one end (`observer` client or server) from `src`.
+fn observed(daemon: &Daemon, src: &str, observer: &str) -> f64 {
+    daemon.metric_sum(
+        "tracer_http_request_duration_seconds_count",
+        &[("source", src), ("observer", observer)],
+    )
+}
+
+fn status_codes(edge: &Value) -> BTreeMap<String, u64> {
+    edge["status_codes"]
+        .as_object()
+        .expect("status_codes")
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_u64().expect("n")))
+        .collect()
+}
+
+/// curl over TLS to nginx: one curl fetching many URLs over one connection (keep-alive) and
+/// one curl per request (a handshake each), 200/404/503 and 100 KB bodies. Both ends count
+/// every request with the status curl got, nothing is lost, and each server span is the child
+/// of its client span.
+#[test]
+fn curl_and_nginx_over_tls_are_counted_by_both_ends() {
+    let _serial = serial();
+    let daemon = Daemon::start();
+    let status = daemon.json("/api/status");
+    assert!(
+        status["tls_libraries"].as_i64().unwrap_or(0) >= 1,
+        "libssl hooked: {status}"
+    );
+    let nginx = Nginx::start_tls(&scratch("nginx-tls"), false, "");
+    let base = format!("https://127.0.0.1:{}", nginx.port);
+    let mut urls = Vec::new();
+    for i in 0..60 {
+        urls.push(match i % 6 {
+            0 => format!("{base}/missing/{i}"),
+            1 => format!("{base}/fail/{i}"),
+            2 => format!("{base}/big.bin"),
+            _ => format!("{base}/tiny"),
+        });
+    }
+    let mut codes: BTreeMap<String, u64> = BTreeMap::new();
+    let mut curl = |urls: &[String]| {
+        let mut cmd = Command::new("curl");
+        cmd.args(["-sk", "-w", "%{http_code}\n"]);
+        for url in urls {
+            cmd.args(["-o", "/dev/null", url]);
+        }
+        let out = cmd.output().expect("run curl");
+        for code in String::from_utf8_lossy(&out.stdout).lines() {
+            *codes.entry(code.to_owned()).or_default() += 1;
+        }
+    };
+    curl(&urls);
+    for url in urls.iter().take(20) {
+        curl(std::slice::from_ref(url));
+    }
+    let total: u64 = codes.values().sum();
+    assert_eq!(total, 80, "curl's answers: {codes:?}");
+    assert!(!codes.contains_key("000"), "curl reached nginx: {codes:?}");
+    let edge = daemon.wait_edge("curl", nginx.port, total);
+    assert_eq!(edge["requests"], total, "{}", daemon.diagnostics());
+    assert_eq!(status_codes(&edge), codes, "{}", daemon.diagnostics());
+    assert_eq!(observed(&daemon, "curl", "client"), total as f64);
+    assert_eq!(observed(&daemon, "curl", "server"), total as f64);
+    assert_eq!(
+        daemon.metric_sum("tracer_requests_lost_total", &[]),
+        0.0,
+        "{}",
+        daemon.diagnostics()
+    );
+
+    let spans = daemon.json("/api/spans?limit=1000");
+    let ours: Vec<&Value> = spans["spans"]
+        .as_array()
+        .expect("spans")
+        .iter()
+        .filter(|s| {
+            s["server"]
+                .as_str()
+                .is_some_and(|a| a.ends_with(&format!(":{}", nginx.port)))
+        })
+        .collect();
+    let clients: HashSet<&str> = ours
+        .iter()
+        .filter(|s| s["kind"] == "CLIENT")
+        .filter_map(|s| s["span_id"].as_str())
+        .collect();
+    let servers: Vec<&&Value> = ours.iter().filter(|s| s["kind"] == "SERVER").collect();
+    assert_eq!(clients.len() as u64, total);
+    assert_eq!(servers.len() as u64, total);
+    for s in servers {
+        assert!(
+            s["parent_span_id"]
+                .as_str()
+                .is_some_and(|p| clients.contains(p)),
+            "server span without its client span: {s}"
+        );
+    }
+}
+
+/// Python's ssl module on both ends (SSL_read_ex/SSL_write_ex), one keep-alive connection: the
+/// requests made while the daemon runs are counted by the client end exactly, with their
+/// statuses; the connection was opened (and used) before the daemon started, so its server
+/// end, whose thread was already waiting inside a read, may miss the first.
+#[test]
+fn python_tls_connection_older_than_the_daemon_is_followed() {
+    let _serial = serial();
+    let dir = scratch("py-tls");
+    let (cert, key) = self_signed(&dir);
+    let server = Server::script(
+        "tls_server.py",
+        &[cert.display().to_string(), key.display().to_string()],
+    );
+    let go = dir.join("go");
+    let mut client = Command::new("python3")
+        .arg(workspace_root().join("tests/fixtures/tls_client.py"))
+        .args([&server.port.to_string(), "10"])
+        .arg(&go)
+        .arg("200")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn tls_client.py");
+    let mut lines = BufReader::new(client.stdout.take().expect("stdout")).lines();
+    let first = lines.next().expect("first phase").expect("line");
+    assert!(first.contains("before"), "{first}");
+
+    let daemon = Daemon::start();
+    std::fs::write(&go, b"").expect("go");
+    let second: Value =
+        serde_json::from_str(&lines.next().expect("second phase").expect("line")).expect("json");
+    let _ = client.wait();
+    let codes: BTreeMap<String, u64> = second["after"]
+        .as_object()
+        .expect("after")
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_u64().expect("n")))
+        .collect();
+    let total: u64 = codes.values().sum();
+    assert_eq!(total, 200);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while observed(&daemon, "tls_client", "client") < total as f64 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        observed(&daemon, "tls_client", "client"),
+        total as f64,
+        "{}",
+        daemon.diagnostics()
+    );
+    for (code, n) in &codes {
+        assert_eq!(
+            daemon.metric_sum(
+                "tracer_http_request_duration_seconds_count",
+                &[
+                    ("source", "tls_client"),
+                    ("observer", "client"),
+                    ("status", code)
+                ],
+            ),
+            *n as f64,
+            "status {code}: {}",
+            daemon.diagnostics()
+        );
+    }
+    let at_server = observed(&daemon, "tls_client", "server");
+    assert!(
+        at_server == total as f64 || at_server == total as f64 - 1.0,
+        "server end {at_server} of {total}: {}",
+        daemon.diagnostics()
+    );
+    let before = daemon.metric_sum(
+        "tracer_http_request_duration_seconds_count",
+        &[("route", "/before/{id}")],
+    );
+    assert_eq!(
+        before, 0.0,
+        "nothing made up for the requests before the daemon"
+    );
+}
+
+/// h2load over TLS (HTTP/2 by ALPN) against nginx, several streams in flight per connection:
+/// every request counted with its status.
+#[test]
+fn h2load_over_tls_is_counted() {
+    let _serial = serial();
+    let daemon = Daemon::start();
+    let nginx = Nginx::start_tls(&scratch("nginx-h2-tls"), true, "");
+    let mut done = 0u64;
+    let mut ok = 0u64;
+    let mut not_found = 0u64;
+    for (path, n, rps) in [("/tiny", 3000, 300), ("/missing/3", 1000, 100)] {
+        let out = Command::new("h2load")
+            .args(["-c4", "-m10", &format!("-n{n}"), &format!("--rps={rps}")])
+            .arg(format!("https://127.0.0.1:{}{path}", nginx.port))
+            .output()
+            .expect("h2load (apt install nghttp2-client)");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.contains("h2"), "h2load negotiated HTTP/2: {text}");
+        let field = |prefix: &str, i: usize| -> u64 {
+            let line = text
+                .lines()
+                .find(|l| l.starts_with(prefix))
+                .unwrap_or_else(|| panic!("no {prefix} in {text}"));
+            line[prefix.len()..]
+                .split(',')
+                .nth(i)
+                .expect("field")
+                .split_whitespace()
+                .next()
+                .expect("n")
+                .parse()
+                .expect("number")
+        };
+        done += field("requests:", 2);
+        ok += field("status codes:", 0);
+        not_found += field("status codes:", 2);
+    }
+    assert_eq!(done, 4000, "h2load completed every request");
+    let edge = daemon.wait_edge("h2load", nginx.port, done);
+    assert_eq!(edge["requests"], done, "{}", daemon.diagnostics());
+    let codes = status_codes(&edge);
+    assert_eq!(codes.get("200").copied().unwrap_or(0), ok, "{codes:?}");
+    assert_eq!(
+        codes.get("404").copied().unwrap_or(0),
+        not_found,
+        "{codes:?}"
+    );
+    assert_eq!(
+        daemon.metric_sum("tracer_requests_lost_total", &[]),
+        0.0,
+        "{}",
+        daemon.diagnostics()
+    );
+}
