@@ -198,8 +198,9 @@ fn python_tls_connection_older_than_the_daemon_is_followed() {
     );
 }
 
-/// h2load over TLS (HTTP/2 by ALPN) against nginx, several streams in flight per connection:
-/// every request counted with its status.
+/// h2load over TLS (HTTP/2 by ALPN) against nginx, several streams in flight per connection,
+/// tiny and 100 KB responses (frames past what is copied of each read: walked in the kernel as
+/// on a cleartext socket) and 404s: every request counted with its status, by both ends.
 #[test]
 fn h2load_over_tls_is_counted() {
     let _serial = serial();
@@ -208,7 +209,11 @@ fn h2load_over_tls_is_counted() {
     let mut done = 0u64;
     let mut ok = 0u64;
     let mut not_found = 0u64;
-    for (path, n, rps) in [("/tiny", 3000, 300), ("/missing/3", 1000, 100)] {
+    for (path, n, rps) in [
+        ("/tiny", 3000, 300),
+        ("/big.bin", 400, 25),
+        ("/missing/3", 1000, 100),
+    ] {
         let out = Command::new("h2load")
             .args(["-c4", "-m10", &format!("-n{n}"), &format!("--rps={rps}")])
             .arg(format!("https://127.0.0.1:{}{path}", nginx.port))
@@ -235,7 +240,7 @@ fn h2load_over_tls_is_counted() {
         ok += field("status codes:", 0);
         not_found += field("status codes:", 2);
     }
-    assert_eq!(done, 4000, "h2load completed every request");
+    assert_eq!(done, 4400, "h2load completed every request");
     let edge = daemon.wait_edge("h2load", nginx.port, done);
     assert_eq!(edge["requests"], done, "{}", daemon.diagnostics());
     let codes = status_codes(&edge);
@@ -244,6 +249,13 @@ fn h2load_over_tls_is_counted() {
         codes.get("404").copied().unwrap_or(0),
         not_found,
         "{codes:?}"
+    );
+    assert_eq!(observed(&daemon, "h2load", "client"), done as f64);
+    assert_eq!(
+        observed(&daemon, "h2load", "server"),
+        done as f64,
+        "{}",
+        daemon.diagnostics()
     );
     assert_eq!(
         daemon.metric_sum("tracer_requests_lost_total", &[]),

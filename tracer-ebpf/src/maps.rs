@@ -254,12 +254,14 @@ pub struct TlsKey {
 #[derive(Clone, Copy)]
 pub struct TlsSession {
     pub sk: u64,
-    pub tuple: SockTuple,
-    /// Last plaintext event number given out (the socket's own numbering is not used: its
-    /// ciphertext calls send nothing).
-    pub seq: u32,
+    /// The plaintext stream's own state, as a socket's is kept for its bytes: the tuple (marked
+    /// `TUPLE_TLS`), the last plaintext event number given out (the socket's own numbering is
+    /// not used: its ciphertext calls send nothing), the thread last named, HTTP/2's mark and
+    /// carries. `opaque` is not used (`flags` says it).
+    pub state: SockState,
     /// `TLS_SEEN_HANDSHAKE`, `TLS_OPAQUE`.
     pub flags: u32,
+    pub _pad: u32,
 }
 
 /// The session's socket was first seen in a handshake (else the connection may be older than

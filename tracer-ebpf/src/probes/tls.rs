@@ -140,16 +140,16 @@ pub fn ssl_call_return(ctx: RetProbeContext) -> u32 {
     // SAFETY: a live map value; one session is driven by one thread at a time.
     let (sk, tuple, seq, flags) = unsafe {
         let s = &mut *session;
-        let seq = s.seq.wrapping_add(1);
-        if s.flags & TLS_OPAQUE == 0 && opaque_requested(s.sk, &s.tuple, seq) {
+        let seq = s.state.seq.wrapping_add(1);
+        if s.flags & TLS_OPAQUE == 0 && opaque_requested(s.sk, &s.state.tuple, seq) {
             s.flags |= TLS_OPAQUE;
         }
         if s.flags & TLS_OPAQUE != 0 {
             count(KernelStat::SkippedOpaque);
             return 0;
         }
-        s.seq = seq;
-        (s.sk, s.tuple, seq, s.flags)
+        s.state.seq = seq;
+        (s.sk, s.state.tuple, seq, s.flags)
     };
     let args = SyscallArgs {
         buf: call.buf,
@@ -159,17 +159,20 @@ pub fn ssl_call_return(ctx: RetProbeContext) -> u32 {
         kind: KIND_BUF,
         direction: call.direction,
     };
+    // With the session's state: HTTP/2 over TLS is walked frame by frame as on a socket, and
+    // the thread's name is sent only when it changes.
     let next = NextEvent {
         tuple,
         seq,
         from_sock: false,
-        state: None,
+        // SAFETY: as above.
+        state: Some(unsafe { &raw mut (*session).state }),
     };
     let mut event_flags = FLAG_TLS;
     if flags & TLS_SEEN_HANDSHAKE == 0 {
         event_flags |= FLAG_TUPLE_FROM_SOCK;
     }
-    emit::<false>(&args, bytes, id, next, event_flags);
+    emit::<true>(&args, bytes, id, next, event_flags);
     0
 }
 
@@ -216,16 +219,16 @@ pub fn claim<S: Store>(id: u64, r: &Record) -> bool {
         };
         let seen = if handshake { TLS_SEEN_HANDSHAKE } else { 0 };
         let session = &mut (*scratch).session;
-        session.tuple = *tuple;
-        session.tuple._pad = TUPLE_TLS;
+        session.state = SockState::default();
+        session.state.tuple = *tuple;
+        session.state.tuple._pad = TUPLE_TLS;
         match TLS_SESSIONS.get_ptr_mut(&key) {
-            Some(s) if (*s).sk == sk && same_tuple(&(*s).tuple, &session.tuple) => {
+            Some(s) if (*s).sk == sk && same_tuple(&(*s).state.tuple, &session.state.tuple) => {
                 (*s).flags |= seen
             }
             // A new session, or one at a freed one's address: numbered from 1 again.
             _ => {
                 session.sk = sk;
-                session.seq = 0;
                 session.flags = seen;
                 let _ = TLS_SESSIONS.insert(&key, session, 0);
             }
