@@ -862,11 +862,15 @@ impl Capture {
     /// Detaches every program, all at once.
     pub fn detach(&mut self) {
         let t = std::time::Instant::now();
-        self.tls.detach();
+        let (uprobes, exit) = self.tls.take_links();
         std::thread::scope(|scope| {
             for link in self.links.drain(..) {
                 scope.spawn(move || drop(link));
             }
+            for link in uprobes {
+                scope.spawn(move || drop(link));
+            }
+            scope.spawn(move || drop(exit));
         });
         tracing::debug!("programs detached in {:?}", t.elapsed());
     }

@@ -12,20 +12,32 @@ use std::{
 
 use aya::{
     Ebpf,
-    programs::{UProbe, uprobe::UProbeLink, uprobe::UProbeScope},
+    programs::{
+        RawTracePoint, UProbe, raw_trace_point::RawTracePointLink, uprobe::UProbeLink,
+        uprobe::UProbeScope,
+    },
 };
 
-/// Entry programs and the functions they hook; `RETURN` hooks the return of each.
-const ENTRIES: &[(&str, &str)] = &[
-    ("ssl_write_entry", "SSL_write"),
-    ("ssl_write_ex_entry", "SSL_write_ex"),
-    ("ssl_read_entry", "SSL_read"),
-    ("ssl_read_ex_entry", "SSL_read_ex"),
-    ("ssl_handshake_entry", "SSL_do_handshake"),
-    ("ssl_handshake_entry", "SSL_connect"),
-    ("ssl_handshake_entry", "SSL_accept"),
+/// Entry programs (as uprobe-multi, and as single uprobes for kernels before 6.6) and the
+/// functions they hook; the return program hooks the return of each.
+const ENTRIES: &[(&str, &str, &[&str])] = &[
+    ("ssl_write_entry", "ssl_write_entry_1", &["SSL_write"]),
+    (
+        "ssl_write_ex_entry",
+        "ssl_write_ex_entry_1",
+        &["SSL_write_ex"],
+    ),
+    ("ssl_read_entry", "ssl_read_entry_1", &["SSL_read"]),
+    ("ssl_read_ex_entry", "ssl_read_ex_entry_1", &["SSL_read_ex"]),
+    (
+        "ssl_handshake_entry",
+        "ssl_handshake_entry_1",
+        &["SSL_do_handshake", "SSL_connect", "SSL_accept"],
+    ),
 ];
-const RETURN: &str = "ssl_call_return";
+const RETURN: (&str, &str) = ("ssl_call_return", "ssl_call_return_1");
+/// Ends the calls of threads that exit inside one (raw tracepoint `sched_process_exit`).
+const THREAD_EXIT: (&str, &str) = ("tls_thread_exit", "sched_process_exit");
 
 /// Library files hooked at most: each costs 14 attachments.
 const MAX_LIBRARIES: usize = 64;
@@ -56,39 +68,56 @@ pub struct TlsHooks {
     /// Processes whose maps have been read (the ones alive at the last look).
     scanned: HashSet<u32>,
     links: Vec<UProbeLink>,
+    exit_link: Option<RawTracePointLink>,
+    /// Programs attached as uprobe-multi (else one uprobe per function).
+    multi: bool,
     /// Why TLS is not followed, when the programs would not load.
     pub unavailable: Option<String>,
 }
 
 impl TlsHooks {
-    /// Loads the programs; on a kernel without uprobes TLS is not followed, said once.
+    /// Loads the programs: uprobe-multi where the kernel has it (6.6+), else single uprobes;
+    /// on a kernel without uprobes TLS is not followed, said once.
     pub fn load(ebpf: &mut Ebpf) -> Self {
         let mut hooks = Self {
             hooked: HashSet::new(),
             scanned: HashSet::new(),
             links: Vec::new(),
+            exit_link: None,
+            multi: true,
             unavailable: None,
         };
-        let names = ENTRIES.iter().map(|&(p, _)| p).chain([RETURN]);
-        for name in names {
-            let loaded = match ebpf.program_mut(name).map(<&mut UProbe>::try_from) {
-                Some(Ok(p)) if p.fd().is_ok() => Ok(()),
-                Some(Ok(p)) => p.load().map_err(|e| format!("{e:#}")),
-                Some(Err(e)) => Err(e.to_string()),
-                None => Err("not in the object".into()),
-            };
-            if let Err(e) = loaded {
-                tracing::warn!("TLS plaintext not followed: uprobe {name} will not load: {e}");
-                hooks.unavailable = Some(format!("uprobe {name}: {e}"));
+        let multi = ENTRIES.iter().map(|&(m, _, _)| m).chain([RETURN.0]);
+        // TRACER_TLS_SINGLE_UPROBES=1 takes the older kernels' way here (to test it).
+        let forced = std::env::var_os("TRACER_TLS_SINGLE_UPROBES").is_some_and(|v| v == "1");
+        let loaded = if forced {
+            Err("TRACER_TLS_SINGLE_UPROBES=1".to_owned())
+        } else {
+            load_all(ebpf, multi)
+        };
+        if let Err(e) = loaded {
+            tracing::info!("TLS: uprobe-multi unavailable ({e}); single uprobes");
+            hooks.multi = false;
+            let single = ENTRIES.iter().map(|&(_, s, _)| s).chain([RETURN.1]);
+            if let Err(e) = load_all(ebpf, single) {
+                tracing::warn!("TLS plaintext not followed: {e}");
+                hooks.unavailable = Some(e);
                 return hooks;
             }
+        }
+        // Without it, a thread killed inside a call leaves socket calls looking for TLS calls
+        // (slower, not wrong).
+        match attach_exit(ebpf) {
+            Ok(link) => hooks.exit_link = Some(link),
+            Err(e) => tracing::info!("TLS: {} not attached: {e}", THREAD_EXIT.1),
         }
         hooks
     }
 
-    /// Detaches every hook.
-    pub fn detach(&mut self) {
-        self.links.clear();
+    /// The hooks, to be dropped (which detaches them: a uprobe's detach waits for an RCU grace
+    /// period, so the caller drops them in parallel).
+    pub fn take_links(&mut self) -> (Vec<UProbeLink>, Option<RawTracePointLink>) {
+        (std::mem::take(&mut self.links), self.exit_link.take())
     }
 
     /// Library files hooked.
@@ -147,36 +176,60 @@ impl TlsHooks {
         added
     }
 
-    /// Attaches every entry and the return to the functions `path` has; how many it has.
+    /// Attaches every entry and the return to the functions `path` exports; how many.
     fn attach(&mut self, ebpf: &mut Ebpf, path: &Path) -> Result<usize, String> {
-        let mut hooked = 0;
-        let mut last_err = String::new();
-        for &(prog, symbol) in ENTRIES {
-            match attach_one(ebpf, prog, symbol, path) {
-                // The return first would leave a call without entry: harmless (nothing
-                // found); an entry without return would leave the call's entry in the map.
-                Ok(entry) => match attach_one(ebpf, RETURN, symbol, path) {
-                    Ok(ret) => {
-                        self.links.extend([entry, ret]);
-                        hooked += 1;
-                    }
-                    Err(e) => last_err = e,
-                },
-                // Older libraries lack the `_ex` calls.
-                Err(e) => last_err = e,
+        let exported = exported(path)?;
+        let has = |f: &&str| exported.contains(*f);
+        let all: Vec<&str> = ENTRIES
+            .iter()
+            .flat_map(|&(_, _, fns)| fns.iter().copied())
+            .filter(has)
+            .collect();
+        if all.is_empty() {
+            return Err("exports none of OpenSSL's SSL_read/SSL_write".into());
+        }
+        // Returns first: an entry without its return would leave its call in the map.
+        let mut links = Vec::new();
+        if self.multi {
+            links.push(attach_points(ebpf, RETURN.0, &all, path)?);
+            for &(prog, _, fns) in ENTRIES {
+                let fns: Vec<&str> = fns.iter().copied().filter(has).collect();
+                if !fns.is_empty() {
+                    links.push(attach_points(ebpf, prog, &fns, path)?);
+                }
+            }
+        } else {
+            for &(_, prog, fns) in ENTRIES {
+                for f in fns.iter().copied().filter(has) {
+                    links.push(attach_points(ebpf, RETURN.1, &[f], path)?);
+                    links.push(attach_points(ebpf, prog, &[f], path)?);
+                }
             }
         }
-        if hooked == 0 {
-            return Err(last_err);
-        }
-        Ok(hooked)
+        self.links.extend(links);
+        Ok(all.len())
     }
 }
 
-fn attach_one(
+/// Loads each program; the first error, said with the program's name.
+fn load_all<'a>(ebpf: &mut Ebpf, names: impl Iterator<Item = &'a str>) -> Result<(), String> {
+    for name in names {
+        let loaded = match ebpf.program_mut(name).map(<&mut UProbe>::try_from) {
+            Some(Ok(p)) if p.fd().is_ok() => Ok(()),
+            Some(Ok(p)) => p.load().map_err(|e| format!("{e:#}")),
+            Some(Err(e)) => Err(e.to_string()),
+            None => Err("not in the object".into()),
+        };
+        loaded.map_err(|e| format!("uprobe {name} will not load: {e}"))?;
+    }
+    Ok(())
+}
+
+/// One link of `prog` on the functions `fns` of `path`.
+fn attach_points(
     ebpf: &mut Ebpf,
     prog: &str,
-    symbol: &str,
+    fns: &[&str],
     path: &Path,
 ) -> Result<UProbeLink, String> {
     let p: &mut UProbe = ebpf
@@ -185,9 +238,33 @@ fn attach_one(
         .try_into()
         .map_err(|e: aya::programs::ProgramError| e.to_string())?;
     let id = p
-        .attach([symbol], path, UProbeScope::AllProcesses)
-        .map_err(|e| format!("{symbol}: {e}"))?;
-    p.take_link(id).map_err(|e| format!("{symbol}: {e}"))
+        .attach(fns.iter().copied(), path, UProbeScope::AllProcesses)
+        .map_err(|e| format!("{fns:?}: {e}"))?;
+    p.take_link(id).map_err(|e| format!("{fns:?}: {e}"))
+}
+
+/// The names of the functions an ELF file exports.
+fn exported(path: &Path) -> Result<HashSet<String>, String> {
+    use object::{Object as _, ObjectSymbol as _};
+    let data = fs::read(path).map_err(|e| e.to_string())?;
+    let file = object::File::parse(&*data).map_err(|e| e.to_string())?;
+    Ok(file
+        .dynamic_symbols()
+        .filter(|s| s.is_definition())
+        .filter_map(|s| s.name().ok().map(str::to_owned))
+        .collect())
+}
+
+fn attach_exit(ebpf: &mut Ebpf) -> Result<RawTracePointLink, String> {
+    let (prog, tp) = THREAD_EXIT;
+    let p: &mut RawTracePoint = ebpf
+        .program_mut(prog)
+        .ok_or("program not in the object")?
+        .try_into()
+        .map_err(|e: aya::programs::ProgramError| e.to_string())?;
+    p.load().map_err(|e| format!("{e:#}"))?;
+    let id = p.attach(tp).map_err(|e| e.to_string())?;
+    p.take_link(id).map_err(|e| e.to_string())
 }
 
 /// Pids of the processes alive now.

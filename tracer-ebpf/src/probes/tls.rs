@@ -6,8 +6,8 @@
 //! the socket, so that their ciphertext is never sent either.
 use aya_ebpf::{
     helpers::{bpf_get_current_pid_tgid, bpf_probe_read_user, generated::bpf_ktime_get_ns},
-    macros::{uprobe, uretprobe},
-    programs::{ProbeContext, RetProbeContext},
+    macros::{raw_tracepoint, uprobe, uretprobe},
+    programs::{ProbeContext, RawTracePointContext, RetProbeContext},
 };
 use tracer_common::{
     AF_INET, AF_INET6, DIR_EGRESS, DIR_INGRESS, FLAG_TLS, FLAG_TUPLE_FROM_SOCK, KernelStat,
@@ -65,69 +65,92 @@ fn enter(ctx: &ProbeContext, direction: u32, ex: bool) {
     }
 }
 
-#[uprobe]
-pub fn ssl_write_entry(ctx: ProbeContext) -> u32 {
-    enter(&ctx, DIR_EGRESS, false);
+/// Each hook twice: as a uprobe-multi program (one link per program for all the library's
+/// functions it hooks: detaching it waits for one RCU grace period, where single uprobes wait
+/// for one each, seconds for a few libraries) and as a single uprobe, for kernels before 6.6.
+macro_rules! entries {
+    ($($multi:ident, $single:ident, $dir:expr, $ex:expr;)*) => {$(
+        #[uprobe(multi)]
+        pub fn $multi(ctx: ProbeContext) -> u32 {
+            enter(&ctx, $dir, $ex);
+            0
+        }
+
+        #[uprobe]
+        pub fn $single(ctx: ProbeContext) -> u32 {
+            enter(&ctx, $dir, $ex);
+            0
+        }
+    )*};
+}
+
+entries! {
+    ssl_write_entry, ssl_write_entry_1, DIR_EGRESS, false;
+    ssl_write_ex_entry, ssl_write_ex_entry_1, DIR_EGRESS, true;
+    ssl_read_entry, ssl_read_entry_1, DIR_INGRESS, false;
+    ssl_read_ex_entry, ssl_read_ex_entry_1, DIR_INGRESS, true;
+    ssl_handshake_entry, ssl_handshake_entry_1, 0, false;
+}
+
+#[uretprobe(multi)]
+pub fn ssl_call_return(ctx: RetProbeContext) -> u32 {
+    on_return(&ctx);
     0
 }
 
-#[uprobe]
-pub fn ssl_write_ex_entry(ctx: ProbeContext) -> u32 {
-    enter(&ctx, DIR_EGRESS, true);
+#[uretprobe]
+pub fn ssl_call_return_1(ctx: RetProbeContext) -> u32 {
+    on_return(&ctx);
     0
 }
 
-#[uprobe]
-pub fn ssl_read_entry(ctx: ProbeContext) -> u32 {
-    enter(&ctx, DIR_INGRESS, false);
-    0
-}
-
-#[uprobe]
-pub fn ssl_read_ex_entry(ctx: ProbeContext) -> u32 {
-    enter(&ctx, DIR_INGRESS, true);
-    0
-}
-
-#[uprobe]
-pub fn ssl_handshake_entry(ctx: ProbeContext) -> u32 {
-    enter(&ctx, 0, false);
+/// A thread that exits inside a library call (a server killed while waiting in `SSL_read`)
+/// never returns from it: its entry goes here, so that the count of calls in progress drops
+/// back to 0 and socket calls stop looking.
+#[raw_tracepoint(tracepoint = "sched_process_exit")]
+pub fn tls_thread_exit(_ctx: RawTracePointContext) -> i32 {
+    if TLS_BUSY.get(0).is_none_or(|busy| *busy == 0) {
+        return 0;
+    }
+    if TLS_CALLS.remove(&bpf_get_current_pid_tgid()).is_ok() {
+        busy_add(u64::MAX);
+    }
     0
 }
 
 /// The return of every hooked call: a read or write that moved plaintext sends it.
-#[uretprobe]
-pub fn ssl_call_return(ctx: RetProbeContext) -> u32 {
+#[inline(always)]
+fn on_return(ctx: &RetProbeContext) {
     let id = bpf_get_current_pid_tgid();
     // SAFETY: the value is copied out before the entry is removed.
     let Some(call) = (unsafe { TLS_CALLS.get(&id) }).copied() else {
-        return 0;
+        return;
     };
     if TLS_CALLS.remove(&id).is_ok() {
         busy_add(u64::MAX);
     }
     if call.direction == 0 {
-        return 0;
+        return;
     }
     let ret: u64 = ctx.ret();
     let bytes = if call.ex != 0 {
         if ret as i32 != 1 || call.out == 0 {
-            return 0;
+            return;
         }
         // SAFETY: the caller's `size_t *`, read through the checked helper.
         match unsafe { bpf_probe_read_user(call.out as *const u64) } {
             Ok(n) => n,
-            Err(_) => return 0,
+            Err(_) => return,
         }
     } else {
         let n = ret as i32;
         if n <= 0 {
-            return 0;
+            return;
         }
         n as u64
     };
     if bytes == 0 || bytes > call.num {
-        return 0;
+        return;
     }
     let key = TlsKey {
         ssl: call.ssl,
@@ -135,7 +158,7 @@ pub fn ssl_call_return(ctx: RetProbeContext) -> u32 {
     };
     let Some(session) = TLS_SESSIONS.get_ptr_mut(&key) else {
         count(KernelStat::TlsNoSocket);
-        return 0;
+        return;
     };
     // SAFETY: a live map value; one session is driven by one thread at a time.
     let (sk, tuple, seq, flags) = unsafe {
@@ -146,7 +169,7 @@ pub fn ssl_call_return(ctx: RetProbeContext) -> u32 {
         }
         if s.flags & TLS_OPAQUE != 0 {
             count(KernelStat::SkippedOpaque);
-            return 0;
+            return;
         }
         s.state.seq = seq;
         (s.sk, s.state.tuple, seq, s.flags)
@@ -173,7 +196,6 @@ pub fn ssl_call_return(ctx: RetProbeContext) -> u32 {
         event_flags |= FLAG_TUPLE_FROM_SOCK;
     }
     emit::<true>(&args, bytes, id, next, event_flags);
-    0
 }
 
 /// Called by the data path for each socket call: if the thread is inside a TLS library call,
