@@ -78,6 +78,7 @@ fn curl_and_nginx_over_tls_are_counted_by_both_ends() {
     let edge = daemon.wait_edge("curl", nginx.port, total);
     assert_eq!(edge["requests"], total, "{}", daemon.diagnostics());
     assert_eq!(status_codes(&edge), codes, "{}", daemon.diagnostics());
+    assert_eq!(edge["tls_requests"], total, "every request went over TLS");
     assert_eq!(observed(&daemon, "curl", "client"), total as f64);
     assert_eq!(observed(&daemon, "curl", "server"), total as f64);
     assert_eq!(

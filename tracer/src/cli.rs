@@ -335,13 +335,24 @@ pub fn edges(w: Window, args: &ClientArgs) -> anyhow::Result<()> {
         .edges
         .iter()
         .map(|e| {
-            let mut row = vec![e.src.clone(), e.dst.clone(), e.dst_addrs.join(",")];
+            // As linkerd viz edges' SECURED: whether the edge's requests went encrypted.
+            let tls = match e.tls_requests {
+                0 => "-",
+                n if n == e.requests => "yes",
+                _ => "partly",
+            };
+            let mut row = vec![
+                e.src.clone(),
+                e.dst.clone(),
+                e.dst_addrs.join(","),
+                tls.to_owned(),
+            ];
             row.extend(window_cells(&e.window));
             row.push(e.requests.to_string());
             row
         })
         .collect();
-    let mut header = vec!["SRC", "DST", "DST_ADDR"];
+    let mut header = vec!["SRC", "DST", "DST_ADDR", "TLS"];
     header.extend(WINDOW_HEADER);
     header.push("REQUESTS");
     print_table(&header, &rows);

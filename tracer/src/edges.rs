@@ -127,6 +127,8 @@ struct Edge {
     client_latency: HdrHistogram<u64>,
     req_bytes: u64,
     resp_bytes: u64,
+    /// Requests seen as a TLS library's plaintext.
+    tls_requests: u64,
     dst_addrs: BTreeSet<SocketAddr>,
     src_pids: BTreeSet<u32>,
     dst_pids: BTreeSet<u32>,
@@ -293,6 +295,9 @@ pub struct EdgeView {
     pub status_codes: BTreeMap<u16, u64>,
     pub request_bytes: u64,
     pub response_bytes: u64,
+    /// Requests seen over TLS (their plaintext taken at the TLS library).
+    #[serde(default)]
+    pub tls_requests: u64,
     /// As the server measured it (absent when the server is not on this host).
     pub server_latency: Option<Quantiles>,
     /// As the client measured it (absent when the client is not on this host).
@@ -490,6 +495,7 @@ impl Aggregator {
             golden: Golden::new(),
             client_latency: histogram(),
             req_bytes: 0,
+            tls_requests: 0,
             resp_bytes: 0,
             dst_addrs: BTreeSet::new(),
             src_pids: BTreeSet::new(),
@@ -573,6 +579,7 @@ impl Aggregator {
             edge.golden.count(ex.status, failed, sec);
             edge.req_bytes += ex.req_bytes;
             edge.resp_bytes += ex.resp_bytes;
+            edge.tls_requests += u64::from(ex.tls);
             let w = self.workloads.entry(key.1).or_insert_with(Golden::new);
             w.count(ex.status, failed, sec);
             // Server-side latency when the server is here, else the client's.
@@ -790,6 +797,7 @@ impl Aggregator {
                 status_codes: e.golden.by_status.clone(),
                 request_bytes: e.req_bytes,
                 response_bytes: e.resp_bytes,
+                tls_requests: e.tls_requests,
                 server_latency: Quantiles::of(&e.golden.latency),
                 client_latency: Quantiles::of(&e.client_latency),
                 window: e.window.stats(&clock, w),

@@ -566,7 +566,7 @@ async fn export_kernel_stats(
         }
         ticks += 1;
         // New processes (a container's own libssl) are looked at every few seconds.
-        if ticks % TLS_LOOK_EVERY == 0 {
+        if ticks.is_multiple_of(TLS_LOOK_EVERY) {
             metrics.tls_libraries.set(capture.refresh_tls() as i64);
         }
         for (i, (stat, value)) in capture.kernel_stats().into_iter().enumerate() {
