@@ -197,6 +197,21 @@ fn python_tls_connection_older_than_the_daemon_is_followed() {
         before, 0.0,
         "nothing made up for the requests before the daemon"
     );
+    // The client has gone: the server end's close is numbered by the socket (whose only event
+    // was the read it was waiting in), its plaintext by the library session; no loss made up.
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        daemon.metric_sum("tracer_connections_desynced_total", &[]),
+        0.0,
+        "{}",
+        daemon.diagnostics()
+    );
+    assert_eq!(
+        daemon.metric_sum("tracer_requests_lost_total", &[]),
+        0.0,
+        "{}",
+        daemon.diagnostics()
+    );
 }
 
 /// h2load over TLS (HTTP/2 by ALPN) against nginx, several streams in flight per connection,

@@ -722,6 +722,7 @@ impl Capture {
         bpf_stats: bool,
         ringbuf_bytes: Option<u32>,
         mode: AttachMode,
+        tls: bool,
     ) -> Result<(Self, Ring, OpaqueSockets), CaptureError> {
         check_privileges()?;
         let tracefs = ensure_tracefs()?;
@@ -774,7 +775,11 @@ impl Capture {
             syscall_layouts.as_ref(),
         )?;
         drop(btf);
-        let mut tls = TlsHooks::load(&mut ebpf);
+        let mut tls = if tls {
+            TlsHooks::load(&mut ebpf)
+        } else {
+            TlsHooks::off("--no-tls")
+        };
         tls.refresh(&mut ebpf, true);
         // Parsing the kernel's BTF took ~7 MB for a moment: give it back now rather than keep
         // it in the allocator's free lists.

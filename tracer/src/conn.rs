@@ -608,7 +608,9 @@ impl ConnTable {
         if local_close {
             // Events lost at the very end show as a gap against the socket's last number
             // (this end closes in its own process, after its last read or write was numbered).
+            // A TLS connection's events are numbered by its library session, not its socket.
             let gap = c.new_state != TCP_CLOSE
+                && !conn.tls
                 && c.seq != 0
                 && conn.next_seq != 0
                 && c.seq.wrapping_add(1) != conn.next_seq;

@@ -30,6 +30,7 @@ fn run_config(
         ringbuf_bytes: None,
         attach: tracer::capture::AttachMode::Auto,
         spans: true,
+        tls: true,
     })
 }
 
@@ -62,6 +63,7 @@ fn main() -> std::process::ExitCode {
             ringbuf_bytes,
             attach,
             no_spans,
+            no_tls,
         } => run_config(
             listen,
             otlp_endpoint,
@@ -82,6 +84,7 @@ fn main() -> std::process::ExitCode {
                 ringbuf_bytes,
                 attach,
                 spans: !no_spans,
+                tls: !no_tls,
                 ..cfg
             })
         })

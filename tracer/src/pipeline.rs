@@ -216,6 +216,8 @@ pub struct RunConfig {
     pub attach: AttachMode,
     /// Build spans (else metrics, edges and tap only).
     pub spans: bool,
+    /// Hook TLS libraries for their plaintext.
+    pub tls: bool,
 }
 
 pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
@@ -224,7 +226,7 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     let listener = TcpListener::bind(cfg.listen)
         .await
         .with_context(|| format!("cannot listen on {}", cfg.listen))?;
-    let (capture, ring, opaque) = Capture::start(cfg.bpf_stats, cfg.ringbuf_bytes, cfg.attach)?;
+    let (capture, ring, opaque) = Capture::start(cfg.bpf_stats, cfg.ringbuf_bytes, cfg.attach, cfg.tls)?;
     let mode = capture.mode;
     let token = CancellationToken::new();
     let (tx, exporter) = match cfg.otlp.clone() {

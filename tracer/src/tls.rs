@@ -76,16 +76,25 @@ pub struct TlsHooks {
 }
 
 impl TlsHooks {
-    /// Loads the programs: uprobe-multi where the kernel has it (6.6+), else single uprobes;
-    /// on a kernel without uprobes TLS is not followed, said once.
-    pub fn load(ebpf: &mut Ebpf) -> Self {
-        let mut hooks = Self {
+    /// Not hooking anything, for `reason`.
+    pub fn off(reason: &str) -> Self {
+        Self {
             hooked: HashSet::new(),
             scanned: HashSet::new(),
             links: Vec::new(),
             exit_link: None,
+            multi: false,
+            unavailable: Some(reason.to_owned()),
+        }
+    }
+
+    /// Loads the programs: uprobe-multi where the kernel has it (6.6+), else single uprobes;
+    /// on a kernel without uprobes TLS is not followed, said once.
+    pub fn load(ebpf: &mut Ebpf) -> Self {
+        let mut hooks = Self {
             multi: true,
             unavailable: None,
+            ..Self::off("")
         };
         let multi = ENTRIES.iter().map(|&(m, _, _)| m).chain([RETURN.0]);
         // TRACER_TLS_SINGLE_UPROBES=1 takes the older kernels' way here (to test it).
