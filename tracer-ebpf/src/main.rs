@@ -4,7 +4,8 @@
 //! filter TCP and, from the syscall's own registers, find the user buffer and emit one event
 //! (`probes/sock_data.rs`). Where that cannot load, `sys_enter` stores each read/write-family
 //! call's buffer, `sock_*_length` names the socket, and `sys_exit` copies the bytes
-//! (`probes/syscalls.rs`).
+//! (`probes/syscalls.rs`). TLS plaintext comes from uprobes on OpenSSL's read and write calls,
+//! as events of the socket the library used inside them (`probes/tls.rs`).
 #![no_std]
 #![no_main]
 #![feature(asm_experimental_arch)]

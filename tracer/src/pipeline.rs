@@ -226,7 +226,8 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     let listener = TcpListener::bind(cfg.listen)
         .await
         .with_context(|| format!("cannot listen on {}", cfg.listen))?;
-    let (capture, ring, opaque) = Capture::start(cfg.bpf_stats, cfg.ringbuf_bytes, cfg.attach, cfg.tls)?;
+    let (capture, ring, opaque) =
+        Capture::start(cfg.bpf_stats, cfg.ringbuf_bytes, cfg.attach, cfg.tls)?;
     let mode = capture.mode;
     let token = CancellationToken::new();
     let (tx, exporter) = match cfg.otlp.clone() {

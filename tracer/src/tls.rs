@@ -39,7 +39,7 @@ const RETURN: (&str, &str) = ("ssl_call_return", "ssl_call_return_1");
 /// Ends the calls of threads that exit inside one (raw tracepoint `sched_process_exit`).
 const THREAD_EXIT: (&str, &str) = ("tls_thread_exit", "sched_process_exit");
 
-/// Library files hooked at most: each costs 14 attachments.
+/// Library files looked at, at most: each hooked costs 6 links (uprobe-multi) or 14 uprobes.
 const MAX_LIBRARIES: usize = 64;
 
 /// Where distributions put libssl, looked in at start whether or not a process maps it yet
@@ -62,24 +62,28 @@ fn is_libssl(name: &str) -> bool {
 
 /// The hooks, and what has been looked at.
 pub struct TlsHooks {
-    /// Library files hooked, by (device, inode): the same file under two paths (a symlink,
-    /// /lib and /usr/lib, a container sharing the host's layer) is hooked once.
-    hooked: HashSet<(u64, u64)>,
+    /// Library files looked at, by (device, inode): the same file under two paths (a symlink,
+    /// /lib and /usr/lib, a container sharing the host's layer) is hooked once, and one that
+    /// cannot be is not tried again.
+    tried: HashSet<(u64, u64)>,
+    /// Of those, the files hooked.
+    hooked: usize,
     /// Processes whose maps have been read (the ones alive at the last look).
     scanned: HashSet<u32>,
     links: Vec<UProbeLink>,
     exit_link: Option<RawTracePointLink>,
     /// Programs attached as uprobe-multi (else one uprobe per function).
     multi: bool,
-    /// Why TLS is not followed, when the programs would not load.
-    pub unavailable: Option<String>,
+    /// Why TLS is not followed (`--no-tls`, or programs that would not load).
+    unavailable: Option<String>,
 }
 
 impl TlsHooks {
     /// Not hooking anything, for `reason`.
     pub fn off(reason: &str) -> Self {
         Self {
-            hooked: HashSet::new(),
+            tried: HashSet::new(),
+            hooked: 0,
             scanned: HashSet::new(),
             links: Vec::new(),
             exit_link: None,
@@ -131,14 +135,14 @@ impl TlsHooks {
 
     /// Library files hooked.
     pub fn libraries(&self) -> usize {
-        self.hooked.len()
+        self.hooked
     }
 
     /// Hooks the libraries in the host's usual places and those mapped by processes not looked
-    /// at yet; returns how many were added. Cheap when no process is new.
-    pub fn refresh(&mut self, ebpf: &mut Ebpf, with_system_dirs: bool) -> usize {
+    /// at yet. Cheap when no process is new.
+    pub fn refresh(&mut self, ebpf: &mut Ebpf, with_system_dirs: bool) {
         if self.unavailable.is_some() {
-            return 0;
+            return;
         }
         let mut found = Vec::new();
         if with_system_dirs {
@@ -160,29 +164,24 @@ impl TlsHooks {
             }
         }
         self.scanned = alive;
-        let mut added = 0;
         for path in found {
-            if self.hooked.len() >= MAX_LIBRARIES {
+            if self.tried.len() >= MAX_LIBRARIES {
                 break;
             }
             let Ok(meta) = fs::metadata(&path) else {
                 continue;
             };
-            let id = (meta.dev(), meta.ino());
-            if self.hooked.contains(&id) {
+            if !self.tried.insert((meta.dev(), meta.ino())) {
                 continue;
             }
-            // Marked whether or not it works: a file that cannot be hooked is not tried again.
-            self.hooked.insert(id);
             match self.attach(ebpf, &path) {
                 Ok(n) => {
                     tracing::info!("TLS: hooked {n} calls in {}", path.display());
-                    added += 1;
+                    self.hooked += 1;
                 }
                 Err(e) => tracing::warn!("TLS: cannot hook {}: {e}", path.display()),
             }
         }
-        added
     }
 
     /// Attaches every entry and the return to the functions `path` exports; how many.
