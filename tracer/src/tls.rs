@@ -287,22 +287,19 @@ fn processes() -> HashSet<u32> {
 }
 
 /// The libssl files a process maps, as paths in its own root (so that a container's library is
-/// found through `/proc/<pid>/root`).
+/// found through `/proc/<pid>/root`); a file replaced since it was mapped (a package upgrade:
+/// "(deleted)") through `/proc/<pid>/map_files`, which still names the mapped file.
 fn mapped_libssl(pid: u32) -> Vec<PathBuf> {
     let Ok(maps) = fs::read_to_string(format!("/proc/{pid}/maps")) else {
         return Vec::new();
     };
     let mut paths: Vec<PathBuf> = Vec::new();
-    for line in maps.lines() {
-        // address perms offset dev inode path
-        let Some(path) = line.split_whitespace().nth(5) else {
-            continue;
+    for (range, path, deleted) in libssl_mappings(&maps) {
+        let p = if deleted {
+            PathBuf::from(format!("/proc/{pid}/map_files/{range}"))
+        } else {
+            PathBuf::from(format!("/proc/{pid}/root{path}"))
         };
-        let name = path.rsplit('/').next().unwrap_or(path);
-        if !path.starts_with('/') || !is_libssl(name) {
-            continue;
-        }
-        let p = PathBuf::from(format!("/proc/{pid}/root{path}"));
         if !paths.contains(&p) {
             paths.push(p);
         }
@@ -310,9 +307,59 @@ fn mapped_libssl(pid: u32) -> Vec<PathBuf> {
     paths
 }
 
+/// The libssl mappings of a `/proc/<pid>/maps` text: address range, path, and whether the file
+/// was deleted since. Paths may hold spaces: the path is the rest of the line.
+fn libssl_mappings(maps: &str) -> impl Iterator<Item = (&str, &str, bool)> {
+    maps.lines().filter_map(|line| {
+        // address perms offset dev inode path
+        let mut fields = line.splitn(6, ' ');
+        let range = fields.next()?;
+        let path = fields.nth(4)?.trim_start();
+        let (path, deleted) = match path.strip_suffix(" (deleted)") {
+            Some(p) => (p, true),
+            None => (path, false),
+        };
+        let name = path.rsplit('/').next().unwrap_or(path);
+        (path.starts_with('/') && is_libssl(name)).then_some((range, path, deleted))
+    })
+}
+
 #[cfg(test)]
 mod tests {
-    use super::is_libssl;
+    use super::{is_libssl, libssl_mappings};
+
+    #[test]
+    fn finds_libssl_in_maps() {
+        let maps = "\
+55d0c0a00000-55d0c0a2a000 r--p 00000000 fd:01 1234   /usr/sbin/nginx
+7f11c0a00000-7f11c0a1f000 r--p 00000000 fd:01 5678   /usr/lib/x86_64-linux-gnu/libssl.so.3
+7f11c0a1f000-7f11c0a7d000 r-xp 0001f000 fd:01 5678   /usr/lib/x86_64-linux-gnu/libssl.so.3
+7f11c0b00000-7f11c0b10000 r-xp 00000000 fd:01 9999   /opt/my app/lib/libssl.so.1.1 (deleted)
+7f11c0c00000-7f11c0c10000 r-xp 00000000 fd:01 4444   /usr/lib/x86_64-linux-gnu/libcrypto.so.3
+7f11c0d00000-7f11c0d21000 rw-p 00000000 00:00 0      [heap]
+7f11c0e00000-7f11c0e21000 rw-p 00000000 00:00 0 ";
+        let found: Vec<_> = libssl_mappings(maps).collect();
+        assert_eq!(
+            found,
+            vec![
+                (
+                    "7f11c0a00000-7f11c0a1f000",
+                    "/usr/lib/x86_64-linux-gnu/libssl.so.3",
+                    false
+                ),
+                (
+                    "7f11c0a1f000-7f11c0a7d000",
+                    "/usr/lib/x86_64-linux-gnu/libssl.so.3",
+                    false
+                ),
+                (
+                    "7f11c0b00000-7f11c0b10000",
+                    "/opt/my app/lib/libssl.so.1.1",
+                    true
+                ),
+            ]
+        );
+    }
 
     #[test]
     fn names_libssl() {
