@@ -23,6 +23,17 @@ fn observed(daemon: &Daemon, src: &str, observer: &str) -> f64 {
     )
 }
 
+/// Waits (10 s at most) until both ends of `src`'s requests have counted `n`: one end's
+/// exchange can finish a ring-buffer read after the other's.
+fn wait_both_ends(daemon: &Daemon, src: &str, n: u64) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while (observed(daemon, src, "client") < n as f64 || observed(daemon, src, "server") < n as f64)
+        && Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 fn status_codes(edge: &Value) -> BTreeMap<String, u64> {
     edge["status_codes"]
         .as_object()
@@ -79,6 +90,7 @@ fn curl_and_nginx_over_tls_are_counted_by_both_ends() {
     assert_eq!(edge["requests"], total, "{}", daemon.diagnostics());
     assert_eq!(status_codes(&edge), codes, "{}", daemon.diagnostics());
     assert_eq!(edge["tls_requests"], total, "every request went over TLS");
+    wait_both_ends(&daemon, "curl", total);
     assert_eq!(observed(&daemon, "curl", "client"), total as f64);
     assert_eq!(observed(&daemon, "curl", "server"), total as f64);
     assert_eq!(
@@ -266,6 +278,7 @@ fn h2load_over_tls_is_counted() {
         not_found,
         "{codes:?}"
     );
+    wait_both_ends(&daemon, "h2load", done);
     assert_eq!(observed(&daemon, "h2load", "client"), done as f64);
     assert_eq!(
         observed(&daemon, "h2load", "server"),
@@ -279,4 +292,71 @@ fn h2load_over_tls_is_counted() {
         "{}",
         daemon.diagnostics()
     );
+}
+
+/// A process that loads its own copy of libssl (as a container brings its own) after the daemon
+/// started: the copy is found in the process's memory map and hooked within seconds, and the
+/// requests its server answers are counted by that end too.
+#[test]
+fn a_library_copy_loaded_later_is_hooked() {
+    let _serial = serial();
+    let daemon = Daemon::start();
+    let before = daemon.json("/api/status")["tls_libraries"]
+        .as_i64()
+        .expect("tls_libraries");
+    let dir = scratch("libssl-copy");
+    let (cert, key) = self_signed(&dir);
+    let lib = dir.join("lib");
+    std::fs::create_dir_all(&lib).expect("lib dir");
+    let system = [
+        "/usr/lib/x86_64-linux-gnu",
+        "/lib/x86_64-linux-gnu",
+        "/usr/lib64",
+    ]
+    .iter()
+    .map(|d| std::path::Path::new(d).join("libssl.so.3"))
+    .find(|p| p.exists())
+    .expect("libssl.so.3 on this host");
+    std::fs::copy(&system, lib.join("libssl.so.3")).expect("copy libssl");
+    let port = common::free_port();
+    let child = Command::new(common::system_python())
+        .arg(workspace_root().join("tests/fixtures/tls_server.py"))
+        .arg(port.to_string())
+        .arg(&cert)
+        .arg(&key)
+        .env("LD_LIBRARY_PATH", &lib)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn tls_server.py");
+    let server = Server::adopt(child, port);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while daemon.json("/api/status")["tls_libraries"].as_i64() == Some(before) {
+        assert!(
+            Instant::now() < deadline,
+            "the copy was not hooked: {}",
+            daemon.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let mut answered = 0u64;
+    for i in 0..20 {
+        let out = Command::new("curl")
+            .args(["-sk", "-o", "/dev/null", "-w", "%{http_code}"])
+            .arg(format!("https://127.0.0.1:{}/items/{i}", server.port))
+            .output()
+            .expect("curl");
+        if out.stdout == b"200" {
+            answered += 1;
+        }
+    }
+    assert_eq!(answered, 20);
+    wait_both_ends(&daemon, "curl", answered);
+    assert_eq!(
+        observed(&daemon, "curl", "server"),
+        answered as f64,
+        "{}",
+        daemon.diagnostics()
+    );
+    assert_eq!(observed(&daemon, "curl", "client"), answered as f64);
 }

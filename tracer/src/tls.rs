@@ -42,6 +42,9 @@ const THREAD_EXIT: (&str, &str) = ("tls_thread_exit", "sched_process_exit");
 /// Library files looked at, at most: each hooked costs 6 links (uprobe-multi) or 14 uprobes.
 const MAX_LIBRARIES: usize = 64;
 
+/// New processes whose memory maps are read per look.
+const SCAN_PER_LOOK: usize = 512;
+
 /// Where distributions put libssl, looked in at start whether or not a process maps it yet
 /// (a client started later maps the host's own).
 const SYSTEM_DIRS: &[&str] = &[
@@ -68,7 +71,7 @@ pub struct TlsHooks {
     tried: HashSet<(u64, u64)>,
     /// Of those, the files hooked.
     hooked: usize,
-    /// Processes whose maps have been read (the ones alive at the last look).
+    /// Processes whose maps have been read (and that were alive at the last look).
     scanned: HashSet<u32>,
     links: Vec<UProbeLink>,
     exit_link: Option<RawTracePointLink>,
@@ -146,8 +149,13 @@ impl TlsHooks {
         }
         let mut found = Vec::new();
         if with_system_dirs {
-            for dir in SYSTEM_DIRS {
-                let Ok(entries) = fs::read_dir(dir) else {
+            // Ours, and the host's through init's root: in a DaemonSet (hostPID) the daemon's
+            // own root is its image's; on a host both are the same files (deduplicated below).
+            let dirs = SYSTEM_DIRS
+                .iter()
+                .flat_map(|d| [PathBuf::from(d), PathBuf::from(format!("/proc/1/root{d}"))]);
+            for dir in dirs {
+                let Ok(entries) = fs::read_dir(&dir) else {
                     continue;
                 };
                 for e in entries.flatten() {
@@ -157,13 +165,20 @@ impl TlsHooks {
                 }
             }
         }
+        // At most SCAN_PER_LOOK new processes a look (a host that forks thousands a second
+        // would otherwise keep this thread reading /proc): the rest wait for the next look.
         let alive = processes();
-        for &pid in &alive {
-            if !self.scanned.contains(&pid) {
-                found.extend(mapped_libssl(pid));
-            }
+        self.scanned.retain(|pid| alive.contains(pid));
+        let new: Vec<u32> = alive
+            .iter()
+            .filter(|pid| !self.scanned.contains(pid))
+            .take(SCAN_PER_LOOK)
+            .copied()
+            .collect();
+        for pid in new {
+            found.extend(mapped_libssl(pid));
+            self.scanned.insert(pid);
         }
-        self.scanned = alive;
         for path in found {
             if self.tried.len() >= MAX_LIBRARIES {
                 break;
