@@ -10,41 +10,10 @@ use std::{
 };
 
 use common::{
-    Daemon, Nginx, Server, free_port,
+    Daemon, Nginx, Server, free_port, h2load,
     otlp::{Protocol, Receiver},
     scratch, serial, system_python, workspace_root,
 };
-
-/// What h2load reported: requests done (answered, whatever the status), and responses by
-/// status class (2xx..5xx).
-fn h2load(args: &[&str], url: &str) -> (u64, [u64; 4]) {
-    let out = Command::new("h2load")
-        .args(args)
-        .arg(url)
-        .output()
-        .expect("h2load (apt install nghttp2-client)");
-    let text = String::from_utf8_lossy(&out.stdout);
-    let numbers = |prefix: &str| -> Vec<u64> {
-        let line = text
-            .lines()
-            .find(|l| l.starts_with(prefix))
-            .unwrap_or_else(|| panic!("no `{prefix}` in h2load's output:\n{text}"));
-        line[prefix.len()..]
-            .split(',')
-            .map(|f| {
-                f.split_whitespace()
-                    .next()
-                    .expect("count")
-                    .parse()
-                    .expect("number")
-            })
-            .collect()
-    };
-    let requests = numbers("requests:");
-    let codes = numbers("status codes:");
-    // "requests: N total, N started, N done, N succeeded, ...": succeeded leaves out 4xx/5xx.
-    (requests[2], [codes[0], codes[1], codes[2], codes[3]])
-}
 
 /// h2load with many streams in flight on each connection, against nginx: tiny responses (many
 /// frames per read), 100 KB ones (DATA frames past the capture, read 8 KiB at a time), and 404s.
@@ -73,7 +42,7 @@ fn h2load_streams_are_counted() {
             format!("--rps={rps}"),
         ];
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let (ok, c) = h2load(&args, &url);
+        let (ok, c) = h2load(&args, &url, "h2c");
         done += ok;
         for (a, b) in classes.iter_mut().zip(c) {
             *a += b;

@@ -12,7 +12,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{Daemon, Nginx, Server, scratch, self_signed, serial, workspace_root};
+use common::{Daemon, Nginx, Server, h2load, scratch, self_signed, serial, workspace_root};
 use serde_json::Value;
 
 /// Requests counted by one end (`observer` client or server) from `src`.
@@ -32,6 +32,16 @@ fn wait_both_ends(daemon: &Daemon, src: &str, n: u64) {
     {
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// A counter of the daemon's that must be 0 (summed over its series).
+fn assert_zero(daemon: &Daemon, metric: &str) {
+    assert_eq!(
+        daemon.metric_sum(metric, &[]),
+        0.0,
+        "{metric}: {}",
+        daemon.diagnostics()
+    );
 }
 
 fn status_codes(edge: &Value) -> BTreeMap<String, u64> {
@@ -93,12 +103,7 @@ fn curl_and_nginx_over_tls_are_counted_by_both_ends() {
     wait_both_ends(&daemon, "curl", total);
     assert_eq!(observed(&daemon, "curl", "client"), total as f64);
     assert_eq!(observed(&daemon, "curl", "server"), total as f64);
-    assert_eq!(
-        daemon.metric_sum("tracer_requests_lost_total", &[]),
-        0.0,
-        "{}",
-        daemon.diagnostics()
-    );
+    assert_zero(&daemon, "tracer_requests_lost_total");
 
     let spans = daemon.json("/api/spans?limit=1000");
     let ours: Vec<&Value> = spans["spans"]
@@ -212,18 +217,8 @@ fn python_tls_connection_older_than_the_daemon_is_followed() {
     // The client has gone: the server end's close is numbered by the socket (whose only event
     // was the read it was waiting in), its plaintext by the library session; no loss made up.
     std::thread::sleep(Duration::from_millis(500));
-    assert_eq!(
-        daemon.metric_sum("tracer_connections_desynced_total", &[]),
-        0.0,
-        "{}",
-        daemon.diagnostics()
-    );
-    assert_eq!(
-        daemon.metric_sum("tracer_requests_lost_total", &[]),
-        0.0,
-        "{}",
-        daemon.diagnostics()
-    );
+    assert_zero(&daemon, "tracer_connections_desynced_total");
+    assert_zero(&daemon, "tracer_requests_lost_total");
 }
 
 /// h2load over TLS (HTTP/2 by ALPN) against nginx, several streams in flight per connection,
@@ -242,31 +237,15 @@ fn h2load_over_tls_is_counted() {
         ("/big.bin", 400, 25),
         ("/missing/3", 1000, 100),
     ] {
-        let out = Command::new("h2load")
-            .args(["-c4", "-m10", &format!("-n{n}"), &format!("--rps={rps}")])
-            .arg(format!("https://127.0.0.1:{}{path}", nginx.port))
-            .output()
-            .expect("h2load (apt install nghttp2-client)");
-        let text = String::from_utf8_lossy(&out.stdout);
-        assert!(text.contains("h2"), "h2load negotiated HTTP/2: {text}");
-        let field = |prefix: &str, i: usize| -> u64 {
-            let line = text
-                .lines()
-                .find(|l| l.starts_with(prefix))
-                .unwrap_or_else(|| panic!("no {prefix} in {text}"));
-            line[prefix.len()..]
-                .split(',')
-                .nth(i)
-                .expect("field")
-                .split_whitespace()
-                .next()
-                .expect("n")
-                .parse()
-                .expect("number")
-        };
-        done += field("requests:", 2);
-        ok += field("status codes:", 0);
-        not_found += field("status codes:", 2);
+        let url = format!("https://127.0.0.1:{}{path}", nginx.port);
+        let (n_done, classes) = h2load(
+            &["-c4", "-m10", &format!("-n{n}"), &format!("--rps={rps}")],
+            &url,
+            "h2",
+        );
+        done += n_done;
+        ok += classes[0];
+        not_found += classes[2];
     }
     assert_eq!(done, 4400, "h2load completed every request");
     let edge = daemon.wait_edge("h2load", nginx.port, done);
@@ -286,12 +265,7 @@ fn h2load_over_tls_is_counted() {
         "{}",
         daemon.diagnostics()
     );
-    assert_eq!(
-        daemon.metric_sum("tracer_requests_lost_total", &[]),
-        0.0,
-        "{}",
-        daemon.diagnostics()
-    );
+    assert_zero(&daemon, "tracer_requests_lost_total");
 }
 
 /// A process that loads its own copy of libssl (as a container brings its own) after the daemon

@@ -418,6 +418,41 @@ impl Nginx {
     }
 }
 
+/// What h2load reported: requests done (answered, whatever the status), and responses by
+/// status class (2xx..5xx); panics unless it spoke `protocol` ("h2", "http/1.1").
+pub fn h2load(args: &[&str], url: &str, protocol: &str) -> (u64, [u64; 4]) {
+    let out = Command::new("h2load")
+        .args(args)
+        .arg(url)
+        .output()
+        .expect("h2load (apt install nghttp2-client)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(&format!("Application protocol: {protocol}")),
+        "h2load spoke {protocol}: {text}"
+    );
+    let numbers = |prefix: &str| -> Vec<u64> {
+        let line = text
+            .lines()
+            .find(|l| l.starts_with(prefix))
+            .unwrap_or_else(|| panic!("no `{prefix}` in h2load's output:\n{text}"));
+        line[prefix.len()..]
+            .split(',')
+            .map(|f| {
+                f.split_whitespace()
+                    .next()
+                    .expect("count")
+                    .parse()
+                    .expect("number")
+            })
+            .collect()
+    };
+    let requests = numbers("requests:");
+    let codes = numbers("status codes:");
+    // "requests: N total, N started, N done, N succeeded, ...": succeeded leaves out 4xx/5xx.
+    (requests[2], [codes[0], codes[1], codes[2], codes[3]])
+}
+
 /// A self-signed certificate for `localhost` and its key, made in `dir` with the openssl tool.
 pub fn self_signed(dir: &Path) -> (PathBuf, PathBuf) {
     let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
