@@ -429,32 +429,32 @@ impl ConnTable {
         out: &mut Vec<Exchange>,
     ) {
         let now = d.ts_exit_ns;
-        if let Some(c) = self.conns.get(&d.sk)
-            && c.tls
-            && !d.tls
-            && same_connection(&c.tuple, d)
-        {
-            // Ciphertext of a connection whose plaintext is followed: a call that began before
-            // the library's hooks were in place.
-            metrics
-                .pairing_drops
-                .with_label_values(&["tls_ciphertext"])
-                .inc();
-            return;
-        }
-        // A numbered event after a reset is a new socket's (a closed one's events go
-        // unnumbered). The first plaintext event of a connection whose ciphertext was seen
-        // (one older than the tracer, found opaque) starts it again, as TLS.
-        if let Some(c) = self.conns.get_mut(&d.sk)
-            && (!same_connection(&c.tuple, d)
-                || (c.reset.is_some() && d.seq != 0)
-                || (d.tls && !c.tls))
-        {
-            // The socket address was reused by a new connection: the old one was reset (and is
-            // ending now), or its close was missed.
-            if c.reset.is_some() {
-                finish_all(c, metrics, out);
+        let restart = match self.conns.get_mut(&d.sk) {
+            None => false,
+            Some(c) => {
+                let same = same_connection(&c.tuple, d);
+                if same && c.tls && !d.tls {
+                    // Ciphertext of a connection whose plaintext is followed: a call that
+                    // began before the library's hooks were in place.
+                    metrics
+                        .pairing_drops
+                        .with_label_values(&["tls_ciphertext"])
+                        .inc();
+                    return;
+                }
+                // The socket address was reused by a new connection: the old one was reset
+                // (and is ending now; a numbered event after a reset is a new socket's, a
+                // closed one's go unnumbered), or its close was missed. Or the first plaintext
+                // event of a connection whose ciphertext was seen (one older than the tracer,
+                // found opaque): it starts again, as TLS.
+                let restart = !same || (c.reset.is_some() && d.seq != 0) || (d.tls && !c.tls);
+                if restart && c.reset.is_some() {
+                    finish_all(c, metrics, out);
+                }
+                restart
             }
+        };
+        if restart {
             self.remove(d.sk, metrics, linker);
         }
         if !self.conns.contains_key(&d.sk) {
