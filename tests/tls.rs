@@ -334,3 +334,131 @@ fn a_library_copy_loaded_later_is_hooked() {
     );
     assert_eq!(observed(&daemon, "curl", "client"), answered as f64);
 }
+
+/// Apache httpd with mod_ssl, whose BIO hands ciphertext to its own output filters: the socket
+/// writes happen outside `SSL_write` (the session's socket is learnt from its reads). Every
+/// request curl and h2load made is counted by both ends with its status.
+#[test]
+fn apache_mod_ssl_is_counted_by_both_ends() {
+    let _serial = serial();
+    let daemon = Daemon::start();
+    let apache = Apache::start(&scratch("apache-tls"));
+    let base = format!("https://127.0.0.1:{}", apache.port);
+    let mut codes: BTreeMap<String, u64> = BTreeMap::new();
+    for i in 0..30 {
+        let out = Command::new("curl")
+            .args(["-sk", "-w", "%{http_code}\n"])
+            .args(["-o", "/dev/null", &format!("{base}/index.html")])
+            .args(["-o", "/dev/null", &format!("{base}/big.txt")])
+            .args(["-o", "/dev/null", &format!("{base}/missing/{i}")])
+            .output()
+            .expect("curl");
+        for code in String::from_utf8_lossy(&out.stdout).lines() {
+            *codes.entry(code.to_owned()).or_default() += 1;
+        }
+    }
+    assert_eq!(codes.values().sum::<u64>(), 90, "{codes:?}");
+    let (done, classes) = h2load(
+        &["--h1", "-c4", "-n2000", "--rps=100"],
+        &format!("{base}/index.html"),
+        "http/1.1",
+    );
+    assert_eq!(done, 2000);
+    assert_eq!(classes[0], 2000);
+    let edge = daemon.wait_edge("curl", apache.port, 90);
+    assert_eq!(status_codes(&edge), codes, "{}", daemon.diagnostics());
+    wait_both_ends(&daemon, "curl", 90);
+    wait_both_ends(&daemon, "h2load", done);
+    for src in ["curl", "h2load"] {
+        let n = if src == "curl" { 90 } else { done };
+        assert_eq!(observed(&daemon, src, "client"), n as f64, "{src}");
+        assert_eq!(
+            observed(&daemon, src, "server"),
+            n as f64,
+            "{src}: {}",
+            daemon.diagnostics()
+        );
+    }
+    assert_zero(&daemon, "tracer_requests_lost_total");
+}
+
+/// `apache2` in the foreground with mod_ssl on a port of its own, stopped gracefully on drop
+/// (SIGTERM: its worker processes go with it).
+struct Apache {
+    child: std::process::Child,
+    port: u16,
+}
+
+impl Apache {
+    fn start(dir: &std::path::Path) -> Self {
+        let (cert, key) = self_signed(dir);
+        let www = dir.join("www");
+        std::fs::create_dir_all(&www).expect("www");
+        std::fs::create_dir_all(dir.join("logs")).expect("logs");
+        std::fs::write(www.join("index.html"), "<h1>apache</h1>\n").expect("index");
+        std::fs::write(www.join("big.txt"), vec![b'a'; 50_000]).expect("big");
+        let port = common::free_port();
+        let modules = "/usr/lib/apache2/modules";
+        let conf = format!(
+            "ServerRoot {dir}\nServerName localhost\nListen 127.0.0.1:{port}\n\
+             DefaultRuntimeDir {dir}\nPidFile {dir}/httpd.pid\nErrorLog {dir}/logs/error.log\n\
+             LoadModule mpm_event_module {modules}/mod_mpm_event.so\n\
+             LoadModule authz_core_module {modules}/mod_authz_core.so\n\
+             LoadModule socache_shmcb_module {modules}/mod_socache_shmcb.so\n\
+             LoadModule ssl_module {modules}/mod_ssl.so\n\
+             User www-data\nGroup www-data\nDocumentRoot {www}\nMaxKeepAliveRequests 0\n\
+             <Directory {www}>\n  Require all granted\n</Directory>\n\
+             SSLEngine on\nSSLCertificateFile {cert}\nSSLCertificateKeyFile {key}\n",
+            dir = dir.display(),
+            www = www.display(),
+            cert = cert.display(),
+            key = key.display(),
+        );
+        let conf_path = dir.join("httpd.conf");
+        std::fs::write(&conf_path, conf).expect("conf");
+        // The workers (www-data) read the documents.
+        let _ = Command::new("chmod")
+            .args(["-R", "a+rX"])
+            .arg(&www)
+            .status();
+        let _ = Command::new("chmod").arg("a+x").arg(dir).status();
+        let bin = ["/usr/sbin/apache2", "/usr/bin/apache2"]
+            .into_iter()
+            .find(|p| std::path::Path::new(p).exists())
+            .unwrap_or("apache2");
+        let child = Command::new(bin)
+            .arg("-f")
+            .arg(&conf_path)
+            .arg("-DFOREGROUND")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("apache2 (apt install apache2)");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "apache2 did not start: {}",
+                std::fs::read_to_string(dir.join("logs/error.log")).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Self { child, port }
+    }
+}
+
+impl Drop for Apache {
+    fn drop(&mut self) {
+        // SAFETY: plain kill(2) of our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
