@@ -264,9 +264,12 @@ pub enum KernelStat {
     /// socket I/O, such as a memory BIO, or a connection older than the tracer that has not
     /// touched its socket since): their plaintext is not sent, counted.
     TlsNoSocket = 13,
+    /// Events dropped because another program built its event in the same per-CPU scratch
+    /// while this one's program was preempted (uprobe programs run preemptible).
+    ScratchRace = 14,
 }
 
-pub const KERNEL_STAT_COUNT: u32 = 14;
+pub const KERNEL_STAT_COUNT: u32 = 15;
 
 impl KernelStat {
     pub const ALL: [KernelStat; KERNEL_STAT_COUNT as usize] = [
@@ -284,6 +287,7 @@ impl KernelStat {
         KernelStat::OtherSyscall,
         KernelStat::TlsCiphertext,
         KernelStat::TlsNoSocket,
+        KernelStat::ScratchRace,
     ];
 
     /// Name used as the `reason`/`kind` label in metrics.
@@ -303,6 +307,7 @@ impl KernelStat {
             KernelStat::OtherSyscall => "other_syscall",
             KernelStat::TlsCiphertext => "tls_ciphertext",
             KernelStat::TlsNoSocket => "tls_no_socket",
+            KernelStat::ScratchRace => "scratch_race",
         }
     }
 }

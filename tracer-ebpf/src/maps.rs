@@ -81,6 +81,10 @@ pub struct Scratch {
     /// is, what it wrote, and the call it walks.
     pub walk: Walk,
     pub gather: Gather,
+    /// Bumped by each event built here: uprobe programs run preemptible (migration disabled,
+    /// not preemption), so another program on this CPU may build its event here meanwhile; the
+    /// builder finds the number changed and drops its event, counted (`scratch_race`).
+    pub generation: u64,
 }
 
 /// The socket path's iovec copy (`data::gather_loop`), kept here for its `bpf_loop` callback.

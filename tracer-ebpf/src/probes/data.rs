@@ -654,7 +654,13 @@ pub fn emit<const WALK: bool>(args: &SyscallArgs, ret: u64, id: u64, next: NextE
     let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
         return;
     };
-    // SAFETY: the per-CPU scratch slot is ours until this program returns.
+    // SAFETY: the per-CPU scratch slot is ours until this program returns (but for a uprobe
+    // program, which can be preempted: `Scratch::generation`).
+    let generation = unsafe {
+        let g = read_volatile(&(*scratch).generation).wrapping_add(1);
+        write_volatile(&mut (*scratch).generation, g);
+        g
+    };
     let ev: &mut DataEvent = unsafe { &mut (*scratch).ev };
     let (meta, payload) = (&mut ev.meta, &mut ev.payload);
 
@@ -816,6 +822,11 @@ pub fn emit<const WALK: bool>(args: &SyscallArgs, ret: u64, id: u64, next: NextE
             size
         }
     };
+    // SAFETY: as above.
+    if unsafe { read_volatile(&(*scratch).generation) } != generation {
+        count(KernelStat::ScratchRace);
+        return;
+    }
     // SAFETY: `size` bytes from the start of the scratch (the event first), which is at least
     // that long.
     let bytes =
