@@ -778,7 +778,7 @@ impl Capture {
         let mut tls = if tls {
             TlsHooks::load(&mut ebpf)
         } else {
-            TlsHooks::off("--no-tls")
+            TlsHooks::off()
         };
         tls.refresh(&mut ebpf, true);
         // Parsing the kernel's BTF took ~7 MB for a moment: give it back now rather than keep
@@ -858,9 +858,13 @@ impl Capture {
     }
 
     /// Hooks the TLS libraries of processes started since the last call (containers bring
-    /// their own); returns how many library files are hooked.
-    pub fn refresh_tls(&mut self) -> usize {
+    /// their own).
+    pub fn refresh_tls(&mut self) {
         self.tls.refresh(&mut self.ebpf, false);
+    }
+
+    /// TLS library files hooked.
+    pub fn tls_libraries(&self) -> usize {
         self.tls.libraries()
     }
 

@@ -561,7 +561,8 @@ async fn export_kernel_stats(
         .collect();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut ticks: u64 = 0;
-    metrics.tls_libraries.set(capture.refresh_tls() as i64);
+    // The start-up look was made by `Capture::start`.
+    metrics.tls_libraries.set(capture.tls_libraries() as i64);
     loop {
         tokio::select! {
             _ = tick.tick() => {},
@@ -570,7 +571,8 @@ async fn export_kernel_stats(
         ticks += 1;
         // New processes (a container's own libssl) are looked at every few seconds.
         if ticks.is_multiple_of(TLS_LOOK_EVERY) {
-            metrics.tls_libraries.set(capture.refresh_tls() as i64);
+            capture.refresh_tls();
+            metrics.tls_libraries.set(capture.tls_libraries() as i64);
         }
         for (i, (stat, value)) in capture.kernel_stats().into_iter().enumerate() {
             let delta = value.saturating_sub(last[i]);

@@ -77,13 +77,13 @@ pub struct TlsHooks {
     exit_link: Option<RawTracePointLink>,
     /// Programs attached as uprobe-multi (else one uprobe per function).
     multi: bool,
-    /// Why TLS is not followed (`--no-tls`, or programs that would not load).
-    unavailable: Option<String>,
+    /// Programs loaded and TLS followed (not with `--no-tls`, nor where they would not load).
+    enabled: bool,
 }
 
 impl TlsHooks {
-    /// Not hooking anything, for `reason`.
-    pub fn off(reason: &str) -> Self {
+    /// Not hooking anything (`--no-tls`).
+    pub fn off() -> Self {
         Self {
             tried: HashSet::new(),
             hooked: 0,
@@ -91,7 +91,7 @@ impl TlsHooks {
             links: Vec::new(),
             exit_link: None,
             multi: false,
-            unavailable: Some(reason.to_owned()),
+            enabled: false,
         }
     }
 
@@ -100,8 +100,8 @@ impl TlsHooks {
     pub fn load(ebpf: &mut Ebpf) -> Self {
         let mut hooks = Self {
             multi: true,
-            unavailable: None,
-            ..Self::off("")
+            enabled: true,
+            ..Self::off()
         };
         let multi = ENTRIES.iter().map(|&(m, _, _)| m).chain([RETURN.0]);
         // TRACER_TLS_SINGLE_UPROBES=1 takes the older kernels' way here (to test it).
@@ -117,7 +117,7 @@ impl TlsHooks {
             let single = ENTRIES.iter().map(|&(_, s, _)| s).chain([RETURN.1]);
             if let Err(e) = load_all(ebpf, single) {
                 tracing::warn!("TLS plaintext not followed: {e}");
-                hooks.unavailable = Some(e);
+                hooks.enabled = false;
                 return hooks;
             }
         }
@@ -144,7 +144,7 @@ impl TlsHooks {
     /// Hooks the libraries in the host's usual places and those mapped by processes not looked
     /// at yet. Cheap when no process is new.
     pub fn refresh(&mut self, ebpf: &mut Ebpf, with_system_dirs: bool) {
-        if self.unavailable.is_some() {
+        if !self.enabled {
             return;
         }
         let mut found = Vec::new();
