@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # What the tests and the bench drive, installed when missing (as root, idempotent): curl, wrk,
 # nginx, promtool (Debian package prometheus), setpriv (util-linux), chromium and tmux (the
-# dashboard and `tracer top` tests), h2load (nghttp2-client) and python3-grpcio for the HTTP/2
-# tests, openssl and apache2 (the TLS tests), and oha (crates.io) for the bench's fixed-rate load. python3 is part of the image.
+# dashboard and `tracer top` tests), h2load (nghttp2-client), python3-grpcio and python3-h2 (the h2c
+# upgrade fixture) for the HTTP/2 tests, openssl and apache2 (the TLS tests), and oha (crates.io) for the bench's fixed-rate load. python3 is part of the image.
 set -euo pipefail
 export DEBIAN_FRONTEND=noninteractive
 missing=()
@@ -12,6 +12,7 @@ done
 # For the system's python3 (the gRPC fixtures run with /usr/bin/python3, not a python earlier
 # on PATH).
 /usr/bin/python3 -c 'import grpc' 2>/dev/null || missing+=(python3-grpcio)
+/usr/bin/python3 -c 'import h2' 2>/dev/null || missing+=(python3-h2)
 if [ ${#missing[@]} -gt 0 ]; then
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null

@@ -1,5 +1,6 @@
-//! HTTP/2 without TLS (prior knowledge): h2load against nginx, and gRPC (python grpcio). Counts
-//! checked against what the clients reported; spans against the gRPC status they returned.
+//! HTTP/2 without TLS: h2load against nginx and gRPC (python grpcio) with prior knowledge, and
+//! curl upgrading HTTP/1.1 connections to h2c. Counts checked against what the clients
+//! reported; spans against the gRPC status they returned.
 
 mod common;
 
@@ -10,7 +11,7 @@ use std::{
 };
 
 use common::{
-    Daemon, Nginx, Server, free_port, h2load,
+    Daemon, Nginx, Server, curl_with, free_port, h2load,
     otlp::{Protocol, Receiver},
     scratch, serial, system_python, workspace_root,
 };
@@ -209,4 +210,81 @@ fn grpc_calls_are_counted_with_their_status() {
         .filter(|s| s.span.kind == 2 && clients.contains(&s.parent_id()))
         .count() as u64;
     assert_eq!(linked, total, "every server span under its client span");
+}
+
+/// `curl --http2` on plain HTTP asks to upgrade (`Upgrade: h2c`); a server that accepts answers
+/// 101 and goes on in HTTP/2, the upgrading request answered on stream 1. One connection of 40
+/// requests (the first upgrades, the rest are streams 3 to 79, 100 KB answers among them) and
+/// 20 connections of one request each (stream 1 alone, 100 KB answers written before the
+/// client's preface is read): every request counted by both ends with the status curl got, and
+/// none as a 101.
+#[test]
+fn h2c_upgrade_is_followed() {
+    let _serial = serial();
+    let daemon = Daemon::start();
+    let port = free_port();
+    let child = Command::new(system_python())
+        .arg(workspace_root().join("tests/fixtures/h2c_server.py"))
+        .arg(port.to_string())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn h2c_server.py");
+    let _server = Server::adopt(child, port);
+    let url = |path: &str| format!("http://127.0.0.1:{port}{path}");
+    let mut got: BTreeMap<String, u64> = BTreeMap::new();
+    let mut count = |lines: Vec<String>| {
+        for line in lines {
+            let (code, version) = line.split_once(' ').expect("code and version");
+            assert_eq!(version, "2", "curl upgraded to h2c: {line}");
+            *got.entry(code.to_owned()).or_default() += 1;
+        }
+    };
+    let mixed: Vec<String> = ["/ok", "/missing/1", "/big", "/fail"]
+        .iter()
+        .cycle()
+        .take(40)
+        .map(|p| url(p))
+        .collect();
+    count(curl_with(
+        &["--http2"],
+        &mixed,
+        "%{http_code} %{http_version}\n",
+    ));
+    for path in ["/big", "/ok", "/missing/2", "/fail"]
+        .iter()
+        .cycle()
+        .take(20)
+    {
+        count(curl_with(
+            &["--http2"],
+            &[url(path)],
+            "%{http_code} %{http_version}\n",
+        ));
+    }
+    let total: u64 = got.values().sum();
+    assert_eq!(total, 60, "curl's answers: {got:?}");
+    let edge = daemon.wait_edge("curl", port, total);
+    assert_eq!(edge["requests"], total, "{}", daemon.diagnostics());
+    assert_eq!(
+        edge["server_latency"]["count"], total,
+        "the server end saw every request"
+    );
+    assert_eq!(
+        edge["client_latency"]["count"], total,
+        "the client end saw every request"
+    );
+    let codes: BTreeMap<String, u64> = edge["status_codes"]
+        .as_object()
+        .expect("status_codes")
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_u64().expect("n")))
+        .collect();
+    assert_eq!(codes, got, "statuses as curl got them, no 101");
+    assert_eq!(
+        daemon.metric_sum("tracer_requests_lost_total", &[]),
+        0.0,
+        "{}",
+        daemon.diagnostics()
+    );
 }

@@ -325,8 +325,13 @@ pub fn system_python() -> &'static str {
 /// One curl invocation fetching `urls` in order (bodies discarded); returns curl's `-w` output
 /// lines, one per URL.
 pub fn curl<S: AsRef<str>>(urls: &[S], write_out: &str) -> Vec<String> {
+    curl_with(&[], urls, write_out)
+}
+
+/// `curl` with `args` (`--http2`, ...) before the URLs.
+pub fn curl_with<S: AsRef<str>>(args: &[&str], urls: &[S], write_out: &str) -> Vec<String> {
     let mut cmd = Command::new("curl");
-    cmd.args(["-s", "-w", write_out]);
+    cmd.args(["-s", "-w", write_out]).args(args);
     for url in urls {
         cmd.args(["-o", "/dev/null", url.as_ref()]);
     }

@@ -134,6 +134,8 @@ struct Pending {
     /// Requests not kept (the queue was full) just before this one: the next responses are
     /// theirs, not this one's.
     gap_before: u32,
+    /// It offered to go on in HTTP/2 (`Upgrade: h2c`).
+    h2c: bool,
 }
 
 #[derive(Debug)]
@@ -949,6 +951,19 @@ fn feed(conn: &mut Conn, requests: bool, ctx: &mut Ctx<'_, '_>) {
                         off += used;
                         reader.bytes += used;
                         on_head(conn, requests, info, ctx);
+                        if let Role::Http2(side) = conn.role {
+                            // Upgraded to h2c: the rest of this call is HTTP/2 frames.
+                            if off < total {
+                                let rest = Data {
+                                    payload: &shown[(off as usize).min(shown.len())..],
+                                    bytes: (total - off) as u32,
+                                    frames: &[],
+                                    ..*d
+                                };
+                                feed_h2(conn, side, &rest, ctx);
+                            }
+                            return;
+                        }
                     }
                     Ok(None) if !reader.head_lost && head.len() < MAX_HEAD => {
                         // Wait for the rest of the head.
@@ -969,6 +984,7 @@ fn feed(conn: &mut Conn, requests: bool, ctx: &mut Ctx<'_, '_>) {
                                     body: BodyLen::UntilClose,
                                     context: None,
                                     minor_version: 1,
+                                    upgrade_h2c: false,
                                 })
                             })
                         } else {
@@ -1181,6 +1197,7 @@ fn on_head(conn: &mut Conn, requests: bool, info: Head, ctx: &mut Ctx<'_, '_>) {
                 task: d.task,
                 span,
                 gap_before: std::mem::take(&mut conn.overflow_gap),
+                h2c: h.upgrade_h2c,
             });
             // A response still open when the next request begins has ended: by design when its
             // length is unknown; otherwise some of its bytes were not seen (sent by a syscall
@@ -1248,8 +1265,11 @@ fn on_head(conn: &mut Conn, requests: bool, info: Head, ctx: &mut Ctx<'_, '_>) {
             });
             let tunnel = h.status == 101
                 || (request_method == Some(Method::Connect) && (200..300).contains(&h.status));
+            if h.status == 101 && upgrade_h2c(conn, ctx) {
+                return;
+            }
             if tunnel {
-                // Upgraded (WebSocket, h2c) or tunnelled (CONNECT): the rest is not HTTP/1.
+                // Upgraded (WebSocket) or tunnelled (CONNECT): the rest is not HTTP/1.
                 let end = d.boundary_ns();
                 complete(conn, false, end, ctx);
                 conn.role = Role::Opaque;
@@ -1268,6 +1288,46 @@ fn on_head(conn: &mut Conn, requests: bool, info: Head, ctx: &mut Ctx<'_, '_>) {
         BodyLen::Chunked => Body::Chunked(Chunked::default()),
         BodyLen::UntilClose => Body::Open,
     });
+}
+
+/// A 101 answering a request that offered `Upgrade: h2c`: the connection goes on in HTTP/2,
+/// the request becoming stream 1, whose response comes in HTTP/2 frames (RFC 7540 §3.2).
+/// False (the connection is then left as a tunnel) when the request did not offer h2c or no
+/// more HTTP/2 connections can be followed.
+fn upgrade_h2c(conn: &mut Conn, ctx: &mut Ctx<'_, '_>) -> bool {
+    let Role::Http(side) = conn.role else {
+        return false;
+    };
+    let offered = conn
+        .current
+        .as_ref()
+        .and_then(|c| c.request.as_ref())
+        .is_some_and(|r| r.h2c);
+    if !offered {
+        return false;
+    }
+    if *ctx.h2_conns >= MAX_H2_CONNS {
+        ctx.metrics
+            .parse_failures
+            .with_label_values(&["h2_connections_full"])
+            .inc();
+        return false;
+    }
+    let Some(req) = conn.current.take().and_then(|c| c.request) else {
+        return false;
+    };
+    *ctx.h2_conns += 1;
+    conn.role = Role::Http2(side);
+    conn.responses.state = ReadState::Idle;
+    conn.h2 = Some(Box::new(Streams::upgraded(streams::Upgraded {
+        method: req.method,
+        path: req.path,
+        start_ns: req.start_ns,
+        req_bytes: req.bytes,
+        task: req.task,
+        span: req.span,
+    })));
+    true
 }
 
 /// The message being read on a stream is complete at `end_ns`.
@@ -1347,6 +1407,19 @@ fn finish_reader(conn: &mut Conn, requests: bool, metrics: &Metrics, out: &mut V
 }
 
 fn finish_all(conn: &mut Conn, metrics: &Metrics, out: &mut Vec<Exchange>) {
+    if let (Some(h2), Some(side)) = (conn.h2.as_mut(), conn.role.side()) {
+        h2.finish_answered(
+            &streams::Ends {
+                side,
+                task: conn.task,
+                tuple: conn.tuple,
+                peer_sk: conn.peer_sk,
+                tls: conn.tls,
+            },
+            out,
+        );
+        return;
+    }
     finish_reader(conn, true, metrics, out);
     finish_reader(conn, false, metrics, out);
 }
@@ -1482,6 +1555,94 @@ mod tests {
                 .with_label_values(&[side, reason])
                 .get()
         }
+    }
+
+    /// `Upgrade: h2c` answered by 101 (curl --http2 to hypercorn, bytes as they were): the
+    /// upgrading request is stream 1, answered in the frames that follow the 101 in the same
+    /// read; the next streams are HTTP/2's. At both ends, nothing counted as 101.
+    #[test]
+    fn h2c_upgrade_goes_on_in_http2() {
+        use crate::http2::testing::*;
+        let request = b"GET /ok HTTP/1.1\r\nHost: x\r\nConnection: Upgrade, HTTP2-Settings\r\n\
+            Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\r\n\r\n";
+        for side in [Side::Client, Side::Server] {
+            let (mut client, mut server) = (Encoder::new(), Encoder::new());
+            let mut h = Harness::new();
+            let (to_server, to_client) = match side {
+                Side::Client => (Direction::Egress, Direction::Ingress),
+                Side::Server => (Direction::Ingress, Direction::Egress),
+            };
+            let io = |h: &mut Harness, dir: Direction, b: &[u8]| h.io(dir, b, b.len(), &[]);
+            io(&mut h, to_server, request);
+            let mut answer =
+                b"HTTP/1.1 101 \r\nconnection: upgrade\r\nupgrade: h2c\r\n\r\n".to_vec();
+            answer.extend(frame(SETTINGS, 0, 0, &[]));
+            answer.extend(headers(&mut server, 1, 0, &[(b":status", b"200")]));
+            answer.extend(frame(DATA, END_STREAM, 1, b"ok\n"));
+            io(&mut h, to_client, &answer);
+            let mut opening = crate::http2::PREFACE.to_vec();
+            opening.extend(frame(SETTINGS, 0, 0, &[]));
+            opening.extend(headers(
+                &mut client,
+                3,
+                END_STREAM,
+                &[(b":method", b"GET"), (b":path", b"/missing")],
+            ));
+            io(&mut h, to_server, &opening);
+            let mut answer = headers(&mut server, 3, 0, &[(b":status", b"404")]);
+            answer.extend(frame(DATA, END_STREAM, 3, b"no"));
+            io(&mut h, to_client, &answer);
+            assert_eq!(
+                h.statuses(),
+                [("/ok".to_owned(), 200), ("/missing".to_owned(), 404)],
+                "{side:?}"
+            );
+            assert!(h.out.iter().all(|e| e.side == side));
+            assert_eq!(h.failures("h2_connections_full"), 0);
+        }
+    }
+
+    /// An HTTP/2 client that closes once it has the body's length (curl) never reads the
+    /// server's END_STREAM: the stream, answered, counts at the close with what was seen; a
+    /// stream without an answer does not.
+    #[test]
+    fn h2_answer_without_its_end_counts_at_the_close() {
+        use crate::http2::testing::*;
+        let (mut client, mut server) = (Encoder::new(), Encoder::new());
+        let mut h = Harness::new();
+        let mut opening = crate::http2::PREFACE.to_vec();
+        opening.extend(frame(SETTINGS, 0, 0, &[]));
+        for (id, path) in [(1, &b"/answered"[..]), (3, b"/waiting")] {
+            opening.extend(headers(
+                &mut client,
+                id,
+                END_STREAM,
+                &[(b":method", b"GET"), (b":path", path)],
+            ));
+        }
+        h.write(&opening);
+        let mut answer = headers(&mut server, 1, 0, &[(b":status", b"200")]);
+        answer.extend(frame(DATA, 0, 1, b"ok\n"));
+        h.read(&answer);
+        assert!(h.out.is_empty());
+        h.state(TCP_ESTABLISHED, TCP_FIN_WAIT1);
+        assert_eq!(h.statuses(), [("/answered".to_owned(), 200)]);
+        assert_eq!(h.out[0].resp_bytes, 3);
+        h.state(TCP_FIN_WAIT1, TCP_CLOSE);
+        assert_eq!(h.out.len(), 1);
+        assert_eq!(h.drops("no_response"), 1, "the stream not answered");
+    }
+
+    /// A 101 to a request that did not offer h2c (WebSocket) is the request's answer, and the
+    /// connection is left alone after it.
+    #[test]
+    fn websocket_upgrade_is_answered_by_its_101() {
+        let mut h = Harness::new();
+        h.read(b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n");
+        h.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n");
+        h.read(b"\x81\x85GET / HTTP/1.1");
+        h.write(b"\x81\x05hello");
+        assert_eq!(h.statuses(), [("/ws".to_owned(), 101)]);
     }
 
     /// HTTP/2 at a server: streams answered out of order pair by id; a gRPC status in the

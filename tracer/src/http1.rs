@@ -122,6 +122,8 @@ pub struct RequestHead {
     pub context: Option<Propagated>,
     /// HTTP minor version: 0 or 1.
     pub minor_version: u8,
+    /// It asks to go on in HTTP/2 (`Upgrade: h2c`): a 101 answer makes the connection h2c.
+    pub upgrade_h2c: bool,
 }
 
 /// Trace context propagated in request headers.
@@ -321,6 +323,17 @@ pub(crate) fn strip_query(target: &str) -> &str {
     target.split(['?', '#']).next().unwrap_or(target)
 }
 
+/// Whether an `Upgrade` header offers `h2c` (RFC 7540 §3.2; the token list is
+/// comma-separated, case-insensitive).
+fn offers_h2c(headers: &[httparse::Header<'_>]) -> bool {
+    headers.iter().any(|h| {
+        h.name.eq_ignore_ascii_case("upgrade")
+            && h.value
+                .split(|&b| b == b',')
+                .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"h2c"))
+    })
+}
+
 pub fn parse_request(buf: &[u8]) -> Result<Parsed<RequestHead>, ParseError> {
     // Left uninitialised: httparse writes the ones it finds (initialising all 96 was a 3 KiB
     // memset per head).
@@ -349,6 +362,7 @@ pub fn parse_request(buf: &[u8]) -> Result<Parsed<RequestHead>, ParseError> {
                 body,
                 context: propagated(req.headers),
                 minor_version: req.version.unwrap_or(1),
+                upgrade_h2c: offers_h2c(req.headers),
             }))
         }
         Ok(httparse::Status::Partial) => Ok(Parsed::Partial),

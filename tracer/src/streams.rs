@@ -36,6 +36,8 @@ struct Stream {
     status: Option<Option<u16>>,
     grpc_status: Option<u32>,
     resp_bytes: u64,
+    /// When its response's last frame seen so far came.
+    resp_ns: u64,
     /// `Streams::response_losses` when it opened: more since, and its end may be among them.
     losses_at_open: u32,
     /// Its server span gave its client span back after response frames went by unseen: the
@@ -55,6 +57,57 @@ pub struct Env<'a, 'b> {
     pub metrics: &'a Metrics,
     pub linker: &'a mut Linker,
     pub out: &'a mut Vec<Exchange>,
+}
+
+/// An HTTP/1.1 request whose connection was upgraded to h2c: stream 1, answered in HTTP/2.
+pub struct Upgraded {
+    pub method: Method,
+    pub path: Path,
+    pub start_ns: u64,
+    pub req_bytes: u64,
+    pub task: Task,
+    pub span: Option<SpanId>,
+}
+
+/// What an exchange says of the connection it was on, as this end saw it.
+pub struct Ends {
+    pub side: Side,
+    /// The connection's latest process (a client's exchanges name it).
+    pub task: Task,
+    pub tuple: Tuple,
+    pub peer_sk: u64,
+    pub tls: bool,
+}
+
+impl Ends {
+    /// A stream's exchange, ended at `end_ns`; none for one released to its client end, or
+    /// without a request or status.
+    fn exchange(&self, s: Stream, end_ns: u64) -> Option<Exchange> {
+        let (Some((method, path)), Some(Some(status))) = (s.request, s.status) else {
+            return None;
+        };
+        (!s.released).then(|| Exchange {
+            side: self.side,
+            task: if self.side == Side::Server {
+                s.task
+            } else {
+                self.task
+            },
+            tuple: self.tuple,
+            peer_sk: self.peer_sk,
+            method,
+            path,
+            status,
+            grpc_status: s.grpc_status,
+            start_ns: s.start_ns,
+            end_ns: end_ns.max(s.start_ns),
+            req_bytes: s.req_bytes,
+            resp_bytes: s.resp_bytes,
+            span: s.span,
+            unsure: false,
+            tls: self.tls,
+        })
+    }
 }
 
 /// Both directions of an HTTP/2 connection and its open streams.
@@ -88,6 +141,30 @@ impl Streams {
             response_losses: 0,
             frames: Vec::new(),
         }
+    }
+
+    /// A connection upgraded to h2c after `request`: the client's next bytes are the preface,
+    /// the server's next ones frames, and the request is stream 1.
+    pub fn upgraded(request: Upgraded) -> Self {
+        let mut s = Self::new();
+        s.open.insert(
+            1,
+            Stream {
+                request: Some((request.method, request.path)),
+                start_ns: request.start_ns,
+                req_bytes: request.req_bytes,
+                task: request.task,
+                span: request.span,
+                status: None,
+                grpc_status: None,
+                resp_bytes: 0,
+                resp_ns: 0,
+                losses_at_open: 0,
+                released: false,
+            },
+        );
+        s.next_id = 3;
+        s
     }
 
     /// One syscall's bytes on the request (client to server) or response direction.
@@ -183,6 +260,7 @@ impl Streams {
                         status: None,
                         grpc_status: None,
                         resp_bytes: 0,
+                        resp_ns: 0,
                         losses_at_open: self.response_losses,
                         released,
                     },
@@ -211,6 +289,7 @@ impl Streams {
                 let Some(s) = self.open.get_mut(&stream) else {
                     return;
                 };
+                s.resp_ns = at_ns;
                 if let Some(g) = fields.as_ref().and_then(|f| f.grpc_status) {
                     s.grpc_status = Some(g);
                 }
@@ -236,6 +315,7 @@ impl Streams {
             } => {
                 if let Some(s) = self.open.get_mut(&stream) {
                     s.resp_bytes += u64::from(len);
+                    s.resp_ns = at_ns;
                     if end_stream {
                         self.complete(stream, at_ns, env);
                     }
@@ -330,30 +410,33 @@ impl Streams {
             );
             return;
         }
-        let (Some((method, path)), Some(Some(status))) = (s.request, s.status) else {
-            return;
-        };
-        env.out.push(Exchange {
+        let ends = Ends {
             side: env.side,
-            task: if env.side == Side::Server {
-                s.task
-            } else {
-                env.task
-            },
+            task: env.task,
             tuple: env.tuple,
             peer_sk: env.peer_sk,
-            method,
-            path,
-            status,
-            grpc_status: s.grpc_status,
-            start_ns: s.start_ns,
-            end_ns: end_ns.max(s.start_ns),
-            req_bytes: s.req_bytes,
-            resp_bytes: s.resp_bytes,
-            span: s.span,
-            unsure: false,
             tls: env.d.tls,
-        });
+        };
+        env.out.extend(ends.exchange(s, end_ns));
+    }
+
+    /// The connection is closing: a stream whose response began (it has a status) but whose
+    /// end this end did not see ends with what was seen, as an HTTP/1 response cut short does.
+    /// A client that stops reading once it has the body's length (curl) closes before the
+    /// server's END_STREAM reaches it.
+    pub fn finish_answered(&mut self, ends: &Ends, out: &mut Vec<Exchange>) {
+        let answered: smallvec::SmallVec<[u32; 8]> = self
+            .open
+            .iter()
+            .filter(|(_, s)| matches!(s.status, Some(Some(_))) && s.request.is_some())
+            .map(|(id, _)| *id)
+            .collect();
+        for id in answered {
+            if let Some(s) = self.open.remove(&id) {
+                let end = s.resp_ns;
+                out.extend(ends.exchange(s, end));
+            }
+        }
     }
 
     /// RST_STREAM from either end: a stream already answered ends with its status (a

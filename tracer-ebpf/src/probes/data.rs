@@ -175,6 +175,10 @@ fn gather(payload: *mut u8, b: &Buffers, mut off: u64, limit: u64) -> (u64, u64)
 const PREFACE_START: u64 = u64::from_le_bytes(*b"PRI * HT");
 /// The whole preface's length: the first frame follows it.
 const PREFACE_LEN: u64 = 24;
+/// `HTTP/1.1 101`, as a little-endian u64 and u32, and its length.
+const SWITCHING_START: u64 = u64::from_le_bytes(*b"HTTP/1.1");
+const SWITCHING_CODE: u32 = u32::from_le_bytes(*b" 101");
+const SWITCHING_LEN: u64 = 12;
 /// HTTP/2 frame header length, and the frame types that carry a header block.
 const FRAME_HEADER: u64 = 9;
 const FRAME_HEADERS: u8 = 0x1;
@@ -540,9 +544,16 @@ fn http2_frames(
 ) -> u64 {
     // SAFETY: a live map value, and the scratch as in `walk_frames`.
     unsafe {
-        let preface = captured >= PREFACE_LEN
-            && read_unaligned((*s).ev.payload.as_ptr().cast::<u64>()) == PREFACE_START;
-        if preface && seq <= 4 {
+        let first = read_unaligned((*s).ev.payload.as_ptr().cast::<u64>());
+        let preface = captured >= PREFACE_LEN && first == PREFACE_START;
+        // A 101 (the connection's second message: its first answer) may be h2c's upgrade,
+        // after which the server writes frames at once, before it reads the client's preface:
+        // they are walked from the next call on. (A WebSocket's 101 too, until the daemon finds
+        // its frames opaque.)
+        let switching = captured >= SWITCHING_LEN
+            && first == SWITCHING_START
+            && read_unaligned((*s).ev.payload.as_ptr().add(8).cast::<u32>()) == SWITCHING_CODE;
+        if (preface || switching) && seq <= 4 {
             (*state).h2 = 1;
         }
         if (*state).h2 == 0 {
