@@ -242,7 +242,7 @@ pub struct TlsCall {
     pub ex: u32,
 }
 
-/// Keyed by pid_tgid.
+/// Keyed by pid_tgid, or for Go's crypto/tls by `go_key` (a goroutine moves between threads).
 #[map]
 pub static TLS_CALLS: LruHashMap<u64, TlsCall> = LruHashMap::with_max_entries(limits::TLS_CALLS, 0);
 
@@ -282,8 +282,20 @@ pub static TLS_SESSIONS: LruHashMap<TlsKey, TlsSession> =
 /// is 0 (no TLS library in use, or none attached), socket calls do not look in `TLS_CALLS`.
 /// A thread killed inside a call leaves it above 0: calls are then looked up, which is only
 /// slower.
+/// Slot `BUSY_GO`: how many of them are Go goroutines (`TLS_CALLS` keyed by goroutine), so
+/// that only then is a socket call's goroutine looked up too.
 #[map]
-pub static TLS_BUSY: Array<u64> = Array::with_max_entries(1, 0);
+pub static TLS_BUSY: Array<u64> = Array::with_max_entries(2, 0);
+
+pub const BUSY_ALL: u32 = 0;
+pub const BUSY_GO: u32 = 1;
+
+/// The `TLS_CALLS` key of a goroutine of process `tgid` (`g`: its `runtime.g`, which Go's
+/// register ABI keeps in R14): the top bit set, which no pid_tgid has.
+#[inline(always)]
+pub fn go_key(tgid: u64, g: u64) -> u64 {
+    (1 << 63) | ((tgid & 0x7f_ffff) << 40) | (g & 0xff_ffff_ffff)
+}
 
 /// Values `probes::tls::claim` writes to maps, built here rather than on the data path's
 /// stack, which has no room left for them.

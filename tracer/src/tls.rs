@@ -1,7 +1,9 @@
 //! TLS libraries: finding the OpenSSL builds processes on this host load (`libssl.so*`, in the
 //! host's root or a container's), and hooking their read, write and handshake calls with the
 //! kernel side's uprobes (`tracer-ebpf/src/probes/tls.rs`). A uprobe hooks a file, so one
-//! attachment per library file covers every process that maps it, now and later.
+//! attachment per library file covers every process that maps it, now and later. Go programs
+//! link their own crypto/tls: each new process's executable is looked at once (by inode), and
+//! a Go one's `(*Conn).Write` and `(*Conn).Read` are hooked at entry and at each RET.
 
 use std::{
     collections::HashSet,
@@ -13,8 +15,9 @@ use std::{
 use aya::{
     Ebpf,
     programs::{
-        RawTracePoint, UProbe, raw_trace_point::RawTracePointLink, uprobe::UProbeLink,
-        uprobe::UProbeScope,
+        RawTracePoint, UProbe,
+        raw_trace_point::RawTracePointLink,
+        uprobe::{UProbeAttachLocation, UProbeLink, UProbeScope},
     },
 };
 
@@ -36,6 +39,42 @@ const ENTRIES: &[(&str, &str, &[&str])] = &[
     ),
 ];
 const RETURN: (&str, &str) = ("ssl_call_return", "ssl_call_return_1");
+
+/// Go's crypto/tls, linked into each Go program: per function, its entry and return programs
+/// (uprobe-multi, single) and the symbols it may have (the first found); the return programs
+/// hook each RET instruction. The handshake names the session's socket before the first write
+/// (whose plaintext is sent at its entry).
+struct GoHook {
+    entry: (&'static str, &'static str),
+    ret: (&'static str, &'static str),
+    symbols: &'static [&'static str],
+}
+
+const GO_HOOKS: &[GoHook] = &[
+    GoHook {
+        entry: ("go_tls_write_entry", "go_tls_write_entry_1"),
+        ret: ("go_tls_write_return", "go_tls_write_return_1"),
+        symbols: &["crypto/tls.(*Conn).Write"],
+    },
+    GoHook {
+        entry: ("go_tls_read_entry", "go_tls_read_entry_1"),
+        ret: ("go_tls_read_return", "go_tls_read_return_1"),
+        symbols: &["crypto/tls.(*Conn).Read"],
+    },
+    GoHook {
+        entry: ("go_tls_handshake_entry", "go_tls_handshake_entry_1"),
+        ret: ("go_tls_handshake_return", "go_tls_handshake_return_1"),
+        // Go 1.17+ has the first, which the exported ones call; before it, `Handshake`.
+        symbols: &[
+            "crypto/tls.(*Conn).handshakeContext",
+            "crypto/tls.(*Conn).Handshake",
+        ],
+    },
+];
+/// Go programs hooked, at most (each: 3 links, or a uprobe per entry and RET).
+const MAX_GO_PROGRAMS: usize = 64;
+/// RET instructions hooked per function, at most (Go 1.19's Write has 4, Read 6).
+const MAX_RETS: usize = 32;
 /// Ends the calls of threads that exit inside one (raw tracepoint `sched_process_exit`).
 const THREAD_EXIT: (&str, &str) = ("tls_thread_exit", "sched_process_exit");
 
@@ -71,6 +110,10 @@ pub struct TlsHooks {
     tried: HashSet<(u64, u64)>,
     /// Of those, the files hooked.
     hooked: usize,
+    /// Programs looked at for Go's crypto/tls, by (device, inode) of their executable.
+    go_tried: HashSet<(u64, u64)>,
+    /// Of those, the programs hooked.
+    go_hooked: usize,
     /// Processes whose maps have been read (and that were alive at the last look).
     scanned: HashSet<u32>,
     links: Vec<UProbeLink>,
@@ -87,6 +130,8 @@ impl TlsHooks {
         Self {
             tried: HashSet::new(),
             hooked: 0,
+            go_tried: HashSet::new(),
+            go_hooked: 0,
             scanned: HashSet::new(),
             links: Vec::new(),
             exit_link: None,
@@ -103,7 +148,11 @@ impl TlsHooks {
             enabled: true,
             ..Self::off()
         };
-        let multi = ENTRIES.iter().map(|&(m, _, _)| m).chain([RETURN.0]);
+        let multi = ENTRIES
+            .iter()
+            .map(|&(m, _, _)| m)
+            .chain([RETURN.0])
+            .chain(GO_HOOKS.iter().flat_map(|h| [h.entry.0, h.ret.0]));
         // TRACER_TLS_SINGLE_UPROBES=1 takes the older kernels' way here (to test it).
         let forced = std::env::var_os("TRACER_TLS_SINGLE_UPROBES").is_some_and(|v| v == "1");
         let loaded = if forced {
@@ -114,7 +163,11 @@ impl TlsHooks {
         if let Err(e) = loaded {
             tracing::info!("TLS: uprobe-multi unavailable ({e}); single uprobes");
             hooks.multi = false;
-            let single = ENTRIES.iter().map(|&(_, s, _)| s).chain([RETURN.1]);
+            let single = ENTRIES
+                .iter()
+                .map(|&(_, s, _)| s)
+                .chain([RETURN.1])
+                .chain(GO_HOOKS.iter().flat_map(|h| [h.entry.1, h.ret.1]));
             if let Err(e) = load_all(ebpf, single) {
                 tracing::warn!("TLS plaintext not followed: {e}");
                 hooks.enabled = false;
@@ -136,9 +189,9 @@ impl TlsHooks {
         (std::mem::take(&mut self.links), self.exit_link.take())
     }
 
-    /// Library files hooked.
+    /// Library files hooked, and Go programs whose crypto/tls is.
     pub fn libraries(&self) -> usize {
-        self.hooked
+        self.hooked + self.go_hooked
     }
 
     /// Hooks the libraries in the host's usual places and those mapped by processes not looked
@@ -177,6 +230,7 @@ impl TlsHooks {
             .collect();
         for pid in new {
             found.extend(mapped_libssl(pid));
+            self.go_program(ebpf, pid);
             self.scanned.insert(pid);
         }
         for path in found {
@@ -214,24 +268,161 @@ impl TlsHooks {
         // Returns first: an entry without its return would leave its call in the map.
         let mut links = Vec::new();
         if self.multi {
-            links.push(attach_points(ebpf, RETURN.0, &all, path)?);
+            links.push(attach_points(ebpf, RETURN.0, all.iter().copied(), path)?);
             for &(prog, _, fns) in ENTRIES {
                 let fns: Vec<&str> = fns.iter().copied().filter(has).collect();
                 if !fns.is_empty() {
-                    links.push(attach_points(ebpf, prog, &fns, path)?);
+                    links.push(attach_points(ebpf, prog, fns, path)?);
                 }
             }
         } else {
             for &(_, prog, fns) in ENTRIES {
                 for f in fns.iter().copied().filter(has) {
-                    links.push(attach_points(ebpf, RETURN.1, &[f], path)?);
-                    links.push(attach_points(ebpf, prog, &[f], path)?);
+                    links.push(attach_points(ebpf, RETURN.1, [f], path)?);
+                    links.push(attach_points(ebpf, prog, [f], path)?);
                 }
             }
         }
         self.links.extend(links);
         Ok(all.len())
     }
+}
+
+impl TlsHooks {
+    /// Hooks the crypto/tls of process `pid`'s executable if it is a Go program not looked at
+    /// yet (through `/proc/<pid>/exe`, which names the file in the process's own root).
+    fn go_program(&mut self, ebpf: &mut Ebpf, pid: u32) {
+        let path = PathBuf::from(format!("/proc/{pid}/exe"));
+        let Ok(meta) = fs::metadata(&path) else {
+            return;
+        };
+        if self.go_tried.len() >= MAX_GO_PROGRAMS * 16
+            || self.go_hooked >= MAX_GO_PROGRAMS
+            || !self.go_tried.insert((meta.dev(), meta.ino()))
+        {
+            return;
+        }
+        let points = match go_points(&path) {
+            Ok(Some(points)) => points,
+            Ok(None) => return,
+            Err(e) => {
+                tracing::info!("TLS: Go program {} not hooked: {e}", path.display());
+                return;
+            }
+        };
+        match self.attach_go(ebpf, &path, &points) {
+            Ok(()) => {
+                tracing::info!(
+                    "TLS: hooked Go crypto/tls in {} ({})",
+                    path.display(),
+                    fs::read_link(&path).unwrap_or_default().display()
+                );
+                self.go_hooked += 1;
+            }
+            Err(e) => tracing::warn!("TLS: cannot hook Go program {}: {e}", path.display()),
+        }
+    }
+
+    fn attach_go(&mut self, ebpf: &mut Ebpf, path: &Path, points: &GoPoints) -> Result<(), String> {
+        // Returns first: an entry without its returns would leave its call in the map.
+        let mut links = Vec::new();
+        for (hook, (&entry, rets)) in GO_HOOKS.iter().zip(points.entries.iter().zip(&points.rets)) {
+            if self.multi {
+                links.push(attach_points(ebpf, hook.ret.0, rets.iter().copied(), path)?);
+                links.push(attach_points(ebpf, hook.entry.0, [entry], path)?);
+            } else {
+                for &ret in rets {
+                    links.push(attach_points(ebpf, hook.ret.1, [ret], path)?);
+                }
+                links.push(attach_points(ebpf, hook.entry.1, [entry], path)?);
+            }
+        }
+        self.links.extend(links);
+        Ok(())
+    }
+}
+
+/// Where to hook a Go program's crypto/tls: file offsets of each `GO_HOOKS` function's entry
+/// and of its RET instructions.
+#[derive(Debug, PartialEq)]
+struct GoPoints {
+    entries: Vec<u64>,
+    rets: Vec<Vec<u64>>,
+}
+
+/// `Ok(None)` for a file that is not a Go program with crypto/tls in its symbol table (a
+/// stripped one included: its functions are not named).
+fn go_points(path: &Path) -> Result<Option<GoPoints>, String> {
+    use object::{Object as _, ObjectSection as _, ObjectSymbol as _};
+    let file = fs::File::open(path).map_err(|e| e.to_string())?;
+    // Read lazily: most executables are not Go, and a Go one's sections are tens of MB.
+    let cache = object::ReadCache::new(file);
+    let Ok(obj) = object::File::parse(&cache) else {
+        return Ok(None);
+    };
+    if obj.architecture() != object::Architecture::X86_64
+        || obj.section_by_name(".go.buildinfo").is_none()
+    {
+        return Ok(None);
+    }
+    // Per hook, the symbol found and its rank in the hook's list (lower is preferred).
+    let mut found: Vec<Option<(usize, u64, u64, object::SectionIndex)>> =
+        vec![None; GO_HOOKS.len()];
+    for sym in obj.symbols() {
+        let Ok(name) = sym.name() else { continue };
+        if !name.starts_with("crypto/tls.(*Conn).") {
+            continue;
+        }
+        for (hook, slot) in GO_HOOKS.iter().zip(found.iter_mut()) {
+            if let Some(rank) = hook.symbols.iter().position(|&f| f == name)
+                && let Some(section) = sym.section_index()
+                && slot.is_none_or(|(r, ..)| rank < r)
+            {
+                *slot = Some((rank, sym.address(), sym.size(), section));
+            }
+        }
+    }
+    let mut points = GoPoints {
+        entries: Vec::new(),
+        rets: Vec::new(),
+    };
+    for f in found {
+        let Some((_, addr, size, index)) = f else {
+            return Ok(None);
+        };
+        let section = obj.section_by_index(index).map_err(|e| e.to_string())?;
+        let (file_start, _) = section.file_range().ok_or("function not in the file")?;
+        let to_file = |a: u64| a - section.address() + file_start;
+        let code = section
+            .data_range(addr, size)
+            .map_err(|e| e.to_string())?
+            .ok_or("function outside its section")?;
+        let rets: Vec<u64> = ret_offsets(code, addr).into_iter().map(to_file).collect();
+        if rets.is_empty() || rets.len() > MAX_RETS {
+            return Err(format!(
+                "{} RET instructions in a hooked function",
+                rets.len()
+            ));
+        }
+        points.entries.push(to_file(addr));
+        points.rets.push(rets);
+    }
+    Ok(Some(points))
+}
+
+/// Addresses of the RET instructions of x86_64 `code` loaded at `addr`, decoded instruction by
+/// instruction (a byte 0xC3 inside another instruction is not one; Go puts no data in code).
+fn ret_offsets(code: &[u8], addr: u64) -> Vec<u64> {
+    use iced_x86::{Decoder, DecoderOptions, Mnemonic};
+    let mut decoder = Decoder::with_ip(64, code, addr, DecoderOptions::NONE);
+    let mut rets = Vec::new();
+    while decoder.can_decode() {
+        let ins = decoder.decode();
+        if ins.mnemonic() == Mnemonic::Ret {
+            rets.push(ins.ip());
+        }
+    }
+    rets
 }
 
 /// Loads each program; the first error, said with the program's name.
@@ -249,21 +440,29 @@ fn load_all<'a>(ebpf: &mut Ebpf, names: impl Iterator<Item = &'a str>) -> Result
 }
 
 /// One link of `prog` on the functions `fns` of `path`.
-fn attach_points(
+fn attach_points<'a, L>(
     ebpf: &mut Ebpf,
     prog: &str,
-    fns: &[&str],
+    points: impl IntoIterator<Item = L>,
     path: &Path,
-) -> Result<UProbeLink, String> {
+) -> Result<UProbeLink, String>
+where
+    L: Into<UProbeAttachLocation<'a>> + std::fmt::Debug + Copy,
+{
     let p: &mut UProbe = ebpf
         .program_mut(prog)
         .ok_or("program not in the object")?
         .try_into()
         .map_err(|e: aya::programs::ProgramError| e.to_string())?;
+    let points: Vec<L> = points.into_iter().collect();
     let id = p
-        .attach(fns.iter().copied(), path, UProbeScope::AllProcesses)
-        .map_err(|e| format!("{fns:?}: {e}"))?;
-    p.take_link(id).map_err(|e| format!("{fns:?}: {e}"))
+        .attach(
+            points.iter().map(|&l| l.into()),
+            path,
+            UProbeScope::AllProcesses,
+        )
+        .map_err(|e| format!("{points:?}: {e}"))?;
+    p.take_link(id).map_err(|e| format!("{points:?}: {e}"))
 }
 
 /// The names of the functions an ELF file exports.
@@ -374,6 +573,20 @@ mod tests {
                 ),
             ]
         );
+    }
+
+    /// RETs are found by decoding: a 0xC3 byte inside another instruction is not one.
+    #[test]
+    fn finds_ret_instructions_by_decoding() {
+        let code = [
+            0xb8, 0xc3, 0x00, 0x00, 0x00, // mov eax, 0xc3
+            0x48, 0x83, 0xc4, 0x18, // add rsp, 0x18
+            0x5d, // pop rbp
+            0xc3, // ret
+            0x48, 0x8d, 0x05, 0xc3, 0x00, 0x00, 0x00, // lea rax, [rip + 0xc3]
+            0xc3, // ret
+        ];
+        assert_eq!(super::ret_offsets(&code, 0x1000), [0x100a, 0x1012]);
     }
 
     #[test]

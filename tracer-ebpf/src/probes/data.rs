@@ -42,9 +42,10 @@ const NR_SENDMSG: u64 = 46;
 const NR_RECVMSG: u64 = 47;
 
 /// Offsets in x86_64 `struct pt_regs` (part of the user ABI: ptrace's `user_regs_struct`):
-/// the second and third syscall arguments, the syscall number, and the code segment (whose low
-/// two bits are 3 when the registers are a user program's).
+/// the second and third syscall arguments, the syscall number, the code segment (whose low
+/// two bits are 3 when the registers are a user program's), and R14 (Go's goroutine).
 pub const REGS_SI: u64 = 13 * 8;
+pub const REGS_R14: u64 = 8;
 pub const REGS_DX: u64 = 12 * 8;
 pub const REGS_ORIG_AX: u64 = 15 * 8;
 pub const REGS_CS: u64 = 17 * 8;
@@ -833,6 +834,16 @@ pub fn emit<const WALK: bool>(args: &SyscallArgs, ret: u64, id: u64, next: NextE
             size
         }
     };
+    if next.late
+        && let Some(state) = next.state
+    {
+        // SAFETY: a live map value, as above.
+        unsafe {
+            let seq = (*state).seq.wrapping_add(1);
+            (*state).seq = seq;
+            meta.seq = seq;
+        }
+    }
     // SAFETY: as above.
     if unsafe { read_volatile(&(*scratch).generation) } != generation {
         count(KernelStat::ScratchRace);

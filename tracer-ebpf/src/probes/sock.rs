@@ -300,7 +300,8 @@ fn on_length(ctx: &TracePointContext, direction: u32) {
             return;
         }
         let r = from_tracepoint(ctx);
-        if super::tls::claim::<ByAddress>(id, &r)
+        // Without the task's registers here: Go's crypto/tls is not followed on this path.
+        if super::tls::claim::<ByAddress>(id, &r, || 0)
             || traced_socket::<ByAddress>(&r, direction).is_none()
         {
             let _ = ACTIVE.remove(&id);
@@ -320,6 +321,11 @@ pub struct NextEvent {
     /// The socket's state, if it has one: its `task` says whose name and cgroup the
     /// last delivered event carried.
     pub state: Option<*mut SockState>,
+    /// `seq` is only the number this event will likely get: it takes the state's next one
+    /// when it is sent (TLS plaintext, where a session's reader and writer are two threads
+    /// whose events take microseconds to build: numbered early, they would reach the ring
+    /// out of their order).
+    pub late: bool,
 }
 
 /// The 4-tuple of `sk` and its next event number.
@@ -343,6 +349,7 @@ pub fn next_event<S: Store>(sk: u64, lookup: Lookup) -> NextEvent {
                 seq,
                 from_sock: false,
                 state: Some(state),
+                late: false,
             };
         }
     }
@@ -360,6 +367,7 @@ pub fn next_event<S: Store>(sk: u64, lookup: Lookup) -> NextEvent {
             seq: 0,
             from_sock: true,
             state: None,
+            late: false,
         };
     }
     let state = SockState {
@@ -377,6 +385,7 @@ pub fn next_event<S: Store>(sk: u64, lookup: Lookup) -> NextEvent {
         seq: 1,
         from_sock: true,
         state: None,
+        late: false,
     }
 }
 

@@ -17,7 +17,7 @@ use aya_ebpf::{
 use tracer_common::{DIR_EGRESS, DIR_INGRESS, KernelStat};
 
 use super::{
-    data::{REGS_CS, REGS_DX, REGS_ORIG_AX, REGS_SI, emit_data, traced},
+    data::{REGS_CS, REGS_DX, REGS_ORIG_AX, REGS_R14, REGS_SI, emit_data, traced},
     sock::{
         ByAddress, InSocket, LEN_RET, Record, SK_PROTOCOL_OFFSET, SKC_FAMILY, Store,
         from_tracepoint, traced_socket,
@@ -209,7 +209,13 @@ fn on_data<S: Store>(
         return;
     }
     let r = record();
-    if super::tls::claim::<S>(id, &r) {
+    // Go's crypto/tls keys its calls by goroutine: R14 at the syscall (Go's register ABI).
+    // SAFETY: as for the registers read below.
+    let goroutine = || unsafe {
+        let regs = bpf_task_pt_regs(task as *mut _) as u64;
+        read_volatile((regs + REGS_R14) as *const u64)
+    };
+    if super::tls::claim::<S>(id, &r, goroutine) {
         return;
     }
     let Some(lookup) = traced_socket::<S>(&r, direction) else {

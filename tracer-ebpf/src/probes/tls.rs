@@ -19,15 +19,15 @@ use super::{
     sock::{IPPROTO_TCP, NextEvent, Record, Store, opaque_requested, same_tuple},
 };
 use crate::maps::{
-    KIND_BUF, SyscallArgs, TLS_BUSY, TLS_CALLS, TLS_OPAQUE, TLS_SCRATCH, TLS_SEEN_HANDSHAKE,
-    TLS_SESSIONS, TlsCall, TlsKey, count, tracer_tgid,
+    BUSY_ALL, BUSY_GO, KIND_BUF, SyscallArgs, TLS_BUSY, TLS_CALLS, TLS_OPAQUE, TLS_SCRATCH,
+    TLS_SEEN_HANDSHAKE, TLS_SESSIONS, TlsCall, TlsKey, count, go_key, tracer_tgid,
 };
 
 /// Adds `delta` (wrapping) to the count of threads inside a library call. The result is not
 /// used: an atomic add without fetch, which BPF before v3 has.
 #[inline(always)]
-fn busy_add(delta: u64) {
-    if let Some(p) = TLS_BUSY.get_ptr_mut(0) {
+fn busy_add(slot: u32, delta: u64) {
+    if let Some(p) = TLS_BUSY.get_ptr_mut(slot) {
         // SAFETY: a live, aligned map value shared by all CPUs, only ever changed atomically
         // (BPF's `lock` add: core's atomics offer no fetch-less add on this target).
         unsafe {
@@ -61,7 +61,7 @@ fn enter(ctx: &ProbeContext, direction: u32, ex: bool) {
     // entry: counted once, as it is removed once.
     let fresh = TLS_CALLS.get_ptr(&id).is_none();
     if TLS_CALLS.insert(&id, &call, 0).is_ok() && fresh {
-        busy_add(1);
+        busy_add(BUSY_ALL, 1);
     }
 }
 
@@ -113,7 +113,7 @@ pub fn tls_thread_exit(_ctx: RawTracePointContext) -> i32 {
         return 0;
     }
     if TLS_CALLS.remove(&bpf_get_current_pid_tgid()).is_ok() {
-        busy_add(u64::MAX);
+        busy_add(BUSY_ALL, u64::MAX);
     }
     0
 }
@@ -127,7 +127,7 @@ fn on_return(ctx: &RetProbeContext) {
         return;
     };
     if TLS_CALLS.remove(&id).is_ok() {
-        busy_add(u64::MAX);
+        busy_add(BUSY_ALL, u64::MAX);
     }
     if call.direction == 0 {
         return;
@@ -149,6 +149,13 @@ fn on_return(ctx: &RetProbeContext) {
         }
         n as u64
     };
+    send_plaintext(&call, id, bytes);
+}
+
+/// Sends the `bytes` of plaintext a hooked call of thread `id` moved (or, for Go's writes, is
+/// about to), as a data event of its session's socket.
+#[inline(always)]
+fn send_plaintext(call: &TlsCall, id: u64, bytes: u64) {
     if bytes == 0 || bytes > call.num {
         return;
     }
@@ -163,6 +170,7 @@ fn on_return(ctx: &RetProbeContext) {
     // SAFETY: a live map value; one session is driven by one thread at a time.
     let (sk, tuple, seq, flags) = unsafe {
         let s = &mut *session;
+        // Numbered when sent (`NextEvent::late`).
         let seq = s.state.seq.wrapping_add(1);
         if s.flags & TLS_OPAQUE == 0 && opaque_requested(s.sk, &s.state.tuple, seq) {
             s.flags |= TLS_OPAQUE;
@@ -171,7 +179,6 @@ fn on_return(ctx: &RetProbeContext) {
             count(KernelStat::SkippedOpaque);
             return;
         }
-        s.state.seq = seq;
         (s.sk, s.state.tuple, seq, s.flags)
     };
     let args = SyscallArgs {
@@ -190,6 +197,7 @@ fn on_return(ctx: &RetProbeContext) {
         from_sock: false,
         // SAFETY: as above.
         state: Some(unsafe { &raw mut (*session).state }),
+        late: true,
     };
     let mut event_flags = FLAG_TLS;
     if flags & TLS_SEEN_HANDSHAKE == 0 {
@@ -202,12 +210,19 @@ fn on_return(ctx: &RetProbeContext) {
 /// notes which socket the session drives, marks the socket (its other calls are not sent
 /// either) and says so: the call is not sent.
 #[inline(always)]
-pub fn claim<S: Store>(id: u64, r: &Record) -> bool {
-    if TLS_BUSY.get(0).is_none_or(|busy| *busy == 0) {
+pub fn claim<S: Store>(id: u64, r: &Record, goroutine: impl FnOnce() -> u64) -> bool {
+    if TLS_BUSY.get(BUSY_ALL).is_none_or(|busy| *busy == 0) {
         return false;
     }
-    let Some(call) = TLS_CALLS.get_ptr(&id) else {
-        return false;
+    let call = match TLS_CALLS.get_ptr(&id) {
+        Some(call) => call,
+        None if TLS_BUSY.get(BUSY_GO).is_some_and(|busy| *busy != 0) => {
+            match TLS_CALLS.get_ptr(&go_key(id >> 32, goroutine())) {
+                Some(call) => call,
+                None => return false,
+            }
+        }
+        None => return false,
     };
     if r.protocol != IPPROTO_TCP || (r.family != AF_INET && r.family != AF_INET6) {
         return false;
@@ -258,4 +273,105 @@ pub fn claim<S: Store>(id: u64, r: &Record) -> bool {
     }
     count(KernelStat::TlsCiphertext);
     true
+}
+
+/// Go's crypto/tls (statically linked into each Go program, found by the daemon in the
+/// program's symbols): `(*Conn).Write`, `(*Conn).Read` and the handshake at their entry, under
+/// Go's register ABI (RAX the `*Conn`, RBX and RCX the buffer and its length, R14 the
+/// goroutine). A goroutine can move to another thread inside a call (a read parked until bytes
+/// come), so the call is keyed by goroutine, and the socket calls made inside it are found by
+/// theirs (R14 at the syscall). Returns are uprobes on each RET instruction of the functions: a
+/// uretprobe rewrites the return address on the goroutine's stack, which Go moves when it
+/// grows.
+///
+/// A write's plaintext is sent at its entry: Go's HTTP client and server write from one
+/// goroutine and read from another, and a request sent only when its write returned could
+/// reach the ring after its response. Its socket is known by then from the handshake's calls.
+#[inline(always)]
+fn go_enter(ctx: &ProbeContext, direction: u32) {
+    let id = bpf_get_current_pid_tgid();
+    if (id >> 32) as u32 == tracer_tgid() {
+        return;
+    }
+    // SAFETY: the program's context is the probed registers, which it may load directly.
+    let (conn, buf, len, g) = unsafe {
+        let r = &*ctx.regs;
+        (r.rax, r.rbx, r.rcx, r.r14)
+    };
+    let key = go_key(id >> 32, g);
+    let fresh = TLS_CALLS.get_ptr(&key).is_none();
+    // A handshake run from inside a read or write (the first one, when nobody asked for it
+    // before) leaves that call's entry: its socket calls are that call's too.
+    if direction == 0 && !fresh {
+        return;
+    }
+    let call = TlsCall {
+        ssl: conn,
+        buf,
+        num: len,
+        out: 0,
+        // SAFETY: helper without preconditions.
+        ts_enter: unsafe { bpf_ktime_get_ns() },
+        direction,
+        ex: 0,
+    };
+    if TLS_CALLS.insert(&key, &call, 0).is_ok() && fresh {
+        busy_add(BUSY_ALL, 1);
+        busy_add(BUSY_GO, 1);
+    }
+    if direction == DIR_EGRESS {
+        send_plaintext(&call, id, len);
+    }
+}
+
+/// At a RET of a hooked function whose entry noted a call of `direction`: RAX is a read's byte
+/// count. An entry of another direction is an outer call's (a handshake inside a read).
+#[inline(always)]
+fn go_return(ctx: &ProbeContext, direction: u32) {
+    let id = bpf_get_current_pid_tgid();
+    // SAFETY: as in `go_enter`.
+    let (n, g) = unsafe {
+        let r = &*ctx.regs;
+        (r.rax as i64, r.r14)
+    };
+    let key = go_key(id >> 32, g);
+    // SAFETY: the value is copied out before the entry is removed.
+    let Some(call) = (unsafe { TLS_CALLS.get(&key) }).copied() else {
+        return;
+    };
+    if call.direction != direction {
+        return;
+    }
+    if TLS_CALLS.remove(&key).is_ok() {
+        busy_add(BUSY_ALL, u64::MAX);
+        busy_add(BUSY_GO, u64::MAX);
+    }
+    if direction == DIR_INGRESS && n > 0 {
+        send_plaintext(&call, id, n as u64);
+    }
+}
+
+macro_rules! go_hooks {
+    ($($multi:ident, $single:ident, $body:ident, $dir:expr;)*) => {$(
+        #[uprobe(multi)]
+        pub fn $multi(ctx: ProbeContext) -> u32 {
+            $body(&ctx, $dir);
+            0
+        }
+
+        #[uprobe]
+        pub fn $single(ctx: ProbeContext) -> u32 {
+            $body(&ctx, $dir);
+            0
+        }
+    )*};
+}
+
+go_hooks! {
+    go_tls_write_entry, go_tls_write_entry_1, go_enter, DIR_EGRESS;
+    go_tls_read_entry, go_tls_read_entry_1, go_enter, DIR_INGRESS;
+    go_tls_handshake_entry, go_tls_handshake_entry_1, go_enter, 0;
+    go_tls_write_return, go_tls_write_return_1, go_return, DIR_EGRESS;
+    go_tls_read_return, go_tls_read_return_1, go_return, DIR_INGRESS;
+    go_tls_handshake_return, go_tls_handshake_return_1, go_return, 0;
 }
