@@ -265,7 +265,11 @@ pub struct TlsSession {
     pub state: SockState,
     /// `TLS_SEEN_HANDSHAKE`, `TLS_OPAQUE`.
     pub flags: u32,
-    pub _pad: u32,
+    /// The last plaintext event number given out for reads (`state.seq` numbers writes): a
+    /// session's reads and writes can be two threads at once (Go's HTTP client and server),
+    /// whose events may reach the ring in either order, so each direction is numbered on its
+    /// own.
+    pub seq_in: u32,
 }
 
 /// The session's socket was first seen in a handshake (else the connection may be older than

@@ -198,8 +198,11 @@ struct Conn {
     /// When the first undecided byte crossed.
     undecided_ns: u64,
     last_ns: u64,
-    /// The event number expected next from the kernel for this socket.
+    /// The event number expected next from the kernel for this socket (a TLS session's
+    /// writes).
     next_seq: u32,
+    /// A TLS session's reads' (numbered apart from its writes).
+    next_seq_in: u32,
     /// Requests seen on this connection so far.
     requests_seen: u64,
     /// The other end may be a socket on this host (whose events may lag this one's).
@@ -255,6 +258,7 @@ impl Conn {
             undecided_ns: 0,
             last_ns: now,
             next_seq: 0,
+            next_seq_in: 0,
             requests_seen: 0,
             peer_local: tuple.remote.ip().is_loopback() || tuple.remote.ip() == tuple.local.ip(),
             peer_sk: 0,
@@ -487,8 +491,15 @@ impl ConnTable {
         };
         conn.last_ns = now;
         conn.task = d.task;
-        // Unnumbered events (0) are neither checked nor a base for the next check.
-        if d.seq != 0 && conn.next_seq != 0 && d.seq != conn.next_seq {
+        // Unnumbered events (0) are neither checked nor a base for the next check. TLS
+        // plaintext is numbered per direction (a session's reader and writer can be two
+        // threads at once).
+        let next_seq = if d.tls && d.direction == Direction::Ingress {
+            conn.next_seq_in
+        } else {
+            conn.next_seq
+        };
+        if d.seq != 0 && next_seq != 0 && d.seq != next_seq {
             lost_events(conn, metrics, linker);
         }
         // Looked for until found when the other end could be anywhere, and in a connection's
@@ -500,11 +511,16 @@ impl ConnTable {
             conn.peer_local = true;
             conn.peer_sk = peer;
         }
-        conn.next_seq = if d.seq == 0 {
+        let next_seq = if d.seq == 0 {
             0
         } else {
             d.seq.wrapping_add(1).max(1)
         };
+        if d.tls && d.direction == Direction::Ingress {
+            conn.next_seq_in = next_seq;
+        } else {
+            conn.next_seq = next_seq;
+        }
         let mut ctx = Ctx {
             d,
             first_ns: None,

@@ -834,13 +834,11 @@ pub fn emit<const WALK: bool>(args: &SyscallArgs, ret: u64, id: u64, next: NextE
             size
         }
     };
-    if next.late
-        && let Some(state) = next.state
-    {
+    if !next.late.is_null() {
         // SAFETY: a live map value, as above.
         unsafe {
-            let seq = (*state).seq.wrapping_add(1);
-            (*state).seq = seq;
+            let seq = (*next.late).wrapping_add(1);
+            *next.late = seq;
             meta.seq = seq;
         }
     }

@@ -321,11 +321,12 @@ pub struct NextEvent {
     /// The socket's state, if it has one: its `task` says whose name and cgroup the
     /// last delivered event carried.
     pub state: Option<*mut SockState>,
-    /// `seq` is only the number this event will likely get: it takes the state's next one
-    /// when it is sent (TLS plaintext, where a session's reader and writer are two threads
-    /// whose events take microseconds to build: numbered early, they would reach the ring
-    /// out of their order).
-    pub late: bool,
+    /// When set, `seq` is only the number this event will likely get: it takes this counter's
+    /// next one when it is sent (TLS plaintext, numbered per direction: a uprobe program can
+    /// be preempted while it builds its event, which would then reach the ring after a later
+    /// one).
+    /// Null when not set.
+    pub late: *mut u32,
 }
 
 /// The 4-tuple of `sk` and its next event number.
@@ -349,7 +350,7 @@ pub fn next_event<S: Store>(sk: u64, lookup: Lookup) -> NextEvent {
                 seq,
                 from_sock: false,
                 state: Some(state),
-                late: false,
+                late: core::ptr::null_mut(),
             };
         }
     }
@@ -367,7 +368,7 @@ pub fn next_event<S: Store>(sk: u64, lookup: Lookup) -> NextEvent {
             seq: 0,
             from_sock: true,
             state: None,
-            late: false,
+            late: core::ptr::null_mut(),
         };
     }
     let state = SockState {
@@ -385,7 +386,7 @@ pub fn next_event<S: Store>(sk: u64, lookup: Lookup) -> NextEvent {
         seq: 1,
         from_sock: true,
         state: None,
-        late: false,
+        late: core::ptr::null_mut(),
     }
 }
 

@@ -168,10 +168,18 @@ fn send_plaintext(call: &TlsCall, id: u64, bytes: u64) {
         return;
     };
     // SAFETY: a live map value; one session is driven by one thread at a time.
+    // Numbered when sent (`NextEvent::late`), each direction on its own.
+    // SAFETY: a live map value.
+    let counter = unsafe {
+        if call.direction == DIR_INGRESS {
+            &raw mut (*session).seq_in
+        } else {
+            &raw mut (*session).state.seq
+        }
+    };
     let (sk, tuple, seq, flags) = unsafe {
         let s = &mut *session;
-        // Numbered when sent (`NextEvent::late`).
-        let seq = s.state.seq.wrapping_add(1);
+        let seq = (*counter).wrapping_add(1);
         if s.flags & TLS_OPAQUE == 0 && opaque_requested(s.sk, &s.state.tuple, seq) {
             s.flags |= TLS_OPAQUE;
         }
@@ -197,7 +205,7 @@ fn send_plaintext(call: &TlsCall, id: u64, bytes: u64) {
         from_sock: false,
         // SAFETY: as above.
         state: Some(unsafe { &raw mut (*session).state }),
-        late: true,
+        late: counter,
     };
     let mut event_flags = FLAG_TLS;
     if flags & TLS_SEEN_HANDSHAKE == 0 {
@@ -267,6 +275,7 @@ pub fn claim<S: Store>(id: u64, r: &Record, goroutine: impl FnOnce() -> u64) -> 
             _ => {
                 session.sk = sk;
                 session.flags = seen;
+                session.seq_in = 0;
                 let _ = TLS_SESSIONS.insert(&key, session, 0);
             }
         }
@@ -305,6 +314,28 @@ fn go_enter(ctx: &ProbeContext, direction: u32) {
     if direction == 0 && !fresh {
         return;
     }
+    if !note_go_call(key, conn, buf, len, direction) {
+        return;
+    }
+    if fresh {
+        busy_add(BUSY_ALL, 1);
+        busy_add(BUSY_GO, 1);
+    }
+    if direction == DIR_EGRESS {
+        // Read back from the map rather than kept on the stack, which the event's building
+        // fills.
+        if let Some(call) = TLS_CALLS.get_ptr(&key) {
+            // SAFETY: this goroutine's own entry, live while this program runs.
+            send_plaintext(unsafe { &*call }, id, len);
+        }
+    }
+}
+
+/// Notes a goroutine's call under `key`; false if the map refused it. A function of its own
+/// (a BPF subprogram), so that the call's value is not on the stack while a write's event is
+/// built.
+#[inline(never)]
+fn note_go_call(key: u64, conn: u64, buf: u64, len: u64, direction: u32) -> bool {
     let call = TlsCall {
         ssl: conn,
         buf,
@@ -315,13 +346,7 @@ fn go_enter(ctx: &ProbeContext, direction: u32) {
         direction,
         ex: 0,
     };
-    if TLS_CALLS.insert(&key, &call, 0).is_ok() && fresh {
-        busy_add(BUSY_ALL, 1);
-        busy_add(BUSY_GO, 1);
-    }
-    if direction == DIR_EGRESS {
-        send_plaintext(&call, id, len);
-    }
+    TLS_CALLS.insert(&key, &call, 0).is_ok()
 }
 
 /// At a RET of a hooked function whose entry noted a call of `direction`: RAX is a read's byte
