@@ -208,6 +208,11 @@ pub const OPAQUE_TLS: u32 = 2;
 /// `SockState::h2_carry` when the next call's first frame is not known: it is taken to begin
 /// the call, as writers' calls do.
 pub const CARRY_UNKNOWN: u32 = u32::MAX;
+/// `SockState::h2_carry` with this bit: the last call ended inside a frame header, after its
+/// first 1 or 2 bytes (bits 24..26), which are bits 0..16 (the start of the frame's length):
+/// the next call holds the rest. (A header split after 3 bytes or more has a known length, so
+/// a plain carry.) Plain carries are below 2^25.
+pub const CARRY_SPLIT: u32 = 1 << 31;
 
 /// A TCP socket changed state (tracepoint `sock:inet_sock_set_state`).
 ///

@@ -106,7 +106,10 @@ pub struct Walk {
     pub buf: u64,
     pub ret: u64,
     pub captured: u64,
+    /// 1: the walk reached the call's end; 2: it ended in a frame header split across this
+    /// call and the next, whose carry is `split`.
     pub done: u64,
+    pub split: u64,
     /// The frame header being looked at.
     pub hdr: [u8; 16],
     /// Over an iovec call (`data::iov_step`): the iovec array and its length, the buffer being

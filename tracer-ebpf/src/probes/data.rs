@@ -13,8 +13,8 @@ use aya_ebpf::{
     },
 };
 use tracer_common::{
-    CARRY_UNKNOWN, DATA_EVENT_FIXED, DIR_EGRESS, DIR_INGRESS, DataEvent, EventKind, FLAG_IOVEC,
-    FLAG_TASK_KNOWN, FLAG_TUPLE_FROM_SOCK, FRAME_KEEP_CAP, FRAMES_CAP, KernelStat,
+    CARRY_SPLIT, CARRY_UNKNOWN, DATA_EVENT_FIXED, DIR_EGRESS, DIR_INGRESS, DataEvent, EventKind,
+    FLAG_IOVEC, FLAG_TASK_KNOWN, FLAG_TUPLE_FROM_SOCK, FRAME_KEEP_CAP, FRAMES_CAP, KernelStat,
     MAX_FRAMES_WALKED, PAYLOAD_CAP, REQUEST_STARTS, SEGMENT_HEADER, SockState, TAIL_LEN,
     TASK_RESEND,
 };
@@ -244,7 +244,10 @@ fn end_walk(s: *mut Scratch, ret: u64) -> (u64, u32) {
     unsafe {
         let w = &(*s).walk;
         let o = read_volatile(&w.at);
-        let carry = if read_volatile(&w.done) != 0 && o - ret < CARRY_UNKNOWN as u64 {
+        let done = read_volatile(&w.done);
+        let carry = if done == 2 {
+            read_volatile(&w.split) as u32
+        } else if done != 0 && o - ret < CARRY_SPLIT as u64 {
             (o - ret) as u32
         } else {
             CARRY_UNKNOWN
@@ -278,6 +281,7 @@ extern "C" fn walk_step(_index: u64, _ctx: *mut c_void) -> i64 {
             return 1;
         }
         if o + FRAME_HEADER > ret {
+            split_header(s, o, ret, captured, buf + o);
             return 1;
         }
         let Some((len, kind)) = frame_header(s, o, captured, buf + o) else {
@@ -317,6 +321,92 @@ extern "C" fn walk_step(_index: u64, _ctx: *mut c_void) -> i64 {
         write_volatile(&raw mut (*walk).at, end);
         0
     }
+}
+
+/// The call ends inside the frame header at offset `o` (a writer that flushes a buffer, as
+/// Go's bufio does, splits frames anywhere): its bytes here go in a segment of their own when
+/// they are past the payload (the daemon joins them to the rest, at the next call's start),
+/// and the carry says where the next call's first frame begins: known when this call holds
+/// the frame's length, else from the length bytes it holds (`CARRY_SPLIT`).
+#[inline(always)]
+unsafe fn split_header(s: *mut Scratch, o: u64, ret: u64, captured: u64, src: u64) {
+    // SAFETY: the scratch as in `walk_step`; `k` is masked to [1, 8] and the payload offset
+    // below PAYLOAD_CAP, with the arrays after it to read past; user memory through the checked
+    // helper.
+    unsafe {
+        let walk = &raw mut (*s).walk;
+        let hdr = (*walk).hdr.as_mut_ptr();
+        let k = black_box(((ret - o - 1) & 7) + 1);
+        if o + k <= captured {
+            let p = (*s)
+                .ev
+                .payload
+                .as_ptr()
+                .add((o & (PAYLOAD_CAP as u64 - 1)) as usize);
+            let mut i = 0;
+            while i < 8 {
+                *hdr.add(i) = *p.add(i);
+                i += 1;
+            }
+        } else {
+            if bpf_probe_read_user(hdr.cast(), k as u32, src as *const _) != 0 {
+                return;
+            }
+            let w = read_volatile(&raw const (*walk).len);
+            if w < FRAMES_CAP as u64 {
+                let w = w & (FRAMES_CAP as u64 - 1);
+                let seg = (*s).frames.as_mut_ptr().add(w as usize);
+                let mut i = 0;
+                while i < 8 {
+                    *seg.add(SEGMENT_HEADER + i) = *hdr.add(i);
+                    i += 1;
+                }
+                write_unaligned(seg.cast::<u32>(), o as u32);
+                write_unaligned(seg.add(4).cast::<u32>(), k as u32);
+                write_volatile(&raw mut (*walk).len, w + SEGMENT_HEADER as u64 + k);
+            }
+        }
+        let (b0, b1, b2) = (
+            u64::from(*hdr),
+            u64::from(*hdr.add(1)),
+            u64::from(*hdr.add(2)),
+        );
+        if k >= 3 {
+            write_volatile(
+                &raw mut (*walk).at,
+                o + FRAME_HEADER + ((b0 << 16) | (b1 << 8) | b2),
+            );
+            write_volatile(&raw mut (*walk).done, 1);
+        } else {
+            let held = if k == 2 { (b0 << 8) | b1 } else { b0 };
+            write_volatile(
+                &raw mut (*walk).split,
+                u64::from(CARRY_SPLIT) | (k << 24) | held,
+            );
+            write_volatile(&raw mut (*walk).done, 2);
+        }
+    }
+}
+
+/// Where the first frame begins in a call whose previous one ended after `k` (1 or 2) bytes of
+/// a frame header (`carry`, `CARRY_SPLIT`): the rest of its length is in this call's first
+/// captured bytes. 0 (taken as a frame start) when they were not captured.
+#[inline(always)]
+unsafe fn after_split(s: *mut Scratch, carry: u32, captured: u64) -> u64 {
+    let k = u64::from((carry >> 24) & 3);
+    let held = u64::from(carry & 0xffff);
+    if captured < 3 || k == 0 || k > 2 {
+        return 0;
+    }
+    // SAFETY: the first bytes of the scratch's payload.
+    let p = unsafe { (*s).ev.payload.as_ptr() };
+    let (p0, p1) = unsafe { (u64::from(*p), u64::from(*p.add(1))) };
+    let len = if k == 1 {
+        (held << 16) | (p0 << 8) | p1
+    } else {
+        (held << 8) | p0
+    };
+    FRAME_HEADER - k + len
 }
 
 /// Reads the frame header at call offset `o` into the walk's `hdr`: from the payload when it
@@ -570,6 +660,8 @@ fn http2_frames(
             PREFACE_LEN
         } else if carry == CARRY_UNKNOWN {
             0
+        } else if carry & CARRY_SPLIT != 0 {
+            after_split(s, carry, captured)
         } else {
             u64::from(carry)
         };

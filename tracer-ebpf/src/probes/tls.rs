@@ -308,12 +308,20 @@ fn go_enter(ctx: &ProbeContext, direction: u32) {
         (r.rax, r.rbx, r.rcx, r.r14)
     };
     let key = go_key(id >> 32, g);
-    let fresh = TLS_CALLS.get_ptr(&key).is_none();
-    // A handshake run from inside a read or write (the first one, when nobody asked for it
-    // before) leaves that call's entry: its socket calls are that call's too.
-    if direction == 0 && !fresh {
-        return;
+    let prev = TLS_CALLS.get_ptr(&key);
+    if let Some(p) = prev {
+        // SAFETY: this goroutine's own entry, live while this program runs.
+        let (dir, c, b, n) = unsafe { ((*p).direction, (*p).ssl, (*p).buf, (*p).num) };
+        // The same call entered again: a Go function whose stack must grow runs its prologue,
+        // copies the stack and starts over from its entry (a write sent twice was bytes the
+        // connection never carried). A handshake run from inside a read or write (the first
+        // one, when nobody asked for it before) leaves that call's entry: its socket calls are
+        // that call's too.
+        if (dir == direction && c == conn && b == buf && n == len) || direction == 0 {
+            return;
+        }
     }
+    let fresh = prev.is_none();
     if !note_go_call(key, conn, buf, len, direction) {
         return;
     }
