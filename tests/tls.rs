@@ -1,7 +1,7 @@
-//! TLS: plaintext taken at OpenSSL's read and write calls (uprobes), against real TLS servers
-//! and clients: nginx and curl, python's ssl module on both ends (and a connection older than
-//! the daemon), h2load speaking HTTP/2 over TLS (ALPN). Counts checked against what the
-//! clients reported.
+//! TLS: plaintext taken at OpenSSL's read and write calls and Go's crypto/tls (uprobes),
+//! against real TLS servers and clients: nginx and curl, python's ssl module on both ends (and
+//! a connection older than the daemon), h2load speaking HTTP/2 over TLS (ALPN), Apache httpd,
+//! a Go server and client. Counts checked against what the clients reported.
 
 mod common;
 
@@ -451,4 +451,118 @@ impl Drop for Apache {
     fn drop(&mut self) {
         common::stop_gracefully(&mut self.child);
     }
+}
+
+/// tests/fixtures/gotls built with the host's Go toolchain into `dir`.
+fn build_gotls(dir: &std::path::Path) -> std::path::PathBuf {
+    let bin = dir.join("gotls");
+    let out = Command::new("go")
+        .args(["build", "-o"])
+        .arg(&bin)
+        .arg(".")
+        .current_dir(workspace_root().join("tests/fixtures/gotls"))
+        .env("GOCACHE", dir.join("gocache"))
+        .env("GOPATH", dir.join("gopath"))
+        .env("GOFLAGS", "-mod=mod")
+        .output()
+        .expect("go (apt install golang-go)");
+    assert!(
+        out.status.success(),
+        "go build: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    bin
+}
+
+/// Go's own crypto/tls (no libssl): a Go HTTPS server started after the daemon is hooked
+/// within its look at new processes; a Go client (the same program) speaking HTTP/2 (ALPN h2,
+/// 16 streams at once on one connection, 100 KB answers among them) and HTTP/1.1 (4
+/// connections), and curl (libssl) to the Go server: every request counted by both ends with
+/// the status the client got, all as TLS, nothing lost.
+#[test]
+fn go_crypto_tls_is_counted_by_both_ends() {
+    let _serial = serial();
+    let dir = scratch("gotls");
+    let bin = build_gotls(&dir);
+    let (cert, key) = self_signed(&dir);
+    let daemon = Daemon::start();
+    let before = daemon.json("/api/status")["tls_libraries"]
+        .as_i64()
+        .expect("tls_libraries");
+    let port = common::free_port();
+    let child = Command::new(&bin)
+        .args(["server", &port.to_string()])
+        .arg(&cert)
+        .arg(&key)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn gotls server");
+    let _server = Server::adopt(child, port);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while daemon.json("/api/status")["tls_libraries"].as_i64() == Some(before) {
+        assert!(
+            Instant::now() < deadline,
+            "the Go program was not hooked: {}",
+            daemon.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let url = format!("https://127.0.0.1:{port}");
+    let mut codes: BTreeMap<String, u64> = BTreeMap::new();
+    for (n, conns, proto) in [("2000", "16", "h2"), ("1000", "4", "http/1.1")] {
+        let out = Command::new(&bin)
+            .args(["client", &url, n, conns, proto])
+            .output()
+            .expect("gotls client");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let got: Value = serde_json::from_slice(&out.stdout).expect("client's JSON");
+        let spoke = if proto == "h2" {
+            "HTTP/2.0"
+        } else {
+            "HTTP/1.1"
+        };
+        assert_eq!(got["proto"][spoke], n.parse::<u64>().unwrap(), "{got}");
+        for (code, c) in got["status"].as_object().expect("status") {
+            *codes.entry(code.clone()).or_default() += c.as_u64().expect("count");
+        }
+    }
+    let total: u64 = codes.values().sum();
+    assert_eq!(total, 3000, "the client's answers: {codes:?}");
+    let edge = daemon.wait_edge("gotls", port, total);
+    assert_eq!(edge["requests"], total, "{}", daemon.diagnostics());
+    assert_eq!(status_codes(&edge), codes, "{}", daemon.diagnostics());
+    assert_eq!(edge["tls_requests"], total, "every request went over TLS");
+    wait_both_ends(&daemon, "gotls", total);
+    assert_eq!(observed(&daemon, "gotls", "client"), total as f64);
+    assert_eq!(observed(&daemon, "gotls", "server"), total as f64);
+
+    // A libssl client to the Go server.
+    let mut answered = 0u64;
+    for path in ["/ok", "/big", "/missing/3", "/fail"]
+        .iter()
+        .cycle()
+        .take(20)
+    {
+        let out = Command::new("curl")
+            .args(["-sk", "-o", "/dev/null", "-w", "%{http_code}"])
+            .arg(format!("{url}{path}"))
+            .output()
+            .expect("curl");
+        answered += u64::from(!out.stdout.is_empty() && out.stdout != b"000");
+    }
+    assert_eq!(answered, 20);
+    wait_both_ends(&daemon, "curl", answered);
+    assert_eq!(
+        observed(&daemon, "curl", "server"),
+        answered as f64,
+        "{}",
+        daemon.diagnostics()
+    );
+    assert_eq!(observed(&daemon, "curl", "client"), answered as f64);
+    assert_zero(&daemon, "tracer_requests_lost_total");
 }
