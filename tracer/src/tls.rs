@@ -360,10 +360,17 @@ fn go_points(path: &Path) -> Result<Option<GoPoints>, String> {
     let Ok(obj) = object::File::parse(&cache) else {
         return Ok(None);
     };
-    if obj.architecture() != object::Architecture::X86_64
-        || obj.section_by_name(".go.buildinfo").is_none()
-    {
+    if obj.architecture() != object::Architecture::X86_64 {
         return Ok(None);
+    }
+    let Some(info) = obj
+        .section_by_name(".go.buildinfo")
+        .and_then(|s| s.data_range(s.address(), s.size().min(64)).ok().flatten())
+    else {
+        return Ok(None);
+    };
+    if go_version(info).is_none() {
+        return Err("Go before 1.18 (its calls pass arguments on the stack)".into());
     }
     // Per hook, the symbol found and its rank in the hook's list (lower is preferred).
     let mut found: Vec<Option<(usize, u64, u64, object::SectionIndex)>> =
@@ -408,6 +415,19 @@ fn go_points(path: &Path) -> Result<Option<GoPoints>, String> {
         points.rets.push(rets);
     }
     Ok(Some(points))
+}
+
+/// The Go version (`go1.19.8`) at the start of a `.go.buildinfo` section, in the layout of Go
+/// 1.18 and later (the version inline); `None` for an older one. The hooks read arguments from
+/// registers, Go's register ABI since 1.17.
+fn go_version(info: &[u8]) -> Option<&str> {
+    const MAGIC: &[u8] = b"\xff Go buildinf:";
+    if !info.starts_with(MAGIC) || info.get(15)? & 2 == 0 {
+        return None;
+    }
+    let len = usize::from(*info.get(32)?);
+    let v = std::str::from_utf8(info.get(33..33 + len)?).ok()?;
+    v.starts_with("go1.").then_some(v)
 }
 
 /// Addresses of the RET instructions of x86_64 `code` loaded at `addr`, decoded instruction by
@@ -587,6 +607,19 @@ mod tests {
             0xc3, // ret
         ];
         assert_eq!(super::ret_offsets(&code, 0x1000), [0x100a, 0x1012]);
+    }
+
+    #[test]
+    fn reads_the_go_version() {
+        let mut info = b"\xff Go buildinf:\x08\x02".to_vec();
+        info.resize(32, 0);
+        info.push(8);
+        info.extend_from_slice(b"go1.19.8rest");
+        assert_eq!(super::go_version(&info), Some("go1.19.8"));
+        // Go 1.17's layout: pointers to the version, not the version.
+        info[15] = 0;
+        assert_eq!(super::go_version(&info), None);
+        assert_eq!(super::go_version(b"\x7fELF"), None);
     }
 
     #[test]
