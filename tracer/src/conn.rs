@@ -1469,7 +1469,10 @@ mod tests {
         metrics: Metrics,
         out: Vec<Exchange>,
         ts: u64,
+        /// The last event number given out (a TLS session's writes).
         seq: u32,
+        /// A TLS session's reads' (numbered apart, as the kernel side does).
+        seq_in: u32,
         /// The next events are TLS plaintext.
         tls: bool,
     }
@@ -1483,6 +1486,7 @@ mod tests {
                 out: Vec::new(),
                 ts: 1_000_000,
                 seq: 0,
+                seq_in: 0,
                 tls: false,
             }
         }
@@ -1490,7 +1494,13 @@ mod tests {
         /// One syscall moving `bytes` of which `shown` were captured.
         fn io(&mut self, direction: Direction, shown: &[u8], bytes: usize, tail: &[u8]) {
             self.ts += 1000;
-            self.seq = self.seq.wrapping_add(1);
+            let seq = if self.tls && direction == Direction::Ingress {
+                self.seq_in = self.seq_in.wrapping_add(1);
+                self.seq_in
+            } else {
+                self.seq = self.seq.wrapping_add(1);
+                self.seq
+            };
             let d = Data {
                 task: task(),
                 task_known: false,
@@ -1501,7 +1511,7 @@ mod tests {
                 ts_exit_ns: self.ts,
                 direction,
                 bytes: bytes as u32,
-                seq: self.seq,
+                seq,
                 payload: shown,
                 tail,
                 frames: &[],
