@@ -286,9 +286,7 @@ impl TlsHooks {
         self.links.extend(links);
         Ok(all.len())
     }
-}
 
-impl TlsHooks {
     /// Hooks the crypto/tls of process `pid`'s executable if it is a Go program not looked at
     /// yet (through `/proc/<pid>/exe`, which names the file in the process's own root).
     fn go_program(&mut self, ebpf: &mut Ebpf, pid: u32) {

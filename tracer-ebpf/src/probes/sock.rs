@@ -321,11 +321,10 @@ pub struct NextEvent {
     /// The socket's state, if it has one: its `task` says whose name and cgroup the
     /// last delivered event carried.
     pub state: Option<*mut SockState>,
-    /// When set, `seq` is only the number this event will likely get: it takes this counter's
-    /// next one when it is sent (TLS plaintext, numbered per direction: a uprobe program can
-    /// be preempted while it builds its event, which would then reach the ring after a later
-    /// one).
-    /// Null when not set.
+    /// When not null, `seq` is only the number this event will likely get: it takes this
+    /// counter's next one when it is sent (TLS plaintext, numbered per direction: a uprobe
+    /// program can be preempted while it builds its event, which would then reach the ring
+    /// after a later one).
     pub late: *mut u32,
 }
 

@@ -167,7 +167,6 @@ fn send_plaintext(call: &TlsCall, id: u64, bytes: u64) {
         count(KernelStat::TlsNoSocket);
         return;
     };
-    // SAFETY: a live map value; one session is driven by one thread at a time.
     // Numbered when sent (`NextEvent::late`), each direction on its own.
     // SAFETY: a live map value.
     let counter = unsafe {
@@ -177,6 +176,7 @@ fn send_plaintext(call: &TlsCall, id: u64, bytes: u64) {
             &raw mut (*session).state.seq
         }
     };
+    // SAFETY: a live map value; each direction of a session is driven by one thread at a time.
     let (sk, tuple, seq, flags) = unsafe {
         let s = &mut *session;
         let seq = (*counter).wrapping_add(1);
