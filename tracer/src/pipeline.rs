@@ -543,8 +543,10 @@ async fn read_events(
     }
 }
 
-/// Seconds between looks for TLS libraries in new processes.
-const TLS_LOOK_EVERY: u64 = 5;
+/// Seconds between looks for TLS libraries and Go programs in new processes: what a Go
+/// program does before it is hooked is not followed (a short-lived client, not at all). Each
+/// look lists /proc and reads only the processes it has not seen.
+const TLS_LOOK_EVERY: u64 = 1;
 
 /// Copies the kernel-side counters into the metrics once a second, and hooks the TLS libraries
 /// of new processes.
@@ -569,7 +571,7 @@ async fn export_kernel_stats(
             _ = token.cancelled() => break,
         }
         ticks += 1;
-        // New processes (a container's own libssl) are looked at every few seconds.
+        // New processes (a container's own libssl, a Go program) are looked at every second.
         if ticks.is_multiple_of(TLS_LOOK_EVERY) {
             capture.refresh_tls();
             metrics.tls_libraries.set(capture.tls_libraries() as i64);
