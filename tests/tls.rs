@@ -453,11 +453,11 @@ impl Drop for Apache {
     }
 }
 
-/// tests/fixtures/gotls built with the host's Go toolchain into `dir`.
-fn build_gotls(dir: &std::path::Path) -> std::path::PathBuf {
+/// tests/fixtures/gotls built with the host's Go toolchain into `dir`, with `ldflags`.
+fn build_gotls(dir: &std::path::Path, ldflags: &str) -> std::path::PathBuf {
     let bin = dir.join("gotls");
     let out = Command::new("go")
-        .args(["build", "-o"])
+        .args(["build", "-ldflags", ldflags, "-o"])
         .arg(&bin)
         .arg(".")
         .current_dir(workspace_root().join("tests/fixtures/gotls"))
@@ -483,53 +483,13 @@ fn build_gotls(dir: &std::path::Path) -> std::path::PathBuf {
 fn go_crypto_tls_is_counted_by_both_ends() {
     let _serial = serial();
     let dir = scratch("gotls");
-    let bin = build_gotls(&dir);
-    let (cert, key) = self_signed(&dir);
+    let bin = build_gotls(&dir, "");
     let daemon = Daemon::start();
-    let before = daemon.json("/api/status")["tls_libraries"]
-        .as_i64()
-        .expect("tls_libraries");
-    let port = common::free_port();
-    let child = Command::new(&bin)
-        .args(["server", &port.to_string()])
-        .arg(&cert)
-        .arg(&key)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn gotls server");
-    let _server = Server::adopt(child, port);
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while daemon.json("/api/status")["tls_libraries"].as_i64() == Some(before) {
-        assert!(
-            Instant::now() < deadline,
-            "the Go program was not hooked: {}",
-            daemon.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    let url = format!("https://127.0.0.1:{port}");
+    let (server, url) = go_server_hooked(&daemon, &bin, &dir);
+    let port = server.port;
     let mut codes: BTreeMap<String, u64> = BTreeMap::new();
     for (n, conns, proto) in [("2000", "16", "h2"), ("1000", "4", "http/1.1")] {
-        let out = Command::new(&bin)
-            .args(["client", &url, n, conns, proto])
-            .output()
-            .expect("gotls client");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let got: Value = serde_json::from_slice(&out.stdout).expect("client's JSON");
-        let spoke = if proto == "h2" {
-            "HTTP/2.0"
-        } else {
-            "HTTP/1.1"
-        };
-        assert_eq!(got["proto"][spoke], n.parse::<u64>().unwrap(), "{got}");
-        for (code, c) in got["status"].as_object().expect("status") {
-            *codes.entry(code.clone()).or_default() += c.as_u64().expect("count");
-        }
+        go_client(&bin, &url, n, conns, proto, &mut codes);
     }
     let total: u64 = codes.values().sum();
     assert_eq!(total, 3000, "the client's answers: {codes:?}");
@@ -564,5 +524,91 @@ fn go_crypto_tls_is_counted_by_both_ends() {
         daemon.diagnostics()
     );
     assert_eq!(observed(&daemon, "curl", "client"), answered as f64);
+    assert_zero(&daemon, "tracer_requests_lost_total");
+}
+
+/// The gotls server, started after the daemon, once the daemon has hooked it; its URL.
+fn go_server_hooked(
+    daemon: &Daemon,
+    bin: &std::path::Path,
+    dir: &std::path::Path,
+) -> (Server, String) {
+    let (cert, key) = self_signed(dir);
+    let before = daemon.json("/api/status")["tls_libraries"]
+        .as_i64()
+        .expect("tls_libraries");
+    let port = common::free_port();
+    let child = Command::new(bin)
+        .args(["server", &port.to_string()])
+        .arg(&cert)
+        .arg(&key)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn gotls server");
+    let server = Server::adopt(child, port);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while daemon.json("/api/status")["tls_libraries"].as_i64() == Some(before) {
+        assert!(
+            Instant::now() < deadline,
+            "the Go program was not hooked: {}",
+            daemon.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    (server, format!("https://127.0.0.1:{port}"))
+}
+
+/// `n` requests of the gotls client over `conns` connections speaking `proto`; adds the
+/// statuses it got to `codes`.
+fn go_client(
+    bin: &std::path::Path,
+    url: &str,
+    n: &str,
+    conns: &str,
+    proto: &str,
+    codes: &mut BTreeMap<String, u64>,
+) {
+    let out = Command::new(bin)
+        .args(["client", url, n, conns, proto])
+        .output()
+        .expect("gotls client");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let got: Value = serde_json::from_slice(&out.stdout).expect("client's JSON");
+    let spoke = if proto == "h2" {
+        "HTTP/2.0"
+    } else {
+        "HTTP/1.1"
+    };
+    assert_eq!(got["proto"][spoke], n.parse::<u64>().expect("n"), "{got}");
+    for (code, c) in got["status"].as_object().expect("status") {
+        *codes.entry(code.clone()).or_default() += c.as_u64().expect("count");
+    }
+}
+
+/// A Go program built stripped (`-ldflags=-s -w`, as many images are: no symbol table) is
+/// hooked from the runtime's function table: its client and server over HTTP/2 counted by
+/// both ends.
+#[test]
+fn stripped_go_program_is_hooked() {
+    let _serial = serial();
+    let dir = scratch("gotls-stripped");
+    let bin = build_gotls(&dir, "-s -w");
+    let daemon = Daemon::start();
+    let (server, url) = go_server_hooked(&daemon, &bin, &dir);
+    let mut codes: BTreeMap<String, u64> = BTreeMap::new();
+    go_client(&bin, &url, "400", "4", "h2", &mut codes);
+    let total: u64 = codes.values().sum();
+    assert_eq!(total, 400, "the client's answers: {codes:?}");
+    let edge = daemon.wait_edge("gotls", server.port, total);
+    assert_eq!(edge["requests"], total, "{}", daemon.diagnostics());
+    assert_eq!(status_codes(&edge), codes, "{}", daemon.diagnostics());
+    wait_both_ends(&daemon, "gotls", total);
+    assert_eq!(observed(&daemon, "gotls", "client"), total as f64);
+    assert_eq!(observed(&daemon, "gotls", "server"), total as f64);
     assert_zero(&daemon, "tracer_requests_lost_total");
 }

@@ -370,35 +370,50 @@ fn go_points(path: &Path) -> Result<Option<GoPoints>, String> {
     if go_version(info).is_none() {
         return Err("Go before 1.18 (its calls pass arguments on the stack)".into());
     }
-    // Per hook, the symbol found and its rank in the hook's list (lower is preferred).
-    let mut found: Vec<Option<(usize, u64, u64, object::SectionIndex)>> =
-        vec![None; GO_HOOKS.len()];
-    for sym in obj.symbols() {
-        let Ok(name) = sym.name() else { continue };
+    // Per hook, the function found (address, size) and its name's rank in the hook's list
+    // (lower is preferred).
+    let mut found: Vec<Option<(usize, u64, u64)>> = vec![None; GO_HOOKS.len()];
+    let note = |found: &mut [Option<(usize, u64, u64)>], name: &str, addr: u64, size: u64| {
         if !name.starts_with("crypto/tls.(*Conn).") {
-            continue;
+            return;
         }
         for (hook, slot) in GO_HOOKS.iter().zip(found.iter_mut()) {
             if let Some(rank) = hook.symbols.iter().position(|&f| f == name)
-                && let Some(section) = sym.section_index()
                 && slot.is_none_or(|(r, ..)| rank < r)
             {
-                *slot = Some((rank, sym.address(), sym.size(), section));
+                *slot = Some((rank, addr, size));
+            }
+        }
+    };
+    for sym in obj.symbols() {
+        if let Ok(name) = sym.name() {
+            note(&mut found, name, sym.address(), sym.size());
+        }
+    }
+    if found.iter().any(Option::is_none) {
+        // A stripped program (`-ldflags=-s`) has no symbol table, but the runtime's own table
+        // of functions (for stack traces) is always there.
+        if let Some(tab) = obj
+            .section_by_name(".gopclntab")
+            .and_then(|s| s.data().ok())
+        {
+            for (name, addr, size) in pclntab_functions(tab) {
+                note(&mut found, name, addr, size);
             }
         }
     }
+    let text = obj.section_by_name(".text").ok_or("no .text section")?;
     let mut points = GoPoints {
         entries: Vec::new(),
         rets: Vec::new(),
     };
     for f in found {
-        let Some((_, addr, size, index)) = f else {
+        let Some((_, addr, size)) = f else {
             return Ok(None);
         };
-        let section = obj.section_by_index(index).map_err(|e| e.to_string())?;
-        let (file_start, _) = section.file_range().ok_or("function not in the file")?;
-        let to_file = |a: u64| a - section.address() + file_start;
-        let code = section
+        let (file_start, _) = text.file_range().ok_or("no .text in the file")?;
+        let to_file = |a: u64| a - text.address() + file_start;
+        let code = text
             .data_range(addr, size)
             .map_err(|e| e.to_string())?
             .ok_or("function outside its section")?;
@@ -413,6 +428,51 @@ fn go_points(path: &Path) -> Result<Option<GoPoints>, String> {
         points.rets.push(rets);
     }
     Ok(Some(points))
+}
+
+/// The functions a Go 1.18+ `.gopclntab` lists: name, entry address and size (to the next
+/// function's entry). Nothing for another layout or a table that does not hold together.
+fn pclntab_functions(tab: &[u8]) -> impl Iterator<Item = (&str, u64, u64)> {
+    let u32_at = |o: usize| -> Option<u32> {
+        Some(u32::from_le_bytes(
+            tab.get(o..o.checked_add(4)?)?.try_into().ok()?,
+        ))
+    };
+    let u64_at = |o: usize| -> Option<u64> {
+        Some(u64::from_le_bytes(
+            tab.get(o..o.checked_add(8)?)?.try_into().ok()?,
+        ))
+    };
+    // runtime.pcHeader: magic (Go 1.18-1.19, 1.20+), two pads, minLC, ptrSize, then words:
+    // nfunc, nfiles, textStart, funcnameOffset, cuOffset, filetabOffset, pctabOffset, pclnOffset.
+    let header = (|| {
+        let magic = u32_at(0)?;
+        if !(magic == 0xffff_fff0 || magic == 0xffff_fff1) || *tab.get(7)? != 8 {
+            return None;
+        }
+        let nfunc = usize::try_from(u64_at(8)?).ok()?;
+        let text = u64_at(24)?;
+        let names = usize::try_from(u64_at(32)?).ok()?;
+        let pcln = usize::try_from(u64_at(64)?).ok()?;
+        Some((nfunc, text, names, pcln))
+    })();
+    let (nfunc, text, names, pcln) = header.unwrap_or((0, 0, 0, 0));
+    (0..nfunc).map_while(move |i| {
+        // functab: (entryoff, funcoff) per function, and one more entry at the end of text.
+        let at = pcln.checked_add(i.checked_mul(8)?)?;
+        let (entry, func) = (u32_at(at)?, u32_at(at + 4)?);
+        let next = u32_at(at + 8)?;
+        // runtime._func: entryOff, nameOff.
+        let name_off = u32_at(pcln.checked_add(func as usize)?.checked_add(4)?)?;
+        let start = names.checked_add(name_off as usize)?;
+        let rest = tab.get(start..)?;
+        let name = std::str::from_utf8(&rest[..rest.iter().position(|&b| b == 0)?]).ok()?;
+        Some((
+            name,
+            text + u64::from(entry),
+            u64::from(next.checked_sub(entry)?),
+        ))
+    })
 }
 
 /// The Go version (`go1.19.8`) at the start of a `.go.buildinfo` section, in the layout of Go
