@@ -667,6 +667,34 @@ mod tests {
         assert_eq!(super::ret_offsets(&code, 0x1000), [0x100a, 0x1012]);
     }
 
+    /// A Go 1.18 function table: two functions, their names, entries and sizes (to the next
+    /// entry); a table of another layout gives nothing.
+    #[test]
+    fn reads_the_go_function_table() {
+        let mut tab = Vec::new();
+        tab.extend_from_slice(&0xffff_fff0u32.to_le_bytes());
+        tab.extend_from_slice(&[0, 0, 1, 8]);
+        let (names, pcln) = (72u64, 96u64);
+        // nfunc, nfiles, textStart, funcnameOffset, cuOffset, filetabOffset, pctabOffset, pcln
+        for w in [2, 0, 0x40_1000, names, 0, 0, 0, pcln] {
+            tab.extend_from_slice(&u64::to_le_bytes(w));
+        }
+        tab.extend_from_slice(b"a.b\0c.(*T).D\0");
+        tab.resize(pcln as usize, 0);
+        // functab: (entryoff, funcoff) twice, then the end of text; then the two _func.
+        for w in [0u32, 24, 0x100, 32, 0x180, 0, 0, 0, 0x100, 4] {
+            tab.extend_from_slice(&w.to_le_bytes());
+        }
+        let found: Vec<_> = super::pclntab_functions(&tab).collect();
+        assert_eq!(
+            found,
+            [("a.b", 0x40_1000, 0x100), ("c.(*T).D", 0x40_1100, 0x80)]
+        );
+        tab[0] = 0xfa; // Go 1.16's magic
+        assert_eq!(super::pclntab_functions(&tab).count(), 0);
+        assert_eq!(super::pclntab_functions(&tab[..20]).count(), 0);
+    }
+
     #[test]
     fn reads_the_go_version() {
         let mut info = b"\xff Go buildinf:\x08\x02".to_vec();
