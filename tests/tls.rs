@@ -34,6 +34,27 @@ fn wait_both_ends(daemon: &Daemon, src: &str, n: u64) {
     }
 }
 
+/// TLS library files and Go programs the daemon has hooked.
+fn hooked(daemon: &Daemon) -> i64 {
+    daemon.json("/api/status")["tls_libraries"]
+        .as_i64()
+        .expect("tls_libraries")
+}
+
+/// Waits (15 s at most) until the daemon has hooked more than `before` (`what`: the file or
+/// program expected).
+fn wait_hooked(daemon: &Daemon, before: i64, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while hooked(daemon) == before {
+        assert!(
+            Instant::now() < deadline,
+            "{what} was not hooked: {}",
+            daemon.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 /// A counter of the daemon's that must be 0 (summed over its series).
 fn assert_zero(daemon: &Daemon, metric: &str) {
     assert_eq!(
@@ -275,9 +296,7 @@ fn h2load_over_tls_is_counted() {
 fn a_library_copy_loaded_later_is_hooked() {
     let _serial = serial();
     let daemon = Daemon::start();
-    let before = daemon.json("/api/status")["tls_libraries"]
-        .as_i64()
-        .expect("tls_libraries");
+    let before = hooked(&daemon);
     let dir = scratch("libssl-copy");
     let (cert, key) = self_signed(&dir);
     let lib = dir.join("lib");
@@ -304,15 +323,7 @@ fn a_library_copy_loaded_later_is_hooked() {
         .spawn()
         .expect("spawn tls_server.py");
     let server = Server::adopt(child, port);
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while daemon.json("/api/status")["tls_libraries"].as_i64() == Some(before) {
-        assert!(
-            Instant::now() < deadline,
-            "the copy was not hooked: {}",
-            daemon.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    wait_hooked(&daemon, before, "the copy");
     let mut answered = 0u64;
     for i in 0..20 {
         let out = Command::new("curl")
@@ -534,9 +545,7 @@ fn go_server_hooked(
     dir: &std::path::Path,
 ) -> (Server, String) {
     let (cert, key) = self_signed(dir);
-    let before = daemon.json("/api/status")["tls_libraries"]
-        .as_i64()
-        .expect("tls_libraries");
+    let before = hooked(daemon);
     let port = common::free_port();
     let child = Command::new(bin)
         .args(["server", &port.to_string()])
@@ -547,15 +556,7 @@ fn go_server_hooked(
         .spawn()
         .expect("spawn gotls server");
     let server = Server::adopt(child, port);
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while daemon.json("/api/status")["tls_libraries"].as_i64() == Some(before) {
-        assert!(
-            Instant::now() < deadline,
-            "the Go program was not hooked: {}",
-            daemon.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    wait_hooked(daemon, before, "the Go program");
     (server, format!("https://127.0.0.1:{port}"))
 }
 
