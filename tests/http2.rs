@@ -11,9 +11,9 @@ use std::{
 };
 
 use common::{
-    Daemon, Nginx, Server, curl_with, free_port, h2load,
+    Daemon, Nginx, Server, assert_both_ends, curl_with, free_port, h2load,
     otlp::{Protocol, Receiver},
-    scratch, serial, system_python, workspace_root,
+    scratch, serial, status_codes, system_python, workspace_root,
 };
 
 /// h2load with many streams in flight on each connection, against nginx: tiny responses (many
@@ -52,12 +52,7 @@ fn h2load_streams_are_counted() {
     assert_eq!(done, 25_400, "h2load completed every request");
     let edge = daemon.wait_edge("h2load", nginx.port, done);
     assert_eq!(edge["requests"], done, "{}", daemon.diagnostics());
-    let codes: BTreeMap<String, u64> = edge["status_codes"]
-        .as_object()
-        .expect("status_codes")
-        .iter()
-        .map(|(k, v)| (k.clone(), v.as_u64().expect("n")))
-        .collect();
+    let codes = status_codes(&edge);
     assert_eq!(
         codes.get("200").copied().unwrap_or(0),
         classes[0],
@@ -129,14 +124,7 @@ fn grpc_calls_are_counted_with_their_status() {
     let total = 5 * ROUNDS;
     let edge = daemon.wait_edge("grpc_client", port, total);
     assert_eq!(edge["requests"], total, "{}", daemon.diagnostics());
-    assert_eq!(
-        edge["server_latency"]["count"], total,
-        "the server end saw every call"
-    );
-    assert_eq!(
-        edge["client_latency"]["count"], total,
-        "the client end saw every call"
-    );
+    assert_both_ends(&edge, total);
     assert_eq!(edge["dst"], "grpc_server", "{edge}");
     assert_eq!(
         edge["failures"],
@@ -266,20 +254,8 @@ fn h2c_upgrade_is_followed() {
     assert_eq!(total, 60, "curl's answers: {got:?}");
     let edge = daemon.wait_edge("curl", port, total);
     assert_eq!(edge["requests"], total, "{}", daemon.diagnostics());
-    assert_eq!(
-        edge["server_latency"]["count"], total,
-        "the server end saw every request"
-    );
-    assert_eq!(
-        edge["client_latency"]["count"], total,
-        "the client end saw every request"
-    );
-    let codes: BTreeMap<String, u64> = edge["status_codes"]
-        .as_object()
-        .expect("status_codes")
-        .iter()
-        .map(|(k, v)| (k.clone(), v.as_u64().expect("n")))
-        .collect();
+    assert_both_ends(&edge, total);
+    let codes = status_codes(&edge);
     assert_eq!(codes, got, "statuses as curl got them, no 101");
     assert_eq!(
         daemon.metric_sum("tracer_requests_lost_total", &[]),

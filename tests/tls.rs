@@ -12,7 +12,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{Daemon, Nginx, Server, h2load, scratch, self_signed, serial, workspace_root};
+use common::{
+    Daemon, Nginx, Server, h2load, scratch, self_signed, serial, status_codes, workspace_root,
+};
 use serde_json::Value;
 
 /// Requests counted by one end (`observer` client or server) from `src`.
@@ -63,15 +65,6 @@ fn assert_zero(daemon: &Daemon, metric: &str) {
         "{metric}: {}",
         daemon.diagnostics()
     );
-}
-
-fn status_codes(edge: &Value) -> BTreeMap<String, u64> {
-    edge["status_codes"]
-        .as_object()
-        .expect("status_codes")
-        .iter()
-        .map(|(k, v)| (k.clone(), v.as_u64().expect("n")))
-        .collect()
 }
 
 /// curl over TLS to nginx: one curl fetching many URLs over one connection (keep-alive) and

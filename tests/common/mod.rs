@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 use std::{
+    collections::BTreeMap,
     io::Read as _,
     net::{SocketAddr, TcpListener, TcpStream},
     path::{Path, PathBuf},
@@ -13,6 +14,29 @@ use std::{
 use serde_json::Value;
 
 pub mod otlp;
+
+/// An edge's requests by status code (`/api/edges`).
+pub fn status_codes(edge: &Value) -> BTreeMap<String, u64> {
+    edge["status_codes"]
+        .as_object()
+        .expect("status_codes")
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_u64().expect("n")))
+        .collect()
+}
+
+/// Asserts that both ends of an edge (its server and its client, both on this host) saw `n`
+/// requests.
+pub fn assert_both_ends(edge: &Value, n: u64) {
+    assert_eq!(
+        edge["server_latency"]["count"], n,
+        "the server end saw every request"
+    );
+    assert_eq!(
+        edge["client_latency"]["count"], n,
+        "the client end saw every request"
+    );
+}
 
 /// Every daemon sees all traffic on the host: tests that run one take turns.
 static SERIAL: Mutex<()> = Mutex::new(());
