@@ -606,3 +606,133 @@ fn stripped_go_program_is_hooked() {
     assert_eq!(observed(&daemon, "gotls", "server"), total as f64);
     assert_zero(&daemon, "tracer_requests_lost_total");
 }
+
+/// Sends curl requests to `url` (one at a time, at most 15 s) until the server end has counted
+/// one: a server whose executable links OpenSSL in (official Node.js builds) is hooked at the
+/// daemon's next look at new processes, one linking libssl at start.
+fn wait_server_end(daemon: &Daemon, url: &str) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while observed(daemon, "curl", "server") < 1.0 {
+        assert!(
+            Instant::now() < deadline,
+            "the server end never counted curl's requests: {}",
+            daemon.log_text()
+        );
+        let _ = Command::new("curl")
+            .args(["-sk", "-o", "/dev/null", url])
+            .status();
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// The statuses a fixture client printed as JSON (`{"code": count}`), added to `codes`.
+fn add_codes(got: &Value, codes: &mut BTreeMap<String, u64>) {
+    for (code, c) in got.as_object().expect("statuses") {
+        *codes.entry(code.clone()).or_default() += c.as_u64().expect("count");
+    }
+}
+
+/// Node.js over TLS (tests/fixtures/node_tls.js, node's own modules): its OpenSSL is driven
+/// through a memory BIO, so no socket call happens inside a TLS call (the session's socket is
+/// the one the thread sends the call's records on right after), and official builds link
+/// OpenSSL into the executable. A Node HTTPS server (HTTP/1.1 and HTTP/2 by ALPN) and a Node
+/// client: every request counted by both ends with the status the client got, as TLS.
+#[test]
+fn node_tls_is_counted_by_both_ends() {
+    let _serial = serial();
+    let dir = scratch("node-tls");
+    let (cert, key) = self_signed(&dir);
+    let fixture = workspace_root().join("tests/fixtures/node_tls.js");
+    let daemon = Daemon::start();
+    let port = common::free_port();
+    let child = Command::new("node")
+        .arg(&fixture)
+        .args(["server", &port.to_string()])
+        .arg(&cert)
+        .arg(&key)
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("spawn node (apt install nodejs)");
+    let server = Server::adopt(child, port);
+    let url = format!("https://127.0.0.1:{port}");
+    wait_server_end(&daemon, &url);
+    let mut codes: BTreeMap<String, u64> = BTreeMap::new();
+    for (n, conns, proto) in [("1000", "16", "h2"), ("600", "4", "http/1.1")] {
+        let out = Command::new("node")
+            .arg(&fixture)
+            .args(["client", &url, n, conns, proto])
+            .output()
+            .expect("node client");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let got: Value = serde_json::from_slice(&out.stdout).expect("client's JSON");
+        let spoke = if proto == "h2" {
+            "HTTP/2.0"
+        } else {
+            "HTTP/1.1"
+        };
+        assert_eq!(got["proto"][spoke], n.parse::<u64>().expect("n"), "{got}");
+        add_codes(&got["status"], &mut codes);
+    }
+    let total: u64 = codes.values().sum();
+    assert_eq!(total, 1600, "the client's answers: {codes:?}");
+    let edge = daemon.wait_edge("node_tls", server.port, total);
+    assert_eq!(edge["requests"], total, "{}", daemon.diagnostics());
+    assert_eq!(status_codes(&edge), codes, "{}", daemon.diagnostics());
+    assert_eq!(edge["tls_requests"], total, "every request went over TLS");
+    wait_both_ends(&daemon, "node_tls", total);
+    assert_eq!(observed(&daemon, "node_tls", "client"), total as f64);
+    assert_eq!(observed(&daemon, "node_tls", "server"), total as f64);
+    assert_zero(&daemon, "tracer_requests_lost_total");
+}
+
+/// Python's asyncio over TLS (tests/fixtures/aio_tls.py): the ssl module's memory BIO
+/// (`SSLObject`), asyncio writing each call's records to the socket itself. A server and a
+/// client on 6 keep-alive connections: every request counted by both ends with its status.
+#[test]
+fn python_asyncio_tls_is_counted_by_both_ends() {
+    let _serial = serial();
+    let dir = scratch("aio-tls");
+    let (cert, key) = self_signed(&dir);
+    let fixture = workspace_root().join("tests/fixtures/aio_tls.py");
+    let daemon = Daemon::start();
+    let port = common::free_port();
+    let child = Command::new("python3")
+        .arg(&fixture)
+        .args(["server", &port.to_string()])
+        .arg(&cert)
+        .arg(&key)
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("spawn aio_tls.py server");
+    let server = Server::adopt(child, port);
+    wait_server_end(&daemon, &format!("https://127.0.0.1:{port}"));
+    let out = Command::new("python3")
+        .arg(&fixture)
+        .args(["client", &port.to_string(), "600", "6"])
+        .output()
+        .expect("aio_tls.py client");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut codes: BTreeMap<String, u64> = BTreeMap::new();
+    add_codes(
+        &serde_json::from_slice(&out.stdout).expect("client's JSON"),
+        &mut codes,
+    );
+    let total: u64 = codes.values().sum();
+    assert_eq!(total, 600, "the client's answers: {codes:?}");
+    let edge = daemon.wait_edge("aio_tls", server.port, total);
+    assert_eq!(edge["requests"], total, "{}", daemon.diagnostics());
+    assert_eq!(status_codes(&edge), codes, "{}", daemon.diagnostics());
+    assert_eq!(edge["tls_requests"], total, "every request went over TLS");
+    wait_both_ends(&daemon, "aio_tls", total);
+    assert_eq!(observed(&daemon, "aio_tls", "client"), total as f64);
+    assert_eq!(observed(&daemon, "aio_tls", "server"), total as f64);
+    assert_zero(&daemon, "tracer_requests_lost_total");
+}

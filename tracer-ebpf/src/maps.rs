@@ -243,6 +243,10 @@ pub struct TlsCall {
     pub direction: u32,
     /// Nonzero for `SSL_read_ex`/`SSL_write_ex` (1 on success, bytes in `*out`).
     pub ex: u32,
+    /// Nonzero once the call moved bytes on a socket (`claim`): else the library is driven
+    /// through a memory BIO, or had nothing to move.
+    pub sock_io: u32,
+    pub _pad: u32,
 }
 
 /// Keyed by pid_tgid, or for Go's crypto/tls by `go_key` (a goroutine moves between threads).
@@ -296,6 +300,21 @@ pub static TLS_BUSY: Array<u64> = Array::with_max_entries(2, 0);
 
 pub const BUSY_ALL: u32 = 0;
 pub const BUSY_GO: u32 = 1;
+
+/// The last OpenSSL call of a thread that found no socket for its session: a library driven
+/// through a memory BIO (Node.js, Python's asyncio) moves no bytes on a socket inside its
+/// calls, but the thread sends what the call produced right after it returns, so the thread's
+/// next send of a TLS record names the session's socket (`probes::tls::bind_after`).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct TlsAfter {
+    pub pid_tgid: u64,
+    pub ssl: u64,
+    pub ts_ns: u64,
+}
+
+#[map]
+pub static TLS_AFTER: PerCpuArray<TlsAfter> = PerCpuArray::with_max_entries(1, 0);
 
 /// The `TLS_CALLS` key of a goroutine of process `tgid` (`g`: its `runtime.g`, which Go's
 /// register ABI keeps in R14): the top bit set, which no pid_tgid has.

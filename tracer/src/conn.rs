@@ -823,9 +823,14 @@ fn process(conn: &mut Conn, ctx: &mut Ctx<'_, '_>) {
                 return;
             }
             _ => {
+                let reason = if tls_record(head) {
+                    "encrypted"
+                } else {
+                    "unknown_protocol"
+                };
                 ctx.metrics
                     .parse_failures
-                    .with_label_values(&["unknown_protocol"])
+                    .with_label_values(&[reason])
                     .inc();
                 Role::Opaque
             }
@@ -1440,6 +1445,13 @@ fn finish_all(conn: &mut Conn, metrics: &Metrics, out: &mut Vec<Exchange>) {
     finish_reader(conn, false, metrics, out);
 }
 
+/// Whether bytes begin with a TLS record header (content type change_cipher_spec, alert,
+/// handshake or application data; version 3.x): ciphertext, from a library whose calls are not
+/// followed, or seen before its session was (a Node.js server's ClientHello).
+fn tls_record(b: &[u8]) -> bool {
+    matches!(b, [20..=23, 3, 0..=4, ..])
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1836,7 +1848,7 @@ mod tests {
         let mut h = Harness::new();
         // A connection older than the tracer: its ciphertext was seen first.
         h.read(b"\x17\x03\x03\x00\x20\x9a\x01\xfe\x33");
-        assert_eq!(h.failures("unknown_protocol"), 1);
+        assert_eq!(h.failures("encrypted"), 1);
         // Then its plaintext, numbered by the library's session from 1.
         (h.tls, h.seq) = (true, 0);
         h.read(b"GET /a HTTP/1.1\r\n\r\n");
@@ -1863,6 +1875,12 @@ mod tests {
         let mut h = Harness::new();
         h.read(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03");
         h.read(b"GET / HTTP/1.1\r\n\r\n");
+        h.write(b"HTTP/1.1 400 Bad\r\nContent-Length: 0\r\n\r\n");
+        assert!(h.out.is_empty());
+        assert_eq!(h.failures("encrypted"), 1);
+        // Bytes of no protocol known.
+        let mut h = Harness::new();
+        h.read(b"\x00\x01garbage\r\n");
         h.write(b"HTTP/1.1 400 Bad\r\nContent-Length: 0\r\n\r\n");
         assert!(h.out.is_empty());
         assert_eq!(h.failures("unknown_protocol"), 1);

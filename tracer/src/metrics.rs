@@ -232,7 +232,12 @@ impl Metrics {
         ] {
             kernel.with_label_values(&[reason]);
         }
-        for reason in ["unknown_protocol", "invalid_head", "truncated_head"] {
+        for reason in [
+            "unknown_protocol",
+            "encrypted",
+            "invalid_head",
+            "truncated_head",
+        ] {
             parse_failures.with_label_values(&[reason]);
         }
         for event in ["forgotten", "unknown"] {

@@ -110,8 +110,8 @@ pub struct TlsHooks {
     tried: HashSet<(u64, u64)>,
     /// Of those, the files hooked.
     hooked: usize,
-    /// Programs looked at for Go's crypto/tls, by (device, inode) of their executable.
-    go_tried: HashSet<(u64, u64)>,
+    /// Executables looked at (for Go's crypto/tls, or an OpenSSL linked in), by (device, inode).
+    exe_tried: HashSet<(u64, u64)>,
     /// Of those, the programs hooked.
     go_hooked: usize,
     /// Processes whose maps have been read (and that were alive at the last look).
@@ -130,7 +130,7 @@ impl TlsHooks {
         Self {
             tried: HashSet::new(),
             hooked: 0,
-            go_tried: HashSet::new(),
+            exe_tried: HashSet::new(),
             go_hooked: 0,
             scanned: HashSet::new(),
             links: Vec::new(),
@@ -230,7 +230,7 @@ impl TlsHooks {
             .collect();
         for pid in new {
             found.extend(mapped_libssl(pid));
-            self.go_program(ebpf, pid);
+            self.program(ebpf, pid);
             self.scanned.insert(pid);
         }
         for path in found {
@@ -287,27 +287,32 @@ impl TlsHooks {
         Ok(all.len())
     }
 
-    /// Hooks the crypto/tls of process `pid`'s executable if it is a Go program not looked at
-    /// yet (through `/proc/<pid>/exe`, which names the file in the process's own root).
-    fn go_program(&mut self, ebpf: &mut Ebpf, pid: u32) {
+    /// Hooks the TLS of process `pid`'s executable if it has not been looked at yet (through
+    /// `/proc/<pid>/exe`, which names the file in the process's own root): a Go program's
+    /// crypto/tls, or the OpenSSL an executable links statically and exports (Node.js).
+    fn program(&mut self, ebpf: &mut Ebpf, pid: u32) {
         let path = PathBuf::from(format!("/proc/{pid}/exe"));
         let Ok(meta) = fs::metadata(&path) else {
             return;
         };
-        if self.go_tried.len() >= MAX_GO_PROGRAMS * 16
-            || self.go_hooked >= MAX_GO_PROGRAMS
-            || !self.go_tried.insert((meta.dev(), meta.ino()))
-        {
+        let id = (meta.dev(), meta.ino());
+        if self.exe_tried.len() >= MAX_GO_PROGRAMS * 16 || !self.exe_tried.insert(id) {
             return;
         }
         let points = match go_points(&path) {
             Ok(Some(points)) => points,
-            Ok(None) => return,
+            Ok(None) => {
+                self.openssl_program(ebpf, &path, id);
+                return;
+            }
             Err(e) => {
                 tracing::info!("TLS: Go program {} not hooked: {e}", path.display());
                 return;
             }
         };
+        if self.go_hooked >= MAX_GO_PROGRAMS {
+            return;
+        }
         match self.attach_go(ebpf, &path, &points) {
             Ok(()) => {
                 tracing::info!(
@@ -318,6 +323,28 @@ impl TlsHooks {
                 self.go_hooked += 1;
             }
             Err(e) => tracing::warn!("TLS: cannot hook Go program {}: {e}", path.display()),
+        }
+    }
+
+    /// Hooks an executable that exports OpenSSL's calls (linked in statically, as Node.js
+    /// does) as a library is hooked.
+    fn openssl_program(&mut self, ebpf: &mut Ebpf, path: &Path, id: (u64, u64)) {
+        let Ok(exported) = exported(path) else {
+            return;
+        };
+        if !(exported.contains("SSL_write") || exported.contains("SSL_write_ex"))
+            || self.tried.len() >= MAX_LIBRARIES
+            || !self.tried.insert(id)
+        {
+            return;
+        }
+        let name = fs::read_link(path).unwrap_or_default();
+        match self.attach(ebpf, path) {
+            Ok(n) => {
+                tracing::info!("TLS: hooked {n} calls in {}", name.display());
+                self.hooked += 1;
+            }
+            Err(e) => tracing::warn!("TLS: cannot hook {}: {e}", name.display()),
         }
     }
 
@@ -546,8 +573,10 @@ where
 /// The names of the functions an ELF file exports.
 fn exported(path: &Path) -> Result<HashSet<String>, String> {
     use object::{Object as _, ObjectSymbol as _};
-    let data = fs::read(path).map_err(|e| e.to_string())?;
-    let file = object::File::parse(&*data).map_err(|e| e.to_string())?;
+    let file = fs::File::open(path).map_err(|e| e.to_string())?;
+    // Read lazily: an executable may be a hundred MB (Node.js) of which the symbols are a part.
+    let cache = object::ReadCache::new(file);
+    let file = object::File::parse(&cache).map_err(|e| e.to_string())?;
     Ok(file
         .dynamic_symbols()
         .filter(|s| s.is_definition())

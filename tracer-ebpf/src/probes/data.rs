@@ -126,6 +126,17 @@ fn buffers(args: &SyscallArgs) -> Option<Buffers> {
     })
 }
 
+/// The first `N` bytes a call's buffers hold (from its first buffer only).
+#[inline(always)]
+pub fn first_bytes<const N: usize>(args: &SyscallArgs) -> Option<[u8; N]> {
+    let b = buffers(args)?;
+    if b.len < N as u64 {
+        return None;
+    }
+    // SAFETY: user memory read through the checked helper.
+    unsafe { aya_ebpf::helpers::bpf_probe_read_user(b.base as *const [u8; N]) }.ok()
+}
+
 #[inline(always)]
 fn read_iovec(iov: u64) -> Option<(u64, u64)> {
     // SAFETY: `struct iovec` read through the checked helper, in one call.

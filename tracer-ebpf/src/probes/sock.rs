@@ -302,6 +302,10 @@ fn on_length(ctx: &TracePointContext, direction: u32) {
         let r = from_tracepoint(ctx);
         // Without the task's registers here: Go's crypto/tls is not followed on this path.
         if super::tls::claim::<ByAddress>(id, &r, || 0)
+            || (direction == DIR_EGRESS
+                && super::tls::bind_after::<ByAddress>(id, &r, || {
+                    super::data::first_bytes::<3>(args)
+                }))
             || traced_socket::<ByAddress>(&r, direction).is_none()
         {
             let _ = ACTIVE.remove(&id);

@@ -17,7 +17,7 @@ use aya_ebpf::{
 use tracer_common::{DIR_EGRESS, DIR_INGRESS, KernelStat};
 
 use super::{
-    data::{REGS_CS, REGS_DX, REGS_ORIG_AX, REGS_R14, REGS_SI, emit_data, traced},
+    data::{REGS_CS, REGS_DX, REGS_ORIG_AX, REGS_R14, REGS_SI, emit_data, first_bytes, traced},
     sock::{
         ByAddress, InSocket, LEN_RET, Record, SK_PROTOCOL_OFFSET, SKC_FAMILY, Store,
         from_tracepoint, traced_socket,
@@ -194,6 +194,28 @@ pub fn raw_sock_recv(ctx: RawTracePointContext) -> i32 {
     0
 }
 
+/// The first bytes the current send call hands over (from its registers, as below).
+#[inline(always)]
+fn send_head(task: u64, sk: u64) -> Option<[u8; 3]> {
+    // SAFETY: as for the registers read in `on_data`.
+    let (cs, nr, buf, len) = unsafe {
+        let regs = bpf_task_pt_regs(task as *mut _) as u64;
+        let reg = |off: u64| read_volatile((regs + off) as *const u64);
+        let cs = read_volatile((regs + REGS_CS) as *const u16);
+        (cs, reg(REGS_ORIG_AX), reg(REGS_SI), reg(REGS_DX))
+    };
+    let (kind, direction) = traced(nr).filter(|_| cs & 3 == 3)?;
+    let args = SyscallArgs {
+        buf,
+        len,
+        ts_enter: 0,
+        sk,
+        kind,
+        direction,
+    };
+    first_bytes::<3>(&args)
+}
+
 #[inline(always)]
 fn on_data<S: Store>(
     ret: i32,
@@ -216,6 +238,9 @@ fn on_data<S: Store>(
         read_volatile((regs + REGS_R14) as *const u64)
     };
     if super::tls::claim::<S>(id, &r, goroutine) {
+        return;
+    }
+    if direction == DIR_EGRESS && super::tls::bind_after::<S>(id, &r, || send_head(task, r.sk)) {
         return;
     }
     let Some(lookup) = traced_socket::<S>(&r, direction) else {

@@ -19,8 +19,9 @@ use super::{
     sock::{IPPROTO_TCP, NextEvent, Record, Store, opaque_requested, same_tuple},
 };
 use crate::maps::{
-    BUSY_ALL, BUSY_GO, KIND_BUF, SyscallArgs, TLS_BUSY, TLS_CALLS, TLS_OPAQUE, TLS_SCRATCH,
-    TLS_SEEN_HANDSHAKE, TLS_SESSIONS, TlsCall, TlsKey, count, go_key, tracer_tgid,
+    BUSY_ALL, BUSY_GO, KIND_BUF, SyscallArgs, TLS_AFTER, TLS_BUSY, TLS_CALLS, TLS_OPAQUE,
+    TLS_SCRATCH, TLS_SEEN_HANDSHAKE, TLS_SESSIONS, TlsAfter, TlsCall, TlsKey, count, go_key,
+    tracer_tgid,
 };
 
 /// Adds `delta` (wrapping) to the count of threads inside a library call. The result is not
@@ -56,6 +57,8 @@ fn enter(ctx: &ProbeContext, direction: u32, ex: bool) {
         ts_enter: unsafe { bpf_ktime_get_ns() },
         direction,
         ex: ex as u32,
+        sock_io: 0,
+        _pad: 0,
     };
     // A handshake entered from another (SSL_connect calling SSL_do_handshake) replaces the
     // entry: counted once, as it is removed once.
@@ -128,6 +131,9 @@ fn on_return(ctx: &RetProbeContext) {
     };
     if TLS_CALLS.remove(&id).is_ok() {
         busy_add(BUSY_ALL, u64::MAX);
+    }
+    if call.sock_io == 0 {
+        note_after(&call, id);
     }
     if call.direction == 0 {
         return;
@@ -222,21 +228,31 @@ pub fn claim<S: Store>(id: u64, r: &Record, goroutine: impl FnOnce() -> u64) -> 
     if TLS_BUSY.get(BUSY_ALL).is_none_or(|busy| *busy == 0) {
         return false;
     }
-    let call = match TLS_CALLS.get_ptr(&id) {
+    let call = match TLS_CALLS.get_ptr_mut(&id) {
         Some(call) => call,
         None if TLS_BUSY.get(BUSY_GO).is_some_and(|busy| *busy != 0) => {
-            match TLS_CALLS.get_ptr(&go_key(id >> 32, goroutine())) {
+            match TLS_CALLS.get_ptr_mut(&go_key(id >> 32, goroutine())) {
                 Some(call) => call,
                 None => return false,
             }
         }
         None => return false,
     };
+    // SAFETY: this thread's own entry, live while this program runs.
+    let (ssl, handshake) = unsafe {
+        (*call).sock_io = 1;
+        ((*call).ssl, (*call).direction == 0)
+    };
+    bind_session::<S>(id, ssl, if handshake { TLS_SEEN_HANDSHAKE } else { 0 }, r)
+}
+
+/// Names `r`'s socket as the one session `ssl` of thread `id`'s process drives, and marks the
+/// socket (its ciphertext is not sent). False for a socket that is not TCP over IP.
+#[inline(always)]
+fn bind_session<S: Store>(id: u64, ssl: u64, seen: u32, r: &Record) -> bool {
     if r.protocol != IPPROTO_TCP || (r.family != AF_INET && r.family != AF_INET6) {
         return false;
     }
-    // SAFETY: this thread's own entry, live while this program runs.
-    let (ssl, handshake) = unsafe { ((*call).ssl, (*call).direction == 0) };
     let Some(scratch) = TLS_SCRATCH.get_ptr_mut(0) else {
         return false;
     };
@@ -262,7 +278,6 @@ pub fn claim<S: Store>(id: u64, r: &Record, goroutine: impl FnOnce() -> u64) -> 
             ssl,
             tgid: id >> 32,
         };
-        let seen = if handshake { TLS_SEEN_HANDSHAKE } else { 0 };
         let session = &mut (*scratch).session;
         session.state = SockState::default();
         session.state.tuple = *tuple;
@@ -282,6 +297,61 @@ pub fn claim<S: Store>(id: u64, r: &Record, goroutine: impl FnOnce() -> u64) -> 
     }
     count(KernelStat::TlsCiphertext);
     true
+}
+
+/// How long after an OpenSSL call without a socket the thread's next send may still be the
+/// ciphertext that call produced.
+const AFTER_NS: u64 = 50_000_000;
+
+/// At the return of an OpenSSL call that moved nothing on a socket: the thread's next TLS
+/// record sent may be what the call produced, through a memory BIO (`bind_after`).
+#[inline(always)]
+fn note_after(call: &TlsCall, id: u64) {
+    if let Some(slot) = TLS_AFTER.get_ptr_mut(0) {
+        // SAFETY: per-CPU slot; a race with another program on this CPU only loses a hint.
+        unsafe {
+            *slot = TlsAfter {
+                pid_tgid: id,
+                ssl: call.ssl,
+                ts_ns: bpf_ktime_get_ns(),
+            }
+        };
+    }
+}
+
+/// Called by the socket data path for each send: a thread whose last OpenSSL call moved
+/// nothing on a socket (a memory BIO: Node.js, Python's asyncio) and that now sends a TLS
+/// record is sending what that call produced: the socket is the session's (bound again each
+/// time: a session freed and its address reused for a new connection moves to that one's
+/// socket at its handshake). `head` gives the send's first bytes. True if the send was bound
+/// (it is ciphertext: not sent).
+#[inline(always)]
+pub fn bind_after<S: Store>(id: u64, r: &Record, head: impl FnOnce() -> Option<[u8; 3]>) -> bool {
+    let Some(slot) = TLS_AFTER.get_ptr_mut(0) else {
+        return false;
+    };
+    // SAFETY: per-CPU slot, as above.
+    let ssl = unsafe {
+        if (*slot).pid_tgid != id {
+            return false;
+        }
+        (*slot).pid_tgid = 0;
+        if bpf_ktime_get_ns().wrapping_sub((*slot).ts_ns) > AFTER_NS {
+            return false;
+        }
+        (*slot).ssl
+    };
+    // A record header: content type (change_cipher_spec 20, alert, handshake 22, data 23) and
+    // version 3.x.
+    let Some([kind, major, minor]) = head() else {
+        return false;
+    };
+    if !(20..=23).contains(&kind) || major != 3 || minor > 4 {
+        return false;
+    }
+    // A handshake record: the session is seen from its start.
+    let seen = if kind == 22 { TLS_SEEN_HANDSHAKE } else { 0 };
+    bind_session::<S>(id, ssl, seen, r)
 }
 
 /// Go's crypto/tls (statically linked into each Go program, found by the daemon in the
@@ -353,6 +423,8 @@ fn note_go_call(key: u64, conn: u64, buf: u64, len: u64, direction: u32) -> bool
         ts_enter: unsafe { bpf_ktime_get_ns() },
         direction,
         ex: 0,
+        sock_io: 0,
+        _pad: 0,
     };
     TLS_CALLS.insert(&key, &call, 0).is_ok()
 }
