@@ -402,7 +402,10 @@
     function render(topo) {
       graph.update(topo);
       const edges = sortEdges(topo.edges || []);
-      $('#topo-meta', view).textContent = `${(topo.nodes || []).length} workloads · ${edges.length} edges · window ${topo.window}`;
+      const pairs = new Set(edges.map((e) => e.src + '\u2192' + e.dst));
+      const tcpOnly = (topo.tcp || []).filter((e) => !pairs.has(e.src + '\u2192' + e.dst)).length;
+      $('#topo-meta', view).textContent = `${(topo.nodes || []).length} workloads · ${edges.length} edges` +
+        (tcpOnly ? ` · ${tcpOnly} TCP only (dashed)` : '') + ` · window ${topo.window}`;
       setHTML($('#kpis', view), kpiStrip(topo));
       $('#edges-meta', view).textContent = 'success rate and latency over the last ' + topo.window + '; requests since the daemon started';
       const rows = edges.map((e) => {
@@ -550,6 +553,7 @@
           'text-background-shape': 'round-rectangle', 'text-border-color': 'data(color)', 'text-border-width': 1,
           'text-border-opacity': 0.55,
         } },
+        { selector: 'edge[?tcp]', style: { 'line-style': 'dashed', 'target-arrow-shape': 'vee' } },
         { selector: '.faded', style: { opacity: 0.18 } },
         { selector: 'node:selected', style: { 'border-width': 4, 'overlay-color': C.accent, 'overlay-opacity': 0.08, 'overlay-padding': 6 } },
         { selector: 'edge:selected', style: { 'overlay-color': C.accent, 'overlay-opacity': 0.12, 'overlay-padding': 4 } },
@@ -593,18 +597,34 @@
       };
     }
 
+    // A TCP connection between two workloads that exchange no HTTP (a database, a cache, TLS
+    // not followed): dashed, labelled with its connections.
+    function tcpEdgeData(e) {
+      let label = `${e.open} open · ${e.established} conn${e.established === 1 ? '' : 's'}`;
+      if (e.failed) label += ` · ${e.failed} failed`;
+      const color = e.failed && !e.established ? C.bad : e.failed ? C.warn : C.idle;
+      return {
+        id: 't:' + e.src + '\u2192' + e.dst, source: 'n:' + e.src, target: 'n:' + e.dst,
+        src: e.src, dst: e.dst, label, color, width: 1.2, tcp: true,
+        textColor: e.failed ? color : C.idle,
+      };
+    }
+
     function update(topo) {
       const nodes = (topo.nodes || []).slice();
+      const http = new Set((topo.edges || []).map((e) => e.src + '\u2192' + e.dst));
+      const tcp = (topo.tcp || []).filter((e) => !http.has(e.src + '\u2192' + e.dst));
       // An edge may name a node the snapshot did not list; draw it anyway.
       const known = new Set(nodes.map((n) => n.name));
-      (topo.edges || []).forEach((e) => [e.src, e.dst].forEach((name) => {
+      (topo.edges || []).concat(tcp).forEach((e) => [e.src, e.dst].forEach((name) => {
         if (!known.has(name)) { known.add(name); nodes.push({ name, inbound: null, outbound: null }); }
       }));
       const els = nodes.map((n) => ({ group: 'nodes', data: nodeData(n) }))
-        .concat((topo.edges || []).map((e) => ({ group: 'edges', data: edgeData(e) })));
+        .concat((topo.edges || []).map((e) => ({ group: 'edges', data: edgeData(e) })))
+        .concat(tcp.map((e) => ({ group: 'edges', data: tcpEdgeData(e) })));
       const sig = els.map((x) => x.data.id).sort().join('\n');
       container.dataset.nodes = String(nodes.length);
-      container.dataset.edges = String((topo.edges || []).length);
+      container.dataset.edges = String((topo.edges || []).length + tcp.length);
       if (sig === signature) {
         cy.batch(() => els.forEach((x) => cy.getElementById(x.data.id).data(x.data)));
         return;

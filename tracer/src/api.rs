@@ -27,6 +27,7 @@ use crate::{
     pipeline::Shared,
     spans::{Span, span_name},
     tap,
+    tcp::TcpEdgeView,
     window::Window,
 };
 
@@ -137,6 +138,10 @@ impl<T> InWindow<T> {
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Edges {
     pub edges: Vec<EdgeView>,
+    /// TCP connections between workloads, whatever they carry (counted since the daemon
+    /// started, not over the window).
+    #[serde(default)]
+    pub tcp: Vec<TcpEdgeView>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -148,6 +153,9 @@ pub struct Stat {
 pub struct Topology {
     pub nodes: Vec<NodeView>,
     pub edges: Vec<TopologyEdge>,
+    /// As in [`Edges`].
+    #[serde(default)]
+    pub tcp: Vec<TcpEdgeView>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -229,12 +237,14 @@ async fn edges(
     Query(q): Query<WindowQuery>,
 ) -> Result<Json<EdgesResponse>, ApiError> {
     let w = q.window()?;
+    let tcp = shared.tcp().view();
     let agg = shared.aggregator();
     Ok(Json(InWindow::of(
         &agg,
         w,
         Edges {
             edges: agg.edges(w),
+            tcp,
         },
     )))
 }
@@ -271,9 +281,10 @@ async fn routes(
 }
 
 fn topology_of(shared: &Shared, w: Window) -> TopologyResponse {
+    let tcp = shared.tcp().view();
     let agg = shared.aggregator();
     let (nodes, edges) = agg.topology(w);
-    InWindow::of(&agg, w, Topology { nodes, edges })
+    InWindow::of(&agg, w, Topology { nodes, edges, tcp })
 }
 
 async fn topology(

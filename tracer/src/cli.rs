@@ -330,7 +330,7 @@ pub fn edges(w: Window, args: &ClientArgs) -> anyhow::Result<()> {
         println!("{raw}");
         return Ok(());
     }
-    if resp.body.edges.is_empty() {
+    if resp.body.edges.is_empty() && resp.body.tcp.is_empty() {
         println!("No edges seen yet.");
         return Ok(());
     }
@@ -356,10 +356,47 @@ pub fn edges(w: Window, args: &ClientArgs) -> anyhow::Result<()> {
             row
         })
         .collect();
-    let mut header = vec!["SRC", "DST", "DST_ADDR", "TLS"];
-    header.extend(WINDOW_HEADER);
-    header.push("REQUESTS");
-    print_table(&header, &rows);
+    if !rows.is_empty() {
+        let mut header = vec!["SRC", "DST", "DST_ADDR", "TLS"];
+        header.extend(WINDOW_HEADER);
+        header.push("REQUESTS");
+        print_table(&header, &rows);
+    }
+    if !resp.body.tcp.is_empty() {
+        // Every TCP connection a process here made, whatever it carries (HTTP or not), since
+        // the daemon started.
+        if !rows.is_empty() {
+            println!();
+        }
+        let rows: Vec<Vec<String>> = resp
+            .body
+            .tcp
+            .iter()
+            .map(|e| {
+                vec![
+                    e.src.clone(),
+                    e.dst.clone(),
+                    e.dst_addrs.join(","),
+                    e.open.to_string(),
+                    e.established.to_string(),
+                    e.failed.to_string(),
+                    e.closed.to_string(),
+                ]
+            })
+            .collect();
+        print_table(
+            &[
+                "TCP_SRC",
+                "TCP_DST",
+                "DST_ADDR",
+                "OPEN",
+                "ESTABLISHED",
+                "FAILED",
+                "CLOSED",
+            ],
+            &rows,
+        );
+    }
     Ok(())
 }
 

@@ -23,6 +23,7 @@ pub mod route;
 pub mod spans;
 pub mod streams;
 pub mod tap;
+pub mod tcp;
 pub mod threads;
 pub mod tls;
 pub mod top;

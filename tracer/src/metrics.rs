@@ -3,7 +3,7 @@
 
 use prometheus::{
     CounterVec, Encoder as _, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
-    Opts, Registry, TextEncoder,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 /// Latency bucket bounds in seconds: from 100 µs (loopback, in-memory handlers) to 10 s, about
@@ -39,6 +39,8 @@ pub struct Metrics {
     pub requests_lost: IntCounterVec,
     pub bpf_run_seconds: CounterVec,
     pub bpf_runs: IntCounterVec,
+    pub tcp_connections: IntCounterVec,
+    pub tcp_open: IntGaugeVec,
 }
 
 impl Metrics {
@@ -199,8 +201,28 @@ impl Metrics {
              (the same bytes) rather than parsed again.",
         )
         .expect("valid metric");
+        let tcp_connections = IntCounterVec::new(
+            Opts::new(
+                "tracer_tcp_connections_total",
+                "TCP connects made by processes on this host, whatever the connection carries, by \
+                 client and server workload (or address) and outcome: established, or failed \
+                 (refused, timed out, unreachable).",
+            ),
+            &["source", "destination", "outcome"],
+        )
+        .expect("valid metric");
+        let tcp_open = IntGaugeVec::new(
+            Opts::new(
+                "tracer_tcp_connections_open",
+                "TCP connections open now, of those whose connect was seen, by client and server.",
+            ),
+            &["source", "destination"],
+        )
+        .expect("valid metric");
         for c in [
             Box::new(series_expired.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(tcp_connections.clone()),
+            Box::new(tcp_open.clone()),
             Box::new(tap_dropped.clone()),
             Box::new(heads_shared.clone()),
             Box::new(requests.clone()),
@@ -273,6 +295,8 @@ impl Metrics {
             requests_lost,
             bpf_run_seconds,
             bpf_runs,
+            tcp_connections,
+            tcp_open,
         }
     }
 

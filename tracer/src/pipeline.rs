@@ -24,12 +24,13 @@ use crate::{
     capture::{AttachMode, Capture, OpaqueSockets},
     conn::{ConnTable, Exchange, MAX_CONNS, Side},
     edges::Aggregator,
-    event::{self, Event},
+    event::{self, Event, Tuple},
     metrics::Metrics,
     otlp::{self, ServiceNames},
     ring::Ring,
     spans::{self, LinkStats, Linker, Sampler, Span},
     tap,
+    tcp::{TcpEdges, TcpTracker},
     threads::{self, Threads},
     workload,
 };
@@ -112,12 +113,19 @@ pub struct Shared {
     pub attach: &'static str,
     /// Whether spans are built (off with `--no-spans`).
     pub spans: bool,
+    /// TCP connections between workloads, whatever they carry.
+    pub tcp: Mutex<TcpEdges>,
 }
 
 impl Shared {
     /// The aggregator, even if a panicking holder poisoned the lock (its state stays usable).
     pub fn aggregator(&self) -> std::sync::MutexGuard<'_, Aggregator> {
         self.aggregator.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The TCP edges, as `aggregator`.
+    pub fn tcp(&self) -> std::sync::MutexGuard<'_, TcpEdges> {
+        self.tcp.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn new(
@@ -142,6 +150,7 @@ impl Shared {
             tap: tap::channel(),
             attach: "none",
             spans: true,
+            tcp: Mutex::new(TcpEdges::default()),
         }
     }
 }
@@ -330,17 +339,23 @@ struct Reader {
     data_events: prometheus::IntCounter,
     conn_events: prometheus::IntCounter,
     own_pid: u32,
+    tcp: TcpTracker,
 }
 
 impl Reader {
     /// Requests to the daemon itself (CLI, scrapes) are its own business, not the host's
     /// traffic; its own end is already skipped in the kernel.
     fn to_self(&self, ex: &Exchange) -> bool {
-        let (listen, remote) = (self.listen, ex.tuple.remote);
+        self.to_api(&ex.tuple)
+    }
+
+    /// Whether a connection goes to the daemon's own API.
+    fn to_api(&self, tuple: &Tuple) -> bool {
+        let (listen, remote) = (self.listen, tuple.remote);
         remote == listen
             || (listen.ip().is_unspecified()
                 && remote.port() == listen.port()
-                && (remote.ip().is_loopback() || remote.ip() == ex.tuple.local.ip()))
+                && (remote.ip().is_loopback() || remote.ip() == tuple.local.ip()))
     }
 
     fn new(shared: Arc<Shared>, listen: SocketAddr) -> Self {
@@ -357,6 +372,7 @@ impl Reader {
             data_events: shared.metrics.events.with_label_values(&["data"]),
             conn_events: shared.metrics.events.with_label_values(&["conn"]),
             own_pid: std::process::id(),
+            tcp: TcpTracker::default(),
             shared,
         }
     }
@@ -383,6 +399,13 @@ impl Reader {
         );
         if !self.exchanges.is_empty() {
             self.record_exchanges();
+        }
+        if self.tcp.wants_tick() {
+            let conns = &self.conns;
+            self.tcp
+                .tick(&mut self.shared.tcp(), &self.shared.metrics, |t| {
+                    conns.peer_of(t, 0)
+                });
         }
         let shared = self.conns.take_heads_shared();
         if shared > 0 {
@@ -417,6 +440,13 @@ impl Reader {
                 // name alone. (One that exits within the interval still is.)
                 if c.new_state == TCP_SYN_SENT && c.task.comm.0[0] != 0 {
                     workload::name(&c.task);
+                }
+                if !self.to_api(&c.tuple) {
+                    let conns = &self.conns;
+                    self.tcp
+                        .on_state(&c, self.own_pid, &mut self.shared.tcp(), metrics, |t| {
+                            conns.peer_of(t, 0)
+                        });
                 }
                 self.conns
                     .on_state(&c, metrics, &mut self.linker, &mut self.exchanges);

@@ -1,0 +1,119 @@
+//! TCP connections between workloads, whatever they carry: a client of a binary protocol
+//! (tests/fixtures/tcp_client.py) to its server (tcp_server.py), connections held open, and
+//! connects refused, counted against what the client saw.
+
+mod common;
+
+use std::{
+    io::{BufRead as _, BufReader, Write as _},
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use common::{Daemon, Server, free_port, serial, workspace_root};
+use serde_json::Value;
+
+/// The TCP edge `src -> dst` in `/api/edges`, if there is one.
+fn tcp_edge(daemon: &Daemon, src: &str, dst: &str) -> Option<Value> {
+    daemon.json("/api/edges")["tcp"]
+        .as_array()
+        .expect("tcp edges")
+        .iter()
+        .find(|e| e["src"] == src && e["dst"] == dst)
+        .cloned()
+}
+
+/// Waits (10 s at most) until the TCP edge `src -> dst` satisfies `done`; the edge then.
+fn wait_tcp_edge(daemon: &Daemon, src: &str, dst: &str, done: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let edge = tcp_edge(daemon, src, dst);
+        if edge.as_ref().is_some_and(&done) || Instant::now() > deadline {
+            return edge.unwrap_or_else(|| {
+                panic!(
+                    "no TCP edge {src} -> {dst}: {}",
+                    daemon.json("/api/edges")["tcp"]
+                )
+            });
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// 40 connections of one round trip each, 5 held open, 7 connects refused: the edge from the
+/// client to its server (named as its workload: its end is on this host) counts 45 established
+/// and 5 open while they are, then 45 closed and none open; the refused connects are failures
+/// on an edge to the address; the metrics say the same.
+#[test]
+fn tcp_connections_are_counted_whatever_they_carry() {
+    let _serial = serial();
+    let daemon = Daemon::start();
+    let fixtures = workspace_root().join("tests/fixtures");
+    let port = free_port();
+    let server = Command::new("python3")
+        .arg(fixtures.join("tcp_server.py"))
+        .arg(port.to_string())
+        .spawn()
+        .expect("spawn tcp_server.py");
+    let _server = Server::adopt(server, port);
+    let closed = free_port();
+    let mut client = Command::new("python3")
+        .arg(fixtures.join("tcp_client.py"))
+        .args([&port.to_string(), "40", "5", &closed.to_string(), "7"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn tcp_client.py");
+    let mut line = String::new();
+    BufReader::new(client.stdout.as_mut().expect("stdout"))
+        .read_line(&mut line)
+        .expect("the client's report");
+    let got: Value = serde_json::from_str(&line).expect("the client's JSON");
+    assert_eq!(got["established"], 45, "{got}");
+    assert_eq!(got["refused"], 7, "{got}");
+
+    let edge = wait_tcp_edge(&daemon, "tcp_client", "tcp_server", |e| {
+        e["established"] == 45 && e["closed"] == 40
+    });
+    assert_eq!(edge["established"], 45, "{edge}");
+    assert_eq!(edge["closed"], 40, "{edge}");
+    assert_eq!(edge["open"], 5, "{edge}");
+    assert_eq!(edge["failed"], 0, "{edge}");
+    assert_eq!(edge["dst_addrs"][0], format!("127.0.0.1:{port}"), "{edge}");
+    let refused = format!("127.0.0.1:{closed}");
+    let edge = wait_tcp_edge(&daemon, "tcp_client", &refused, |e| e["failed"] == 7);
+    assert_eq!(edge["failed"], 7, "{edge}");
+    assert_eq!(edge["established"], 0, "{edge}");
+
+    // The held connections closed.
+    client
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(b"\n")
+        .expect("release the client");
+    assert!(client.wait().expect("client exits").success());
+    let edge = wait_tcp_edge(&daemon, "tcp_client", "tcp_server", |e| e["open"] == 0);
+    assert_eq!(edge["open"], 0, "{edge}");
+    assert_eq!(edge["closed"], 45, "{edge}");
+
+    let metric = |dst: &str, outcome: &str| {
+        daemon.metric_sum(
+            "tracer_tcp_connections_total",
+            &[
+                ("source", "tcp_client"),
+                ("destination", dst),
+                ("outcome", outcome),
+            ],
+        )
+    };
+    assert_eq!(metric("tcp_server", "established"), 45.0);
+    assert_eq!(metric(&refused, "failed"), 7.0);
+    assert_eq!(
+        daemon.metric_sum(
+            "tracer_tcp_connections_open",
+            &[("source", "tcp_client"), ("destination", "tcp_server")]
+        ),
+        0.0
+    );
+}
