@@ -34,6 +34,8 @@ const MAX_ADDRS: usize = 8;
 /// How long a connection to this host waits for its server end to be seen before the server
 /// is named by its address.
 const NAME_WAIT: Duration = Duration::from_millis(500);
+/// Longer than the kernel tries a connect (its SYN retries end after about 127 s).
+const CONNECT_WAIT: Duration = Duration::from_secs(180);
 /// An edge with nothing open and no change for this long is forgotten (with its series).
 const EDGE_IDLE: Duration = Duration::from_secs(3600);
 
@@ -146,7 +148,9 @@ struct Open {
 /// Follows connects from the kernel's state changes (in the pipeline's thread).
 #[derive(Default)]
 pub struct TcpTracker {
-    connecting: HashMap<u64, Task>,
+    /// Connects not yet up, since when: one whose outcome was lost (ring buffer full) is
+    /// forgotten after [`CONNECT_WAIT`].
+    connecting: HashMap<u64, (Task, Instant)>,
     open: HashMap<u64, Open>,
     /// Connections to this host whose server is not named yet, oldest first.
     unnamed: VecDeque<u64>,
@@ -176,10 +180,10 @@ impl TcpTracker {
                         .inc();
                     return;
                 }
-                self.connecting.insert(c.sk, c.task);
+                self.connecting.insert(c.sk, (c.task, Instant::now()));
             }
             (TCP_SYN_SENT, TCP_ESTABLISHED) => {
-                let Some(task) = self.connecting.remove(&c.sk) else {
+                let Some((task, _)) = self.connecting.remove(&c.sk) else {
                     return;
                 };
                 if self.open.len() >= MAX_CONNS {
@@ -208,7 +212,7 @@ impl TcpTracker {
                 }
             }
             (TCP_SYN_SENT, TCP_CLOSE) => {
-                let Some(task) = self.connecting.remove(&c.sk) else {
+                let Some((task, _)) = self.connecting.remove(&c.sk) else {
                     return;
                 };
                 let src = workload::name(&task);
@@ -265,6 +269,8 @@ impl TcpTracker {
             .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(60))
         {
             self.last_expire = Some(now);
+            self.connecting
+                .retain(|_, (_, at)| now.duration_since(*at) < CONNECT_WAIT);
             edges.expire(now, metrics);
         }
     }
