@@ -117,3 +117,49 @@ fn tcp_connections_are_counted_whatever_they_carry() {
         0.0
     );
 }
+
+/// Connections opened before the daemon started (a connection pool, after the daemon's
+/// restart): found at its start in /proc, counted open on their edge, then closed.
+#[test]
+fn tcp_connections_older_than_the_daemon_are_counted_open() {
+    let _serial = serial();
+    let fixtures = workspace_root().join("tests/fixtures");
+    let port = free_port();
+    let server = Command::new("python3")
+        .arg(fixtures.join("tcp_server.py"))
+        .arg(port.to_string())
+        .spawn()
+        .expect("spawn tcp_server.py");
+    let _server = Server::adopt(server, port);
+    let mut client = Command::new("python3")
+        .arg(fixtures.join("tcp_client.py"))
+        .args([&port.to_string(), "0", "6", "1", "0"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn tcp_client.py");
+    let mut line = String::new();
+    BufReader::new(client.stdout.as_mut().expect("stdout"))
+        .read_line(&mut line)
+        .expect("the client's report");
+    let got: Value = serde_json::from_str(&line).expect("the client's JSON");
+    assert_eq!(got["established"], 6, "{got}");
+
+    let daemon = Daemon::start();
+    let edge = wait_tcp_edge(&daemon, "tcp_client", "tcp_server", |e| e["open"] == 6);
+    assert_eq!(edge["open"], 6, "{edge}");
+    assert_eq!(
+        edge["established"], 0,
+        "their connects were not seen: {edge}"
+    );
+    client
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(b"\n")
+        .expect("release the client");
+    assert!(client.wait().expect("client exits").success());
+    let edge = wait_tcp_edge(&daemon, "tcp_client", "tcp_server", |e| e["open"] == 0);
+    assert_eq!(edge["open"], 0, "{edge}");
+    assert_eq!(edge["closed"], 6, "{edge}");
+}

@@ -30,7 +30,7 @@ use crate::{
     ring::Ring,
     spans::{self, LinkStats, Linker, Sampler, Span},
     tap,
-    tcp::{TcpEdges, TcpTracker},
+    tcp::{self, TcpEdges, TcpTracker},
     threads::{self, Threads},
     workload,
 };
@@ -422,6 +422,16 @@ impl Reader {
         }
     }
 
+    /// Takes in the TCP client connections open when the daemon started.
+    fn adopt_tcp(&mut self, found: Vec<tcp::Existing>) {
+        let found = found
+            .into_iter()
+            .filter(|x| !self.to_api(&x.tuple))
+            .collect();
+        self.tcp
+            .adopt(found, &mut self.shared.tcp(), &self.shared.metrics);
+    }
+
     /// One ring-buffer record, through every stage.
     fn handle(&mut self, item: &[u8]) {
         let metrics = &self.shared.metrics;
@@ -558,6 +568,12 @@ async fn read_events(
         .context("polling the ring buffer")?;
     let mut reader = Reader::new(shared, listen);
     reader.opaque = Some(opaque);
+    // The TCP connections open before the daemon started: read from /proc off this thread
+    // (the ring buffer is read meanwhile), taken in when the look is done.
+    reader.tcp.scan_started();
+    let own_pid = reader.own_pid;
+    let mut existing = tokio::task::spawn_blocking(move || tcp::scan(own_pid));
+    let mut scanned = false;
     let mut poll = tokio::time::interval(POLL_EVERY);
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -568,6 +584,14 @@ async fn read_events(
                 guard.clear_ready();
             }
             _ = poll.tick() => reader.drain(fd.get_mut()),
+            found = &mut existing, if !scanned => {
+                scanned = true;
+                // Events up to now first: a close read after the look must not be missed.
+                reader.drain(fd.get_mut());
+                let found = found.unwrap_or_default();
+                tracing::debug!("{} TCP client connections open at start", found.len());
+                reader.adopt_tcp(found);
+            }
             _ = token.cancelled() => return Ok(()),
         }
     }

@@ -15,7 +15,7 @@ use std::{
 
 use prometheus::{IntCounter, IntGauge};
 use serde::Serialize;
-use tracer_common::{TCP_CLOSE, TCP_ESTABLISHED, TCP_SYN_SENT};
+use tracer_common::{TCP_CLOSE, TCP_ESTABLISHED, TCP_FIN_WAIT1, TCP_LAST_ACK, TCP_SYN_SENT};
 
 use crate::{
     conn::Peer,
@@ -155,6 +155,12 @@ pub struct TcpTracker {
     /// Connections to this host whose server is not named yet, oldest first.
     unnamed: VecDeque<u64>,
     last_expire: Option<Instant>,
+    /// Client connections open when the daemon started (`adopt`), by tuple: their connect was
+    /// not seen, their close is matched by addresses.
+    existing: HashMap<Tuple, (Arc<str>, Arc<str>)>,
+    /// While the look at existing connections runs: the tuples that closed meanwhile, which
+    /// it may still list (at most [`MAX_CONNS`]).
+    scanning: Option<std::collections::HashSet<Tuple>>,
 }
 
 impl TcpTracker {
@@ -226,10 +232,78 @@ impl TcpTracker {
                 self.connecting.remove(&c.sk);
                 if let Some(open) = self.open.remove(&c.sk) {
                     closed(open, edges, metrics, &peer);
+                } else {
+                    self.close_existing(&c.tuple, edges, metrics);
                 }
+            }
+            // This end's close, or its last ACK: the tuple is still whole (at TCP_CLOSE the
+            // kernel may have released the local port already).
+            (_, TCP_FIN_WAIT1 | TCP_LAST_ACK) if !self.open.contains_key(&c.sk) => {
+                self.close_existing(&c.tuple, edges, metrics);
             }
             _ => {}
         }
+    }
+
+    /// Takes in the client connections that were open when the daemon started (`scan`), but
+    /// those that closed since the look began.
+    pub fn adopt(&mut self, found: Vec<Existing>, edges: &mut TcpEdges, metrics: &Metrics) {
+        let closed = self.scanning.take().unwrap_or_default();
+        for x in found {
+            if closed.contains(&x.tuple)
+                || self.existing.len() >= MAX_CONNS
+                || self.existing.contains_key(&x.tuple)
+            {
+                continue;
+            }
+            let e = edges.edge(&x.src, &x.dst, metrics);
+            e.open += 1;
+            e.open_now.inc();
+            note_addr(e, &x.tuple);
+            self.existing.insert(x.tuple, (x.src, x.dst));
+        }
+    }
+
+    /// From now until `adopt`, closes are remembered so that a connection the look lists but
+    /// that is gone by then is not taken in.
+    pub fn scan_started(&mut self) {
+        self.scanning = Some(std::collections::HashSet::new());
+    }
+
+    /// A close of a connection open before the daemon started, if it is one. At TCP_CLOSE the
+    /// local port may read 0: then matched by the addresses and the remote port, if only one
+    /// such connection is open.
+    fn close_existing(&mut self, tuple: &Tuple, edges: &mut TcpEdges, metrics: &Metrics) {
+        if let Some(closed) = &mut self.scanning
+            && closed.len() < MAX_CONNS
+        {
+            closed.insert(*tuple);
+        }
+        if self.existing.is_empty() {
+            return;
+        }
+        let key = if self.existing.contains_key(tuple) {
+            *tuple
+        } else if tuple.local.port() == 0 {
+            let mut same = self
+                .existing
+                .keys()
+                .filter(|t| t.remote == tuple.remote && t.local.ip() == tuple.local.ip());
+            match (same.next(), same.next()) {
+                (Some(t), None) => *t,
+                _ => return,
+            }
+        } else {
+            return;
+        };
+        let Some((src, dst)) = self.existing.remove(&key) else {
+            return;
+        };
+        let e = edges.edge(&src, &dst, metrics);
+        e.closed += 1;
+        e.open = e.open.saturating_sub(1);
+        e.open_now.set(e.open as i64);
+        e.changed = Instant::now();
     }
 
     /// Whether `tick` has anything to do.
@@ -320,6 +394,179 @@ fn closed(
     e.open = e.open.saturating_sub(1);
     e.open_now.set(e.open as i64);
     e.changed = Instant::now();
+}
+
+/// A client connection open when the daemon started: its addresses, its process's workload and
+/// its server's (the workload at the other end on this host, else the address).
+#[derive(Debug)]
+pub struct Existing {
+    pub tuple: Tuple,
+    pub src: Arc<str>,
+    pub dst: Arc<str>,
+}
+
+/// Sockets looked at, at most, when the daemon starts (file descriptors read).
+const MAX_SCAN_FDS: usize = 1 << 18;
+
+/// The client connections open now, from each network namespace's `/proc/<pid>/net/tcp{,6}`
+/// (a pod's sockets are in its own) and each process's file descriptors (which socket is
+/// whose). A connection's client end is the one whose local port is not listening. Blocking:
+/// run it off the reader's thread.
+pub fn scan(own_pid: u32) -> Vec<Existing> {
+    use std::os::unix::fs::MetadataExt as _;
+    let mut owner: HashMap<u64, u32> = HashMap::new();
+    let mut namespaces: HashMap<u64, u32> = HashMap::new();
+    let mut fds = 0usize;
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    for entry in procs.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid == own_pid {
+            continue;
+        }
+        if let Ok(ns) = std::fs::metadata(format!("/proc/{pid}/ns/net")) {
+            namespaces.entry(ns.ino()).or_insert(pid);
+        }
+        let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+            continue;
+        };
+        for fd in dir.flatten() {
+            fds += 1;
+            if fds > MAX_SCAN_FDS {
+                break;
+            }
+            if let Ok(link) = std::fs::read_link(fd.path())
+                && let Some(inode) = link
+                    .to_str()
+                    .and_then(|l| l.strip_prefix("socket:["))
+                    .and_then(|l| l.strip_suffix(']'))
+                    .and_then(|l| l.parse().ok())
+            {
+                owner.entry(inode).or_insert(pid);
+            }
+        }
+    }
+    let task = |pid: u32| {
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+        let mut name = [0u8; 16];
+        let comm = comm.trim_end().as_bytes();
+        let n = comm.len().min(15);
+        name[..n].copy_from_slice(&comm[..n]);
+        Task {
+            tgid: pid,
+            tid: pid,
+            comm: crate::event::Comm(name),
+            cgroup_id: 0,
+        }
+    };
+    let mut out = Vec::new();
+    for pid in namespaces.into_values() {
+        let mut socks = Vec::new();
+        for file in ["tcp", "tcp6"] {
+            if let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/net/{file}")) {
+                socks.extend(text.lines().skip(1).filter_map(proc_net_tcp_line));
+            }
+        }
+        let listening: std::collections::HashSet<(std::net::IpAddr, u16)> = socks
+            .iter()
+            .filter(|s| s.state == PROC_LISTEN)
+            .map(|s| (s.tuple.local.ip(), s.tuple.local.port()))
+            .collect();
+        let serves = |a: std::net::SocketAddr| {
+            listening.contains(&(a.ip(), a.port()))
+                || listening.contains(&(std::net::Ipv4Addr::UNSPECIFIED.into(), a.port()))
+                || listening.contains(&(std::net::Ipv6Addr::UNSPECIFIED.into(), a.port()))
+        };
+        let by_tuple: HashMap<Tuple, u64> = socks
+            .iter()
+            .filter(|s| s.state == PROC_ESTABLISHED)
+            .map(|s| (s.tuple, s.inode))
+            .collect();
+        for s in socks.iter().filter(|s| s.state == PROC_ESTABLISHED) {
+            let Some(&client) = owner.get(&s.inode) else {
+                continue;
+            };
+            if serves(s.tuple.local) {
+                continue;
+            }
+            let server = to_this_host(&s.tuple)
+                .then(|| by_tuple.get(&s.tuple.reversed()))
+                .flatten()
+                .and_then(|inode| owner.get(inode));
+            out.push(Existing {
+                tuple: s.tuple,
+                src: workload::name(&task(client)),
+                dst: match server {
+                    Some(&pid) => workload::name(&task(pid)),
+                    None => Arc::from(s.tuple.remote.to_string()),
+                },
+            });
+        }
+    }
+    out
+}
+
+/// `st` of `/proc/net/tcp`.
+const PROC_ESTABLISHED: u8 = 0x01;
+const PROC_LISTEN: u8 = 0x0a;
+
+struct ProcSocket {
+    tuple: Tuple,
+    state: u8,
+    inode: u64,
+}
+
+/// One line of `/proc/net/tcp` or `tcp6`: `sl local_address rem_address st tx:rx tr:when
+/// retrnsmt uid timeout inode ...`, addresses as the kernel's 32-bit words in hex (in the
+/// host's byte order), ports in hex. v4-mapped IPv6 addresses are taken as IPv4, as the
+/// events' are.
+fn proc_net_tcp_line(line: &str) -> Option<ProcSocket> {
+    let mut f = line.split_whitespace();
+    let local = proc_addr(f.nth(1)?)?;
+    let remote = proc_addr(f.next()?)?;
+    let state = u8::from_str_radix(f.next()?, 16).ok()?;
+    let inode = f.nth(5)?.parse().ok()?;
+    Some(ProcSocket {
+        tuple: Tuple { local, remote },
+        state,
+        inode,
+    })
+}
+
+fn proc_addr(s: &str) -> Option<std::net::SocketAddr> {
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+    let (addr, port) = s.split_once(':')?;
+    let port = u16::from_str_radix(port, 16).ok()?;
+    let word = |i: usize| -> Option<[u8; 4]> {
+        Some(
+            u32::from_str_radix(addr.get(i * 8..i * 8 + 8)?, 16)
+                .ok()?
+                .to_ne_bytes(),
+        )
+    };
+    let ip = match addr.len() {
+        8 => IpAddr::V4(Ipv4Addr::from(word(0)?)),
+        32 => {
+            let mut b = [0u8; 16];
+            for i in 0..4 {
+                b[i * 4..i * 4 + 4].copy_from_slice(&word(i)?);
+            }
+            let v6 = Ipv6Addr::from(b);
+            match v6.to_ipv4_mapped() {
+                Some(v4) => IpAddr::V4(v4),
+                None => IpAddr::V6(v6),
+            }
+        }
+        _ => return None,
+    };
+    Some(std::net::SocketAddr::new(ip, port))
 }
 
 #[cfg(test)]
@@ -501,5 +748,64 @@ mod tests {
             None,
         );
         assert!(h.edges.view().is_empty(), "{:?}", h.edges.view());
+    }
+
+    #[test]
+    fn reads_proc_net_tcp_lines() {
+        let v4 = "   0: 0100007F:1F90 0100007F:C350 01 00000000:00000000 00:00000000 00000000     0        0 123456 1 0000000000000000 20 4 30 10 -1";
+        let s = proc_net_tcp_line(v4).expect("parsed");
+        assert_eq!(s.tuple.local, "127.0.0.1:8080".parse().unwrap());
+        assert_eq!(s.tuple.remote, "127.0.0.1:50000".parse().unwrap());
+        assert_eq!((s.state, s.inode), (PROC_ESTABLISHED, 123456));
+        // ::1 and a v4-mapped address (taken as IPv4, as the events' are).
+        let v6 = "   1: 00000000000000000000000001000000:1F90 0000000000000000FFFF00000100007F:C350 0A 00000000:00000000 00:00000000 00000000     0        0 777 1 0000000000000000 20 4 30 10 -1";
+        let s = proc_net_tcp_line(v6).expect("parsed");
+        assert_eq!(s.tuple.local, "[::1]:8080".parse().unwrap());
+        assert_eq!(s.tuple.remote, "127.0.0.1:50000".parse().unwrap());
+        assert_eq!((s.state, s.inode), (PROC_LISTEN, 777));
+        assert!(proc_net_tcp_line("  sl  local_address rem_address   st").is_none());
+    }
+
+    #[test]
+    fn a_connection_older_than_the_daemon_closes_by_its_addresses() {
+        let mut h = Harness::new();
+        let tuple = |local: &str| Tuple {
+            local: local.parse().unwrap(),
+            remote: "10.0.0.9:5432".parse().unwrap(),
+        };
+        h.tracker.scan_started();
+        // Closed while the look ran: not taken in.
+        let gone = change(9, task(PID, "app"), "10.0.0.9:5432", 1, TCP_FIN_WAIT1);
+        let gone = Conn {
+            tuple: tuple("10.0.0.1:41000"),
+            ..gone
+        };
+        h.state(gone, None);
+        let existing = |port: u16| Existing {
+            tuple: tuple(&format!("10.0.0.1:{port}")),
+            src: Arc::from("app"),
+            dst: Arc::from("postgres"),
+        };
+        h.tracker.adopt(
+            vec![existing(41000), existing(41001), existing(41002)],
+            &mut h.edges,
+            &h.metrics,
+        );
+        let e = h.edge("app", "postgres");
+        assert_eq!((e.open, e.established), (2, 0));
+        // This end's close, with its whole tuple.
+        let fin = Conn {
+            tuple: tuple("10.0.0.1:41001"),
+            ..change(1, task(PID, "app"), "10.0.0.9:5432", 1, TCP_FIN_WAIT1)
+        };
+        h.state(fin, None);
+        // A reset: the local port already released; the one left is found by its addresses.
+        let reset = Conn {
+            tuple: tuple("10.0.0.1:0"),
+            ..change(2, task(PID, "app"), "10.0.0.9:5432", 1, TCP_CLOSE)
+        };
+        h.state(reset, None);
+        let e = h.edge("app", "postgres");
+        assert_eq!((e.open, e.closed), (0, 2));
     }
 }
