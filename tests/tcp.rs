@@ -96,6 +96,9 @@ fn tcp_connections_are_counted_whatever_they_carry() {
     let edge = wait_tcp_edge(&daemon, "tcp_client", "tcp_server", |e| e["open"] == 0);
     assert_eq!(edge["open"], 0, "{edge}");
     assert_eq!(edge["closed"], 45, "{edge}");
+    // Bytes, from the kernel's counters at each close, as the client moved them.
+    assert_eq!(edge["bytes_sent"], got["sent"], "{edge} {got}");
+    assert_eq!(edge["bytes_received"], got["received"], "{edge} {got}");
 
     let metric = |dst: &str, outcome: &str| {
         daemon.metric_sum(
@@ -108,6 +111,17 @@ fn tcp_connections_are_counted_whatever_they_carry() {
         )
     };
     assert_eq!(metric("tcp_server", "established"), 45.0);
+    assert_eq!(
+        daemon.metric_sum(
+            "tracer_tcp_bytes_total",
+            &[
+                ("source", "tcp_client"),
+                ("destination", "tcp_server"),
+                ("direction", "sent")
+            ]
+        ),
+        got["sent"].as_f64().expect("sent")
+    );
     assert_eq!(metric(&refused, "failed"), 7.0);
     assert_eq!(
         daemon.metric_sum(
@@ -162,4 +176,6 @@ fn tcp_connections_older_than_the_daemon_are_counted_open() {
     let edge = wait_tcp_edge(&daemon, "tcp_client", "tcp_server", |e| e["open"] == 0);
     assert_eq!(edge["open"], 0, "{edge}");
     assert_eq!(edge["closed"], 6, "{edge}");
+    assert_eq!(edge["bytes_sent"], got["sent"], "{edge} {got}");
+    assert_eq!(edge["bytes_received"], got["received"], "{edge} {got}");
 }

@@ -75,10 +75,12 @@ pub const TCP_ESTABLISHED: u32 = 1;
 pub const TCP_SYN_SENT: u32 = 2;
 pub const TCP_SYN_RECV: u32 = 3;
 pub const TCP_FIN_WAIT1: u32 = 4;
+pub const TCP_FIN_WAIT2: u32 = 5;
 pub const TCP_CLOSE: u32 = 7;
 pub const TCP_CLOSE_WAIT: u32 = 8;
 pub const TCP_LAST_ACK: u32 = 9;
 pub const TCP_LISTEN: u32 = 10;
+pub const TCP_CLOSING: u32 = 11;
 
 pub const AF_INET: u16 = 2;
 pub const AF_INET6: u16 = 10;
@@ -231,6 +233,11 @@ pub struct ConnEvent {
     /// connection show too.
     pub seq: u32,
     pub _pad: u32,
+    /// At this end's close (FIN_WAIT1, LAST_ACK, CLOSE): the bytes the connection received and
+    /// the bytes it sent that the peer acknowledged (`tcp_sock`'s RFC 4898 counters; 0 when
+    /// the kernel's BTF did not give their place, or at other changes).
+    pub bytes_received: u64,
+    pub bytes_acked: u64,
 }
 
 /// Counters kept by the eBPF programs, one slot each in a per-CPU array.
@@ -344,7 +351,7 @@ const _: () = assert!(core::mem::size_of::<EventHeader>() == 48);
 const _: () = assert!(core::mem::size_of::<SockTuple>() == 40);
 const _: () = assert!(DATA_EVENT_FIXED == 48 + 16 + 40 + 24 + TAIL_LEN);
 const _: () = assert!(core::mem::size_of::<DataEvent>() == DATA_EVENT_FIXED + PAYLOAD_CAP);
-const _: () = assert!(core::mem::size_of::<ConnEvent>() == 48 + 8 + 40 + 16);
+const _: () = assert!(core::mem::size_of::<ConnEvent>() == 48 + 8 + 40 + 16 + 16);
 const _: () = assert!(PAYLOAD_CAP.is_power_of_two());
 const _: () = assert!(FRAMES_CAP.is_power_of_two() && FRAME_KEEP_CAP.is_power_of_two());
 const _: () = assert!(TASK_RESEND.is_power_of_two());

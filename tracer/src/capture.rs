@@ -489,6 +489,8 @@ struct SockOffsets {
     task_flags: Option<u32>,
     /// `task_struct.nvcsw`, when `nivcsw` directly follows it.
     task_switches: Option<u32>,
+    /// `tcp_sock.bytes_received` and `bytes_acked`.
+    tcp_bytes: Option<(u32, u32)>,
 }
 
 impl SockOffsets {
@@ -508,6 +510,12 @@ impl SockOffsets {
             task_flags: member(&btf, "task_struct", "flags", 4),
             task_switches: member(&btf, "task_struct", "nvcsw", 8)
                 .filter(|&v| member(&btf, "task_struct", "nivcsw", 8) == Some(v + 8)),
+            tcp_bytes: member(&btf, "tcp_sock", "bytes_received", 8).zip(member(
+                &btf,
+                "tcp_sock",
+                "bytes_acked",
+                8,
+            )),
         };
         tracing::debug!("struct sock offsets from BTF: {offsets:?}");
         offsets
@@ -758,6 +766,16 @@ impl Capture {
             .override_global(
                 "TASK_SWITCHES_OFFSET",
                 &offsets.task_switches.unwrap_or(0),
+                true,
+            )
+            .override_global(
+                "TCP_BYTES_RECEIVED_OFFSET",
+                &offsets.tcp_bytes.map_or(0, |(rx, _)| rx),
+                true,
+            )
+            .override_global(
+                "TCP_BYTES_ACKED_OFFSET",
+                &offsets.tcp_bytes.map_or(0, |(_, acked)| acked),
                 true,
             )
             .load(aya::include_bytes_aligned!(concat!(

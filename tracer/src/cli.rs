@@ -381,6 +381,8 @@ pub fn edges(w: Window, args: &ClientArgs) -> anyhow::Result<()> {
                     e.established.to_string(),
                     e.failed.to_string(),
                     e.closed.to_string(),
+                    e.bytes_sent.to_string(),
+                    e.bytes_received.to_string(),
                 ]
             })
             .collect();
@@ -393,6 +395,8 @@ pub fn edges(w: Window, args: &ClientArgs) -> anyhow::Result<()> {
                 "ESTABLISHED",
                 "FAILED",
                 "CLOSED",
+                "BYTES_SENT",
+                "BYTES_RECEIVED",
             ],
             &rows,
         );

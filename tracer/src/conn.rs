@@ -1551,6 +1551,8 @@ mod tests {
                 old_state: old,
                 new_state: new,
                 seq: 0,
+                bytes_received: 0,
+                bytes_acked: 0,
             };
             self.table
                 .on_state(&c, &self.metrics, &mut self.linker, &mut self.out);
@@ -2040,6 +2042,8 @@ mod tests {
                 old_state: old,
                 new_state: new,
                 seq: 0,
+                bytes_received: 0,
+                bytes_acked: 0,
             };
             h.table.on_state(&c, &h.metrics, &mut h.linker, &mut h.out);
         }

@@ -185,6 +185,9 @@ pub struct Conn {
     pub new_state: u32,
     /// The socket's last data event number (0: unknown).
     pub seq: u32,
+    /// At this end's close: bytes received, and bytes sent that the peer acknowledged.
+    pub bytes_received: u64,
+    pub bytes_acked: u64,
 }
 
 #[derive(Debug)]
@@ -252,6 +255,8 @@ pub fn decode(buf: &[u8]) -> Result<Event<'_>, DecodeError> {
                 old_state: ev.old_state,
                 new_state: ev.new_state,
                 seq: ev.seq,
+                bytes_received: ev.bytes_received,
+                bytes_acked: ev.bytes_acked,
             }))
         }
         None => Err(DecodeError::UnknownKind(hdr.kind)),

@@ -41,6 +41,7 @@ pub struct Metrics {
     pub bpf_runs: IntCounterVec,
     pub tcp_connections: IntCounterVec,
     pub tcp_open: IntGaugeVec,
+    pub tcp_bytes: IntCounterVec,
 }
 
 impl Metrics {
@@ -219,8 +220,18 @@ impl Metrics {
             &["source", "destination"],
         )
         .expect("valid metric");
+        let tcp_bytes = IntCounterVec::new(
+            Opts::new(
+                "tracer_tcp_bytes_total",
+                "Bytes of TCP connections made on this host, by client and server, counted at each \
+                 connection's close from the client's end: sent (and acknowledged) or received.",
+            ),
+            &["source", "destination", "direction"],
+        )
+        .expect("valid metric");
         for c in [
             Box::new(series_expired.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(tcp_bytes.clone()),
             Box::new(tcp_connections.clone()),
             Box::new(tcp_open.clone()),
             Box::new(tap_dropped.clone()),
@@ -297,6 +308,7 @@ impl Metrics {
             bpf_runs,
             tcp_connections,
             tcp_open,
+            tcp_bytes,
         }
     }
 

@@ -15,7 +15,10 @@ use std::{
 
 use prometheus::{IntCounter, IntGauge};
 use serde::Serialize;
-use tracer_common::{TCP_CLOSE, TCP_ESTABLISHED, TCP_FIN_WAIT1, TCP_LAST_ACK, TCP_SYN_SENT};
+use tracer_common::{
+    TCP_CLOSE, TCP_CLOSE_WAIT, TCP_CLOSING, TCP_ESTABLISHED, TCP_FIN_WAIT1, TCP_FIN_WAIT2,
+    TCP_LAST_ACK, TCP_SYN_SENT,
+};
 
 use crate::{
     conn::Peer,
@@ -56,6 +59,10 @@ pub struct TcpEdgeView {
     pub closed: u64,
     /// Open now.
     pub open: u64,
+    /// Bytes the client sent (acknowledged by the server) and received, over the connections
+    /// closed so far (counted at their close).
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
 }
 
 struct Edge {
@@ -65,9 +72,47 @@ struct Edge {
     open: u64,
     addrs: BTreeSet<String>,
     changed: Instant,
+    bytes_sent: u64,
+    bytes_received: u64,
     established_total: IntCounter,
     failed_total: IntCounter,
     open_now: IntGauge,
+    sent_total: IntCounter,
+    received_total: IntCounter,
+}
+
+impl Edge {
+    /// A connection of this edge closed, with its byte counts from the client's end.
+    fn close(&mut self, c: &Conn) {
+        self.closed += 1;
+        self.open = self.open.saturating_sub(1);
+        self.open_now.set(self.open as i64);
+        self.changed = Instant::now();
+        let (sent, received) = data_bytes(c);
+        self.bytes_sent += sent;
+        self.bytes_received += received;
+        self.sent_total.inc_by(sent);
+        self.received_total.inc_by(received);
+    }
+}
+
+/// The data bytes of a closing connection: the kernel's counters follow the sequence numbers,
+/// which a SYN and a FIN take one each. This end's SYN was acknowledged (the connection was
+/// up); its FIN was when it closes from FIN_WAIT2, CLOSING or LAST_ACK; the peer's FIN came
+/// when it went through CLOSE_WAIT (LAST_ACK), CLOSING or TIME_WAIT (from FIN_WAIT2; one
+/// whose FIN_WAIT2 timed out instead counts a byte too many).
+fn data_bytes(c: &Conn) -> (u64, u64) {
+    if c.bytes_acked == 0 {
+        return (0, c.bytes_received);
+    }
+    let closing_after = |states: &[u32]| c.new_state == TCP_CLOSE && states.contains(&c.old_state);
+    let our_fin = closing_after(&[TCP_FIN_WAIT2, TCP_CLOSING, TCP_LAST_ACK]);
+    let peer_fin = c.new_state == TCP_LAST_ACK
+        || closing_after(&[TCP_CLOSE_WAIT, TCP_LAST_ACK, TCP_CLOSING, TCP_FIN_WAIT2]);
+    (
+        c.bytes_acked.saturating_sub(1 + u64::from(our_fin)),
+        c.bytes_received.saturating_sub(u64::from(peer_fin)),
+    )
 }
 
 /// The edges, shared with the API.
@@ -98,9 +143,13 @@ impl TcpEdges {
                 open: 0,
                 addrs: BTreeSet::new(),
                 changed: Instant::now(),
+                bytes_sent: 0,
+                bytes_received: 0,
                 established_total: outcome("established"),
                 failed_total: outcome("failed"),
                 open_now: metrics.tcp_open.with_label_values(&[src, dst]),
+                sent_total: metrics.tcp_bytes.with_label_values(&[src, dst, "sent"]),
+                received_total: metrics.tcp_bytes.with_label_values(&[src, dst, "received"]),
             }
         })
     }
@@ -114,6 +163,9 @@ impl TcpEdges {
                     let _ = metrics.tcp_connections.remove_label_values(&[src, dst, o]);
                 }
                 let _ = metrics.tcp_open.remove_label_values(&[src, dst]);
+                for d in ["sent", "received"] {
+                    let _ = metrics.tcp_bytes.remove_label_values(&[src, dst, d]);
+                }
             }
             keep
         });
@@ -130,6 +182,8 @@ impl TcpEdges {
                 failed: e.failed,
                 closed: e.closed,
                 open: e.open,
+                bytes_sent: e.bytes_sent,
+                bytes_received: e.bytes_received,
             })
             .collect()
     }
@@ -212,9 +266,15 @@ impl TcpTracker {
                 } else {
                     self.unnamed.push_back(c.sk);
                 }
-                // A socket address reused before its close was seen: the old one is gone.
+                // A socket address reused before its close was seen: the old one is gone (its
+                // byte counts with it).
                 if let Some(old) = self.open.insert(c.sk, open) {
-                    closed(old, edges, metrics, &peer);
+                    let gone = Conn {
+                        bytes_received: 0,
+                        bytes_acked: 0,
+                        ..*c
+                    };
+                    closed(old, &gone, edges, metrics, &peer);
                 }
             }
             (TCP_SYN_SENT, TCP_CLOSE) => {
@@ -231,15 +291,16 @@ impl TcpTracker {
             (_, TCP_CLOSE) => {
                 self.connecting.remove(&c.sk);
                 if let Some(open) = self.open.remove(&c.sk) {
-                    closed(open, edges, metrics, &peer);
-                } else {
-                    self.close_existing(&c.tuple, edges, metrics);
+                    closed(open, c, edges, metrics, &peer);
+                } else if matches!(c.old_state, TCP_ESTABLISHED | TCP_CLOSE_WAIT) {
+                    // Reset or aborted: no FIN_WAIT1 or LAST_ACK came before.
+                    self.close_existing(c, edges, metrics);
                 }
             }
             // This end's close, or its last ACK: the tuple is still whole (at TCP_CLOSE the
             // kernel may have released the local port already).
             (_, TCP_FIN_WAIT1 | TCP_LAST_ACK) if !self.open.contains_key(&c.sk) => {
-                self.close_existing(&c.tuple, edges, metrics);
+                self.close_existing(c, edges, metrics);
             }
             _ => {}
         }
@@ -273,7 +334,8 @@ impl TcpTracker {
     /// A close of a connection open before the daemon started, if it is one. At TCP_CLOSE the
     /// local port may read 0: then matched by the addresses and the remote port, if only one
     /// such connection is open.
-    fn close_existing(&mut self, tuple: &Tuple, edges: &mut TcpEdges, metrics: &Metrics) {
+    fn close_existing(&mut self, c: &Conn, edges: &mut TcpEdges, metrics: &Metrics) {
+        let tuple = &c.tuple;
         if let Some(closed) = &mut self.scanning
             && closed.len() < MAX_CONNS
         {
@@ -299,11 +361,7 @@ impl TcpTracker {
         let Some((src, dst)) = self.existing.remove(&key) else {
             return;
         };
-        let e = edges.edge(&src, &dst, metrics);
-        e.closed += 1;
-        e.open = e.open.saturating_sub(1);
-        e.open_now.set(e.open as i64);
-        e.changed = Instant::now();
+        edges.edge(&src, &dst, metrics).close(c);
     }
 
     /// Whether `tick` has anything to do.
@@ -377,6 +435,7 @@ fn established(open: &mut Open, dst: Arc<str>, edges: &mut TcpEdges, metrics: &M
 /// already, and is still found among the recently closed).
 fn closed(
     mut open: Open,
+    c: &Conn,
     edges: &mut TcpEdges,
     metrics: &Metrics,
     peer: &impl Fn(&Tuple) -> Option<Peer>,
@@ -389,11 +448,7 @@ fn closed(
         established(&mut open, dst, edges, metrics);
     }
     let Some(dst) = open.dst else { return };
-    let e = edges.edge(&open.src, &dst, metrics);
-    e.closed += 1;
-    e.open = e.open.saturating_sub(1);
-    e.open_now.set(e.open as i64);
-    e.changed = Instant::now();
+    edges.edge(&open.src, &dst, metrics).close(c);
 }
 
 /// A client connection open when the daemon started: its addresses, its process's workload and
@@ -597,6 +652,8 @@ mod tests {
             old_state,
             new_state,
             seq: 0,
+            bytes_received: 0,
+            bytes_acked: 0,
         }
     }
 
@@ -807,5 +864,27 @@ mod tests {
         h.state(reset, None);
         let e = h.edge("app", "postgres");
         assert_eq!((e.open, e.closed), (0, 2));
+    }
+
+    #[test]
+    fn data_bytes_leave_out_syn_and_fin() {
+        let at = |old_state, new_state, bytes_received, bytes_acked| {
+            data_bytes(&Conn {
+                bytes_received,
+                bytes_acked,
+                ..change(1, task(PID, "app"), "10.0.0.9:80", old_state, new_state)
+            })
+        };
+        // This end closes first: at FIN_WAIT1 only the SYN is in; at the close (from TIME_WAIT's
+        // FIN_WAIT2) both FINs are.
+        assert_eq!(at(TCP_ESTABLISHED, TCP_FIN_WAIT1, 5, 7), (6, 5));
+        assert_eq!(at(TCP_FIN_WAIT2, TCP_CLOSE, 6, 8), (6, 5));
+        // The peer closes first.
+        assert_eq!(at(TCP_CLOSE_WAIT, TCP_LAST_ACK, 6, 7), (6, 5));
+        assert_eq!(at(TCP_LAST_ACK, TCP_CLOSE, 6, 8), (6, 5));
+        // Reset while open: no FIN either way.
+        assert_eq!(at(TCP_ESTABLISHED, TCP_CLOSE, 5, 7), (6, 5));
+        // Counters unknown (no BTF).
+        assert_eq!(at(TCP_ESTABLISHED, TCP_CLOSE, 0, 0), (0, 0));
     }
 }

@@ -148,6 +148,35 @@ const SKC_STATE: u64 = 18;
 #[unsafe(no_mangle)]
 pub static SK_PROTOCOL_OFFSET: u32 = 0;
 
+/// Byte offsets of `bytes_received` and `bytes_acked` in `struct tcp_sock`, from the kernel's
+/// BTF (0: unknown, and then no byte counts are sent).
+#[unsafe(no_mangle)]
+static TCP_BYTES_RECEIVED_OFFSET: u32 = 0;
+#[unsafe(no_mangle)]
+static TCP_BYTES_ACKED_OFFSET: u32 = 0;
+
+/// A closing socket's byte counters (received, sent and acknowledged).
+#[inline(always)]
+fn byte_counts(sk: u64) -> (u64, u64) {
+    // SAFETY: read-only globals patched by the loader; volatile so LLVM does not fold the 0.
+    let (rx, acked) = unsafe {
+        (
+            read_volatile(&TCP_BYTES_RECEIVED_OFFSET) as u64,
+            read_volatile(&TCP_BYTES_ACKED_OFFSET) as u64,
+        )
+    };
+    if rx == 0 || acked == 0 {
+        return (0, 0);
+    }
+    // SAFETY: `sk` is the tracepoint's live TCP socket; reads are checked.
+    unsafe {
+        (
+            bpf_probe_read_kernel((sk + rx) as *const u64).unwrap_or(0),
+            bpf_probe_read_kernel((sk + acked) as *const u64).unwrap_or(0),
+        )
+    }
+}
+
 /// Offsets of `skc_v6_rcv_saddr` and `skc_v6_daddr` in `struct sock_common`, from the kernel's
 /// BTF (set by the loader; 0 when unknown): for IPv6 sockets older than the daemon.
 #[unsafe(no_mangle)]
@@ -616,6 +645,13 @@ fn emit_conn(sk: u64, tuple: SockTuple, old_state: u32, new_state: u32, seq: u32
         } else {
             (0, [0; 16])
         };
+        // Once per connection end, where the daemon counts its bytes.
+        let (bytes_received, bytes_acked) =
+            if matches!(new_state, TCP_FIN_WAIT1 | TCP_LAST_ACK | TCP_CLOSE) {
+                byte_counts(sk)
+            } else {
+                (0, 0)
+            };
         let wakeup = wakeup_flags();
         let Some(mut entry) = EVENTS.reserve::<ConnEvent>(0) else {
             count(KernelStat::RingbufFullConn);
@@ -636,6 +672,8 @@ fn emit_conn(sk: u64, tuple: SockTuple, old_state: u32, new_state: u32, seq: u32
             new_state,
             seq,
             _pad: 0,
+            bytes_received,
+            bytes_acked,
         });
         entry.submit(wakeup);
         count(KernelStat::ConnEvents);
