@@ -99,6 +99,12 @@ fn tcp_connections_are_counted_whatever_they_carry() {
     // Bytes, from the kernel's counters at each close, as the client moved them.
     assert_eq!(edge["bytes_sent"], got["sent"], "{edge} {got}");
     assert_eq!(edge["bytes_received"], got["received"], "{edge} {got}");
+    // Loopback: a round trip of microseconds, nothing lost.
+    let rtt = edge["rtt_ms"]
+        .as_f64()
+        .expect("an RTT once connections closed");
+    assert!(rtt > 0.0 && rtt < 100.0, "{edge}");
+    assert_eq!(edge["retransmits"], 0, "{edge}");
 
     let metric = |dst: &str, outcome: &str| {
         daemon.metric_sum(

@@ -238,6 +238,10 @@ pub struct ConnEvent {
     /// the kernel's BTF did not give their place, or at other changes).
     pub bytes_received: u64,
     pub bytes_acked: u64,
+    /// At the same changes: the smoothed round-trip time in µs (`srtt_us >> 3`) and the
+    /// segments retransmitted over the connection's life (`total_retrans`).
+    pub srtt_us: u32,
+    pub retransmits: u32,
 }
 
 /// Counters kept by the eBPF programs, one slot each in a per-CPU array.
@@ -351,7 +355,7 @@ const _: () = assert!(core::mem::size_of::<EventHeader>() == 48);
 const _: () = assert!(core::mem::size_of::<SockTuple>() == 40);
 const _: () = assert!(DATA_EVENT_FIXED == 48 + 16 + 40 + 24 + TAIL_LEN);
 const _: () = assert!(core::mem::size_of::<DataEvent>() == DATA_EVENT_FIXED + PAYLOAD_CAP);
-const _: () = assert!(core::mem::size_of::<ConnEvent>() == 48 + 8 + 40 + 16 + 16);
+const _: () = assert!(core::mem::size_of::<ConnEvent>() == 48 + 8 + 40 + 16 + 16 + 8);
 const _: () = assert!(PAYLOAD_CAP.is_power_of_two());
 const _: () = assert!(FRAMES_CAP.is_power_of_two() && FRAME_KEEP_CAP.is_power_of_two());
 const _: () = assert!(TASK_RESEND.is_power_of_two());

@@ -255,7 +255,13 @@ async fn stat(
 ) -> Result<Json<StatResponse>, ApiError> {
     let w = q.window()?;
     let agg = shared.aggregator();
-    let workloads = agg.workloads(w);
+    let mut workloads = agg.workloads(w);
+    {
+        let tcp = shared.tcp();
+        for x in &mut workloads {
+            x.tcp_open = tcp.open_to(&x.name);
+        }
+    }
     Ok(Json(InWindow::of(&agg, w, Stat { workloads })))
 }
 

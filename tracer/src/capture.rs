@@ -491,6 +491,8 @@ struct SockOffsets {
     task_switches: Option<u32>,
     /// `tcp_sock.bytes_received` and `bytes_acked`.
     tcp_bytes: Option<(u32, u32)>,
+    /// `tcp_sock.srtt_us` and `total_retrans`.
+    tcp_path: Option<(u32, u32)>,
 }
 
 impl SockOffsets {
@@ -515,6 +517,12 @@ impl SockOffsets {
                 "tcp_sock",
                 "bytes_acked",
                 8,
+            )),
+            tcp_path: member(&btf, "tcp_sock", "srtt_us", 4).zip(member(
+                &btf,
+                "tcp_sock",
+                "total_retrans",
+                4,
             )),
         };
         tracing::debug!("struct sock offsets from BTF: {offsets:?}");
@@ -776,6 +784,16 @@ impl Capture {
             .override_global(
                 "TCP_BYTES_ACKED_OFFSET",
                 &offsets.tcp_bytes.map_or(0, |(_, acked)| acked),
+                true,
+            )
+            .override_global(
+                "TCP_SRTT_OFFSET",
+                &offsets.tcp_path.map_or(0, |(srtt, _)| srtt),
+                true,
+            )
+            .override_global(
+                "TCP_RETRANS_OFFSET",
+                &offsets.tcp_path.map_or(0, |(_, r)| r),
                 true,
             )
             .load(aya::include_bytes_aligned!(concat!(

@@ -383,6 +383,9 @@ pub fn edges(w: Window, args: &ClientArgs) -> anyhow::Result<()> {
                     e.closed.to_string(),
                     e.bytes_sent.to_string(),
                     e.bytes_received.to_string(),
+                    e.retransmits.to_string(),
+                    e.rtt_ms
+                        .map_or_else(|| "-".to_owned(), |ms| format!("{ms:.3}ms")),
                 ]
             })
             .collect();
@@ -397,6 +400,8 @@ pub fn edges(w: Window, args: &ClientArgs) -> anyhow::Result<()> {
                 "CLOSED",
                 "BYTES_SENT",
                 "BYTES_RECEIVED",
+                "RETRANSMITS",
+                "RTT",
             ],
             &rows,
         );
@@ -432,12 +437,14 @@ pub fn stat(workload: Option<&str>, w: Window, args: &ClientArgs) -> anyhow::Res
         .map(|x| {
             let mut row = vec![x.name.clone()];
             row.extend(window_cells(&x.window));
+            row.push(x.tcp_open.to_string());
             row.push(x.requests.to_string());
             row
         })
         .collect();
     let mut header = vec!["NAME"];
     header.extend(WINDOW_HEADER);
+    header.push("TCP_CONN");
     header.push("REQUESTS");
     print_table(&header, &rows);
     Ok(())

@@ -1553,6 +1553,8 @@ mod tests {
                 seq: 0,
                 bytes_received: 0,
                 bytes_acked: 0,
+                srtt_us: 0,
+                retransmits: 0,
             };
             self.table
                 .on_state(&c, &self.metrics, &mut self.linker, &mut self.out);
@@ -2044,6 +2046,8 @@ mod tests {
                 seq: 0,
                 bytes_received: 0,
                 bytes_acked: 0,
+                srtt_us: 0,
+                retransmits: 0,
             };
             h.table.on_state(&c, &h.metrics, &mut h.linker, &mut h.out);
         }

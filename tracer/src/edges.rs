@@ -320,6 +320,10 @@ pub struct WorkloadView {
     /// Over the window asked for.
     pub window: WindowStats,
     pub history: Vec<Point>,
+    /// TCP connections open to it now from processes on this host (as `linkerd viz stat`'s
+    /// TCP_CONN), whatever they carry.
+    #[serde(default)]
+    pub tcp_open: u64,
 }
 
 /// A workload in the topology: what it served and what it called, over the window.
@@ -827,6 +831,7 @@ impl Aggregator {
                     latency: Quantiles::of(&g.latency),
                     window: inbound.stats(&clock, w),
                     history: inbound.history(&clock),
+                    tcp_open: 0,
                 }
             })
             .collect();

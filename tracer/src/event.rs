@@ -188,6 +188,9 @@ pub struct Conn {
     /// At this end's close: bytes received, and bytes sent that the peer acknowledged.
     pub bytes_received: u64,
     pub bytes_acked: u64,
+    /// At the same changes: smoothed RTT (µs) and segments retransmitted.
+    pub srtt_us: u32,
+    pub retransmits: u32,
 }
 
 #[derive(Debug)]
@@ -257,6 +260,8 @@ pub fn decode(buf: &[u8]) -> Result<Event<'_>, DecodeError> {
                 seq: ev.seq,
                 bytes_received: ev.bytes_received,
                 bytes_acked: ev.bytes_acked,
+                srtt_us: ev.srtt_us,
+                retransmits: ev.retransmits,
             }))
         }
         None => Err(DecodeError::UnknownKind(hdr.kind)),

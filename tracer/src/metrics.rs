@@ -42,6 +42,8 @@ pub struct Metrics {
     pub tcp_connections: IntCounterVec,
     pub tcp_open: IntGaugeVec,
     pub tcp_bytes: IntCounterVec,
+    pub tcp_retransmits: IntCounterVec,
+    pub tcp_rtt: HistogramVec,
 }
 
 impl Metrics {
@@ -229,8 +231,32 @@ impl Metrics {
             &["source", "destination", "direction"],
         )
         .expect("valid metric");
+        let tcp_retransmits = IntCounterVec::new(
+            Opts::new(
+                "tracer_tcp_retransmits_total",
+                "Segments the client's end of TCP connections made on this host retransmitted, \
+                 by client and server, counted at each connection's close.",
+            ),
+            &["source", "destination"],
+        )
+        .expect("valid metric");
+        let tcp_rtt = HistogramVec::new(
+            HistogramOpts::new(
+                "tracer_tcp_rtt_seconds",
+                "The kernel's smoothed round-trip time of each TCP connection made on this host, \
+                 at its close, by client and server.",
+            )
+            .buckets(vec![
+                0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
+                0.25, 0.5, 1.0,
+            ]),
+            &["source", "destination"],
+        )
+        .expect("valid metric");
         for c in [
             Box::new(series_expired.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(tcp_retransmits.clone()),
+            Box::new(tcp_rtt.clone()),
             Box::new(tcp_bytes.clone()),
             Box::new(tcp_connections.clone()),
             Box::new(tcp_open.clone()),
@@ -309,6 +335,8 @@ impl Metrics {
             tcp_connections,
             tcp_open,
             tcp_bytes,
+            tcp_retransmits,
+            tcp_rtt,
         }
     }
 

@@ -45,7 +45,7 @@ const EDGE_IDLE: Duration = Duration::from_secs(3600);
 const OTHER: &str = "[other]";
 
 /// A connection as the API shows it.
-#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
 pub struct TcpEdgeView {
     pub src: String,
     pub dst: String,
@@ -63,6 +63,10 @@ pub struct TcpEdgeView {
     /// closed so far (counted at their close).
     pub bytes_sent: u64,
     pub bytes_received: u64,
+    /// Segments retransmitted, and the mean of the kernel's smoothed round-trip time at each
+    /// close (null before one), over the connections closed so far.
+    pub retransmits: u64,
+    pub rtt_ms: Option<f64>,
 }
 
 struct Edge {
@@ -74,11 +78,16 @@ struct Edge {
     changed: Instant,
     bytes_sent: u64,
     bytes_received: u64,
+    retransmits: u64,
+    rtt_us_sum: u64,
+    rtt_count: u64,
     established_total: IntCounter,
     failed_total: IntCounter,
     open_now: IntGauge,
     sent_total: IntCounter,
     received_total: IntCounter,
+    retransmits_total: IntCounter,
+    rtt: prometheus::Histogram,
 }
 
 impl Edge {
@@ -93,6 +102,13 @@ impl Edge {
         self.bytes_received += received;
         self.sent_total.inc_by(sent);
         self.received_total.inc_by(received);
+        self.retransmits += u64::from(c.retransmits);
+        self.retransmits_total.inc_by(u64::from(c.retransmits));
+        if c.srtt_us > 0 {
+            self.rtt_us_sum += u64::from(c.srtt_us);
+            self.rtt_count += 1;
+            self.rtt.observe(f64::from(c.srtt_us) / 1e6);
+        }
     }
 }
 
@@ -145,11 +161,16 @@ impl TcpEdges {
                 changed: Instant::now(),
                 bytes_sent: 0,
                 bytes_received: 0,
+                retransmits: 0,
+                rtt_us_sum: 0,
+                rtt_count: 0,
                 established_total: outcome("established"),
                 failed_total: outcome("failed"),
                 open_now: metrics.tcp_open.with_label_values(&[src, dst]),
                 sent_total: metrics.tcp_bytes.with_label_values(&[src, dst, "sent"]),
                 received_total: metrics.tcp_bytes.with_label_values(&[src, dst, "received"]),
+                retransmits_total: metrics.tcp_retransmits.with_label_values(&[src, dst]),
+                rtt: metrics.tcp_rtt.with_label_values(&[src, dst]),
             }
         })
     }
@@ -163,12 +184,23 @@ impl TcpEdges {
                     let _ = metrics.tcp_connections.remove_label_values(&[src, dst, o]);
                 }
                 let _ = metrics.tcp_open.remove_label_values(&[src, dst]);
+                let _ = metrics.tcp_retransmits.remove_label_values(&[src, dst]);
+                let _ = metrics.tcp_rtt.remove_label_values(&[src, dst]);
                 for d in ["sent", "received"] {
                     let _ = metrics.tcp_bytes.remove_label_values(&[src, dst, d]);
                 }
             }
             keep
         });
+    }
+
+    /// Connections open now to `dst`, from every client.
+    pub fn open_to(&self, dst: &str) -> u64 {
+        self.edges
+            .iter()
+            .filter(|((_, d), _)| &**d == dst)
+            .map(|(_, e)| e.open)
+            .sum()
     }
 
     pub fn view(&self) -> Vec<TcpEdgeView> {
@@ -184,6 +216,9 @@ impl TcpEdges {
                 open: e.open,
                 bytes_sent: e.bytes_sent,
                 bytes_received: e.bytes_received,
+                retransmits: e.retransmits,
+                rtt_ms: (e.rtt_count > 0)
+                    .then(|| e.rtt_us_sum as f64 / e.rtt_count as f64 / 1000.0),
             })
             .collect()
     }
@@ -272,6 +307,8 @@ impl TcpTracker {
                     let gone = Conn {
                         bytes_received: 0,
                         bytes_acked: 0,
+                        srtt_us: 0,
+                        retransmits: 0,
                         ..*c
                     };
                     closed(old, &gone, edges, metrics, &peer);
@@ -654,6 +691,8 @@ mod tests {
             seq: 0,
             bytes_received: 0,
             bytes_acked: 0,
+            srtt_us: 0,
+            retransmits: 0,
         }
     }
 

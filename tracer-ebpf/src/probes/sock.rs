@@ -155,6 +155,34 @@ static TCP_BYTES_RECEIVED_OFFSET: u32 = 0;
 #[unsafe(no_mangle)]
 static TCP_BYTES_ACKED_OFFSET: u32 = 0;
 
+/// Byte offsets of `srtt_us` and `total_retrans` in `struct tcp_sock` (0: unknown).
+#[unsafe(no_mangle)]
+static TCP_SRTT_OFFSET: u32 = 0;
+#[unsafe(no_mangle)]
+static TCP_RETRANS_OFFSET: u32 = 0;
+
+/// A closing socket's smoothed RTT (µs) and retransmitted segments.
+#[inline(always)]
+fn path_counts(sk: u64) -> (u32, u32) {
+    // SAFETY: as in `byte_counts`.
+    let (srtt, retrans) = unsafe {
+        (
+            read_volatile(&TCP_SRTT_OFFSET) as u64,
+            read_volatile(&TCP_RETRANS_OFFSET) as u64,
+        )
+    };
+    if srtt == 0 || retrans == 0 {
+        return (0, 0);
+    }
+    // SAFETY: as in `byte_counts`.
+    unsafe {
+        (
+            bpf_probe_read_kernel((sk + srtt) as *const u32).unwrap_or(0) >> 3,
+            bpf_probe_read_kernel((sk + retrans) as *const u32).unwrap_or(0),
+        )
+    }
+}
+
 /// A closing socket's byte counters (received, sent and acknowledged).
 #[inline(always)]
 fn byte_counts(sk: u64) -> (u64, u64) {
@@ -646,12 +674,9 @@ fn emit_conn(sk: u64, tuple: SockTuple, old_state: u32, new_state: u32, seq: u32
             (0, [0; 16])
         };
         // Once per connection end, where the daemon counts its bytes.
-        let (bytes_received, bytes_acked) =
-            if matches!(new_state, TCP_FIN_WAIT1 | TCP_LAST_ACK | TCP_CLOSE) {
-                byte_counts(sk)
-            } else {
-                (0, 0)
-            };
+        let closing = matches!(new_state, TCP_FIN_WAIT1 | TCP_LAST_ACK | TCP_CLOSE);
+        let (bytes_received, bytes_acked) = if closing { byte_counts(sk) } else { (0, 0) };
+        let (srtt_us, retransmits) = if closing { path_counts(sk) } else { (0, 0) };
         let wakeup = wakeup_flags();
         let Some(mut entry) = EVENTS.reserve::<ConnEvent>(0) else {
             count(KernelStat::RingbufFullConn);
@@ -674,6 +699,8 @@ fn emit_conn(sk: u64, tuple: SockTuple, old_state: u32, new_state: u32, seq: u32
             _pad: 0,
             bytes_received,
             bytes_acked,
+            srtt_us,
+            retransmits,
         });
         entry.submit(wakeup);
         count(KernelStat::ConnEvents);
