@@ -402,10 +402,9 @@ impl Reader {
         }
         if self.tcp.wants_tick() {
             let conns = &self.conns;
-            self.tcp
-                .tick(&mut self.shared.tcp(), &self.shared.metrics, |t| {
-                    conns.peer_of(t, 0)
-                });
+            self.tcp.tick(&self.shared.tcp, &self.shared.metrics, |t| {
+                conns.peer_of(t, 0)
+            });
         }
         let shared = self.conns.take_heads_shared();
         if shared > 0 {
@@ -429,7 +428,7 @@ impl Reader {
             .filter(|x| !self.to_api(&x.tuple))
             .collect();
         self.tcp
-            .adopt(found, &mut self.shared.tcp(), &self.shared.metrics);
+            .adopt(found, &self.shared.tcp, &self.shared.metrics);
     }
 
     /// One ring-buffer record, through every stage.
@@ -454,7 +453,7 @@ impl Reader {
                 if !self.to_api(&c.tuple) {
                     let conns = &self.conns;
                     self.tcp
-                        .on_state(&c, self.own_pid, &mut self.shared.tcp(), metrics, |t| {
+                        .on_state(&c, self.own_pid, &self.shared.tcp, metrics, |t| {
                             conns.peer_of(t, 0)
                         });
                 }
@@ -591,6 +590,10 @@ async fn read_events(
                 let found = found.unwrap_or_default();
                 tracing::debug!("{} TCP client connections open at start", found.len());
                 reader.adopt_tcp(found);
+                // The look read every process's descriptors (on another thread, whose
+                // allocator arena keeps what it freed): give it back.
+                // SAFETY: only asks the allocator to release free memory.
+                unsafe { libc::malloc_trim(0) };
             }
             _ = token.cancelled() => return Ok(()),
         }

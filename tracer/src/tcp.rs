@@ -8,10 +8,13 @@
 //! events), else by address.
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap, VecDeque},
-    sync::Arc,
+    collections::{BTreeSet, HashSet, VecDeque},
+    sync::{Arc, Mutex, MutexGuard},
     time::{Duration, Instant},
 };
+
+// Looked up several times per connection: foldhash, as the connection table.
+use foldhash::HashMap;
 
 use prometheus::{IntCounter, IntGauge};
 use serde::Serialize;
@@ -74,7 +77,7 @@ struct Edge {
     failed: u64,
     closed: u64,
     open: u64,
-    addrs: BTreeSet<String>,
+    addrs: BTreeSet<std::net::SocketAddr>,
     changed: Instant,
     bytes_sent: u64,
     bytes_received: u64,
@@ -134,22 +137,19 @@ fn data_bytes(c: &Conn) -> (u64, u64) {
 /// The edges, shared with the API.
 #[derive(Default)]
 pub struct TcpEdges {
-    edges: BTreeMap<(Arc<str>, Arc<str>), Edge>,
+    edges: HashMap<(Arc<str>, Arc<str>), Edge>,
 }
 
 impl TcpEdges {
     fn edge(&mut self, src: &Arc<str>, dst: &Arc<str>, metrics: &Metrics) -> &mut Edge {
-        let key = if self.edges.contains_key(&(src.clone(), dst.clone()))
-            || self.edges.len() < MAX_EDGES
-        {
-            (src.clone(), dst.clone())
-        } else {
+        let mut key = (src.clone(), dst.clone());
+        if self.edges.len() >= MAX_EDGES && !self.edges.contains_key(&key) {
             metrics
                 .series_overflow
                 .with_label_values(&["tcp_edge"])
                 .inc();
-            (Arc::from(OTHER), Arc::from(OTHER))
-        };
+            key = (Arc::from(OTHER), Arc::from(OTHER));
+        }
         self.edges.entry(key).or_insert_with_key(|(src, dst)| {
             let outcome = |o: &str| metrics.tcp_connections.with_label_values(&[src, dst, o]);
             Edge {
@@ -204,12 +204,13 @@ impl TcpEdges {
     }
 
     pub fn view(&self) -> Vec<TcpEdgeView> {
-        self.edges
+        let mut out: Vec<TcpEdgeView> = self
+            .edges
             .iter()
             .map(|((src, dst), e)| TcpEdgeView {
                 src: src.to_string(),
                 dst: dst.to_string(),
-                dst_addrs: e.addrs.iter().cloned().collect(),
+                dst_addrs: e.addrs.iter().map(ToString::to_string).collect(),
                 established: e.established,
                 failed: e.failed,
                 closed: e.closed,
@@ -220,26 +221,78 @@ impl TcpEdges {
                 rtt_ms: (e.rtt_count > 0)
                     .then(|| e.rtt_us_sum as f64 / e.rtt_count as f64 / 1000.0),
             })
-            .collect()
+            .collect();
+        out.sort_by(|a, b| (&a.src, &a.dst).cmp(&(&b.src, &b.dst)));
+        out
     }
 }
 
 /// A connection followed from its connect: who made it, and once known, the server's name.
 struct Open {
     src: Arc<str>,
-    remote: std::net::SocketAddr,
     tuple: Tuple,
     /// Once counted as established on its edge.
     dst: Option<Arc<str>>,
-    at: Instant,
+    /// When it came up (the kernel's monotonic clock, ns).
+    at_ns: u64,
 }
 
-/// Follows connects from the kernel's state changes (in the pipeline's thread).
+/// Names given to processes and addresses, kept here so that a connection takes no global lock
+/// and makes no string (at most [`NAME_CACHE`] each; started over when full).
+#[derive(Default)]
+struct Names {
+    workloads: HashMap<(u32, [u8; 16]), Arc<str>>,
+    addrs: HashMap<std::net::SocketAddr, Arc<str>>,
+}
+
+const NAME_CACHE: usize = 8192;
+
+impl Names {
+    fn workload(&mut self, task: &Task) -> Arc<str> {
+        if self.workloads.len() >= NAME_CACHE {
+            self.workloads.clear();
+        }
+        self.workloads
+            .entry((task.tgid, task.comm.0))
+            .or_insert_with(|| workload::name(task))
+            .clone()
+    }
+
+    fn addr(&mut self, a: std::net::SocketAddr) -> Arc<str> {
+        if self.addrs.len() >= NAME_CACHE {
+            self.addrs.clear();
+        }
+        self.addrs
+            .entry(a)
+            .or_insert_with(|| Arc::from(a.to_string()))
+            .clone()
+    }
+}
+
+/// The kernel's monotonic clock (`bpf_ktime_get_ns`'s), in ns.
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: writes the time into `ts`.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    (ts.tv_sec as u64)
+        .saturating_mul(1_000_000_000)
+        .saturating_add(ts.tv_nsec as u64)
+}
+
+fn lock(edges: &Mutex<TcpEdges>) -> MutexGuard<'_, TcpEdges> {
+    edges.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Follows connects from the kernel's state changes (in the pipeline's thread). The shared
+/// edges are locked only where a connection changes what they count.
 #[derive(Default)]
 pub struct TcpTracker {
-    /// Connects not yet up, since when: one whose outcome was lost (ring buffer full) is
+    /// Connects not yet up, since when (ns): one whose outcome was lost (ring buffer full) is
     /// forgotten after [`CONNECT_WAIT`].
-    connecting: HashMap<u64, (Task, Instant)>,
+    connecting: HashMap<u64, (Task, u64)>,
     open: HashMap<u64, Open>,
     /// Connections to this host whose server is not named yet, oldest first.
     unnamed: VecDeque<u64>,
@@ -249,7 +302,8 @@ pub struct TcpTracker {
     existing: HashMap<Tuple, (Arc<str>, Arc<str>)>,
     /// While the look at existing connections runs: the tuples that closed meanwhile, which
     /// it may still list (at most [`MAX_CONNS`]).
-    scanning: Option<std::collections::HashSet<Tuple>>,
+    scanning: Option<HashSet<Tuple>>,
+    names: Names,
 }
 
 impl TcpTracker {
@@ -258,7 +312,7 @@ impl TcpTracker {
         &mut self,
         c: &Conn,
         own_pid: u32,
-        edges: &mut TcpEdges,
+        edges: &Mutex<TcpEdges>,
         metrics: &Metrics,
         peer: impl Fn(&Tuple) -> Option<Peer>,
     ) {
@@ -275,7 +329,7 @@ impl TcpTracker {
                         .inc();
                     return;
                 }
-                self.connecting.insert(c.sk, (c.task, Instant::now()));
+                self.connecting.insert(c.sk, (c.task, c.ts_ns));
             }
             (TCP_SYN_SENT, TCP_ESTABLISHED) => {
                 let Some((task, _)) = self.connecting.remove(&c.sk) else {
@@ -289,15 +343,14 @@ impl TcpTracker {
                     return;
                 }
                 let mut open = Open {
-                    src: workload::name(&task),
-                    remote: c.tuple.remote,
+                    src: self.names.workload(&task),
                     tuple: c.tuple,
                     dst: None,
-                    at: Instant::now(),
+                    at_ns: c.ts_ns,
                 };
                 if !to_this_host(&c.tuple) {
-                    let dst: Arc<str> = Arc::from(c.tuple.remote.to_string());
-                    established(&mut open, dst, edges, metrics);
+                    let dst = self.names.addr(c.tuple.remote);
+                    established(&mut open, dst, &mut lock(edges), metrics);
                 } else {
                     self.unnamed.push_back(c.sk);
                 }
@@ -311,24 +364,25 @@ impl TcpTracker {
                         retransmits: 0,
                         ..*c
                     };
-                    closed(old, &gone, edges, metrics, &peer);
+                    self.closed(old, &gone, &mut lock(edges), metrics, &peer);
                 }
             }
             (TCP_SYN_SENT, TCP_CLOSE) => {
                 let Some((task, _)) = self.connecting.remove(&c.sk) else {
                     return;
                 };
-                let src = workload::name(&task);
-                let dst: Arc<str> = Arc::from(c.tuple.remote.to_string());
+                let (src, dst) = (self.names.workload(&task), self.names.addr(c.tuple.remote));
+                let mut edges = lock(edges);
                 let e = edges.edge(&src, &dst, metrics);
                 e.failed += 1;
                 e.failed_total.inc();
+                e.changed = Instant::now();
                 note_addr(e, &c.tuple);
             }
             (_, TCP_CLOSE) => {
                 self.connecting.remove(&c.sk);
                 if let Some(open) = self.open.remove(&c.sk) {
-                    closed(open, c, edges, metrics, &peer);
+                    self.closed(open, c, &mut lock(edges), metrics, &peer);
                 } else if matches!(c.old_state, TCP_ESTABLISHED | TCP_CLOSE_WAIT) {
                     // Reset or aborted: no FIN_WAIT1 or LAST_ACK came before.
                     self.close_existing(c, edges, metrics);
@@ -345,8 +399,9 @@ impl TcpTracker {
 
     /// Takes in the client connections that were open when the daemon started (`scan`), but
     /// those that closed since the look began.
-    pub fn adopt(&mut self, found: Vec<Existing>, edges: &mut TcpEdges, metrics: &Metrics) {
+    pub fn adopt(&mut self, found: Vec<Existing>, edges: &Mutex<TcpEdges>, metrics: &Metrics) {
         let closed = self.scanning.take().unwrap_or_default();
+        let mut edges = lock(edges);
         for x in found {
             if closed.contains(&x.tuple)
                 || self.existing.len() >= MAX_CONNS
@@ -365,13 +420,13 @@ impl TcpTracker {
     /// From now until `adopt`, closes are remembered so that a connection the look lists but
     /// that is gone by then is not taken in.
     pub fn scan_started(&mut self) {
-        self.scanning = Some(std::collections::HashSet::new());
+        self.scanning = Some(HashSet::new());
     }
 
     /// A close of a connection open before the daemon started, if it is one. At TCP_CLOSE the
     /// local port may read 0: then matched by the addresses and the remote port, if only one
     /// such connection is open.
-    fn close_existing(&mut self, c: &Conn, edges: &mut TcpEdges, metrics: &Metrics) {
+    fn close_existing(&mut self, c: &Conn, edges: &Mutex<TcpEdges>, metrics: &Metrics) {
         let tuple = &c.tuple;
         if let Some(closed) = &mut self.scanning
             && closed.len() < MAX_CONNS
@@ -398,7 +453,7 @@ impl TcpTracker {
         let Some((src, dst)) = self.existing.remove(&key) else {
             return;
         };
-        edges.edge(&src, &dst, metrics).close(c);
+        lock(edges).edge(&src, &dst, metrics).close(c);
     }
 
     /// Whether `tick` has anything to do.
@@ -413,35 +468,63 @@ impl TcpTracker {
     /// waited [`NAME_WAIT`] (then by address); forgets idle edges now and then.
     pub fn tick(
         &mut self,
-        edges: &mut TcpEdges,
+        edges: &Mutex<TcpEdges>,
         metrics: &Metrics,
         peer: impl Fn(&Tuple) -> Option<Peer>,
     ) {
-        let now = Instant::now();
+        let now_ns = monotonic_ns();
         let mut waiting = VecDeque::new();
+        let mut guard = None;
         while let Some(sk) = self.unnamed.pop_front() {
             let Some(open) = self.open.get_mut(&sk).filter(|o| o.dst.is_none()) else {
                 continue;
             };
-            match peer(&open.tuple) {
-                Some(p) => established(open, workload::name(&p.task), edges, metrics),
-                None if now.duration_since(open.at) >= NAME_WAIT => {
-                    let dst: Arc<str> = Arc::from(open.remote.to_string());
-                    established(open, dst, edges, metrics);
+            let dst = match peer(&open.tuple) {
+                Some(p) => self.names.workload(&p.task),
+                None if now_ns.saturating_sub(open.at_ns) >= NAME_WAIT.as_nanos() as u64 => {
+                    self.names.addr(open.tuple.remote)
                 }
-                None => waiting.push_back(sk),
-            }
+                None => {
+                    waiting.push_back(sk);
+                    continue;
+                }
+            };
+            let edges = guard.get_or_insert_with(|| lock(edges));
+            established(open, dst, edges, metrics);
         }
+        drop(guard);
         self.unnamed = waiting;
+        let now = Instant::now();
         if self
             .last_expire
             .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(60))
         {
             self.last_expire = Some(now);
             self.connecting
-                .retain(|_, (_, at)| now.duration_since(*at) < CONNECT_WAIT);
-            edges.expire(now, metrics);
+                .retain(|_, (_, at)| now_ns.saturating_sub(*at) < CONNECT_WAIT.as_nanos() as u64);
+            lock(edges).expire(now, metrics);
         }
+    }
+
+    /// A connection's close: named first if it was not yet (its server end may have closed
+    /// already, and is still found among the recently closed).
+    fn closed(
+        &mut self,
+        mut open: Open,
+        c: &Conn,
+        edges: &mut TcpEdges,
+        metrics: &Metrics,
+        peer: &impl Fn(&Tuple) -> Option<Peer>,
+    ) {
+        if open.dst.is_none() {
+            let dst = match peer(&open.tuple) {
+                Some(p) => self.names.workload(&p.task),
+                None => self.names.addr(open.tuple.remote),
+            };
+            established(&mut open, dst, edges, metrics);
+        }
+        let Some(dst) = open.dst else { return };
+        edges.edge(&open.src, &dst, metrics).close(c);
     }
 }
 
@@ -451,9 +534,8 @@ fn to_this_host(t: &Tuple) -> bool {
 }
 
 fn note_addr(e: &mut Edge, t: &Tuple) {
-    e.changed = Instant::now();
     if e.addrs.len() < MAX_ADDRS {
-        e.addrs.insert(t.remote.to_string());
+        e.addrs.insert(t.remote);
     }
 }
 
@@ -466,26 +548,6 @@ fn established(open: &mut Open, dst: Arc<str>, edges: &mut TcpEdges, metrics: &M
     e.open_now.inc();
     note_addr(e, &open.tuple);
     open.dst = Some(dst);
-}
-
-/// A connection's close: named first if it was not yet (its server end may have closed
-/// already, and is still found among the recently closed).
-fn closed(
-    mut open: Open,
-    c: &Conn,
-    edges: &mut TcpEdges,
-    metrics: &Metrics,
-    peer: &impl Fn(&Tuple) -> Option<Peer>,
-) {
-    if open.dst.is_none() {
-        let dst = match peer(&open.tuple) {
-            Some(p) => workload::name(&p.task),
-            None => Arc::from(open.remote.to_string()),
-        };
-        established(&mut open, dst, edges, metrics);
-    }
-    let Some(dst) = open.dst else { return };
-    edges.edge(&open.src, &dst, metrics).close(c);
 }
 
 /// A client connection open when the daemon started: its addresses, its process's workload and
@@ -506,8 +568,8 @@ const MAX_SCAN_FDS: usize = 1 << 18;
 /// run it off the reader's thread.
 pub fn scan(own_pid: u32) -> Vec<Existing> {
     use std::os::unix::fs::MetadataExt as _;
-    let mut owner: HashMap<u64, u32> = HashMap::new();
-    let mut namespaces: HashMap<u64, u32> = HashMap::new();
+    let mut owner: HashMap<u64, u32> = HashMap::default();
+    let mut namespaces: HashMap<u64, u32> = HashMap::default();
     let mut fds = 0usize;
     let Ok(procs) = std::fs::read_dir("/proc") else {
         return Vec::new();
@@ -566,7 +628,7 @@ pub fn scan(own_pid: u32) -> Vec<Existing> {
                 socks.extend(text.lines().skip(1).filter_map(proc_net_tcp_line));
             }
         }
-        let listening: std::collections::HashSet<(std::net::IpAddr, u16)> = socks
+        let listening: HashSet<(std::net::IpAddr, u16)> = socks
             .iter()
             .filter(|s| s.state == PROC_LISTEN)
             .map(|s| (s.tuple.local.ip(), s.tuple.local.port()))
@@ -698,7 +760,7 @@ mod tests {
 
     struct Harness {
         tracker: TcpTracker,
-        edges: TcpEdges,
+        edges: Mutex<TcpEdges>,
         metrics: Metrics,
     }
 
@@ -706,7 +768,7 @@ mod tests {
         fn new() -> Self {
             Self {
                 tracker: TcpTracker::default(),
-                edges: TcpEdges::default(),
+                edges: Mutex::new(TcpEdges::default()),
                 metrics: Metrics::new(),
             }
         }
@@ -720,15 +782,18 @@ mod tests {
                 })
             };
             self.tracker
-                .on_state(&c, 7, &mut self.edges, &self.metrics, peer);
+                .on_state(&c, 7, &self.edges, &self.metrics, peer);
+        }
+
+        fn view(&self) -> Vec<TcpEdgeView> {
+            lock(&self.edges).view()
         }
 
         fn edge(&self, src: &str, dst: &str) -> TcpEdgeView {
-            self.edges
-                .view()
+            self.view()
                 .into_iter()
                 .find(|e| e.src == src && e.dst == dst)
-                .unwrap_or_else(|| panic!("no edge {src} -> {dst}: {:?}", self.edges.view()))
+                .unwrap_or_else(|| panic!("no edge {src} -> {dst}: {:?}", self.view()))
         }
     }
 
@@ -744,8 +809,8 @@ mod tests {
             None,
         );
         // Not named yet: its server end has not been seen.
-        assert!(h.edges.view().is_empty());
-        h.tracker.tick(&mut h.edges, &h.metrics, |_: &Tuple| {
+        assert!(h.view().is_empty());
+        h.tracker.tick(&h.edges, &h.metrics, |_: &Tuple| {
             Some(Peer {
                 task: task(3_999_998, "postgres"),
                 side: None,
@@ -843,7 +908,7 @@ mod tests {
             change(2, task(PID, "client"), "10.0.0.9:80", 4, TCP_CLOSE),
             None,
         );
-        assert!(h.edges.view().is_empty(), "{:?}", h.edges.view());
+        assert!(h.view().is_empty(), "{:?}", h.view());
     }
 
     #[test]
@@ -884,7 +949,7 @@ mod tests {
         };
         h.tracker.adopt(
             vec![existing(41000), existing(41001), existing(41002)],
-            &mut h.edges,
+            &h.edges,
             &h.metrics,
         );
         let e = h.edge("app", "postgres");
