@@ -1,11 +1,12 @@
 //! TCP connections between workloads, whatever they carry (a database, a cache, a queue, TLS
 //! that is not followed): every connect a process on this host makes, from the kernel's state
 //! changes (`inet_sock_set_state`, which the data path uses anyway): established, failed
-//! (closed before it was up: refused, timed out, unreachable), closed, and open now. As
-//! `linkerd viz stat` shows TCP connections beside requests, and the topology then holds the
-//! dependencies HTTP does not show. The connecting end is the one known (a connect runs in its
-//! process); the server is named as its workload when its end is on this host (from its own
-//! events), else by address.
+//! (closed before it was up: refused, timed out, unreachable), closed, open now, and at each
+//! close the kernel's byte, retransmission and RTT counters. As `linkerd viz stat` shows TCP
+//! connections beside requests, and the topology then holds the dependencies HTTP does not
+//! show. The connecting end is the one known (a connect runs in its process); the server is
+//! named as its workload when its end is on this host (from its own events), else by address.
+//! Connections already open when the daemon starts are read from /proc (`scan`).
 
 use std::{
     collections::{BTreeSet, HashSet, VecDeque},
