@@ -6,7 +6,7 @@ mod common;
 
 use std::{
     io::{BufRead as _, BufReader, Write as _},
-    process::{Command, Stdio},
+    process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
 
@@ -40,26 +40,22 @@ fn wait_tcp_edge(daemon: &Daemon, src: &str, dst: &str, done: impl Fn(&Value) ->
     }
 }
 
-/// 40 connections of one round trip each, 5 held open, 7 connects refused: the edge from the
-/// client to its server (named as its workload: its end is on this host) counts 45 established
-/// and 5 open while they are, then 45 closed and none open; the refused connects are failures
-/// on an edge to the address; the metrics say the same.
-#[test]
-fn tcp_connections_are_counted_whatever_they_carry() {
-    let _serial = serial();
-    let daemon = Daemon::start();
-    let fixtures = workspace_root().join("tests/fixtures");
-    let port = free_port();
-    let server = Command::new("python3")
-        .arg(fixtures.join("tcp_server.py"))
+/// tests/fixtures/tcp_server.py on `port`, listening.
+fn tcp_server(port: u16) -> Server {
+    let child = Command::new("python3")
+        .arg(workspace_root().join("tests/fixtures/tcp_server.py"))
         .arg(port.to_string())
         .spawn()
         .expect("spawn tcp_server.py");
-    let _server = Server::adopt(server, port);
-    let closed = free_port();
+    Server::adopt(child, port)
+}
+
+/// tests/fixtures/tcp_client.py with `args`, once it has reported what it did (its
+/// connections held open until `release`).
+fn tcp_client(args: &[&str]) -> (Child, Value) {
     let mut client = Command::new("python3")
-        .arg(fixtures.join("tcp_client.py"))
-        .args([&port.to_string(), "40", "5", &closed.to_string(), "7"])
+        .arg(workspace_root().join("tests/fixtures/tcp_client.py"))
+        .args(args)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()
@@ -68,7 +64,33 @@ fn tcp_connections_are_counted_whatever_they_carry() {
     BufReader::new(client.stdout.as_mut().expect("stdout"))
         .read_line(&mut line)
         .expect("the client's report");
-    let got: Value = serde_json::from_str(&line).expect("the client's JSON");
+    let got = serde_json::from_str(&line).expect("the client's JSON");
+    (client, got)
+}
+
+/// Lets a tcp_client.py close the connections it held, and waits for it.
+fn release(mut client: Child) {
+    client
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(b"\n")
+        .expect("release the client");
+    assert!(client.wait().expect("client exits").success());
+}
+
+/// 40 connections of one round trip each, 5 held open, 7 connects refused: the edge from the
+/// client to its server (named as its workload: its end is on this host) counts 45 established
+/// and 5 open while they are, then 45 closed and none open; the refused connects are failures
+/// on an edge to the address; the metrics say the same.
+#[test]
+fn tcp_connections_are_counted_whatever_they_carry() {
+    let _serial = serial();
+    let daemon = Daemon::start();
+    let port = free_port();
+    let _server = tcp_server(port);
+    let closed = free_port();
+    let (client, got) = tcp_client(&[&port.to_string(), "40", "5", &closed.to_string(), "7"]);
     assert_eq!(got["established"], 45, "{got}");
     assert_eq!(got["refused"], 7, "{got}");
 
@@ -86,13 +108,7 @@ fn tcp_connections_are_counted_whatever_they_carry() {
     assert_eq!(edge["established"], 0, "{edge}");
 
     // The held connections closed.
-    client
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(b"\n")
-        .expect("release the client");
-    assert!(client.wait().expect("client exits").success());
+    release(client);
     let edge = wait_tcp_edge(&daemon, "tcp_client", "tcp_server", |e| e["open"] == 0);
     assert_eq!(edge["open"], 0, "{edge}");
     assert_eq!(edge["closed"], 45, "{edge}");
@@ -143,26 +159,9 @@ fn tcp_connections_are_counted_whatever_they_carry() {
 #[test]
 fn tcp_connections_older_than_the_daemon_are_counted_open() {
     let _serial = serial();
-    let fixtures = workspace_root().join("tests/fixtures");
     let port = free_port();
-    let server = Command::new("python3")
-        .arg(fixtures.join("tcp_server.py"))
-        .arg(port.to_string())
-        .spawn()
-        .expect("spawn tcp_server.py");
-    let _server = Server::adopt(server, port);
-    let mut client = Command::new("python3")
-        .arg(fixtures.join("tcp_client.py"))
-        .args([&port.to_string(), "0", "6", "1", "0"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("spawn tcp_client.py");
-    let mut line = String::new();
-    BufReader::new(client.stdout.as_mut().expect("stdout"))
-        .read_line(&mut line)
-        .expect("the client's report");
-    let got: Value = serde_json::from_str(&line).expect("the client's JSON");
+    let _server = tcp_server(port);
+    let (client, got) = tcp_client(&[&port.to_string(), "0", "6", "1", "0"]);
     assert_eq!(got["established"], 6, "{got}");
 
     let daemon = Daemon::start();
@@ -172,13 +171,7 @@ fn tcp_connections_older_than_the_daemon_are_counted_open() {
         edge["established"], 0,
         "their connects were not seen: {edge}"
     );
-    client
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(b"\n")
-        .expect("release the client");
-    assert!(client.wait().expect("client exits").success());
+    release(client);
     let edge = wait_tcp_edge(&daemon, "tcp_client", "tcp_server", |e| e["open"] == 0);
     assert_eq!(edge["open"], 0, "{edge}");
     assert_eq!(edge["closed"], 6, "{edge}");

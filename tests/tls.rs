@@ -67,6 +67,34 @@ fn assert_zero(daemon: &Daemon, metric: &str) {
     );
 }
 
+/// Asserts that the edge from `src` to the server on `port` counted the requests whose
+/// statuses the client got (`codes`), all over TLS, each by both ends.
+fn assert_tls_edge(daemon: &Daemon, src: &str, port: u16, codes: &BTreeMap<String, u64>) {
+    let total: u64 = codes.values().sum();
+    let edge = daemon.wait_edge(src, port, total);
+    assert_eq!(edge["requests"], total, "{}", daemon.diagnostics());
+    assert_eq!(status_codes(&edge), *codes, "{}", daemon.diagnostics());
+    assert_eq!(edge["tls_requests"], total, "every request went over TLS");
+    wait_both_ends(daemon, src, total);
+    assert_eq!(observed(daemon, src, "client"), total as f64);
+    assert_eq!(observed(daemon, src, "server"), total as f64);
+}
+
+/// A fixture's TLS server (`program fixture server PORT CERT KEY`), once it listens.
+fn tls_fixture_server(program: &str, fixture: &str, dir: &std::path::Path) -> Server {
+    let (cert, key) = self_signed(dir);
+    let port = common::free_port();
+    let child = Command::new(program)
+        .arg(workspace_root().join("tests/fixtures").join(fixture))
+        .args(["server", &port.to_string()])
+        .arg(&cert)
+        .arg(&key)
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn {program} {fixture}: {e}"));
+    Server::adopt(child, port)
+}
+
 /// curl over TLS to nginx: one curl fetching many URLs over one connection (keep-alive) and
 /// one curl per request (a handshake each), 200/404/503 and 100 KB bodies. Both ends count
 /// every request with the status curl got, nothing is lost, and each server span is the child
@@ -497,13 +525,7 @@ fn go_crypto_tls_is_counted_by_both_ends() {
     }
     let total: u64 = codes.values().sum();
     assert_eq!(total, 3000, "the client's answers: {codes:?}");
-    let edge = daemon.wait_edge("gotls", port, total);
-    assert_eq!(edge["requests"], total, "{}", daemon.diagnostics());
-    assert_eq!(status_codes(&edge), codes, "{}", daemon.diagnostics());
-    assert_eq!(edge["tls_requests"], total, "every request went over TLS");
-    wait_both_ends(&daemon, "gotls", total);
-    assert_eq!(observed(&daemon, "gotls", "client"), total as f64);
-    assert_eq!(observed(&daemon, "gotls", "server"), total as f64);
+    assert_tls_edge(&daemon, "gotls", port, &codes);
 
     // A libssl client to the Go server.
     let mut answered = 0u64;
@@ -640,21 +662,10 @@ fn add_codes(got: &Value, codes: &mut BTreeMap<String, u64>) {
 #[test]
 fn node_tls_is_counted_by_both_ends() {
     let _serial = serial();
-    let dir = scratch("node-tls");
-    let (cert, key) = self_signed(&dir);
     let fixture = workspace_root().join("tests/fixtures/node_tls.js");
     let daemon = Daemon::start();
-    let port = common::free_port();
-    let child = Command::new("node")
-        .arg(&fixture)
-        .args(["server", &port.to_string()])
-        .arg(&cert)
-        .arg(&key)
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("spawn node (apt install nodejs)");
-    let server = Server::adopt(child, port);
-    let url = format!("https://127.0.0.1:{port}");
+    let server = tls_fixture_server("node", "node_tls.js", &scratch("node-tls"));
+    let url = format!("https://127.0.0.1:{}", server.port);
     wait_server_end(&daemon, &url);
     let mut codes: BTreeMap<String, u64> = BTreeMap::new();
     for (n, conns, proto) in [("1000", "16", "h2"), ("600", "4", "http/1.1")] {
@@ -679,13 +690,7 @@ fn node_tls_is_counted_by_both_ends() {
     }
     let total: u64 = codes.values().sum();
     assert_eq!(total, 1600, "the client's answers: {codes:?}");
-    let edge = daemon.wait_edge("node_tls", server.port, total);
-    assert_eq!(edge["requests"], total, "{}", daemon.diagnostics());
-    assert_eq!(status_codes(&edge), codes, "{}", daemon.diagnostics());
-    assert_eq!(edge["tls_requests"], total, "every request went over TLS");
-    wait_both_ends(&daemon, "node_tls", total);
-    assert_eq!(observed(&daemon, "node_tls", "client"), total as f64);
-    assert_eq!(observed(&daemon, "node_tls", "server"), total as f64);
+    assert_tls_edge(&daemon, "node_tls", server.port, &codes);
     assert_zero(&daemon, "tracer_requests_lost_total");
 }
 
@@ -695,24 +700,14 @@ fn node_tls_is_counted_by_both_ends() {
 #[test]
 fn python_asyncio_tls_is_counted_by_both_ends() {
     let _serial = serial();
-    let dir = scratch("aio-tls");
-    let (cert, key) = self_signed(&dir);
     let fixture = workspace_root().join("tests/fixtures/aio_tls.py");
     let daemon = Daemon::start();
-    let port = common::free_port();
-    let child = Command::new("python3")
-        .arg(&fixture)
-        .args(["server", &port.to_string()])
-        .arg(&cert)
-        .arg(&key)
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("spawn aio_tls.py server");
-    let server = Server::adopt(child, port);
+    let server = tls_fixture_server("python3", "aio_tls.py", &scratch("aio-tls"));
+    let port = server.port.to_string();
     wait_server_end(&daemon, &format!("https://127.0.0.1:{port}"));
     let out = Command::new("python3")
         .arg(&fixture)
-        .args(["client", &port.to_string(), "600", "6"])
+        .args(["client", &port, "600", "6"])
         .output()
         .expect("aio_tls.py client");
     assert!(
@@ -727,12 +722,6 @@ fn python_asyncio_tls_is_counted_by_both_ends() {
     );
     let total: u64 = codes.values().sum();
     assert_eq!(total, 600, "the client's answers: {codes:?}");
-    let edge = daemon.wait_edge("aio_tls", server.port, total);
-    assert_eq!(edge["requests"], total, "{}", daemon.diagnostics());
-    assert_eq!(status_codes(&edge), codes, "{}", daemon.diagnostics());
-    assert_eq!(edge["tls_requests"], total, "every request went over TLS");
-    wait_both_ends(&daemon, "aio_tls", total);
-    assert_eq!(observed(&daemon, "aio_tls", "client"), total as f64);
-    assert_eq!(observed(&daemon, "aio_tls", "server"), total as f64);
+    assert_tls_edge(&daemon, "aio_tls", server.port, &codes);
     assert_zero(&daemon, "tracer_requests_lost_total");
 }

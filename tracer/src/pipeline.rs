@@ -571,7 +571,10 @@ async fn read_events(
     // (the ring buffer is read meanwhile), taken in when the look is done.
     reader.tcp.scan_started();
     let own_pid = reader.own_pid;
-    let mut existing = tokio::task::spawn_blocking(move || tcp::scan(own_pid));
+    // Stopped at shutdown: the runtime waits for it, and SIGTERM must end the daemon at once.
+    let stop = token.clone();
+    let mut existing =
+        tokio::task::spawn_blocking(move || tcp::scan(own_pid, || stop.is_cancelled()));
     let mut scanned = false;
     let mut poll = tokio::time::interval(POLL_EVERY);
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

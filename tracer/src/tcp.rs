@@ -566,8 +566,8 @@ const MAX_SCAN_FDS: usize = 1 << 18;
 /// The client connections open now, from each network namespace's `/proc/<pid>/net/tcp{,6}`
 /// (a pod's sockets are in its own) and each process's file descriptors (which socket is
 /// whose). A connection's client end is the one whose local port is not listening. Blocking:
-/// run it off the reader's thread.
-pub fn scan(own_pid: u32) -> Vec<Existing> {
+/// run it off the reader's thread; it gives up (nothing found) once `stop` says so.
+pub fn scan(own_pid: u32, stop: impl Fn() -> bool) -> Vec<Existing> {
     use std::os::unix::fs::MetadataExt as _;
     let mut owner: HashMap<u64, u32> = HashMap::default();
     let mut namespaces: HashMap<u64, u32> = HashMap::default();
@@ -583,6 +583,9 @@ pub fn scan(own_pid: u32) -> Vec<Existing> {
         else {
             continue;
         };
+        if stop() {
+            return Vec::new();
+        }
         if pid == own_pid {
             continue;
         }

@@ -161,46 +161,20 @@ static TCP_SRTT_OFFSET: u32 = 0;
 #[unsafe(no_mangle)]
 static TCP_RETRANS_OFFSET: u32 = 0;
 
-/// A closing socket's smoothed RTT (µs) and retransmitted segments.
+/// Two fields of a closing TCP socket at the offsets the loader patched into `a` and `b` (zeros
+/// when BTF did not give them).
 #[inline(always)]
-fn path_counts(sk: u64) -> (u32, u32) {
-    // SAFETY: as in `byte_counts`.
-    let (srtt, retrans) = unsafe {
-        (
-            read_volatile(&TCP_SRTT_OFFSET) as u64,
-            read_volatile(&TCP_RETRANS_OFFSET) as u64,
-        )
-    };
-    if srtt == 0 || retrans == 0 {
-        return (0, 0);
-    }
-    // SAFETY: as in `byte_counts`.
-    unsafe {
-        (
-            bpf_probe_read_kernel((sk + srtt) as *const u32).unwrap_or(0) >> 3,
-            bpf_probe_read_kernel((sk + retrans) as *const u32).unwrap_or(0),
-        )
-    }
-}
-
-/// A closing socket's byte counters (received, sent and acknowledged).
-#[inline(always)]
-fn byte_counts(sk: u64) -> (u64, u64) {
+fn tcp_fields<T: Default>(sk: u64, a: &u32, b: &u32) -> (T, T) {
     // SAFETY: read-only globals patched by the loader; volatile so LLVM does not fold the 0.
-    let (rx, acked) = unsafe {
-        (
-            read_volatile(&TCP_BYTES_RECEIVED_OFFSET) as u64,
-            read_volatile(&TCP_BYTES_ACKED_OFFSET) as u64,
-        )
-    };
-    if rx == 0 || acked == 0 {
-        return (0, 0);
+    let (a, b) = unsafe { (read_volatile(a) as u64, read_volatile(b) as u64) };
+    if a == 0 || b == 0 {
+        return (T::default(), T::default());
     }
     // SAFETY: `sk` is the tracepoint's live TCP socket; reads are checked.
     unsafe {
         (
-            bpf_probe_read_kernel((sk + rx) as *const u64).unwrap_or(0),
-            bpf_probe_read_kernel((sk + acked) as *const u64).unwrap_or(0),
+            bpf_probe_read_kernel((sk + a) as *const T).unwrap_or_default(),
+            bpf_probe_read_kernel((sk + b) as *const T).unwrap_or_default(),
         )
     }
 }
@@ -675,8 +649,18 @@ fn emit_conn(sk: u64, tuple: SockTuple, old_state: u32, new_state: u32, seq: u32
         };
         // Once per connection end, where the daemon counts its bytes.
         let closing = matches!(new_state, TCP_FIN_WAIT1 | TCP_LAST_ACK | TCP_CLOSE);
-        let (bytes_received, bytes_acked) = if closing { byte_counts(sk) } else { (0, 0) };
-        let (srtt_us, retransmits) = if closing { path_counts(sk) } else { (0, 0) };
+        let (bytes_received, bytes_acked) = if closing {
+            tcp_fields(sk, &TCP_BYTES_RECEIVED_OFFSET, &TCP_BYTES_ACKED_OFFSET)
+        } else {
+            (0, 0)
+        };
+        let (srtt, retransmits) = if closing {
+            tcp_fields(sk, &TCP_SRTT_OFFSET, &TCP_RETRANS_OFFSET)
+        } else {
+            (0u32, 0)
+        };
+        // `srtt_us` holds 8 times the smoothed RTT.
+        let srtt_us = srtt >> 3;
         let wakeup = wakeup_flags();
         let Some(mut entry) = EVENTS.reserve::<ConnEvent>(0) else {
             count(KernelStat::RingbufFullConn);
