@@ -521,7 +521,7 @@ fn go_crypto_tls_is_counted_by_both_ends() {
     let port = server.port;
     let mut codes: BTreeMap<String, u64> = BTreeMap::new();
     for (n, conns, proto) in [("2000", "16", "h2"), ("1000", "4", "http/1.1")] {
-        go_client(&bin, &url, n, conns, proto, &mut codes);
+        fixture_client(Command::new(&bin), &url, n, conns, proto, &mut codes);
     }
     let total: u64 = codes.values().sum();
     assert_eq!(total, 3000, "the client's answers: {codes:?}");
@@ -575,20 +575,22 @@ fn go_server_hooked(
     (server, format!("https://127.0.0.1:{port}"))
 }
 
-/// `n` requests of the gotls client over `conns` connections speaking `proto`; adds the
-/// statuses it got to `codes`.
-fn go_client(
-    bin: &std::path::Path,
+/// `n` requests of a fixture's client (`client URL N CONNS PROTO`, printing
+/// `{"status": {..}, "proto": {..}}`: the gotls program, node_tls.js) over `conns`
+/// connections speaking `proto`; checks that every one did, and adds the statuses it got to
+/// `codes`.
+fn fixture_client(
+    mut client: Command,
     url: &str,
     n: &str,
     conns: &str,
     proto: &str,
     codes: &mut BTreeMap<String, u64>,
 ) {
-    let out = Command::new(bin)
+    let out = client
         .args(["client", url, n, conns, proto])
         .output()
-        .expect("gotls client");
+        .expect("the fixture's client");
     assert!(
         out.status.success(),
         "{}",
@@ -601,9 +603,7 @@ fn go_client(
         "HTTP/1.1"
     };
     assert_eq!(got["proto"][spoke], n.parse::<u64>().expect("n"), "{got}");
-    for (code, c) in got["status"].as_object().expect("status") {
-        *codes.entry(code.clone()).or_default() += c.as_u64().expect("count");
-    }
+    add_codes(&got["status"], codes);
 }
 
 /// A Go program built stripped (`-ldflags=-s -w`, as many images are: no symbol table) is
@@ -617,7 +617,7 @@ fn stripped_go_program_is_hooked() {
     let daemon = Daemon::start();
     let (server, url) = go_server_hooked(&daemon, &bin, &dir);
     let mut codes: BTreeMap<String, u64> = BTreeMap::new();
-    go_client(&bin, &url, "400", "4", "h2", &mut codes);
+    fixture_client(Command::new(&bin), &url, "400", "4", "h2", &mut codes);
     let total: u64 = codes.values().sum();
     assert_eq!(total, 400, "the client's answers: {codes:?}");
     let edge = daemon.wait_edge("gotls", server.port, total);
@@ -669,24 +669,9 @@ fn node_tls_is_counted_by_both_ends() {
     wait_server_end(&daemon, &url);
     let mut codes: BTreeMap<String, u64> = BTreeMap::new();
     for (n, conns, proto) in [("1000", "16", "h2"), ("600", "4", "http/1.1")] {
-        let out = Command::new("node")
-            .arg(&fixture)
-            .args(["client", &url, n, conns, proto])
-            .output()
-            .expect("node client");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let got: Value = serde_json::from_slice(&out.stdout).expect("client's JSON");
-        let spoke = if proto == "h2" {
-            "HTTP/2.0"
-        } else {
-            "HTTP/1.1"
-        };
-        assert_eq!(got["proto"][spoke], n.parse::<u64>().expect("n"), "{got}");
-        add_codes(&got["status"], &mut codes);
+        let mut node = Command::new("node");
+        node.arg(&fixture);
+        fixture_client(node, &url, n, conns, proto, &mut codes);
     }
     let total: u64 = codes.values().sum();
     assert_eq!(total, 1600, "the client's answers: {codes:?}");
