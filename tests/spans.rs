@@ -9,9 +9,9 @@ use std::{
 };
 
 use common::{
-    Daemon, Nginx, Server, curl, free_port, median,
+    Daemon, Nginx, Server, build_gotls, curl, curl_with, free_port, hooked, median,
     otlp::{Protocol, Received, Receiver},
-    scratch, serial,
+    scratch, serial, wait_hooked,
 };
 use opentelemetry_proto::tonic::trace::v1::{span::SpanKind, status::StatusCode};
 
@@ -228,6 +228,121 @@ fn thread_per_request_service_traces_without_headers() {
         resources.values().all(|v| v.len() == 1),
         "one resource per process in each request"
     );
+}
+
+/// A Go service under concurrent load, no headers anywhere: curl (8 transfers at once) ->
+/// Go net/http server (tests/fixtures/gotls `front`), whose handler calls a Python backend twice
+/// per request with Go's HTTP/1 client. Goroutines share the Go program's threads, and that
+/// client writes each request from a goroutine of its connection's: joining by thread would
+/// put one request's calls under another's. Each of the 300 requests (its id in the paths,
+/// chosen by the test) gives exactly one trace: curl CLIENT -> Go SERVER -> 2 x (Go CLIENT ->
+/// backend SERVER), every span with that request's id; no trace mixes two requests.
+#[test]
+fn go_service_traces_without_headers_under_concurrency() {
+    let _serial = serial();
+    let dir = scratch("gofront");
+    let bin = build_gotls(&dir, "");
+    let receiver = Receiver::start(Protocol::Grpc, free_port());
+    let endpoint = format!("http://{}", receiver.addr);
+    let daemon = Daemon::start_with(&["--otlp-endpoint", &endpoint, "--otlp-protocol", "grpc"]);
+    let backend = Server::fixture();
+    let before = hooked(&daemon);
+    let port = free_port();
+    let child = std::process::Command::new(&bin)
+        .args(["front", &port.to_string()])
+        .arg(format!("http://127.0.0.1:{}", backend.port))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn gotls front");
+    let front = Server::adopt(child, port);
+    wait_hooked(&daemon, before, "the Go program");
+    // The look that hooked it also named it a Go program; the reader takes that at its next
+    // drain.
+    std::thread::sleep(Duration::from_millis(500));
+
+    const N: usize = 300;
+    let urls: Vec<String> = (0..N)
+        .map(|i| format!("http://127.0.0.1:{port}/front/{i}"))
+        .collect();
+    let out = curl_with(
+        &["--parallel", "--parallel-max", "8"],
+        &urls,
+        "%{http_code}\n",
+    );
+    assert_eq!(out.len(), N, "curl ran every transfer");
+    assert!(
+        out.iter().all(|c| c == "200"),
+        "the front answered: {out:?}"
+    );
+
+    let ports = [front.port, backend.port];
+    let ours = |spans: &[Received]| -> Vec<Received> {
+        spans
+            .iter()
+            .filter(|s| server_port(s).is_some_and(|p| ports.contains(&p)))
+            .cloned()
+            .collect()
+    };
+    wait_spans(&receiver, "6 spans per request", |s| ours(s).len() >= 6 * N);
+    std::thread::sleep(Duration::from_secs(1));
+    let spans = ours(&receiver.spans());
+    assert_eq!(spans.len(), 6 * N, "6 spans per request, no more");
+
+    // The request id each span carries in its path, by trace.
+    let id_of = |s: &Received| -> String {
+        let path = s.attr_str("url.path").expect("url.path");
+        path.rsplit('/').next().expect("id").to_owned()
+    };
+    let mut traces: BTreeMap<String, Vec<&Received>> = BTreeMap::new();
+    for s in &spans {
+        traces.entry(s.trace_id()).or_default().push(s);
+    }
+    let mut mixed = Vec::new();
+    for spans in traces.values() {
+        let ids: HashSet<String> = spans.iter().map(|s| id_of(s)).collect();
+        if ids.len() > 1 {
+            mixed.push(ids);
+        }
+    }
+    assert!(mixed.is_empty(), "traces mixing requests: {mixed:?}");
+    assert_eq!(traces.len(), N, "one trace per curl request");
+    for (trace, spans) in &traces {
+        let find = |k: SpanKind, port: u16| -> Vec<&Received> {
+            spans
+                .iter()
+                .filter(|s| kind(s) == k && server_port(s) == Some(port))
+                .copied()
+                .collect()
+        };
+        let root = find(SpanKind::Client, front.port);
+        let served = find(SpanKind::Server, front.port);
+        let calls = find(SpanKind::Client, backend.port);
+        let back = find(SpanKind::Server, backend.port);
+        assert_eq!(
+            (root.len(), served.len(), calls.len(), back.len()),
+            (1, 1, 2, 2),
+            "trace {trace} has the shape curl -> Go front -> 2 x backend"
+        );
+        assert!(
+            root[0].span.parent_span_id.is_empty(),
+            "curl's span is the root"
+        );
+        assert_eq!(served[0].parent_id(), root[0].span_id());
+        for c in &calls {
+            assert_eq!(
+                c.parent_id(),
+                served[0].span_id(),
+                "the Go handler's call under its request"
+            );
+        }
+        let call_ids: HashSet<String> = calls.iter().map(|c| c.span_id()).collect();
+        let back_parents: HashSet<String> = back.iter().map(|b| b.parent_id()).collect();
+        assert_eq!(
+            back_parents, call_ids,
+            "each backend span under its own call"
+        );
+    }
 }
 
 /// Issue 4, check 4 (status): Error for 5xx at servers and for 4xx/5xx at clients.

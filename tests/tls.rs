@@ -13,7 +13,8 @@ use std::{
 };
 
 use common::{
-    Daemon, Nginx, Server, h2load, scratch, self_signed, serial, status_codes, workspace_root,
+    Daemon, Nginx, Server, build_gotls, h2load, hooked, scratch, self_signed, serial, status_codes,
+    wait_hooked, workspace_root,
 };
 use serde_json::Value;
 
@@ -33,27 +34,6 @@ fn wait_both_ends(daemon: &Daemon, src: &str, n: u64) {
         && Instant::now() < deadline
     {
         std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-/// TLS library files and Go programs the daemon has hooked.
-fn hooked(daemon: &Daemon) -> i64 {
-    daemon.json("/api/status")["tls_libraries"]
-        .as_i64()
-        .expect("tls_libraries")
-}
-
-/// Waits (15 s at most) until the daemon has hooked more than `before` (`what`: the file or
-/// program expected).
-fn wait_hooked(daemon: &Daemon, before: i64, what: &str) {
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while hooked(daemon) == before {
-        assert!(
-            Instant::now() < deadline,
-            "{what} was not hooked: {}",
-            daemon.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(200));
     }
 }
 
@@ -483,27 +463,6 @@ impl Drop for Apache {
     fn drop(&mut self) {
         common::stop_gracefully(&mut self.child);
     }
-}
-
-/// tests/fixtures/gotls built with the host's Go toolchain into `dir`, with `ldflags`.
-fn build_gotls(dir: &std::path::Path, ldflags: &str) -> std::path::PathBuf {
-    let bin = dir.join("gotls");
-    let out = Command::new("go")
-        .args(["build", "-ldflags", ldflags, "-o"])
-        .arg(&bin)
-        .arg(".")
-        .current_dir(workspace_root().join("tests/fixtures/gotls"))
-        .env("GOCACHE", dir.join("gocache"))
-        .env("GOPATH", dir.join("gopath"))
-        .env("GOFLAGS", "-mod=mod")
-        .output()
-        .expect("go (apt install golang-go)");
-    assert!(
-        out.status.success(),
-        "go build: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    bin
 }
 
 /// Go's own crypto/tls (no libssl): a Go HTTPS server started after the daemon is hooked

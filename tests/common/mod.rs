@@ -520,3 +520,45 @@ impl Drop for Nginx {
         let _ = self.child.wait();
     }
 }
+
+/// TLS library files and Go programs the daemon has hooked.
+pub fn hooked(daemon: &Daemon) -> i64 {
+    daemon.json("/api/status")["tls_libraries"]
+        .as_i64()
+        .expect("tls_libraries")
+}
+
+/// Waits (15 s at most) until the daemon has hooked more than `before` (`what`: the file or
+/// program expected).
+pub fn wait_hooked(daemon: &Daemon, before: i64, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while hooked(daemon) == before {
+        assert!(
+            Instant::now() < deadline,
+            "{what} was not hooked: {}",
+            daemon.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// tests/fixtures/gotls built with the host's Go toolchain into `dir`, with `ldflags`.
+pub fn build_gotls(dir: &std::path::Path, ldflags: &str) -> std::path::PathBuf {
+    let bin = dir.join("gotls");
+    let out = Command::new("go")
+        .args(["build", "-ldflags", ldflags, "-o"])
+        .arg(&bin)
+        .arg(".")
+        .current_dir(workspace_root().join("tests/fixtures/gotls"))
+        .env("GOCACHE", dir.join("gocache"))
+        .env("GOPATH", dir.join("gopath"))
+        .env("GOFLAGS", "-mod=mod")
+        .output()
+        .expect("go (apt install golang-go)");
+    assert!(
+        out.status.success(),
+        "go build: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    bin
+}

@@ -131,6 +131,9 @@ pub struct DataMeta {
     /// taking its bytes); `hdr.ts_ns` is when it returned, except for a send whose start is
     /// known: that start then (one clock read saved; the daemon times a send by its start).
     pub ts_enter_ns: u64,
+    /// In a Go program, the goroutine the call works for (`runtime.g`); else meaningless. 0:
+    /// not known (data paths without the task's registers).
+    pub goroutine: u64,
     pub tuple: SockTuple,
     /// [`DIR_EGRESS`] or [`DIR_INGRESS`].
     pub direction: u32,
@@ -353,7 +356,7 @@ pub mod limits {
 
 const _: () = assert!(core::mem::size_of::<EventHeader>() == 48);
 const _: () = assert!(core::mem::size_of::<SockTuple>() == 40);
-const _: () = assert!(DATA_EVENT_FIXED == 48 + 16 + 40 + 24 + TAIL_LEN);
+const _: () = assert!(DATA_EVENT_FIXED == 48 + 24 + 40 + 24 + TAIL_LEN);
 const _: () = assert!(core::mem::size_of::<DataEvent>() == DATA_EVENT_FIXED + PAYLOAD_CAP);
 const _: () = assert!(core::mem::size_of::<ConnEvent>() == 48 + 8 + 40 + 16 + 16 + 8);
 const _: () = assert!(PAYLOAD_CAP.is_power_of_two());

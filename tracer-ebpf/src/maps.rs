@@ -22,6 +22,10 @@ pub struct SyscallArgs {
     pub sk: u64,
     pub kind: u32,
     pub direction: u32,
+    /// A Go program's goroutine (`runtime.g`, R14 under Go's register ABI) the call works for;
+    /// whatever R14 held in other programs (the daemon reads it only for Go processes); 0 where
+    /// the registers are not at hand.
+    pub goroutine: u64,
 }
 
 pub const KIND_BUF: u32 = 0;
@@ -247,6 +251,8 @@ pub struct TlsCall {
     /// through a memory BIO, or had nothing to move.
     pub sock_io: u32,
     pub _pad: u32,
+    /// Go's calls: the goroutine the call works for (`go_on_behalf`); 0 for OpenSSL's.
+    pub goroutine: u64,
 }
 
 /// Keyed by pid_tgid, or for Go's crypto/tls by `go_key` (a goroutine moves between threads).
@@ -295,11 +301,44 @@ pub static TLS_SESSIONS: LruHashMap<TlsKey, TlsSession> =
 /// slower.
 /// Slot `BUSY_GO`: how many of them are Go goroutines (`TLS_CALLS` keyed by goroutine), so
 /// that only then is a socket call's goroutine looked up too.
+/// Slot `BUSY_GO_LOOPS`: Go HTTP/1 client connections whose write loop runs (entries in
+/// `GO_WRITE_LOOPS`): only then is a send's goroutine looked up there.
 #[map]
-pub static TLS_BUSY: Array<u64> = Array::with_max_entries(2, 0);
+pub static TLS_BUSY: Array<u64> = Array::with_max_entries(3, 0);
 
 pub const BUSY_ALL: u32 = 0;
 pub const BUSY_GO: u32 = 1;
+pub const BUSY_GO_LOOPS: u32 = 2;
+
+/// Go's HTTP/1 client writes each connection's requests from a goroutine of its own
+/// (`(*persistConn).writeLoop`), not from the caller's: that goroutine, by `go_key(tgid, g)`,
+/// and the connection's `*persistConn`.
+#[map]
+pub static GO_WRITE_LOOPS: LruHashMap<u64, u64> = LruHashMap::with_max_entries(16 * 1024, 0);
+
+/// The goroutine that last entered `(*persistConn).roundTrip`, by `go_key(tgid, pc)`: the one
+/// whose request that connection's write loop writes next (one request at a time on an HTTP/1
+/// connection).
+#[map]
+pub static GO_ROUND_TRIPS: LruHashMap<u64, u64> = LruHashMap::with_max_entries(16 * 1024, 0);
+
+/// The goroutine a Go program's write works for: its own, or for the write loop of a Go
+/// HTTP/1 client connection, the goroutine whose round trip it carries (which may be serving a
+/// request: the daemon joins the two spans).
+#[inline(always)]
+pub fn go_on_behalf(tgid: u64, g: u64) -> u64 {
+    if TLS_BUSY.get(BUSY_GO_LOOPS).is_none_or(|n| *n == 0) {
+        return g;
+    }
+    // SAFETY: values copied out at once.
+    let Some(pc) = (unsafe { GO_WRITE_LOOPS.get(&go_key(tgid, g)) }).copied() else {
+        return g;
+    };
+    // SAFETY: as above.
+    unsafe { GO_ROUND_TRIPS.get(&go_key(tgid, pc)) }
+        .copied()
+        .unwrap_or(g)
+}
 
 /// The last OpenSSL call of a thread that found no socket for its session: a library driven
 /// through a memory BIO (Node.js, Python's asyncio) moves no bytes on a socket inside its

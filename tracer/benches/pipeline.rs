@@ -71,6 +71,7 @@ impl Socket {
             },
             sk: self.sk,
             ts_enter_ns: *ts - 1_000,
+            goroutine: 0,
             tuple: self.tuple,
             direction,
             bytes: bytes.len() as u32,

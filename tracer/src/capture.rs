@@ -899,6 +899,11 @@ impl Capture {
         self.tls.refresh(&mut self.ebpf, false);
     }
 
+    /// The Go programs among live processes, when that changed since the last call.
+    pub fn go_processes(&mut self) -> Option<std::collections::HashSet<u32>> {
+        self.tls.go_processes()
+    }
+
     /// TLS library files hooked.
     pub fn tls_libraries(&self) -> usize {
         self.tls.libraries()

@@ -1208,6 +1208,7 @@ fn on_head(conn: &mut Conn, requests: bool, info: Head, ctx: &mut Ctx<'_, '_>) {
                 version: if h.minor_version == 0 { "1.0" } else { "1.1" },
                 tls: d.tls,
                 peer_local: conn.peer_local,
+                goroutine: d.goroutine,
             });
             conn.requests_seen += 1;
             conn.pending.push_back(Pending {
@@ -1517,6 +1518,7 @@ mod tests {
                 task: task(),
                 task_known: false,
                 sk: SK,
+                goroutine: 0,
                 tuple: tuple(),
                 sock_tuple: Default::default(),
                 ts_enter_ns: self.ts - 500,

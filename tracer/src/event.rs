@@ -130,6 +130,8 @@ pub struct Data<'a> {
     /// them.
     pub task_known: bool,
     pub sk: u64,
+    /// In a Go program, the goroutine the call was made for; else meaningless (0: unknown).
+    pub goroutine: u64,
     pub tuple: Tuple,
     /// The tuple as the kernel side keeps it: how the daemon names the connection to it.
     pub sock_tuple: SockTuple,
@@ -230,6 +232,7 @@ pub fn decode(buf: &[u8]) -> Result<Event<'_>, DecodeError> {
                 task: Task::from_header(&hdr),
                 task_known: hdr.flags & FLAG_TASK_KNOWN != 0,
                 sk: ev.sk,
+                goroutine: ev.goroutine,
                 tuple: Tuple::from_sock(&ev.tuple),
                 sock_tuple: ev.tuple,
                 ts_enter_ns: ev.ts_enter_ns,

@@ -2,9 +2,12 @@
 //! edges and metrics -> API. One reader task owns the capture state; the API reads snapshots.
 
 use std::{
-    collections::VecDeque,
+    collections::{HashSet, VecDeque},
     net::SocketAddr,
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -115,6 +118,33 @@ pub struct Shared {
     pub spans: bool,
     /// TCP connections between workloads, whatever they carry.
     pub tcp: Mutex<TcpEdges>,
+    /// The Go programs among the host's processes (their requests are run by goroutines).
+    pub go_procs: GoProcs,
+}
+
+/// The Go programs among the host's processes as the TLS look last found them, handed from
+/// that task to the reader, which looks at `version` once per drain.
+#[derive(Default)]
+pub struct GoProcs {
+    version: AtomicU64,
+    set: Mutex<Arc<HashSet<u32>>>,
+}
+
+impl GoProcs {
+    pub fn publish(&self, set: HashSet<u32>) {
+        *self.set.lock().unwrap_or_else(|p| p.into_inner()) = Arc::new(set);
+        self.version.fetch_add(1, Ordering::Release);
+    }
+
+    /// The set, if its version is not `seen` (which becomes the current one).
+    fn changed(&self, seen: &mut u64) -> Option<Arc<HashSet<u32>>> {
+        let v = self.version.load(Ordering::Acquire);
+        if v == *seen {
+            return None;
+        }
+        *seen = v;
+        Some(self.set.lock().unwrap_or_else(|p| p.into_inner()).clone())
+    }
 }
 
 impl Shared {
@@ -151,6 +181,7 @@ impl Shared {
             attach: "none",
             spans: true,
             tcp: Mutex::new(TcpEdges::default()),
+            go_procs: GoProcs::default(),
         }
     }
 }
@@ -281,7 +312,7 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         cfg.listen,
         token.clone(),
     ));
-    let stats = tokio::spawn(export_kernel_stats(capture, metrics.clone(), token.clone()));
+    let stats = tokio::spawn(export_kernel_stats(capture, shared.clone(), token.clone()));
     let server = tokio::spawn(api::serve(listener, shared.clone(), token.clone()));
     tracing::info!(
         "tracer attached {} programs (data path: {:?}); dashboard at http://{}/, /metrics and /api",
@@ -340,6 +371,8 @@ struct Reader {
     conn_events: prometheus::IntCounter,
     own_pid: u32,
     tcp: TcpTracker,
+    /// `GoProcs` version the linker has.
+    go_version: u64,
 }
 
 impl Reader {
@@ -373,6 +406,7 @@ impl Reader {
             conn_events: shared.metrics.events.with_label_values(&["conn"]),
             own_pid: std::process::id(),
             tcp: TcpTracker::default(),
+            go_version: 0,
             shared,
         }
     }
@@ -381,6 +415,9 @@ impl Reader {
     fn drain(&mut self, ring: &mut Ring) {
         self.shared.aggregator().tick();
         self.linker.tick(Instant::now());
+        if let Some(go) = self.shared.go_procs.changed(&mut self.go_version) {
+            self.linker.set_go(go);
+        }
         let mut n = 0u32;
         ring.drain(|item| {
             self.handle(item);
@@ -612,9 +649,10 @@ const TLS_LOOK_EVERY: u64 = 1;
 /// of new processes.
 async fn export_kernel_stats(
     mut capture: Capture,
-    metrics: Metrics,
+    shared: Arc<Shared>,
     token: CancellationToken,
 ) -> anyhow::Result<()> {
+    let metrics = &shared.metrics;
     let mut last = capture.kernel_stats().map(|(_, v)| v);
     let mut last_programs: std::collections::HashMap<String, (std::time::Duration, u64)> = capture
         .program_stats()
@@ -635,6 +673,9 @@ async fn export_kernel_stats(
         if ticks.is_multiple_of(TLS_LOOK_EVERY) {
             capture.refresh_tls();
             metrics.tls_libraries.set(capture.tls_libraries() as i64);
+            if let Some(go) = capture.go_processes() {
+                shared.go_procs.publish(go);
+            }
         }
         for (i, (stat, value)) in capture.kernel_stats().into_iter().enumerate() {
             let delta = value.saturating_sub(last[i]);

@@ -6,7 +6,9 @@
 //! 1. trace context the request carries (W3C `traceparent`, B3);
 //! 2. the CLIENT span of the same request when the other end is on this host too;
 //! 3. for a CLIENT span, the one SERVER span its thread is serving (it read a request and has not
-//!    answered yet) — what makes thread-per-request services trace end to end;
+//!    answered yet) — what makes thread-per-request services trace end to end; in a Go program
+//!    its goroutine rather than its thread (goroutines share threads), the goroutine a request
+//!    is written for (Go's HTTP/1 client writes from a goroutine of the connection's);
 //! 4. none: the span starts a trace.
 //!
 //! A SERVER span whose client end is on this host but was not seen yet (its event can arrive a
@@ -119,6 +121,8 @@ pub struct Span {
     pub finished: Option<Finished>,
     /// A CLIENT span the server end of its request took as parent.
     claimed: bool,
+    /// Under which key of `serving` a SERVER span is (`Linker::runner`).
+    runner: Option<Runner>,
     children: Ids,
     link_pending: bool,
     created: Instant,
@@ -171,7 +175,13 @@ pub struct Start<'a> {
     pub tls: bool,
     /// Whether the other end of the connection is a socket on this host.
     pub peer_local: bool,
+    /// In a Go program, the goroutine the request was read or written for (0: not known).
+    pub goroutine: u64,
 }
+
+/// What runs a request in a process: a thread (tid), or in a Go program a goroutine
+/// (`runtime.g`), whose requests a thread interleaves.
+type Runner = (u32, u64);
 
 /// Counters the pipeline turns into metrics.
 #[derive(Debug, Default, Clone, Copy)]
@@ -215,8 +225,11 @@ pub struct Linker {
     /// Most spans live at once since the table was last sized down, and when that was.
     live_peak: usize,
     last_shrink: Instant,
-    /// Server spans in progress, by the (tgid, tid) that read their request.
-    serving: HashMap<(u32, u32), Ids>,
+    /// Server spans in progress, by what read their request (`runner`).
+    serving: HashMap<Runner, Ids>,
+    /// Processes that are Go programs (found by the TLS look at executables): their requests
+    /// are run by goroutines.
+    go: Arc<std::collections::HashSet<u32>>,
     /// Client spans whose server end has not claimed them, by connection (`conn_key`).
     pending_clients: HashMap<ConnKey, Queue>,
     /// Server spans that started before their (local) client span was seen.
@@ -319,6 +332,7 @@ impl Linker {
             last_shrink: Instant::now(),
             now: Instant::now(),
             serving: HashMap::default(),
+            go: Arc::default(),
             pending_clients: HashMap::default(),
             pending_servers: HashMap::default(),
             spare: Vec::new(),
@@ -328,6 +342,22 @@ impl Linker {
     }
 
     /// Opens the span of a request at one end; returns its id, or None when the table is full.
+    /// The Go programs among the processes (replaced whenever the look finds one more or one
+    /// fewer).
+    pub fn set_go(&mut self, go: Arc<std::collections::HashSet<u32>>) {
+        self.go = go;
+    }
+
+    /// What runs a request: its thread, or in a Go program its goroutine; none for a Go
+    /// program's request whose goroutine is not known (its thread says nothing).
+    fn runner(&self, s: &Start<'_>) -> Option<Runner> {
+        if !self.go.contains(&s.task.tgid) {
+            Some((s.task.tgid, u64::from(s.task.tid)))
+        } else {
+            (s.goroutine != 0).then_some((s.task.tgid, s.goroutine))
+        }
+    }
+
     pub fn start(&mut self, s: Start<'_>) -> Option<SpanId> {
         if !self.enabled {
             return None;
@@ -352,12 +382,13 @@ impl Linker {
             span_id = nonzero(mix(span_id ^ s.start_ns));
         }
         let header = s.context.map(|c| (c.trace_id, c.span_id, c.sampled));
+        let runner = self.runner(&s);
         let mut link_pending = false;
         let (parent, trace_id, sampled) = match s.kind {
             Side::Client => {
                 let thread = self
-                    .serving
-                    .get(&(s.task.tgid, s.task.tid))
+                    .runner(&s)
+                    .and_then(|r| self.serving.get(&r))
                     .filter(|v| v.len() == 1)
                     .and_then(|v| self.live.get(&v[0]))
                     .map(|p| p.as_parent());
@@ -400,11 +431,11 @@ impl Linker {
                     push_bounded(self.pending_clients.entry(conn).or_default(), span_id);
                 }
             }
-            Side::Server => self
-                .serving
-                .entry((s.task.tgid, s.task.tid))
-                .or_default()
-                .push(span_id),
+            Side::Server => {
+                if let Some(r) = runner {
+                    self.serving.entry(r).or_default().push(span_id);
+                }
+            }
         }
         let span = Span {
             trace_id,
@@ -420,6 +451,7 @@ impl Linker {
             tls: s.tls,
             finished: None,
             claimed: false,
+            runner: runner.filter(|_| s.kind == Side::Server),
             children: Ids::new(),
             link_pending,
             created: self.now,
@@ -580,10 +612,9 @@ impl Linker {
 
     /// The server began its response: its thread no longer serves this request.
     pub fn responding(&mut self, span_id: SpanId) {
-        let Some(span) = self.live.get(&span_id) else {
+        let Some(key) = self.live.get(&span_id).and_then(|s| s.runner) else {
             return;
         };
-        let key = (span.task.tgid, span.task.tid);
         if let Some(v) = self.serving.get_mut(&key) {
             v.retain(|id| *id != span_id);
             if v.is_empty() {
@@ -780,6 +811,7 @@ mod tests {
             version: "1.1",
             tls: false,
             peer_local: true,
+            goroutine: 0,
         }
     }
 
@@ -835,6 +867,73 @@ mod tests {
         assert_eq!(by_id[&s].parent, Parent::Local(c));
         assert_eq!(by_id[&fc].parent, Parent::Local(s));
         assert_eq!(by_id[&bs].parent, Parent::Local(fc));
+    }
+
+    #[test]
+    fn go_programs_join_by_goroutine_not_thread() {
+        let mut l = Linker::new(Sampler::ratio(1.0));
+        l.set_go(Arc::new([2].into_iter().collect()));
+        let on = |kind, tid, local: &str, remote: &str, g| Start {
+            goroutine: g,
+            ..start(kind, task(2, tid), tuple(local, remote), 0, None)
+        };
+        // Two requests read by goroutines 0xa and 0xb on one thread.
+        let a = l
+            .start(on(
+                Side::Server,
+                7,
+                "127.0.0.1:8000",
+                "127.0.0.1:40000",
+                0xa,
+            ))
+            .unwrap();
+        let b = l
+            .start(on(
+                Side::Server,
+                7,
+                "127.0.0.1:8000",
+                "127.0.0.1:40001",
+                0xb,
+            ))
+            .unwrap();
+        // Calls written for each (from other threads), and one whose goroutine is not known.
+        let ca = l
+            .start(on(
+                Side::Client,
+                8,
+                "127.0.0.1:50000",
+                "127.0.0.1:9000",
+                0xa,
+            ))
+            .unwrap();
+        let cb = l
+            .start(on(
+                Side::Client,
+                7,
+                "127.0.0.1:50001",
+                "127.0.0.1:9000",
+                0xb,
+            ))
+            .unwrap();
+        let unknown = l
+            .start(on(Side::Client, 7, "127.0.0.1:50002", "127.0.0.1:9000", 0))
+            .unwrap();
+        let parent = |l: &Linker, id| l.live[&id].parent;
+        assert_eq!(parent(&l, ca), Parent::Local(a));
+        assert_eq!(parent(&l, cb), Parent::Local(b));
+        assert!(!matches!(parent(&l, unknown), Parent::Local(_)));
+        // A goroutine that answered serves nothing any more.
+        l.responding(a);
+        let later = l
+            .start(on(
+                Side::Client,
+                8,
+                "127.0.0.1:50003",
+                "127.0.0.1:9000",
+                0xa,
+            ))
+            .unwrap();
+        assert!(!matches!(parent(&l, later), Parent::Local(_)));
     }
 
     #[test]

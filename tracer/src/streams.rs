@@ -240,6 +240,7 @@ impl Streams {
                             version: "2",
                             tls: env.d.tls,
                             peer_local: env.peer_local,
+                            goroutine: env.d.goroutine,
                         })
                     });
                 // Without a span for want of a readable response: a client end traced here

@@ -93,6 +93,7 @@ mod tests {
             },
             task_known: known,
             sk: 1,
+            goroutine: 0,
             tuple: Tuple {
                 local: addr,
                 remote: addr,

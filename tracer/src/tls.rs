@@ -46,24 +46,25 @@ const RETURN: (&str, &str) = ("ssl_call_return", "ssl_call_return_1");
 /// (whose plaintext is sent at its entry).
 struct GoHook {
     entry: (&'static str, &'static str),
-    ret: (&'static str, &'static str),
+    /// None: the entry only.
+    ret: Option<(&'static str, &'static str)>,
     symbols: &'static [&'static str],
 }
 
 const GO_HOOKS: &[GoHook] = &[
     GoHook {
         entry: ("go_tls_write_entry", "go_tls_write_entry_1"),
-        ret: ("go_tls_write_return", "go_tls_write_return_1"),
+        ret: Some(("go_tls_write_return", "go_tls_write_return_1")),
         symbols: &["crypto/tls.(*Conn).Write"],
     },
     GoHook {
         entry: ("go_tls_read_entry", "go_tls_read_entry_1"),
-        ret: ("go_tls_read_return", "go_tls_read_return_1"),
+        ret: Some(("go_tls_read_return", "go_tls_read_return_1")),
         symbols: &["crypto/tls.(*Conn).Read"],
     },
     GoHook {
         entry: ("go_tls_handshake_entry", "go_tls_handshake_entry_1"),
-        ret: ("go_tls_handshake_return", "go_tls_handshake_return_1"),
+        ret: Some(("go_tls_handshake_return", "go_tls_handshake_return_1")),
         // Go 1.17+ has the first, which the exported ones call; before it, `Handshake`.
         symbols: &[
             "crypto/tls.(*Conn).handshakeContext",
@@ -71,6 +72,26 @@ const GO_HOOKS: &[GoHook] = &[
         ],
     },
 ];
+/// Go's HTTP/1 client, for joining spans (not TLS): a connection's requests are written by its
+/// write loop's goroutine, for the goroutine in its round trip; hooked where both are found.
+const GO_HTTP_HOOKS: &[GoHook] = &[
+    GoHook {
+        entry: ("go_http_write_loop_entry", "go_http_write_loop_entry_1"),
+        ret: Some(("go_http_write_loop_return", "go_http_write_loop_return_1")),
+        symbols: &["net/http.(*persistConn).writeLoop"],
+    },
+    GoHook {
+        entry: ("go_http_round_trip_entry", "go_http_round_trip_entry_1"),
+        ret: None,
+        symbols: &["net/http.(*persistConn).roundTrip"],
+    },
+];
+/// The programs of a hook list: (uprobe-multi, single uprobe).
+fn go_programs(hooks: &[GoHook]) -> impl Iterator<Item = (&'static str, &'static str)> + '_ {
+    hooks
+        .iter()
+        .flat_map(|h| std::iter::once(h.entry).chain(h.ret))
+}
 /// Go programs hooked, at most (each: 3 links, or a uprobe per entry and RET).
 const MAX_GO_PROGRAMS: usize = 64;
 /// RET instructions hooked per function, at most (Go 1.19's Write has 4, Read 6).
@@ -112,6 +133,11 @@ pub struct TlsHooks {
     hooked: usize,
     /// Executables looked at (for Go's crypto/tls, or an OpenSSL linked in), by (device, inode).
     exe_tried: HashSet<(u64, u64)>,
+    /// Of those, the Go programs (1.17+: goroutine in R14).
+    go_exes: HashSet<(u64, u64)>,
+    /// Live processes running one, and whether that changed since `go_processes` was asked.
+    go_pids: HashSet<u32>,
+    go_changed: bool,
     /// Of those, the programs hooked.
     go_hooked: usize,
     /// Processes whose maps have been read (and that were alive at the last look).
@@ -131,6 +157,9 @@ impl TlsHooks {
             tried: HashSet::new(),
             hooked: 0,
             exe_tried: HashSet::new(),
+            go_exes: HashSet::new(),
+            go_pids: HashSet::new(),
+            go_changed: false,
             go_hooked: 0,
             scanned: HashSet::new(),
             links: Vec::new(),
@@ -148,11 +177,11 @@ impl TlsHooks {
             enabled: true,
             ..Self::off()
         };
-        let multi = ENTRIES
-            .iter()
-            .map(|&(m, _, _)| m)
-            .chain([RETURN.0])
-            .chain(GO_HOOKS.iter().flat_map(|h| [h.entry.0, h.ret.0]));
+        let multi = ENTRIES.iter().map(|&(m, _, _)| m).chain([RETURN.0]).chain(
+            go_programs(GO_HOOKS)
+                .chain(go_programs(GO_HTTP_HOOKS))
+                .map(|p| p.0),
+        );
         // TRACER_TLS_SINGLE_UPROBES=1 takes the older kernels' way here (to test it).
         let forced = std::env::var_os("TRACER_TLS_SINGLE_UPROBES").is_some_and(|v| v == "1");
         let loaded = if forced {
@@ -163,11 +192,11 @@ impl TlsHooks {
         if let Err(e) = loaded {
             tracing::info!("TLS: uprobe-multi unavailable ({e}); single uprobes");
             hooks.multi = false;
-            let single = ENTRIES
-                .iter()
-                .map(|&(_, s, _)| s)
-                .chain([RETURN.1])
-                .chain(GO_HOOKS.iter().flat_map(|h| [h.entry.1, h.ret.1]));
+            let single = ENTRIES.iter().map(|&(_, s, _)| s).chain([RETURN.1]).chain(
+                go_programs(GO_HOOKS)
+                    .chain(go_programs(GO_HTTP_HOOKS))
+                    .map(|p| p.1),
+            );
             if let Err(e) = load_all(ebpf, single) {
                 tracing::warn!("TLS plaintext not followed: {e}");
                 hooks.enabled = false;
@@ -222,6 +251,9 @@ impl TlsHooks {
         // would otherwise keep this thread reading /proc): the rest wait for the next look.
         let alive = processes();
         self.scanned.retain(|pid| alive.contains(pid));
+        let before = self.go_pids.len();
+        self.go_pids.retain(|pid| alive.contains(pid));
+        self.go_changed |= self.go_pids.len() != before;
         let new: Vec<u32> = alive
             .iter()
             .filter(|pid| !self.scanned.contains(pid))
@@ -296,11 +328,15 @@ impl TlsHooks {
             return;
         };
         let id = (meta.dev(), meta.ino());
+        if self.go_exes.contains(&id) {
+            self.go_pids.insert(pid);
+            self.go_changed = true;
+        }
         if self.exe_tried.len() >= MAX_GO_PROGRAMS * 16 || !self.exe_tried.insert(id) {
             return;
         }
-        let points = match go_points(&path) {
-            Ok(Some(points)) => points,
+        let program = match go_program(&path) {
+            Ok(Some(program)) => program,
             Ok(None) => {
                 self.openssl_program(ebpf, &path, id);
                 return;
@@ -310,10 +346,24 @@ impl TlsHooks {
                 return;
             }
         };
+        self.go_exes.insert(id);
+        self.go_pids.insert(pid);
+        self.go_changed = true;
         if self.go_hooked >= MAX_GO_PROGRAMS {
             return;
         }
-        match self.attach_go(ebpf, &path, &points) {
+        if let Some(points) = &program.http {
+            match self.attach_go(ebpf, &path, GO_HTTP_HOOKS, points) {
+                Ok(()) => tracing::info!("Go net/http client hooked in {}", path.display()),
+                Err(e) => {
+                    tracing::info!("Go net/http client not hooked in {}: {e}", path.display())
+                }
+            }
+        }
+        let Some(points) = &program.tls else {
+            return;
+        };
+        match self.attach_go(ebpf, &path, GO_HOOKS, points) {
             Ok(()) => {
                 tracing::info!(
                     "TLS: hooked Go crypto/tls in {} ({})",
@@ -348,16 +398,31 @@ impl TlsHooks {
         }
     }
 
-    fn attach_go(&mut self, ebpf: &mut Ebpf, path: &Path, points: &GoPoints) -> Result<(), String> {
+    /// The Go programs among live processes, when that changed since the last call.
+    pub fn go_processes(&mut self) -> Option<HashSet<u32>> {
+        std::mem::take(&mut self.go_changed).then(|| self.go_pids.clone())
+    }
+
+    fn attach_go(
+        &mut self,
+        ebpf: &mut Ebpf,
+        path: &Path,
+        hooks: &[GoHook],
+        points: &GoPoints,
+    ) -> Result<(), String> {
         // Returns first: an entry without its returns would leave its call in the map.
         let mut links = Vec::new();
-        for (hook, (&entry, rets)) in GO_HOOKS.iter().zip(points.entries.iter().zip(&points.rets)) {
+        for (hook, (&entry, rets)) in hooks.iter().zip(points.entries.iter().zip(&points.rets)) {
             if self.multi {
-                links.push(attach_points(ebpf, hook.ret.0, rets.iter().copied(), path)?);
+                if let Some(ret) = hook.ret {
+                    links.push(attach_points(ebpf, ret.0, rets.iter().copied(), path)?);
+                }
                 links.push(attach_points(ebpf, hook.entry.0, [entry], path)?);
             } else {
-                for &ret in rets {
-                    links.push(attach_points(ebpf, hook.ret.1, [ret], path)?);
+                if let Some(ret) = hook.ret {
+                    for &r in rets {
+                        links.push(attach_points(ebpf, ret.1, [r], path)?);
+                    }
                 }
                 links.push(attach_points(ebpf, hook.entry.1, [entry], path)?);
             }
@@ -367,17 +432,40 @@ impl TlsHooks {
     }
 }
 
-/// Where to hook a Go program's crypto/tls: file offsets of each `GO_HOOKS` function's entry
-/// and of its RET instructions.
+/// Where to hook one list of functions (`GO_HOOKS`, `GO_HTTP_HOOKS`) in a Go program: file
+/// offsets of each function's entry and of its RET instructions (none for a hook without a
+/// return program).
 #[derive(Debug, PartialEq)]
 struct GoPoints {
     entries: Vec<u64>,
     rets: Vec<Vec<u64>>,
 }
 
-/// `Ok(None)` for a file that is not a Go program with crypto/tls in its symbol table (a
-/// stripped one included: its functions are not named).
-fn go_points(path: &Path) -> Result<Option<GoPoints>, String> {
+/// A Go 1.18+ program: where its crypto/tls and its HTTP/1 client can be hooked (None: not all
+/// of the list's functions are in it).
+#[derive(Debug, PartialEq)]
+struct GoProgram {
+    tls: Option<GoPoints>,
+    http: Option<GoPoints>,
+}
+
+/// Per hook of a list, the function found (name's rank in the hook's list, lower preferred;
+/// address; size).
+type Found = Vec<Option<(usize, u64, u64)>>;
+
+fn note_function(hooks: &[GoHook], found: &mut Found, name: &str, addr: u64, size: u64) {
+    for (hook, slot) in hooks.iter().zip(found.iter_mut()) {
+        if let Some(rank) = hook.symbols.iter().position(|&f| f == name)
+            && slot.is_none_or(|(r, ..)| rank < r)
+        {
+            *slot = Some((rank, addr, size));
+        }
+    }
+}
+
+/// `Ok(None)` for a file that is not a Go 1.18+ program; functions are found in its symbol
+/// table or, stripped, in the runtime's own table.
+fn go_program(path: &Path) -> Result<Option<GoProgram>, String> {
     use object::{Object as _, ObjectSection as _, ObjectSymbol as _};
     let file = fs::File::open(path).map_err(|e| e.to_string())?;
     // Read lazily: most executables are not Go, and a Go one's sections are tens of MB.
@@ -397,27 +485,21 @@ fn go_points(path: &Path) -> Result<Option<GoPoints>, String> {
     if go_version(info).is_none() {
         return Err("Go before 1.18 (its calls pass arguments on the stack)".into());
     }
-    // Per hook, the function found (address, size) and its name's rank in the hook's list
-    // (lower is preferred).
-    let mut found: Vec<Option<(usize, u64, u64)>> = vec![None; GO_HOOKS.len()];
-    let note = |found: &mut [Option<(usize, u64, u64)>], name: &str, addr: u64, size: u64| {
-        if !name.starts_with("crypto/tls.(*Conn).") {
-            return;
-        }
-        for (hook, slot) in GO_HOOKS.iter().zip(found.iter_mut()) {
-            if let Some(rank) = hook.symbols.iter().position(|&f| f == name)
-                && slot.is_none_or(|(r, ..)| rank < r)
-            {
-                *slot = Some((rank, addr, size));
-            }
+    let mut tls: Found = vec![None; GO_HOOKS.len()];
+    let mut http: Found = vec![None; GO_HTTP_HOOKS.len()];
+    let mut note = |name: &str, addr: u64, size: u64| {
+        if name.starts_with("crypto/tls.(*Conn).") {
+            note_function(GO_HOOKS, &mut tls, name, addr, size);
+        } else if name.starts_with("net/http.(*persistConn).") {
+            note_function(GO_HTTP_HOOKS, &mut http, name, addr, size);
         }
     };
     for sym in obj.symbols() {
         if let Ok(name) = sym.name() {
-            note(&mut found, name, sym.address(), sym.size());
+            note(name, sym.address(), sym.size());
         }
     }
-    if found.iter().any(Option::is_none) {
+    if obj.symbols().next().is_none() {
         // A stripped program (`-ldflags=-s`) has no symbol table, but the runtime's own table
         // of functions (for stack traces) is always there.
         if let Some(tab) = obj
@@ -425,36 +507,47 @@ fn go_points(path: &Path) -> Result<Option<GoPoints>, String> {
             .and_then(|s| s.data().ok())
         {
             for (name, addr, size) in pclntab_functions(tab) {
-                note(&mut found, name, addr, size);
+                note(name, addr, size);
             }
         }
     }
     let text = obj.section_by_name(".text").ok_or("no .text section")?;
-    let mut points = GoPoints {
-        entries: Vec::new(),
-        rets: Vec::new(),
-    };
-    for f in found {
-        let Some((_, addr, size)) = f else {
-            return Ok(None);
+    let (file_start, _) = text.file_range().ok_or("no .text in the file")?;
+    let points = |hooks: &[GoHook], found: Found| -> Result<Option<GoPoints>, String> {
+        let mut points = GoPoints {
+            entries: Vec::new(),
+            rets: Vec::new(),
         };
-        let (file_start, _) = text.file_range().ok_or("no .text in the file")?;
-        let to_file = |a: u64| a - text.address() + file_start;
-        let code = text
-            .data_range(addr, size)
-            .map_err(|e| e.to_string())?
-            .ok_or("function outside its section")?;
-        let rets: Vec<u64> = ret_offsets(code, addr).into_iter().map(to_file).collect();
-        if rets.is_empty() || rets.len() > MAX_RETS {
-            return Err(format!(
-                "{} RET instructions in a hooked function",
-                rets.len()
-            ));
+        for (hook, f) in hooks.iter().zip(found) {
+            let Some((_, addr, size)) = f else {
+                return Ok(None);
+            };
+            let to_file = |a: u64| a - text.address() + file_start;
+            let rets: Vec<u64> = if hook.ret.is_some() {
+                let code = text
+                    .data_range(addr, size)
+                    .map_err(|e| e.to_string())?
+                    .ok_or("function outside its section")?;
+                let rets: Vec<u64> = ret_offsets(code, addr).into_iter().map(to_file).collect();
+                if rets.is_empty() || rets.len() > MAX_RETS {
+                    return Err(format!(
+                        "{} RET instructions in a hooked function",
+                        rets.len()
+                    ));
+                }
+                rets
+            } else {
+                Vec::new()
+            };
+            points.entries.push(to_file(addr));
+            points.rets.push(rets);
         }
-        points.entries.push(to_file(addr));
-        points.rets.push(rets);
-    }
-    Ok(Some(points))
+        Ok(Some(points))
+    };
+    Ok(Some(GoProgram {
+        tls: points(GO_HOOKS, tls)?,
+        http: points(GO_HTTP_HOOKS, http)?,
+    }))
 }
 
 /// The functions a Go 1.18+ `.gopclntab` lists: name, entry address and size (to the next

@@ -817,6 +817,7 @@ pub fn emit<const WALK: bool>(args: &SyscallArgs, ret: u64, id: u64, next: NextE
         }
     }
     meta.sk = args.sk;
+    meta.goroutine = args.goroutine;
     meta.ts_enter_ns = if args.ts_enter == 0 {
         meta.hdr.ts_ns
     } else {

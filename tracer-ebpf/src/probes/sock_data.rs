@@ -23,7 +23,7 @@ use super::{
         from_tracepoint, traced_socket,
     },
 };
-use crate::maps::{SEND_START, SendStart, SyscallArgs, count, tracer_tgid};
+use crate::maps::{SEND_START, SendStart, SyscallArgs, count, go_on_behalf, tracer_tgid};
 
 /// `task_struct.flags` bits (include/linux/sched.h).
 const PF_IO_WORKER: u32 = 0x0000_0010;
@@ -212,6 +212,7 @@ fn send_head(task: u64, sk: u64) -> Option<[u8; 3]> {
         sk,
         kind,
         direction,
+        goroutine: 0,
     };
     first_bytes::<3>(&args)
 }
@@ -261,13 +262,19 @@ fn on_data<S: Store>(
     // SAFETY: `bpf_task_pt_regs` gives a BTF-typed pointer to the current task's registers:
     // the verifier checks each load against `struct pt_regs` and guards it (a plain load, not a
     // helper call per register).
-    let (cs, nr, buf, len) = unsafe {
+    let (cs, nr, buf, len, r14) = unsafe {
         let regs = bpf_task_pt_regs(task as *mut _) as u64;
         let reg = |off: u64| read_volatile((regs + off) as *const u64);
         // `cs` is a union since 6.9 (with FRED's `csx`): its low 16 bits read the same in every
         // layout.
         let cs = read_volatile((regs + REGS_CS) as *const u16);
-        (cs, reg(REGS_ORIG_AX), reg(REGS_SI), reg(REGS_DX))
+        (
+            cs,
+            reg(REGS_ORIG_AX),
+            reg(REGS_SI),
+            reg(REGS_DX),
+            reg(REGS_R14),
+        )
     };
     // Kernel threads (no user registers), io_uring, splice, sendmmsg: bytes this path cannot
     // read; counted.
@@ -287,6 +294,12 @@ fn on_data<S: Store>(
         sk,
         kind,
         direction,
+        // In a Go program, the goroutine (R14 under Go's register ABI, also at its syscalls).
+        goroutine: if direction == DIR_EGRESS {
+            go_on_behalf(id >> 32, r14)
+        } else {
+            r14
+        },
     };
     emit_data::<S, true>(&args, ret as u64, id, lookup);
 }

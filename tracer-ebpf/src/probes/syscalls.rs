@@ -121,6 +121,7 @@ fn enter(buf: u64, len: u64, kind: u32, direction: u32) {
         sk: 0,
         kind,
         direction,
+        goroutine: 0,
     };
     if ACTIVE.insert(&id, &args, 0).is_err() {
         count(KernelStat::ArgsMapFull);

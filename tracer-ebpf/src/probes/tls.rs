@@ -19,9 +19,9 @@ use super::{
     sock::{IPPROTO_TCP, NextEvent, Record, Store, opaque_requested, same_tuple},
 };
 use crate::maps::{
-    BUSY_ALL, BUSY_GO, KIND_BUF, SyscallArgs, TLS_AFTER, TLS_BUSY, TLS_CALLS, TLS_OPAQUE,
-    TLS_SCRATCH, TLS_SEEN_HANDSHAKE, TLS_SESSIONS, TlsAfter, TlsCall, TlsKey, count, go_key,
-    tracer_tgid,
+    BUSY_ALL, BUSY_GO, BUSY_GO_LOOPS, GO_ROUND_TRIPS, GO_WRITE_LOOPS, KIND_BUF, SyscallArgs,
+    TLS_AFTER, TLS_BUSY, TLS_CALLS, TLS_OPAQUE, TLS_SCRATCH, TLS_SEEN_HANDSHAKE, TLS_SESSIONS,
+    TlsAfter, TlsCall, TlsKey, count, go_key, go_on_behalf, tracer_tgid,
 };
 
 /// Adds `delta` (wrapping) to the count of threads inside a library call. The result is not
@@ -59,6 +59,7 @@ fn enter(ctx: &ProbeContext, direction: u32, ex: bool) {
         ex: ex as u32,
         sock_io: 0,
         _pad: 0,
+        goroutine: 0,
     };
     // A handshake entered from another (SSL_connect calling SSL_do_handshake) replaces the
     // entry: counted once, as it is removed once.
@@ -202,6 +203,7 @@ fn send_plaintext(call: &TlsCall, id: u64, bytes: u64) {
         sk,
         kind: KIND_BUF,
         direction: call.direction,
+        goroutine: call.goroutine,
     };
     // With the session's state: HTTP/2 over TLS is walked frame by frame as on a socket, and
     // the thread's name is sent only when it changes.
@@ -392,6 +394,11 @@ fn go_enter(ctx: &ProbeContext, direction: u32) {
         }
     }
     let fresh = prev.is_none();
+    let on_behalf = if direction == DIR_EGRESS {
+        go_on_behalf(id >> 32, g)
+    } else {
+        g
+    };
     if !note_go_call(key, conn, buf, len, direction) {
         return;
     }
@@ -399,11 +406,12 @@ fn go_enter(ctx: &ProbeContext, direction: u32) {
         busy_add(BUSY_ALL, 1);
         busy_add(BUSY_GO, 1);
     }
-    if direction == DIR_EGRESS {
-        // Read back from the map rather than kept on the stack, which the event's building
-        // fills.
-        if let Some(call) = TLS_CALLS.get_ptr(&key) {
-            // SAFETY: this goroutine's own entry, live while this program runs.
+    // Read back from the map rather than kept on the stack, which the event's building fills.
+    if let Some(call) = TLS_CALLS.get_ptr_mut(&key) {
+        // SAFETY: this goroutine's own entry, live while this program runs.
+        unsafe { (*call).goroutine = on_behalf };
+        if direction == DIR_EGRESS {
+            // SAFETY: as above.
             send_plaintext(unsafe { &*call }, id, len);
         }
     }
@@ -425,6 +433,8 @@ fn note_go_call(key: u64, conn: u64, buf: u64, len: u64, direction: u32) -> bool
         ex: 0,
         sock_io: 0,
         _pad: 0,
+        // Set by the caller (BPF functions take 5 arguments at most).
+        goroutine: 0,
     };
     TLS_CALLS.insert(&key, &call, 0).is_ok()
 }
@@ -456,6 +466,50 @@ fn go_return(ctx: &ProbeContext, direction: u32) {
     }
 }
 
+/// Entry of `net/http.(*persistConn).writeLoop` (RAX the `*persistConn`): this goroutine
+/// writes that connection's requests until the function returns. Entered again after a stack
+/// growth: counted once.
+#[inline(always)]
+fn go_write_loop_entry(ctx: &ProbeContext, _direction: u32) {
+    let id = bpf_get_current_pid_tgid();
+    // SAFETY: as in `go_enter`.
+    let (pc, g) = unsafe {
+        let r = &*ctx.regs;
+        (r.rax, r.r14)
+    };
+    let key = go_key(id >> 32, g);
+    // SAFETY: value copied out at once.
+    let fresh = unsafe { GO_WRITE_LOOPS.get(&key) }.is_none();
+    if GO_WRITE_LOOPS.insert(&key, &pc, 0).is_ok() && fresh {
+        busy_add(BUSY_GO_LOOPS, 1);
+    }
+}
+
+/// At a RET of `(*persistConn).writeLoop`: the connection is closing; the goroutine (and its
+/// `runtime.g`, which Go reuses) no longer writes for it.
+#[inline(always)]
+fn go_write_loop_return(ctx: &ProbeContext, _direction: u32) {
+    let id = bpf_get_current_pid_tgid();
+    // SAFETY: as in `go_enter`.
+    let g = unsafe { (*ctx.regs).r14 };
+    if GO_WRITE_LOOPS.remove(&go_key(id >> 32, g)).is_ok() {
+        busy_add(BUSY_GO_LOOPS, u64::MAX);
+    }
+}
+
+/// Entry of `net/http.(*persistConn).roundTrip` (RAX the `*persistConn`), in the goroutine
+/// that asked for the request: the write loop's next request is this goroutine's.
+#[inline(always)]
+fn go_round_trip_entry(ctx: &ProbeContext, _direction: u32) {
+    let id = bpf_get_current_pid_tgid();
+    // SAFETY: as in `go_enter`.
+    let (pc, g) = unsafe {
+        let r = &*ctx.regs;
+        (r.rax, r.r14)
+    };
+    let _ = GO_ROUND_TRIPS.insert(&go_key(id >> 32, pc), &g, 0);
+}
+
 macro_rules! go_hooks {
     ($($multi:ident, $single:ident, $body:ident, $dir:expr;)*) => {$(
         #[uprobe(multi)]
@@ -479,4 +533,7 @@ go_hooks! {
     go_tls_write_return, go_tls_write_return_1, go_return, DIR_EGRESS;
     go_tls_read_return, go_tls_read_return_1, go_return, DIR_INGRESS;
     go_tls_handshake_return, go_tls_handshake_return_1, go_return, 0;
+    go_http_write_loop_entry, go_http_write_loop_entry_1, go_write_loop_entry, 0;
+    go_http_write_loop_return, go_http_write_loop_return_1, go_write_loop_return, 0;
+    go_http_round_trip_entry, go_http_round_trip_entry_1, go_round_trip_entry, 0;
 }
