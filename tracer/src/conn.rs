@@ -1019,6 +1019,8 @@ fn feed(conn: &mut Conn, requests: bool, ctx: &mut Ctx<'_, '_>) {
                             })
                         };
                         reader.bytes += total - off;
+                        // Cut by the capture (else by MAX_HEAD).
+                        let cut = reader.head_lost;
                         conn.requests_beyond_capture |= requests;
                         conn.responses_unsure |= !requests;
                         ctx.metrics
@@ -1026,8 +1028,25 @@ fn feed(conn: &mut Conn, requests: bool, ctx: &mut Ctx<'_, '_>) {
                             .with_label_values(&["head_beyond_capture"])
                             .inc();
                         match info {
-                            Some(info) => on_head(conn, requests, info, ctx),
-                            None => lose_sync(conn, requests, ctx, None, "response_unparsed"),
+                            Some(info) => {
+                                on_head(conn, requests, info, ctx);
+                                // Pipelined: the uncaptured rest of this call may hold the
+                                // responses of the requests after this one (wrk's pipelining
+                                // reads 16 at once), and how many is not known: this one ends
+                                // here, and those cannot be paired truthfully.
+                                if !requests && !conn.pending.is_empty() && conn.current.is_some() {
+                                    complete(conn, false, at_ns, ctx);
+                                    lose_sync(conn, false, ctx, None, "response_beyond_capture");
+                                }
+                            }
+                            None => {
+                                let reason = if cut {
+                                    "response_beyond_capture"
+                                } else {
+                                    "response_unparsed"
+                                };
+                                lose_sync(conn, requests, ctx, None, reason);
+                            }
                         }
                         return;
                     }
@@ -1956,6 +1975,55 @@ mod tests {
         let lost = h.lost("server", "request_beyond_capture");
         assert!(lost > 0);
         assert_eq!(h.out.len() as u64 + lost, 40);
+    }
+
+    /// Pipelined responses past the capture (wrk's pipeline.lua with 16 requests: each read
+    /// returns all 16 answers, 1 KiB of them captured): the responses seen pair with their own
+    /// requests, those not seen are counted lost, never paired with a later request.
+    #[test]
+    fn pipelined_responses_past_the_capture_are_not_mispaired() {
+        let mut h = Harness::new();
+        let mut sent = 0u64;
+        for batch in 0..4 {
+            let requests: Vec<u8> = (0..16)
+                .flat_map(|i| format!("GET /p{i} HTTP/1.1\r\nHost: x\r\n\r\n").into_bytes())
+                .collect();
+            h.write(&requests);
+            sent += 16;
+            // Answer i has status 210 + i (none of the bodiless 204 and 205): a response
+            // paired with another request shows.
+            let answers: Vec<u8> = (0..16)
+                .flat_map(|i| {
+                    format!(
+                        "HTTP/1.1 {} OK\r\nServer: test-{batch}\r\nDate: Sun, 29 Nov 2026 10:00:00 GMT\r\nContent-Length: 2\r\n\r\nok",
+                        210 + i
+                    )
+                        .into_bytes()
+                })
+                .collect();
+            assert!(answers.len() > 1024);
+            h.io(
+                Direction::Ingress,
+                &answers[..1024],
+                answers.len(),
+                &answers[answers.len() - 16..],
+            );
+        }
+        for e in &h.out {
+            assert_eq!(
+                e.path.to_string(),
+                format!("/p{}", e.status - 210),
+                "a response paired with its own request"
+            );
+        }
+        let lost = h.lost("client", "response_beyond_capture");
+        assert!(
+            h.out.len() >= 4 * 10,
+            "the captured answers count: {}",
+            h.out.len()
+        );
+        assert_eq!(h.out.len() as u64 + lost, sent);
+        assert_eq!(h.drops("pending_overflow"), 0);
     }
 
     /// A client that writes its request and closes without reading (it gave up, or a health

@@ -306,7 +306,12 @@ impl Metrics {
             spans.with_label_values(&[outcome]);
         }
         for side in ["server", "client"] {
-            for reason in ["ringbuf_full", "events_lost", "request_beyond_capture"] {
+            for reason in [
+                "ringbuf_full",
+                "events_lost",
+                "request_beyond_capture",
+                "response_beyond_capture",
+            ] {
                 requests_lost.with_label_values(&[side, reason]);
             }
         }
