@@ -11,7 +11,7 @@ use std::{
 use common::{
     Daemon, Nginx, Server, build_gotls, curl, curl_with, free_port, hooked, median,
     otlp::{Protocol, Received, Receiver},
-    scratch, serial, wait_hooked,
+    scratch, self_signed, serial, wait_hooked,
 };
 use opentelemetry_proto::tonic::trace::v1::{span::SpanKind, status::StatusCode};
 
@@ -231,12 +231,13 @@ fn thread_per_request_service_traces_without_headers() {
 }
 
 /// A Go service under concurrent load, no headers anywhere: curl (8 transfers at once) ->
-/// Go net/http server (tests/fixtures/gotls `front`), whose handler calls a Python backend twice
-/// per request with Go's HTTP/1 client. Goroutines share the Go program's threads, and that
-/// client writes each request from a goroutine of its connection's: joining by thread would
-/// put one request's calls under another's. Each of the 300 requests (its id in the paths,
-/// chosen by the test) gives exactly one trace: curl CLIENT -> Go SERVER -> 2 x (Go CLIENT ->
-/// backend SERVER), every span with that request's id; no trace mixes two requests.
+/// Go net/http server (tests/fixtures/gotls `front`), whose handler calls a backend twice per
+/// request with Go's HTTP/1 client: a Python one in cleartext, then a Go one over TLS (the
+/// plaintext taken at crypto/tls). Goroutines share the Go program's threads, and that client
+/// writes each request from a goroutine of its connection's: joining by thread put one
+/// request's calls under another's. Each request (its id in the paths, chosen by the test)
+/// gives exactly one trace: curl CLIENT -> Go SERVER -> 2 x (Go CLIENT -> backend SERVER),
+/// every span with that request's id; no trace mixes two requests.
 #[test]
 fn go_service_traces_without_headers_under_concurrency() {
     let _serial = serial();
@@ -245,24 +246,48 @@ fn go_service_traces_without_headers_under_concurrency() {
     let receiver = Receiver::start(Protocol::Grpc, free_port());
     let endpoint = format!("http://{}", receiver.addr);
     let daemon = Daemon::start_with(&["--otlp-endpoint", &endpoint, "--otlp-protocol", "grpc"]);
+    let spawn = |args: &[String]| {
+        let port = free_port();
+        let child = std::process::Command::new(&bin)
+            .arg(&args[0])
+            .arg(port.to_string())
+            .args(&args[1..])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn gotls");
+        Server::adopt(child, port)
+    };
     let backend = Server::fixture();
     let before = hooked(&daemon);
-    let port = free_port();
-    let child = std::process::Command::new(&bin)
-        .args(["front", &port.to_string()])
-        .arg(format!("http://127.0.0.1:{}", backend.port))
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("spawn gotls front");
-    let front = Server::adopt(child, port);
+    let front = spawn(&["front".into(), format!("http://127.0.0.1:{}", backend.port)]);
     wait_hooked(&daemon, before, "the Go program");
     // The look that hooked it also named it a Go program; the reader takes that at its next
     // drain.
     std::thread::sleep(Duration::from_millis(500));
+    check_go_front(&receiver, front.port, backend.port, 0..300);
 
-    const N: usize = 300;
-    let urls: Vec<String> = (0..N)
+    let (cert, key) = self_signed(&dir);
+    let tls_backend = spawn(&[
+        "server".into(),
+        cert.display().to_string(),
+        key.display().to_string(),
+    ]);
+    let tls_front = spawn(&[
+        "front".into(),
+        format!("https://127.0.0.1:{}", tls_backend.port),
+    ]);
+    // Same executable: known as Go at the daemon's next look at new processes.
+    std::thread::sleep(Duration::from_millis(2500));
+    check_go_front(&receiver, tls_front.port, tls_backend.port, 300..400);
+}
+
+/// Sends `/front/ID` for each id to the Go front on `port`, 8 at once, and checks the traces
+/// of those requests (see above).
+fn check_go_front(receiver: &Receiver, port: u16, backend: u16, ids: std::ops::Range<usize>) {
+    let n = ids.len();
+    let urls: Vec<String> = ids
+        .clone()
         .map(|i| format!("http://127.0.0.1:{port}/front/{i}"))
         .collect();
     let out = curl_with(
@@ -270,13 +295,13 @@ fn go_service_traces_without_headers_under_concurrency() {
         &urls,
         "%{http_code}\n",
     );
-    assert_eq!(out.len(), N, "curl ran every transfer");
+    assert_eq!(out.len(), n, "curl ran every transfer");
     assert!(
         out.iter().all(|c| c == "200"),
         "the front answered: {out:?}"
     );
 
-    let ports = [front.port, backend.port];
+    let ports = [port, backend];
     let ours = |spans: &[Received]| -> Vec<Received> {
         spans
             .iter()
@@ -284,10 +309,10 @@ fn go_service_traces_without_headers_under_concurrency() {
             .cloned()
             .collect()
     };
-    wait_spans(&receiver, "6 spans per request", |s| ours(s).len() >= 6 * N);
+    wait_spans(receiver, "6 spans per request", |s| ours(s).len() >= 6 * n);
     std::thread::sleep(Duration::from_secs(1));
     let spans = ours(&receiver.spans());
-    assert_eq!(spans.len(), 6 * N, "6 spans per request, no more");
+    assert_eq!(spans.len(), 6 * n, "6 spans per request, no more");
 
     // The request id each span carries in its path, by trace.
     let id_of = |s: &Received| -> String {
@@ -306,7 +331,7 @@ fn go_service_traces_without_headers_under_concurrency() {
         }
     }
     assert!(mixed.is_empty(), "traces mixing requests: {mixed:?}");
-    assert_eq!(traces.len(), N, "one trace per curl request");
+    assert_eq!(traces.len(), n, "one trace per curl request");
     for (trace, spans) in &traces {
         let find = |k: SpanKind, port: u16| -> Vec<&Received> {
             spans
@@ -315,10 +340,10 @@ fn go_service_traces_without_headers_under_concurrency() {
                 .copied()
                 .collect()
         };
-        let root = find(SpanKind::Client, front.port);
-        let served = find(SpanKind::Server, front.port);
-        let calls = find(SpanKind::Client, backend.port);
-        let back = find(SpanKind::Server, backend.port);
+        let root = find(SpanKind::Client, port);
+        let served = find(SpanKind::Server, port);
+        let calls = find(SpanKind::Client, backend);
+        let back = find(SpanKind::Server, backend);
         assert_eq!(
             (root.len(), served.len(), calls.len(), back.len()),
             (1, 1, 2, 2),
