@@ -386,8 +386,7 @@ impl Linker {
         let mut link_pending = false;
         let (parent, trace_id, sampled) = match s.kind {
             Side::Client => {
-                let thread = self
-                    .runner(&s)
+                let thread = runner
                     .and_then(|r| self.serving.get(&r))
                     .filter(|v| v.len() == 1)
                     .and_then(|v| self.live.get(&v[0]))

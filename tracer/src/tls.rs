@@ -133,7 +133,7 @@ pub struct TlsHooks {
     hooked: usize,
     /// Executables looked at (for Go's crypto/tls, or an OpenSSL linked in), by (device, inode).
     exe_tried: HashSet<(u64, u64)>,
-    /// Of those, the Go programs (1.17+: goroutine in R14).
+    /// Of those, the Go programs (1.18+, whose goroutine is in R14).
     go_exes: HashSet<(u64, u64)>,
     /// Live processes running one, and whether that changed since `go_processes` was asked.
     go_pids: HashSet<u32>,
