@@ -370,6 +370,95 @@ fn check_go_front(receiver: &Receiver, port: u16, backend: u16, ids: std::ops::R
     }
 }
 
+/// A client that connects from the same port again and again (as ephemeral ports come round
+/// under a connection per request): each connection's request is a trace of its own. Ids
+/// derived from the connection and the request's position repeated with the port (20 requests
+/// in one trace); the TCP sequence number of the request's first byte does not.
+#[test]
+fn a_client_port_used_again_starts_new_traces() {
+    let _serial = serial();
+    let receiver = Receiver::start(Protocol::Grpc, free_port());
+    let endpoint = format!("http://{}", receiver.addr);
+    let _daemon = Daemon::start_with(&["--otlp-endpoint", &endpoint, "--otlp-protocol", "grpc"]);
+    let server = Server::fixture();
+    const N: usize = 20;
+    // HTTP/1.0: the server closes first, so its end waits in TIME_WAIT and the client's port
+    // is free at once; SO_REUSEADDR lets the client bind it again.
+    let script = r#"
+import socket, sys
+port, local, n = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+for i in range(n):
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("127.0.0.1", local))
+    s.connect(("127.0.0.1", port))
+    s.sendall(b"GET /again/%d HTTP/1.0\r\nHost: x\r\n\r\n" % i)
+    data = b""
+    while True:
+        b = s.recv(65536)
+        if not b:
+            break
+        data += b
+    s.close()
+    print(data.split(b" ")[1].decode())
+"#;
+    let local = free_port();
+    let out = std::process::Command::new("python3")
+        .args(["-c", script, &server.port.to_string(), &local.to_string()])
+        .arg(N.to_string())
+        .output()
+        .expect("python3");
+    let codes = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        codes.lines().filter(|c| *c == "200").count(),
+        N,
+        "every request answered from port {local}: {codes} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let ours = |spans: &[Received]| -> Vec<Received> {
+        spans
+            .iter()
+            .filter(|s| server_port(s) == Some(server.port))
+            .cloned()
+            .collect()
+    };
+    wait_spans(&receiver, "2 spans per request", |s| ours(s).len() >= 2 * N);
+    std::thread::sleep(Duration::from_secs(1));
+    let spans = ours(&receiver.spans());
+    assert_eq!(spans.len(), 2 * N, "a client and a server span per request");
+    let mut traces: BTreeMap<String, Vec<&Received>> = BTreeMap::new();
+    for s in &spans {
+        traces.entry(s.trace_id()).or_default().push(s);
+    }
+    assert_eq!(traces.len(), N, "one trace per request");
+    for spans in traces.values() {
+        let paths: HashSet<String> = spans
+            .iter()
+            .map(|s| s.attr_str("url.path").expect("url.path"))
+            .collect();
+        assert_eq!(
+            (spans.len(), paths.len()),
+            (2, 1),
+            "a trace holds one request's two ends: {paths:?}"
+        );
+        let client = spans
+            .iter()
+            .find(|s| kind(s) == SpanKind::Client)
+            .expect("client");
+        let served = spans
+            .iter()
+            .find(|s| kind(s) == SpanKind::Server)
+            .expect("server");
+        assert_eq!(served.parent_id(), client.span_id());
+        assert_eq!(
+            client.attr_int("network.peer.port").map(|p| p as u16),
+            Some(server.port)
+        );
+    }
+    let span_ids: HashSet<String> = spans.iter().map(|s| s.span_id()).collect();
+    assert_eq!(span_ids.len(), 2 * N, "span ids do not repeat");
+}
+
 /// Issue 4, check 4 (status): Error for 5xx at servers and for 4xx/5xx at clients.
 #[test]
 fn span_status_follows_the_conventions() {

@@ -148,6 +148,11 @@ pub struct DataMeta {
     /// Bytes of HTTP/2 frame segments after the whole `payload` (see [`FRAMES_CAP`]); 0 for
     /// other sockets.
     pub frames_len: u32,
+    /// TCP sequence number of the call's first byte, in its direction: the same number at both
+    /// ends of the connection, whatever address translation lies between them. 0: not known
+    /// (TLS plaintext, which is not the bytes TCP carried; a data path without the socket).
+    pub tcp_seq: u32,
+    pub _pad: u32,
     pub tail: [u8; TAIL_LEN],
 }
 
@@ -356,7 +361,7 @@ pub mod limits {
 
 const _: () = assert!(core::mem::size_of::<EventHeader>() == 48);
 const _: () = assert!(core::mem::size_of::<SockTuple>() == 40);
-const _: () = assert!(DATA_EVENT_FIXED == 48 + 24 + 40 + 24 + TAIL_LEN);
+const _: () = assert!(DATA_EVENT_FIXED == 48 + 24 + 40 + 32 + TAIL_LEN);
 const _: () = assert!(core::mem::size_of::<DataEvent>() == DATA_EVENT_FIXED + PAYLOAD_CAP);
 const _: () = assert!(core::mem::size_of::<ConnEvent>() == 48 + 8 + 40 + 16 + 16 + 8);
 const _: () = assert!(PAYLOAD_CAP.is_power_of_two());

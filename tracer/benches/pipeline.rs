@@ -72,6 +72,8 @@ impl Socket {
             sk: self.sk,
             ts_enter_ns: *ts - 1_000,
             goroutine: 0,
+            tcp_seq: 0,
+            _pad: 0,
             tuple: self.tuple,
             direction,
             bytes: bytes.len() as u32,

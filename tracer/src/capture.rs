@@ -491,6 +491,8 @@ struct SockOffsets {
     task_switches: Option<u32>,
     /// `tcp_sock.bytes_received` and `bytes_acked`.
     tcp_bytes: Option<(u32, u32)>,
+    /// `tcp_sock.write_seq` and `copied_seq`.
+    tcp_seq: Option<(u32, u32)>,
     /// `tcp_sock.srtt_us` and `total_retrans`.
     tcp_path: Option<(u32, u32)>,
 }
@@ -517,6 +519,12 @@ impl SockOffsets {
                 "tcp_sock",
                 "bytes_acked",
                 8,
+            )),
+            tcp_seq: member(&btf, "tcp_sock", "write_seq", 4).zip(member(
+                &btf,
+                "tcp_sock",
+                "copied_seq",
+                4,
             )),
             tcp_path: member(&btf, "tcp_sock", "srtt_us", 4).zip(member(
                 &btf,
@@ -784,6 +792,16 @@ impl Capture {
             .override_global(
                 "TCP_BYTES_ACKED_OFFSET",
                 &offsets.tcp_bytes.map_or(0, |(_, acked)| acked),
+                true,
+            )
+            .override_global(
+                "TCP_WRITE_SEQ_OFFSET",
+                &offsets.tcp_seq.map_or(0, |(w, _)| w),
+                true,
+            )
+            .override_global(
+                "TCP_COPIED_SEQ_OFFSET",
+                &offsets.tcp_seq.map_or(0, |(_, c)| c),
                 true,
             )
             .override_global(

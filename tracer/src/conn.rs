@@ -172,16 +172,19 @@ struct Reader {
     /// Some bytes of the head being gathered were not captured.
     head_lost: bool,
     start_ns: u64,
+    /// TCP sequence number of the message's first byte, when the kernel side gave it.
+    start_seq: Option<u32>,
     last_ns: u64,
     bytes: u64,
 }
 
 impl Reader {
-    fn begin(&mut self, start_ns: u64) {
+    fn begin(&mut self, start_ns: u64, start_seq: Option<u32>) {
         self.state = ReadState::Head;
         self.head.clear();
         self.head_lost = false;
         self.start_ns = start_ns;
+        self.start_seq = start_seq;
         self.bytes = 0;
     }
 }
@@ -197,6 +200,7 @@ struct Conn {
     undecided: Vec<u8>,
     /// When the first undecided byte crossed.
     undecided_ns: u64,
+    undecided_seq: Option<u32>,
     last_ns: u64,
     /// The event number expected next from the kernel for this socket (a TLS session's
     /// writes).
@@ -256,6 +260,7 @@ impl Conn {
             current: None,
             undecided: Vec::new(),
             undecided_ns: 0,
+            undecided_seq: None,
             last_ns: now,
             next_seq: 0,
             next_seq_in: 0,
@@ -818,6 +823,7 @@ fn process(conn: &mut Conn, ctx: &mut Ctx<'_, '_>) {
             (Start::Undecided, _) if d.complete() && head.len() < MAX_UNDECIDED => {
                 if joined.is_none() {
                     conn.undecided_ns = d.boundary_ns();
+                    conn.undecided_seq = d.tcp_seq;
                 }
                 conn.undecided = head.to_vec();
                 return;
@@ -839,6 +845,8 @@ fn process(conn: &mut Conn, ctx: &mut Ctx<'_, '_>) {
             let data = Data {
                 payload: joined,
                 bytes: d.bytes + (joined.len() - d.payload.len()) as u32,
+                // The joined bytes begin with the earlier call's.
+                tcp_seq: conn.undecided_seq,
                 ..*d
             };
             let requests = (side == Side::Server) == (d.direction == Direction::Ingress);
@@ -945,7 +953,8 @@ fn feed(conn: &mut Conn, requests: bool, ctx: &mut Ctx<'_, '_>) {
                     lose_sync(conn, requests, ctx, failure, "response_unparsed");
                     return;
                 }
-                reader.begin(ctx.first_ns.take().unwrap_or(at_ns));
+                let seq = d.tcp_seq.map(|s| s.wrapping_add(off as u32));
+                reader.begin(ctx.first_ns.take().unwrap_or(at_ns), seq);
             }
             ReadState::Head => {
                 let prev = reader.head.len();
@@ -1228,6 +1237,7 @@ fn on_head(conn: &mut Conn, requests: bool, info: Head, ctx: &mut Ctx<'_, '_>) {
                 tls: d.tls,
                 peer_local: conn.peer_local,
                 goroutine: d.goroutine,
+                seq: conn.requests.start_seq,
             });
             conn.requests_seen += 1;
             conn.pending.push_back(Pending {
@@ -1538,6 +1548,7 @@ mod tests {
                 task_known: false,
                 sk: SK,
                 goroutine: 0,
+                tcp_seq: None,
                 tuple: tuple(),
                 sock_tuple: Default::default(),
                 ts_enter_ns: self.ts - 500,

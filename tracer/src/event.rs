@@ -132,6 +132,8 @@ pub struct Data<'a> {
     pub sk: u64,
     /// In a Go program, the goroutine the call was made for; else meaningless (0: unknown).
     pub goroutine: u64,
+    /// TCP sequence number of the call's first byte (the same at both ends of the connection).
+    pub tcp_seq: Option<u32>,
     pub tuple: Tuple,
     /// The tuple as the kernel side keeps it: how the daemon names the connection to it.
     pub sock_tuple: SockTuple,
@@ -233,6 +235,7 @@ pub fn decode(buf: &[u8]) -> Result<Event<'_>, DecodeError> {
                 task_known: hdr.flags & FLAG_TASK_KNOWN != 0,
                 sk: ev.sk,
                 goroutine: ev.goroutine,
+                tcp_seq: (ev.tcp_seq != 0).then_some(ev.tcp_seq),
                 tuple: Tuple::from_sock(&ev.tuple),
                 sock_tuple: ev.tuple,
                 ts_enter_ns: ev.ts_enter_ns,

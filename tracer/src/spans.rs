@@ -177,6 +177,9 @@ pub struct Start<'a> {
     pub peer_local: bool,
     /// In a Go program, the goroutine the request was read or written for (0: not known).
     pub goroutine: u64,
+    /// TCP sequence number of the request's first byte (HTTP/1 in cleartext): the same at
+    /// both ends, so that they derive the same ids from it.
+    pub seq: Option<u32>,
 }
 
 /// What runs a request in a process: a thread (tid), or in a Go program a goroutine
@@ -266,9 +269,16 @@ fn conn_key(client: &SocketAddr, server: &SocketAddr) -> ConnKey {
     mix(addr_word(client) ^ mix(addr_word(server) ^ 0x636f_6e6e))
 }
 
-/// Identity of a request from its connection and position: the same at both ends.
-fn request_key(client: &SocketAddr, server: &SocketAddr, index: u64) -> u64 {
-    mix(addr_word(client) ^ mix(addr_word(server) ^ mix(index ^ 0x7472_6163_6572)))
+/// Identity of a request, the same at both ends: from the client's address and the TCP
+/// sequence number of the request's first byte where known (random from one connection to the
+/// next, and the same whatever address translation lies between the ends: the server's
+/// address is not in it), else from the connection and the request's position on it (which
+/// repeats when the client's port comes round again).
+fn request_key(client: &SocketAddr, server: &SocketAddr, index: u64, seq: Option<u32>) -> u64 {
+    match seq {
+        Some(seq) => mix(addr_word(client) ^ mix(u64::from(seq) ^ 0x7463_7073_6571)),
+        None => mix(addr_word(client) ^ mix(addr_word(server) ^ mix(index ^ 0x7472_6163_6572))),
+    }
 }
 
 fn push_bounded(q: &mut Queue, id: SpanId) {
@@ -371,7 +381,7 @@ impl Linker {
             Side::Client => (s.tuple.local, s.tuple.remote),
             Side::Server => (s.tuple.remote, s.tuple.local),
         };
-        let key = request_key(&client, &server, s.index);
+        let key = request_key(&client, &server, s.index, s.seq);
         let conn = conn_key(&client, &server);
         let mut span_id = match s.kind {
             Side::Client => client_span_id(key),
@@ -811,6 +821,7 @@ mod tests {
             tls: false,
             peer_local: true,
             goroutine: 0,
+            seq: None,
         }
     }
 
@@ -1013,6 +1024,47 @@ mod tests {
         let s = b.start(remote).unwrap();
         assert_eq!(b.live[&s].parent, Parent::Remote(c));
         assert_eq!(b.live[&s].trace_id, a.live[&c].trace_id);
+    }
+
+    /// Ids from the request's TCP sequence number: the two daemons agree though one saw the
+    /// connection from its start and the other from its 8th request, and though the client
+    /// dialled an address translated on the way (a Kubernetes Service's); and a connection
+    /// that comes back on the same client port starts a trace of its own.
+    #[test]
+    fn sequence_numbers_name_requests_alike_at_both_ends() {
+        let (mut a, mut b) = (
+            Linker::new(Sampler::ratio(1.0)),
+            Linker::new(Sampler::ratio(1.0)),
+        );
+        let client = |a: &mut Linker, index, seq| {
+            let mut st = start(
+                Side::Client,
+                task(1, 1),
+                tuple("10.0.0.1:5555", "10.96.0.10:80"),
+                index,
+                None,
+            );
+            st.seq = Some(seq);
+            a.start(st).unwrap()
+        };
+        let c = client(&mut a, 7, 0x1234_5678);
+        let mut remote = start(
+            Side::Server,
+            task(2, 2),
+            tuple("10.0.1.7:8080", "10.0.0.1:5555"),
+            0,
+            None,
+        );
+        remote.peer_local = false;
+        remote.seq = Some(0x1234_5678);
+        let s = b.start(remote).unwrap();
+        assert_eq!(b.live[&s].parent, Parent::Remote(c));
+        assert_eq!(b.live[&s].trace_id, a.live[&c].trace_id);
+        // The same port, a new connection (its own initial sequence number), first request.
+        let again = client(&mut a, 0, 0x9abc_def0);
+        let first = client(&mut a, 0, 0x0fed_cba9);
+        assert_ne!(a.live[&again].trace_id, a.live[&first].trace_id);
+        assert_ne!(a.live[&again].trace_id, a.live[&c].trace_id);
     }
 
     #[test]

@@ -241,6 +241,7 @@ impl Streams {
                             tls: env.d.tls,
                             peer_local: env.peer_local,
                             goroutine: env.d.goroutine,
+                            seq: None,
                         })
                     });
                 // Without a span for want of a readable response: a client end traced here

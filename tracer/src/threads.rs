@@ -94,6 +94,7 @@ mod tests {
             task_known: known,
             sk: 1,
             goroutine: 0,
+            tcp_seq: None,
             tuple: Tuple {
                 local: addr,
                 remote: addr,

@@ -14,9 +14,9 @@ use aya_ebpf::{
 };
 use tracer_common::{
     CARRY_SPLIT, CARRY_UNKNOWN, DATA_EVENT_FIXED, DIR_EGRESS, DIR_INGRESS, DataEvent, EventKind,
-    FLAG_IOVEC, FLAG_TASK_KNOWN, FLAG_TUPLE_FROM_SOCK, FRAME_KEEP_CAP, FRAMES_CAP, KernelStat,
-    MAX_FRAMES_WALKED, PAYLOAD_CAP, REQUEST_STARTS, SEGMENT_HEADER, SockState, TAIL_LEN,
-    TASK_RESEND,
+    FLAG_IOVEC, FLAG_TASK_KNOWN, FLAG_TLS, FLAG_TUPLE_FROM_SOCK, FRAME_KEEP_CAP, FRAMES_CAP,
+    KernelStat, MAX_FRAMES_WALKED, PAYLOAD_CAP, REQUEST_STARTS, SEGMENT_HEADER, SockState,
+    TAIL_LEN, TASK_RESEND,
 };
 
 use crate::maps::{
@@ -24,7 +24,7 @@ use crate::maps::{
     wakeup_flags,
 };
 
-use super::sock::{Lookup, NextEvent, Store, next_event};
+use super::sock::{Lookup, NextEvent, Store, first_seq, next_event};
 
 /// Offset of `msg_iov` in `struct user_msghdr`, `msg_iovlen` right after it (x86_64 and arm64
 /// alike).
@@ -830,6 +830,13 @@ pub fn emit<const WALK: bool>(args: &SyscallArgs, ret: u64, id: u64, next: NextE
         ret as u32
     };
 
+    // TLS plaintext is not the bytes TCP carried: no sequence number.
+    meta.tcp_seq = if flags & FLAG_TLS == 0 {
+        first_seq(args.sk, args.direction, ret)
+    } else {
+        0
+    };
+    meta._pad = 0;
     meta.tuple = next.tuple;
     meta.seq = next.seq;
     if next.from_sock {

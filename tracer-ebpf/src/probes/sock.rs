@@ -155,6 +155,35 @@ static TCP_BYTES_RECEIVED_OFFSET: u32 = 0;
 #[unsafe(no_mangle)]
 static TCP_BYTES_ACKED_OFFSET: u32 = 0;
 
+/// Byte offsets of `write_seq` (the sequence number after the last byte queued to send) and
+/// `copied_seq` (after the last byte read) in `struct tcp_sock` (0: unknown).
+#[unsafe(no_mangle)]
+static TCP_WRITE_SEQ_OFFSET: u32 = 0;
+#[unsafe(no_mangle)]
+static TCP_COPIED_SEQ_OFFSET: u32 = 0;
+
+/// The TCP sequence number of the first of the `ret` bytes a send or receive on `sk` just
+/// moved (the send queued them, the receive consumed them: peeks are not traced), or 0 when
+/// not known.
+#[inline(always)]
+pub fn first_seq(sk: u64, direction: u32, ret: u64) -> u32 {
+    let at = if direction == DIR_EGRESS {
+        &TCP_WRITE_SEQ_OFFSET
+    } else {
+        &TCP_COPIED_SEQ_OFFSET
+    };
+    // SAFETY: a read-only global patched by the loader; volatile so LLVM does not fold the 0.
+    let off = unsafe { read_volatile(at) } as u64;
+    if off == 0 || sk == 0 {
+        return 0;
+    }
+    // SAFETY: `sk` is the call's live TCP socket; the read is checked.
+    match unsafe { bpf_probe_read_kernel((sk + off) as *const u32) } {
+        Ok(end) => end.wrapping_sub(ret as u32),
+        Err(_) => 0,
+    }
+}
+
 /// Byte offsets of `srtt_us` and `total_retrans` in `struct tcp_sock` (0: unknown).
 #[unsafe(no_mangle)]
 static TCP_SRTT_OFFSET: u32 = 0;
