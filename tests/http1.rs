@@ -603,3 +603,95 @@ fn a_body_written_in_many_buffers_ends_with_its_last_chunk() {
     );
     drop(s);
 }
+
+/// An address translated on the way, as a Kubernetes Service's: the client dials
+/// 127.0.0.2:<port>, nftables' NAT rewrites it to the server's 127.0.0.1:<port> (`nft`, from
+/// scripts/test-deps.sh). The two ends' tuples are then not each other's reverse; the request
+/// must still be counted once, named client -> server, with both ends' timing, with spans
+/// and without, and the TCP connections named too. Before, each request was counted twice:
+/// `curl -> 127.0.0.2:<port>` by the client end and `127.0.0.1 -> server` by the server end.
+#[test]
+fn requests_through_a_translated_address_are_counted_once() {
+    let _serial = serial();
+    let server = Server::fixture();
+    let vip_port = common::free_port();
+    let _nat = Nat::dnat("127.0.0.2", vip_port, server.port);
+    for args in [&[][..], &["--no-spans"][..]] {
+        let daemon = Daemon::start_with(args);
+        // One connection of 20 requests, and 20 connections of one.
+        let urls: Vec<String> = (0..20)
+            .map(|i| format!("http://127.0.0.2:{vip_port}/ok/{i}"))
+            .collect();
+        let mut codes = curl(&urls, "%{http_code}\n");
+        for url in &urls {
+            codes.extend(curl(&[url], "%{http_code}\n"));
+        }
+        assert_eq!(codes.iter().filter(|c| *c == "200").count(), 40);
+        let edge = daemon.wait_edge("curl", server.port, 40);
+        assert_eq!(
+            edge["requests"],
+            40,
+            "{args:?}: {edge}\n{}",
+            daemon.diagnostics()
+        );
+        assert_eq!(edge["dst"], "server", "{args:?}: {edge}");
+        common::assert_both_ends(&edge, 40);
+        let edges = daemon.json("/api/edges");
+        let total: u64 = edges["edges"]
+            .as_array()
+            .expect("edges")
+            .iter()
+            .map(|e| e["requests"].as_u64().unwrap_or(0))
+            .sum();
+        assert_eq!(total, 40, "{args:?}: counted once, on one edge: {edges}");
+        let tcp = edges["tcp"].as_array().expect("tcp");
+        let conns = tcp
+            .iter()
+            .find(|t| t["src"] == "curl" && t["dst"] == "server")
+            .unwrap_or_else(|| panic!("{args:?}: no TCP edge curl -> server: {edges}"));
+        assert_eq!(conns["established"], 21, "{args:?}: {conns}");
+        assert_eq!(
+            conns["dst_addrs"],
+            serde_json::json!([format!("127.0.0.2:{vip_port}")]),
+            "the address the client dialled"
+        );
+    }
+}
+
+/// An nftables table that rewrites (DNAT) connections to one address to a local port; removed
+/// when dropped.
+struct Nat {
+    table: String,
+}
+
+impl Nat {
+    fn dnat(addr: &str, port: u16, to_port: u16) -> Self {
+        let table = format!("tracer_test_{}", std::process::id());
+        let nat = Nat { table };
+        let rules = format!(
+            "table ip {t} {{\n chain out {{\n  type nat hook output priority -100; policy accept;\n  ip daddr {addr} tcp dport {port} dnat to 127.0.0.1:{to_port}\n }}\n}}\n",
+            t = nat.table
+        );
+        let mut child = Command::new("nft")
+            .args(["-f", "-"])
+            .stdin(Stdio::piped())
+            .spawn()
+            .expect("nft (apt install nftables)");
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(rules.as_bytes())
+            .expect("write rules");
+        assert!(child.wait().expect("nft").success(), "nft refused {rules}");
+        nat
+    }
+}
+
+impl Drop for Nat {
+    fn drop(&mut self) {
+        let _ = Command::new("nft")
+            .args(["delete", "table", "ip", &self.table])
+            .status();
+    }
+}

@@ -8,7 +8,7 @@
 // Hot-path tables: foldhash is several times cheaper per lookup than SipHash and still
 // seeded per process.
 use foldhash::HashMap;
-use std::collections::VecDeque;
+use std::{collections::VecDeque, net::SocketAddr};
 
 use tracer_common::{
     SockTuple, TCP_CLOSE, TCP_CLOSE_WAIT, TCP_ESTABLISHED, TCP_FIN_WAIT1, TCP_LAST_ACK,
@@ -214,6 +214,9 @@ struct Conn {
     /// The other end's socket, once seen here (0: not yet): its exchanges name their peer
     /// without a lookup by addresses.
     peer_sk: u64,
+    /// The client's address (this end's own, or its peer's), once the role says which it is:
+    /// its key in `ConnTable::by_client`.
+    client_addr: Option<SocketAddr>,
     /// When it was reset by its peer (its entry in `ConnTable::closing`), until it ends.
     reset: Option<std::time::Instant>,
     /// Requests not kept (the queue was full) since the last one queued: the responses after
@@ -267,6 +270,7 @@ impl Conn {
             requests_seen: 0,
             peer_local: tuple.remote.ip().is_loopback() || tuple.remote.ip() == tuple.local.ip(),
             peer_sk: 0,
+            client_addr: None,
             reset: None,
             overflow_gap: 0,
             responses_unsure: false,
@@ -344,6 +348,11 @@ pub struct ConnTable {
     /// Sockets in connect(), with the process that called it.
     connecting: HashMap<u64, Task>,
     by_tuple: HashMap<Tuple, u64>,
+    /// Connections by their client's address, [client end, server end]: the two ends of a
+    /// connection whose server address was translated on the way (a Kubernetes Service's
+    /// DNAT: the client dialled the Service, the server sees its own address) do not have
+    /// reversed tuples, but the client's address is the same at both.
+    by_client: HashMap<SocketAddr, [u64; 2]>,
     /// Recently closed sockets by their tuple's hash, in two generations: the newer fills, then
     /// replaces the older wholesale. Removing the oldest entry one by one was a cache miss or
     /// two per closed socket, the largest cost with a connection per request.
@@ -384,6 +393,7 @@ impl ConnTable {
             conns: HashMap::default(),
             connecting: HashMap::default(),
             by_tuple: HashMap::default(),
+            by_client: HashMap::default(),
             closed: HashMap::default(),
             closed_old: HashMap::default(),
             closed_hasher: Default::default(),
@@ -416,11 +426,24 @@ impl ConnTable {
         let other = tuple.reversed();
         if peer_sk != 0
             && let Some(c) = self.conns.get(&peer_sk)
-            && c.tuple == other
+            && (c.tuple == other
+                || c.client_addr
+                    .is_some_and(|a| a == tuple.local || a == tuple.remote))
         {
             return Some(c.peer());
         }
-        match self.by_tuple.get(&other).and_then(|sk| self.conns.get(sk)) {
+        // A client's tuple whose server address was translated: its server end by the client's
+        // address.
+        let translated = || {
+            let sk = self.by_client.get(&tuple.local)?[1];
+            self.conns.get(&sk).filter(|_| sk != 0)
+        };
+        match self
+            .by_tuple
+            .get(&other)
+            .and_then(|sk| self.conns.get(sk))
+            .or_else(translated)
+        {
             Some(c) => Some(c.peer()),
             None => {
                 let key = self.closed_key(&other);
@@ -511,7 +534,12 @@ impl ConnTable {
         // first requests when it is on this host (its socket's first event can come later).
         if conn.peer_sk == 0
             && (!conn.peer_local || conn.requests_seen < 4 || d.seq < 16)
-            && let Some(&peer) = self.by_tuple.get(&d.tuple.reversed())
+            && let Some(peer) = self.by_tuple.get(&d.tuple.reversed()).copied().or_else(|| {
+                // Through an address translation: the other end by the client's address.
+                let (addr, side) = (conn.client_addr?, conn.role.side()?);
+                let peer = self.by_client.get(&addr)?[usize::from(side == Side::Client)];
+                (peer != 0 && peer != d.sk).then_some(peer)
+            })
         {
             conn.peer_local = true;
             conn.peer_sk = peer;
@@ -537,6 +565,16 @@ impl ConnTable {
         };
         let was_opaque = conn.role == Role::Opaque;
         process(conn, &mut ctx);
+        if conn.client_addr.is_none()
+            && let Some(side) = conn.role.side()
+        {
+            let addr = match side {
+                Side::Client => conn.tuple.local,
+                Side::Server => conn.tuple.remote,
+            };
+            conn.client_addr = Some(addr);
+            self.by_client.entry(addr).or_default()[usize::from(side == Side::Server)] = d.sk;
+        }
         // Asked again now and then while events keep coming: the request can be lost (LRU) or
         // the kernel's entry evicted and made again.
         let ask = if was_opaque {
@@ -696,6 +734,16 @@ impl ConnTable {
             }
             if self.by_tuple.get(&conn.tuple) == Some(&sk) {
                 self.by_tuple.remove(&conn.tuple);
+            }
+            if let Some(addr) = conn.client_addr
+                && let Some(ends) = self.by_client.get_mut(&addr)
+            {
+                for end in ends.iter_mut().filter(|e| **e == sk) {
+                    *end = 0;
+                }
+                if *ends == [0, 0] {
+                    self.by_client.remove(&addr);
+                }
             }
             if self.closed.len() >= RECENTLY_CLOSED {
                 // Keeps both tables' capacity: no allocation, a memset of control bytes.

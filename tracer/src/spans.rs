@@ -265,8 +265,10 @@ fn addr_word(a: &SocketAddr) -> u64 {
 /// up several times per request, and hashing two socket addresses each time was a cost.
 type ConnKey = u64;
 
-fn conn_key(client: &SocketAddr, server: &SocketAddr) -> ConnKey {
-    mix(addr_word(client) ^ mix(addr_word(server) ^ 0x636f_6e6e))
+/// A connection as both ends on this host name it: by its client's address, which is the same
+/// at both even when the server's was translated on the way (a Kubernetes Service's DNAT).
+fn conn_key(client: &SocketAddr) -> ConnKey {
+    mix(addr_word(client) ^ 0x636f_6e6e)
 }
 
 /// Identity of a request, the same at both ends: from the client's address and the TCP
@@ -382,7 +384,7 @@ impl Linker {
             Side::Server => (s.tuple.remote, s.tuple.local),
         };
         let key = request_key(&client, &server, s.index, s.seq);
-        let conn = conn_key(&client, &server);
+        let conn = conn_key(&client);
         let mut span_id = match s.kind {
             Side::Client => client_span_id(key),
             Side::Server => server_span_id(key),
@@ -664,7 +666,7 @@ impl Linker {
         span.finished = Some(f);
         span.finished_at = Some(self.now);
         if span.link_pending {
-            let conn = conn_key(&span.client_addr(), &span.server_addr());
+            let conn = conn_key(&span.client_addr());
             let expected = match span.parent {
                 Parent::Remote(id) => id,
                 _ => 0,
