@@ -15,10 +15,11 @@
 //! little after the server's) is linked when it finishes. Spans are held until every local
 //! ancestor has finished, so that such a late link reaches their descendants before export.
 //!
-//! Across hosts without propagated context, ids are derived from the connection (client and
-//! server addresses) and the request's position on it, so that the daemons at the two ends
-//! name the CLIENT span alike: the remote SERVER span's parent is that id and, when the CLIENT
-//! span starts its trace, the trace ids agree too. See README for what cannot be joined.
+//! Across hosts without propagated context, ids are derived from the client's address and the
+//! TCP sequence number of the request's first byte (else its position on the connection), so
+//! that the daemons at the two ends name the CLIENT span alike: the remote SERVER span's parent
+//! is that id and, when the CLIENT span starts its trace, the trace ids agree too. See README
+//! for what cannot be joined.
 
 // Hot-path tables: foldhash is several times cheaper per lookup than SipHash and still
 // seeded per process.
@@ -273,13 +274,13 @@ fn conn_key(client: &SocketAddr) -> ConnKey {
 
 /// Identity of a request, the same at both ends: from the client's address and the TCP
 /// sequence number of the request's first byte where known (random from one connection to the
-/// next, and the same whatever address translation lies between the ends: the server's
-/// address is not in it), else from the connection and the request's position on it (which
-/// repeats when the client's port comes round again).
-fn request_key(client: &SocketAddr, server: &SocketAddr, index: u64, seq: Option<u32>) -> u64 {
+/// next), else the request's position on its connection (an HTTP/2 stream id; repeats when the
+/// client's port comes round again). Not the server's address, which an address translation
+/// on the way (a Kubernetes Service's DNAT) makes differ between the ends.
+fn request_key(client: &SocketAddr, index: u64, seq: Option<u32>) -> u64 {
     match seq {
         Some(seq) => mix(addr_word(client) ^ mix(u64::from(seq) ^ 0x7463_7073_6571)),
-        None => mix(addr_word(client) ^ mix(addr_word(server) ^ mix(index ^ 0x7472_6163_6572))),
+        None => mix(addr_word(client) ^ mix(index ^ 0x7472_6163_6572)),
     }
 }
 
@@ -379,11 +380,11 @@ impl Linker {
             return None;
         }
         self.stats.started += 1;
-        let (client, server) = match s.kind {
-            Side::Client => (s.tuple.local, s.tuple.remote),
-            Side::Server => (s.tuple.remote, s.tuple.local),
+        let client = match s.kind {
+            Side::Client => s.tuple.local,
+            Side::Server => s.tuple.remote,
         };
-        let key = request_key(&client, &server, s.index, s.seq);
+        let key = request_key(&client, s.index, s.seq);
         let conn = conn_key(&client);
         let mut span_id = match s.kind {
             Side::Client => client_span_id(key),
