@@ -131,6 +131,18 @@ fn grpc_calls_are_counted_with_their_status() {
         2 * ROUNDS,
         "NOT_FOUND and INTERNAL: {edge}"
     );
+    // In /metrics, by gRPC status (NOT_FOUND 5, INTERNAL 13), all under HTTP 200.
+    for (grpc, n) in [("0", 3 * ROUNDS), ("5", ROUNDS), ("13", ROUNDS)] {
+        let counted = daemon.metric_sum(
+            "tracer_http_requests_total",
+            &[
+                ("destination", "grpc_server"),
+                ("status", "200"),
+                ("grpc_status", grpc),
+            ],
+        );
+        assert_eq!(counted, n as f64, "grpc_status {grpc}");
+    }
     let routes = daemon.json("/api/routes?workload=grpc_server&window=10m");
     for (route, n) in [
         ("/shop.Catalog/Get", 2 * ROUNDS),

@@ -132,7 +132,8 @@ struct Edge {
     dst_addrs: BTreeSet<SocketAddr>,
     src_pids: BTreeSet<u32>,
     dst_pids: BTreeSet<u32>,
-    series: HashMap<(Method, u16, RouteId), Series>,
+    /// By method, status, gRPC status (u32::MAX: none) and route.
+    series: HashMap<(Method, u16, u32, RouteId), Series>,
     window: Windowed,
 }
 
@@ -507,17 +508,20 @@ impl Aggregator {
             series: HashMap::default(),
             window: Windowed::new(),
         });
+        let grpc = ex.grpc_status.unwrap_or(u32::MAX);
         let series = edge
             .series
-            .entry((ex.method, ex.status, route))
+            .entry((ex.method, ex.status, grpc, route))
             .or_insert_with(|| {
                 let status = ex.status.to_string();
+                let grpc = ex.grpc_status.map(|g| g.to_string()).unwrap_or_default();
                 let labels = [
                     self.names.name(key.0),
                     self.names.name(key.1),
                     ex.method.as_str(),
                     self.routes.name(route),
                     status.as_str(),
+                    grpc.as_str(),
                 ];
                 let latency = |observer: &str| {
                     let mut l = labels.to_vec();
@@ -606,14 +610,20 @@ impl Aggregator {
             if !e.window.idle(&clock) {
                 return true;
             }
-            for ((method, status, route), _) in e.series.drain() {
+            for ((method, status, grpc, route), _) in e.series.drain() {
                 let status = status.to_string();
+                let grpc = if grpc == u32::MAX {
+                    String::new()
+                } else {
+                    grpc.to_string()
+                };
                 let labels = [
                     names.name(*src),
                     names.name(*dst),
                     method.as_str(),
                     routes.name(route),
                     status.as_str(),
+                    grpc.as_str(),
                 ];
                 let _ = metrics.requests.remove_label_values(&labels);
                 for observer in ["server", "client"] {
@@ -656,7 +666,7 @@ impl Aggregator {
         let mut routes: HashSet<RouteId> = HashSet::default();
         for (&(src, dst), e) in &self.edges {
             names.extend([src, dst]);
-            routes.extend(e.series.keys().map(|k| k.2));
+            routes.extend(e.series.keys().map(|k| k.3));
         }
         names.extend(self.workloads.keys().copied());
         for (&dst, set) in &self.dst_routes {
@@ -696,7 +706,9 @@ impl Aggregator {
             for e in self.edges.values_mut() {
                 e.series = std::mem::take(&mut e.series)
                     .into_iter()
-                    .map(|((method, status, route), s)| ((method, status, r(&route)), s))
+                    .map(|((method, status, grpc, route), s)| {
+                        ((method, status, grpc, r(&route)), s)
+                    })
                     .collect();
             }
             for set in self.dst_routes.values_mut() {
@@ -979,7 +991,7 @@ mod tests {
         let route = agg.routes.get("/keep").expect("route kept");
         let edge = &agg.edges[&(client, nginx)];
         assert_eq!(edge.golden.requests, 8);
-        assert!(edge.series.keys().all(|k| k.2 == route));
+        assert!(edge.series.keys().all(|k| k.3 == route));
         assert_eq!(agg.dst_routes[&nginx].iter().collect::<Vec<_>>(), [&route]);
         agg.record(&keeper, None, true, &metrics);
         assert_eq!(agg.edges[&(client, nginx)].golden.requests, 9);

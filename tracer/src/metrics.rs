@@ -14,7 +14,16 @@ pub const LATENCY_BUCKETS: &[f64] = &[
 ];
 
 /// Labels of request series, in order.
-pub const REQUEST_LABELS: &[&str] = &["source", "destination", "method", "route", "status"];
+/// `grpc_status` is gRPC's own (`0` OK, `14` UNAVAILABLE...), empty for other requests: a gRPC
+/// call that failed is answered with HTTP status 200.
+pub const REQUEST_LABELS: &[&str] = &[
+    "source",
+    "destination",
+    "method",
+    "route",
+    "status",
+    "grpc_status",
+];
 
 #[derive(Clone)]
 pub struct Metrics {
@@ -52,7 +61,8 @@ impl Metrics {
         let requests = IntCounterVec::new(
             Opts::new(
                 "tracer_http_requests_total",
-                "HTTP requests seen, by client and server workload, method, route and status code.",
+                "HTTP requests seen, by client and server workload, method, route, status code \
+                 and gRPC status.",
             ),
             REQUEST_LABELS,
         )
