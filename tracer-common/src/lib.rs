@@ -149,8 +149,9 @@ pub struct DataMeta {
     /// other sockets.
     pub frames_len: u32,
     /// TCP sequence number of the call's first byte, in its direction: the same number at both
-    /// ends of the connection, whatever address translation lies between them. 0: not known
-    /// (TLS plaintext, which is not the bytes TCP carried; a data path without the socket).
+    /// ends of the connection, whatever address translation lies between them. Sent for calls
+    /// that begin with a request line (`REQUEST_STARTS`); 0 for the others, TLS plaintext (not
+    /// the bytes TCP carried) and data paths without the socket.
     pub tcp_seq: u32,
     pub _pad: u32,
     pub tail: [u8; TAIL_LEN],

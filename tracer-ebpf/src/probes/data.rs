@@ -830,12 +830,6 @@ pub fn emit<const WALK: bool>(args: &SyscallArgs, ret: u64, id: u64, next: NextE
         ret as u32
     };
 
-    // TLS plaintext is not the bytes TCP carried: no sequence number.
-    meta.tcp_seq = if flags & FLAG_TLS == 0 {
-        first_seq(args.sk, args.direction, ret)
-    } else {
-        0
-    };
     meta._pad = 0;
     meta.tuple = next.tuple;
     meta.seq = next.seq;
@@ -929,6 +923,13 @@ pub fn emit<const WALK: bool>(args: &SyscallArgs, ret: u64, id: u64, next: NextE
             i += 1;
         }
         found
+    };
+    // Where a request begins (the daemon names requests by it): not for the other calls, nor
+    // TLS plaintext, which is not the bytes TCP carried.
+    meta.tcp_seq = if starts_request && flags & FLAG_TLS == 0 {
+        first_seq(args.sk, args.direction, ret)
+    } else {
+        0
     };
     let size = if frames_len > 0 {
         // Segments follow the whole payload.
