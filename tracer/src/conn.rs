@@ -377,6 +377,14 @@ pub struct ConnTable {
     closing: VecDeque<(u64, std::time::Instant)>,
 }
 
+/// Where an end is in a `ConnTable::by_client` entry.
+fn end_slot(side: Side) -> usize {
+    match side {
+        Side::Client => 0,
+        Side::Server => 1,
+    }
+}
+
 /// Opaque sockets remembered between two hand-overs to the kernel.
 const MAX_OPAQUE_PENDING: usize = 4096;
 
@@ -435,7 +443,7 @@ impl ConnTable {
         // A client's tuple whose server address was translated: its server end by the client's
         // address.
         let translated = || {
-            let sk = self.by_client.get(&tuple.local)?[1];
+            let sk = self.by_client.get(&tuple.local)?[end_slot(Side::Server)];
             self.conns.get(&sk).filter(|_| sk != 0)
         };
         match self
@@ -537,7 +545,11 @@ impl ConnTable {
             && let Some(peer) = self.by_tuple.get(&d.tuple.reversed()).copied().or_else(|| {
                 // Through an address translation: the other end by the client's address.
                 let (addr, side) = (conn.client_addr?, conn.role.side()?);
-                let peer = self.by_client.get(&addr)?[usize::from(side == Side::Client)];
+                let other = match side {
+                    Side::Client => Side::Server,
+                    Side::Server => Side::Client,
+                };
+                let peer = self.by_client.get(&addr)?[end_slot(other)];
                 (peer != 0 && peer != d.sk).then_some(peer)
             })
         {
@@ -573,7 +585,7 @@ impl ConnTable {
                 Side::Server => conn.tuple.remote,
             };
             conn.client_addr = Some(addr);
-            self.by_client.entry(addr).or_default()[usize::from(side == Side::Server)] = d.sk;
+            self.by_client.entry(addr).or_default()[end_slot(side)] = d.sk;
         }
         // Asked again now and then while events keep coming: the request can be lost (LRU) or
         // the kernel's entry evicted and made again.

@@ -31,7 +31,7 @@ use crate::{
     metrics::Metrics,
     otlp::{self, ServiceNames},
     ring::Ring,
-    spans::{self, LinkStats, Linker, Sampler, Span},
+    spans::{self, GoProcesses, LinkStats, Linker, Sampler, Span},
     tap,
     tcp::{self, TcpEdges, TcpTracker},
     threads::{self, Threads},
@@ -127,17 +127,17 @@ pub struct Shared {
 #[derive(Default)]
 pub struct GoProcs {
     version: AtomicU64,
-    set: Mutex<Arc<HashSet<u32>>>,
+    set: Mutex<Arc<GoProcesses>>,
 }
 
 impl GoProcs {
     pub fn publish(&self, set: HashSet<u32>) {
-        *self.set.lock().unwrap_or_else(|p| p.into_inner()) = Arc::new(set);
+        *self.set.lock().unwrap_or_else(|p| p.into_inner()) = Arc::new(set.into_iter().collect());
         self.version.fetch_add(1, Ordering::Release);
     }
 
     /// The set, if its version is not `seen` (which becomes the current one).
-    fn changed(&self, seen: &mut u64) -> Option<Arc<HashSet<u32>>> {
+    fn changed(&self, seen: &mut u64) -> Option<Arc<GoProcesses>> {
         let v = self.version.load(Ordering::Acquire);
         if v == *seen {
             return None;
@@ -416,7 +416,7 @@ impl Reader {
         self.shared.aggregator().tick();
         self.linker.tick(Instant::now());
         if let Some(go) = self.shared.go_procs.changed(&mut self.go_version) {
-            self.linker.set_go(go);
+            self.linker.set_go(&go);
         }
         let mut n = 0u32;
         ring.drain(|item| {

@@ -122,8 +122,8 @@ pub struct Span {
     pub finished: Option<Finished>,
     /// A CLIENT span the server end of its request took as parent.
     claimed: bool,
-    /// Under which key of `serving` a SERVER span is (`Linker::runner`).
-    runner: Option<Runner>,
+    /// A SERVER span's key in `serving` is (its tgid, this) (`Linker::runner`); 0: none.
+    runner: u64,
     children: Ids,
     link_pending: bool,
     created: Instant,
@@ -183,6 +183,9 @@ pub struct Start<'a> {
     pub seq: Option<u32>,
 }
 
+/// Process ids of the Go programs (looked up once per span).
+pub type GoProcesses = foldhash::HashSet<u32>;
+
 /// What runs a request in a process: a thread (tid), or in a Go program a goroutine
 /// (`runtime.g`), whose requests a thread interleaves.
 type Runner = (u32, u64);
@@ -233,7 +236,7 @@ pub struct Linker {
     serving: HashMap<Runner, Ids>,
     /// Processes that are Go programs (found by the TLS look at executables): their requests
     /// are run by goroutines.
-    go: Arc<std::collections::HashSet<u32>>,
+    go: GoProcesses,
     /// Client spans whose server end has not claimed them, by connection (`conn_key`).
     pending_clients: HashMap<ConnKey, Queue>,
     /// Server spans that started before their (local) client span was seen.
@@ -345,7 +348,7 @@ impl Linker {
             last_shrink: Instant::now(),
             now: Instant::now(),
             serving: HashMap::default(),
-            go: Arc::default(),
+            go: GoProcesses::default(),
             pending_clients: HashMap::default(),
             pending_servers: HashMap::default(),
             spare: Vec::new(),
@@ -357,14 +360,16 @@ impl Linker {
     /// Opens the span of a request at one end; returns its id, or None when the table is full.
     /// The Go programs among the processes (replaced whenever the look finds one more or one
     /// fewer).
-    pub fn set_go(&mut self, go: Arc<std::collections::HashSet<u32>>) {
-        self.go = go;
+    pub fn set_go(&mut self, go: &GoProcesses) {
+        // A copy held here rather than behind the shared pointer: looked at for every span,
+        // and another allocation's cache line was a miss each time (4% of the replay).
+        self.go.clone_from(go);
     }
 
     /// What runs a request: its thread, or in a Go program its goroutine; none for a Go
     /// program's request whose goroutine is not known (its thread says nothing).
     fn runner(&self, s: &Start<'_>) -> Option<Runner> {
-        if !self.go.contains(&s.task.tgid) {
+        if self.go.is_empty() || !self.go.contains(&s.task.tgid) {
             Some((s.task.tgid, u64::from(s.task.tid)))
         } else {
             (s.goroutine != 0).then_some((s.task.tgid, s.goroutine))
@@ -463,7 +468,9 @@ impl Linker {
             tls: s.tls,
             finished: None,
             claimed: false,
-            runner: runner.filter(|_| s.kind == Side::Server),
+            runner: runner
+                .filter(|_| s.kind == Side::Server)
+                .map_or(0, |(_, r)| r),
             children: Ids::new(),
             link_pending,
             created: self.now,
@@ -624,7 +631,12 @@ impl Linker {
 
     /// The server began its response: its thread no longer serves this request.
     pub fn responding(&mut self, span_id: SpanId) {
-        let Some(key) = self.live.get(&span_id).and_then(|s| s.runner) else {
+        let Some(key) = self
+            .live
+            .get(&span_id)
+            .filter(|s| s.runner != 0)
+            .map(|s| (s.task.tgid, s.runner))
+        else {
             return;
         };
         if let Some(v) = self.serving.get_mut(&key) {
@@ -885,7 +897,7 @@ mod tests {
     #[test]
     fn go_programs_join_by_goroutine_not_thread() {
         let mut l = Linker::new(Sampler::ratio(1.0));
-        l.set_go(Arc::new([2].into_iter().collect()));
+        l.set_go(&[2].into_iter().collect());
         let on = |kind, tid, local: &str, remote: &str, g| Start {
             goroutine: g,
             ..start(kind, task(2, tid), tuple(local, remote), 0, None)
