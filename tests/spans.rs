@@ -40,6 +40,53 @@ fn wait_spans(rx: &Receiver, what: &str, pred: impl Fn(&[Received]) -> bool) -> 
     }
 }
 
+/// One trace of curl -> a front service -> 2 x a backend: checks its shape (one curl CLIENT
+/// span, the root; the front's SERVER span under it; two calls under that; a backend SERVER
+/// span under each call) and returns curl's span and the front's.
+fn front_trace<'a>(
+    trace: &str,
+    spans: &[&'a Received],
+    front: u16,
+    backend: u16,
+) -> (&'a Received, &'a Received) {
+    let find = |k: SpanKind, port: u16| -> Vec<&'a Received> {
+        spans
+            .iter()
+            .filter(|s| kind(s) == k && server_port(s) == Some(port))
+            .copied()
+            .collect()
+    };
+    let root = find(SpanKind::Client, front);
+    let served = find(SpanKind::Server, front);
+    let calls = find(SpanKind::Client, backend);
+    let back = find(SpanKind::Server, backend);
+    assert_eq!(
+        (root.len(), served.len(), calls.len(), back.len()),
+        (1, 1, 2, 2),
+        "trace {trace} has the shape curl -> front -> 2 x backend"
+    );
+    let (root, served) = (root[0], served[0]);
+    assert!(
+        root.span.parent_span_id.is_empty(),
+        "curl's span is the root"
+    );
+    assert_eq!(served.parent_id(), root.span_id());
+    for c in &calls {
+        assert_eq!(
+            c.parent_id(),
+            served.span_id(),
+            "the front's call under its request"
+        );
+    }
+    let call_ids: HashSet<String> = calls.iter().map(|c| c.span_id()).collect();
+    let back_parents: HashSet<String> = back.iter().map(|b| b.parent_id()).collect();
+    assert_eq!(
+        back_parents, call_ids,
+        "each backend span under its own call"
+    );
+    (root, served)
+}
+
 /// Issue 4, checks 1 and 4: no headers anywhere. curl -> Python ThreadingHTTPServer frontend,
 /// which calls a Python backend twice per request with urllib. 20 curl requests give exactly 20
 /// traces of curl CLIENT -> frontend SERVER -> 2 x (frontend CLIENT -> backend SERVER), children
@@ -96,44 +143,10 @@ fn thread_per_request_service_traces_without_headers() {
     let mut totals_ms = Vec::new();
     for (trace, spans) in &traces {
         let by_id: HashMap<String, &Received> = spans.iter().map(|s| (s.span_id(), *s)).collect();
-        let find = |k: SpanKind, port: u16| -> Vec<&Received> {
-            spans
-                .iter()
-                .filter(|s| kind(s) == k && server_port(s) == Some(port))
-                .copied()
-                .collect()
-        };
-        let root = find(SpanKind::Client, frontend.port);
-        let front = find(SpanKind::Server, frontend.port);
-        let calls = find(SpanKind::Client, backend.port);
-        let back = find(SpanKind::Server, backend.port);
-        assert_eq!(
-            (root.len(), front.len(), calls.len(), back.len()),
-            (1, 1, 2, 2),
-            "trace {trace} has the shape curl -> frontend -> 2 x backend"
-        );
-        let (root, front) = (root[0], front[0]);
-        assert!(
-            root.span.parent_span_id.is_empty(),
-            "curl's span is the root"
-        );
+        let (root, front) = front_trace(trace, spans, frontend.port, backend.port);
         assert_eq!(
             root.resource_str("process.executable.name").as_deref(),
             Some("curl")
-        );
-        assert_eq!(front.parent_id(), root.span_id());
-        for c in &calls {
-            assert_eq!(
-                c.parent_id(),
-                front.span_id(),
-                "same-thread call under its request"
-            );
-        }
-        let call_ids: HashSet<String> = calls.iter().map(|c| c.span_id()).collect();
-        let back_parents: HashSet<String> = back.iter().map(|b| b.parent_id()).collect();
-        assert_eq!(
-            back_parents, call_ids,
-            "each backend span under its own call"
         );
         // Every child inside its parent's window.
         for s in spans.iter().filter(|s| !s.span.parent_span_id.is_empty()) {
@@ -333,40 +346,7 @@ fn check_go_front(receiver: &Receiver, port: u16, backend: u16, ids: std::ops::R
     assert!(mixed.is_empty(), "traces mixing requests: {mixed:?}");
     assert_eq!(traces.len(), n, "one trace per curl request");
     for (trace, spans) in &traces {
-        let find = |k: SpanKind, port: u16| -> Vec<&Received> {
-            spans
-                .iter()
-                .filter(|s| kind(s) == k && server_port(s) == Some(port))
-                .copied()
-                .collect()
-        };
-        let root = find(SpanKind::Client, port);
-        let served = find(SpanKind::Server, port);
-        let calls = find(SpanKind::Client, backend);
-        let back = find(SpanKind::Server, backend);
-        assert_eq!(
-            (root.len(), served.len(), calls.len(), back.len()),
-            (1, 1, 2, 2),
-            "trace {trace} has the shape curl -> Go front -> 2 x backend"
-        );
-        assert!(
-            root[0].span.parent_span_id.is_empty(),
-            "curl's span is the root"
-        );
-        assert_eq!(served[0].parent_id(), root[0].span_id());
-        for c in &calls {
-            assert_eq!(
-                c.parent_id(),
-                served[0].span_id(),
-                "the Go handler's call under its request"
-            );
-        }
-        let call_ids: HashSet<String> = calls.iter().map(|c| c.span_id()).collect();
-        let back_parents: HashSet<String> = back.iter().map(|b| b.parent_id()).collect();
-        assert_eq!(
-            back_parents, call_ids,
-            "each backend span under its own call"
-        );
+        front_trace(trace, spans, port, backend);
     }
 }
 
