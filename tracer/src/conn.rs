@@ -543,7 +543,12 @@ impl ConnTable {
         if conn.peer_sk == 0
             && (!conn.peer_local || conn.requests_seen < 4 || d.seq < 16)
             && let Some(peer) = self.by_tuple.get(&d.tuple.reversed()).copied().or_else(|| {
-                // Through an address translation: the other end by the client's address.
+                // Through an address translation: the other end by the client's address, which
+                // registers at its first event (looked for in the first ones only: a remote
+                // peer is never found).
+                if conn.requests_seen >= 4 && d.seq >= 16 {
+                    return None;
+                }
                 let (addr, side) = (conn.client_addr?, conn.role.side()?);
                 let other = match side {
                     Side::Client => Side::Server,
