@@ -92,8 +92,7 @@ fn h2load_streams_are_counted() {
 fn grpc_calls_are_counted_with_their_status() {
     let _serial = serial();
     let receiver = Receiver::start(Protocol::Grpc, free_port());
-    let endpoint = format!("http://{}", receiver.addr);
-    let daemon = Daemon::start_with(&["--otlp-endpoint", &endpoint, "--otlp-protocol", "grpc"]);
+    let daemon = Daemon::exporting_to(&receiver);
     let port = free_port();
     let fixtures = workspace_root().join("tests/fixtures");
     let child = Command::new(system_python())

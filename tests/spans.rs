@@ -96,8 +96,7 @@ fn front_trace<'a>(
 fn thread_per_request_service_traces_without_headers() {
     let _serial = serial();
     let receiver = Receiver::start(Protocol::Grpc, free_port());
-    let endpoint = format!("http://{}", receiver.addr);
-    let _daemon = Daemon::start_with(&["--otlp-endpoint", &endpoint, "--otlp-protocol", "grpc"]);
+    let _daemon = Daemon::exporting_to(&receiver);
     let backend = Server::fixture();
     let frontend = Server::script("frontend.py", &[backend.port.to_string()]);
 
@@ -257,8 +256,7 @@ fn go_service_traces_without_headers_under_concurrency() {
     let dir = scratch("gofront");
     let bin = build_gotls(&dir, "");
     let receiver = Receiver::start(Protocol::Grpc, free_port());
-    let endpoint = format!("http://{}", receiver.addr);
-    let daemon = Daemon::start_with(&["--otlp-endpoint", &endpoint, "--otlp-protocol", "grpc"]);
+    let daemon = Daemon::exporting_to(&receiver);
     let spawn = |args: &[String]| {
         let port = free_port();
         let child = std::process::Command::new(&bin)
@@ -358,8 +356,7 @@ fn check_go_front(receiver: &Receiver, port: u16, backend: u16, ids: std::ops::R
 fn a_client_port_used_again_starts_new_traces() {
     let _serial = serial();
     let receiver = Receiver::start(Protocol::Grpc, free_port());
-    let endpoint = format!("http://{}", receiver.addr);
-    let _daemon = Daemon::start_with(&["--otlp-endpoint", &endpoint, "--otlp-protocol", "grpc"]);
+    let _daemon = Daemon::exporting_to(&receiver);
     let server = Server::fixture();
     const N: usize = 20;
     // HTTP/1.0: the server closes first, so its end waits in TIME_WAIT and the client's port
@@ -499,8 +496,7 @@ fn chain_end(span: &Received, by_id: &HashMap<String, &Received>) -> String {
 
 fn check_propagation(headers: &[(&str, String)], trace: &str, parent: &str) {
     let receiver = Receiver::start(Protocol::Grpc, free_port());
-    let endpoint = format!("http://{}", receiver.addr);
-    let _daemon = Daemon::start_with(&["--otlp-endpoint", &endpoint, "--otlp-protocol", "grpc"]);
+    let _daemon = Daemon::exporting_to(&receiver);
     let backend = Server::fixture();
     let nginx = nginx_proxy(backend.port);
     let mut cmd = std::process::Command::new("curl");
@@ -592,8 +588,7 @@ fn b3_context_is_followed_through_nginx() {
 fn collector_down_costs_counted_spans_only() {
     let _serial = serial();
     let mut receiver = Receiver::start(Protocol::Grpc, free_port());
-    let endpoint = format!("http://{}", receiver.addr);
-    let mut daemon = Daemon::start_with(&["--otlp-endpoint", &endpoint, "--otlp-protocol", "grpc"]);
+    let mut daemon = Daemon::exporting_to(&receiver);
     let server = Server::fixture();
     let send = |n: usize, tag: &str| {
         let urls: Vec<String> = (0..n)

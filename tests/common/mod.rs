@@ -116,6 +116,12 @@ impl Daemon {
         d
     }
 
+    /// A daemon exporting its spans to `receiver` over OTLP/gRPC.
+    pub fn exporting_to(receiver: &otlp::Receiver) -> Self {
+        let endpoint = format!("http://{}", receiver.addr);
+        Self::start_with(&["--otlp-endpoint", &endpoint, "--otlp-protocol", "grpc"])
+    }
+
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }

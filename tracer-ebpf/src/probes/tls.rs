@@ -466,18 +466,23 @@ fn go_return(ctx: &ProbeContext, direction: u32) {
     }
 }
 
+/// At the entry of a Go method: its process, its receiver (RAX under Go's register ABI) and
+/// the goroutine (R14).
+#[inline(always)]
+fn go_receiver(ctx: &ProbeContext) -> (u64, u64, u64) {
+    let tgid = bpf_get_current_pid_tgid() >> 32;
+    // SAFETY: as in `go_enter`.
+    let r = unsafe { &*ctx.regs };
+    (tgid, r.rax, r.r14)
+}
+
 /// Entry of `net/http.(*persistConn).writeLoop` (RAX the `*persistConn`): this goroutine
 /// writes that connection's requests until the function returns. Entered again after a stack
 /// growth: counted once.
 #[inline(always)]
 fn go_write_loop_entry(ctx: &ProbeContext, _direction: u32) {
-    let id = bpf_get_current_pid_tgid();
-    // SAFETY: as in `go_enter`.
-    let (pc, g) = unsafe {
-        let r = &*ctx.regs;
-        (r.rax, r.r14)
-    };
-    let key = go_key(id >> 32, g);
+    let (tgid, pc, g) = go_receiver(ctx);
+    let key = go_key(tgid, g);
     // SAFETY: value copied out at once.
     let fresh = unsafe { GO_WRITE_LOOPS.get(&key) }.is_none();
     if GO_WRITE_LOOPS.insert(&key, &pc, 0).is_ok() && fresh {
@@ -489,10 +494,8 @@ fn go_write_loop_entry(ctx: &ProbeContext, _direction: u32) {
 /// `runtime.g`, which Go reuses) no longer writes for it.
 #[inline(always)]
 fn go_write_loop_return(ctx: &ProbeContext, _direction: u32) {
-    let id = bpf_get_current_pid_tgid();
-    // SAFETY: as in `go_enter`.
-    let g = unsafe { (*ctx.regs).r14 };
-    if GO_WRITE_LOOPS.remove(&go_key(id >> 32, g)).is_ok() {
+    let (tgid, _, g) = go_receiver(ctx);
+    if GO_WRITE_LOOPS.remove(&go_key(tgid, g)).is_ok() {
         busy_add(BUSY_GO_LOOPS, u64::MAX);
     }
 }
@@ -501,13 +504,8 @@ fn go_write_loop_return(ctx: &ProbeContext, _direction: u32) {
 /// that asked for the request: the write loop's next request is this goroutine's.
 #[inline(always)]
 fn go_round_trip_entry(ctx: &ProbeContext, _direction: u32) {
-    let id = bpf_get_current_pid_tgid();
-    // SAFETY: as in `go_enter`.
-    let (pc, g) = unsafe {
-        let r = &*ctx.regs;
-        (r.rax, r.r14)
-    };
-    let _ = GO_ROUND_TRIPS.insert(&go_key(id >> 32, pc), &g, 0);
+    let (tgid, pc, g) = go_receiver(ctx);
+    let _ = GO_ROUND_TRIPS.insert(&go_key(tgid, pc), &g, 0);
 }
 
 macro_rules! go_hooks {
