@@ -241,7 +241,9 @@ pub struct ConnEvent {
     /// The socket's last data event number at this change, so that losses at the very end of a
     /// connection show too.
     pub seq: u32,
-    pub _pad: u32,
+    /// At this end's close: whether the peer's FIN came ([`PEER_FIN_SEEN`]) or not
+    /// ([`PEER_FIN_NONE`]); 0 when not known (no BTF offset, or at other changes).
+    pub peer_fin: u32,
     /// At this end's close (FIN_WAIT1, LAST_ACK, CLOSE): the bytes the connection received and
     /// the bytes it sent that the peer acknowledged (`tcp_sock`'s RFC 4898 counters; 0 when
     /// the kernel's BTF did not give their place, or at other changes).
@@ -252,6 +254,10 @@ pub struct ConnEvent {
     pub srtt_us: u32,
     pub retransmits: u32,
 }
+
+/// `ConnEvent::peer_fin`: the kernel had (`SOCK_DONE`) or had not taken in the peer's FIN.
+pub const PEER_FIN_NONE: u32 = 1;
+pub const PEER_FIN_SEEN: u32 = 2;
 
 /// Counters kept by the eBPF programs, one slot each in a per-CPU array.
 #[repr(u32)]

@@ -495,6 +495,8 @@ struct SockOffsets {
     tcp_seq: Option<(u32, u32)>,
     /// `tcp_sock.srtt_us` and `total_retrans`.
     tcp_path: Option<(u32, u32)>,
+    /// `sock.sk_flags`.
+    sk_flags: Option<u32>,
 }
 
 impl SockOffsets {
@@ -532,43 +534,70 @@ impl SockOffsets {
                 "total_retrans",
                 4,
             )),
+            // Moved into `sock_common` (first in `struct sock`) by newer kernels.
+            sk_flags: member(&btf, "sock", "sk_flags", 8)
+                .or_else(|| member(&btf, "sock_common", "skc_flags", 8)),
         };
         tracing::debug!("struct sock offsets from BTF: {offsets:?}");
         offsets
     }
 }
 
-/// Byte offset of `field` in struct `name`, if it is byte-aligned, not a bitfield, and `size`
+/// Byte offset of `field` in struct `name` (or in an anonymous struct or union in it, as
+/// `struct sock` nests some of its fields), if it is byte-aligned, not a bitfield, and `size`
 /// bytes long.
 fn member(btf: &btf_rs::Btf, name: &str, field: &str, size: usize) -> Option<u32> {
     use btf_rs::Type;
-    let found = btf
-        .resolve_types_by_name(name)
+    btf.resolve_types_by_name(name)
         .ok()?
         .into_iter()
         .find_map(|t| match t {
-            Type::Struct(s) => s
-                .members
-                .into_iter()
-                .find(|m| btf.resolve_name(m).is_ok_and(|n| n == field)),
+            Type::Struct(s) => member_in(btf, &s, field, size, 0, 0),
             _ => None,
-        })?;
-    if found.bitfield_size().unwrap_or(0) != 0 || found.bit_offset() % 8 != 0 {
-        return None;
-    }
-    // Through typedefs and qualifiers to what has a size.
-    let mut ty = btf.resolve_chained_type(&found).ok()?;
-    for _ in 0..8 {
-        ty = match ty {
-            Type::Int(i) => return (i.size() == size).then_some(found.bit_offset() / 8),
-            Type::Struct(s) | Type::Union(s) => {
-                return (s.size() == size).then_some(found.bit_offset() / 8);
+        })
+}
+
+fn member_in(
+    btf: &btf_rs::Btf,
+    s: &btf_rs::Struct,
+    field: &str,
+    size: usize,
+    base_bits: u32,
+    depth: u32,
+) -> Option<u32> {
+    use btf_rs::Type;
+    for m in &s.members {
+        let bits = base_bits + m.bit_offset();
+        let name = btf.resolve_name(m).unwrap_or_default();
+        if name.is_empty() && depth < 4 {
+            if let Ok(Type::Struct(inner) | Type::Union(inner)) = btf.resolve_chained_type(m)
+                && let Some(off) = member_in(btf, &inner, field, size, bits, depth + 1)
+            {
+                return Some(off);
             }
-            Type::Typedef(t) => btf.resolve_chained_type(&t).ok()?,
-            Type::Volatile(t) => btf.resolve_chained_type(&t).ok()?,
-            Type::Const(t) => btf.resolve_chained_type(&t).ok()?,
-            _ => return None,
-        };
+            continue;
+        }
+        if name != field {
+            continue;
+        }
+        if m.bitfield_size().unwrap_or(0) != 0 || !bits.is_multiple_of(8) {
+            return None;
+        }
+        // Through typedefs and qualifiers to what has a size.
+        let mut ty = btf.resolve_chained_type(m).ok()?;
+        for _ in 0..8 {
+            ty = match ty {
+                Type::Int(i) => return (i.size() == size).then_some(bits / 8),
+                Type::Struct(s) | Type::Union(s) => {
+                    return (s.size() == size).then_some(bits / 8);
+                }
+                Type::Typedef(t) => btf.resolve_chained_type(&t).ok()?,
+                Type::Volatile(t) => btf.resolve_chained_type(&t).ok()?,
+                Type::Const(t) => btf.resolve_chained_type(&t).ok()?,
+                _ => return None,
+            };
+        }
+        return None;
     }
     None
 }
@@ -814,6 +843,7 @@ impl Capture {
                 &offsets.tcp_path.map_or(0, |(_, r)| r),
                 true,
             )
+            .override_global("SK_FLAGS_OFFSET", &offsets.sk_flags.unwrap_or(0), true)
             .load(aya::include_bytes_aligned!(concat!(
                 env!("OUT_DIR"),
                 "/tracer"

@@ -189,6 +189,8 @@ pub struct Conn {
     pub new_state: u32,
     /// The socket's last data event number (0: unknown).
     pub seq: u32,
+    /// At this end's close: whether the peer's FIN came (None: not known).
+    pub peer_fin: Option<bool>,
     /// At this end's close: bytes received, and bytes sent that the peer acknowledged.
     pub bytes_received: u64,
     pub bytes_acked: u64,
@@ -264,6 +266,11 @@ pub fn decode(buf: &[u8]) -> Result<Event<'_>, DecodeError> {
                 old_state: ev.old_state,
                 new_state: ev.new_state,
                 seq: ev.seq,
+                peer_fin: match ev.peer_fin {
+                    tracer_common::PEER_FIN_SEEN => Some(true),
+                    tracer_common::PEER_FIN_NONE => Some(false),
+                    _ => None,
+                },
                 bytes_received: ev.bytes_received,
                 bytes_acked: ev.bytes_acked,
                 srtt_us: ev.srtt_us,

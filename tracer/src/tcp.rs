@@ -10,6 +10,7 @@
 
 use std::{
     collections::{BTreeSet, HashSet, VecDeque},
+    net::SocketAddr,
     sync::{Arc, Mutex, MutexGuard},
     time::{Duration, Instant},
 };
@@ -21,7 +22,7 @@ use prometheus::{IntCounter, IntGauge};
 use serde::Serialize;
 use tracer_common::{
     TCP_CLOSE, TCP_CLOSE_WAIT, TCP_CLOSING, TCP_ESTABLISHED, TCP_FIN_WAIT1, TCP_FIN_WAIT2,
-    TCP_LAST_ACK, TCP_SYN_SENT,
+    TCP_LAST_ACK, TCP_SYN_RECV, TCP_SYN_SENT,
 };
 
 use crate::{
@@ -95,13 +96,17 @@ struct Edge {
 }
 
 impl Edge {
-    /// A connection of this edge closed, with its byte counts from the client's end.
-    fn close(&mut self, c: &Conn) {
+    /// A connection of this edge closed, with the kernel's counters of the end seen here: the
+    /// client's, or the server's when the client is on another host (`inbound`).
+    fn close(&mut self, c: &Conn, inbound: bool) {
         self.closed += 1;
         self.open = self.open.saturating_sub(1);
         self.open_now.set(self.open as i64);
         self.changed = Instant::now();
-        let (sent, received) = data_bytes(c);
+        let (sent, received) = match data_bytes(c, inbound) {
+            (out, into) if inbound => (into, out),
+            both => both,
+        };
         self.bytes_sent += sent;
         self.bytes_received += received;
         self.sent_total.inc_by(sent);
@@ -116,21 +121,26 @@ impl Edge {
     }
 }
 
-/// The data bytes of a closing connection: the kernel's counters follow the sequence numbers,
-/// which a SYN and a FIN take one each. This end's SYN was acknowledged (the connection was
-/// up); its FIN was when it closes from FIN_WAIT2, CLOSING or LAST_ACK; the peer's FIN came
-/// when it went through CLOSE_WAIT (LAST_ACK), CLOSING or TIME_WAIT (from FIN_WAIT2; one
-/// whose FIN_WAIT2 timed out instead counts a byte too many).
-fn data_bytes(c: &Conn) -> (u64, u64) {
-    if c.bytes_acked == 0 {
+/// The data bytes of a closing connection end: the kernel's counters follow the sequence
+/// numbers, which a SYN and a FIN take one each. A connecting end's SYN was acknowledged (the
+/// connection was up; a server's end counts from after its SYN, `passive`); its FIN was when
+/// it closes from FIN_WAIT2, CLOSING or LAST_ACK; the peer's FIN came as the kernel says
+/// (`SOCK_DONE`), else, without BTF, when it went through CLOSE_WAIT (LAST_ACK), CLOSING or
+/// TIME_WAIT (from FIN_WAIT2: an orphan whose FIN_WAIT2 ended before the FIN then counts a
+/// byte too many).
+fn data_bytes(c: &Conn, passive: bool) -> (u64, u64) {
+    if c.bytes_acked == 0 && !passive {
         return (0, c.bytes_received);
     }
     let closing_after = |states: &[u32]| c.new_state == TCP_CLOSE && states.contains(&c.old_state);
     let our_fin = closing_after(&[TCP_FIN_WAIT2, TCP_CLOSING, TCP_LAST_ACK]);
-    let peer_fin = c.new_state == TCP_LAST_ACK
-        || closing_after(&[TCP_CLOSE_WAIT, TCP_LAST_ACK, TCP_CLOSING, TCP_FIN_WAIT2]);
+    let peer_fin = c.peer_fin.unwrap_or_else(|| {
+        c.new_state == TCP_LAST_ACK
+            || closing_after(&[TCP_CLOSE_WAIT, TCP_LAST_ACK, TCP_CLOSING, TCP_FIN_WAIT2])
+    });
     (
-        c.bytes_acked.saturating_sub(1 + u64::from(our_fin)),
+        c.bytes_acked
+            .saturating_sub(u64::from(!passive) + u64::from(our_fin)),
         c.bytes_received.saturating_sub(u64::from(peer_fin)),
     )
 }
@@ -228,10 +238,14 @@ impl TcpEdges {
     }
 }
 
-/// A connection followed from its connect: who made it, and once known, the server's name.
+/// A connection followed from its connect (or, for a client on another host, from its server
+/// end's establishment): who made it, and once known, the server's name.
 struct Open {
     src: Arc<str>,
+    /// As the end seen here has it.
     tuple: Tuple,
+    /// Seen from its server's end: the client is on another host.
+    inbound: bool,
     /// Once counted as established on its edge.
     dst: Option<Arc<str>>,
     /// When it came up (the kernel's monotonic clock, ns).
@@ -248,6 +262,9 @@ struct Names {
 
 const NAME_CACHE: usize = 8192;
 
+/// The daemon's own connections remembered (span export: a handful).
+const MAX_OWN: usize = 1024;
+
 impl Names {
     fn workload(&mut self, task: &Task) -> Arc<str> {
         if self.workloads.len() >= NAME_CACHE {
@@ -256,6 +273,18 @@ impl Names {
         self.workloads
             .entry((task.tgid, task.comm.0))
             .or_insert_with(|| workload::name(task))
+            .clone()
+    }
+
+    /// A client on another host, by its address alone (its port changes per connection), as
+    /// the requests' edges name it.
+    fn host(&mut self, ip: std::net::IpAddr) -> Arc<str> {
+        if self.addrs.len() >= NAME_CACHE {
+            self.addrs.clear();
+        }
+        self.addrs
+            .entry(SocketAddr::new(ip, 0))
+            .or_insert_with(|| Arc::from(ip.to_string()))
             .clone()
     }
 
@@ -295,7 +324,11 @@ pub struct TcpTracker {
     /// forgotten after [`CONNECT_WAIT`].
     connecting: HashMap<u64, (Task, u64)>,
     open: HashMap<u64, Open>,
-    /// Connections to this host whose server is not named yet, oldest first.
+    /// The client sockets of this host by their address (a server end whose client is one of
+    /// them is not a connection from another host), and which of them are the daemon's own.
+    clients: HashMap<SocketAddr, u64>,
+    own: HashMap<u64, SocketAddr>,
+    /// Connections whose server is on this host and not named yet, oldest first.
     unnamed: VecDeque<u64>,
     last_expire: Option<Instant>,
     /// Client connections open when the daemon started (`adopt`), by tuple: their connect was
@@ -319,8 +352,7 @@ impl TcpTracker {
     ) {
         match (c.old_state, c.new_state) {
             (_, TCP_SYN_SENT) => {
-                // The daemon's own connections (span export) are not the host's traffic.
-                if c.task.tgid == own_pid || c.task.comm.0[0] == 0 {
+                if c.task.comm.0[0] == 0 {
                     return;
                 }
                 if self.connecting.len() >= MAX_CONNS && !self.connecting.contains_key(&c.sk) {
@@ -336,7 +368,19 @@ impl TcpTracker {
                 let Some((task, _)) = self.connecting.remove(&c.sk) else {
                     return;
                 };
+                // Its server end, if on this host, is not a connection from another host.
+                self.clients.insert(c.tuple.local, c.sk);
+                // The daemon's own connections (span export) are not the host's traffic.
+                if task.tgid == own_pid {
+                    if self.own.len() < MAX_OWN {
+                        self.own.insert(c.sk, c.tuple.local);
+                    } else {
+                        self.clients.remove(&c.tuple.local);
+                    }
+                    return;
+                }
                 if self.open.len() >= MAX_CONNS {
+                    self.clients.remove(&c.tuple.local);
                     metrics
                         .series_overflow
                         .with_label_values(&["tcp_connection"])
@@ -346,6 +390,7 @@ impl TcpTracker {
                 let mut open = Open {
                     src: self.names.workload(&task),
                     tuple: c.tuple,
+                    inbound: false,
                     dst: None,
                     at_ns: c.ts_ns,
                 };
@@ -355,34 +400,54 @@ impl TcpTracker {
                 } else {
                     self.unnamed.push_back(c.sk);
                 }
-                // A socket address reused before its close was seen: the old one is gone (its
-                // byte counts with it).
-                if let Some(old) = self.open.insert(c.sk, open) {
-                    let gone = Conn {
-                        bytes_received: 0,
-                        bytes_acked: 0,
-                        srtt_us: 0,
-                        retransmits: 0,
-                        ..*c
-                    };
-                    self.closed(old, &gone, &mut lock(edges), metrics, &peer);
+                self.open_new(c, open, edges, metrics, &peer);
+            }
+            // A server's connection up, from a client not on loopback (the kernel side sends
+            // no other): from another host unless its connect was seen here.
+            (TCP_SYN_RECV, TCP_ESTABLISHED) => {
+                if self.clients.contains_key(&c.tuple.remote) {
+                    return;
                 }
+                if self.open.len() >= MAX_CONNS {
+                    metrics
+                        .series_overflow
+                        .with_label_values(&["tcp_connection"])
+                        .inc();
+                    return;
+                }
+                let open = Open {
+                    src: self.names.host(c.tuple.remote.ip()),
+                    tuple: c.tuple,
+                    inbound: true,
+                    dst: None,
+                    at_ns: c.ts_ns,
+                };
+                self.unnamed.push_back(c.sk);
+                self.open_new(c, open, edges, metrics, &peer);
             }
             (TCP_SYN_SENT, TCP_CLOSE) => {
                 let Some((task, _)) = self.connecting.remove(&c.sk) else {
                     return;
                 };
+                if task.tgid == own_pid {
+                    return;
+                }
                 let (src, dst) = (self.names.workload(&task), self.names.addr(c.tuple.remote));
                 let mut edges = lock(edges);
                 let e = edges.edge(&src, &dst, metrics);
                 e.failed += 1;
                 e.failed_total.inc();
                 e.changed = Instant::now();
-                note_addr(e, &c.tuple);
+                note_addr(e, c.tuple.remote);
             }
             (_, TCP_CLOSE) => {
                 self.connecting.remove(&c.sk);
-                if let Some(open) = self.open.remove(&c.sk) {
+                if let Some(local) = self.own.remove(&c.sk) {
+                    self.forget_client(local, c.sk);
+                } else if let Some(open) = self.open.remove(&c.sk) {
+                    if !open.inbound {
+                        self.forget_client(open.tuple.local, c.sk);
+                    }
                     self.closed(open, c, &mut lock(edges), metrics, &peer);
                 } else if matches!(c.old_state, TCP_ESTABLISHED | TCP_CLOSE_WAIT) {
                     // Reset or aborted: no FIN_WAIT1 or LAST_ACK came before.
@@ -395,6 +460,38 @@ impl TcpTracker {
                 self.close_existing(c, edges, metrics);
             }
             _ => {}
+        }
+    }
+
+    /// Follows a connection from now. A socket address reused before its close was seen: the
+    /// old one is gone (its byte counts with it).
+    fn open_new(
+        &mut self,
+        c: &Conn,
+        open: Open,
+        edges: &Mutex<TcpEdges>,
+        metrics: &Metrics,
+        peer: &impl Fn(&Tuple) -> Option<Peer>,
+    ) {
+        if let Some(old) = self.open.insert(c.sk, open) {
+            if !old.inbound && old.tuple.local != c.tuple.local {
+                self.forget_client(old.tuple.local, c.sk);
+            }
+            let gone = Conn {
+                bytes_received: 0,
+                bytes_acked: 0,
+                srtt_us: 0,
+                retransmits: 0,
+                ..*c
+            };
+            self.closed(old, &gone, &mut lock(edges), metrics, peer);
+        }
+    }
+
+    /// A client socket of this host closed: its address no longer names a client here.
+    fn forget_client(&mut self, local: SocketAddr, sk: u64) {
+        if self.clients.get(&local) == Some(&sk) {
+            self.clients.remove(&local);
         }
     }
 
@@ -413,7 +510,7 @@ impl TcpTracker {
             let e = edges.edge(&x.src, &x.dst, metrics);
             e.open += 1;
             e.open_now.inc();
-            note_addr(e, &x.tuple);
+            note_addr(e, x.tuple.remote);
             self.existing.insert(x.tuple, (x.src, x.dst));
         }
     }
@@ -454,7 +551,7 @@ impl TcpTracker {
         let Some((src, dst)) = self.existing.remove(&key) else {
             return;
         };
-        lock(edges).edge(&src, &dst, metrics).close(c);
+        lock(edges).edge(&src, &dst, metrics).close(c, false);
     }
 
     /// Whether `tick` has anything to do.
@@ -480,10 +577,10 @@ impl TcpTracker {
             let Some(open) = self.open.get_mut(&sk).filter(|o| o.dst.is_none()) else {
                 continue;
             };
-            let dst = match peer(&open.tuple) {
+            let dst = match server_end(open, &peer) {
                 Some(p) => self.names.workload(&p.task),
                 None if now_ns.saturating_sub(open.at_ns) >= NAME_WAIT.as_nanos() as u64 => {
-                    self.names.addr(open.tuple.remote)
+                    self.names.addr(server_addr(open))
                 }
                 None => {
                     waiting.push_back(sk);
@@ -518,14 +615,14 @@ impl TcpTracker {
         peer: &impl Fn(&Tuple) -> Option<Peer>,
     ) {
         if open.dst.is_none() {
-            let dst = match peer(&open.tuple) {
+            let dst = match server_end(&open, peer) {
                 Some(p) => self.names.workload(&p.task),
-                None => self.names.addr(open.tuple.remote),
+                None => self.names.addr(server_addr(&open)),
             };
             established(&mut open, dst, edges, metrics);
         }
         let Some(dst) = open.dst else { return };
-        edges.edge(&open.src, &dst, metrics).close(c);
+        edges.edge(&open.src, &dst, metrics).close(c, open.inbound);
     }
 }
 
@@ -534,9 +631,28 @@ fn to_this_host(t: &Tuple) -> bool {
     t.remote.ip().is_loopback() || t.remote.ip() == t.local.ip()
 }
 
-fn note_addr(e: &mut Edge, t: &Tuple) {
+/// The server end of a connection to this host: the other end of a client's, the end itself
+/// when seen from the server (`peer` finds the end opposite the tuple it is given).
+fn server_end(open: &Open, peer: &impl Fn(&Tuple) -> Option<Peer>) -> Option<Peer> {
+    if open.inbound {
+        peer(&open.tuple.reversed())
+    } else {
+        peer(&open.tuple)
+    }
+}
+
+fn server_addr(open: &Open) -> SocketAddr {
+    if open.inbound {
+        open.tuple.local
+    } else {
+        open.tuple.remote
+    }
+}
+
+/// Notes the address a connection's client dialled.
+fn note_addr(e: &mut Edge, server: SocketAddr) {
     if e.addrs.len() < MAX_ADDRS {
-        e.addrs.insert(t.remote);
+        e.addrs.insert(server);
     }
 }
 
@@ -547,7 +663,7 @@ fn established(open: &mut Open, dst: Arc<str>, edges: &mut TcpEdges, metrics: &M
     e.established_total.inc();
     e.open += 1;
     e.open_now.inc();
-    note_addr(e, &open.tuple);
+    note_addr(e, server_addr(open));
     open.dst = Some(dst);
 }
 
@@ -755,6 +871,7 @@ mod tests {
             old_state,
             new_state,
             seq: 0,
+            peer_fin: None,
             bytes_received: 0,
             bytes_acked: 0,
             srtt_us: 0,
@@ -976,12 +1093,18 @@ mod tests {
 
     #[test]
     fn data_bytes_leave_out_syn_and_fin() {
+        let end = |passive, old_state, new_state, bytes_received, bytes_acked| {
+            data_bytes(
+                &Conn {
+                    bytes_received,
+                    bytes_acked,
+                    ..change(1, task(PID, "app"), "10.0.0.9:80", old_state, new_state)
+                },
+                passive,
+            )
+        };
         let at = |old_state, new_state, bytes_received, bytes_acked| {
-            data_bytes(&Conn {
-                bytes_received,
-                bytes_acked,
-                ..change(1, task(PID, "app"), "10.0.0.9:80", old_state, new_state)
-            })
+            end(false, old_state, new_state, bytes_received, bytes_acked)
         };
         // This end closes first: at FIN_WAIT1 only the SYN is in; at the close (from TIME_WAIT's
         // FIN_WAIT2) both FINs are.
@@ -994,5 +1117,9 @@ mod tests {
         assert_eq!(at(TCP_ESTABLISHED, TCP_CLOSE, 5, 7), (6, 5));
         // Counters unknown (no BTF).
         assert_eq!(at(TCP_ESTABLISHED, TCP_CLOSE, 0, 0), (0, 0));
+        // A server's end: its SYN is not counted (measured: a remote client's 4 connections).
+        assert_eq!(end(true, TCP_LAST_ACK, TCP_CLOSE, 6, 7), (6, 5));
+        assert_eq!(end(true, TCP_FIN_WAIT2, TCP_CLOSE, 6, 7), (6, 5));
+        assert_eq!(end(true, TCP_ESTABLISHED, TCP_CLOSE, 5, 0), (0, 5));
     }
 }

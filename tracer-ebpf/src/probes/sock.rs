@@ -13,8 +13,8 @@ use aya_ebpf::{
 };
 use tracer_common::{
     AF_INET, AF_INET6, ConnEvent, DIR_EGRESS, DIR_INGRESS, EventHeader, EventKind, KernelStat,
-    OPAQUE_NOT_HTTP, OPAQUE_TLS, SockState, SockTuple, TCP_CLOSE, TCP_ESTABLISHED, TCP_FIN_WAIT1,
-    TCP_LAST_ACK, TCP_SYN_SENT,
+    OPAQUE_NOT_HTTP, OPAQUE_TLS, PEER_FIN_NONE, PEER_FIN_SEEN, SockState, SockTuple, TCP_CLOSE,
+    TCP_ESTABLISHED, TCP_FIN_WAIT1, TCP_LAST_ACK, TCP_SYN_RECV, TCP_SYN_SENT,
 };
 
 use crate::maps::{ACTIVE, EVENTS, OPAQUE, OPAQUE_ASKED, SOCK_STATES, SOCKS, count, wakeup_flags};
@@ -180,6 +180,28 @@ pub fn first_seq(sk: u64, direction: u32, ret: u64) -> u32 {
     // SAFETY: `sk` is the call's live TCP socket; the read is checked.
     match unsafe { bpf_probe_read_kernel((sk + off) as *const u32) } {
         Ok(end) => end.wrapping_sub(ret as u32),
+        Err(_) => 0,
+    }
+}
+
+/// Byte offset of `sk_flags` in `struct sock` (0: unknown).
+#[unsafe(no_mangle)]
+static SK_FLAGS_OFFSET: u32 = 0;
+
+/// `SOCK_DONE`, which only `tcp_fin` sets: whether a closing socket took in its peer's FIN. The
+/// state it closes from does not say (an orphan's FIN_WAIT2 ends before the FIN comes).
+#[inline(always)]
+fn peer_fin(sk: u64) -> u32 {
+    const SOCK_DONE: u64 = 1 << 1;
+    // SAFETY: a read-only global patched by the loader; volatile so LLVM does not fold the 0.
+    let off = unsafe { read_volatile(&SK_FLAGS_OFFSET) } as u64;
+    if off == 0 {
+        return 0;
+    }
+    // SAFETY: `sk` is the tracepoint's live socket; the read is checked.
+    match unsafe { bpf_probe_read_kernel((sk + off) as *const u64) } {
+        Ok(f) if f & SOCK_DONE != 0 => PEER_FIN_SEEN,
+        Ok(_) => PEER_FIN_NONE,
         Err(_) => 0,
     }
 }
@@ -481,17 +503,33 @@ fn tuple_from_sock<S: Store + ?Sized>(sk: u64) -> SockTuple {
     t
 }
 
-/// The changes the daemon acts on: a connect (who connects), a client connection up, this end
-/// closing, and the end. The rest (server-side establishment, FIN_WAIT2, CLOSE_WAIT, SYN_RECV)
-/// only kept the map above and would cost a ring-buffer record each, four per connection.
+/// The changes the daemon acts on: a connect (who connects), a client connection up, a
+/// server's connection up from a client that may be on another host (not loopback: a client
+/// on this host is known by its connect), this end closing, and the end. The rest
+/// (FIN_WAIT2, CLOSE_WAIT, SYN_RECV) only kept the map above and would cost a ring-buffer
+/// record each.
 #[inline(always)]
-fn wanted(old_state: u32, new_state: u32) -> bool {
+fn wanted(old_state: u32, new_state: u32, tuple: &SockTuple) -> bool {
     match new_state {
         TCP_SYN_SENT | TCP_LAST_ACK | TCP_CLOSE => true,
-        TCP_ESTABLISHED => old_state == TCP_SYN_SENT,
+        TCP_ESTABLISHED => {
+            old_state == TCP_SYN_SENT || (old_state == TCP_SYN_RECV && !loopback_peer(tuple))
+        }
         TCP_FIN_WAIT1 => old_state == TCP_ESTABLISHED,
         _ => false,
     }
+}
+
+/// 127.0.0.0/8, ::1 or ::ffff:127.0.0.0/104.
+#[inline(always)]
+fn loopback_peer(t: &SockTuple) -> bool {
+    let a = &t.remote_addr;
+    if t.family != AF_INET6 {
+        return a[0] == 127;
+    }
+    let zero10 = a[..10].iter().all(|b| *b == 0);
+    (zero10 && a[10] == 0xff && a[11] == 0xff && a[12] == 127)
+        || (zero10 && a[10..15].iter().all(|b| *b == 0) && a[15] == 1)
 }
 
 #[tracepoint]
@@ -640,7 +678,7 @@ unsafe fn on_state<S: Store>(sk: u64, old_state: u32, new_state: u32, tuple: Opt
             }
             _ => {}
         }
-        if wanted(old_state, new_state) {
+        if wanted(old_state, new_state, &tuple) {
             emit_conn(sk, tuple, old_state, new_state, seq);
         }
     }
@@ -668,7 +706,10 @@ fn emit_conn(sk: u64, tuple: SockTuple, old_state: u32, new_state: u32, seq: u32
         // Who connects is known at the connect (and, should that event be lost, nearly so when
         // the connection is up); the other changes only need the time: two helper calls each
         // saved, four changes per connection.
-        let (cgroup_id, comm) = if new_state == TCP_SYN_SENT || new_state == TCP_ESTABLISHED {
+        let connecting = new_state == TCP_SYN_SENT
+            || (new_state == TCP_ESTABLISHED && old_state == TCP_SYN_SENT);
+        // A server's connection comes up in softirq: whoever runs then is not its process.
+        let (cgroup_id, comm) = if connecting {
             (
                 bpf_get_current_cgroup_id(),
                 bpf_get_current_comm().unwrap_or([0; 16]),
@@ -688,6 +729,7 @@ fn emit_conn(sk: u64, tuple: SockTuple, old_state: u32, new_state: u32, seq: u32
         } else {
             (0u32, 0)
         };
+        let fin = if closing { peer_fin(sk) } else { 0 };
         // `srtt_us` holds 8 times the smoothed RTT.
         let srtt_us = srtt >> 3;
         let wakeup = wakeup_flags();
@@ -709,7 +751,7 @@ fn emit_conn(sk: u64, tuple: SockTuple, old_state: u32, new_state: u32, seq: u32
             old_state,
             new_state,
             seq,
-            _pad: 0,
+            peer_fin: fin,
             bytes_received,
             bytes_acked,
             srtt_us,

@@ -1,0 +1,197 @@
+//! One end on another host, as a DaemonSet's tracer sees most traffic between nodes: the peer
+//! is tests/fixtures/remote_peer.py behind a TUN device, speaking TCP itself, so that no probe
+//! sees its side. What the end on this host sees is counted, once, against what the peer and a
+//! real client measured.
+
+mod common;
+
+use std::{
+    io::{BufRead as _, BufReader},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use common::{Daemon, Server, curl, free_port, serial, status_codes, workspace_root};
+use serde_json::Value;
+
+/// remote_peer.py on its own TUN device `dev`, the peer at `<net>.2`, this host at `<net>.1`.
+fn remote_peer(dev: &str, net: &str, args: &[&str]) -> Command {
+    let mut cmd = Command::new("python3");
+    cmd.arg(workspace_root().join("tests/fixtures/remote_peer.py"))
+        .args(["--dev", dev, "--net", net])
+        .args(args)
+        .stdout(Stdio::piped());
+    cmd
+}
+
+/// A remote HTTP server at `<net>.2:80`, until dropped.
+struct RemoteServer(Child);
+
+impl RemoteServer {
+    fn start(dev: &str, net: &str) -> Self {
+        let mut child = remote_peer(dev, net, &["serve", "--port", "80"])
+            .spawn()
+            .expect("spawn remote_peer.py serve");
+        let mut line = String::new();
+        BufReader::new(child.stdout.as_mut().expect("stdout"))
+            .read_line(&mut line)
+            .expect("remote peer's ready line");
+        assert_eq!(line.trim(), "ready", "remote peer did not start");
+        Self(child)
+    }
+}
+
+impl Drop for RemoteServer {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The TCP edge `src -> dst` once `done` holds (10 s at most).
+fn wait_tcp_edge(daemon: &Daemon, src: &str, dst: &str, done: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let tcp = daemon.json("/api/edges")["tcp"].clone();
+        let edge = tcp
+            .as_array()
+            .expect("tcp edges")
+            .iter()
+            .find(|e| e["src"] == src && e["dst"] == dst)
+            .cloned();
+        if edge.as_ref().is_some_and(&done) || Instant::now() > deadline {
+            return edge.unwrap_or_else(|| panic!("no TCP edge {src} -> {dst}: {tcp}"));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A client on another host, 6 connections of 30 keep-alive requests each to the fixture
+/// server (every 4th a 404), then 4 more whose last request asks the server to close: the
+/// server's end alone counts every request, by status, from the client's address; and each
+/// connection once, with the bytes the peer itself sent and received, whichever end closed.
+#[test]
+fn a_client_on_another_host_is_counted_by_its_server() {
+    let _serial = serial();
+    let daemon = Daemon::start();
+    let port = free_port();
+    let server = Command::new("python3")
+        .arg(workspace_root().join("tests/fixtures/server.py"))
+        .arg(port.to_string())
+        .env("FIXTURE_HOST", "0.0.0.0")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn fixture server");
+    let _server = Server::adopt(server, port);
+
+    let net = "10.213.0.0";
+    let port_arg = port.to_string();
+    let run = |conns: &str, extra: &[&str]| -> Value {
+        let mut args = vec!["client", "--port", &port_arg, "--conns", conns];
+        args.extend(["--requests", "30"]);
+        args.extend(extra);
+        let out = remote_peer("tr-remote-c", net, &args)
+            .output()
+            .expect("run remote_peer.py client");
+        assert!(out.status.success(), "remote client failed");
+        serde_json::from_slice(&out.stdout).expect("remote client's report")
+    };
+    let first = run("6", &[]);
+    let second = run("4", &["--server-closes"]);
+    let (mut ok, mut not_found) = (0, 0);
+    for got in [&first, &second] {
+        ok += got["status"]["200"].as_u64().unwrap_or(0);
+        not_found += got["status"]["404"].as_u64().unwrap_or(0);
+    }
+    // Every 4th of each connection's 30: 7 of them.
+    assert_eq!(
+        (ok, not_found),
+        (230, 70),
+        "{} {}",
+        first["status"],
+        second["status"]
+    );
+
+    let client = "10.213.0.2";
+    let edge = daemon.wait_edge(client, port, 300);
+    assert_eq!(edge["requests"], 300, "{edge}\n{}", daemon.diagnostics());
+    assert_eq!(edge["dst"], "server", "{edge}");
+    let codes = status_codes(&edge);
+    assert_eq!(codes.get("200"), Some(&230), "{edge}");
+    assert_eq!(codes.get("404"), Some(&70), "{edge}");
+    assert_eq!(edge["server_latency"]["count"], 300, "{edge}");
+    assert!(
+        edge["client_latency"].is_null(),
+        "no client end here: {edge}"
+    );
+
+    let tcp = wait_tcp_edge(&daemon, client, "server", |e| e["closed"] == 10);
+    assert_eq!(tcp["established"], 10, "{tcp}");
+    assert_eq!(tcp["closed"], 10, "{tcp}");
+    assert_eq!(tcp["open"], 0, "{tcp}");
+    assert_eq!(tcp["failed"], 0, "{tcp}");
+    let sum = |key: &str| first[key].as_u64().unwrap() + second[key].as_u64().unwrap();
+    assert_eq!(tcp["bytes_sent"], sum("sent"), "{tcp}");
+    assert_eq!(tcp["bytes_received"], sum("received"), "{tcp}");
+    assert_eq!(
+        daemon.metric_sum(
+            "tracer_tcp_connections_total",
+            &[
+                ("source", client),
+                ("destination", "server"),
+                ("outcome", "established")
+            ],
+        ),
+        10.0
+    );
+}
+
+/// curl on this host to a server on another host: the client's end alone counts every
+/// request, by status, on an edge to the server's address, with curl's own latency; the TCP
+/// connections with the bytes curl moved.
+#[test]
+fn a_server_on_another_host_is_counted_by_its_client() {
+    let _serial = serial();
+    let daemon = Daemon::start();
+    let _remote = RemoteServer::start("tr-remote-s", "10.214.0.0");
+    let urls: Vec<String> = (0..40)
+        .map(|i| {
+            let kind = if i % 4 == 3 { "nf" } else { "r" };
+            format!("http://10.214.0.2/{kind}/{i}")
+        })
+        .collect();
+    // Two curl processes of 20 requests each, every one on its own keep-alive connection.
+    let mut lines = Vec::new();
+    for half in urls.chunks(20) {
+        lines.extend(curl(
+            half,
+            "%{http_code} %{size_request} %{size_header} %{size_download}\n",
+        ));
+    }
+    let (mut sent, mut received, mut not_found) = (0, 0, 0);
+    for l in &lines {
+        let f: Vec<u64> = l.split(' ').map(|x| x.parse().expect("number")).collect();
+        not_found += u64::from(f[0] == 404);
+        sent += f[1];
+        received += f[2] + f[3];
+    }
+    assert_eq!((lines.len(), not_found), (40, 10), "{lines:?}");
+
+    let edge = daemon.wait_edge("curl", 80, 40);
+    assert_eq!(edge["requests"], 40, "{edge}\n{}", daemon.diagnostics());
+    assert_eq!(edge["dst"], "10.214.0.2:80", "{edge}");
+    let codes = status_codes(&edge);
+    assert_eq!(codes.get("200"), Some(&30), "{edge}");
+    assert_eq!(codes.get("404"), Some(&10), "{edge}");
+    assert_eq!(edge["client_latency"]["count"], 40, "{edge}");
+    assert!(
+        edge["server_latency"].is_null(),
+        "no server end here: {edge}"
+    );
+
+    let tcp = wait_tcp_edge(&daemon, "curl", "10.214.0.2:80", |e| e["closed"] == 2);
+    assert_eq!(tcp["established"], 2, "{tcp}");
+    assert_eq!(tcp["bytes_sent"], sent, "{tcp} {lines:?}");
+    assert_eq!(tcp["bytes_received"], received, "{tcp} {lines:?}");
+}
