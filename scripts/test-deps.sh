@@ -3,12 +3,12 @@
 # nginx, promtool (Debian package prometheus), setpriv (util-linux), chromium and tmux (the
 # dashboard and `tracer top` tests), h2load (nghttp2-client), python3-grpcio and python3-h2 (the h2c
 # upgrade fixture) for the HTTP/2 tests, openssl, apache2, golang-go and nodejs (the TLS tests),
-# nftables (a Service-like address translation), and oha (crates.io) for the bench's fixed-rate
+# nftables (a Service-like address translation), iproute2 (the other host's TUN device), and oha (crates.io) for the bench's fixed-rate
 # load. python3 is part of the image.
 set -euo pipefail
 export DEBIAN_FRONTEND=noninteractive
 missing=()
-for tool in curl:curl wrk:wrk nginx:nginx promtool:prometheus setpriv:util-linux chromium:chromium tmux:tmux h2load:nghttp2-client openssl:openssl apache2:apache2 go:golang-go node:nodejs nft:nftables; do
+for tool in curl:curl wrk:wrk nginx:nginx promtool:prometheus setpriv:util-linux chromium:chromium tmux:tmux h2load:nghttp2-client openssl:openssl apache2:apache2 go:golang-go node:nodejs nft:nftables ip:iproute2; do
   command -v "${tool%%:*}" >/dev/null || [ -x "/usr/sbin/${tool%%:*}" ] || missing+=("${tool#*:}")
 done
 # For the system's python3 (the gRPC fixtures run with /usr/bin/python3, not a python earlier
