@@ -195,3 +195,63 @@ fn a_server_on_another_host_is_counted_by_its_client() {
     assert_eq!(tcp["bytes_sent"], sent, "{tcp} {lines:?}");
     assert_eq!(tcp["bytes_received"], received, "{tcp} {lines:?}");
 }
+
+/// Connections from another host open before the daemon started (a pool of clients on other
+/// nodes, after the daemon's rollout): found at its start at the server's end, counted open
+/// (not established: their connect was not seen), then closed with the peer's bytes.
+#[test]
+fn connections_from_another_host_older_than_the_daemon_are_counted_open() {
+    use std::io::Write as _;
+    let _serial = serial();
+    let port = free_port();
+    let server = Command::new("python3")
+        .arg(workspace_root().join("tests/fixtures/server.py"))
+        .arg(port.to_string())
+        .env("FIXTURE_HOST", "0.0.0.0")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn fixture server");
+    let _server = Server::adopt(server, port);
+    let port_arg = port.to_string();
+    let mut client = remote_peer(
+        "tr-remote-o",
+        "10.215.0.0",
+        &[
+            "client",
+            "--port",
+            &port_arg,
+            "--conns",
+            "5",
+            "--requests",
+            "4",
+            "--hold",
+        ],
+    )
+    .stdin(Stdio::piped())
+    .spawn()
+    .expect("spawn remote_peer.py client");
+    let mut line = String::new();
+    BufReader::new(client.stdout.as_mut().expect("stdout"))
+        .read_line(&mut line)
+        .expect("the remote client's report");
+    let got: Value = serde_json::from_str(&line).expect("the remote client's JSON");
+    assert_eq!(got["status"]["200"], 15, "{}", got["status"]);
+
+    let daemon = Daemon::start();
+    let src = "10.215.0.2";
+    let tcp = wait_tcp_edge(&daemon, src, "server", |e| e["open"] == 5);
+    assert_eq!(tcp["open"], 5, "{tcp}");
+    assert_eq!(tcp["established"], 0, "their connects were not seen: {tcp}");
+    client
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(b"\n")
+        .expect("release the remote client");
+    assert!(client.wait().expect("remote client exits").success());
+    let tcp = wait_tcp_edge(&daemon, src, "server", |e| e["open"] == 0);
+    assert_eq!(tcp["closed"], 5, "{tcp}");
+    assert_eq!(tcp["bytes_sent"], got["sent"], "{tcp} {got}");
+    assert_eq!(tcp["bytes_received"], got["received"], "{tcp}");
+}

@@ -333,7 +333,7 @@ pub struct TcpTracker {
     last_expire: Option<Instant>,
     /// Client connections open when the daemon started (`adopt`), by tuple: their connect was
     /// not seen, their close is matched by addresses.
-    existing: HashMap<Tuple, (Arc<str>, Arc<str>)>,
+    existing: HashMap<Tuple, Existing>,
     /// While the look at existing connections runs: the tuples that closed meanwhile, which
     /// it may still list (at most [`MAX_CONNS`]).
     scanning: Option<HashSet<Tuple>>,
@@ -510,8 +510,15 @@ impl TcpTracker {
             let e = edges.edge(&x.src, &x.dst, metrics);
             e.open += 1;
             e.open_now.inc();
-            note_addr(e, x.tuple.remote);
-            self.existing.insert(x.tuple, (x.src, x.dst));
+            note_addr(
+                e,
+                if x.inbound {
+                    x.tuple.local
+                } else {
+                    x.tuple.remote
+                },
+            );
+            self.existing.insert(x.tuple, x);
         }
     }
 
@@ -548,10 +555,12 @@ impl TcpTracker {
         } else {
             return;
         };
-        let Some((src, dst)) = self.existing.remove(&key) else {
+        let Some(x) = self.existing.remove(&key) else {
             return;
         };
-        lock(edges).edge(&src, &dst, metrics).close(c, false);
+        lock(edges)
+            .edge(&x.src, &x.dst, metrics)
+            .close(c, x.inbound);
     }
 
     /// Whether `tick` has anything to do.
@@ -667,22 +676,26 @@ fn established(open: &mut Open, dst: Arc<str>, edges: &mut TcpEdges, metrics: &M
     open.dst = Some(dst);
 }
 
-/// A client connection open when the daemon started: its addresses, its process's workload and
-/// its server's (the workload at the other end on this host, else the address).
+/// A connection open when the daemon started: its addresses (as the end found has them), its
+/// client's workload and its server's (the workload at the other end on this host, else the
+/// address); `inbound`: found at its server's end, its client on another host.
 #[derive(Debug)]
 pub struct Existing {
     pub tuple: Tuple,
     pub src: Arc<str>,
     pub dst: Arc<str>,
+    pub inbound: bool,
 }
 
 /// Sockets looked at, at most, when the daemon starts (file descriptors read).
 const MAX_SCAN_FDS: usize = 1 << 18;
 
-/// The client connections open now, from each network namespace's `/proc/<pid>/net/tcp{,6}`
-/// (a pod's sockets are in its own) and each process's file descriptors (which socket is
-/// whose). A connection's client end is the one whose local port is not listening. Blocking:
-/// run it off the reader's thread; it gives up (nothing found) once `stop` says so.
+/// The connections open now, from each network namespace's `/proc/<pid>/net/tcp{,6}` (a pod's
+/// sockets are in its own) and each process's file descriptors (which socket is whose): the
+/// client ends on this host, and the server ends whose client is on another host (no client
+/// end here has its address). A connection's client end is the one whose local port is not
+/// listening. Blocking: run it off the reader's thread; it gives up (nothing found) once `stop`
+/// says so.
 pub fn scan(own_pid: u32, stop: impl Fn() -> bool) -> Vec<Existing> {
     use std::os::unix::fs::MetadataExt as _;
     let mut owner: HashMap<u64, u32> = HashMap::default();
@@ -741,6 +754,8 @@ pub fn scan(own_pid: u32, stop: impl Fn() -> bool) -> Vec<Existing> {
         }
     };
     let mut out = Vec::new();
+    let mut clients: HashSet<std::net::SocketAddr> = HashSet::default();
+    let mut servers = Vec::new();
     for pid in namespaces.into_values() {
         let mut socks = Vec::new();
         for file in ["tcp", "tcp6"] {
@@ -764,12 +779,18 @@ pub fn scan(own_pid: u32, stop: impl Fn() -> bool) -> Vec<Existing> {
             .map(|s| (s.tuple, s.inode))
             .collect();
         for s in socks.iter().filter(|s| s.state == PROC_ESTABLISHED) {
+            if serves(s.tuple.local) {
+                if !s.tuple.remote.ip().is_loopback()
+                    && let Some(&server) = owner.get(&s.inode)
+                {
+                    servers.push((s.tuple, server));
+                }
+                continue;
+            }
+            clients.insert(s.tuple.local);
             let Some(&client) = owner.get(&s.inode) else {
                 continue;
             };
-            if serves(s.tuple.local) {
-                continue;
-            }
             let server = to_this_host(&s.tuple)
                 .then(|| by_tuple.get(&s.tuple.reversed()))
                 .flatten()
@@ -781,6 +802,17 @@ pub fn scan(own_pid: u32, stop: impl Fn() -> bool) -> Vec<Existing> {
                     Some(&pid) => workload::name(&task(pid)),
                     None => Arc::from(s.tuple.remote.to_string()),
                 },
+                inbound: false,
+            });
+        }
+    }
+    for (tuple, server) in servers {
+        if !clients.contains(&tuple.remote) {
+            out.push(Existing {
+                tuple,
+                src: Arc::from(tuple.remote.ip().to_string()),
+                dst: workload::name(&task(server)),
+                inbound: true,
             });
         }
     }
@@ -1067,6 +1099,7 @@ mod tests {
             tuple: tuple(&format!("10.0.0.1:{port}")),
             src: Arc::from("app"),
             dst: Arc::from("postgres"),
+            inbound: false,
         };
         h.tracker.adopt(
             vec![existing(41000), existing(41001), existing(41002)],
