@@ -255,3 +255,87 @@ fn connections_from_another_host_older_than_the_daemon_are_counted_open() {
     assert_eq!(tcp["bytes_sent"], got["sent"], "{tcp} {got}");
     assert_eq!(tcp["bytes_received"], got["received"], "{tcp}");
 }
+
+/// Requests a server closed or reset the connection on, unanswered, are failed requests
+/// (status 0, as Linkerd counts them in success rates), counted once, by the end that can
+/// tell: a server on this host closing with a request read (from a client on another host,
+/// and from curl here); the client's end when its server, on another host, reset it. A
+/// client that gives up is not the server's failure (not counted).
+#[test]
+fn requests_left_unanswered_are_failures() {
+    let _serial = serial();
+    let daemon = Daemon::start();
+    let port = free_port();
+    let server = Command::new("python3")
+        .arg(workspace_root().join("tests/fixtures/server.py"))
+        .arg(port.to_string())
+        .env("FIXTURE_HOST", "0.0.0.0")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn fixture server");
+    let _server = Server::adopt(server, port);
+
+    // A client on another host: the last of each connection's 5 requests is closed on.
+    let port_arg = port.to_string();
+    let out = remote_peer(
+        "tr-remote-u",
+        "10.216.0.0",
+        &[
+            "client",
+            "--port",
+            &port_arg,
+            "--conns",
+            "3",
+            "--requests",
+            "5",
+            "--unanswered",
+        ],
+    )
+    .output()
+    .expect("run remote_peer.py client");
+    let got: Value = serde_json::from_slice(&out.stdout).expect("remote client's report");
+    assert_eq!(got["status"]["none"], 3, "{}", got["status"]);
+    let edge = daemon.wait_edge("10.216.0.2", port, 15);
+    let codes = status_codes(&edge);
+    assert_eq!(codes.get("0"), Some(&3), "{edge}");
+    assert_eq!(codes.get("200"), Some(&9), "{edge}");
+    assert_eq!(codes.get("404"), Some(&3), "{edge}");
+    assert_eq!(edge["failures"], 3, "{edge}");
+
+    // curl here, to the same server: its end closes first, once per request; counted once.
+    let urls: Vec<String> = (0..4)
+        .map(|i| format!("http://127.0.0.1:{port}/close/{i}"))
+        .collect();
+    let mut seen = Vec::new();
+    for url in &urls {
+        seen.extend(curl(std::slice::from_ref(url), "%{http_code}\n"));
+    }
+    assert_eq!(seen, vec!["000"; 4], "curl got no response");
+    let edge = daemon.wait_edge("curl", port, 4);
+    assert_eq!(edge["requests"], 4, "{edge}");
+    assert_eq!(status_codes(&edge).get("0"), Some(&4), "{edge}");
+
+    // A server on another host resets the connection on 3 requests, answers 2.
+    let _remote = RemoteServer::start("tr-remote-r", "10.217.0.0");
+    let mut seen = Vec::new();
+    for path in ["rst/1", "ok/1", "rst/2", "rst/3", "ok/2"] {
+        seen.extend(curl(
+            &[format!("http://10.217.0.2/{path}")],
+            "%{http_code}\n",
+        ));
+    }
+    assert_eq!(seen, ["000", "200", "000", "000", "200"], "{seen:?}");
+    let edge = daemon.wait_edge("curl", 80, 5);
+    assert_eq!(edge["requests"], 5, "{edge}");
+    let codes = status_codes(&edge);
+    assert_eq!(codes.get("0"), Some(&3), "{edge}");
+    assert_eq!(codes.get("200"), Some(&2), "{edge}");
+    assert_eq!(
+        daemon.metric_sum(
+            "tracer_http_requests_total",
+            &[("source", "curl"), ("status", "0")]
+        ),
+        7.0
+    );
+}

@@ -72,7 +72,7 @@ impl SpanView {
             start_unix_nano: otlp::wall_ns(span.start_ns),
             duration_ms: f.map_or(0.0, |f| f.end_ns.saturating_sub(span.start_ns) as f64 / 1e6),
             status_code: status,
-            error: otlp::is_error(span.kind, status, f.and_then(|f| f.grpc_status)),
+            error: f.is_some_and(|f| otlp::is_error(span.kind, status, f.grpc_status)),
             sampled: span.sampled,
             server: span.server_addr().to_string(),
             client: span.client_addr().to_string(),

@@ -115,11 +115,15 @@ pub struct Exchange {
     pub unsure: bool,
 }
 
+/// `Exchange::status` of a request its server never answered: it closed or reset the
+/// connection with the request read (see `ConnTable::on_state`).
+pub const NO_RESPONSE: u16 = 0;
+
 impl Exchange {
-    /// A failure for success rates: a 5xx, or a gRPC status other than OK (as Linkerd counts
-    /// them).
+    /// A failure for success rates: no response (the server closed or reset the connection
+    /// instead), a 5xx, or a gRPC status other than OK (as Linkerd counts them).
     pub fn failed(&self) -> bool {
-        self.status >= 500 || self.grpc_status.is_some_and(|g| g != 0)
+        self.status == NO_RESPONSE || self.status >= 500 || self.grpc_status.is_some_and(|g| g != 0)
     }
 }
 
@@ -219,6 +223,11 @@ struct Conn {
     client_addr: Option<SocketAddr>,
     /// When it was reset by its peer (its entry in `ConnTable::closing`), until it ends.
     reset: Option<std::time::Instant>,
+    /// The reset came from the other end (it was not this end's own abortive close).
+    reset_by_peer: bool,
+    /// The last response said the server would close (`Connection: close`, HTTP/1.0): requests
+    /// pipelined after it are not processed, by design, rather than failed.
+    close_announced: bool,
     /// Requests not kept (the queue was full) since the last one queued: the responses after
     /// the queue's are theirs.
     overflow_gap: u32,
@@ -272,6 +281,8 @@ impl Conn {
             peer_sk: 0,
             client_addr: None,
             reset: None,
+            reset_by_peer: false,
+            close_announced: false,
             overflow_gap: 0,
             responses_unsure: false,
             requests_beyond_capture: false,
@@ -639,11 +650,8 @@ impl ConnTable {
             // be on this host, and whose events can come first) can name this process.
             (TCP_SYN_SENT, TCP_ESTABLISHED) => {
                 let task = self.connecting.remove(&c.sk).unwrap_or(c.task);
-                if let Some(old) = self.conns.get_mut(&c.sk)
-                    && old.reset.is_some()
-                {
-                    finish_all(old, metrics, out);
-                    self.remove(c.sk, metrics, linker);
+                if self.conns.get(&c.sk).is_some_and(|old| old.reset.is_some()) {
+                    self.end_reset(c.sk, metrics, linker, out);
                 }
                 if !self.conns.contains_key(&c.sk) {
                     if self.conns.len() >= self.cap {
@@ -670,9 +678,12 @@ impl ConnTable {
             && conn.reset.is_none()
         {
             // Reset (or aborted) while open: the send it may have come in answer to is still to
-            // be read. Ended by `reap_resets`.
+            // be read. Ended by `reap_resets`. An abortive close runs in the closing process;
+            // a reset taken in runs wherever the packet is (softirq, or on loopback the
+            // sender's process).
             let at = std::time::Instant::now();
             conn.reset = Some(at);
+            conn.reset_by_peer = c.task.tgid != conn.task.tgid;
             self.closing.push_back((c.sk, at));
             return;
         }
@@ -696,6 +707,23 @@ impl ConnTable {
                 lost_events(conn, metrics, linker);
             }
             finish_all(conn, metrics, out);
+            // A server that closes first with requests read and unanswered failed them; so
+            // did, as its client saw it, one whose close came first (this end's LAST_ACK).
+            let server_closed = match conn.role {
+                Role::Http(Side::Server) => {
+                    c.old_state == TCP_ESTABLISHED && c.new_state == TCP_FIN_WAIT1
+                }
+                Role::Http(Side::Client) => c.new_state == TCP_LAST_ACK,
+                _ => false,
+            };
+            if server_closed && !conn.close_announced && !conn.pending.is_empty() {
+                let (tuple, peer_sk) = (conn.tuple, conn.peer_sk);
+                if self.counts_unanswered(&tuple, peer_sk, c.sk)
+                    && let Some(conn) = self.conns.get_mut(&c.sk)
+                {
+                    unanswered(conn, c.ts_ns, out);
+                }
+            }
         }
         if c.new_state == TCP_CLOSE {
             self.remove(c.sk, metrics, linker);
@@ -717,12 +745,51 @@ impl ConnTable {
             }
             self.closing.pop_front();
             // Unless the socket address is another connection's by now (reset or not).
-            if let Some(conn) = self.conns.get_mut(&sk)
-                && conn.reset == Some(at)
-            {
-                finish_all(conn, metrics, out);
-                self.remove(sk, metrics, linker);
+            if self.conns.get(&sk).is_some_and(|c| c.reset == Some(at)) {
+                self.end_reset(sk, metrics, linker, out);
             }
+        }
+    }
+
+    /// Ends a connection that was reset, as its close would have: what it left open is
+    /// finished or counted.
+    fn end_reset(
+        &mut self,
+        sk: u64,
+        metrics: &Metrics,
+        linker: &mut Linker,
+        out: &mut Vec<Exchange>,
+    ) {
+        let Some(conn) = self.conns.get_mut(&sk) else {
+            return;
+        };
+        finish_all(conn, metrics, out);
+        // The server reset it with requests unanswered, as the client saw it.
+        if conn.reset_by_peer
+            && conn.role == Role::Http(Side::Client)
+            && !conn.close_announced
+            && !conn.pending.is_empty()
+        {
+            let (tuple, peer_sk) = (conn.tuple, conn.peer_sk);
+            if self.counts_unanswered(&tuple, peer_sk, sk)
+                && let Some(conn) = self.conns.get_mut(&sk)
+            {
+                unanswered(conn, conn.last_ns, out);
+            }
+        }
+        self.remove(sk, metrics, linker);
+    }
+
+    /// Whether the end `sk` counts its requests left unanswered as failed: a server's end
+    /// always; a client's when its server's end is not on this host (that end counts them, or
+    /// its client cancelled them).
+    fn counts_unanswered(&self, tuple: &Tuple, peer_sk: u64, sk: u64) -> bool {
+        match self.conns.get(&sk).map(|c| c.role) {
+            Some(Role::Http(Side::Server)) => true,
+            Some(Role::Http(Side::Client)) => self
+                .peer_of(tuple, peer_sk)
+                .is_none_or(|p| p.side != Some(Side::Server)),
+            _ => false,
         }
     }
 
@@ -1339,6 +1406,7 @@ fn on_head(conn: &mut Conn, requests: bool, info: Head, ctx: &mut Ctx<'_, '_>) {
                 conn.responses.state = ReadState::Idle;
                 return;
             }
+            conn.close_announced = h.closes;
             // The response of a request that was not kept (queue full) pairs with nothing: that
             // request is already counted as lost.
             let unkept = match conn.pending.front_mut() {
@@ -1496,6 +1564,37 @@ fn complete_message(conn: &mut Conn, requests: bool, end_ns: u64, out: &mut Vec<
         span: req.span,
         tls: conn.tls,
     });
+}
+
+/// The requests of an HTTP/1 connection left unanswered when its server closed or reset it:
+/// failed, without a status (`NO_RESPONSE`), ended at `end_ns`.
+fn unanswered(conn: &mut Conn, end_ns: u64, out: &mut Vec<Exchange>) {
+    let (Role::Http(side), None) = (conn.role, &conn.h2) else {
+        return;
+    };
+    for req in conn.pending.drain(..) {
+        out.push(Exchange {
+            side,
+            task: if side == Side::Server {
+                req.task
+            } else {
+                conn.task
+            },
+            tuple: conn.tuple,
+            peer_sk: conn.peer_sk,
+            unsure: conn.responses_unsure,
+            method: req.method,
+            path: req.path,
+            status: NO_RESPONSE,
+            grpc_status: None,
+            start_ns: req.start_ns,
+            end_ns: end_ns.max(req.start_ns),
+            req_bytes: req.bytes,
+            resp_bytes: 0,
+            span: req.span,
+            tls: conn.tls,
+        });
+    }
 }
 
 /// Ends what is open on one stream because no more bytes will come.

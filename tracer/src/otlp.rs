@@ -226,7 +226,12 @@ pub fn attributes(span: &Span) -> Vec<KeyValue> {
         a.push(kv("url.path", s(f.path.to_string())));
         a.push(kv("url.scheme", s(if span.tls { "https" } else { "http" })));
         a.push(kv("http.route", s(f.route.to_string())));
-        a.push(kv("http.response.status_code", i(i64::from(f.status))));
+        if f.status == crate::conn::NO_RESPONSE {
+            // Closed or reset by the server with the request unanswered.
+            a.push(kv("error.type", s("no_response")));
+        } else {
+            a.push(kv("http.response.status_code", i(i64::from(f.status))));
+        }
         if let Some(g) = f.grpc_status {
             a.push(kv("rpc.system", s("grpc")));
             a.push(kv("rpc.grpc.status_code", i(i64::from(g))));
@@ -253,10 +258,13 @@ pub fn attributes(span: &Span) -> Vec<KeyValue> {
     a
 }
 
-/// Error for 5xx at servers, for 4xx and 5xx at clients; for gRPC, by the RPC conventions:
-/// any status but OK at clients, UNKNOWN, DEADLINE_EXCEEDED, UNIMPLEMENTED, INTERNAL,
-/// UNAVAILABLE and DATA_LOSS at servers.
+/// Error for 5xx at servers, for 4xx and 5xx at clients, and for no response at all; for gRPC,
+/// by the RPC conventions: any status but OK at clients, UNKNOWN, DEADLINE_EXCEEDED,
+/// UNIMPLEMENTED, INTERNAL, UNAVAILABLE and DATA_LOSS at servers.
 pub fn is_error(kind: Side, status: u16, grpc_status: Option<u32>) -> bool {
+    if status == crate::conn::NO_RESPONSE {
+        return true;
+    }
     match (kind, grpc_status) {
         (Side::Server, Some(g)) => status >= 500 || matches!(g, 2 | 4 | 12 | 13 | 14 | 15),
         (Side::Client, Some(g)) => status >= 400 || g != 0,
@@ -293,7 +301,7 @@ fn proto_span(span: &Span) -> ProtoSpan {
         end_time_unix_nano: wall_ns(f.map_or(span.start_ns, |f| f.end_ns)),
         attributes: attributes(span),
         status: Some(
-            if is_error(span.kind, status_code, f.and_then(|f| f.grpc_status)) {
+            if f.is_some_and(|f| is_error(span.kind, status_code, f.grpc_status)) {
                 Status {
                     code: status::StatusCode::Error as i32,
                     message: String::new(),
@@ -469,6 +477,9 @@ mod tests {
         assert!(is_error(Side::Client, 404, None));
         assert!(!is_error(Side::Client, 302, None));
         assert!(is_error(Side::Server, 200, Some(13)));
+        // Closed or reset by the server, unanswered.
+        assert!(is_error(Side::Server, crate::conn::NO_RESPONSE, None));
+        assert!(is_error(Side::Client, crate::conn::NO_RESPONSE, None));
         assert!(!is_error(Side::Server, 200, Some(5)));
         assert!(is_error(Side::Client, 200, Some(5)));
         assert!(!is_error(Side::Client, 200, Some(0)));
