@@ -1739,8 +1739,13 @@ mod tests {
         }
 
         fn state(&mut self, old: u32, new: u32) {
+            self.state_in(old, new, task());
+        }
+
+        /// A state change that ran in `by`'s context (a reset taken in runs in another's).
+        fn state_in(&mut self, old: u32, new: u32, by: Task) {
             let c = ConnEvent {
-                task: task(),
+                task: by,
                 ts_ns: self.ts,
                 sk: SK,
                 tuple: tuple(),
@@ -1793,6 +1798,61 @@ mod tests {
                 .requests_lost
                 .with_label_values(&[side, reason])
                 .get()
+        }
+    }
+
+    /// A server that closes first with a request read and unanswered failed it (status 0); one
+    /// whose client closed first did not (the client cancelled), nor one whose last response
+    /// announced the close (a request pipelined after it is not processed, by design).
+    #[test]
+    fn requests_a_server_closes_on_are_failures() {
+        let mut h = Harness::new();
+        h.read(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n");
+        h.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n");
+        h.read(b"GET /b HTTP/1.1\r\nHost: x\r\n\r\n");
+        h.state(TCP_ESTABLISHED, TCP_FIN_WAIT1);
+        assert_eq!(
+            h.statuses(),
+            [("/a".to_owned(), 200), ("/b".to_owned(), NO_RESPONSE)]
+        );
+        assert!(h.out[1].failed() && h.out[1].side == Side::Server);
+
+        let mut h = Harness::new();
+        h.read(b"GET /c HTTP/1.1\r\nHost: x\r\n\r\n");
+        h.state(TCP_ESTABLISHED, TCP_CLOSE_WAIT);
+        h.state(TCP_CLOSE_WAIT, TCP_LAST_ACK);
+        h.state(TCP_LAST_ACK, TCP_CLOSE);
+        assert!(h.out.is_empty(), "{:?}", h.statuses());
+        assert_eq!(h.drops("no_response"), 1);
+
+        let mut h = Harness::new();
+        h.read(b"GET /d HTTP/1.1\r\nHost: x\r\n\r\nGET /e HTTP/1.1\r\nHost: x\r\n\r\n");
+        h.write(b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 0\r\n\r\n");
+        h.state(TCP_ESTABLISHED, TCP_FIN_WAIT1);
+        assert_eq!(h.statuses(), [("/d".to_owned(), 200)]);
+    }
+
+    /// A client whose server (not on this host) reset the connection with its request
+    /// unanswered: failed; its own abortive close (in its own process) is a cancellation.
+    #[test]
+    fn requests_a_server_resets_are_failures_at_the_client() {
+        let peer = Task {
+            tgid: 7,
+            tid: 7,
+            ..task()
+        };
+        for (by, failed) in [(peer, true), (task(), false)] {
+            let mut h = Harness::new();
+            h.write(b"GET /f HTTP/1.1\r\nHost: x\r\n\r\n");
+            h.state_in(TCP_ESTABLISHED, TCP_CLOSE, by);
+            h.reap(RESET_GRACE * 2);
+            let want: &[(String, u16)] = if failed {
+                &[("/f".to_owned(), NO_RESPONSE)]
+            } else {
+                &[]
+            };
+            assert_eq!(h.statuses(), want, "reset in {}", by.tgid);
+            assert_eq!(h.drops("no_response"), u64::from(!failed));
         }
     }
 
