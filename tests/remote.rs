@@ -29,7 +29,13 @@ struct RemoteServer(Child);
 
 impl RemoteServer {
     fn start(dev: &str, net: &str) -> Self {
-        let mut child = remote_peer(dev, net, &["serve", "--port", "80"])
+        Self::start_with(dev, net, &[])
+    }
+
+    fn start_with(dev: &str, net: &str, extra: &[&str]) -> Self {
+        let mut args = vec!["serve", "--port", "80"];
+        args.extend(extra);
+        let mut child = remote_peer(dev, net, &args)
             .spawn()
             .expect("spawn remote_peer.py serve");
         let mut line = String::new();
@@ -337,5 +343,35 @@ fn requests_left_unanswered_are_failures() {
             &[("source", "curl"), ("status", "0")]
         ),
         7.0
+    );
+}
+
+/// A link that loses segments: the remote server drops the first data segment of each
+/// connection, which this host's kernel sends again. The 3 connections' retransmissions are
+/// counted (the kernel's own counter, read at each close), every request still counted once.
+#[test]
+fn retransmissions_are_counted() {
+    let _serial = serial();
+    let daemon = Daemon::start();
+    let _remote = RemoteServer::start_with("tr-remote-l", "10.218.0.0", &["--drop-first"]);
+    let mut seen = Vec::new();
+    for i in 0..3 {
+        seen.extend(curl(
+            &[format!("http://10.218.0.2/r/{i}")],
+            "%{http_code}\n",
+        ));
+    }
+    assert_eq!(seen, ["200"; 3], "{seen:?}");
+    let edge = daemon.wait_edge("curl", 80, 3);
+    assert_eq!(edge["requests"], 3, "{edge}");
+    let tcp = wait_tcp_edge(&daemon, "curl", "10.218.0.2:80", |e| e["closed"] == 3);
+    assert_eq!(tcp["closed"], 3, "{tcp}");
+    assert_eq!(tcp["retransmits"], 3, "{tcp}");
+    assert_eq!(
+        daemon.metric_sum(
+            "tracer_tcp_retransmits_total",
+            &[("source", "curl"), ("destination", "10.218.0.2:80")]
+        ),
+        3.0
     );
 }
