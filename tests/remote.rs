@@ -8,7 +8,6 @@ mod common;
 use std::{
     io::{BufRead as _, BufReader},
     process::{Child, Command, Stdio},
-    time::{Duration, Instant},
 };
 
 use common::{Daemon, Server, curl, free_port, serial, status_codes, workspace_root};
@@ -22,6 +21,29 @@ fn remote_peer(dev: &str, net: &str, args: &[&str]) -> Command {
         .args(args)
         .stdout(Stdio::piped());
     cmd
+}
+
+/// tests/fixtures/server.py on every address, for clients on other hosts.
+fn fixture_server_for_other_hosts() -> Server {
+    let port = free_port();
+    let child = Command::new("python3")
+        .arg(workspace_root().join("tests/fixtures/server.py"))
+        .arg(port.to_string())
+        .env("FIXTURE_HOST", "0.0.0.0")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn fixture server");
+    Server::adopt(child, port)
+}
+
+/// remote_peer.py's client, run to its end: its report.
+fn remote_client(dev: &str, net: &str, args: &[&str]) -> Value {
+    let out = remote_peer(dev, net, &[&["client"], args].concat())
+        .output()
+        .expect("run remote_peer.py client");
+    assert!(out.status.success(), "remote client failed");
+    serde_json::from_slice(&out.stdout).expect("remote client's report")
 }
 
 /// A remote HTTP server at `<net>.2:80`, until dropped.
@@ -54,24 +76,6 @@ impl Drop for RemoteServer {
     }
 }
 
-/// The TCP edge `src -> dst` once `done` holds (10 s at most).
-fn wait_tcp_edge(daemon: &Daemon, src: &str, dst: &str, done: impl Fn(&Value) -> bool) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let tcp = daemon.json("/api/edges")["tcp"].clone();
-        let edge = tcp
-            .as_array()
-            .expect("tcp edges")
-            .iter()
-            .find(|e| e["src"] == src && e["dst"] == dst)
-            .cloned();
-        if edge.as_ref().is_some_and(&done) || Instant::now() > deadline {
-            return edge.unwrap_or_else(|| panic!("no TCP edge {src} -> {dst}: {tcp}"));
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 /// A client on another host, 6 connections of 30 keep-alive requests each to the fixture
 /// server (every 4th a 404), then 4 more whose last request asks the server to close: the
 /// server's end alone counts every request, by status, from the client's address; and each
@@ -80,28 +84,15 @@ fn wait_tcp_edge(daemon: &Daemon, src: &str, dst: &str, done: impl Fn(&Value) ->
 fn a_client_on_another_host_is_counted_by_its_server() {
     let _serial = serial();
     let daemon = Daemon::start();
-    let port = free_port();
-    let server = Command::new("python3")
-        .arg(workspace_root().join("tests/fixtures/server.py"))
-        .arg(port.to_string())
-        .env("FIXTURE_HOST", "0.0.0.0")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn fixture server");
-    let _server = Server::adopt(server, port);
+    let server = fixture_server_for_other_hosts();
+    let port = server.port;
 
     let net = "10.213.0.0";
     let port_arg = port.to_string();
     let run = |conns: &str, extra: &[&str]| -> Value {
-        let mut args = vec!["client", "--port", &port_arg, "--conns", conns];
-        args.extend(["--requests", "30"]);
+        let mut args = vec!["--port", &port_arg, "--conns", conns, "--requests", "30"];
         args.extend(extra);
-        let out = remote_peer("tr-remote-c", net, &args)
-            .output()
-            .expect("run remote_peer.py client");
-        assert!(out.status.success(), "remote client failed");
-        serde_json::from_slice(&out.stdout).expect("remote client's report")
+        remote_client("tr-remote-c", net, &args)
     };
     let first = run("6", &[]);
     let second = run("4", &["--server-closes"]);
@@ -132,7 +123,7 @@ fn a_client_on_another_host_is_counted_by_its_server() {
         "no client end here: {edge}"
     );
 
-    let tcp = wait_tcp_edge(&daemon, client, "server", |e| e["closed"] == 10);
+    let tcp = daemon.wait_tcp_edge(client, "server", |e| e["closed"] == 10);
     assert_eq!(tcp["established"], 10, "{tcp}");
     assert_eq!(tcp["closed"], 10, "{tcp}");
     assert_eq!(tcp["open"], 0, "{tcp}");
@@ -196,7 +187,7 @@ fn a_server_on_another_host_is_counted_by_its_client() {
         "no server end here: {edge}"
     );
 
-    let tcp = wait_tcp_edge(&daemon, "curl", "10.214.0.2:80", |e| e["closed"] == 2);
+    let tcp = daemon.wait_tcp_edge("curl", "10.214.0.2:80", |e| e["closed"] == 2);
     assert_eq!(tcp["established"], 2, "{tcp}");
     assert_eq!(tcp["bytes_sent"], sent, "{tcp} {lines:?}");
     assert_eq!(tcp["bytes_received"], received, "{tcp} {lines:?}");
@@ -209,16 +200,8 @@ fn a_server_on_another_host_is_counted_by_its_client() {
 fn connections_from_another_host_older_than_the_daemon_are_counted_open() {
     use std::io::Write as _;
     let _serial = serial();
-    let port = free_port();
-    let server = Command::new("python3")
-        .arg(workspace_root().join("tests/fixtures/server.py"))
-        .arg(port.to_string())
-        .env("FIXTURE_HOST", "0.0.0.0")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn fixture server");
-    let _server = Server::adopt(server, port);
+    let server = fixture_server_for_other_hosts();
+    let port = server.port;
     let port_arg = port.to_string();
     let mut client = remote_peer(
         "tr-remote-o",
@@ -246,7 +229,7 @@ fn connections_from_another_host_older_than_the_daemon_are_counted_open() {
 
     let daemon = Daemon::start();
     let src = "10.215.0.2";
-    let tcp = wait_tcp_edge(&daemon, src, "server", |e| e["open"] == 5);
+    let tcp = daemon.wait_tcp_edge(src, "server", |e| e["open"] == 5);
     assert_eq!(tcp["open"], 5, "{tcp}");
     assert_eq!(tcp["established"], 0, "their connects were not seen: {tcp}");
     client
@@ -256,7 +239,7 @@ fn connections_from_another_host_older_than_the_daemon_are_counted_open() {
         .write_all(b"\n")
         .expect("release the remote client");
     assert!(client.wait().expect("remote client exits").success());
-    let tcp = wait_tcp_edge(&daemon, src, "server", |e| e["open"] == 0);
+    let tcp = daemon.wait_tcp_edge(src, "server", |e| e["open"] == 0);
     assert_eq!(tcp["closed"], 5, "{tcp}");
     assert_eq!(tcp["bytes_sent"], got["sent"], "{tcp} {got}");
     assert_eq!(tcp["bytes_received"], got["received"], "{tcp}");
@@ -271,24 +254,15 @@ fn connections_from_another_host_older_than_the_daemon_are_counted_open() {
 fn requests_left_unanswered_are_failures() {
     let _serial = serial();
     let daemon = Daemon::start();
-    let port = free_port();
-    let server = Command::new("python3")
-        .arg(workspace_root().join("tests/fixtures/server.py"))
-        .arg(port.to_string())
-        .env("FIXTURE_HOST", "0.0.0.0")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn fixture server");
-    let _server = Server::adopt(server, port);
+    let server = fixture_server_for_other_hosts();
+    let port = server.port;
 
     // A client on another host: the last of each connection's 5 requests is closed on.
     let port_arg = port.to_string();
-    let out = remote_peer(
+    let got = remote_client(
         "tr-remote-u",
         "10.216.0.0",
         &[
-            "client",
             "--port",
             &port_arg,
             "--conns",
@@ -297,10 +271,7 @@ fn requests_left_unanswered_are_failures() {
             "5",
             "--unanswered",
         ],
-    )
-    .output()
-    .expect("run remote_peer.py client");
-    let got: Value = serde_json::from_slice(&out.stdout).expect("remote client's report");
+    );
     assert_eq!(got["status"]["none"], 3, "{}", got["status"]);
     let edge = daemon.wait_edge("10.216.0.2", port, 15);
     let codes = status_codes(&edge);
@@ -364,7 +335,7 @@ fn retransmissions_are_counted() {
     assert_eq!(seen, ["200"; 3], "{seen:?}");
     let edge = daemon.wait_edge("curl", 80, 3);
     assert_eq!(edge["requests"], 3, "{edge}");
-    let tcp = wait_tcp_edge(&daemon, "curl", "10.218.0.2:80", |e| e["closed"] == 3);
+    let tcp = daemon.wait_tcp_edge("curl", "10.218.0.2:80", |e| e["closed"] == 3);
     assert_eq!(tcp["closed"], 3, "{tcp}");
     assert_eq!(tcp["retransmits"], 3, "{tcp}");
     assert_eq!(

@@ -7,38 +7,10 @@ mod common;
 use std::{
     io::{BufRead as _, BufReader, Write as _},
     process::{Child, Command, Stdio},
-    time::{Duration, Instant},
 };
 
 use common::{Daemon, Server, free_port, serial, workspace_root};
 use serde_json::Value;
-
-/// The TCP edge `src -> dst` in `/api/edges`, if there is one.
-fn tcp_edge(daemon: &Daemon, src: &str, dst: &str) -> Option<Value> {
-    daemon.json("/api/edges")["tcp"]
-        .as_array()
-        .expect("tcp edges")
-        .iter()
-        .find(|e| e["src"] == src && e["dst"] == dst)
-        .cloned()
-}
-
-/// Waits (10 s at most) until the TCP edge `src -> dst` satisfies `done`; the edge then.
-fn wait_tcp_edge(daemon: &Daemon, src: &str, dst: &str, done: impl Fn(&Value) -> bool) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let edge = tcp_edge(daemon, src, dst);
-        if edge.as_ref().is_some_and(&done) || Instant::now() > deadline {
-            return edge.unwrap_or_else(|| {
-                panic!(
-                    "no TCP edge {src} -> {dst}: {}",
-                    daemon.json("/api/edges")["tcp"]
-                )
-            });
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
 
 /// tests/fixtures/tcp_server.py on `port`, listening.
 fn tcp_server(port: u16) -> Server {
@@ -94,7 +66,7 @@ fn tcp_connections_are_counted_whatever_they_carry() {
     assert_eq!(got["established"], 45, "{got}");
     assert_eq!(got["refused"], 7, "{got}");
 
-    let edge = wait_tcp_edge(&daemon, "tcp_client", "tcp_server", |e| {
+    let edge = daemon.wait_tcp_edge("tcp_client", "tcp_server", |e| {
         e["established"] == 45 && e["closed"] == 40
     });
     assert_eq!(edge["established"], 45, "{edge}");
@@ -103,13 +75,13 @@ fn tcp_connections_are_counted_whatever_they_carry() {
     assert_eq!(edge["failed"], 0, "{edge}");
     assert_eq!(edge["dst_addrs"][0], format!("127.0.0.1:{port}"), "{edge}");
     let refused = format!("127.0.0.1:{closed}");
-    let edge = wait_tcp_edge(&daemon, "tcp_client", &refused, |e| e["failed"] == 7);
+    let edge = daemon.wait_tcp_edge("tcp_client", &refused, |e| e["failed"] == 7);
     assert_eq!(edge["failed"], 7, "{edge}");
     assert_eq!(edge["established"], 0, "{edge}");
 
     // The held connections closed.
     release(client);
-    let edge = wait_tcp_edge(&daemon, "tcp_client", "tcp_server", |e| e["open"] == 0);
+    let edge = daemon.wait_tcp_edge("tcp_client", "tcp_server", |e| e["open"] == 0);
     assert_eq!(edge["open"], 0, "{edge}");
     assert_eq!(edge["closed"], 45, "{edge}");
     // Bytes, from the kernel's counters at each close, as the client moved them.
@@ -165,14 +137,14 @@ fn tcp_connections_older_than_the_daemon_are_counted_open() {
     assert_eq!(got["established"], 6, "{got}");
 
     let daemon = Daemon::start();
-    let edge = wait_tcp_edge(&daemon, "tcp_client", "tcp_server", |e| e["open"] == 6);
+    let edge = daemon.wait_tcp_edge("tcp_client", "tcp_server", |e| e["open"] == 6);
     assert_eq!(edge["open"], 6, "{edge}");
     assert_eq!(
         edge["established"], 0,
         "their connects were not seen: {edge}"
     );
     release(client);
-    let edge = wait_tcp_edge(&daemon, "tcp_client", "tcp_server", |e| e["open"] == 0);
+    let edge = daemon.wait_tcp_edge("tcp_client", "tcp_server", |e| e["open"] == 0);
     assert_eq!(edge["open"], 0, "{edge}");
     assert_eq!(edge["closed"], 6, "{edge}");
     assert_eq!(edge["bytes_sent"], got["sent"], "{edge} {got}");

@@ -182,6 +182,24 @@ impl Daemon {
             .cloned()
     }
 
+    /// The TCP edge `src -> dst` (`/api/edges`' `tcp`) once `done` holds, or after 10 s.
+    pub fn wait_tcp_edge(&self, src: &str, dst: &str, done: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let tcp = self.json("/api/edges")["tcp"].clone();
+            let edge = tcp
+                .as_array()
+                .expect("tcp edges")
+                .iter()
+                .find(|e| e["src"] == src && e["dst"] == dst)
+                .cloned();
+            if edge.as_ref().is_some_and(&done) || Instant::now() > deadline {
+                return edge.unwrap_or_else(|| panic!("no TCP edge {src} -> {dst}: {tcp}"));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// Waits until the edge has `want` requests (or the timeout), and returns it.
     pub fn wait_edge(&self, src: &str, port: u16, want: u64) -> Value {
         let deadline = Instant::now() + Duration::from_secs(10);
