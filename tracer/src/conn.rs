@@ -228,6 +228,10 @@ struct Conn {
     /// The last response said the server would close (`Connection: close`, HTTP/1.0): requests
     /// pipelined after it are not processed, by design, rather than failed.
     close_announced: bool,
+    /// Bytes this end wrote, and the kernel's count of bytes the peer acknowledged at this
+    /// end's reset (SYN included; 0: not known).
+    sent: u64,
+    acked_at_reset: u64,
     /// Requests not kept (the queue was full) since the last one queued: the responses after
     /// the queue's are theirs.
     overflow_gap: u32,
@@ -283,6 +287,8 @@ impl Conn {
             reset: None,
             reset_by_peer: false,
             close_announced: false,
+            sent: 0,
+            acked_at_reset: 0,
             overflow_gap: 0,
             responses_unsure: false,
             requests_beyond_capture: false,
@@ -538,6 +544,9 @@ impl ConnTable {
         };
         conn.last_ns = now;
         conn.task = d.task;
+        if d.direction == Direction::Egress {
+            conn.sent += u64::from(d.bytes);
+        }
         // Unnumbered events (0) are neither checked nor a base for the next check. TLS
         // plaintext is numbered per direction (a session's reader and writer can be two
         // threads at once).
@@ -684,6 +693,7 @@ impl ConnTable {
             let at = std::time::Instant::now();
             conn.reset = Some(at);
             conn.reset_by_peer = c.task.tgid != conn.task.tgid;
+            conn.acked_at_reset = c.bytes_acked;
             self.closing.push_back((c.sk, at));
             return;
         }
@@ -713,7 +723,9 @@ impl ConnTable {
                 Role::Http(Side::Server) => {
                     c.old_state == TCP_ESTABLISHED && c.new_state == TCP_FIN_WAIT1
                 }
-                Role::Http(Side::Client) => c.new_state == TCP_LAST_ACK,
+                Role::Http(Side::Client) => {
+                    c.new_state == TCP_LAST_ACK && all_acked(conn, c.bytes_acked)
+                }
                 _ => false,
             };
             if server_closed && !conn.close_announced && !conn.pending.is_empty() {
@@ -767,6 +779,7 @@ impl ConnTable {
         // The server reset it with requests unanswered, as the client saw it.
         if conn.reset_by_peer
             && conn.role == Role::Http(Side::Client)
+            && all_acked(conn, conn.acked_at_reset)
             && !conn.close_announced
             && !conn.pending.is_empty()
         {
@@ -1566,6 +1579,15 @@ fn complete_message(conn: &mut Conn, requests: bool, end_ns: u64, out: &mut Vec<
     });
 }
 
+/// Whether the server's kernel acknowledged every byte this client end wrote (`acked`, the
+/// kernel's count, counts the SYN too): its requests reached the server. A request that
+/// crossed a server's close of an idle connection is not acknowledged (it is answered by a
+/// reset): the server never had it, and the client retries it; not the server's failure. Not
+/// known (no BTF, or TLS, whose writes are not the bytes on the wire): not counted.
+fn all_acked(conn: &Conn, acked: u64) -> bool {
+    !conn.tls && acked > conn.sent
+}
+
 /// The requests of an HTTP/1 connection left unanswered when its server closed or reset it:
 /// failed, without a status (`NO_RESPONSE`), ended at `end_ns`.
 fn unanswered(conn: &mut Conn, end_ns: u64, out: &mut Vec<Exchange>) {
@@ -1739,11 +1761,12 @@ mod tests {
         }
 
         fn state(&mut self, old: u32, new: u32) {
-            self.state_in(old, new, task());
+            self.state_in(old, new, task(), 0);
         }
 
-        /// A state change that ran in `by`'s context (a reset taken in runs in another's).
-        fn state_in(&mut self, old: u32, new: u32, by: Task) {
+        /// A state change that ran in `by`'s context (a reset taken in runs in another's), the
+        /// kernel's count of acknowledged bytes then `bytes_acked`.
+        fn state_in(&mut self, old: u32, new: u32, by: Task, bytes_acked: u64) {
             let c = ConnEvent {
                 task: by,
                 ts_ns: self.ts,
@@ -1754,7 +1777,7 @@ mod tests {
                 seq: 0,
                 peer_fin: None,
                 bytes_received: 0,
-                bytes_acked: 0,
+                bytes_acked,
                 srtt_us: 0,
                 retransmits: 0,
             };
@@ -1833,25 +1856,29 @@ mod tests {
     }
 
     /// A client whose server (not on this host) reset the connection with its request
-    /// unanswered: failed; its own abortive close (in its own process) is a cancellation.
+    /// unanswered: failed, once the server's kernel acknowledged the request; not when it did
+    /// not (a request that crossed the server's close of an idle connection: the client retries
+    /// it), nor for the client's own abortive close (in its own process).
     #[test]
     fn requests_a_server_resets_are_failures_at_the_client() {
+        const REQ: &[u8] = b"GET /f HTTP/1.1\r\nHost: x\r\n\r\n";
         let peer = Task {
             tgid: 7,
             tid: 7,
             ..task()
         };
-        for (by, failed) in [(peer, true), (task(), false)] {
+        let all = 1 + REQ.len() as u64;
+        for (by, acked, failed) in [(peer, all, true), (peer, 1, false), (task(), all, false)] {
             let mut h = Harness::new();
-            h.write(b"GET /f HTTP/1.1\r\nHost: x\r\n\r\n");
-            h.state_in(TCP_ESTABLISHED, TCP_CLOSE, by);
+            h.write(REQ);
+            h.state_in(TCP_ESTABLISHED, TCP_CLOSE, by, acked);
             h.reap(RESET_GRACE * 2);
             let want: &[(String, u16)] = if failed {
                 &[("/f".to_owned(), NO_RESPONSE)]
             } else {
                 &[]
             };
-            assert_eq!(h.statuses(), want, "reset in {}", by.tgid);
+            assert_eq!(h.statuses(), want, "reset in {}, {acked} acked", by.tgid);
             assert_eq!(h.drops("no_response"), u64::from(!failed));
         }
     }
