@@ -488,8 +488,10 @@ impl ConnTable {
         out: &mut Vec<Exchange>,
     ) {
         let now = d.ts_exit_ns;
+        // Whether this event starts a new connection at its socket address, and whether the
+        // old one there was reset.
         let restart = match self.conns.get_mut(&d.sk) {
-            None => false,
+            None => (false, false),
             Some(c) => {
                 let same = same_connection(&c.tuple, d);
                 if same && c.tls && !d.tls {
@@ -507,14 +509,13 @@ impl ConnTable {
                 // event of a connection whose ciphertext was seen (one older than the tracer,
                 // found opaque): it starts again, as TLS.
                 let restart = !same || (c.reset.is_some() && d.seq != 0) || (d.tls && !c.tls);
-                if restart && c.reset.is_some() {
-                    finish_all(c, metrics, out);
-                }
-                restart
+                (restart, c.reset.is_some())
             }
         };
-        if restart {
-            self.remove(d.sk, metrics, linker);
+        match restart {
+            (true, true) => self.end_reset(d.sk, metrics, linker, out),
+            (true, false) => self.remove(d.sk, metrics, linker),
+            _ => {}
         }
         if !self.conns.contains_key(&d.sk) {
             if d.bytes == 0 {
