@@ -1557,7 +1557,19 @@ fn complete_message(conn: &mut Conn, requests: bool, end_ns: u64, out: &mut Vec<
     else {
         return;
     };
-    out.push(Exchange {
+    out.push(exchange(conn, side, req, status, end_ns, resp_bytes));
+}
+
+/// An HTTP/1 request of `conn` and what answered it.
+fn exchange(
+    conn: &Conn,
+    side: Side,
+    req: Pending,
+    status: u16,
+    end_ns: u64,
+    resp_bytes: u64,
+) -> Exchange {
+    Exchange {
         side,
         task: if side == Side::Server {
             req.task
@@ -1577,7 +1589,7 @@ fn complete_message(conn: &mut Conn, requests: bool, end_ns: u64, out: &mut Vec<
         resp_bytes,
         span: req.span,
         tls: conn.tls,
-    });
+    }
 }
 
 /// Whether the server's kernel acknowledged every byte this client end wrote (`acked`, the
@@ -1595,28 +1607,9 @@ fn unanswered(conn: &mut Conn, end_ns: u64, out: &mut Vec<Exchange>) {
     let (Role::Http(side), None) = (conn.role, &conn.h2) else {
         return;
     };
-    for req in conn.pending.drain(..) {
-        out.push(Exchange {
-            side,
-            task: if side == Side::Server {
-                req.task
-            } else {
-                conn.task
-            },
-            tuple: conn.tuple,
-            peer_sk: conn.peer_sk,
-            unsure: conn.responses_unsure,
-            method: req.method,
-            path: req.path,
-            status: NO_RESPONSE,
-            grpc_status: None,
-            start_ns: req.start_ns,
-            end_ns: end_ns.max(req.start_ns),
-            req_bytes: req.bytes,
-            resp_bytes: 0,
-            span: req.span,
-            tls: conn.tls,
-        });
+    // Popped, not taken: the queue's buffer goes to the next connection.
+    while let Some(req) = conn.pending.pop_front() {
+        out.push(exchange(conn, side, req, NO_RESPONSE, end_ns, 0));
     }
 }
 
