@@ -510,14 +510,7 @@ impl TcpTracker {
             let e = edges.edge(&x.src, &x.dst, metrics);
             e.open += 1;
             e.open_now.inc();
-            note_addr(
-                e,
-                if x.inbound {
-                    x.tuple.local
-                } else {
-                    x.tuple.remote
-                },
-            );
+            note_addr(e, server_of(&x.tuple, x.inbound));
             self.existing.insert(x.tuple, x);
         }
     }
@@ -651,11 +644,13 @@ fn server_end(open: &Open, peer: &impl Fn(&Tuple) -> Option<Peer>) -> Option<Pee
 }
 
 fn server_addr(open: &Open) -> SocketAddr {
-    if open.inbound {
-        open.tuple.local
-    } else {
-        open.tuple.remote
-    }
+    server_of(&open.tuple, open.inbound)
+}
+
+/// The server's address in a tuple seen from the client's end, or from the server's
+/// (`inbound`).
+fn server_of(tuple: &Tuple, inbound: bool) -> SocketAddr {
+    if inbound { tuple.local } else { tuple.remote }
 }
 
 /// Notes the address a connection's client dialled.
