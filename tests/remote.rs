@@ -10,7 +10,7 @@ use std::{
     process::{Child, Command, Stdio},
 };
 
-use common::{Daemon, Server, curl, free_port, serial, status_codes, workspace_root};
+use common::{Daemon, Server, curl, serial, status_codes, workspace_root};
 use serde_json::Value;
 
 /// remote_peer.py on its own TUN device `dev`, the peer at `<net>.2`, this host at `<net>.1`.
@@ -21,20 +21,6 @@ fn remote_peer(dev: &str, net: &str, args: &[&str]) -> Command {
         .args(args)
         .stdout(Stdio::piped());
     cmd
-}
-
-/// tests/fixtures/server.py on every address, for clients on other hosts.
-fn fixture_server_for_other_hosts() -> Server {
-    let port = free_port();
-    let child = Command::new("python3")
-        .arg(workspace_root().join("tests/fixtures/server.py"))
-        .arg(port.to_string())
-        .env("FIXTURE_HOST", "0.0.0.0")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn fixture server");
-    Server::adopt(child, port)
 }
 
 /// remote_peer.py's client, run to its end: its report.
@@ -84,7 +70,7 @@ impl Drop for RemoteServer {
 fn a_client_on_another_host_is_counted_by_its_server() {
     let _serial = serial();
     let daemon = Daemon::start();
-    let server = fixture_server_for_other_hosts();
+    let server = Server::fixture_on("0.0.0.0");
     let port = server.port;
 
     let net = "10.213.0.0";
@@ -200,7 +186,7 @@ fn a_server_on_another_host_is_counted_by_its_client() {
 fn connections_from_another_host_older_than_the_daemon_are_counted_open() {
     use std::io::Write as _;
     let _serial = serial();
-    let server = fixture_server_for_other_hosts();
+    let server = Server::fixture_on("0.0.0.0");
     let port = server.port;
     let port_arg = port.to_string();
     let mut client = remote_peer(
@@ -254,7 +240,7 @@ fn connections_from_another_host_older_than_the_daemon_are_counted_open() {
 fn requests_left_unanswered_are_failures() {
     let _serial = serial();
     let daemon = Daemon::start();
-    let server = fixture_server_for_other_hosts();
+    let server = Server::fixture_on("0.0.0.0");
     let port = server.port;
 
     // A client on another host: the last of each connection's 5 requests is closed on.

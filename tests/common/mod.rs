@@ -327,16 +327,22 @@ impl Server {
 
     /// The same on IPv6 loopback, `[::1]`.
     pub fn fixture_v6() -> Self {
+        Self::fixture_on("::1")
+    }
+
+    /// The same on `host` (`0.0.0.0`: every address, for clients on other hosts).
+    pub fn fixture_on(host: &str) -> Self {
         let port = free_port();
         let child = Command::new("python3")
             .arg(workspace_root().join("tests/fixtures/server.py"))
             .arg(port.to_string())
-            .env("FIXTURE_HOST", "::1")
+            .env("FIXTURE_HOST", host)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("spawn fixture server");
-        Self::wait_listening_on(child, "::1", port)
+        let reach = if host == "0.0.0.0" { "127.0.0.1" } else { host };
+        Self::wait_listening_on(child, reach, port)
     }
 
     /// A Python script from tests/fixtures, given its port first and then `args`.
