@@ -100,8 +100,11 @@ pub struct EventHeader {
     pub comm: [u8; 16],
 }
 
-/// A connection seen from one of its ends: `local` is this socket's address.
-#[repr(C)]
+/// A connection seen from one of its ends: `local` is this socket's address. 8-byte aligned
+/// (it is at such offsets in every event and map value) so that the eBPF programs compare
+/// tuples a word at a time: with 2-byte alignment LLVM reads them a byte at a time, each byte
+/// spilled to the stack, and the programs outgrew the kernel's 512-byte stack.
+#[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct SockTuple {
     /// IPv4 addresses use the first 4 bytes.
@@ -368,6 +371,8 @@ pub mod limits {
 
 const _: () = assert!(core::mem::size_of::<EventHeader>() == 48);
 const _: () = assert!(core::mem::size_of::<SockTuple>() == 40);
+const _: () = assert!(core::mem::offset_of!(DataMeta, tuple) == 72);
+const _: () = assert!(core::mem::offset_of!(ConnEvent, tuple) == 56);
 const _: () = assert!(DATA_EVENT_FIXED == 48 + 24 + 40 + 32 + TAIL_LEN);
 const _: () = assert!(core::mem::size_of::<DataEvent>() == DATA_EVENT_FIXED + PAYLOAD_CAP);
 const _: () = assert!(core::mem::size_of::<ConnEvent>() == 48 + 8 + 40 + 16 + 16 + 8);

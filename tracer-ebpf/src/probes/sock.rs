@@ -297,7 +297,7 @@ pub fn traced_socket<S: Store>(r: &Record, direction: u32) -> Option<Lookup> {
     None
 }
 
-/// Whether two tuples are the same, word by word (both are map values, 8-byte aligned).
+/// Whether two tuples are the same, word by word (`SockTuple` is 8-byte aligned).
 #[inline(always)]
 pub fn same_tuple(a: &SockTuple, b: &SockTuple) -> bool {
     let (a, b) = (
@@ -307,8 +307,8 @@ pub fn same_tuple(a: &SockTuple, b: &SockTuple) -> bool {
     let mut i = 0;
     let mut same = true;
     while i < core::mem::size_of::<SockTuple>() / 8 {
-        // SAFETY: within both tuples; read unaligned in case one is on the stack.
-        same &= unsafe { a.add(i).read_unaligned() == b.add(i).read_unaligned() };
+        // SAFETY: within both tuples, at 8-byte aligned offsets of 8-byte aligned values.
+        same &= unsafe { a.add(i).read() == b.add(i).read() };
         i += 1;
     }
     same
@@ -341,7 +341,8 @@ pub fn opaque_requested(sk: u64, tuple: &SockTuple, seq: u32) -> bool {
     let Some(wanted) = OPAQUE.get_ptr(&sk) else {
         return false;
     };
-    // SAFETY: a live map value.
+    // SAFETY: a live map value. Compared before the removal, so that only the answer (not
+    // the tuple) is kept across the call.
     let applies = same_tuple(unsafe { &*wanted }, tuple);
     let _ = OPAQUE.remove(&sk);
     applies
