@@ -341,8 +341,7 @@ pub fn opaque_requested(sk: u64, tuple: &SockTuple, seq: u32) -> bool {
     let Some(wanted) = OPAQUE.get_ptr(&sk) else {
         return false;
     };
-    // SAFETY: a live map value. Compared before the removal, so that only the answer (not
-    // the tuple) is kept across the call.
+    // SAFETY: a live map value.
     let applies = same_tuple(unsafe { &*wanted }, tuple);
     let _ = OPAQUE.remove(&sk);
     applies
