@@ -5,6 +5,8 @@
 //! and `spans` (joined into traces) -> `metrics`, `api`, `dashboard`, `tap` and `otlp` (out).
 
 pub mod api;
+#[cfg(test)]
+mod bpf_stack;
 pub mod capture;
 pub mod cli;
 pub mod conn;
