@@ -42,6 +42,10 @@ fn the_daemonset_runs_the_daemon_on_the_nodes_address() {
         "privileged: true",
         "fieldPath: status.hostIP",
         "mountPath: /var/log/pods",
+        // Peers on other nodes named from the API server: read-only access to pods and Services.
+        "serviceAccountName: tracer",
+        "resources: [\"pods\", \"services\"]",
+        "verbs: [\"get\", \"list\", \"watch\"]",
     ] {
         assert!(manifest.contains(needed), "manifest lacks {needed}");
     }

@@ -332,3 +332,264 @@ fn retransmissions_are_counted() {
         3.0
     );
 }
+
+/// A stand-in for the Kubernetes API server (tests/fixtures/kube_api.py), until dropped.
+struct KubeApi {
+    child: Child,
+    port: u16,
+    dir: std::path::PathBuf,
+}
+
+impl KubeApi {
+    /// Over TLS, with a certificate for 127.0.0.1 signed by the CA `cluster_ca` makes.
+    fn start(dir: &std::path::Path, token: &str) -> Self {
+        let (cert, key) = cluster_ca(dir);
+        let mut child = Command::new("python3")
+            .arg(workspace_root().join("tests/fixtures/kube_api.py"))
+            .args(["--dir", &dir.to_string_lossy(), "--token", token])
+            .arg("--cert")
+            .arg(cert)
+            .arg("--key")
+            .arg(key)
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn kube_api.py");
+        let mut line = String::new();
+        BufReader::new(child.stdout.as_mut().expect("stdout"))
+            .read_line(&mut line)
+            .expect("kube_api.py's ready line");
+        let port = line
+            .trim()
+            .strip_prefix("ready ")
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("kube_api.py did not start: {line:?}"));
+        Self {
+            child,
+            port,
+            dir: dir.to_owned(),
+        }
+    }
+
+    /// A watch event for a resource, streamed to the daemon's open watch.
+    fn event(&self, resource: &str, event: &Value) {
+        use std::io::Write as _;
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join(format!("{resource}.events")))
+            .expect("events file");
+        writeln!(f, "{event}").expect("append an event");
+    }
+
+    /// `(resource, list or watch, authorized)` of each request the daemon made.
+    fn requests(&self) -> Vec<String> {
+        std::fs::read_to_string(self.dir.join("requests.log"))
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    }
+}
+
+impl Drop for KubeApi {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A cluster's CA (`dir/ca.crt`, as the service account mounts it) and the API server's
+/// certificate and key it signed, for 127.0.0.1.
+fn cluster_ca(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf) {
+    let openssl = |args: &[&str]| {
+        let status = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .expect("openssl");
+        assert!(status.success(), "openssl {args:?}");
+    };
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    let ca = ["req", "-x509", "-days", "2", "-subj", "/CN=kube-ca"];
+    openssl(&[&ca[..], &ec, &["-keyout", "ca.key", "-out", "ca.crt"]].concat());
+    let mut req = vec![
+        "req",
+        "-subj",
+        "/CN=kube-apiserver",
+        "-keyout",
+        "server.key",
+    ];
+    req.extend(ec);
+    req.extend(["-out", "server.csr"]);
+    openssl(&req);
+    std::fs::write(
+        dir.join("server.ext"),
+        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n",
+    )
+    .expect("server.ext");
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-days",
+        "2",
+        "-extfile",
+        "server.ext",
+        "-out",
+        "server.crt",
+    ]);
+    (dir.join("server.crt"), dir.join("server.key"))
+}
+
+/// A pod as the API lists it.
+fn pod(name: &str, namespace: &str, ip: &str, host_network: bool) -> Value {
+    serde_json::json!({
+        "metadata": {"name": name, "namespace": namespace, "resourceVersion": "1"},
+        "spec": {"hostNetwork": host_network, "containers": [{"name": "app"}]},
+        "status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]},
+    })
+}
+
+/// In a cluster, peers on other nodes are pods and Services: named from the API server's list
+/// (a client pod) and watch (a Service added after the daemon started), with the service
+/// account's token on every request, as the DaemonSet's tracer names them; an address the
+/// API gives to a pod on its node's network stays an address. Counts as the clients measured.
+#[test]
+fn peers_on_other_nodes_are_named_from_the_kubernetes_api() {
+    let _serial = serial();
+    let dir = common::scratch("kube");
+    let pods = serde_json::json!([
+        pod("front-7d9c8b6f5-x7k2p", "shop", "10.216.0.2", false),
+        // The node's own address (as 10.218.0.2's peer is below): not a pod's.
+        pod("agent-x7k2q", "kube-system", "10.218.0.2", true),
+    ]);
+    std::fs::write(dir.join("pods.json"), pods.to_string()).expect("pods.json");
+    let token = dir.join("token");
+    std::fs::write(&token, "s3cret\n").expect("token");
+    let api = KubeApi::start(&dir, "s3cret");
+    let url = format!("https://127.0.0.1:{}", api.port);
+    let daemon = Daemon::start_with(&[
+        "--kube-api",
+        &url,
+        "--kube-token-file",
+        &token.to_string_lossy(),
+        "--kube-ca-file",
+        &dir.join("ca.crt").to_string_lossy(),
+    ]);
+    let wait_addresses = |resource: &str, want: f64| {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while daemon.metric_sum("tracer_kube_addresses", &[("resource", resource)]) != want {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{resource}: {} addresses named, not {want}; requests {:?}\n{}",
+                daemon.metric_sum("tracer_kube_addresses", &[("resource", resource)]),
+                api.requests(),
+                daemon.log_text()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    };
+    wait_addresses("pods", 1.0);
+
+    // A client pod on another node, and the node itself, to a server here.
+    let server = Server::fixture_on("0.0.0.0");
+    let port_arg = server.port.to_string();
+    let args = ["--port", &port_arg, "--conns", "2", "--requests", "10"];
+    let from_pod = remote_client("tr-remote-k", "10.216.0.0", &args);
+    let from_node = remote_client("tr-remote-n", "10.218.0.0", &args);
+    for got in [&from_pod, &from_node] {
+        assert_eq!(got["status"]["200"], 16, "{}", got["status"]);
+        assert_eq!(got["status"]["404"], 4, "{}", got["status"]);
+    }
+    let edge = daemon.wait_edge("front.shop", server.port, 20);
+    assert_eq!(edge["requests"], 20, "{edge}\n{}", daemon.diagnostics());
+    assert_eq!(edge["dst"], "server", "{edge}");
+    let edge = daemon.wait_edge("10.218.0.2", server.port, 20);
+    assert_eq!(edge["requests"], 20, "{edge}");
+    let tcp = daemon.wait_tcp_edge("front.shop", "server", |e| e["closed"] == 2);
+    assert_eq!(tcp["established"], 2, "{tcp}");
+
+    // A Service (its cluster IP: a server on another node, as this node's clients see it)
+    // created after the daemon started: named from the watch.
+    api.event(
+        "services",
+        &serde_json::json!({"type": "ADDED", "object": {
+            "metadata": {"name": "backend", "namespace": "shop", "resourceVersion": "2"},
+            "spec": {"clusterIP": "10.217.0.2", "clusterIPs": ["10.217.0.2"]},
+        }}),
+    );
+    wait_addresses("services", 1.0);
+    let _remote = RemoteServer::start("tr-remote-v", "10.217.0.0");
+    let urls: Vec<String> = (0..12)
+        .map(|i| format!("http://10.217.0.2/r/{i}"))
+        .collect();
+    let lines = curl(&urls, "%{http_code}\n");
+    assert_eq!(lines, vec!["200"; 12]);
+    let edge = daemon.wait_edge("curl", 80, 12);
+    assert_eq!(edge["requests"], 12, "{edge}");
+    assert_eq!(edge["dst"], "backend.shop", "{edge}");
+    assert_eq!(edge["client_latency"]["count"], 12, "{edge}");
+
+    // Deleted: its address is an address again.
+    api.event(
+        "services",
+        &serde_json::json!({"type": "DELETED", "object": {
+            "metadata": {"name": "backend", "namespace": "shop", "resourceVersion": "3"},
+            "spec": {"clusterIP": "10.217.0.2"},
+        }}),
+    );
+    wait_addresses("services", 0.0);
+
+    let requests = api.requests();
+    assert!(
+        requests.iter().all(|r| r.ends_with(" True")),
+        "every request carries the token: {requests:?}"
+    );
+    for want in ["pods list", "pods watch", "services list", "services watch"] {
+        assert!(
+            requests.iter().any(|r| r.starts_with(want)),
+            "{want}: {requests:?}"
+        );
+    }
+
+    // The API server gone: failures counted and retried, the names known kept.
+    drop(api);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let errors = || {
+        daemon.metric_sum(
+            "tracer_kube_errors_total",
+            &[("resource", "pods"), ("reason", "request")],
+        )
+    };
+    while errors() < 1.0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{}",
+            daemon.log_text()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert_eq!(
+        daemon.metric_sum("tracer_kube_addresses", &[("resource", "pods")]),
+        1.0
+    );
+    assert!(
+        daemon.log_text().contains("retrying"),
+        "{}",
+        daemon.log_text()
+    );
+}

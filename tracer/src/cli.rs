@@ -74,6 +74,17 @@ pub enum Command {
         /// Each hooked call traps into the kernel, which costs TLS-heavy processes throughput.
         #[arg(long, env = "TRACER_NO_TLS", value_parser = clap::builder::BoolishValueParser::new())]
         no_tls: bool,
+        /// Kubernetes API server whose pods and services name peers on other nodes (read-only:
+        /// list and watch), or `off`. Default: in a pod, the cluster's own (the service
+        /// account's token and CA); elsewhere off.
+        #[arg(long, env = "TRACER_KUBE_API")]
+        kube_api: Option<String>,
+        /// Bearer token file for the Kubernetes API (default: the service account's).
+        #[arg(long, env = "TRACER_KUBE_TOKEN_FILE")]
+        kube_token_file: Option<std::path::PathBuf>,
+        /// CA certificate (PEM) of the Kubernetes API server (default: the service account's).
+        #[arg(long, env = "TRACER_KUBE_CA_FILE")]
+        kube_ca_file: Option<std::path::PathBuf>,
     },
     /// Edges between workloads: who calls whom, with success rate, RPS and latency.
     Edges {

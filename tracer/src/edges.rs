@@ -412,6 +412,18 @@ impl Aggregator {
     }
 
     /// The time to answer a query at.
+    /// A peer on another host: its pod or service when the Kubernetes API named it, else its
+    /// address (a client's alone: its port changes per connection; a server's with its port).
+    fn remote_id(&mut self, ip: std::net::IpAddr, port: Option<u16>) -> NameId {
+        match (crate::kube::name_of(ip), port) {
+            (Some(name), _) => self.names.id(&name),
+            (None, Some(port)) => self
+                .names
+                .id(&std::net::SocketAddr::new(ip, port).to_string()),
+            (None, None) => self.names.id(&ip.to_string()),
+        }
+    }
+
     pub fn clock(&self) -> Clock {
         Clock::now(self.started_unix)
     }
@@ -473,16 +485,18 @@ impl Aggregator {
         let named = self.names.len();
         let (src, dst, counts) = match (ex.side, peer, peer_name) {
             (Side::Server, _, Some(src)) => (src, own, true),
-            (Side::Server, _, None) => {
-                (self.names.id(&ex.tuple.remote.ip().to_string()), own, true)
-            }
+            (Side::Server, _, None) => (self.remote_id(ex.tuple.remote.ip(), None), own, true),
             // The server end is here and counts the request (unless it missed it: e.g. its
             // read began before the daemon started).
             (Side::Client, Some(p), Some(dst)) if p.side == Some(Side::Server) => {
                 (own, dst, !server_seen)
             }
             (Side::Client, _, Some(dst)) => (own, dst, true),
-            (Side::Client, _, None) => (own, self.names.id(&ex.tuple.remote.to_string()), true),
+            (Side::Client, _, None) => (
+                own,
+                self.remote_id(ex.tuple.remote.ip(), Some(ex.tuple.remote.port())),
+                true,
+            ),
         };
         let (slot, sec) = self
             .now

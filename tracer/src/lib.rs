@@ -17,6 +17,7 @@ pub mod heads;
 pub mod hpack;
 pub mod http1;
 pub mod http2;
+pub mod kube;
 pub mod metrics;
 pub mod otlp;
 pub mod pipeline;

@@ -31,7 +31,37 @@ fn run_config(
         attach: tracer::capture::AttachMode::Auto,
         spans: true,
         tls: true,
+        kube: None,
     })
+}
+
+/// The Kubernetes API to name remote peers from: `off`, the URL given, or the cluster's own
+/// when in a pod; the token and CA given, else the service account's.
+fn kube_config(
+    api: Option<String>,
+    token_file: Option<std::path::PathBuf>,
+    ca_file: Option<std::path::PathBuf>,
+) -> Option<tracer::kube::Config> {
+    let in_cluster = tracer::kube::Config::in_cluster();
+    let mut cfg = match api.as_deref() {
+        Some("off") => return None,
+        Some(url) => tracer::kube::Config {
+            api: url.to_owned(),
+            ..in_cluster.unwrap_or(tracer::kube::Config {
+                api: String::new(),
+                token_file: None,
+                ca_file: None,
+            })
+        },
+        None => in_cluster?,
+    };
+    if token_file.is_some() {
+        cfg.token_file = token_file;
+    }
+    if ca_file.is_some() {
+        cfg.ca_file = ca_file;
+    }
+    Some(cfg)
 }
 
 /// One malloc arena for the whole process: the capture path is one thread, and with an arena
@@ -64,6 +94,9 @@ fn main() -> std::process::ExitCode {
             attach,
             no_spans,
             no_tls,
+            kube_api,
+            kube_token_file,
+            kube_ca_file,
         } => run_config(
             listen,
             otlp_endpoint,
@@ -85,6 +118,7 @@ fn main() -> std::process::ExitCode {
                 attach,
                 spans: !no_spans,
                 tls: !no_tls,
+                kube: kube_config(kube_api, kube_token_file, kube_ca_file),
                 ..cfg
             })
         })

@@ -53,6 +53,8 @@ pub struct Metrics {
     pub tcp_bytes: IntCounterVec,
     pub tcp_retransmits: IntCounterVec,
     pub tcp_rtt: HistogramVec,
+    pub kube_addresses: IntGaugeVec,
+    pub kube_errors: IntCounterVec,
 }
 
 impl Metrics {
@@ -123,6 +125,24 @@ impl Metrics {
         let conns_tracked = IntGauge::new(
             "tracer_connections_tracked",
             "Connections whose HTTP state is followed now.",
+        )
+        .expect("valid metric");
+        let kube_addresses = IntGaugeVec::new(
+            Opts::new(
+                "tracer_kube_addresses",
+                "Addresses of pods and services on any node named from the Kubernetes API, by \
+                 resource.",
+            ),
+            &["resource"],
+        )
+        .expect("valid metric");
+        let kube_errors = IntCounterVec::new(
+            Opts::new(
+                "tracer_kube_errors_total",
+                "Kubernetes API requests that failed (reason=request; retried) and addresses not \
+                 kept because the directory was full (reason=full), by resource.",
+            ),
+            &["resource", "reason"],
         )
         .expect("valid metric");
         let tls_libraries = IntGauge::new(
@@ -267,6 +287,8 @@ impl Metrics {
             Box::new(series_expired.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(tcp_retransmits.clone()),
             Box::new(tcp_rtt.clone()),
+            Box::new(kube_addresses.clone()),
+            Box::new(kube_errors.clone()),
             Box::new(tcp_bytes.clone()),
             Box::new(tcp_connections.clone()),
             Box::new(tcp_open.clone()),
@@ -352,6 +374,8 @@ impl Metrics {
             tcp_bytes,
             tcp_retransmits,
             tcp_rtt,
+            kube_addresses,
+            kube_errors,
         }
     }
 

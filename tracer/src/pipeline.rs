@@ -258,6 +258,8 @@ pub struct RunConfig {
     pub spans: bool,
     /// Hook TLS libraries for their plaintext.
     pub tls: bool,
+    /// Name peers on other nodes from this Kubernetes API.
+    pub kube: Option<crate::kube::Config>,
 }
 
 pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
@@ -268,6 +270,9 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         .with_context(|| format!("cannot listen on {}", cfg.listen))?;
     let (capture, ring, opaque) =
         Capture::start(cfg.bpf_stats, cfg.ringbuf_bytes, cfg.attach, cfg.tls)?;
+    if let Some(kube) = cfg.kube.clone() {
+        crate::kube::start(kube, &metrics)?;
+    }
     let mode = capture.mode;
     let token = CancellationToken::new();
     let (tx, exporter) = match cfg.otlp.clone() {

@@ -279,6 +279,9 @@ impl Names {
     /// A client on another host, by its address alone (its port changes per connection), as
     /// the requests' edges name it.
     fn host(&mut self, ip: std::net::IpAddr) -> Arc<str> {
+        if let Some(name) = crate::kube::name_of(ip) {
+            return name;
+        }
         if self.addrs.len() >= NAME_CACHE {
             self.addrs.clear();
         }
@@ -289,6 +292,9 @@ impl Names {
     }
 
     fn addr(&mut self, a: std::net::SocketAddr) -> Arc<str> {
+        if let Some(name) = crate::kube::name_of(a.ip()) {
+            return name;
+        }
         if self.addrs.len() >= NAME_CACHE {
             self.addrs.clear();
         }
@@ -795,7 +801,8 @@ pub fn scan(own_pid: u32, stop: impl Fn() -> bool) -> Vec<Existing> {
                 src: workload::name(&task(client)),
                 dst: match server {
                     Some(&pid) => workload::name(&task(pid)),
-                    None => Arc::from(s.tuple.remote.to_string()),
+                    None => crate::kube::name_of(s.tuple.remote.ip())
+                        .unwrap_or_else(|| Arc::from(s.tuple.remote.to_string())),
                 },
                 inbound: false,
             });
@@ -805,7 +812,8 @@ pub fn scan(own_pid: u32, stop: impl Fn() -> bool) -> Vec<Existing> {
         if !clients.contains(&tuple.remote) {
             out.push(Existing {
                 tuple,
-                src: Arc::from(tuple.remote.ip().to_string()),
+                src: crate::kube::name_of(tuple.remote.ip())
+                    .unwrap_or_else(|| Arc::from(tuple.remote.ip().to_string())),
                 dst: workload::name(&task(server)),
                 inbound: true,
             });
