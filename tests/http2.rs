@@ -275,3 +275,69 @@ fn h2c_upgrade_is_followed() {
         daemon.diagnostics()
     );
 }
+
+/// An HTTP/2 server going away (tests/fixtures/h2c_server.py's first `/shutdown`: a GOAWAY
+/// whose last stream is the one before, then the close) with a stream it took unanswered
+/// (`/hang`): that request failed, status 0, counted once, as the client saw it; the stream
+/// after the GOAWAY's last was not processed and the client sent it again on a new
+/// connection, where it was answered: counted once, with that answer. Both ends are here;
+/// the server's counts.
+#[test]
+fn h2_requests_a_server_went_away_on_are_failures() {
+    let _serial = serial();
+    let daemon = Daemon::start();
+    let port = free_port();
+    let child = Command::new(system_python())
+        .arg(workspace_root().join("tests/fixtures/h2c_server.py"))
+        .arg(port.to_string())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn h2c_server.py");
+    let _server = Server::adopt(child, port);
+    // Three streams on one connection at once; the client's own report.
+    let out = Command::new(system_python())
+        .arg(workspace_root().join("tests/fixtures/h2_client.py"))
+        .arg(port.to_string())
+        .args(["/ok", "/hang", "/shutdown"])
+        .output()
+        .expect("run h2_client.py");
+    let got: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!("{e}: {}", String::from_utf8_lossy(&out.stderr));
+    });
+    assert_eq!(
+        got,
+        serde_json::json!({"answered": {"/ok": 200, "/shutdown": 200}, "failed": ["/hang"],
+                           "retried": ["/shutdown"]}),
+    );
+    // The client is gone before its exchanges are recorded: named by its process name or its
+    // script, whichever the daemon read; the server's port tells the edge.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let src = loop {
+        if let Some(e) = ["h2_client", "python3"]
+            .iter()
+            .find_map(|src| daemon.edge(src, port))
+        {
+            break e["src"].as_str().unwrap_or_default().to_owned();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no edge to :{port}: {}",
+            daemon.get("/api/edges")
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let edge = daemon.wait_edge(&src, port, 3);
+    assert_eq!(edge["requests"], 3, "{edge}\n{}", daemon.diagnostics());
+    assert_eq!(edge["dst"], "h2c_server", "{edge}");
+    let codes = status_codes(&edge);
+    assert_eq!(
+        codes,
+        BTreeMap::from([("0".to_owned(), 1), ("200".to_owned(), 2)]),
+        "{edge}"
+    );
+    assert_eq!(edge["failures"], 1, "{edge}");
+    // Both ends saw the answered ones; the unanswered one counts at the server's end alone.
+    assert_eq!(edge["server_latency"]["count"], 3, "{edge}");
+    assert_eq!(edge["client_latency"]["count"], 2, "{edge}");
+}

@@ -720,16 +720,14 @@ impl ConnTable {
             finish_all(conn, metrics, out);
             // A server that closes first with requests read and unanswered failed them; so
             // did, as its client saw it, one whose close came first (this end's LAST_ACK).
-            let server_closed = match conn.role {
-                Role::Http(Side::Server) => {
+            let server_closed = match conn.role.side() {
+                Some(Side::Server) => {
                     c.old_state == TCP_ESTABLISHED && c.new_state == TCP_FIN_WAIT1
                 }
-                Role::Http(Side::Client) => {
-                    c.new_state == TCP_LAST_ACK && all_acked(conn, c.bytes_acked)
-                }
+                Some(Side::Client) => c.new_state == TCP_LAST_ACK && all_acked(conn, c.bytes_acked),
                 _ => false,
             };
-            if server_closed && !conn.close_announced && !conn.pending.is_empty() {
+            if server_closed && !conn.close_announced && has_unanswered(conn) {
                 let (tuple, peer_sk) = (conn.tuple, conn.peer_sk);
                 if self.counts_unanswered(&tuple, peer_sk, c.sk)
                     && let Some(conn) = self.conns.get_mut(&c.sk)
@@ -779,10 +777,10 @@ impl ConnTable {
         finish_all(conn, metrics, out);
         // The server reset it with requests unanswered, as the client saw it.
         if conn.reset_by_peer
-            && conn.role == Role::Http(Side::Client)
+            && conn.role.side() == Some(Side::Client)
             && all_acked(conn, conn.acked_at_reset)
             && !conn.close_announced
-            && !conn.pending.is_empty()
+            && has_unanswered(conn)
         {
             let (tuple, peer_sk) = (conn.tuple, conn.peer_sk);
             if self.counts_unanswered(&tuple, peer_sk, sk)
@@ -798,9 +796,9 @@ impl ConnTable {
     /// always; a client's when its server's end is not on this host (that end counts them, or
     /// its client cancelled them).
     fn counts_unanswered(&self, tuple: &Tuple, peer_sk: u64, sk: u64) -> bool {
-        match self.conns.get(&sk).map(|c| c.role) {
-            Some(Role::Http(Side::Server)) => true,
-            Some(Role::Http(Side::Client)) => self
+        match self.conns.get(&sk).and_then(|c| c.role.side()) {
+            Some(Side::Server) => true,
+            Some(Side::Client) => self
                 .peer_of(tuple, peer_sk)
                 .is_none_or(|p| p.side != Some(Side::Server)),
             _ => false,
@@ -1604,12 +1602,31 @@ fn all_acked(conn: &Conn, acked: u64) -> bool {
 /// The requests of an HTTP/1 connection left unanswered when its server closed or reset it:
 /// failed, without a status (`NO_RESPONSE`), ended at `end_ns`.
 fn unanswered(conn: &mut Conn, end_ns: u64, out: &mut Vec<Exchange>) {
-    let (Role::Http(side), None) = (conn.role, &conn.h2) else {
+    let Some(side) = conn.role.side() else {
         return;
     };
+    if let Some(h2) = conn.h2.as_mut() {
+        let ends = streams::Ends {
+            side,
+            task: conn.task,
+            tuple: conn.tuple,
+            peer_sk: conn.peer_sk,
+            tls: conn.tls,
+        };
+        h2.unanswered(&ends, end_ns, out);
+        return;
+    }
     // Popped, not taken: the queue's buffer goes to the next connection.
     while let Some(req) = conn.pending.pop_front() {
         out.push(exchange(conn, side, req, NO_RESPONSE, end_ns, 0));
+    }
+}
+
+/// Whether requests were read (by a server) or written (by a client) and not answered.
+fn has_unanswered(conn: &Conn) -> bool {
+    match &conn.h2 {
+        Some(h2) => h2.has_unanswered(),
+        None => !conn.pending.is_empty(),
     }
 }
 
@@ -1951,6 +1968,68 @@ mod tests {
         h.state(TCP_FIN_WAIT1, TCP_CLOSE);
         assert_eq!(h.out.len(), 1);
         assert_eq!(h.drops("no_response"), 1, "the stream not answered");
+    }
+
+    /// An HTTP/2 server that closes with streams read and unanswered failed them (status 0),
+    /// as an HTTP/1 one does; not the streams after its GOAWAY's last stream id (not
+    /// processed: the client retries them), and none when the GOAWAY's payload went unseen.
+    #[test]
+    fn h2_streams_a_server_closes_on_are_failures() {
+        use crate::http2::testing::*;
+        // (GOAWAY's payload: Some(last stream id), None: not captured; no GOAWAY at all)
+        for goaway in [Some(Some(3u32)), Some(None), None] {
+            let (mut client, mut server) = (Encoder::new(), Encoder::new());
+            let mut h = Harness::new();
+            let mut opening = crate::http2::PREFACE.to_vec();
+            opening.extend(frame(SETTINGS, 0, 0, &[]));
+            for (id, path) in [(1, &b"/a"[..]), (3, b"/b"), (5, b"/c")] {
+                opening.extend(headers(
+                    &mut client,
+                    id,
+                    END_STREAM,
+                    &[(b":method", b"GET"), (b":path", path)],
+                ));
+            }
+            h.read(&opening);
+            let mut answer = headers(&mut server, 1, END_STREAM, &[(b":status", b"200")]);
+            match goaway {
+                Some(Some(last)) => {
+                    let mut payload = last.to_be_bytes().to_vec();
+                    payload.extend([0, 0, 0, 0]);
+                    payload.extend(b"shutting down");
+                    answer.extend(frame(GOAWAY, 0, 0, &payload));
+                    h.write(&answer);
+                }
+                Some(None) => {
+                    // The frame's header captured, its payload not.
+                    answer.extend(frame(GOAWAY, 0, 0, &[0; 8]));
+                    h.io(
+                        Direction::Egress,
+                        &answer[..answer.len() - 8],
+                        answer.len(),
+                        &[],
+                    );
+                }
+                None => h.write(&answer),
+            }
+            h.state(TCP_ESTABLISHED, TCP_FIN_WAIT1);
+            h.state(TCP_FIN_WAIT1, TCP_CLOSE);
+            let want: &[(&str, u16)] = match goaway {
+                Some(Some(_)) => &[("/a", 200), ("/b", 0)],
+                Some(None) => &[("/a", 200)],
+                None => &[("/a", 200), ("/b", 0), ("/c", 0)],
+            };
+            let mut got = h.statuses();
+            got.sort();
+            let want: Vec<(String, u16)> =
+                want.iter().map(|(p, s)| ((*p).to_owned(), *s)).collect();
+            assert_eq!(got, want, "{goaway:?}");
+            assert_eq!(
+                h.drops("no_response"),
+                3 - want.len() as u64,
+                "{goaway:?}: the streams not counted"
+            );
+        }
     }
 
     /// A 101 to a request that did not offer h2c (WebSocket) is the request's answer, and the

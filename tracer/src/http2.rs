@@ -27,7 +27,7 @@ pub(crate) const RST_STREAM: u8 = 0x3;
 pub(crate) const SETTINGS: u8 = 0x4;
 const PUSH_PROMISE: u8 = 0x5;
 const PING: u8 = 0x6;
-const GOAWAY: u8 = 0x7;
+pub(crate) const GOAWAY: u8 = 0x7;
 const WINDOW_UPDATE: u8 = 0x8;
 const CONTINUATION: u8 = 0x9;
 // Frame flags.
@@ -139,6 +139,11 @@ pub enum Frame {
     },
     Reset {
         stream: u32,
+    },
+    /// GOAWAY: streams after `last_stream` were not processed (`None`: its payload was not
+    /// seen).
+    GoAway {
+        last_stream: Option<u32>,
     },
     /// Frames went by that could not be followed: what they held is unknown.
     Lost,
@@ -298,9 +303,15 @@ impl Half {
                 continue;
             };
             let mut n = rest.min(u64::from(cur.left));
-            let kept = matches!(cur.h.kind, HEADERS | CONTINUATION | PUSH_PROMISE);
+            // Header blocks whole; of a GOAWAY, its last stream id (the debug data after it
+            // may be long).
+            let kept = matches!(cur.h.kind, HEADERS | CONTINUATION | PUSH_PROMISE)
+                || (cur.h.kind == GOAWAY && self.payload.len() < 4);
             if kept {
-                let seen = (n as usize).min(at.len());
+                let mut seen = (n as usize).min(at.len());
+                if cur.h.kind == GOAWAY {
+                    seen = seen.min(4 - self.payload.len());
+                }
                 if seen == 0 {
                     // Not captured up to the next bytes that were.
                     n = n.min(view.known_from(off) - off);
@@ -364,6 +375,12 @@ impl Half {
                 }
             }
             RST_STREAM => out(Frame::Reset { stream: h.stream }),
+            GOAWAY => out(Frame::GoAway {
+                last_stream: (!self.payload_lost)
+                    .then(|| self.payload.get(..4))
+                    .flatten()
+                    .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]) & 0x7fff_ffff),
+            }),
             _ => {}
         }
     }
@@ -550,7 +567,7 @@ fn decode(hpack: &mut Decoder, block: &[u8]) -> Option<Fields> {
 #[cfg(test)]
 pub(crate) mod testing {
     use super::END_HEADERS;
-    pub(crate) use super::{DATA, END_STREAM, HEADERS, RST_STREAM, SETTINGS};
+    pub(crate) use super::{DATA, END_STREAM, GOAWAY, HEADERS, RST_STREAM, SETTINGS};
     pub use loona_hpack::Encoder;
 
     pub fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {

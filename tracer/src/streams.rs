@@ -125,6 +125,8 @@ pub struct Streams {
     requests_gap: bool,
     /// Times response frames went by unseen (and while they are not followed, one more).
     response_losses: u32,
+    /// The server's last GOAWAY: the last stream it processes (`Some(None)`: unread).
+    goaway: Option<Option<u32>>,
     /// Frames decoded but not yet applied (kept for their allocation).
     frames: Vec<Frame>,
 }
@@ -139,6 +141,7 @@ impl Streams {
             next_id: 1,
             requests_gap: false,
             response_losses: 0,
+            goaway: None,
             frames: Vec::new(),
         }
     }
@@ -274,6 +277,8 @@ impl Streams {
                 }
             }
             Frame::Reset { stream } => self.reset(stream, env),
+            // A client's GOAWAY says which pushed streams it took: none are followed.
+            Frame::GoAway { .. } => {}
             Frame::Lost => self.requests_gap = true,
         }
     }
@@ -324,6 +329,7 @@ impl Streams {
                 }
             }
             Frame::Reset { stream } => self.reset(stream, env),
+            Frame::GoAway { last_stream } => self.goaway = Some(last_stream),
             // Response frames went by unseen: streams whose end was among them end at the
             // connection's close, counted there. A server end gives the client spans it holds
             // back now: the client end, traced here, may have seen their responses whole (a
@@ -437,6 +443,44 @@ impl Streams {
             if let Some(s) = self.open.remove(&id) {
                 let end = s.resp_ns;
                 out.extend(ends.exchange(s, end));
+            }
+        }
+    }
+
+    /// Whether a stream's request was read and its response has not begun.
+    pub fn has_unanswered(&self) -> bool {
+        self.open
+            .values()
+            .any(|s| s.request.is_some() && s.status.is_none())
+    }
+
+    /// The server closed or reset the connection: streams it had and did not answer failed
+    /// (status 0), as an HTTP/1 request left so does. Not those after the last stream of the
+    /// server's GOAWAY (not processed: clients retry them; all of them when the GOAWAY's
+    /// payload went unseen), nor those whose response may have gone by unseen: both are left
+    /// to `unpair_all`.
+    pub fn unanswered(&mut self, ends: &Ends, end_ns: u64, out: &mut Vec<Exchange>) {
+        let last = match self.goaway {
+            None => u32::MAX,
+            Some(Some(last)) => last,
+            Some(None) => return,
+        };
+        let failed: smallvec::SmallVec<[u32; 8]> = self
+            .open
+            .iter()
+            .filter(|&(&id, s)| {
+                id <= last
+                    && s.request.is_some()
+                    && s.status.is_none()
+                    && !s.released
+                    && !self.doubtful(s)
+            })
+            .map(|(&id, _)| id)
+            .collect();
+        for id in failed {
+            if let Some(mut s) = self.open.remove(&id) {
+                s.status = Some(Some(conn::NO_RESPONSE));
+                out.extend(ends.exchange(s, end_ns));
             }
         }
     }
