@@ -276,12 +276,13 @@ fn h2c_upgrade_is_followed() {
     );
 }
 
-/// An HTTP/2 server going away (tests/fixtures/h2c_server.py's first `/shutdown`: a GOAWAY
-/// whose last stream is the one before, then the close) with a stream it took unanswered
-/// (`/hang`): that request failed, status 0, counted once, as the client saw it; the stream
-/// after the GOAWAY's last was not processed and the client sent it again on a new
-/// connection, where it was answered: counted once, with that answer. Both ends are here;
-/// the server's counts.
+/// Streams an HTTP/2 server took and did not answer (tests/fixtures/h2c_server.py): `/reset`,
+/// reset by the server (RST_STREAM INTERNAL_ERROR), and `/hang`, left when the server went
+/// away (the first `/shutdown`: a GOAWAY whose last stream is the one before, then the
+/// close): failed requests, status 0, counted once, as the client saw them. Streams the
+/// server did not process (`/refuse`, reset REFUSED_STREAM; `/shutdown`, after the GOAWAY's
+/// last) were sent again by the client on a new connection and answered there: counted once,
+/// with that answer. Both ends are here; the server's counts the failures.
 #[test]
 fn h2_requests_a_server_went_away_on_are_failures() {
     let _serial = serial();
@@ -299,7 +300,7 @@ fn h2_requests_a_server_went_away_on_are_failures() {
     let out = Command::new(system_python())
         .arg(workspace_root().join("tests/fixtures/h2_client.py"))
         .arg(port.to_string())
-        .args(["/ok", "/hang", "/shutdown"])
+        .args(["/ok", "/reset", "/refuse", "/hang", "/shutdown"])
         .output()
         .expect("run h2_client.py");
     let got: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
@@ -307,8 +308,8 @@ fn h2_requests_a_server_went_away_on_are_failures() {
     });
     assert_eq!(
         got,
-        serde_json::json!({"answered": {"/ok": 200, "/shutdown": 200}, "failed": ["/hang"],
-                           "retried": ["/shutdown"]}),
+        serde_json::json!({"answered": {"/ok": 200, "/refuse": 200, "/shutdown": 200},
+                           "failed": ["/reset", "/hang"], "retried": ["/refuse", "/shutdown"]}),
     );
     // The client is gone before its exchanges are recorded: named by its process name or its
     // script, whichever the daemon read; the server's port tells the edge.
@@ -327,17 +328,17 @@ fn h2_requests_a_server_went_away_on_are_failures() {
         );
         std::thread::sleep(Duration::from_millis(100));
     };
-    let edge = daemon.wait_edge(&src, port, 3);
-    assert_eq!(edge["requests"], 3, "{edge}\n{}", daemon.diagnostics());
+    let edge = daemon.wait_edge(&src, port, 5);
+    assert_eq!(edge["requests"], 5, "{edge}\n{}", daemon.diagnostics());
     assert_eq!(edge["dst"], "h2c_server", "{edge}");
     let codes = status_codes(&edge);
     assert_eq!(
         codes,
-        BTreeMap::from([("0".to_owned(), 1), ("200".to_owned(), 2)]),
+        BTreeMap::from([("0".to_owned(), 2), ("200".to_owned(), 3)]),
         "{edge}"
     );
-    assert_eq!(edge["failures"], 1, "{edge}");
-    // Both ends saw the answered ones; the unanswered one counts at the server's end alone.
-    assert_eq!(edge["server_latency"]["count"], 3, "{edge}");
-    assert_eq!(edge["client_latency"]["count"], 2, "{edge}");
+    assert_eq!(edge["failures"], 2, "{edge}");
+    // Both ends saw the answered ones; the unanswered ones count at the server's end alone.
+    assert_eq!(edge["server_latency"]["count"], 5, "{edge}");
+    assert_eq!(edge["client_latency"]["count"], 3, "{edge}");
 }

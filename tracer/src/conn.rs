@@ -2032,6 +2032,35 @@ mod tests {
         }
     }
 
+    /// At a client whose server is not followed here: a stream the server reset is a failed
+    /// request (status 0) unless it was refused (not processed); one the client cancelled is
+    /// not counted.
+    #[test]
+    fn h2_streams_a_server_resets_are_failures_unless_refused() {
+        use crate::http2::testing::*;
+        let mut client = Encoder::new();
+        let mut h = Harness::new();
+        let mut opening = crate::http2::PREFACE.to_vec();
+        opening.extend(frame(SETTINGS, 0, 0, &[]));
+        for (id, path) in [(1, &b"/a"[..]), (3, b"/b"), (5, b"/c")] {
+            opening.extend(headers(
+                &mut client,
+                id,
+                END_STREAM,
+                &[(b":method", b"GET"), (b":path", path)],
+            ));
+        }
+        h.write(&opening);
+        // INTERNAL_ERROR on 1, REFUSED_STREAM on 3, from the server.
+        let mut resets = frame(RST_STREAM, 0, 1, &2u32.to_be_bytes());
+        resets.extend(frame(RST_STREAM, 0, 3, &7u32.to_be_bytes()));
+        h.read(&resets);
+        // The client cancels 5 (CANCEL).
+        h.write(&frame(RST_STREAM, 0, 5, &8u32.to_be_bytes()));
+        assert_eq!(h.statuses(), [("/a".to_owned(), 0)]);
+        assert_eq!(h.drops("stream_reset"), 2);
+    }
+
     /// A 101 to a request that did not offer h2c (WebSocket) is the request's answer, and the
     /// connection is left alone after it.
     #[test]

@@ -137,14 +137,11 @@ pub enum Frame {
         len: u32,
         end_stream: bool,
     },
-    Reset {
-        stream: u32,
-    },
+    /// RST_STREAM, with its error code when its payload was seen.
+    Reset { stream: u32, code: Option<u32> },
     /// GOAWAY: streams after `last_stream` were not processed (`None`: its payload was not
     /// seen).
-    GoAway {
-        last_stream: Option<u32>,
-    },
+    GoAway { last_stream: Option<u32> },
     /// Frames went by that could not be followed: what they held is unknown.
     Lost,
 }
@@ -303,13 +300,14 @@ impl Half {
                 continue;
             };
             let mut n = rest.min(u64::from(cur.left));
-            // Header blocks whole; of a GOAWAY, its last stream id (the debug data after it
-            // may be long).
+            // Header blocks whole; of a GOAWAY its last stream id (the debug data after it may
+            // be long), of a RST_STREAM its error code.
+            let word = matches!(cur.h.kind, GOAWAY | RST_STREAM);
             let kept = matches!(cur.h.kind, HEADERS | CONTINUATION | PUSH_PROMISE)
-                || (cur.h.kind == GOAWAY && self.payload.len() < 4);
+                || (word && self.payload.len() < 4);
             if kept {
                 let mut seen = (n as usize).min(at.len());
-                if cur.h.kind == GOAWAY {
+                if word {
                     seen = seen.min(4 - self.payload.len());
                 }
                 if seen == 0 {
@@ -331,6 +329,12 @@ impl Half {
                 self.end_frame(out);
             }
         }
+    }
+
+    /// The frame's first 4 payload bytes, when seen.
+    fn first_word(&self) -> Option<u32> {
+        let b = self.payload.get(..4).filter(|_| !self.payload_lost)?;
+        Some(u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
     }
 
     fn end_frame(&mut self, out: &mut impl FnMut(Frame)) {
@@ -374,12 +378,12 @@ impl Half {
                     self.end_block(out);
                 }
             }
-            RST_STREAM => out(Frame::Reset { stream: h.stream }),
+            RST_STREAM => out(Frame::Reset {
+                stream: h.stream,
+                code: self.first_word(),
+            }),
             GOAWAY => out(Frame::GoAway {
-                last_stream: (!self.payload_lost)
-                    .then(|| self.payload.get(..4))
-                    .flatten()
-                    .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]) & 0x7fff_ffff),
+                last_stream: self.first_word().map(|w| w & 0x7fff_ffff),
             }),
             _ => {}
         }

@@ -276,7 +276,7 @@ impl Streams {
                     s.req_bytes += u64::from(len);
                 }
             }
-            Frame::Reset { stream } => self.reset(stream, env),
+            Frame::Reset { stream, .. } => self.reset(stream, None, env),
             // A client's GOAWAY says which pushed streams it took: none are followed.
             Frame::GoAway { .. } => {}
             Frame::Lost => self.requests_gap = true,
@@ -328,7 +328,7 @@ impl Streams {
                     }
                 }
             }
-            Frame::Reset { stream } => self.reset(stream, env),
+            Frame::Reset { stream, code } => self.reset(stream, code, env),
             Frame::GoAway { last_stream } => self.goaway = Some(last_stream),
             // Response frames went by unseen: streams whose end was among them end at the
             // connection's close, counted there. A server end gives the client spans it holds
@@ -486,10 +486,33 @@ impl Streams {
     }
 
     /// RST_STREAM from either end: a stream already answered ends with its status (a
-    /// response cut short); one not answered yet has no response.
-    fn reset(&mut self, stream: u32, env: &mut Env<'_, '_>) {
+    /// response cut short); one not answered yet has no response: a failed request (status
+    /// 0) when the server reset it (`server_code`, its error code) for any reason but
+    /// REFUSED_STREAM (not processed: the client may send it again), counted by the server's
+    /// end, or by the client's when the server's is not followed here; else (the client
+    /// cancelled) not counted.
+    fn reset(&mut self, stream: u32, server_code: Option<u32>, env: &mut Env<'_, '_>) {
+        const REFUSED_STREAM: u32 = 0x7;
         match self.open.get(&stream) {
             Some(s) if s.status.is_some() => self.complete(stream, env.d.boundary_ns(), env),
+            Some(s)
+                if server_code.is_some_and(|c| c != REFUSED_STREAM)
+                    && s.request.is_some()
+                    && !s.released
+                    && (env.side == Side::Server || env.peer_sk == 0) =>
+            {
+                if let Some(mut s) = self.open.remove(&stream) {
+                    s.status = Some(Some(conn::NO_RESPONSE));
+                    let ends = Ends {
+                        side: env.side,
+                        task: env.task,
+                        tuple: env.tuple,
+                        peer_sk: env.peer_sk,
+                        tls: env.d.tls,
+                    };
+                    env.out.extend(ends.exchange(s, env.d.boundary_ns()));
+                }
+            }
             Some(_) => {
                 if let Some(span) = self.open.remove(&stream).and_then(|s| s.span) {
                     env.linker.abandon(span);
