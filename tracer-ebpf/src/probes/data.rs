@@ -196,6 +196,8 @@ const FRAME_HEADER: u64 = 9;
 const FRAME_HEADERS: u8 = 0x1;
 const FRAME_PUSH_PROMISE: u8 = 0x5;
 const FRAME_CONTINUATION: u8 = 0x9;
+const FRAME_RST_STREAM: u8 = 0x3;
+const FRAME_GOAWAY: u8 = 0x7;
 /// Highest frame type taken for one while walking (RFC 9113's ten, and the extensions up to
 /// PRIORITY_UPDATE, 0x10).
 const FRAME_TYPE_MAX: u8 = 0x10;
@@ -305,7 +307,7 @@ extern "C" fn walk_step(_index: u64, _ctx: *mut c_void) -> i64 {
             let w = w & (FRAMES_CAP as u64 - 1);
             let seg = begin_segment(s, w, o);
             let mut keep = 0;
-            if keeps_block(kind) && len > 0 && body < ret {
+            if keeps_payload(kind) && len > 0 && body < ret {
                 let avail = if len < ret - body { len } else { ret - body };
                 let want = if avail < FRAME_KEEP_CAP as u64 {
                     avail
@@ -473,10 +475,16 @@ unsafe fn begin_segment(s: *mut Scratch, w: u64, o: u64) -> *mut u8 {
     }
 }
 
-/// Frames whose payload is (or begins) a header block.
+/// Frames whose payload the parser reads: a header block (or its beginning), and the word
+/// that says which streams an RST_STREAM (its error code: refused or failed) or a GOAWAY (its
+/// last stream) ends.
 #[inline(always)]
-fn keeps_block(kind: u8) -> bool {
-    kind == FRAME_HEADERS || kind == FRAME_PUSH_PROMISE || kind == FRAME_CONTINUATION
+fn keeps_payload(kind: u8) -> bool {
+    kind == FRAME_HEADERS
+        || kind == FRAME_PUSH_PROMISE
+        || kind == FRAME_CONTINUATION
+        || kind == FRAME_RST_STREAM
+        || kind == FRAME_GOAWAY
 }
 
 /// `walk_frames` over an iovec call (`count` buffers at `iov`; nginx's `writev` of DATA frames,
@@ -592,7 +600,7 @@ extern "C" fn iov_step(_index: u64, _ctx: *mut c_void) -> i64 {
         if in_call > captured && w < FRAMES_CAP as u64 {
             let w = w & (FRAMES_CAP as u64 - 1);
             begin_segment(s, w, o);
-            if keeps_block(kind) && len > 0 && body < ret {
+            if keeps_payload(kind) && len > 0 && body < ret {
                 // Copied over the next steps, buffer by buffer.
                 write_volatile(&raw mut (*walk).keep_seg, w);
                 write_volatile(&raw mut (*walk).keep_n, 0);
