@@ -482,7 +482,13 @@ fn peers_on_other_nodes_are_named_from_the_kubernetes_api() {
     std::fs::write(&token, "s3cret\n").expect("token");
     let api = KubeApi::start(&dir, "s3cret");
     let url = format!("https://127.0.0.1:{}", api.port);
+    let receiver = common::otlp::Receiver::start(common::otlp::Protocol::Grpc, common::free_port());
+    let endpoint = format!("http://{}", receiver.addr);
     let daemon = Daemon::start_with(&[
+        "--otlp-endpoint",
+        &endpoint,
+        "--otlp-protocol",
+        "grpc",
         "--kube-api",
         &url,
         "--kube-token-file",
@@ -543,6 +549,30 @@ fn peers_on_other_nodes_are_named_from_the_kubernetes_api() {
     assert_eq!(edge["requests"], 12, "{edge}");
     assert_eq!(edge["dst"], "backend.shop", "{edge}");
     assert_eq!(edge["client_latency"]["count"], 12, "{edge}");
+    // Spans name the peer too: the server's spans of the remote pod's requests, curl's client
+    // spans of the Service's.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let peer_services = loop {
+        let mut by_peer: std::collections::BTreeMap<String, u64> = Default::default();
+        for span in receiver.spans() {
+            if let Some(p) = span.attr_str("peer.service") {
+                *by_peer.entry(p).or_default() += 1;
+            }
+        }
+        if by_peer.values().sum::<u64>() >= 32 || std::time::Instant::now() > deadline {
+            break by_peer;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
+    assert_eq!(
+        peer_services,
+        [
+            ("backend.shop".to_owned(), 12),
+            ("front.shop".to_owned(), 20)
+        ]
+        .into(),
+        "the host-network pod's address names no peer"
+    );
 
     // Deleted: its address is an address again.
     api.event(

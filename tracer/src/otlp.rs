@@ -250,6 +250,11 @@ pub fn attributes(span: &Span) -> Vec<KeyValue> {
         }
         Side::Client => server,
     };
+    // The peer on another node, as the Kubernetes API named it: tracing backends draw an
+    // uninstrumented peer of their service graph from it.
+    if let Some(name) = crate::kube::name_of(peer.ip()) {
+        a.push(kv("peer.service", s(name.to_string())));
+    }
     a.push(kv("network.peer.address", s(peer.ip().to_string())));
     a.push(kv("network.peer.port", i(i64::from(peer.port()))));
     a.push(kv("network.transport", s("tcp")));
