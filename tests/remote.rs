@@ -234,7 +234,8 @@ fn connections_from_another_host_older_than_the_daemon_are_counted_open() {
 /// Requests a server closed or reset the connection on, unanswered, are failed requests
 /// (status 0, as Linkerd counts them in success rates), counted once, by the end that can
 /// tell: a server on this host closing with a request read (from a client on another host,
-/// and from curl here); the client's end when its server, on another host, reset it. A
+/// and from curl here), or aborting the connection (from curl here); the client's end when
+/// its server, on another host, reset it. A
 /// client that gives up is not the server's failure (not counted).
 #[test]
 fn requests_left_unanswered_are_failures() {
@@ -278,6 +279,17 @@ fn requests_left_unanswered_are_failures() {
     let edge = daemon.wait_edge("curl", port, 4);
     assert_eq!(edge["requests"], 4, "{edge}");
     assert_eq!(status_codes(&edge).get("0"), Some(&4), "{edge}");
+    // The server aborting instead (SO_LINGER 0: a reset, no FIN), in its own process: told from
+    // a reset taken in by the kernel's mark, counted by its end.
+    let mut seen = Vec::new();
+    for i in 0..3 {
+        let url = format!("http://127.0.0.1:{port}/abort/{i}");
+        seen.extend(curl(&[url], "%{http_code}\n"));
+    }
+    assert_eq!(seen, vec!["000"; 3], "curl got no response");
+    let edge = daemon.wait_edge("curl", port, 7);
+    assert_eq!(edge["requests"], 7, "{edge}\n{}", daemon.diagnostics());
+    assert_eq!(status_codes(&edge).get("0"), Some(&7), "{edge}");
 
     // A server on another host resets the connection on 3 requests, answers 2.
     let _remote = RemoteServer::start("tr-remote-r", "10.217.0.0");
@@ -299,7 +311,7 @@ fn requests_left_unanswered_are_failures() {
             "tracer_http_requests_total",
             &[("source", "curl"), ("status", "0")]
         ),
-        7.0
+        10.0
     );
 }
 

@@ -66,6 +66,10 @@ pub const FLAG_TASK_KNOWN: u32 = 1 << 2;
 /// The bytes are the plaintext a TLS library (OpenSSL's `SSL_read`/`SSL_write`) handed over or
 /// returned on this socket, not what crossed the socket: its ciphertext is not sent.
 pub const FLAG_TLS: u32 = 1 << 3;
+/// Connection event flag: a change to CLOSE that an RST taken in caused (`tcp:tcp_receive_reset`
+/// fired for the socket just before, on the same CPU), not this end's own abortive close. Set
+/// only when the daemon attached that tracepoint.
+pub const FLAG_PEER_RESET: u32 = 1 << 4;
 /// A socket's events carry their thread's name and cgroup again at least this often (a power of
 /// two), so that a reader that lost track of a thread learns it again.
 pub const TASK_RESEND: u32 = 256;

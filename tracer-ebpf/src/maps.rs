@@ -151,6 +151,11 @@ pub struct SendStart {
 #[map]
 pub static SEND_START: PerCpuArray<SendStart> = PerCpuArray::with_max_entries(1, 0);
 
+/// The socket the last RST taken in on this CPU was for, and when (`tcp:tcp_receive_reset`
+/// fires in `tcp_reset`, right before the change to CLOSE it makes, on the same CPU).
+#[map]
+pub static RESET_IN: PerCpuArray<[u64; 2]> = PerCpuArray::with_max_entries(1, 0);
+
 #[map]
 pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(KERNEL_STAT_COUNT, 0);
 

@@ -257,6 +257,8 @@ pub struct Capture {
     links: Vec<Link>,
     /// How the syscall programs were attached.
     pub mode: AttachMode,
+    /// Changes to CLOSE caused by an RST taken in are marked (`FLAG_PEER_RESET`).
+    pub resets_marked: bool,
     ebpf: Ebpf,
     /// The TLS libraries' hooks.
     tls: TlsHooks,
@@ -859,6 +861,18 @@ impl Capture {
             syscall_layouts.as_ref(),
         )?;
         drop(btf);
+        // Which end reset a connection (an RST taken in, or this end's abortive close): without
+        // it, told by the process the change ran in, which only counts a client's.
+        let resets_marked = match attach_raw(&mut ebpf, "tcp_reset_in", "tcp_receive_reset") {
+            Ok(link) => {
+                links.push(link);
+                true
+            }
+            Err(e) => {
+                tracing::warn!("resets taken in are not told apart from abortive closes: {e}");
+                false
+            }
+        };
         let mut tls = if tls {
             TlsHooks::load(&mut ebpf)
         } else {
@@ -908,6 +922,7 @@ impl Capture {
             Self {
                 links,
                 mode,
+                resets_marked,
                 ebpf,
                 tls,
                 stats,

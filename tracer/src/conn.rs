@@ -380,6 +380,8 @@ pub struct ConnTable {
     /// Buffers of closed connections, for new ones.
     spare: Vec<Buffers>,
     cap: usize,
+    /// See `mark_resets`.
+    resets_marked: bool,
     /// Sockets that became opaque, for [`ConnTable::take_opaque`].
     opaque: Vec<(u64, SockTuple)>,
     /// Heads parsed by one end of a connection on this host, for the other.
@@ -428,7 +430,14 @@ impl ConnTable {
             h2_conns: 0,
             closing: VecDeque::new(),
             cap,
+            resets_marked: false,
         }
+    }
+
+    /// The capture marks the changes to CLOSE that an RST taken in caused: a reset is told
+    /// from this end's own abortive close by that, not by the process it ran in.
+    pub fn mark_resets(&mut self) {
+        self.resets_marked = true;
     }
 
     #[cfg(test)]
@@ -693,7 +702,11 @@ impl ConnTable {
             // sender's process).
             let at = std::time::Instant::now();
             conn.reset = Some(at);
-            conn.reset_by_peer = c.task.tgid != conn.task.tgid;
+            conn.reset_by_peer = if self.resets_marked {
+                c.peer_reset
+            } else {
+                c.task.tgid != conn.task.tgid
+            };
             conn.acked_at_reset = c.bytes_acked;
             self.closing.push_back((c.sk, at));
             return;
@@ -775,13 +788,15 @@ impl ConnTable {
             return;
         };
         finish_all(conn, metrics, out);
-        // The server reset it with requests unanswered, as the client saw it.
-        if conn.reset_by_peer
-            && conn.role.side() == Some(Side::Client)
-            && all_acked(conn, conn.acked_at_reset)
-            && !conn.close_announced
-            && has_unanswered(conn)
-        {
+        // The server reset it with requests unanswered, as the client saw it; or, as the
+        // server's end saw it, it aborted the connection itself (SO_LINGER 0, a crash with
+        // bytes unread), when resets taken in are told from that.
+        let server_reset = match conn.role.side() {
+            Some(Side::Client) => conn.reset_by_peer && all_acked(conn, conn.acked_at_reset),
+            Some(Side::Server) => self.resets_marked && !conn.reset_by_peer,
+            None => false,
+        };
+        if server_reset && !conn.close_announced && has_unanswered(conn) {
             let (tuple, peer_sk) = (conn.tuple, conn.peer_sk);
             if self.counts_unanswered(&tuple, peer_sk, sk)
                 && let Some(conn) = self.conns.get_mut(&sk)
@@ -1778,6 +1793,11 @@ mod tests {
         /// A state change that ran in `by`'s context (a reset taken in runs in another's), the
         /// kernel's count of acknowledged bytes then `bytes_acked`.
         fn state_in(&mut self, old: u32, new: u32, by: Task, bytes_acked: u64) {
+            self.change(old, new, by, bytes_acked, false);
+        }
+
+        /// As `state_in`, marked (or not) as caused by an RST taken in.
+        fn change(&mut self, old: u32, new: u32, by: Task, bytes_acked: u64, peer_reset: bool) {
             let c = ConnEvent {
                 task: by,
                 ts_ns: self.ts,
@@ -1787,6 +1807,7 @@ mod tests {
                 new_state: new,
                 seq: 0,
                 peer_fin: None,
+                peer_reset,
                 bytes_received: 0,
                 bytes_acked,
                 srtt_us: 0,
@@ -1891,6 +1912,48 @@ mod tests {
             };
             assert_eq!(h.statuses(), want, "reset in {}, {acked} acked", by.tgid);
             assert_eq!(h.drops("no_response"), u64::from(!failed));
+        }
+    }
+
+    /// With resets marked by the capture, which end aborted tells, whatever process the change
+    /// ran in: a server's own abortive close (SO_LINGER 0, a crash) with a request read and
+    /// unanswered failed it; a reset its client sent did not (the client gave up); at a
+    /// client, its server's reset failed the request, its own abortive close did not.
+    #[test]
+    fn marked_resets_tell_which_end_aborted() {
+        const REQ: &[u8] = b"GET /f HTTP/1.1\r\nHost: x\r\n\r\n";
+        let other = Task {
+            tgid: 7,
+            tid: 7,
+            ..task()
+        };
+        let all = 1 + REQ.len() as u64;
+        // (server's end, change ran in, RST taken in, failed)
+        for (server, by, peer_reset, failed) in [
+            (true, task(), false, true),
+            (true, other, false, true),
+            (true, task(), true, false),
+            (true, other, true, false),
+            (false, task(), true, true),
+            (false, other, false, false),
+        ] {
+            let mut h = Harness::new();
+            h.table.mark_resets();
+            if server {
+                h.read(REQ);
+            } else {
+                h.write(REQ);
+            }
+            h.change(TCP_ESTABLISHED, TCP_CLOSE, by, all, peer_reset);
+            h.reap(RESET_GRACE * 2);
+            let want: &[(String, u16)] = if failed {
+                &[("/f".to_owned(), NO_RESPONSE)]
+            } else {
+                &[]
+            };
+            let case = (server, by.tgid, peer_reset);
+            assert_eq!(h.statuses(), want, "{case:?}");
+            assert_eq!(h.drops("no_response"), u64::from(!failed), "{case:?}");
         }
     }
 
@@ -2480,6 +2543,7 @@ mod tests {
                 new_state: new,
                 seq: 0,
                 peer_fin: None,
+                peer_reset: false,
                 bytes_received: 0,
                 bytes_acked: 0,
                 srtt_us: 0,

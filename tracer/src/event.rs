@@ -191,6 +191,8 @@ pub struct Conn {
     pub seq: u32,
     /// At this end's close: whether the peer's FIN came (None: not known).
     pub peer_fin: Option<bool>,
+    /// A change to CLOSE that an RST taken in caused (only when the capture marks them).
+    pub peer_reset: bool,
     /// At this end's close: bytes received, and bytes sent that the peer acknowledged.
     pub bytes_received: u64,
     pub bytes_acked: u64,
@@ -271,6 +273,7 @@ pub fn decode(buf: &[u8]) -> Result<Event<'_>, DecodeError> {
                     tracer_common::PEER_FIN_NONE => Some(false),
                     _ => None,
                 },
+                peer_reset: hdr.flags & tracer_common::FLAG_PEER_RESET != 0,
                 bytes_received: ev.bytes_received,
                 bytes_acked: ev.bytes_acked,
                 srtt_us: ev.srtt_us,

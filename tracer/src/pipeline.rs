@@ -310,11 +310,13 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         )
     });
 
+    let resets_marked = capture.resets_marked;
     let reader = tokio::spawn(read_events(
         ring,
         opaque,
         shared.clone(),
         cfg.listen,
+        resets_marked,
         token.clone(),
     ));
     let stats = tokio::spawn(export_kernel_stats(capture, shared.clone(), token.clone()));
@@ -600,6 +602,7 @@ async fn read_events(
     opaque: OpaqueSockets,
     shared: Arc<Shared>,
     listen: SocketAddr,
+    resets_marked: bool,
     token: CancellationToken,
 ) -> anyhow::Result<()> {
     // SAFETY: the ring buffer owns its map fd, which stays open and unchanged while the AsyncFd
@@ -609,6 +612,9 @@ async fn read_events(
         .context("polling the ring buffer")?;
     let mut reader = Reader::new(shared, listen);
     reader.opaque = Some(opaque);
+    if resets_marked {
+        reader.conns.mark_resets();
+    }
     // The TCP connections open before the daemon started: read from /proc off this thread
     // (the ring buffer is read meanwhile), taken in when the look is done.
     reader.tcp.scan_started();

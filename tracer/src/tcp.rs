@@ -907,6 +907,7 @@ mod tests {
             new_state,
             seq: 0,
             peer_fin: None,
+            peer_reset: false,
             bytes_received: 0,
             bytes_acked: 0,
             srtt_us: 0,

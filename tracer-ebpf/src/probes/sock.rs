@@ -12,12 +12,14 @@ use aya_ebpf::{
     programs::{BtfTracePointContext, RawTracePointContext, TracePointContext},
 };
 use tracer_common::{
-    AF_INET, AF_INET6, ConnEvent, DIR_EGRESS, DIR_INGRESS, EventHeader, EventKind, KernelStat,
-    OPAQUE_NOT_HTTP, OPAQUE_TLS, PEER_FIN_NONE, PEER_FIN_SEEN, SockState, SockTuple, TCP_CLOSE,
-    TCP_ESTABLISHED, TCP_FIN_WAIT1, TCP_LAST_ACK, TCP_SYN_RECV, TCP_SYN_SENT,
+    AF_INET, AF_INET6, ConnEvent, DIR_EGRESS, DIR_INGRESS, EventHeader, EventKind, FLAG_PEER_RESET,
+    KernelStat, OPAQUE_NOT_HTTP, OPAQUE_TLS, PEER_FIN_NONE, PEER_FIN_SEEN, SockState, SockTuple,
+    TCP_CLOSE, TCP_ESTABLISHED, TCP_FIN_WAIT1, TCP_LAST_ACK, TCP_SYN_RECV, TCP_SYN_SENT,
 };
 
-use crate::maps::{ACTIVE, EVENTS, OPAQUE, OPAQUE_ASKED, SOCK_STATES, SOCKS, count, wakeup_flags};
+use crate::maps::{
+    ACTIVE, EVENTS, OPAQUE, OPAQUE_ASKED, RESET_IN, SOCK_STATES, SOCKS, count, wakeup_flags,
+};
 
 /// Where a socket's state is kept.
 pub trait Store {
@@ -698,6 +700,37 @@ fn fresh(tuple: SockTuple) -> SockState {
     }
 }
 
+/// `tcp:tcp_receive_reset`: the socket an RST was taken in for, for the change to CLOSE that
+/// follows in the same call.
+#[raw_tracepoint(tracepoint = "tcp_receive_reset")]
+pub fn tcp_reset_in(ctx: RawTracePointContext) -> i32 {
+    let sk: u64 = ctx.arg(0);
+    if let Some(slot) = RESET_IN.get_ptr_mut(0) {
+        // SAFETY: per-CPU slot; the change it is for runs next on this CPU.
+        unsafe { *slot = [sk, bpf_ktime_get_ns()] };
+    }
+    0
+}
+
+/// Whether this socket's change to CLOSE comes from an RST taken in just before: the slot
+/// names it and is fresh (an RST for a socket already closed leaves it set; a later socket at
+/// the same address must not read it).
+#[inline(always)]
+fn reset_taken_in(sk: u64, now: u64) -> bool {
+    let Some(slot) = RESET_IN.get_ptr_mut(0) else {
+        return false;
+    };
+    // SAFETY: per-CPU slot, as above.
+    unsafe {
+        let [at_sk, at] = *slot;
+        if at_sk != sk {
+            return false;
+        }
+        *slot = [0, 0];
+        now.wrapping_sub(at) < 1_000_000
+    }
+}
+
 /// The record of a state change the daemon acts on.
 #[inline(always)]
 fn emit_conn(sk: u64, tuple: SockTuple, old_state: u32, new_state: u32, seq: u32) {
@@ -730,6 +763,12 @@ fn emit_conn(sk: u64, tuple: SockTuple, old_state: u32, new_state: u32, seq: u32
             (0u32, 0)
         };
         let fin = if closing { peer_fin(sk) } else { 0 };
+        let ts_ns = bpf_ktime_get_ns();
+        let flags = if new_state == TCP_CLOSE && reset_taken_in(sk, ts_ns) {
+            FLAG_PEER_RESET
+        } else {
+            0
+        };
         // `srtt_us` holds 8 times the smoothed RTT.
         let srtt_us = srtt >> 3;
         let wakeup = wakeup_flags();
@@ -740,8 +779,8 @@ fn emit_conn(sk: u64, tuple: SockTuple, old_state: u32, new_state: u32, seq: u32
         entry.write(ConnEvent {
             hdr: EventHeader {
                 kind: EventKind::Conn as u32,
-                flags: 0,
-                ts_ns: bpf_ktime_get_ns(),
+                flags,
+                ts_ns,
                 pid_tgid: bpf_get_current_pid_tgid(),
                 cgroup_id,
                 comm,
