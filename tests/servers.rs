@@ -200,6 +200,42 @@ fn pods_are_named_by_owner_and_namespace() {
         "edge: {edge}; {}",
         daemon.diagnostics()
     );
+
+    // The CLI, as `linkerd viz stat -n`: only the namespace's workloads and edges.
+    let cli = |args: &[&str]| -> serde_json::Value {
+        let addr = daemon.addr.to_string();
+        let out = std::process::Command::new(common::tracer_bin())
+            .args(args)
+            .args(["--addr", &addr, "-o", "json"])
+            .output()
+            .expect("run the CLI");
+        assert!(out.status.success(), "{args:?}: {out:?}");
+        serde_json::from_slice(&out.stdout).expect("the CLI's JSON")
+    };
+    let names = |v: &serde_json::Value, list: &str, key: &str| -> Vec<String> {
+        v[list]
+            .as_array()
+            .expect("a list")
+            .iter()
+            .map(|x| x[key].as_str().unwrap_or_default().to_owned())
+            .collect()
+    };
+    let stat = cli(&["stat", "-n", "shop"]);
+    assert_eq!(names(&stat, "workloads", "name"), ["orders.shop"], "{stat}");
+    let edges = cli(&["edges", "--namespace", "shop"]);
+    assert_eq!(names(&edges, "edges", "src"), ["frontend.shop"], "{edges}");
+    assert!(
+        names(&edges, "tcp", "src")
+            .iter()
+            .all(|s| s == "frontend.shop"),
+        "{edges}"
+    );
+    let other = cli(&["stat", "-n", "sho"]);
+    assert_eq!(
+        names(&other, "workloads", "name"),
+        Vec::<String>::new(),
+        "{other}"
+    );
 }
 
 /// A pod on the host's network has the node's hostname and, here, no service-account token:

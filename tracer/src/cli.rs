@@ -89,6 +89,8 @@ pub enum Command {
     /// Edges between workloads: who calls whom, with success rate, RPS and latency.
     Edges {
         #[command(flatten)]
+        namespace: NamespaceArg,
+        #[command(flatten)]
         window: WindowArg,
         #[command(flatten)]
         client: ClientArgs,
@@ -105,6 +107,8 @@ pub enum Command {
     Stat {
         /// Only this workload.
         workload: Option<String>,
+        #[command(flatten)]
+        namespace: NamespaceArg,
         #[command(flatten)]
         window: WindowArg,
         #[command(flatten)]
@@ -136,6 +140,24 @@ pub enum Command {
         #[arg(long, env = "TRACER_ADDR", default_value = DEFAULT_ADDR)]
         addr: String,
     },
+}
+
+#[derive(clap::Args)]
+pub struct NamespaceArg {
+    /// Only workloads in this Kubernetes namespace (pods and Services are named
+    /// `name.namespace`); for edges, those with either end in it.
+    #[arg(short = 'n', long)]
+    pub namespace: Option<String>,
+}
+
+impl NamespaceArg {
+    /// Whether a workload name is in the namespace asked for (all are when none was).
+    pub fn holds(&self, name: &str) -> bool {
+        self.namespace.as_deref().is_none_or(|ns| {
+            name.rsplit_once('.')
+                .is_some_and(|(owner, n)| n == ns && !owner.is_empty())
+        })
+    }
 }
 
 #[derive(clap::Args)]
@@ -334,11 +356,23 @@ const WINDOW_HEADER: [&str; 5] = [
     "LATENCY_P99",
 ];
 
-pub fn edges(w: Window, args: &ClientArgs) -> anyhow::Result<()> {
-    let (resp, raw): (EdgesResponse, _) =
+pub fn edges(ns: &NamespaceArg, w: Window, args: &ClientArgs) -> anyhow::Result<()> {
+    let (mut resp, raw): (EdgesResponse, _) =
         fetch(&args.addr, &format!("/api/edges?window={}", w.as_str()))?;
+    if ns.namespace.is_some() {
+        resp.body
+            .edges
+            .retain(|e| ns.holds(&e.src) || ns.holds(&e.dst));
+        resp.body
+            .tcp
+            .retain(|e| ns.holds(&e.src) || ns.holds(&e.dst));
+    }
     if args.output == Output::Json {
-        println!("{raw}");
+        if ns.namespace.is_none() {
+            println!("{raw}");
+        } else {
+            println!("{}", serde_json::to_string(&resp)?);
+        }
         return Ok(());
     }
     if resp.body.edges.is_empty() && resp.body.tcp.is_empty() {
@@ -420,7 +454,12 @@ pub fn edges(w: Window, args: &ClientArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub fn stat(workload: Option<&str>, w: Window, args: &ClientArgs) -> anyhow::Result<()> {
+pub fn stat(
+    workload: Option<&str>,
+    ns: &NamespaceArg,
+    w: Window,
+    args: &ClientArgs,
+) -> anyhow::Result<()> {
     let (mut resp, raw): (StatResponse, _) =
         fetch(&args.addr, &format!("/api/stat?window={}", w.as_str()))?;
     if let Some(w) = workload {
@@ -429,8 +468,9 @@ pub fn stat(workload: Option<&str>, w: Window, args: &ClientArgs) -> anyhow::Res
             bail!("no traffic to workload {w:?} seen yet");
         }
     }
+    resp.body.workloads.retain(|x| ns.holds(&x.name));
     if args.output == Output::Json {
-        if workload.is_none() {
+        if workload.is_none() && ns.namespace.is_none() {
             println!("{raw}");
         } else {
             println!("{}", serde_json::to_string(&resp)?);

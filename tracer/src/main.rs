@@ -131,12 +131,17 @@ fn main() -> std::process::ExitCode {
                 .and_then(|rt| rt.block_on(pipeline::run(cfg)))
         }),
         Command::Spans { limit, client } => cli::spans(limit, &client),
-        Command::Edges { window, client } => cli::edges(window.window, &client),
-        Command::Stat {
-            workload,
+        Command::Edges {
+            namespace,
             window,
             client,
-        } => cli::stat(workload.as_deref(), window.window, &client),
+        } => cli::edges(&namespace, window.window, &client),
+        Command::Stat {
+            workload,
+            namespace,
+            window,
+            client,
+        } => cli::stat(workload.as_deref(), &namespace, window.window, &client),
         Command::Routes {
             workload,
             window,
