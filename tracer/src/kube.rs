@@ -162,19 +162,26 @@ fn follow(resource: Resource, cfg: &Config, agent: &ureq::Agent, metrics: &Metri
     let mut objects: HashMap<Arc<str>, Vec<IpAddr>> = HashMap::new();
     let mut pause = Duration::from_secs(1);
     let mut last_warning: Option<Instant> = None;
+    // A watch the server ends at once (a proxy that does not stream) is not asked again in a
+    // loop: the next waits this long.
+    const SHORT: Duration = Duration::from_secs(1);
     loop {
+        let started = Instant::now();
         let result = list(resource, cfg, agent, metrics, &mut objects).and_then(|version| {
-            pause = Duration::from_secs(1);
             let mut version = version;
             loop {
+                let at = Instant::now();
                 match watch(resource, cfg, agent, metrics, &mut objects, &version)? {
                     Some(v) => version = v,
                     // Too old: list again.
                     None => return Ok(()),
                 }
+                if at.elapsed() < SHORT {
+                    std::thread::sleep(SHORT);
+                }
             }
         });
-        if let Err(e) = result {
+        if let Err(e) = &result {
             errors("request").inc();
             if last_warning.is_none_or(|t| t.elapsed() > Duration::from_secs(60)) {
                 tracing::warn!(
@@ -184,8 +191,14 @@ fn follow(resource: Resource, cfg: &Config, agent: &ureq::Agent, metrics: &Metri
                 );
                 last_warning = Some(Instant::now());
             }
+        }
+        // Failed, or listed again at once: back off (up to 30 s), so that the API server is
+        // never asked in a loop.
+        if result.is_err() || started.elapsed() < SHORT {
             std::thread::sleep(pause);
             pause = (pause * 2).min(Duration::from_secs(30));
+        } else {
+            pause = SHORT;
         }
     }
 }
