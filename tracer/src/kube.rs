@@ -79,6 +79,10 @@ enum Resource {
 }
 
 impl Resource {
+    fn index(self) -> usize {
+        self as usize
+    }
+
     fn path(self) -> &'static str {
         match self {
             Resource::Pods => "pods",
@@ -87,15 +91,19 @@ impl Resource {
     }
 }
 
-/// Whose an address is: the object (to forget it only when that object goes) and its name.
+/// Whose an address is: the object (by a hash of `namespace/name`, to forget the address
+/// only when that object goes) and its name (shared by an owner's pods listed together).
 struct Owner {
-    resource: Resource,
-    key: Arc<str>,
+    key: u64,
     name: Arc<str>,
 }
 
+/// Addresses by resource (pods, Services): a list builds its resource's table aside and swaps
+/// it in, so that lookups wait on no list.
+type Directory = [HashMap<IpAddr, Owner>; 2];
+
 static ENABLED: AtomicBool = AtomicBool::new(false);
-static DIRECTORY: RwLock<Option<HashMap<IpAddr, Owner>>> = RwLock::new(None);
+static DIRECTORY: RwLock<Option<Directory>> = RwLock::new(None);
 
 /// The workload or service at this address on another node, when the API said.
 pub fn name_of(ip: IpAddr) -> Option<Arc<str>> {
@@ -103,7 +111,11 @@ pub fn name_of(ip: IpAddr) -> Option<Arc<str>> {
         return None;
     }
     let guard = DIRECTORY.read().unwrap_or_else(|p| p.into_inner());
-    guard.as_ref()?.get(&ip).map(|o| o.name.clone())
+    guard
+        .as_ref()?
+        .iter()
+        .find_map(|m| m.get(&ip))
+        .map(|o| o.name.clone())
 }
 
 /// Starts listing and watching pods and services, each on a thread of its own (blocking
@@ -159,7 +171,7 @@ fn follow(resource: Resource, cfg: &Config, agent: &ureq::Agent, metrics: &Metri
             .kube_errors
             .with_label_values(&[resource.path(), reason])
     };
-    let mut objects: HashMap<Arc<str>, Vec<IpAddr>> = HashMap::new();
+    let mut names = Names::default();
     let mut pause = Duration::from_secs(1);
     let mut last_warning: Option<Instant> = None;
     // A watch the server ends at once (a proxy that does not stream) is not asked again in a
@@ -167,11 +179,11 @@ fn follow(resource: Resource, cfg: &Config, agent: &ureq::Agent, metrics: &Metri
     const SHORT: Duration = Duration::from_secs(1);
     loop {
         let started = Instant::now();
-        let result = list(resource, cfg, agent, metrics, &mut objects).and_then(|version| {
+        let result = list(resource, cfg, agent, metrics, &mut names).and_then(|version| {
             let mut version = version;
             loop {
                 let at = Instant::now();
-                match watch(resource, cfg, agent, metrics, &mut objects, &version)? {
+                match watch(resource, cfg, agent, metrics, &mut names, &version)? {
                     Some(v) => version = v,
                     // Too old: list again.
                     None => return Ok(()),
@@ -215,32 +227,50 @@ fn get(cfg: &Config, agent: &ureq::Agent, query: &str, path: &str) -> anyhow::Re
     Ok(resp.into_body().into_with_config().limit(u64::MAX).reader())
 }
 
-/// Replaces what is known of the resource with a fresh list; its version, to watch from.
+/// Replaces what is known of the resource with a fresh list; its version, to watch from. The
+/// list is decoded object by object into compact entries (a large cluster's list is never held
+/// whole), then swapped in under the lock.
 fn list(
     resource: Resource,
     cfg: &Config,
     agent: &ureq::Agent,
     metrics: &Metrics,
-    objects: &mut HashMap<Arc<str>, Vec<IpAddr>>,
+    names: &mut Names,
 ) -> anyhow::Result<String> {
+    use serde::de::DeserializeSeed as _;
     let body = get(cfg, agent, "resourceVersion=0", resource.path())?;
-    // Streamed: only the fields below are kept of each object.
-    let list: List =
-        serde_json::from_reader(std::io::BufReader::new(body)).context("decoding the list")?;
-    let mut directory = DIRECTORY.write().unwrap_or_else(|p| p.into_inner());
-    let map = directory.get_or_insert_with(HashMap::new);
-    map.retain(|_, o| o.resource != resource);
-    objects.clear();
-    for object in &list.items {
-        upsert(resource, object, map, objects, metrics);
+    names.clear();
+    let mut fresh = HashMap::new();
+    let mut de = serde_json::Deserializer::from_reader(std::io::BufReader::new(body));
+    let version = ListSeed {
+        each: &mut |o: Object| {
+            if let Some(e) = o.entry(resource, names).filter(|e| e.name.is_some()) {
+                upsert(resource, e, &mut fresh, metrics);
+            }
+        },
     }
-    let n = map.values().filter(|o| o.resource == resource).count();
+    .deserialize(&mut de)
+    .context("decoding the list")?;
+    let n = fresh.len();
+    let old = {
+        let mut directory = DIRECTORY.write().unwrap_or_else(|p| p.into_inner());
+        let maps = directory.get_or_insert_with(Default::default);
+        std::mem::replace(&mut maps[resource.index()], fresh)
+    };
+    drop(old);
     metrics
         .kube_addresses
         .with_label_values(&[resource.path()])
         .set(i64::try_from(n).unwrap_or(i64::MAX));
     tracing::info!("Kubernetes API: {n} {} addresses", resource.path());
-    Ok(list.metadata.resource_version)
+    // The list's bytes passed through the allocator: given back rather than kept in its free
+    // lists.
+    // SAFETY: only asks the allocator to release free memory.
+    #[cfg(target_env = "gnu")]
+    unsafe {
+        libc::malloc_trim(0);
+    }
+    Ok(version)
 }
 
 /// Follows one watch to its end: the version to go on from, or `None` when the API says the
@@ -250,7 +280,7 @@ fn watch(
     cfg: &Config,
     agent: &ureq::Agent,
     metrics: &Metrics,
-    objects: &mut HashMap<Arc<str>, Vec<IpAddr>>,
+    names: &mut Names,
     version: &str,
 ) -> anyhow::Result<Option<String>> {
     let query = format!(
@@ -272,82 +302,156 @@ fn watch(
         if event.kind == "BOOKMARK" {
             continue;
         }
-        let mut directory = DIRECTORY.write().unwrap_or_else(|p| p.into_inner());
-        let map = directory.get_or_insert_with(HashMap::new);
-        // Only this resource's addresses change here (pod and cluster IPs are apart).
-        let before = map.len();
+        let Some(mut entry) = event.object.entry(resource, names) else {
+            continue;
+        };
         if event.kind == "DELETED" {
-            forget(&event.object.key(), map, objects);
-        } else {
-            upsert(resource, &event.object, map, objects, metrics);
+            entry.name = None;
         }
-        let delta = i64::try_from(map.len()).unwrap_or(0) - i64::try_from(before).unwrap_or(0);
+        let mut directory = DIRECTORY.write().unwrap_or_else(|p| p.into_inner());
+        let map = &mut directory.get_or_insert_with(Default::default)[resource.index()];
+        upsert(resource, entry, map, metrics);
         metrics
             .kube_addresses
             .with_label_values(&[resource.path()])
-            .add(delta);
+            .set(i64::try_from(map.len()).unwrap_or(i64::MAX));
     }
     Ok(Some(version))
 }
 
-/// Takes an object's addresses as they are now (it may have none yet, or none any more).
-fn upsert(
-    resource: Resource,
-    object: &Object,
-    map: &mut HashMap<IpAddr, Owner>,
-    objects: &mut HashMap<Arc<str>, Vec<IpAddr>>,
-    metrics: &Metrics,
-) {
-    let key = object.key();
-    forget(&key, map, objects);
-    let Some((name, ips)) = object.named(resource) else {
-        return;
-    };
-    let key: Arc<str> = key.into();
-    let name: Arc<str> = name.into();
-    let mut kept = Vec::new();
+/// An object's addresses as they are now: named, or (no name: gone, finished, not its own)
+/// forgotten unless another object has taken them since (a pod IP given to a new pod before
+/// the old one's deletion was seen). A pod's IP and a Service's cluster IP do not change once
+/// set, so the object's addresses now are the ones it was named at.
+fn upsert(resource: Resource, entry: Entry, map: &mut HashMap<IpAddr, Owner>, metrics: &Metrics) {
+    let Entry { key, name, ips } = entry;
     for ip in ips {
-        if map.len() >= MAX_ADDRESSES && !map.contains_key(&ip) {
-            metrics
-                .kube_errors
-                .with_label_values(&[resource.path(), "full"])
-                .inc();
-            continue;
-        }
-        map.insert(
-            ip,
-            Owner {
-                resource,
-                key: key.clone(),
-                name: name.clone(),
-            },
-        );
-        kept.push(ip);
-    }
-    if !kept.is_empty() {
-        objects.insert(key, kept);
-    }
-}
-
-/// Forgets an object's addresses, unless another object has taken them since (a pod IP given
-/// to a new pod before the old one's deletion was seen).
-fn forget(
-    key: &str,
-    map: &mut HashMap<IpAddr, Owner>,
-    objects: &mut HashMap<Arc<str>, Vec<IpAddr>>,
-) {
-    for ip in objects.remove(key).unwrap_or_default() {
-        if map.get(&ip).is_some_and(|o| &*o.key == key) {
-            map.remove(&ip);
+        match &name {
+            Some(name) => {
+                if map.len() >= MAX_ADDRESSES && !map.contains_key(&ip) {
+                    metrics
+                        .kube_errors
+                        .with_label_values(&[resource.path(), "full"])
+                        .inc();
+                    continue;
+                }
+                map.insert(
+                    ip,
+                    Owner {
+                        key,
+                        name: name.clone(),
+                    },
+                );
+            }
+            None => {
+                if map.get(&ip).is_some_and(|o| o.key == key) {
+                    map.remove(&ip);
+                }
+            }
         }
     }
 }
 
-#[derive(Deserialize)]
-struct List {
-    metadata: ListMeta,
-    #[serde(default)]
-    items: Vec<Object>,
+/// Names shared by the objects of one list (an owner's replicas), and by later ones while the
+/// table is small.
+#[derive(Default)]
+struct Names(HashMap<String, Arc<str>>);
+
+impl Names {
+    const MAX: usize = 16 * 1024;
+
+    fn clear(&mut self) {
+        self.0.clear();
+    }
+
+    fn get(&mut self, name: String) -> Arc<str> {
+        if let Some(n) = self.0.get(&name) {
+            return n.clone();
+        }
+        let n: Arc<str> = name.as_str().into();
+        if self.0.len() < Self::MAX {
+            self.0.insert(name, n.clone());
+        }
+        n
+    }
+}
+
+/// What one object says of its addresses, compactly.
+#[derive(Debug, PartialEq)]
+struct Entry {
+    key: u64,
+    /// `None`: its addresses are not its own (or no longer).
+    name: Option<Arc<str>>,
+    ips: smallvec::SmallVec<[IpAddr; 2]>,
+}
+
+/// A list's `metadata.resourceVersion`, its items handed to `each` one by one as decoded.
+struct ListSeed<'a, F> {
+    each: &'a mut F,
+}
+
+impl<'de, F: FnMut(Object)> serde::de::DeserializeSeed<'de> for ListSeed<'_, F> {
+    type Value = String;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<String, D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+impl<'de, F: FnMut(Object)> serde::de::Visitor<'de> for ListSeed<'_, F> {
+    type Value = String;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a Kubernetes list")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<String, A::Error> {
+        let mut version = String::new();
+        while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+            match &*key {
+                "metadata" => version = map.next_value::<ListMeta>()?.resource_version,
+                "items" => map.next_value_seed(Items {
+                    each: &mut *self.each,
+                })?,
+                _ => {
+                    map.next_value::<serde::de::IgnoredAny>()?;
+                }
+            }
+        }
+        Ok(version)
+    }
+}
+
+/// A list's items, handed on one by one.
+struct Items<'a, F> {
+    each: &'a mut F,
+}
+
+impl<'de, F: FnMut(Object)> serde::de::DeserializeSeed<'de> for Items<'_, F> {
+    type Value = ();
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de, F: FnMut(Object)> serde::de::Visitor<'de> for Items<'_, F> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a list's items")
+    }
+
+    fn visit_unit<E>(self) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        while let Some(o) = seq.next_element::<Object>()? {
+            (self.each)(o);
+        }
+        Ok(())
+    }
 }
 
 #[derive(Deserialize)]
@@ -410,39 +514,53 @@ struct PodIp {
 }
 
 impl Object {
-    fn key(&self) -> String {
-        format!("{}/{}", self.metadata.namespace, self.metadata.name)
+    /// A hash of `namespace/name`: which object an address is.
+    fn key(&self) -> u64 {
+        use std::hash::{Hash as _, Hasher as _};
+        let mut h = std::hash::DefaultHasher::new();
+        self.metadata.namespace.hash(&mut h);
+        self.metadata.name.hash(&mut h);
+        h.finish()
     }
 
-    /// The name peers at its addresses get, and those addresses; `None` for an object whose
-    /// addresses are not its own (a pod on its node's network, a finished pod whose address
-    /// goes to the next pod, a headless Service).
-    fn named(&self, resource: Resource) -> Option<(String, Vec<IpAddr>)> {
+    /// Its addresses and the name peers at them get: `None` for an object whose addresses are
+    /// not its own (a pod on its node's network, a finished pod whose address goes to the next
+    /// pod, a headless Service); no entry without a name or addresses.
+    fn entry(&self, resource: Resource, names: &mut Names) -> Option<Entry> {
         let Meta {
             name, namespace, ..
         } = &self.metadata;
         if name.is_empty() || namespace.is_empty() {
             return None;
         }
-        let (name, addresses): (&str, Vec<&str>) = match resource {
+        let (name, addresses, own): (&str, smallvec::SmallVec<[&str; 3]>, bool) = match resource {
             Resource::Pods => {
-                if self.spec.host_network || matches!(&*self.status.phase, "Succeeded" | "Failed") {
-                    return None;
-                }
-                let mut ips: Vec<&str> = self.status.pod_ips.iter().map(|p| &*p.ip).collect();
+                let mut ips: smallvec::SmallVec<[&str; 3]> =
+                    self.status.pod_ips.iter().map(|p| &*p.ip).collect();
                 ips.push(&self.status.pod_ip);
-                (crate::workload::owner_of(name), ips)
+                let own = !self.spec.host_network
+                    && !matches!(&*self.status.phase, "Succeeded" | "Failed");
+                (crate::workload::owner_of(name), ips, own)
             }
             Resource::Services => {
-                let mut ips: Vec<&str> = self.spec.cluster_ips.iter().map(|s| &**s).collect();
+                let mut ips: smallvec::SmallVec<[&str; 3]> =
+                    self.spec.cluster_ips.iter().map(|s| &**s).collect();
                 ips.push(&self.spec.cluster_ip);
-                (name, ips)
+                (name, ips, true)
             }
         };
-        let mut ips: Vec<IpAddr> = addresses.iter().filter_map(|a| a.parse().ok()).collect();
+        let mut ips: smallvec::SmallVec<[IpAddr; 2]> =
+            addresses.iter().filter_map(|a| a.parse().ok()).collect();
         ips.sort_unstable();
         ips.dedup();
-        (!ips.is_empty()).then(|| (format!("{name}.{namespace}"), ips))
+        if ips.is_empty() {
+            return None;
+        }
+        Some(Entry {
+            key: self.key(),
+            name: own.then(|| names.get(format!("{name}.{namespace}"))),
+            ips,
+        })
     }
 }
 
@@ -454,25 +572,26 @@ mod tests {
         serde_json::from_str(json).unwrap()
     }
 
+    fn named(json: &str, resource: Resource) -> Option<(String, Vec<IpAddr>)> {
+        let e = object(json).entry(resource, &mut Names::default())?;
+        Some((e.name?.to_string(), e.ips.to_vec()))
+    }
+
     #[test]
     fn pods_are_named_by_owner_and_services_by_name() {
-        let pod = object(
-            r#"{"metadata":{"name":"web-5d8f7c9b4-x7k2p","namespace":"shop"},
-                "spec":{"containers":[{"name":"c"}]},
-                "status":{"phase":"Running","podIP":"10.1.2.3",
-                          "podIPs":[{"ip":"10.1.2.3"},{"ip":"fd00::3"}]}}"#,
-        );
+        let pod = r#"{"metadata":{"name":"web-5d8f7c9b4-x7k2p","namespace":"shop"},
+            "spec":{"containers":[{"name":"c"}]},
+            "status":{"phase":"Running","podIP":"10.1.2.3",
+                      "podIPs":[{"ip":"10.1.2.3"},{"ip":"fd00::3"}]}}"#;
         let ips: Vec<IpAddr> = vec!["10.1.2.3".parse().unwrap(), "fd00::3".parse().unwrap()];
         assert_eq!(
-            pod.named(Resource::Pods),
+            named(pod, Resource::Pods),
             Some(("web.shop".to_owned(), ips))
         );
-        let svc = object(
-            r#"{"metadata":{"name":"web","namespace":"shop"},
-                "spec":{"clusterIP":"10.96.0.15","clusterIPs":["10.96.0.15"],"ports":[]}}"#,
-        );
+        let svc = r#"{"metadata":{"name":"web","namespace":"shop"},
+            "spec":{"clusterIP":"10.96.0.15","clusterIPs":["10.96.0.15"],"ports":[]}}"#;
         assert_eq!(
-            svc.named(Resource::Services),
+            named(svc, Resource::Services),
             Some(("web.shop".to_owned(), vec!["10.96.0.15".parse().unwrap()]))
         );
     }
@@ -499,27 +618,79 @@ mod tests {
                 r#"{"metadata":{"name":"db","namespace":"a"},"spec":{"clusterIP":"None"}}"#,
             ),
         ] {
-            assert_eq!(object(json).named(resource), None, "{json}");
+            assert_eq!(named(json, resource), None, "{json}");
         }
     }
 
     #[test]
     fn an_address_taken_by_a_new_pod_survives_the_old_pods_deletion() {
         let metrics = Metrics::new();
-        let (mut map, mut objects) = (HashMap::new(), HashMap::new());
-        let pod = |name: &str| {
+        let (mut map, mut names) = (HashMap::new(), Names::default());
+        let mut pod = |name: &str, phase: &str| {
             object(&format!(
                 r#"{{"metadata":{{"name":"{name}","namespace":"a"}},
-                    "status":{{"phase":"Running","podIP":"10.1.2.3"}}}}"#
+                    "status":{{"phase":"{phase}","podIP":"10.1.2.3"}}}}"#
             ))
+            .entry(Resource::Pods, &mut names)
+            .unwrap()
         };
-        let (old, new) = (pod("api-5d8f7c9b4-aaaaa"), pod("web-5d8f7c9b4-bbbbb"));
-        upsert(Resource::Pods, &old, &mut map, &mut objects, &metrics);
-        upsert(Resource::Pods, &new, &mut map, &mut objects, &metrics);
-        forget(&old.key(), &mut map, &mut objects);
         let ip: IpAddr = "10.1.2.3".parse().unwrap();
+        upsert(
+            Resource::Pods,
+            pod("api-5d8f7c9b4-aaaaa", "Running"),
+            &mut map,
+            &metrics,
+        );
+        upsert(
+            Resource::Pods,
+            pod("web-5d8f7c9b4-bbbbb", "Running"),
+            &mut map,
+            &metrics,
+        );
+        // The old pod's deletion (or its finishing) leaves the new pod's name.
+        let mut gone = pod("api-5d8f7c9b4-aaaaa", "Running");
+        gone.name = None;
+        upsert(Resource::Pods, gone, &mut map, &metrics);
+        upsert(
+            Resource::Pods,
+            pod("api-5d8f7c9b4-aaaaa", "Succeeded"),
+            &mut map,
+            &metrics,
+        );
         assert_eq!(map.get(&ip).map(|o| &*o.name), Some("web.a"));
-        forget(&new.key(), &mut map, &mut objects);
+        // The new pod finishing frees it.
+        upsert(
+            Resource::Pods,
+            pod("web-5d8f7c9b4-bbbbb", "Failed"),
+            &mut map,
+            &metrics,
+        );
         assert!(map.is_empty());
+    }
+
+    /// A list is decoded object by object: its version, and each item, whatever else it holds.
+    #[test]
+    fn lists_are_decoded_item_by_item() {
+        use serde::de::DeserializeSeed as _;
+        let json = r#"{"kind":"PodList","apiVersion":"v1","metadata":{"resourceVersion":"42"},
+            "items":[{"metadata":{"name":"a-x7k2p","namespace":"n"},"status":{"podIP":"10.0.0.1"}},
+                     {"metadata":{"name":"b-x7k2q","namespace":"n"},"status":{"podIP":"10.0.0.2"}}]}"#;
+        let mut seen = Vec::new();
+        let mut de = serde_json::Deserializer::from_str(json);
+        let version = ListSeed {
+            each: &mut |o: Object| seen.push(o.metadata.name),
+        }
+        .deserialize(&mut de)
+        .unwrap();
+        assert_eq!(
+            (version.as_str(), seen),
+            ("42", vec!["a-x7k2p".into(), "b-x7k2q".into()])
+        );
+        let mut de = serde_json::Deserializer::from_str(r#"{"metadata":{},"items":null}"#);
+        let version = ListSeed {
+            each: &mut |_: Object| {},
+        }
+        .deserialize(&mut de);
+        assert_eq!(version.unwrap(), "");
     }
 }
