@@ -296,7 +296,7 @@ fn h2_requests_a_server_went_away_on_are_failures() {
         .spawn()
         .expect("spawn h2c_server.py");
     let _server = Server::adopt(child, port);
-    // Three streams on one connection at once; the client's own report.
+    // Five streams on one connection at once; the client's own report.
     let out = Command::new(system_python())
         .arg(workspace_root().join("tests/fixtures/h2_client.py"))
         .arg(port.to_string())

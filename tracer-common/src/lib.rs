@@ -181,8 +181,8 @@ pub const DATA_EVENT_FIXED: usize = core::mem::size_of::<DataMeta>();
 /// On an HTTP/2 connection (the kernel side saw its preface) a call longer than its captured
 /// payload also sends, after the whole payload, segments of the frames past it: each frame's
 /// 9-byte header and, for the frames that carry a header block (HEADERS, CONTINUATION,
-/// PUSH_PROMISE) and for RST_STREAM and GOAWAY (whose first word the parser reads), up to
-/// [`FRAME_KEEP_CAP`] bytes of their payload. A segment is `offset: u32` (in the
+/// PUSH_PROMISE), up to [`FRAME_KEEP_CAP`] bytes of their payload, for RST_STREAM and GOAWAY
+/// its first word (an error code, a last stream id). A segment is `offset: u32` (in the
 /// call's bytes), `len: u32`, then `len` bytes. At most this many bytes of segments (the
 /// last one may run past it).
 pub const FRAMES_CAP: usize = 16 * 1024;

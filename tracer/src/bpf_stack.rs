@@ -204,10 +204,11 @@ fn scan(code: &[u8]) -> u32 {
 }
 
 /// The stack each program needs at most: its frame and the deepest chain of the functions it
-/// refers to, each frame rounded up to 16 bytes as the verifier rounds them when it JITs.
+/// refers to, each frame rounded up to 32 bytes: as the verifier rounds them without a JIT and
+/// on kernels before 6.8 (a JIT'ing one now rounds to 16).
 pub fn worst_case(frames: &[Frame]) -> Vec<(String, u32)> {
     fn chain(frames: &[Frame], i: usize, depth: u32) -> u32 {
-        let own = frames[i].depth.div_ceil(16) * 16;
+        let own = frames[i].depth.max(1).div_ceil(32) * 32;
         // The object's chains are short; a cycle (not allowed by the verifier) stops here.
         if depth > 8 {
             return own;

@@ -151,11 +151,15 @@ pub struct NamespaceArg {
 }
 
 impl NamespaceArg {
-    /// Whether a workload name is in the namespace asked for (all are when none was).
+    /// Whether a workload name is in the namespace asked for (all are when none was); a peer
+    /// named by its address is in none.
     pub fn holds(&self, name: &str) -> bool {
         self.namespace.as_deref().is_none_or(|ns| {
-            name.rsplit_once('.')
-                .is_some_and(|(owner, n)| n == ns && !owner.is_empty())
+            name.parse::<std::net::IpAddr>().is_err()
+                && name.parse::<std::net::SocketAddr>().is_err()
+                && name
+                    .rsplit_once('.')
+                    .is_some_and(|(owner, n)| n == ns && !owner.is_empty())
         })
     }
 }

@@ -225,6 +225,8 @@ struct Conn {
     reset: Option<std::time::Instant>,
     /// The reset came from the other end (it was not this end's own abortive close).
     reset_by_peer: bool,
+    /// Its reset was this end's own abortive close (told only where resets are marked).
+    aborted_here: bool,
     /// The last response said the server would close (`Connection: close`, HTTP/1.0): requests
     /// pipelined after it are not processed, by design, rather than failed.
     close_announced: bool,
@@ -286,6 +288,7 @@ impl Conn {
             client_addr: None,
             reset: None,
             reset_by_peer: false,
+            aborted_here: false,
             close_announced: false,
             sent: 0,
             acked_at_reset: 0,
@@ -707,6 +710,10 @@ impl ConnTable {
             } else {
                 c.task.tgid != conn.task.tgid
             };
+            // This end's own abort runs in its process; a timeout, an ICMP error or a socket
+            // destroyed from outside (`ss -K`) is neither end's doing.
+            conn.aborted_here =
+                self.resets_marked && !c.peer_reset && c.task.tgid == conn.task.tgid;
             conn.acked_at_reset = c.bytes_acked;
             self.closing.push_back((c.sk, at));
             return;
@@ -793,7 +800,7 @@ impl ConnTable {
         // bytes unread), when resets taken in are told from that.
         let server_reset = match conn.role.side() {
             Some(Side::Client) => conn.reset_by_peer && all_acked(conn, conn.acked_at_reset),
-            Some(Side::Server) => self.resets_marked && !conn.reset_by_peer,
+            Some(Side::Server) => conn.aborted_here,
             None => false,
         };
         if server_reset && !conn.close_announced && has_unanswered(conn) {
@@ -1620,15 +1627,11 @@ fn unanswered(conn: &mut Conn, end_ns: u64, out: &mut Vec<Exchange>) {
     let Some(side) = conn.role.side() else {
         return;
     };
-    if let Some(h2) = conn.h2.as_mut() {
-        let ends = streams::Ends {
-            side,
-            task: conn.task,
-            tuple: conn.tuple,
-            peer_sk: conn.peer_sk,
-            tls: conn.tls,
-        };
-        h2.unanswered(&ends, end_ns, out);
+    if conn.h2.is_some() {
+        let ends = h2_ends(conn, side);
+        if let Some(h2) = conn.h2.as_mut() {
+            h2.unanswered(&ends, end_ns, out);
+        }
         return;
     }
     // Popped, not taken: the queue's buffer goes to the next connection.
@@ -1669,18 +1672,25 @@ fn finish_reader(conn: &mut Conn, requests: bool, metrics: &Metrics, out: &mut V
     }
 }
 
+/// What an HTTP/2 connection's exchanges say of it, as this end (`side`) saw it.
+fn h2_ends(conn: &Conn, side: Side) -> streams::Ends {
+    streams::Ends {
+        side,
+        task: conn.task,
+        tuple: conn.tuple,
+        peer_sk: conn.peer_sk,
+        tls: conn.tls,
+    }
+}
+
 fn finish_all(conn: &mut Conn, metrics: &Metrics, out: &mut Vec<Exchange>) {
-    if let (Some(h2), Some(side)) = (conn.h2.as_mut(), conn.role.side()) {
-        h2.finish_answered(
-            &streams::Ends {
-                side,
-                task: conn.task,
-                tuple: conn.tuple,
-                peer_sk: conn.peer_sk,
-                tls: conn.tls,
-            },
-            out,
-        );
+    if conn.h2.is_some()
+        && let Some(side) = conn.role.side()
+    {
+        let ends = h2_ends(conn, side);
+        if let Some(h2) = conn.h2.as_mut() {
+            h2.finish_answered(&ends, out);
+        }
         return;
     }
     finish_reader(conn, true, metrics, out);
@@ -1915,10 +1925,12 @@ mod tests {
         }
     }
 
-    /// With resets marked by the capture, which end aborted tells, whatever process the change
-    /// ran in: a server's own abortive close (SO_LINGER 0, a crash) with a request read and
-    /// unanswered failed it; a reset its client sent did not (the client gave up); at a
-    /// client, its server's reset failed the request, its own abortive close did not.
+    /// With resets marked by the capture, which end aborted tells: a server's own abortive
+    /// close (SO_LINGER 0, a crash: in its own process) with a request read and unanswered
+    /// failed it; a reset its client sent did not (the client gave up), wherever it ran, nor
+    /// an unmarked change to CLOSE in another context (a timeout, an ICMP error, a socket
+    /// destroyed from outside); at a client, its server's reset failed the request, its own
+    /// abortive close did not.
     #[test]
     fn marked_resets_tell_which_end_aborted() {
         const REQ: &[u8] = b"GET /f HTTP/1.1\r\nHost: x\r\n\r\n";
@@ -1931,7 +1943,7 @@ mod tests {
         // (server's end, change ran in, RST taken in, failed)
         for (server, by, peer_reset, failed) in [
             (true, task(), false, true),
-            (true, other, false, true),
+            (true, other, false, false),
             (true, task(), true, false),
             (true, other, true, false),
             (false, task(), true, true),

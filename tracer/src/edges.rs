@@ -411,7 +411,6 @@ impl Aggregator {
         id
     }
 
-    /// The time to answer a query at.
     /// A peer on another host: its pod or service when the Kubernetes API named it, else its
     /// address (a client's alone: its port changes per connection; a server's with its port).
     fn remote_id(&mut self, ip: std::net::IpAddr, port: Option<u16>) -> NameId {
@@ -424,6 +423,7 @@ impl Aggregator {
         }
     }
 
+    /// The time to answer a query at.
     pub fn clock(&self) -> Clock {
         Clock::now(self.started_unix)
     }

@@ -31,7 +31,7 @@ use crate::metrics::Metrics;
 /// Where a pod finds the API server's CA and its own token (the service account's mount).
 const SERVICE_ACCOUNT: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
 
-/// Most addresses kept (pods and services of a large cluster).
+/// Most addresses kept per resource (pods, Services) of a large cluster.
 pub const MAX_ADDRESSES: usize = 100_000;
 
 /// A watch ends after this (the API server's own limit is similar) and starts again from the
@@ -100,7 +100,10 @@ struct Owner {
 
 /// Addresses by resource (pods, Services): a list builds its resource's table aside and swaps
 /// it in, so that lookups wait on no list.
-type Directory = [HashMap<IpAddr, Owner>; 2];
+type Directory = [Addresses; 2];
+
+/// Owners by address (looked up per exchange with a peer elsewhere: a fast hash).
+type Addresses = foldhash::HashMap<IpAddr, Owner>;
 
 static ENABLED: AtomicBool = AtomicBool::new(false);
 static DIRECTORY: RwLock<Option<Directory>> = RwLock::new(None);
@@ -158,59 +161,62 @@ fn agent(cfg: &Config) -> anyhow::Result<ureq::Agent> {
         .timeout_connect(Some(Duration::from_secs(10)))
         // A watch's body lasts as long as the watch; the server ends it first.
         .timeout_recv_body(Some(Duration::from_secs(WATCH_SECS + 60)))
-        .http_status_as_error(true)
         .build()
         .into())
 }
 
-/// Lists, then watches from the list's version; again after an error (with a pause) or when
-/// the version is too old to watch from (410 Gone).
+/// Lists, then watches from the list's version, and again. After a failure, an ERROR event
+/// (410 Gone: the version is too old) or a watch the server ended at once (a proxy that does
+/// not stream), the next request waits, twice as long each time up to 30 s: the API server is
+/// never asked in a loop. A watch that ran its course resets the wait.
 fn follow(resource: Resource, cfg: &Config, agent: &ureq::Agent, metrics: &Metrics) {
-    let errors = |reason: &str| {
-        metrics
-            .kube_errors
-            .with_label_values(&[resource.path(), reason])
-    };
+    const FIRST: Duration = Duration::from_secs(1);
+    let failed = metrics
+        .kube_errors
+        .with_label_values(&[resource.path(), "request"]);
     let mut names = Names::default();
-    let mut pause = Duration::from_secs(1);
+    let mut pause = FIRST;
     let mut last_warning: Option<Instant> = None;
-    // A watch the server ends at once (a proxy that does not stream) is not asked again in a
-    // loop: the next waits this long.
-    const SHORT: Duration = Duration::from_secs(1);
+    let mut version: Option<String> = None;
     loop {
-        let started = Instant::now();
-        let result = list(resource, cfg, agent, metrics, &mut names).and_then(|version| {
-            let mut version = version;
-            loop {
-                let at = Instant::now();
-                match watch(resource, cfg, agent, metrics, &mut names, &version)? {
-                    Some(v) => version = v,
-                    // Too old: list again.
-                    None => return Ok(()),
+        let at = Instant::now();
+        let watching = version.is_some();
+        let step = match version.take() {
+            None => list(resource, cfg, agent, metrics, &mut names).map(Some),
+            Some(v) => watch(resource, cfg, agent, metrics, &mut names, &v),
+        };
+        let ran_its_course = match step {
+            Ok(Some(v)) => {
+                version = Some(v);
+                // A list goes on to its watch at once.
+                if !watching {
+                    continue;
                 }
-                if at.elapsed() < SHORT {
-                    std::thread::sleep(SHORT);
+                at.elapsed() >= FIRST
+            }
+            // An ERROR event: list again.
+            Ok(None) => {
+                failed.inc();
+                false
+            }
+            Err(e) => {
+                failed.inc();
+                if last_warning.is_none_or(|t| t.elapsed() > Duration::from_secs(60)) {
+                    tracing::warn!(
+                        "Kubernetes API, {}: {e:#} (peers on other nodes keep their addresses; \
+                         retrying)",
+                        resource.path()
+                    );
+                    last_warning = Some(Instant::now());
                 }
+                false
             }
-        });
-        if let Err(e) = &result {
-            errors("request").inc();
-            if last_warning.is_none_or(|t| t.elapsed() > Duration::from_secs(60)) {
-                tracing::warn!(
-                    "Kubernetes API, {}: {e:#} (peers on other nodes keep their addresses; \
-                     retrying)",
-                    resource.path()
-                );
-                last_warning = Some(Instant::now());
-            }
-        }
-        // Failed, or listed again at once: back off (up to 30 s), so that the API server is
-        // never asked in a loop.
-        if result.is_err() || started.elapsed() < SHORT {
+        };
+        if ran_its_course {
+            pause = FIRST;
+        } else {
             std::thread::sleep(pause);
             pause = (pause * 2).min(Duration::from_secs(30));
-        } else {
-            pause = SHORT;
         }
     }
 }
@@ -240,7 +246,7 @@ fn list(
     use serde::de::DeserializeSeed as _;
     let body = get(cfg, agent, "resourceVersion=0", resource.path())?;
     names.clear();
-    let mut fresh = HashMap::new();
+    let mut fresh = Addresses::default();
     let mut de = serde_json::Deserializer::from_reader(std::io::BufReader::new(body));
     let version = ListSeed {
         each: &mut |o: Object| {
@@ -323,7 +329,7 @@ fn watch(
 /// forgotten unless another object has taken them since (a pod IP given to a new pod before
 /// the old one's deletion was seen). A pod's IP and a Service's cluster IP do not change once
 /// set, so the object's addresses now are the ones it was named at.
-fn upsert(resource: Resource, entry: Entry, map: &mut HashMap<IpAddr, Owner>, metrics: &Metrics) {
+fn upsert(resource: Resource, entry: Entry, map: &mut Addresses, metrics: &Metrics) {
     let Entry { key, name, ips } = entry;
     for ip in ips {
         match &name {
@@ -377,7 +383,7 @@ impl Names {
 }
 
 /// What one object says of its addresses, compactly.
-#[derive(Debug, PartialEq)]
+#[derive(Debug)]
 struct Entry {
     key: u64,
     /// `None`: its addresses are not its own (or no longer).
@@ -525,7 +531,8 @@ impl Object {
 
     /// Its addresses and the name peers at them get: `None` for an object whose addresses are
     /// not its own (a pod on its node's network, a finished pod whose address goes to the next
-    /// pod, a headless Service); no entry without a name or addresses.
+    /// pod); no entry without a name or addresses (a headless Service's `None`, a pending
+    /// pod).
     fn entry(&self, resource: Resource, names: &mut Names) -> Option<Entry> {
         let Meta {
             name, namespace, ..
@@ -625,7 +632,7 @@ mod tests {
     #[test]
     fn an_address_taken_by_a_new_pod_survives_the_old_pods_deletion() {
         let metrics = Metrics::new();
-        let (mut map, mut names) = (HashMap::new(), Names::default());
+        let (mut map, mut names) = (Addresses::default(), Names::default());
         let mut pod = |name: &str, phase: &str| {
             object(&format!(
                 r#"{{"metadata":{{"name":"{name}","namespace":"a"}},

@@ -270,8 +270,11 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         .with_context(|| format!("cannot listen on {}", cfg.listen))?;
     let (capture, ring, opaque) =
         Capture::start(cfg.bpf_stats, cfg.ringbuf_bytes, cfg.attach, cfg.tls)?;
-    if let Some(kube) = cfg.kube.clone() {
-        crate::kube::start(kube, &metrics)?;
+    // Optional: without it, peers on other nodes keep their addresses.
+    if let Some(kube) = cfg.kube.clone()
+        && let Err(e) = crate::kube::start(kube, &metrics)
+    {
+        tracing::warn!("not naming peers from the Kubernetes API: {e:#}");
     }
     let mode = capture.mode;
     let token = CancellationToken::new();

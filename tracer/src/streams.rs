@@ -498,20 +498,15 @@ impl Streams {
             Some(s)
                 if server_code.is_some_and(|c| c != REFUSED_STREAM)
                     && s.request.is_some()
-                    && !s.released
                     && (env.side == Side::Server || env.peer_sk == 0) =>
             {
-                if let Some(mut s) = self.open.remove(&stream) {
+                if let Some(s) = self.open.get_mut(&stream) {
                     s.status = Some(Some(conn::NO_RESPONSE));
-                    let ends = Ends {
-                        side: env.side,
-                        task: env.task,
-                        tuple: env.tuple,
-                        peer_sk: env.peer_sk,
-                        tls: env.d.tls,
-                    };
-                    env.out.extend(ends.exchange(s, env.d.boundary_ns()));
+                    // A server end that gave the stream's client span back counts it all the
+                    // same: the client end, traced here, leaves resets to it.
+                    s.released = false;
                 }
+                self.complete(stream, env.d.boundary_ns(), env);
             }
             Some(_) => {
                 if let Some(span) = self.open.remove(&stream).and_then(|s| s.span) {

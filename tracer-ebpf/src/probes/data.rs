@@ -309,11 +309,8 @@ extern "C" fn walk_step(_index: u64, _ctx: *mut c_void) -> i64 {
             let mut keep = 0;
             if keeps_payload(kind) && len > 0 && body < ret {
                 let avail = if len < ret - body { len } else { ret - body };
-                let want = if avail < FRAME_KEEP_CAP as u64 {
-                    avail
-                } else {
-                    FRAME_KEEP_CAP as u64
-                };
+                let cap = keep_cap(kind);
+                let want = if avail < cap { avail } else { cap };
                 // In [1, FRAME_KEEP_CAP] for the verifier, as in `emit_data`.
                 let n = black_box(((want - 1) & (FRAME_KEEP_CAP as u64 - 1)) + 1);
                 if bpf_probe_read_user(
@@ -475,6 +472,17 @@ unsafe fn begin_segment(s: *mut Scratch, w: u64, o: u64) -> *mut u8 {
     }
 }
 
+/// Payload bytes kept of such a frame: a header block's up to the cap, the first word of an
+/// RST_STREAM or a GOAWAY (whose debug data may be long).
+#[inline(always)]
+fn keep_cap(kind: u8) -> u64 {
+    if kind == FRAME_RST_STREAM || kind == FRAME_GOAWAY {
+        4
+    } else {
+        FRAME_KEEP_CAP as u64
+    }
+}
+
 /// Frames whose payload the parser reads: a header block (or its beginning), and the word
 /// that says which streams an RST_STREAM (its error code: refused or failed) or a GOAWAY (its
 /// last stream) ends.
@@ -605,7 +613,9 @@ extern "C" fn iov_step(_index: u64, _ctx: *mut c_void) -> i64 {
                 write_volatile(&raw mut (*walk).keep_seg, w);
                 write_volatile(&raw mut (*walk).keep_n, 0);
                 write_volatile(&raw mut (*walk).keep_at, body);
-                write_volatile(&raw mut (*walk).keep_to, in_call);
+                let cap_end = body + keep_cap(kind);
+                let to = if in_call < cap_end { in_call } else { cap_end };
+                write_volatile(&raw mut (*walk).keep_to, to);
             } else {
                 write_volatile(
                     &raw mut (*walk).len,
