@@ -217,10 +217,8 @@ fn grpc_calls_are_counted_with_their_status() {
 /// 20 connections of one request each (stream 1 alone, 100 KB answers written before the
 /// client's preface is read): every request counted by both ends with the status curl got, and
 /// none as a 101.
-#[test]
-fn h2c_upgrade_is_followed() {
-    let _serial = serial();
-    let daemon = Daemon::start();
+/// tests/fixtures/h2c_server.py (python3-h2) on a port of its own.
+fn h2c_server() -> Server {
     let port = free_port();
     let child = Command::new(system_python())
         .arg(workspace_root().join("tests/fixtures/h2c_server.py"))
@@ -229,7 +227,15 @@ fn h2c_upgrade_is_followed() {
         .stderr(Stdio::null())
         .spawn()
         .expect("spawn h2c_server.py");
-    let _server = Server::adopt(child, port);
+    Server::adopt(child, port)
+}
+
+#[test]
+fn h2c_upgrade_is_followed() {
+    let _serial = serial();
+    let daemon = Daemon::start();
+    let server = h2c_server();
+    let port = server.port;
     let url = |path: &str| format!("http://127.0.0.1:{port}{path}");
     let mut got: BTreeMap<String, u64> = BTreeMap::new();
     let mut count = |lines: Vec<String>| {
@@ -287,15 +293,8 @@ fn h2c_upgrade_is_followed() {
 fn h2_requests_a_server_went_away_on_are_failures() {
     let _serial = serial();
     let daemon = Daemon::start();
-    let port = free_port();
-    let child = Command::new(system_python())
-        .arg(workspace_root().join("tests/fixtures/h2c_server.py"))
-        .arg(port.to_string())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn h2c_server.py");
-    let _server = Server::adopt(child, port);
+    let server = h2c_server();
+    let port = server.port;
     // Five streams on one connection at once; the client's own report.
     let out = Command::new(system_python())
         .arg(workspace_root().join("tests/fixtures/h2_client.py"))

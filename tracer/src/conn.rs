@@ -2045,6 +2045,24 @@ mod tests {
         assert_eq!(h.drops("no_response"), 1, "the stream not answered");
     }
 
+    /// An HTTP/2 connection's opening: the preface, SETTINGS and GETs of `/a`, `/b`, `/c` on
+    /// streams 1, 3 and 5.
+    fn three_requests() -> Vec<u8> {
+        use crate::http2::testing::*;
+        let mut client = Encoder::new();
+        let mut opening = crate::http2::PREFACE.to_vec();
+        opening.extend(frame(SETTINGS, 0, 0, &[]));
+        for (id, path) in [(1, &b"/a"[..]), (3, b"/b"), (5, b"/c")] {
+            opening.extend(headers(
+                &mut client,
+                id,
+                END_STREAM,
+                &[(b":method", b"GET"), (b":path", path)],
+            ));
+        }
+        opening
+    }
+
     /// An HTTP/2 server that closes with streams read and unanswered failed them (status 0),
     /// as an HTTP/1 one does; not the streams after its GOAWAY's last stream id (not
     /// processed: the client retries them), and none when the GOAWAY's payload went unseen.
@@ -2053,19 +2071,9 @@ mod tests {
         use crate::http2::testing::*;
         // (GOAWAY's payload: Some(last stream id), None: not captured; no GOAWAY at all)
         for goaway in [Some(Some(3u32)), Some(None), None] {
-            let (mut client, mut server) = (Encoder::new(), Encoder::new());
+            let mut server = Encoder::new();
             let mut h = Harness::new();
-            let mut opening = crate::http2::PREFACE.to_vec();
-            opening.extend(frame(SETTINGS, 0, 0, &[]));
-            for (id, path) in [(1, &b"/a"[..]), (3, b"/b"), (5, b"/c")] {
-                opening.extend(headers(
-                    &mut client,
-                    id,
-                    END_STREAM,
-                    &[(b":method", b"GET"), (b":path", path)],
-                ));
-            }
-            h.read(&opening);
+            h.read(&three_requests());
             let mut answer = headers(&mut server, 1, END_STREAM, &[(b":status", b"200")]);
             match goaway {
                 Some(Some(last)) => {
@@ -2113,19 +2121,8 @@ mod tests {
     #[test]
     fn h2_streams_a_server_resets_are_failures_unless_refused() {
         use crate::http2::testing::*;
-        let mut client = Encoder::new();
         let mut h = Harness::new();
-        let mut opening = crate::http2::PREFACE.to_vec();
-        opening.extend(frame(SETTINGS, 0, 0, &[]));
-        for (id, path) in [(1, &b"/a"[..]), (3, b"/b"), (5, b"/c")] {
-            opening.extend(headers(
-                &mut client,
-                id,
-                END_STREAM,
-                &[(b":method", b"GET"), (b":path", path)],
-            ));
-        }
-        h.write(&opening);
+        h.write(&three_requests());
         // INTERNAL_ERROR on 1, REFUSED_STREAM on 3, from the server.
         let mut resets = frame(RST_STREAM, 0, 1, &2u32.to_be_bytes());
         resets.extend(frame(RST_STREAM, 0, 3, &7u32.to_be_bytes()));
