@@ -411,16 +411,9 @@ impl Aggregator {
         id
     }
 
-    /// A peer on another host: its pod or service when the Kubernetes API named it, else its
-    /// address (a client's alone: its port changes per connection; a server's with its port).
+    /// A peer on another host, as `kube::peer_name` names it.
     fn remote_id(&mut self, ip: std::net::IpAddr, port: Option<u16>) -> NameId {
-        match (crate::kube::name_of(ip), port) {
-            (Some(name), _) => self.names.id(&name),
-            (None, Some(port)) => self
-                .names
-                .id(&std::net::SocketAddr::new(ip, port).to_string()),
-            (None, None) => self.names.id(&ip.to_string()),
-        }
+        self.names.id(&crate::kube::peer_name(ip, port))
     }
 
     /// The time to answer a query at.

@@ -121,6 +121,18 @@ pub fn name_of(ip: IpAddr) -> Option<Arc<str>> {
         .map(|o| o.name.clone())
 }
 
+/// A peer on another host: its pod or Service when the API named it, else its address (a
+/// client's alone: its port changes per connection; a server's with its port).
+pub fn peer_name(ip: IpAddr, port: Option<u16>) -> Arc<str> {
+    if let Some(name) = name_of(ip) {
+        return name;
+    }
+    match port {
+        Some(port) => std::net::SocketAddr::new(ip, port).to_string().into(),
+        None => ip.to_string().into(),
+    }
+}
+
 /// Starts listing and watching pods and services, each on a thread of its own (blocking
 /// reads of a long-lived response; nothing else runs there).
 pub fn start(cfg: Config, metrics: &Metrics) -> anyhow::Result<()> {

@@ -279,6 +279,16 @@ impl Names {
     /// A client on another host, by its address alone (its port changes per connection), as
     /// the requests' edges name it.
     fn host(&mut self, ip: std::net::IpAddr) -> Arc<str> {
+        self.peer(ip, None)
+    }
+
+    fn addr(&mut self, a: std::net::SocketAddr) -> Arc<str> {
+        self.peer(a.ip(), Some(a.port()))
+    }
+
+    /// `kube::peer_name`, the address strings cached (the API's names are not: they may come
+    /// later).
+    fn peer(&mut self, ip: std::net::IpAddr, port: Option<u16>) -> Arc<str> {
         if let Some(name) = crate::kube::name_of(ip) {
             return name;
         }
@@ -286,21 +296,8 @@ impl Names {
             self.addrs.clear();
         }
         self.addrs
-            .entry(SocketAddr::new(ip, 0))
-            .or_insert_with(|| Arc::from(ip.to_string()))
-            .clone()
-    }
-
-    fn addr(&mut self, a: std::net::SocketAddr) -> Arc<str> {
-        if let Some(name) = crate::kube::name_of(a.ip()) {
-            return name;
-        }
-        if self.addrs.len() >= NAME_CACHE {
-            self.addrs.clear();
-        }
-        self.addrs
-            .entry(a)
-            .or_insert_with(|| Arc::from(a.to_string()))
+            .entry(SocketAddr::new(ip, port.unwrap_or(0)))
+            .or_insert_with(|| crate::kube::peer_name(ip, port))
             .clone()
     }
 }
@@ -801,8 +798,9 @@ pub fn scan(own_pid: u32, stop: impl Fn() -> bool) -> Vec<Existing> {
                 src: workload::name(&task(client)),
                 dst: match server {
                     Some(&pid) => workload::name(&task(pid)),
-                    None => crate::kube::name_of(s.tuple.remote.ip())
-                        .unwrap_or_else(|| Arc::from(s.tuple.remote.to_string())),
+                    None => {
+                        crate::kube::peer_name(s.tuple.remote.ip(), Some(s.tuple.remote.port()))
+                    }
                 },
                 inbound: false,
             });
@@ -812,8 +810,7 @@ pub fn scan(own_pid: u32, stop: impl Fn() -> bool) -> Vec<Existing> {
         if !clients.contains(&tuple.remote) {
             out.push(Existing {
                 tuple,
-                src: crate::kube::name_of(tuple.remote.ip())
-                    .unwrap_or_else(|| Arc::from(tuple.remote.ip().to_string())),
+                src: crate::kube::peer_name(tuple.remote.ip(), None),
                 dst: workload::name(&task(server)),
                 inbound: true,
             });
