@@ -11,8 +11,9 @@ use aya::{
     Btf, Ebpf, EbpfLoader,
     maps::{Map, MapData, PerCpuArray},
     programs::{
-        BtfTracePoint, RawTracePoint, TracePoint, raw_trace_point::RawTracePointLink,
-        tp_btf::BtfTracePointLink, trace_point::TracePointLink,
+        BtfTracePoint, FEntry, FExit, RawTracePoint, TracePoint, fentry::FEntryLink,
+        fexit::FExitLink, raw_trace_point::RawTracePointLink, tp_btf::BtfTracePointLink,
+        trace_point::TracePointLink,
     },
 };
 use thiserror::Error;
@@ -61,6 +62,16 @@ const SOCK_DATA: &[(&str, &str, &str)] = &[
 
 /// Where a send began, for the socket data path; without it sends are stamped at their end.
 const SEND_START: (&str, &str) = ("tcp_send_start", "tcp_sendmsg_locked");
+
+/// The fentry data path, for kernels without `sock_*_length` (before 6.3): the socket path's
+/// programs at the exit of `tcp_sendmsg` and `tcp_recvmsg`, the send-start stamp at
+/// `tcp_sendmsg`'s entry, and the lifecycle as a BTF tracepoint: (program, kernel function).
+const FENTRY_SEND: (&str, &str) = ("fexit_tcp_send", "tcp_sendmsg");
+const FENTRY_SEND_START: (&str, &str) = ("fentry_tcp_send_start", "tcp_sendmsg");
+/// `tcp_recvmsg(sk, msg, len, flags, addr_len)` since 5.19, with `nonblock` before `flags`
+/// until then: the program for each arity.
+const FENTRY_RECV: (&str, &str) = ("fexit_tcp_recv", "tcp_recvmsg");
+const FENTRY_RECV_NONBLOCK: (&str, &str) = ("fexit_tcp_recv_nonblock", "tcp_recvmsg");
 
 /// The syscall data paths name the socket with these.
 const SOCK_LENGTH: &[(&str, &str, &str)] = &[
@@ -128,9 +139,7 @@ pub enum CaptureError {
          `mount -t tracefs tracefs {TRACEFS}`"
     )]
     NoTracefs(io::Error),
-    #[error(
-        "this kernel has no tracepoint {0}/{1}, which tracer needs (Linux 6.3 or later has it): {2}"
-    )]
+    #[error("this kernel has no tracepoint {0}/{1}: {2}")]
     MissingTracepoint(&'static str, &'static str, String),
     #[error(
         "tracepoint {0}/{1} has field {2} at offset {3:?}, not {4}: this kernel's layout is not \
@@ -156,11 +165,15 @@ pub enum CaptureError {
 /// Where the data path hooks in.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum AttachMode {
-    /// The first of `socket`, `raw-tracepoint`, `tracepoint` that loads and attaches here.
+    /// The first of `socket`, `fentry`, `raw-tracepoint`, `tracepoint` that loads and attaches
+    /// here.
     Auto,
     /// Only `sock:sock_{send,recv}_length`, reading the syscall's registers through BTF
     /// (x86_64): nothing runs for the host's other syscalls, and no per-call state.
     Socket,
+    /// The same programs at the exit of `tcp_sendmsg` and `tcp_recvmsg` (fexit: kernels before
+    /// 6.3, which have no `sock_*_length`; x86_64, kernel BTF, BPF trampolines).
+    Fentry,
     /// `raw_tp/sys_enter` and `sys_exit`: two attachments, cheaper per call (x86_64 only).
     RawTracepoint,
     /// One `syscalls:sys_{enter,exit}_*` tracepoint per traced syscall: works everywhere.
@@ -248,6 +261,8 @@ enum Link {
     Tp(#[allow(dead_code)] TracePointLink),
     Raw(#[allow(dead_code)] RawTracePointLink),
     Btf(#[allow(dead_code)] BtfTracePointLink),
+    FEntry(#[allow(dead_code)] FEntryLink),
+    FExit(#[allow(dead_code)] FExitLink),
 }
 
 /// The loaded programs; dropping it detaches them.
@@ -367,20 +382,34 @@ fn field_offset(format: &str, field: &str) -> Option<usize> {
     })
 }
 
-/// Checks the record layouts the programs read. A problem with the syscall tracepoints is
-/// returned, not raised: only the `tracepoint` data path reads them.
-fn check_layouts(tracefs: &str) -> Result<Option<CaptureError>, CaptureError> {
-    let mut syscalls = None;
+/// What is wrong with the tracepoints some data paths need, found at start: those paths fail
+/// with it, the others go on.
+#[derive(Default)]
+struct Layouts {
+    /// `syscalls:sys_{enter,exit}_*` (read only by the `tracepoint` path).
+    syscalls: Option<CaptureError>,
+    /// `sock:sock_{send,recv}_length` (Linux 6.3+; every path but `fentry`).
+    sock: Option<CaptureError>,
+}
+
+/// Checks the record layouts the programs read. Only the lifecycle's is needed by every data
+/// path; problems with the others are returned for the paths that need them.
+fn check_layouts(tracefs: &str) -> Result<Layouts, CaptureError> {
+    let mut layouts = Layouts::default();
     let (_, lc, ln) = LIFECYCLE;
     let sock = SOCK_DATA.iter().map(|&(_, c, n)| (c, n));
     for (category, name) in [(lc, ln)].into_iter().chain(sock) {
         let path = Path::new(tracefs).join("events").join(category).join(name);
         if !path.is_dir() {
-            return Err(CaptureError::MissingTracepoint(
+            let e = CaptureError::MissingTracepoint(
                 category,
                 name,
                 format!("{} does not exist", path.display()),
-            ));
+            );
+            if name == ln {
+                return Err(e);
+            }
+            layouts.sock.get_or_insert(e);
         }
     }
     for &(category, name, field, want) in EXPECTED_FIELDS {
@@ -402,13 +431,16 @@ fn check_layouts(tracefs: &str) -> Result<Option<CaptureError>, CaptureError> {
         };
         match problem {
             Some(p) if category == "syscalls" => {
-                syscalls.get_or_insert(p);
+                layouts.syscalls.get_or_insert(p);
             }
-            Some(p) => return Err(p),
+            Some(p) if name == ln => return Err(p),
+            Some(p) => {
+                layouts.sock.get_or_insert(p);
+            }
             None => {}
         }
     }
-    Ok(syscalls)
+    Ok(layouts)
 }
 
 /// A program of the object, as its kind (tracepoint, raw or BTF tracepoint).
@@ -460,6 +492,42 @@ fn attach_btf(
         .map_err(|e| CaptureError::Attach("tp_btf", tracepoint, e.to_string()))
 }
 
+fn attach_fexit(
+    ebpf: &mut Ebpf,
+    btf: &Btf,
+    (program, function): (&'static str, &'static str),
+) -> Result<Link, CaptureError> {
+    let p: &mut FExit = program_of(ebpf, program)?;
+    if p.fd().is_err() {
+        p.load(function, btf)
+            .map_err(|e| CaptureError::Program(program, format!("{e:#}")))?;
+    }
+    let link = p
+        .attach()
+        .map_err(|e| CaptureError::Attach("fexit", function, e.to_string()))?;
+    p.take_link(link)
+        .map(Link::FExit)
+        .map_err(|e| CaptureError::Attach("fexit", function, e.to_string()))
+}
+
+fn attach_fentry(
+    ebpf: &mut Ebpf,
+    btf: &Btf,
+    (program, function): (&'static str, &'static str),
+) -> Result<Link, CaptureError> {
+    let p: &mut FEntry = program_of(ebpf, program)?;
+    if p.fd().is_err() {
+        p.load(function, btf)
+            .map_err(|e| CaptureError::Program(program, format!("{e:#}")))?;
+    }
+    let link = p
+        .attach()
+        .map_err(|e| CaptureError::Attach("fentry", function, e.to_string()))?;
+    p.take_link(link)
+        .map(Link::FEntry)
+        .map_err(|e| CaptureError::Attach("fentry", function, e.to_string()))
+}
+
 fn attach_raw(
     ebpf: &mut Ebpf,
     program: &'static str,
@@ -499,6 +567,8 @@ struct SockOffsets {
     tcp_path: Option<(u32, u32)>,
     /// `sock.sk_flags`.
     sk_flags: Option<u32>,
+    /// How many arguments `tcp_recvmsg` takes (5 since Linux 5.19, 6 before).
+    tcp_recvmsg_args: Option<usize>,
 }
 
 impl SockOffsets {
@@ -539,10 +609,26 @@ impl SockOffsets {
             // Moved into `sock_common` (first in `struct sock`) by newer kernels.
             sk_flags: member(&btf, "sock", "sk_flags", 8)
                 .or_else(|| member(&btf, "sock_common", "skc_flags", 8)),
+            tcp_recvmsg_args: arity(&btf, "tcp_recvmsg"),
         };
         tracing::debug!("struct sock offsets from BTF: {offsets:?}");
         offsets
     }
+}
+
+/// How many arguments the kernel function `name` takes, from its BTF prototype.
+fn arity(btf: &btf_rs::Btf, name: &str) -> Option<usize> {
+    use btf_rs::Type;
+    btf.resolve_types_by_name(name)
+        .ok()?
+        .into_iter()
+        .find_map(|t| match t {
+            Type::Func(f) => match btf.resolve_chained_type(&f).ok()? {
+                Type::FuncProto(p) => Some(p.parameters.len()),
+                _ => None,
+            },
+            _ => None,
+        })
 }
 
 /// Byte offset of `field` in struct `name` (or in an anonymous struct or union in it, as
@@ -609,12 +695,19 @@ fn member_in(
 fn attach_path(
     ebpf: &mut Ebpf,
     path: AttachMode,
-    sk_protocol: Option<u32>,
+    offsets: &SockOffsets,
     btf: Option<&Btf>,
-    syscall_layouts: Option<&CaptureError>,
+    layouts: &Layouts,
 ) -> Result<Vec<Link>, CaptureError> {
     let mut links = Vec::new();
+    let sk_protocol = offsets.sk_protocol;
+    if path != AttachMode::Fentry
+        && let Some(e) = &layouts.sock
+    {
+        return Err(CaptureError::Attach("sock", "sock_*_length", e.to_string()));
+    }
     match path {
+        AttachMode::Fentry => links.extend(attach_fentry_path(ebpf, offsets, btf)?),
         AttachMode::Socket | AttachMode::SocketRaw | AttachMode::SocketClassic => {
             let (sk_protocol, btf) = match path {
                 AttachMode::SocketRaw => (sk_protocol, None),
@@ -640,7 +733,7 @@ fn attach_path(
             }
         }
         AttachMode::Tracepoint | AttachMode::Auto => {
-            if let Some(e) = syscall_layouts {
+            if let Some(e) = &layouts.syscalls {
                 return Err(CaptureError::Attach(
                     "syscalls",
                     "sys_enter_*",
@@ -655,6 +748,40 @@ fn attach_path(
                 links.push(attach_tracepoint(ebpf, (name, category, name))?);
             }
         }
+    }
+    Ok(links)
+}
+
+/// The fentry data path: needs BTF (typed arguments, socket storage), `sk_protocol`'s offset
+/// and a `tcp_recvmsg` of a known arity.
+fn attach_fentry_path(
+    ebpf: &mut Ebpf,
+    offsets: &SockOffsets,
+    btf: Option<&Btf>,
+) -> Result<Vec<Link>, CaptureError> {
+    let unavailable = |why: &str| CaptureError::Attach("fexit", "tcp_sendmsg", why.into());
+    let btf = btf.ok_or_else(|| unavailable("the kernel's BTF did not load"))?;
+    if offsets.sk_protocol.is_none() {
+        return Err(unavailable("sk_protocol is not in the kernel's BTF"));
+    }
+    let recv = match offsets.tcp_recvmsg_args {
+        Some(5) => FENTRY_RECV,
+        Some(6) => FENTRY_RECV_NONBLOCK,
+        n => {
+            return Err(unavailable(&format!(
+                "tcp_recvmsg takes {n:?} arguments in this kernel's BTF, not 5 or 6"
+            )));
+        }
+    };
+    let (prog, tp) = SOCK_DATA_BTF[0];
+    let mut links = vec![
+        attach_btf(ebpf, btf, prog, tp)?,
+        attach_fexit(ebpf, btf, FENTRY_SEND)?,
+        attach_fexit(ebpf, btf, recv)?,
+    ];
+    match attach_fentry(ebpf, btf, FENTRY_SEND_START) {
+        Ok(link) => links.push(link),
+        Err(e) => tracing::warn!("{e}: sends are stamped when they end rather than begin"),
     }
     Ok(links)
 }
@@ -725,9 +852,9 @@ fn attach_data_path(
     ebpf: &mut Ebpf,
     links: &mut Vec<Link>,
     mode: AttachMode,
-    sk_protocol: Option<u32>,
+    offsets: &SockOffsets,
     btf: Option<&Btf>,
-    syscall_layouts: Option<&CaptureError>,
+    layouts: &Layouts,
 ) -> Result<AttachMode, CaptureError> {
     let x86 = cfg!(target_arch = "x86_64");
     if !matches!(mode, AttachMode::Auto | AttachMode::Tracepoint) && !x86 {
@@ -742,18 +869,20 @@ fn attach_data_path(
     let candidates: &[AttachMode] = match mode {
         AttachMode::Auto if x86 => &[
             AttachMode::Socket,
+            AttachMode::Fentry,
             AttachMode::RawTracepoint,
             AttachMode::Tracepoint,
         ],
         AttachMode::Auto => &[AttachMode::Tracepoint],
         AttachMode::Socket => &[AttachMode::Socket],
+        AttachMode::Fentry => &[AttachMode::Fentry],
         AttachMode::SocketRaw => &[AttachMode::SocketRaw],
         AttachMode::SocketClassic => &[AttachMode::SocketClassic],
         AttachMode::RawTracepoint => &[AttachMode::RawTracepoint],
         AttachMode::Tracepoint => &[AttachMode::Tracepoint],
     };
     for &path in candidates {
-        match attach_path(ebpf, path, sk_protocol, btf, syscall_layouts) {
+        match attach_path(ebpf, path, offsets, btf, layouts) {
             Ok(new) => {
                 links.extend(new);
                 return Ok(path);
@@ -783,7 +912,7 @@ impl Capture {
         let tracefs = ensure_tracefs()?;
         ensure_bpffs();
         raise_memlock();
-        let syscall_layouts = check_layouts(tracefs)?;
+        let layouts = check_layouts(tracefs)?;
 
         let tgid = std::process::id();
         let offsets = SockOffsets::from_btf();
@@ -856,9 +985,9 @@ impl Capture {
             &mut ebpf,
             &mut links,
             mode,
-            offsets.sk_protocol,
+            &offsets,
             btf.as_ref(),
-            syscall_layouts.as_ref(),
+            &layouts,
         )?;
         drop(btf);
         // Which end reset a connection (an RST taken in, or this end's abortive close): without

@@ -300,6 +300,7 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     let shared = Arc::new(Shared {
         attach: match mode {
             AttachMode::Socket | AttachMode::SocketRaw | AttachMode::SocketClassic => "socket",
+            AttachMode::Fentry => "fentry",
             AttachMode::RawTracepoint => "raw-tracepoint",
             AttachMode::Tracepoint | AttachMode::Auto => "tracepoint",
         },

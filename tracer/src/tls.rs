@@ -19,6 +19,7 @@ use aya::{
         raw_trace_point::RawTracePointLink,
         uprobe::{UProbeAttachLocation, UProbeLink, UProbeScope},
     },
+    sys::UProbeMultiFeature,
 };
 
 /// Entry programs (as uprobe-multi, and as single uprobes for kernels before 6.6) and the
@@ -184,8 +185,12 @@ impl TlsHooks {
         );
         // TRACER_TLS_SINGLE_UPROBES=1 takes the older kernels' way here (to test it).
         let forced = std::env::var_os("TRACER_TLS_SINGLE_UPROBES").is_some_and(|v| v == "1");
+        // The programs load on kernels before 6.6 too; only their links would fail.
+        let supported = aya::sys::is_uprobe_multi_supported(UProbeMultiFeature::LinkCreation);
         let loaded = if forced {
             Err("TRACER_TLS_SINGLE_UPROBES=1".to_owned())
+        } else if !matches!(supported, Ok(true)) {
+            Err(format!("not supported by this kernel ({supported:?})"))
         } else {
             load_all(ebpf, multi)
         };

@@ -11,8 +11,10 @@ use aya_ebpf::{
         bpf_get_current_pid_tgid, bpf_probe_read_kernel,
         generated::{bpf_get_current_task_btf, bpf_ktime_get_ns, bpf_task_pt_regs},
     },
-    macros::{btf_tracepoint, raw_tracepoint, tracepoint},
-    programs::{BtfTracePointContext, RawTracePointContext, TracePointContext},
+    macros::{btf_tracepoint, fentry, fexit, raw_tracepoint, tracepoint},
+    programs::{
+        BtfTracePointContext, FEntryContext, FExitContext, RawTracePointContext, TracePointContext,
+    },
 };
 use tracer_common::{DIR_EGRESS, DIR_INGRESS, KernelStat};
 
@@ -59,9 +61,23 @@ fn switches(task: u64) -> Option<u64> {
 /// on this CPU when that send slept and ended elsewhere).
 #[raw_tracepoint(tracepoint = "tcp_sendmsg_locked")]
 pub fn tcp_send_start(_ctx: RawTracePointContext) -> i32 {
+    stamp_send_start();
+    0
+}
+
+/// The same stamp where that tracepoint is missing (before Linux 6.3), at `tcp_sendmsg`'s
+/// entry, for the fentry data path.
+#[fentry(function = "tcp_sendmsg")]
+pub fn fentry_tcp_send_start(_ctx: FEntryContext) -> i32 {
+    stamp_send_start();
+    0
+}
+
+#[inline(always)]
+fn stamp_send_start() {
     let id = bpf_get_current_pid_tgid();
     let Some(switches) = switches(current_task()) else {
-        return 0;
+        return;
     };
     if let Some(slot) = SEND_START.get_ptr_mut(0) {
         // SAFETY: per-CPU slot; programs do not nest on one CPU for this tracepoint.
@@ -75,7 +91,6 @@ pub fn tcp_send_start(_ctx: RawTracePointContext) -> i32 {
             }
         }
     }
-    0
 }
 
 #[inline(always)]
@@ -120,6 +135,24 @@ fn from_btf(ctx: &BtfTracePointContext) -> Record {
     }
 }
 
+/// `tcp_sendmsg(sk, msg, size)` / `tcp_recvmsg(sk, msg, len, [nonblock,] flags, addr_len)` at
+/// their exit: `sk` is typed as for the BTF tracepoints; the return value follows the
+/// arguments.
+#[inline(always)]
+fn from_fexit(ctx: &FExitContext, flags_arg: Option<usize>) -> Record {
+    let sk = ctx.arg::<*const u8>(0);
+    // SAFETY: as in `from_btf`.
+    unsafe {
+        let off = read_volatile(&SK_PROTOCOL_OFFSET) as usize;
+        Record {
+            sk: sk as u64,
+            flags: flags_arg.map_or(0, |n| ctx.arg::<u64>(n) as i32),
+            family: read_volatile(sk.add(SKC_FAMILY as usize).cast::<u16>()),
+            protocol: read_volatile(sk.add(off).cast::<u16>()),
+        }
+    }
+}
+
 /// Taken whatever this send turns out to be, so that it never outlives its call; used only if
 /// the thread ran without a switch since it was stamped (so on this CPU, in this call).
 #[inline(always)]
@@ -145,52 +178,73 @@ fn current_task() -> u64 {
 
 /// A send: its start stamp is taken (whatever the send turns out to be) before its bytes.
 #[inline(always)]
-fn on_send<S: Store>(ret: i32, record: impl FnOnce() -> Record) {
+fn on_send<S: Store, const LOOPED: bool>(ret: i32, record: impl FnOnce() -> Record) {
     let (id, task) = (bpf_get_current_pid_tgid(), current_task());
     let started = take_send_start(id, task);
-    on_data::<S>(ret, id, task, DIR_EGRESS, started, record);
+    on_data::<S, LOOPED>(ret, id, task, DIR_EGRESS, started, record);
 }
 
 /// A receive: its bytes are there when it returns.
 #[inline(always)]
-fn on_recv<S: Store>(ret: i32, record: impl FnOnce() -> Record) {
+fn on_recv<S: Store, const LOOPED: bool>(ret: i32, record: impl FnOnce() -> Record) {
     let id = bpf_get_current_pid_tgid();
-    on_data::<S>(ret, id, current_task(), DIR_INGRESS, None, record);
+    on_data::<S, LOOPED>(ret, id, current_task(), DIR_INGRESS, None, record);
 }
 
 #[tracepoint(category = "sock", name = "sock_send_length")]
 pub fn sock_send_data(ctx: TracePointContext) -> u32 {
-    on_send::<ByAddress>(tp_ret(&ctx), || from_tracepoint(&ctx));
+    on_send::<ByAddress, false>(tp_ret(&ctx), || from_tracepoint(&ctx));
     0
 }
 
 #[tracepoint(category = "sock", name = "sock_recv_length")]
 pub fn sock_recv_data(ctx: TracePointContext) -> u32 {
-    on_recv::<ByAddress>(tp_ret(&ctx), || from_tracepoint(&ctx));
+    on_recv::<ByAddress, false>(tp_ret(&ctx), || from_tracepoint(&ctx));
     0
 }
 
 #[btf_tracepoint(function = "sock_send_length")]
 pub fn btf_sock_send(ctx: BtfTracePointContext) -> i32 {
-    on_send::<InSocket>(ctx.arg::<u64>(1) as i32, || from_btf(&ctx));
+    on_send::<InSocket, false>(ctx.arg::<u64>(1) as i32, || from_btf(&ctx));
     0
 }
 
 #[btf_tracepoint(function = "sock_recv_length")]
 pub fn btf_sock_recv(ctx: BtfTracePointContext) -> i32 {
-    on_recv::<InSocket>(ctx.arg::<u64>(1) as i32, || from_btf(&ctx));
+    on_recv::<InSocket, false>(ctx.arg::<u64>(1) as i32, || from_btf(&ctx));
     0
 }
 
 #[raw_tracepoint(tracepoint = "sock_send_length")]
 pub fn raw_sock_send(ctx: RawTracePointContext) -> i32 {
-    on_send::<ByAddress>(ctx.arg::<u64>(1) as i32, || from_raw(&ctx));
+    on_send::<ByAddress, false>(ctx.arg::<u64>(1) as i32, || from_raw(&ctx));
     0
 }
 
 #[raw_tracepoint(tracepoint = "sock_recv_length")]
 pub fn raw_sock_recv(ctx: RawTracePointContext) -> i32 {
-    on_recv::<ByAddress>(ctx.arg::<u64>(1) as i32, || from_raw(&ctx));
+    on_recv::<ByAddress, false>(ctx.arg::<u64>(1) as i32, || from_raw(&ctx));
+    0
+}
+
+/// The fentry data path (kernels before 6.3, which have no `sock_*_length`): `tcp_sendmsg` and
+/// `tcp_recvmsg` at their exit, with the same work as the socket path. `tcp_recvmsg` lost its
+/// `nonblock` argument in 5.19: the loader picks the program of the running kernel's arity.
+#[fexit(function = "tcp_sendmsg")]
+pub fn fexit_tcp_send(ctx: FExitContext) -> i32 {
+    on_send::<InSocket, true>(ctx.arg::<u64>(3) as i32, || from_fexit(&ctx, None));
+    0
+}
+
+#[fexit(function = "tcp_recvmsg")]
+pub fn fexit_tcp_recv(ctx: FExitContext) -> i32 {
+    on_recv::<InSocket, true>(ctx.arg::<u64>(5) as i32, || from_fexit(&ctx, Some(3)));
+    0
+}
+
+#[fexit(function = "tcp_recvmsg")]
+pub fn fexit_tcp_recv_nonblock(ctx: FExitContext) -> i32 {
+    on_recv::<InSocket, true>(ctx.arg::<u64>(6) as i32, || from_fexit(&ctx, Some(4)));
     0
 }
 
@@ -218,7 +272,7 @@ fn send_head(task: u64, sk: u64) -> Option<[u8; 3]> {
 }
 
 #[inline(always)]
-fn on_data<S: Store>(
+fn on_data<S: Store, const LOOPED: bool>(
     ret: i32,
     id: u64,
     task: u64,
@@ -301,5 +355,5 @@ fn on_data<S: Store>(
             r14
         },
     };
-    emit_data::<S, true>(&args, ret as u64, id, lookup);
+    emit_data::<S, true, LOOPED>(&args, ret as u64, id, lookup);
 }

@@ -1,0 +1,132 @@
+//! The daemon on a production kernel older than this host's: Debian 12's Linux 6.1
+//! (scripts/test-kernel.sh), booted in qemu with this host's root read-only over 9p
+//! (tests/fixtures/vm/boot.sh). It has no `sock_*_length` tracepoints (6.3+), which every data
+//! path but `fentry` needs, nor uprobe-multi links (6.6+), and its verifier refuses what
+//! newer ones take; it has kprobes and fentry, which this host's kernel refuses. Inside it
+//! (tests/fixtures/vm/http.sh), curl's requests to python's http.server-based fixture and to
+//! nginx are counted against what curl got.
+
+mod common;
+
+use std::{
+    collections::BTreeMap,
+    fs,
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use common::{scratch, serial, status_codes, tracer_bin, workspace_root};
+use serde_json::Value;
+
+/// Where scripts/test-kernel.sh put the kernel (`TRACER_TEST_KERNEL` overrides it).
+fn kernel_dir() -> PathBuf {
+    let dir = std::env::var_os("TRACER_TEST_KERNEL").map_or_else(
+        || PathBuf::from("/var/cache/tracer/kernels/linux-6.1"),
+        PathBuf::from,
+    );
+    assert!(
+        dir.join("vmlinuz").is_file(),
+        "no kernel at {}: run scripts/test-kernel.sh (scripts/test-deps.sh does)",
+        dir.display()
+    );
+    dir
+}
+
+/// Boots the kernel with `script` as the guest's work; the console's text.
+fn boot(share: &Path, script: &str) -> String {
+    fs::write(share.join("guest.sh"), script).expect("write guest.sh");
+    let out = Command::new(workspace_root().join("tests/fixtures/vm/boot.sh"))
+        .arg(kernel_dir())
+        .arg(share)
+        .arg("900")
+        .output()
+        .expect("run boot.sh");
+    let console = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "boot.sh failed ({}): {}\n{console}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    console
+}
+
+/// curl's status codes, one per line, counted.
+fn codes(path: &Path) -> BTreeMap<String, u64> {
+    let mut counts = BTreeMap::new();
+    for line in fs::read_to_string(path).expect("codes").lines() {
+        *counts.entry(line.trim().to_owned()).or_default() += 1;
+    }
+    counts
+}
+
+/// The edge from `src` to the server on `port` in `/api/edges`.
+fn edge(edges: &Value, src: &str, port: u16) -> Value {
+    edges["edges"]
+        .as_array()
+        .expect("edges")
+        .iter()
+        .find(|e| {
+            e["src"] == src
+                && e["dst_addrs"].as_array().is_some_and(|a| {
+                    a.iter()
+                        .any(|x| x.as_str().is_some_and(|s| s.ends_with(&format!(":{port}"))))
+                })
+        })
+        .cloned()
+        .unwrap_or_else(|| panic!("no edge {src} -> :{port}: {edges}"))
+}
+
+#[test]
+fn linux_6_1_takes_the_fentry_data_path_and_counts_exactly() {
+    let _serial = serial();
+    let share = scratch("kernel-6.1");
+    let console = boot(
+        &share,
+        &format!(
+            "exec sh {root}/tests/fixtures/vm/http.sh {bin} {root}\n",
+            root = workspace_root().display(),
+            bin = tracer_bin()
+        ),
+    );
+    let read = |name: &str| fs::read_to_string(share.join(name)).unwrap_or_default();
+    let context = || {
+        format!(
+            "console:\n{console}\nerror: {}\ndaemon log:\n{}",
+            read("error"),
+            read("daemon.log")
+        )
+    };
+    assert!(
+        read("kernel").starts_with("6.1."),
+        "not Linux 6.1: {}",
+        context()
+    );
+    let status: Value = serde_json::from_str(&read("status.json"))
+        .unwrap_or_else(|e| panic!("no /api/status ({e}): {}", context()));
+    assert_eq!(status["attach"], "fentry", "{}", context());
+    assert_eq!(read("daemon.rc").trim(), "0", "SIGTERM: {}", context());
+
+    let edges: Value = serde_json::from_str(&read("edges.json")).expect("edges.json");
+    for (port, file) in [(18081, "server.codes"), (18082, "nginx.codes")] {
+        let want = codes(&share.join(file));
+        let n: u64 = want.values().sum();
+        assert!(want.len() >= 2 && n >= 6, "{file}: {want:?}");
+        let e = edge(&edges, "curl", port);
+        assert_eq!(
+            status_codes(&e),
+            want,
+            "requests to :{port} by status: {e}\n{}",
+            context()
+        );
+        assert_eq!(
+            e["server_latency"]["count"], n,
+            "server end of :{port}: {e}"
+        );
+        assert_eq!(
+            e["client_latency"]["count"], n,
+            "client end of :{port}: {e}"
+        );
+    }
+    let _ = fs::remove_dir_all(&share);
+}
