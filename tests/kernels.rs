@@ -1,10 +1,10 @@
-//! The daemon on a production kernel older than this host's: Debian 12's Linux 6.1
-//! (scripts/test-kernel.sh), booted in qemu with this host's root read-only over 9p
-//! (tests/fixtures/vm/boot.sh). It has no `sock_*_length` tracepoints (6.3+), which every data
-//! path but `fentry` needs, nor uprobe-multi links (6.6+), and its verifier refuses what
-//! newer ones take; it has kprobes and fentry, which this host's kernel refuses. Inside it
-//! (tests/fixtures/vm/http.sh), curl's requests to python's http.server-based fixture and to
-//! nginx are counted against what curl got.
+//! The daemon on production kernels older than this host's (scripts/test-kernel.sh), booted in
+//! qemu with this host's root read-only over 9p (tests/fixtures/vm/boot.sh): Debian 12's Linux
+//! 6.1 and Ubuntu 22.04's 5.15. Neither has `sock_*_length` tracepoints (6.3+), which every
+//! data path but `fentry` needs, nor uprobe-multi links (6.6+); 5.15 has no `bpf_loop` (5.17+);
+//! their verifiers refuse what newer ones take. Both have kprobes and fentry, which this host's
+//! kernel refuses. Inside (tests/fixtures/vm/http.sh), curl's requests to the fixture server
+//! and to nginx are counted against what curl got.
 
 mod common;
 
@@ -18,12 +18,9 @@ use std::{
 use common::{scratch, serial, status_codes, tracer_bin, workspace_root};
 use serde_json::Value;
 
-/// Where scripts/test-kernel.sh put the kernel (`TRACER_TEST_KERNEL` overrides it).
-fn kernel_dir() -> PathBuf {
-    let dir = std::env::var_os("TRACER_TEST_KERNEL").map_or_else(
-        || PathBuf::from("/var/cache/tracer/kernels/linux-6.1"),
-        PathBuf::from,
-    );
+/// Where scripts/test-kernel.sh put kernel `name`.
+fn kernel_dir(name: &str) -> PathBuf {
+    let dir = Path::new("/var/cache/tracer/kernels").join(name);
     assert!(
         dir.join("vmlinuz").is_file(),
         "no kernel at {}: run scripts/test-kernel.sh (scripts/test-deps.sh does)",
@@ -32,11 +29,11 @@ fn kernel_dir() -> PathBuf {
     dir
 }
 
-/// Boots the kernel with `script` as the guest's work; the console's text.
-fn boot(share: &Path, script: &str) -> String {
+/// Boots kernel `name` with `script` as the guest's work; the console's text.
+fn boot(name: &str, share: &Path, script: &str) -> String {
     fs::write(share.join("guest.sh"), script).expect("write guest.sh");
     let out = Command::new(workspace_root().join("tests/fixtures/vm/boot.sh"))
-        .arg(kernel_dir())
+        .arg(kernel_dir(name))
         .arg(share)
         .arg("900")
         .output()
@@ -77,11 +74,13 @@ fn edge(edges: &Value, src: &str, port: u16) -> Value {
         .unwrap_or_else(|| panic!("no edge {src} -> :{port}: {edges}"))
 }
 
-#[test]
-fn linux_6_1_takes_the_fentry_data_path_and_counts_exactly() {
+/// On kernel `name` (whose release starts with `release`): the daemon picks `fentry` and
+/// counts curl's requests, by status, at both ends.
+fn fentry_counts_exactly_on(name: &str, release: &str) {
     let _serial = serial();
-    let share = scratch("kernel-6.1");
+    let share = scratch(name);
     let console = boot(
+        name,
         &share,
         &format!(
             "exec sh {root}/tests/fixtures/vm/http.sh {bin} {root}\n",
@@ -98,8 +97,8 @@ fn linux_6_1_takes_the_fentry_data_path_and_counts_exactly() {
         )
     };
     assert!(
-        read("kernel").starts_with("6.1."),
-        "not Linux 6.1: {}",
+        read("kernel").starts_with(release),
+        "not {name}: {}",
         context()
     );
     let status: Value = serde_json::from_str(&read("status.json"))
@@ -129,4 +128,15 @@ fn linux_6_1_takes_the_fentry_data_path_and_counts_exactly() {
         );
     }
     let _ = fs::remove_dir_all(&share);
+}
+
+#[test]
+fn linux_6_1_takes_the_fentry_data_path_and_counts_exactly() {
+    fentry_counts_exactly_on("linux-6.1", "6.1.");
+}
+
+/// Without `bpf_loop`, the programs that do not walk HTTP/2 frames.
+#[test]
+fn linux_5_15_takes_the_fentry_data_path_without_bpf_loop_and_counts_exactly() {
+    fentry_counts_exactly_on("linux-5.15", "5.15.");
 }

@@ -72,6 +72,11 @@ const FENTRY_SEND_START: (&str, &str) = ("fentry_tcp_send_start", "tcp_sendmsg")
 /// until then: the program for each arity.
 const FENTRY_RECV: (&str, &str) = ("fexit_tcp_recv", "tcp_recvmsg");
 const FENTRY_RECV_NONBLOCK: (&str, &str) = ("fexit_tcp_recv_nonblock", "tcp_recvmsg");
+/// Without `bpf_loop` (before 5.17): HTTP/2 frames past a call's first KiB are not walked.
+const FENTRY_UNLOOPED: [(&str, &str); 2] = [
+    ("fexit_tcp_send_unlooped", "tcp_sendmsg"),
+    ("fexit_tcp_recv_unlooped", "tcp_recvmsg"),
+];
 
 /// The syscall data paths name the socket with these.
 const SOCK_LENGTH: &[(&str, &str, &str)] = &[
@@ -774,11 +779,28 @@ fn attach_fentry_path(
         }
     };
     let (prog, tp) = SOCK_DATA_BTF[0];
-    let mut links = vec![
-        attach_btf(ebpf, btf, prog, tp)?,
-        attach_fexit(ebpf, btf, FENTRY_SEND)?,
-        attach_fexit(ebpf, btf, recv)?,
-    ];
+    let mut links = vec![attach_btf(ebpf, btf, prog, tp)?];
+    let looped = [FENTRY_SEND, recv];
+    match looped
+        .iter()
+        .map(|&p| attach_fexit(ebpf, btf, p))
+        .collect::<Result<Vec<_>, _>>()
+    {
+        Ok(data) => links.extend(data),
+        // Kernels before 5.17 have no `bpf_loop` (and a `tcp_recvmsg` with `nonblock`).
+        Err(e) if recv == FENTRY_RECV_NONBLOCK => {
+            tracing::debug!("{e}");
+            tracing::info!("the fentry programs did not load; trying those without bpf_loop");
+            for p in FENTRY_UNLOOPED {
+                links.push(attach_fexit(ebpf, btf, p)?);
+            }
+            tracing::warn!(
+                "no bpf_loop in this kernel (before 5.17): HTTP/2 frames past the first KiB of \
+                 each call, and iovecs past the 16th, are not followed"
+            );
+        }
+        Err(e) => return Err(e),
+    }
     match attach_fentry(ebpf, btf, FENTRY_SEND_START) {
         Ok(link) => links.push(link),
         Err(e) => tracing::warn!("{e}: sends are stamped when they end rather than begin"),

@@ -154,18 +154,24 @@ fn from_fexit(ctx: &FExitContext, flags_arg: Option<usize>) -> Record {
 }
 
 /// Taken whatever this send turns out to be, so that it never outlives its call; used only if
-/// the thread ran without a switch since it was stamped (so on this CPU, in this call).
+/// the thread ran without a switch since it was stamped (so on this CPU, in this call). 0: none
+/// (a plain value, not an Option: LLVM reads an Option's payload whether or not it is there,
+/// and verifiers before 6.x refuse a read of stack never written).
 #[inline(always)]
-fn take_send_start(id: u64, task: u64) -> Option<u64> {
-    let slot = SEND_START.get_ptr_mut(0)?;
+fn take_send_start(id: u64, task: u64) -> u64 {
+    let Some(slot) = SEND_START.get_ptr_mut(0) else {
+        return 0;
+    };
     // SAFETY: per-CPU slot, as above.
     unsafe {
         if (*slot).pid_tgid != id {
-            return None;
+            return 0;
         }
         (*slot).pid_tgid = 0;
-        let now = switches(task)?;
-        ((*slot).switches == now).then_some((*slot).ts_ns)
+        match switches(task) {
+            Some(now) if (*slot).switches == now => (*slot).ts_ns,
+            _ => 0,
+        }
     }
 }
 
@@ -178,52 +184,52 @@ fn current_task() -> u64 {
 
 /// A send: its start stamp is taken (whatever the send turns out to be) before its bytes.
 #[inline(always)]
-fn on_send<S: Store, const LOOPED: bool>(ret: i32, record: impl FnOnce() -> Record) {
+fn on_send<S: Store, const WALK: bool>(ret: i32, record: impl FnOnce() -> Record) {
     let (id, task) = (bpf_get_current_pid_tgid(), current_task());
     let started = take_send_start(id, task);
-    on_data::<S, LOOPED>(ret, id, task, DIR_EGRESS, started, record);
+    on_data::<S, WALK>(ret, id, task, DIR_EGRESS, started, record);
 }
 
 /// A receive: its bytes are there when it returns.
 #[inline(always)]
-fn on_recv<S: Store, const LOOPED: bool>(ret: i32, record: impl FnOnce() -> Record) {
+fn on_recv<S: Store, const WALK: bool>(ret: i32, record: impl FnOnce() -> Record) {
     let id = bpf_get_current_pid_tgid();
-    on_data::<S, LOOPED>(ret, id, current_task(), DIR_INGRESS, None, record);
+    on_data::<S, WALK>(ret, id, current_task(), DIR_INGRESS, 0, record);
 }
 
 #[tracepoint(category = "sock", name = "sock_send_length")]
 pub fn sock_send_data(ctx: TracePointContext) -> u32 {
-    on_send::<ByAddress, false>(tp_ret(&ctx), || from_tracepoint(&ctx));
+    on_send::<ByAddress, true>(tp_ret(&ctx), || from_tracepoint(&ctx));
     0
 }
 
 #[tracepoint(category = "sock", name = "sock_recv_length")]
 pub fn sock_recv_data(ctx: TracePointContext) -> u32 {
-    on_recv::<ByAddress, false>(tp_ret(&ctx), || from_tracepoint(&ctx));
+    on_recv::<ByAddress, true>(tp_ret(&ctx), || from_tracepoint(&ctx));
     0
 }
 
 #[btf_tracepoint(function = "sock_send_length")]
 pub fn btf_sock_send(ctx: BtfTracePointContext) -> i32 {
-    on_send::<InSocket, false>(ctx.arg::<u64>(1) as i32, || from_btf(&ctx));
+    on_send::<InSocket, true>(ctx.arg::<u64>(1) as i32, || from_btf(&ctx));
     0
 }
 
 #[btf_tracepoint(function = "sock_recv_length")]
 pub fn btf_sock_recv(ctx: BtfTracePointContext) -> i32 {
-    on_recv::<InSocket, false>(ctx.arg::<u64>(1) as i32, || from_btf(&ctx));
+    on_recv::<InSocket, true>(ctx.arg::<u64>(1) as i32, || from_btf(&ctx));
     0
 }
 
 #[raw_tracepoint(tracepoint = "sock_send_length")]
 pub fn raw_sock_send(ctx: RawTracePointContext) -> i32 {
-    on_send::<ByAddress, false>(ctx.arg::<u64>(1) as i32, || from_raw(&ctx));
+    on_send::<ByAddress, true>(ctx.arg::<u64>(1) as i32, || from_raw(&ctx));
     0
 }
 
 #[raw_tracepoint(tracepoint = "sock_recv_length")]
 pub fn raw_sock_recv(ctx: RawTracePointContext) -> i32 {
-    on_recv::<ByAddress, false>(ctx.arg::<u64>(1) as i32, || from_raw(&ctx));
+    on_recv::<ByAddress, true>(ctx.arg::<u64>(1) as i32, || from_raw(&ctx));
     0
 }
 
@@ -245,6 +251,20 @@ pub fn fexit_tcp_recv(ctx: FExitContext) -> i32 {
 #[fexit(function = "tcp_recvmsg")]
 pub fn fexit_tcp_recv_nonblock(ctx: FExitContext) -> i32 {
     on_recv::<InSocket, true>(ctx.arg::<u64>(6) as i32, || from_fexit(&ctx, Some(4)));
+    0
+}
+
+/// The same without `bpf_loop` (5.15 and 5.16, whose `tcp_recvmsg` still takes `nonblock`):
+/// HTTP/2 frames are not walked past each call's first KiB, nor iovecs gathered past the 16th.
+#[fexit(function = "tcp_sendmsg")]
+pub fn fexit_tcp_send_unlooped(ctx: FExitContext) -> i32 {
+    on_send::<InSocket, false>(ctx.arg::<u64>(3) as i32, || from_fexit(&ctx, None));
+    0
+}
+
+#[fexit(function = "tcp_recvmsg")]
+pub fn fexit_tcp_recv_unlooped(ctx: FExitContext) -> i32 {
+    on_recv::<InSocket, false>(ctx.arg::<u64>(6) as i32, || from_fexit(&ctx, Some(4)));
     0
 }
 
@@ -272,12 +292,12 @@ fn send_head(task: u64, sk: u64) -> Option<[u8; 3]> {
 }
 
 #[inline(always)]
-fn on_data<S: Store, const LOOPED: bool>(
+fn on_data<S: Store, const WALK: bool>(
     ret: i32,
     id: u64,
     task: u64,
     direction: u32,
-    started: Option<u64>,
+    started: u64,
     record: impl FnOnce() -> Record,
 ) {
     // A read of 0 bytes is end of stream: sent (without payload) so that responses framed by
@@ -344,7 +364,7 @@ fn on_data<S: Store, const LOOPED: bool>(
         buf,
         len,
         // 0: stamped when the event is built (a read's bytes are there when it returns).
-        ts_enter: started.unwrap_or(0),
+        ts_enter: started,
         sk,
         kind,
         direction,
@@ -355,5 +375,5 @@ fn on_data<S: Store, const LOOPED: bool>(
             r14
         },
     };
-    emit_data::<S, true, LOOPED>(&args, ret as u64, id, lookup);
+    emit_data::<S, WALK>(&args, ret as u64, id, lookup);
 }

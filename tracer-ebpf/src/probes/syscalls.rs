@@ -145,5 +145,5 @@ fn exit(ret: i64) {
     if ret < 0 || (ret == 0 && args.direction != DIR_INGRESS) {
         return;
     }
-    emit_data::<ByAddress, false, false>(&args, ret as u64, id, Lookup::NotYet);
+    emit_data::<ByAddress, false>(&args, ret as u64, id, Lookup::NotYet);
 }

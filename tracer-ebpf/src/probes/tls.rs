@@ -219,8 +219,7 @@ fn send_plaintext(call: &TlsCall, id: u64, bytes: u64) {
     if flags & TLS_SEEN_HANDSHAKE == 0 {
         event_flags |= FLAG_TUPLE_FROM_SOCK;
     }
-    // Uprobes run on kernels of every age: the loop every verifier takes.
-    emit::<true, true>(&args, bytes, id, next, event_flags);
+    emit::<true>(&args, bytes, id, next, event_flags);
 }
 
 /// Called by the data path for each socket call: if the thread is inside a TLS library call,
