@@ -68,11 +68,11 @@ const SEND_START: (&str, &str) = ("tcp_send_start", "tcp_sendmsg_locked");
 /// `tcp_sendmsg`'s entry, and the lifecycle as a BTF tracepoint: (program, kernel function).
 const FENTRY_SEND: (&str, &str) = ("fexit_tcp_send", "tcp_sendmsg");
 const FENTRY_SEND_START: (&str, &str) = ("fentry_tcp_send_start", "tcp_sendmsg");
-/// `tcp_recvmsg(sk, msg, len, flags, addr_len)` since 5.19, with `nonblock` before `flags`
-/// until then: the program for each arity.
+/// `tcp_recvmsg` whatever its arguments (`flags` found in BTF; 5.17+).
 const FENTRY_RECV: (&str, &str) = ("fexit_tcp_recv", "tcp_recvmsg");
-const FENTRY_RECV_NONBLOCK: (&str, &str) = ("fexit_tcp_recv_nonblock", "tcp_recvmsg");
-/// Without `bpf_loop` (before 5.17): HTTP/2 frames past a call's first KiB are not walked.
+/// Without `bpf_loop` and the argument helpers (before 5.17, when `tcp_recvmsg` was
+/// `(sk, msg, len, nonblock, flags, addr_len)`): HTTP/2 frames past a call's first KiB are not
+/// walked.
 const FENTRY_UNLOOPED: [(&str, &str); 2] = [
     ("fexit_tcp_send_unlooped", "tcp_sendmsg"),
     ("fexit_tcp_recv_unlooped", "tcp_recvmsg"),
@@ -572,8 +572,9 @@ struct SockOffsets {
     tcp_path: Option<(u32, u32)>,
     /// `sock.sk_flags`.
     sk_flags: Option<u32>,
-    /// How many arguments `tcp_recvmsg` takes (5 since Linux 5.19, 6 before).
-    tcp_recvmsg_args: Option<usize>,
+    /// `tcp_recvmsg`'s arguments, and which is `flags` (6 and 4 until 5.19, then 5 and 3,
+    /// then 4 and 3 without `addr_len`).
+    tcp_recvmsg: Option<(usize, u32)>,
 }
 
 impl SockOffsets {
@@ -614,26 +615,41 @@ impl SockOffsets {
             // Moved into `sock_common` (first in `struct sock`) by newer kernels.
             sk_flags: member(&btf, "sock", "sk_flags", 8)
                 .or_else(|| member(&btf, "sock_common", "skc_flags", 8)),
-            tcp_recvmsg_args: arity(&btf, "tcp_recvmsg"),
+            tcp_recvmsg: arity(&btf, "tcp_recvmsg").zip(parameter(&btf, "tcp_recvmsg", "flags")),
         };
         tracing::debug!("struct sock offsets from BTF: {offsets:?}");
         offsets
     }
 }
 
-/// How many arguments the kernel function `name` takes, from its BTF prototype.
-fn arity(btf: &btf_rs::Btf, name: &str) -> Option<usize> {
+/// The BTF prototype of kernel function `name`.
+fn prototype(btf: &btf_rs::Btf, name: &str) -> Option<btf_rs::FuncProto> {
     use btf_rs::Type;
     btf.resolve_types_by_name(name)
         .ok()?
         .into_iter()
         .find_map(|t| match t {
             Type::Func(f) => match btf.resolve_chained_type(&f).ok()? {
-                Type::FuncProto(p) => Some(p.parameters.len()),
+                Type::FuncProto(p) => Some(p),
                 _ => None,
             },
             _ => None,
         })
+}
+
+/// How many arguments kernel function `name` takes.
+fn arity(btf: &btf_rs::Btf, name: &str) -> Option<usize> {
+    prototype(btf, name).map(|p| p.parameters.len())
+}
+
+/// Which of kernel function `name`'s arguments is called `param`.
+fn parameter(btf: &btf_rs::Btf, name: &str, param: &str) -> Option<u32> {
+    let p = prototype(btf, name)?;
+    let i = p
+        .parameters
+        .iter()
+        .position(|a| btf.resolve_name(a).is_ok_and(|n| n == param))?;
+    u32::try_from(i).ok()
 }
 
 /// Byte offset of `field` in struct `name` (or in an anonymous struct or union in it, as
@@ -769,26 +785,27 @@ fn attach_fentry_path(
     if offsets.sk_protocol.is_none() {
         return Err(unavailable("sk_protocol is not in the kernel's BTF"));
     }
-    let recv = match offsets.tcp_recvmsg_args {
-        Some(5) => FENTRY_RECV,
-        Some(6) => FENTRY_RECV_NONBLOCK,
-        n => {
+    // Before 5.19 (so wherever the helpers are missing), `nonblock` came before `flags`.
+    let nonblock = match offsets.tcp_recvmsg {
+        Some((6, 4)) => true,
+        Some((_, 3)) => false,
+        found => {
             return Err(unavailable(&format!(
-                "tcp_recvmsg takes {n:?} arguments in this kernel's BTF, not 5 or 6"
+                "tcp_recvmsg's (arguments, flags) in this kernel's BTF: {found:?}"
             )));
         }
     };
     let (prog, tp) = SOCK_DATA_BTF[0];
     let mut links = vec![attach_btf(ebpf, btf, prog, tp)?];
-    let looped = [FENTRY_SEND, recv];
+    let looped = [FENTRY_SEND, FENTRY_RECV];
     match looped
         .iter()
         .map(|&p| attach_fexit(ebpf, btf, p))
         .collect::<Result<Vec<_>, _>>()
     {
         Ok(data) => links.extend(data),
-        // Kernels before 5.17 have no `bpf_loop` (and a `tcp_recvmsg` with `nonblock`).
-        Err(e) if recv == FENTRY_RECV_NONBLOCK => {
+        // Kernels before 5.17 have no `bpf_loop` nor the argument helpers.
+        Err(e) if nonblock => {
             tracing::debug!("{e}");
             tracing::info!("the fentry programs did not load; trying those without bpf_loop");
             for p in FENTRY_UNLOOPED {
@@ -997,6 +1014,11 @@ impl Capture {
                 true,
             )
             .override_global("SK_FLAGS_OFFSET", &offsets.sk_flags.unwrap_or(0), true)
+            .override_global(
+                "TCP_RECVMSG_FLAGS_ARG",
+                &offsets.tcp_recvmsg.map_or(3, |(_, flags)| flags),
+                true,
+            )
             .load(aya::include_bytes_aligned!(concat!(
                 env!("OUT_DIR"),
                 "/tracer"
@@ -1153,7 +1175,7 @@ impl Drop for Capture {
 
 #[cfg(test)]
 mod tests {
-    use super::field_offset;
+    use super::{arity, field_offset, parameter};
 
     #[test]
     fn reads_format_offsets() {
@@ -1164,5 +1186,17 @@ mod tests {
         assert_eq!(field_offset(f, "saddr_v6"), Some(40));
         assert_eq!(field_offset(f, "common_type"), Some(0));
         assert_eq!(field_offset(f, "nope"), None);
+    }
+
+    /// The fentry path reads `tcp_recvmsg`'s flags by the index this finds: checked against
+    /// this host's BTF (6.18: `tcp_recvmsg(sk, msg, len, flags)`, `addr_len` gone).
+    #[test]
+    fn reads_function_arguments_from_btf() {
+        let btf = btf_rs::Btf::from_file("/sys/kernel/btf/vmlinux").expect("kernel BTF");
+        assert_eq!(arity(&btf, "tcp_sendmsg"), Some(3));
+        assert_eq!(arity(&btf, "tcp_recvmsg"), Some(4));
+        assert_eq!(parameter(&btf, "tcp_recvmsg", "flags"), Some(3));
+        assert_eq!(parameter(&btf, "tcp_recvmsg", "nonblock"), None);
+        assert_eq!(arity(&btf, "no_such_function_here"), None);
     }
 }

@@ -7,9 +7,12 @@
 use core::ptr::read_volatile;
 
 use aya_ebpf::{
+    EbpfContext as _,
     helpers::{
         bpf_get_current_pid_tgid, bpf_probe_read_kernel,
-        generated::{bpf_get_current_task_btf, bpf_ktime_get_ns, bpf_task_pt_regs},
+        generated::{
+            bpf_get_current_task_btf, bpf_get_func_arg, bpf_ktime_get_ns, bpf_task_pt_regs,
+        },
     },
     macros::{btf_tracepoint, fentry, fexit, raw_tracepoint, tracepoint},
     programs::{
@@ -135,18 +138,17 @@ fn from_btf(ctx: &BtfTracePointContext) -> Record {
     }
 }
 
-/// `tcp_sendmsg(sk, msg, size)` / `tcp_recvmsg(sk, msg, len, [nonblock,] flags, addr_len)` at
-/// their exit: `sk` is typed as for the BTF tracepoints; the return value follows the
-/// arguments.
+/// `tcp_sendmsg(sk, msg, size)` / `tcp_recvmsg(sk, msg, len, [nonblock,] flags, [addr_len])`
+/// at their exit: `sk` is typed as for the BTF tracepoints.
 #[inline(always)]
-fn from_fexit(ctx: &FExitContext, flags_arg: Option<usize>) -> Record {
+fn from_fexit(ctx: &FExitContext, flags: i32) -> Record {
     let sk = ctx.arg::<*const u8>(0);
     // SAFETY: as in `from_btf`.
     unsafe {
         let off = read_volatile(&SK_PROTOCOL_OFFSET) as usize;
         Record {
             sk: sk as u64,
-            flags: flags_arg.map_or(0, |n| ctx.arg::<u64>(n) as i32),
+            flags,
             family: read_volatile(sk.add(SKC_FAMILY as usize).cast::<u16>()),
             protocol: read_volatile(sk.add(off).cast::<u16>()),
         }
@@ -233,24 +235,33 @@ pub fn raw_sock_recv(ctx: RawTracePointContext) -> i32 {
     0
 }
 
+/// Which argument of `tcp_recvmsg` is `flags`, from the kernel's BTF: its arguments changed
+/// (`nonblock` went in 5.19, `addr_len` later), so the return value and flags are read through
+/// the helpers (5.17+), which take the index at run time.
+#[unsafe(no_mangle)]
+static TCP_RECVMSG_FLAGS_ARG: u32 = 3;
+
 /// The fentry data path (kernels before 6.3, which have no `sock_*_length`): `tcp_sendmsg` and
-/// `tcp_recvmsg` at their exit, with the same work as the socket path. `tcp_recvmsg` lost its
-/// `nonblock` argument in 5.19: the loader picks the program of the running kernel's arity.
+/// `tcp_recvmsg` at their exit, with the same work as the socket path.
 #[fexit(function = "tcp_sendmsg")]
 pub fn fexit_tcp_send(ctx: FExitContext) -> i32 {
-    on_send::<InSocket, true>(ctx.arg::<u64>(3) as i32, || from_fexit(&ctx, None));
+    on_send::<InSocket, true>(ctx.arg::<u64>(3) as i32, || from_fexit(&ctx, 0));
     0
 }
 
 #[fexit(function = "tcp_recvmsg")]
 pub fn fexit_tcp_recv(ctx: FExitContext) -> i32 {
-    on_recv::<InSocket, true>(ctx.arg::<u64>(5) as i32, || from_fexit(&ctx, Some(3)));
-    0
-}
-
-#[fexit(function = "tcp_recvmsg")]
-pub fn fexit_tcp_recv_nonblock(ctx: FExitContext) -> i32 {
-    on_recv::<InSocket, true>(ctx.arg::<u64>(6) as i32, || from_fexit(&ctx, Some(4)));
+    // An error of the helper (none: the program is an fexit) reads as a failed call.
+    let ret = ctx.ret::<u64>().unwrap_or(u64::MAX) as i32;
+    on_recv::<InSocket, true>(ret, || {
+        let mut flags = 0u64;
+        // SAFETY: the helper checks the index against the function's arity; `flags` is ours.
+        unsafe {
+            let n = read_volatile(&TCP_RECVMSG_FLAGS_ARG);
+            bpf_get_func_arg(ctx.as_ptr(), n, &raw mut flags);
+        }
+        from_fexit(&ctx, flags as i32)
+    });
     0
 }
 
@@ -258,13 +269,17 @@ pub fn fexit_tcp_recv_nonblock(ctx: FExitContext) -> i32 {
 /// HTTP/2 frames are not walked past each call's first KiB, nor iovecs gathered past the 16th.
 #[fexit(function = "tcp_sendmsg")]
 pub fn fexit_tcp_send_unlooped(ctx: FExitContext) -> i32 {
-    on_send::<InSocket, false>(ctx.arg::<u64>(3) as i32, || from_fexit(&ctx, None));
+    on_send::<InSocket, false>(ctx.arg::<u64>(3) as i32, || from_fexit(&ctx, 0));
     0
 }
 
+/// `tcp_recvmsg(sk, msg, len, nonblock, flags, addr_len)`, as it was until 5.19: read
+/// directly, without the helpers (5.17+).
 #[fexit(function = "tcp_recvmsg")]
 pub fn fexit_tcp_recv_unlooped(ctx: FExitContext) -> i32 {
-    on_recv::<InSocket, false>(ctx.arg::<u64>(6) as i32, || from_fexit(&ctx, Some(4)));
+    on_recv::<InSocket, false>(ctx.arg::<u64>(6) as i32, || {
+        from_fexit(&ctx, ctx.arg::<u64>(4) as i32)
+    });
     0
 }
 
