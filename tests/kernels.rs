@@ -127,6 +127,22 @@ fn fentry_counts_exactly_on(name: &str, release: &str) {
             "client end of :{port}: {e}"
         );
     }
+    // h2load's own count: "requests: 40 total, 40 started, 40 done, 40 succeeded, ...".
+    let h2load = read("h2load.txt");
+    let succeeded: u64 = h2load
+        .lines()
+        .find_map(|l| l.strip_prefix("requests: "))
+        .and_then(|l| l.split(", ").find_map(|f| f.strip_suffix(" succeeded")))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("h2load's report: {h2load}"));
+    assert_eq!(succeeded, 40, "{h2load}");
+    let e = edge(&edges, "h2load", 18083);
+    assert_eq!(
+        status_codes(&e),
+        BTreeMap::from([("200".to_owned(), succeeded)]),
+        "HTTP/2 requests (bodies by sendfile): {e}\n{}",
+        context()
+    );
     let _ = fs::remove_dir_all(&share);
 }
 

@@ -77,6 +77,11 @@ const FENTRY_UNLOOPED: [(&str, &str); 2] = [
     ("fexit_tcp_send_unlooped", "tcp_sendmsg"),
     ("fexit_tcp_recv_unlooped", "tcp_recvmsg"),
 ];
+/// sendfile's bytes (splice to a socket went through `tcp_sendpage` until 6.5): looped and not.
+const FENTRY_SENDPAGE: [(&str, &str); 2] = [
+    ("fexit_tcp_sendpage", "tcp_sendpage"),
+    ("fexit_tcp_sendpage_unlooped", "tcp_sendpage"),
+];
 
 /// The syscall data paths name the socket with these.
 const SOCK_LENGTH: &[(&str, &str, &str)] = &[
@@ -575,6 +580,8 @@ struct SockOffsets {
     /// `tcp_recvmsg`'s arguments, and which is `flags` (6 and 4 until 5.19, then 5 and 3,
     /// then 4 and 3 without `addr_len`).
     tcp_recvmsg: Option<(usize, u32)>,
+    /// Whether the kernel has `tcp_sendpage` (until 6.5).
+    tcp_sendpage: bool,
 }
 
 impl SockOffsets {
@@ -616,6 +623,7 @@ impl SockOffsets {
             sk_flags: member(&btf, "sock", "sk_flags", 8)
                 .or_else(|| member(&btf, "sock_common", "skc_flags", 8)),
             tcp_recvmsg: arity(&btf, "tcp_recvmsg").zip(parameter(&btf, "tcp_recvmsg", "flags")),
+            tcp_sendpage: prototype(&btf, "tcp_sendpage").is_some(),
         };
         tracing::debug!("struct sock offsets from BTF: {offsets:?}");
         offsets
@@ -798,6 +806,7 @@ fn attach_fentry_path(
     let (prog, tp) = SOCK_DATA_BTF[0];
     let mut links = vec![attach_btf(ebpf, btf, prog, tp)?];
     let looped = [FENTRY_SEND, FENTRY_RECV];
+    let mut unlooped = false;
     match looped
         .iter()
         .map(|&p| attach_fexit(ebpf, btf, p))
@@ -811,12 +820,20 @@ fn attach_fentry_path(
             for p in FENTRY_UNLOOPED {
                 links.push(attach_fexit(ebpf, btf, p)?);
             }
+            unlooped = true;
             tracing::warn!(
                 "no bpf_loop in this kernel (before 5.17): HTTP/2 frames past the first KiB of \
                  each call, and iovecs past the 16th, are not followed"
             );
         }
         Err(e) => return Err(e),
+    }
+    // Missing since 6.5, where splice goes through `tcp_sendmsg`.
+    if offsets.tcp_sendpage {
+        match attach_fexit(ebpf, btf, FENTRY_SENDPAGE[usize::from(unlooped)]) {
+            Ok(link) => links.push(link),
+            Err(e) => tracing::warn!("{e}: sendfile's bytes are not seen"),
+        }
     }
     match attach_fentry(ebpf, btf, FENTRY_SEND_START) {
         Ok(link) => links.push(link),

@@ -265,6 +265,21 @@ pub fn fexit_tcp_recv(ctx: FExitContext) -> i32 {
     0
 }
 
+/// `tcp_sendpage(sk, page, offset, size, flags)` (until 6.5, when splice moved to
+/// `tcp_sendmsg`): sendfile's bytes, which no user buffer holds, so that the daemon's place in
+/// the stream (an HTTP/2 connection's frames above all) stays right.
+#[fexit(function = "tcp_sendpage")]
+pub fn fexit_tcp_sendpage(ctx: FExitContext) -> i32 {
+    on_send::<InSocket, true>(ctx.arg::<u64>(5) as i32, || from_fexit(&ctx, 0));
+    0
+}
+
+#[fexit(function = "tcp_sendpage")]
+pub fn fexit_tcp_sendpage_unlooped(ctx: FExitContext) -> i32 {
+    on_send::<InSocket, false>(ctx.arg::<u64>(5) as i32, || from_fexit(&ctx, 0));
+    0
+}
+
 /// The same without `bpf_loop` (5.15 and 5.16, whose `tcp_recvmsg` still takes `nonblock`):
 /// HTTP/2 frames are not walked past each call's first KiB, nor iovecs gathered past the 16th.
 #[fexit(function = "tcp_sendmsg")]
