@@ -107,10 +107,20 @@ fn fentry_counts_exactly_on(name: &str, release: &str) {
     assert_eq!(read("daemon.rc").trim(), "0", "SIGTERM: {}", context());
 
     let edges: Value = serde_json::from_str(&read("edges.json")).expect("edges.json");
-    for (port, file) in [(18081, "server.codes"), (18082, "nginx.codes")] {
-        let want = codes(&share.join(file));
+    // One edge per client and server workload: nginx's plain and TLS ports share one.
+    let tls = codes(&share.join("tls.codes"));
+    for (port, files) in [
+        (18081, &["server.codes"][..]),
+        (18082, &["nginx.codes", "tls.codes"][..]),
+    ] {
+        let mut want = BTreeMap::new();
+        for file in files {
+            for (code, k) in codes(&share.join(file)) {
+                *want.entry(code).or_default() += k;
+            }
+        }
         let n: u64 = want.values().sum();
-        assert!(want.len() >= 2 && n >= 6, "{file}: {want:?}");
+        assert!(want.len() >= 2 && n >= 6, "{files:?}: {want:?}");
         let e = edge(&edges, "curl", port);
         assert_eq!(
             status_codes(&e),
@@ -126,6 +136,8 @@ fn fentry_counts_exactly_on(name: &str, release: &str) {
             e["client_latency"]["count"], n,
             "client end of :{port}: {e}"
         );
+        let over_tls: u64 = if port == 18082 { tls.values().sum() } else { 0 };
+        assert_eq!(e["tls_requests"], over_tls, "over TLS to :{port}: {e}");
     }
     // h2load's own count: "requests: 40 total, 40 started, 40 done, 40 succeeded, ...".
     let h2load = read("h2load.txt");

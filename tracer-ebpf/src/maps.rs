@@ -163,6 +163,18 @@ pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(KERNEL_STAT_C
 #[unsafe(no_mangle)]
 static TRACER_TGID: u32 = 0;
 
+/// Whether the kernel has `bpf_loop` (5.17+), set at load time. Where it has not, the code
+/// that calls it is behind a test of this frozen global, so the verifier never walks it (an
+/// unknown helper is refused only on a path it walks).
+#[unsafe(no_mangle)]
+static HAS_BPF_LOOP: u32 = 1;
+
+#[inline(always)]
+pub fn has_bpf_loop() -> bool {
+    // SAFETY: as for `TRACER_TGID`.
+    unsafe { core::ptr::read_volatile(&HAS_BPF_LOOP) != 0 }
+}
+
 #[inline(always)]
 pub fn tracer_tgid() -> u32 {
     // SAFETY: a read-only global patched by the loader; volatile so LLVM does not fold the 0.

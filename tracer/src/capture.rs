@@ -11,10 +11,11 @@ use aya::{
     Btf, Ebpf, EbpfLoader,
     maps::{Map, MapData, PerCpuArray},
     programs::{
-        BtfTracePoint, FEntry, FExit, RawTracePoint, TracePoint, fentry::FEntryLink,
+        BtfTracePoint, FEntry, FExit, ProgramType, RawTracePoint, TracePoint, fentry::FEntryLink,
         fexit::FExitLink, raw_trace_point::RawTracePointLink, tp_btf::BtfTracePointLink,
         trace_point::TracePointLink,
     },
+    sys::BpfHelper,
 };
 use thiserror::Error;
 use tracer_common::{KERNEL_STAT_COUNT, KernelStat, SockTuple, limits};
@@ -68,20 +69,12 @@ const SEND_START: (&str, &str) = ("tcp_send_start", "tcp_sendmsg_locked");
 /// `tcp_sendmsg`'s entry, and the lifecycle as a BTF tracepoint: (program, kernel function).
 const FENTRY_SEND: (&str, &str) = ("fexit_tcp_send", "tcp_sendmsg");
 const FENTRY_SEND_START: (&str, &str) = ("fentry_tcp_send_start", "tcp_sendmsg");
-/// `tcp_recvmsg` whatever its arguments (`flags` found in BTF; 5.17+).
+/// `tcp_recvmsg` whatever its arguments (`flags` found in BTF; the argument helpers, 5.17+),
+/// and as it was until 5.19, `(sk, msg, len, nonblock, flags, addr_len)`, read directly.
 const FENTRY_RECV: (&str, &str) = ("fexit_tcp_recv", "tcp_recvmsg");
-/// Without `bpf_loop` and the argument helpers (before 5.17, when `tcp_recvmsg` was
-/// `(sk, msg, len, nonblock, flags, addr_len)`): HTTP/2 frames past a call's first KiB are not
-/// walked.
-const FENTRY_UNLOOPED: [(&str, &str); 2] = [
-    ("fexit_tcp_send_unlooped", "tcp_sendmsg"),
-    ("fexit_tcp_recv_unlooped", "tcp_recvmsg"),
-];
-/// sendfile's bytes (splice to a socket went through `tcp_sendpage` until 6.5): looped and not.
-const FENTRY_SENDPAGE: [(&str, &str); 2] = [
-    ("fexit_tcp_sendpage", "tcp_sendpage"),
-    ("fexit_tcp_sendpage_unlooped", "tcp_sendpage"),
-];
+const FENTRY_RECV_NONBLOCK: (&str, &str) = ("fexit_tcp_recv_nonblock", "tcp_recvmsg");
+/// sendfile's bytes (splice to a socket went through `tcp_sendpage` until 6.5).
+const FENTRY_SENDPAGE: (&str, &str) = ("fexit_tcp_sendpage", "tcp_sendpage");
 
 /// The syscall data paths name the socket with these.
 const SOCK_LENGTH: &[(&str, &str, &str)] = &[
@@ -793,10 +786,11 @@ fn attach_fentry_path(
     if offsets.sk_protocol.is_none() {
         return Err(unavailable("sk_protocol is not in the kernel's BTF"));
     }
-    // Before 5.19 (so wherever the helpers are missing), `nonblock` came before `flags`.
-    let nonblock = match offsets.tcp_recvmsg {
-        Some((6, 4)) => true,
-        Some((_, 3)) => false,
+    // Before 5.19 (so wherever the argument helpers are missing), `nonblock` came before
+    // `flags`: read directly.
+    let recv = match offsets.tcp_recvmsg {
+        Some((6, 4)) => FENTRY_RECV_NONBLOCK,
+        Some((_, 3)) => FENTRY_RECV,
         found => {
             return Err(unavailable(&format!(
                 "tcp_recvmsg's (arguments, flags) in this kernel's BTF: {found:?}"
@@ -804,33 +798,14 @@ fn attach_fentry_path(
         }
     };
     let (prog, tp) = SOCK_DATA_BTF[0];
-    let mut links = vec![attach_btf(ebpf, btf, prog, tp)?];
-    let looped = [FENTRY_SEND, FENTRY_RECV];
-    let mut unlooped = false;
-    match looped
-        .iter()
-        .map(|&p| attach_fexit(ebpf, btf, p))
-        .collect::<Result<Vec<_>, _>>()
-    {
-        Ok(data) => links.extend(data),
-        // Kernels before 5.17 have no `bpf_loop` nor the argument helpers.
-        Err(e) if nonblock => {
-            tracing::debug!("{e}");
-            tracing::info!("the fentry programs did not load; trying those without bpf_loop");
-            for p in FENTRY_UNLOOPED {
-                links.push(attach_fexit(ebpf, btf, p)?);
-            }
-            unlooped = true;
-            tracing::warn!(
-                "no bpf_loop in this kernel (before 5.17): HTTP/2 frames past the first KiB of \
-                 each call, and iovecs past the 16th, are not followed"
-            );
-        }
-        Err(e) => return Err(e),
-    }
+    let mut links = vec![
+        attach_btf(ebpf, btf, prog, tp)?,
+        attach_fexit(ebpf, btf, FENTRY_SEND)?,
+        attach_fexit(ebpf, btf, recv)?,
+    ];
     // Missing since 6.5, where splice goes through `tcp_sendmsg`.
     if offsets.tcp_sendpage {
-        match attach_fexit(ebpf, btf, FENTRY_SENDPAGE[usize::from(unlooped)]) {
+        match attach_fexit(ebpf, btf, FENTRY_SENDPAGE) {
             Ok(link) => links.push(link),
             Err(e) => tracing::warn!("{e}: sendfile's bytes are not seen"),
         }
@@ -972,6 +947,17 @@ impl Capture {
 
         let tgid = std::process::id();
         let offsets = SockOffsets::from_btf();
+        // Without it (before 5.17) HTTP/2 frames are not walked past each call's first KiB.
+        let has_bpf_loop = matches!(
+            aya::sys::is_helper_supported(ProgramType::KProbe, BpfHelper::BPF_FUNC_loop),
+            Ok(true)
+        );
+        if !has_bpf_loop {
+            tracing::warn!(
+                "no bpf_loop in this kernel (before 5.17): HTTP/2 frames past the first KiB of \
+                 each call, and iovecs past the 16th, are not followed"
+            );
+        }
         // For the BTF tracepoints; dropped once they are attached.
         let btf = Btf::from_sys_fs().ok();
         let mut loader = EbpfLoader::new();
@@ -1031,6 +1017,7 @@ impl Capture {
                 true,
             )
             .override_global("SK_FLAGS_OFFSET", &offsets.sk_flags.unwrap_or(0), true)
+            .override_global("HAS_BPF_LOOP", &u32::from(has_bpf_loop), true)
             .override_global(
                 "TCP_RECVMSG_FLAGS_ARG",
                 &offsets.tcp_recvmsg.map_or(3, |(_, flags)| flags),

@@ -21,7 +21,7 @@ use tracer_common::{
 
 use crate::maps::{
     EVENTS, KIND_BUF, KIND_IOV, KIND_MSG, KIND_NONE, SCRATCH, Scratch, SyscallArgs, count,
-    wakeup_flags,
+    has_bpf_loop, wakeup_flags,
 };
 
 use super::sock::{Lookup, NextEvent, Store, first_seq, next_event};
@@ -805,7 +805,7 @@ pub fn emit_data<S: Store, const WALK: bool>(
 
 /// Builds and sends the event of a call whose socket's tuple and event number are known
 /// (`next`), with `flags` besides those it finds itself. `WALK`: HTTP/2 frames are walked and
-/// iovecs past MAX_IOVECS gathered, with `bpf_loop` (5.17+).
+/// iovecs past MAX_IOVECS gathered, with `bpf_loop` where the kernel has it (5.17+).
 #[inline(always)]
 pub fn emit<const WALK: bool>(args: &SyscallArgs, ret: u64, id: u64, next: NextEvent, flags: u32) {
     let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
@@ -919,7 +919,7 @@ pub fn emit<const WALK: bool>(args: &SyscallArgs, ret: u64, id: u64, next: NextE
             };
             let (end, next) = gather(payload.as_mut_ptr(), &b, captured, limit);
             captured = end;
-            if WALK && next == MAX_IOVECS && b.count > MAX_IOVECS && end < limit {
+            if WALK && next == MAX_IOVECS && b.count > MAX_IOVECS && end < limit && has_bpf_loop() {
                 captured = gather_loop(scratch, &b, end, limit, next);
             }
         }
@@ -943,7 +943,7 @@ pub fn emit<const WALK: bool>(args: &SyscallArgs, ret: u64, id: u64, next: NextE
     }
     meta.captured = captured as u32;
     let frames_len = match next.state {
-        Some(state) if WALK => http2_frames(
+        Some(state) if WALK && has_bpf_loop() => http2_frames(
             scratch,
             state,
             args,

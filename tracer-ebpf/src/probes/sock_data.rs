@@ -186,52 +186,52 @@ fn current_task() -> u64 {
 
 /// A send: its start stamp is taken (whatever the send turns out to be) before its bytes.
 #[inline(always)]
-fn on_send<S: Store, const WALK: bool>(ret: i32, record: impl FnOnce() -> Record) {
+fn on_send<S: Store>(ret: i32, record: impl FnOnce() -> Record) {
     let (id, task) = (bpf_get_current_pid_tgid(), current_task());
     let started = take_send_start(id, task);
-    on_data::<S, WALK>(ret, id, task, DIR_EGRESS, started, record);
+    on_data::<S>(ret, id, task, DIR_EGRESS, started, record);
 }
 
 /// A receive: its bytes are there when it returns.
 #[inline(always)]
-fn on_recv<S: Store, const WALK: bool>(ret: i32, record: impl FnOnce() -> Record) {
+fn on_recv<S: Store>(ret: i32, record: impl FnOnce() -> Record) {
     let id = bpf_get_current_pid_tgid();
-    on_data::<S, WALK>(ret, id, current_task(), DIR_INGRESS, 0, record);
+    on_data::<S>(ret, id, current_task(), DIR_INGRESS, 0, record);
 }
 
 #[tracepoint(category = "sock", name = "sock_send_length")]
 pub fn sock_send_data(ctx: TracePointContext) -> u32 {
-    on_send::<ByAddress, true>(tp_ret(&ctx), || from_tracepoint(&ctx));
+    on_send::<ByAddress>(tp_ret(&ctx), || from_tracepoint(&ctx));
     0
 }
 
 #[tracepoint(category = "sock", name = "sock_recv_length")]
 pub fn sock_recv_data(ctx: TracePointContext) -> u32 {
-    on_recv::<ByAddress, true>(tp_ret(&ctx), || from_tracepoint(&ctx));
+    on_recv::<ByAddress>(tp_ret(&ctx), || from_tracepoint(&ctx));
     0
 }
 
 #[btf_tracepoint(function = "sock_send_length")]
 pub fn btf_sock_send(ctx: BtfTracePointContext) -> i32 {
-    on_send::<InSocket, true>(ctx.arg::<u64>(1) as i32, || from_btf(&ctx));
+    on_send::<InSocket>(ctx.arg::<u64>(1) as i32, || from_btf(&ctx));
     0
 }
 
 #[btf_tracepoint(function = "sock_recv_length")]
 pub fn btf_sock_recv(ctx: BtfTracePointContext) -> i32 {
-    on_recv::<InSocket, true>(ctx.arg::<u64>(1) as i32, || from_btf(&ctx));
+    on_recv::<InSocket>(ctx.arg::<u64>(1) as i32, || from_btf(&ctx));
     0
 }
 
 #[raw_tracepoint(tracepoint = "sock_send_length")]
 pub fn raw_sock_send(ctx: RawTracePointContext) -> i32 {
-    on_send::<ByAddress, true>(ctx.arg::<u64>(1) as i32, || from_raw(&ctx));
+    on_send::<ByAddress>(ctx.arg::<u64>(1) as i32, || from_raw(&ctx));
     0
 }
 
 #[raw_tracepoint(tracepoint = "sock_recv_length")]
 pub fn raw_sock_recv(ctx: RawTracePointContext) -> i32 {
-    on_recv::<ByAddress, true>(ctx.arg::<u64>(1) as i32, || from_raw(&ctx));
+    on_recv::<ByAddress>(ctx.arg::<u64>(1) as i32, || from_raw(&ctx));
     0
 }
 
@@ -245,7 +245,7 @@ static TCP_RECVMSG_FLAGS_ARG: u32 = 3;
 /// `tcp_recvmsg` at their exit, with the same work as the socket path.
 #[fexit(function = "tcp_sendmsg")]
 pub fn fexit_tcp_send(ctx: FExitContext) -> i32 {
-    on_send::<InSocket, true>(ctx.arg::<u64>(3) as i32, || from_fexit(&ctx, 0));
+    on_send::<InSocket>(ctx.arg::<u64>(3) as i32, || from_fexit(&ctx, 0));
     0
 }
 
@@ -253,7 +253,7 @@ pub fn fexit_tcp_send(ctx: FExitContext) -> i32 {
 pub fn fexit_tcp_recv(ctx: FExitContext) -> i32 {
     // An error of the helper (none: the program is an fexit) reads as a failed call.
     let ret = ctx.ret::<u64>().unwrap_or(u64::MAX) as i32;
-    on_recv::<InSocket, true>(ret, || {
+    on_recv::<InSocket>(ret, || {
         let mut flags = 0u64;
         // SAFETY: the helper checks the index against the function's arity; `flags` is ours.
         unsafe {
@@ -270,29 +270,15 @@ pub fn fexit_tcp_recv(ctx: FExitContext) -> i32 {
 /// the stream (an HTTP/2 connection's frames above all) stays right.
 #[fexit(function = "tcp_sendpage")]
 pub fn fexit_tcp_sendpage(ctx: FExitContext) -> i32 {
-    on_send::<InSocket, true>(ctx.arg::<u64>(5) as i32, || from_fexit(&ctx, 0));
-    0
-}
-
-#[fexit(function = "tcp_sendpage")]
-pub fn fexit_tcp_sendpage_unlooped(ctx: FExitContext) -> i32 {
-    on_send::<InSocket, false>(ctx.arg::<u64>(5) as i32, || from_fexit(&ctx, 0));
-    0
-}
-
-/// The same without `bpf_loop` (5.15 and 5.16, whose `tcp_recvmsg` still takes `nonblock`):
-/// HTTP/2 frames are not walked past each call's first KiB, nor iovecs gathered past the 16th.
-#[fexit(function = "tcp_sendmsg")]
-pub fn fexit_tcp_send_unlooped(ctx: FExitContext) -> i32 {
-    on_send::<InSocket, false>(ctx.arg::<u64>(3) as i32, || from_fexit(&ctx, 0));
+    on_send::<InSocket>(ctx.arg::<u64>(5) as i32, || from_fexit(&ctx, 0));
     0
 }
 
 /// `tcp_recvmsg(sk, msg, len, nonblock, flags, addr_len)`, as it was until 5.19: read
-/// directly, without the helpers (5.17+).
+/// directly, for kernels without the argument helpers (before 5.17).
 #[fexit(function = "tcp_recvmsg")]
-pub fn fexit_tcp_recv_unlooped(ctx: FExitContext) -> i32 {
-    on_recv::<InSocket, false>(ctx.arg::<u64>(6) as i32, || {
+pub fn fexit_tcp_recv_nonblock(ctx: FExitContext) -> i32 {
+    on_recv::<InSocket>(ctx.arg::<u64>(6) as i32, || {
         from_fexit(&ctx, ctx.arg::<u64>(4) as i32)
     });
     0
@@ -322,7 +308,7 @@ fn send_head(task: u64, sk: u64) -> Option<[u8; 3]> {
 }
 
 #[inline(always)]
-fn on_data<S: Store, const WALK: bool>(
+fn on_data<S: Store>(
     ret: i32,
     id: u64,
     task: u64,
@@ -405,5 +391,5 @@ fn on_data<S: Store, const WALK: bool>(
             r14
         },
     };
-    emit_data::<S, WALK>(&args, ret as u64, id, lookup);
+    emit_data::<S, true>(&args, ret as u64, id, lookup);
 }
