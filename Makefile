@@ -14,6 +14,7 @@ run: toolchain
 # Every test: unit, integration (real probes), and the bench's smoke run.
 test: toolchain
 	scripts/test-deps.sh
+	scripts/test-kernel.sh
 	cargo xtask test
 
 bench: toolchain

@@ -19,6 +19,8 @@ done
 /usr/bin/python3 -c 'import h2' 2>/dev/null || missing+=(python3-h2)
 # The initramfs needs busybox-static's (the busybox package's is dynamically linked).
 dpkg-query -W -f '${Status}' busybox-static 2>/dev/null | grep -q "ok installed" || missing+=(busybox-static)
+# scripts/test-kernel.sh unpacks Ubuntu's package index with it.
+command -v xz >/dev/null || missing+=(xz-utils)
 if [ ${#missing[@]} -gt 0 ]; then
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
@@ -27,4 +29,3 @@ if ! command -v oha >/dev/null && [ ! -x "${CARGO_HOME:-$HOME/.cargo}/bin/oha" ]
   toolchain=$(sed -n 's/^channel *= *"\(.*\)"/\1/p' "$(dirname "$0")/../rust-toolchain.toml")
   cargo "+$toolchain" install oha --locked --quiet
 fi
-"$(dirname "$0")/test-kernel.sh"

@@ -23,7 +23,12 @@ fetch() {
         pkg=$(find_pkg)
       fi
       [ -n "$pkg" ] || { echo "no linux-image-6.1.0-*-amd64 package in apt's lists" >&2; exit 1; }
-      (cd "$tmp" && apt-get -qq -o APT::Sandbox::User=root download "$pkg")
+      # Lists older than the archive name a package it no longer has: refreshed once.
+      if ! (cd "$tmp" && apt-get -qq -o APT::Sandbox::User=root download "$pkg"); then
+        apt-get update -qq
+        pkg=$(find_pkg)
+        (cd "$tmp" && apt-get -qq -o APT::Sandbox::User=root download "$pkg")
+      fi
       ;;
     linux-5.15)
       curl -fsS "$ubuntu/dists/jammy-updates/main/binary-amd64/Packages.xz" | xz -dc > "$tmp/Packages"

@@ -23,7 +23,7 @@ fn kernel_dir(name: &str) -> PathBuf {
     let dir = Path::new("/var/cache/tracer/kernels").join(name);
     assert!(
         dir.join("vmlinuz").is_file(),
-        "no kernel at {}: run scripts/test-kernel.sh (scripts/test-deps.sh does)",
+        "no kernel at {}: run scripts/test-kernel.sh (make test does)",
         dir.display()
     );
     dir
@@ -163,7 +163,7 @@ fn linux_6_1_takes_the_fentry_data_path_and_counts_exactly() {
     fentry_counts_exactly_on("linux-6.1", "6.1.");
 }
 
-/// Without `bpf_loop`, the programs that do not walk HTTP/2 frames.
+/// Without `bpf_loop`: the same programs, whose calls of it the verifier never walks there.
 #[test]
 fn linux_5_15_takes_the_fentry_data_path_without_bpf_loop_and_counts_exactly() {
     fentry_counts_exactly_on("linux-5.15", "5.15.");

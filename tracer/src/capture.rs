@@ -573,8 +573,10 @@ struct SockOffsets {
     /// `tcp_recvmsg`'s arguments, and which is `flags` (6 and 4 until 5.19, then 5 and 3,
     /// then 4 and 3 without `addr_len`).
     tcp_recvmsg: Option<(usize, u32)>,
-    /// Whether the kernel has `tcp_sendpage` (until 6.5).
-    tcp_sendpage: bool,
+    /// How many arguments `tcp_sendmsg` and `tcp_sendpage` (until 6.5) take: the programs
+    /// read the return value after 3 and 5.
+    tcp_sendmsg_args: Option<usize>,
+    tcp_sendpage: Option<usize>,
 }
 
 impl SockOffsets {
@@ -616,7 +618,8 @@ impl SockOffsets {
             sk_flags: member(&btf, "sock", "sk_flags", 8)
                 .or_else(|| member(&btf, "sock_common", "skc_flags", 8)),
             tcp_recvmsg: arity(&btf, "tcp_recvmsg").zip(parameter(&btf, "tcp_recvmsg", "flags")),
-            tcp_sendpage: prototype(&btf, "tcp_sendpage").is_some(),
+            tcp_sendmsg_args: arity(&btf, "tcp_sendmsg"),
+            tcp_sendpage: arity(&btf, "tcp_sendpage"),
         };
         tracing::debug!("struct sock offsets from BTF: {offsets:?}");
         offsets
@@ -781,10 +784,18 @@ fn attach_fentry_path(
     offsets: &SockOffsets,
     btf: Option<&Btf>,
 ) -> Result<Vec<Link>, CaptureError> {
-    let unavailable = |why: &str| CaptureError::Attach("fexit", "tcp_sendmsg", why.into());
+    let unavailable = |why: &str| CaptureError::Attach("fexit", "tcp_{send,recv}msg", why.into());
     let btf = btf.ok_or_else(|| unavailable("the kernel's BTF did not load"))?;
     if offsets.sk_protocol.is_none() {
         return Err(unavailable("sk_protocol is not in the kernel's BTF"));
+    }
+    // The verifier bounds the argument a program reads by the function's arity, not by what
+    // the program takes it for: an argument more would be read as the return value.
+    if offsets.tcp_sendmsg_args != Some(3) {
+        return Err(unavailable(&format!(
+            "tcp_sendmsg takes {:?} arguments in this kernel's BTF, not 3",
+            offsets.tcp_sendmsg_args
+        )));
     }
     // Before 5.19 (so wherever the argument helpers are missing), `nonblock` came before
     // `flags`: read directly.
@@ -804,7 +815,9 @@ fn attach_fentry_path(
         attach_fexit(ebpf, btf, recv)?,
     ];
     // Missing since 6.5, where splice goes through `tcp_sendmsg`.
-    if offsets.tcp_sendpage {
+    if let Some(n) = offsets.tcp_sendpage.filter(|&n| n != 5) {
+        tracing::warn!("tcp_sendpage takes {n} arguments, not 5: sendfile's bytes are not seen");
+    } else if offsets.tcp_sendpage.is_some() {
         match attach_fexit(ebpf, btf, FENTRY_SENDPAGE) {
             Ok(link) => links.push(link),
             Err(e) => tracing::warn!("{e}: sendfile's bytes are not seen"),
@@ -948,14 +961,12 @@ impl Capture {
         let tgid = std::process::id();
         let offsets = SockOffsets::from_btf();
         // Without it (before 5.17) HTTP/2 frames are not walked past each call's first KiB.
-        let has_bpf_loop = matches!(
-            aya::sys::is_helper_supported(ProgramType::KProbe, BpfHelper::BPF_FUNC_loop),
-            Ok(true)
-        );
+        let probe = aya::sys::is_helper_supported(ProgramType::KProbe, BpfHelper::BPF_FUNC_loop);
+        let has_bpf_loop = matches!(probe, Ok(true));
         if !has_bpf_loop {
             tracing::warn!(
-                "no bpf_loop in this kernel (before 5.17): HTTP/2 frames past the first KiB of \
-                 each call, and iovecs past the 16th, are not followed"
+                "no bpf_loop here (before 5.17; probe: {probe:?}): HTTP/2 frames past the first \
+                 KiB of each call, and iovecs past the 16th, are not followed"
             );
         }
         // For the BTF tracepoints; dropped once they are attached.
@@ -1198,9 +1209,19 @@ mod tests {
     fn reads_function_arguments_from_btf() {
         let btf = btf_rs::Btf::from_file("/sys/kernel/btf/vmlinux").expect("kernel BTF");
         assert_eq!(arity(&btf, "tcp_sendmsg"), Some(3));
-        assert_eq!(arity(&btf, "tcp_recvmsg"), Some(4));
-        assert_eq!(parameter(&btf, "tcp_recvmsg", "flags"), Some(3));
-        assert_eq!(parameter(&btf, "tcp_recvmsg", "nonblock"), None);
+        // Whichever of its three forms this kernel has, `flags` is where the programs read it.
+        let form = (
+            arity(&btf, "tcp_recvmsg"),
+            parameter(&btf, "tcp_recvmsg", "flags"),
+            parameter(&btf, "tcp_recvmsg", "nonblock"),
+        );
+        assert!(
+            matches!(
+                form,
+                (Some(4 | 5), Some(3), None) | (Some(6), Some(4), Some(3))
+            ),
+            "{form:?}"
+        );
         assert_eq!(arity(&btf, "no_such_function_here"), None);
     }
 }
