@@ -152,6 +152,8 @@ fn read_iovec(iov: u64) -> Option<(u64, u64)> {
 ///
 /// Unrolled by hand rather than a loop: verifiers before 6.3 refuse a loop LLVM lays out to be
 /// entered by falling through, and a kernel before 5.17 has no `bpf_loop`.
+// The last step's read of a next iovec is never used.
+#[allow(unused_assignments)]
 #[inline(always)]
 fn gather(payload: *mut u8, b: &Buffers, off: u64, limit: u64) -> (u64, u64) {
     let (mut base, mut len) = b.second;
