@@ -15,7 +15,7 @@ use std::{
     process::Command,
 };
 
-use common::{scratch, serial, status_codes, tracer_bin, workspace_root};
+use common::{edge_in, scratch, serial, status_codes, tracer_bin, workspace_root};
 use serde_json::Value;
 
 /// Where scripts/test-kernel.sh put kernel `name`.
@@ -59,19 +59,7 @@ fn codes(path: &Path) -> BTreeMap<String, u64> {
 
 /// The edge from `src` to the server on `port` in `/api/edges`.
 fn edge(edges: &Value, src: &str, port: u16) -> Value {
-    edges["edges"]
-        .as_array()
-        .expect("edges")
-        .iter()
-        .find(|e| {
-            e["src"] == src
-                && e["dst_addrs"].as_array().is_some_and(|a| {
-                    a.iter()
-                        .any(|x| x.as_str().is_some_and(|s| s.ends_with(&format!(":{port}"))))
-                })
-        })
-        .cloned()
-        .unwrap_or_else(|| panic!("no edge {src} -> :{port}: {edges}"))
+    edge_in(edges, src, port).unwrap_or_else(|| panic!("no edge {src} -> :{port}: {edges}"))
 }
 
 /// On kernel `name` (whose release starts with `release`): the daemon picks `fentry` and

@@ -25,6 +25,22 @@ pub fn status_codes(edge: &Value) -> BTreeMap<String, u64> {
         .collect()
 }
 
+/// The edge from `src` whose server listens on `port`, in an `/api/edges` answer.
+pub fn edge_in(edges: &Value, src: &str, port: u16) -> Option<Value> {
+    edges["edges"]
+        .as_array()
+        .expect("edges array")
+        .iter()
+        .find(|e| {
+            e["src"] == src
+                && e["dst_addrs"].as_array().is_some_and(|a| {
+                    a.iter()
+                        .any(|x| x.as_str().is_some_and(|s| s.ends_with(&format!(":{port}"))))
+                })
+        })
+        .cloned()
+}
+
 /// Asserts that both ends of an edge (its server and its client, both on this host) saw `n`
 /// requests.
 pub fn assert_both_ends(edge: &Value, n: u64) {
@@ -167,19 +183,7 @@ impl Daemon {
 
     /// The edge whose server listens on `port`, from `src`.
     pub fn edge(&self, src: &str, port: u16) -> Option<Value> {
-        let edges = self.json("/api/edges");
-        edges["edges"]
-            .as_array()
-            .expect("edges array")
-            .iter()
-            .find(|e| {
-                e["src"] == src
-                    && e["dst_addrs"].as_array().is_some_and(|a| {
-                        a.iter()
-                            .any(|x| x.as_str().is_some_and(|s| s.ends_with(&format!(":{port}"))))
-                    })
-            })
-            .cloned()
+        edge_in(&self.json("/api/edges"), src, port)
     }
 
     /// The TCP edge `src -> dst` (`/api/edges`' `tcp`) once `done` holds, or after 10 s.
