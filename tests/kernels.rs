@@ -15,7 +15,9 @@ use std::{
     process::Command,
 };
 
-use common::{edge_in, scratch, serial, status_codes, tracer_bin, workspace_root};
+use common::{
+    assert_both_ends, edge_in, scratch, serial, status_codes, tracer_bin, workspace_root,
+};
 use serde_json::Value;
 
 /// Where scripts/test-kernel.sh put kernel `name`.
@@ -116,14 +118,7 @@ fn fentry_counts_exactly_on(name: &str, release: &str) {
             "requests to :{port} by status: {e}\n{}",
             context()
         );
-        assert_eq!(
-            e["server_latency"]["count"], n,
-            "server end of :{port}: {e}"
-        );
-        assert_eq!(
-            e["client_latency"]["count"], n,
-            "client end of :{port}: {e}"
-        );
+        assert_both_ends(&e, n);
         let over_tls: u64 = if port == 18082 { tls.values().sum() } else { 0 };
         assert_eq!(e["tls_requests"], over_tls, "over TLS to :{port}: {e}");
     }
