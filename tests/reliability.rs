@@ -134,9 +134,7 @@ fn overload_is_counted_never_silent() {
     let completed = wrk(nginx.port, 3, CONNS, false);
     std::thread::sleep(Duration::from_secs(2));
     assert!(daemon.alive(), "daemon died: {}", daemon.log_text());
-    let seen = daemon
-        .edge("wrk", nginx.port)
-        .map_or(0, |e| e["requests"].as_u64().unwrap_or(0));
+    let seen = daemon.requests_to("wrk", nginx.port);
     let lost = daemon.metric_sum("tracer_requests_lost_total", &[("side", "server")]);
     let drops = daemon.metric_sum(
         "tracer_kernel_events_total",

@@ -31,14 +31,16 @@ pub fn edge_in(edges: &Value, src: &str, port: u16) -> Option<Value> {
         .as_array()
         .expect("edges array")
         .iter()
-        .find(|e| {
-            e["src"] == src
-                && e["dst_addrs"].as_array().is_some_and(|a| {
-                    a.iter()
-                        .any(|x| x.as_str().is_some_and(|s| s.ends_with(&format!(":{port}"))))
-                })
-        })
+        .find(|e| e["src"] == src && serves_on(e, port))
         .cloned()
+}
+
+/// Whether an edge's server listens on `port`.
+fn serves_on(edge: &Value, port: u16) -> bool {
+    edge["dst_addrs"].as_array().is_some_and(|a| {
+        a.iter()
+            .any(|x| x.as_str().is_some_and(|s| s.ends_with(&format!(":{port}"))))
+    })
 }
 
 /// Asserts that both ends of an edge (its server and its client, both on this host) saw `n`
@@ -184,6 +186,20 @@ impl Daemon {
     /// The edge whose server listens on `port`, from `src`.
     pub fn edge(&self, src: &str, port: u16) -> Option<Value> {
         edge_in(&self.json("/api/edges"), src, port)
+    }
+
+    /// Requests from `src` to the server on `port`, over every edge they were counted under: a
+    /// connection whose server end the daemon never saw (its events lost to a full ring buffer)
+    /// names its server by address, apart from the edge to the named server.
+    pub fn requests_to(&self, src: &str, port: u16) -> u64 {
+        let edges = self.json("/api/edges");
+        edges["edges"]
+            .as_array()
+            .expect("edges array")
+            .iter()
+            .filter(|e| e["src"] == src && serves_on(e, port))
+            .map(|e| e["requests"].as_u64().unwrap_or(0))
+            .sum()
     }
 
     /// The TCP edge `src -> dst` (`/api/edges`' `tcp`) once `done` holds, or after 10 s.
