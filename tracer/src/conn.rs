@@ -1571,12 +1571,21 @@ fn complete_message(conn: &mut Conn, requests: bool, end_ns: u64, out: &mut Vec<
     conn.responses.state = ReadState::Idle;
     let resp_bytes = conn.responses.bytes;
     let Some(InFlight {
-        request: Some(req),
+        request: Some(mut req),
         status,
     }) = conn.current.take()
     else {
         return;
     };
+    // Answered before its body was all read (a 401 or 413 to an upload, a server that
+    // discards the body): its size so far, and what its Content-Length says is still to come.
+    if req.bytes == 0 && conn.pending.is_empty() {
+        req.bytes = conn.requests.bytes
+            + match &conn.requests.state {
+                ReadState::Body(Body::Length(rem)) => *rem,
+                _ => 0,
+            };
+    }
     out.push(exchange(conn, side, req, status, end_ns, resp_bytes));
 }
 
@@ -2303,6 +2312,36 @@ mod tests {
         h.write(b"HTTP/1.1 201 Created\r\nContent-Length: 0\r\n\r\n");
         assert_eq!(h.statuses(), vec![("/up".to_owned(), 201)]);
         assert_eq!(h.out[0].req_bytes, 65);
+    }
+
+    #[test]
+    fn a_response_before_the_request_body_ends_counts_the_whole_request() {
+        let head = b"POST /up HTTP/1.1\r\nContent-Length: 1000\r\n\r\n";
+        let mut h = Harness::new();
+        h.read(head);
+        h.read(&[b'x'; 100]);
+        // Refused while the body is still coming; the rest of it arrives after.
+        h.write(b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 0\r\n\r\n");
+        h.read(&[b'x'; 900]);
+        // Answered when the head was read, completed after the body: its size all the same.
+        h.read(head);
+        h.write(b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 4\r\n\r\n");
+        h.read(&[b'x'; 1000]);
+        h.write(b"nope");
+        h.read(b"GET /next HTTP/1.1\r\n\r\n");
+        h.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n");
+        assert_eq!(
+            h.statuses(),
+            vec![
+                ("/up".to_owned(), 413),
+                ("/up".to_owned(), 401),
+                ("/next".to_owned(), 200)
+            ]
+        );
+        let whole = head.len() as u64 + 1000;
+        assert_eq!(h.out[0].req_bytes, whole);
+        assert_eq!(h.out[1].req_bytes, whole);
+        assert_eq!(h.out[2].req_bytes, 22);
     }
 
     #[test]
