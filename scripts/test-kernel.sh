@@ -3,11 +3,14 @@
 # whose root is the host's over 9p needs, into /var/cache/tracer/kernels/NAME:
 #   linux-6.1   Debian 12's (apt): no sock_*_length tracepoints (6.3+), no uprobe-multi (6.6+)
 #   linux-5.15  Ubuntu 22.04's (archive.ubuntu.com): no bpf_loop (5.17+) either
+#   linux-5.10  Debian 11's (deb.debian.org): no bpf_task_pt_regs (5.15+) either, so no fentry
+#               data path: the syscall tracepoints, the socket found from the file descriptor
 # Usage: test-kernel.sh [NAME...] (default: all). Idempotent: nothing is fetched for a kernel
 # already there.
 set -euo pipefail
 cache=/var/cache/tracer/kernels
 ubuntu=http://archive.ubuntu.com/ubuntu
+debian_security=http://deb.debian.org/debian-security
 modules=(virtio_pci 9pnet_virtio 9p)
 
 # The .deb files of NAME's newest image (and modules package), into $tmp.
@@ -40,12 +43,20 @@ fetch() {
         (cd "$tmp" && curl -fsS -O "$ubuntu/$file")
       done
       ;;
-    *) echo "unknown kernel $1 (linux-6.1, linux-5.15)" >&2; exit 1 ;;
+    linux-5.10)
+      curl -fsS "$debian_security/dists/bullseye-security/main/binary-amd64/Packages.xz" | xz -dc > "$tmp/Packages"
+      # Newest linux-image-5.10.0-N-amd64 (modules included).
+      pkg=$(sed -n 's/^Package: \(linux-image-5\.10\.0-[0-9]*-amd64\)$/\1/p' "$tmp/Packages" | sort -V | tail -1)
+      [ -n "$pkg" ] || { echo "no linux-image-5.10.0-*-amd64 in bullseye-security" >&2; exit 1; }
+      file=$(awk -v p="$pkg" '$0 == "Package: " p {f=1} f && /^Filename: / {print $2; exit}' "$tmp/Packages")
+      (cd "$tmp" && curl -fsS -O "$debian_security/$file")
+      ;;
+    *) echo "unknown kernel $1 (linux-6.1, linux-5.15, linux-5.10)" >&2; exit 1 ;;
   esac
 }
 
 names=("$@")
-[ $# -gt 0 ] || names=(linux-6.1 linux-5.15)
+[ $# -gt 0 ] || names=(linux-6.1 linux-5.15 linux-5.10)
 for name in "${names[@]}"; do
   dir=$cache/$name
   if [ -f "$dir/vmlinuz" ] && [ -f "$dir/modules/order" ]; then

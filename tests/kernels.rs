@@ -1,8 +1,10 @@
 //! The daemon on production kernels older than this host's (scripts/test-kernel.sh), booted in
 //! qemu with this host's root read-only over 9p (tests/fixtures/vm/boot.sh): Debian 12's Linux
-//! 6.1 and Ubuntu 22.04's 5.15. Neither has `sock_*_length` tracepoints (6.3+), which every
-//! data path but `fentry` needs, nor uprobe-multi links (6.6+); 5.15 has no `bpf_loop` (5.17+);
-//! their verifiers refuse what newer ones take. Both have kprobes and fentry, which this host's
+//! 6.1, Ubuntu 22.04's 5.15 and Debian 11's 5.10. None has `sock_*_length` tracepoints (6.3+),
+//! which the socket data path needs, nor uprobe-multi links (6.6+); 5.15 and 5.10 have no
+//! `bpf_loop` (5.17+); 5.10 has neither `bpf_task_pt_regs` nor socket storage for tracing
+//! programs (so no fentry path: the syscall tracepoints find sockets from descriptors); their
+//! verifiers refuse what newer ones take. All have kprobes and fentry, which this host's
 //! kernel refuses. Inside (tests/fixtures/vm/http.sh), curl's requests to the fixture server
 //! and to nginx are counted against what curl got.
 
@@ -64,9 +66,10 @@ fn edge(edges: &Value, src: &str, port: u16) -> Value {
     edge_in(edges, src, port).unwrap_or_else(|| panic!("no edge {src} -> :{port}: {edges}"))
 }
 
-/// On kernel `name` (whose release starts with `release`): the daemon picks `fentry` and
-/// counts curl's requests, by status, at both ends.
-fn fentry_counts_exactly_on(name: &str, release: &str) {
+/// On kernel `name` (whose release starts with `release`): the daemon picks data path `attach`
+/// and counts curl's requests, by status, at both ends; `tls`: OpenSSL's plaintext is followed
+/// (else its requests are not counted at all).
+fn counts_exactly_on(name: &str, release: &str, attach: &str, tls: bool) {
     let _serial = serial();
     let share = scratch(name);
     let console = boot(
@@ -93,16 +96,18 @@ fn fentry_counts_exactly_on(name: &str, release: &str) {
     );
     let status: Value = serde_json::from_str(&read("status.json"))
         .unwrap_or_else(|e| panic!("no /api/status ({e}): {}", context()));
-    assert_eq!(status["attach"], "fentry", "{}", context());
+    assert_eq!(status["attach"], attach, "{}", context());
     assert_eq!(read("daemon.rc").trim(), "0", "SIGTERM: {}", context());
 
     let edges: Value = serde_json::from_str(&read("edges.json")).expect("edges.json");
     // One edge per client and server workload: nginx's plain and TLS ports share one.
-    let tls = codes(&share.join("tls.codes"));
-    for (port, files) in [
-        (18081, &["server.codes"][..]),
-        (18082, &["nginx.codes", "tls.codes"][..]),
-    ] {
+    let tls_codes = codes(&share.join("tls.codes"));
+    let nginx: &[&str] = if tls {
+        &["nginx.codes", "tls.codes"]
+    } else {
+        &["nginx.codes"]
+    };
+    for (port, files) in [(18081, &["server.codes"][..]), (18082, nginx)] {
         let mut want = BTreeMap::new();
         for file in files {
             for (code, k) in codes(&share.join(file)) {
@@ -119,7 +124,11 @@ fn fentry_counts_exactly_on(name: &str, release: &str) {
             context()
         );
         assert_both_ends(&e, n);
-        let over_tls: u64 = if port == 18082 { tls.values().sum() } else { 0 };
+        let over_tls: u64 = if port == 18082 && tls {
+            tls_codes.values().sum()
+        } else {
+            0
+        };
         assert_eq!(e["tls_requests"], over_tls, "over TLS to :{port}: {e}");
     }
     // h2load's own count: "requests: 40 total, 40 started, 40 done, 40 succeeded, ...".
@@ -143,11 +152,18 @@ fn fentry_counts_exactly_on(name: &str, release: &str) {
 
 #[test]
 fn linux_6_1_takes_the_fentry_data_path_and_counts_exactly() {
-    fentry_counts_exactly_on("linux-6.1", "6.1.");
+    counts_exactly_on("linux-6.1", "6.1.", "fentry", true);
 }
 
 /// Without `bpf_loop`: the same programs, whose calls of it the verifier never walks there.
 #[test]
 fn linux_5_15_takes_the_fentry_data_path_without_bpf_loop_and_counts_exactly() {
-    fentry_counts_exactly_on("linux-5.15", "5.15.");
+    counts_exactly_on("linux-5.15", "5.15.", "fentry", true);
+}
+
+/// Debian 11's 5.10 (and Amazon Linux 2's): the syscall raw tracepoints, each call's socket
+/// found from its descriptor.
+#[test]
+fn linux_5_10_takes_the_syscall_path_with_sockets_from_descriptors_and_counts_exactly() {
+    counts_exactly_on("linux-5.10", "5.10.", "raw-tracepoint", false);
 }

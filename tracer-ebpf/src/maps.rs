@@ -26,6 +26,10 @@ pub struct SyscallArgs {
     /// whatever R14 held in other programs (the daemon reads it only for Go processes); 0 where
     /// the registers are not at hand.
     pub goroutine: u64,
+    /// The call's descriptor and, for recvfrom and recvmsg, its flags: the syscall paths find
+    /// the socket from them where no tracepoint names it (`probes::fd`).
+    pub fd: u32,
+    pub flags: u32,
 }
 
 pub const KIND_BUF: u32 = 0;

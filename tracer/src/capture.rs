@@ -577,6 +577,37 @@ struct SockOffsets {
     /// read the return value after 3 and 5.
     tcp_sendmsg_args: Option<usize>,
     tcp_sendpage: Option<usize>,
+    /// From a descriptor to its socket, for the syscall paths where no tracepoint names it.
+    fd_walk: Option<FdWalk>,
+}
+
+/// `task_struct.files`, `files_struct.fdt`, `fdtable.max_fds`, `fdtable.fd`,
+/// `file.private_data`, `socket.file`, `socket.sk` (`probes::fd`).
+#[derive(Debug, Clone, Copy)]
+struct FdWalk([u32; 7]);
+
+impl FdWalk {
+    const GLOBALS: [&str; 7] = [
+        "TASK_FILES_OFFSET",
+        "FILES_FDT_OFFSET",
+        "FDT_MAX_FDS_OFFSET",
+        "FDT_FD_OFFSET",
+        "FILE_PRIVATE_DATA_OFFSET",
+        "SOCKET_FILE_OFFSET",
+        "SOCKET_SK_OFFSET",
+    ];
+
+    fn from_btf(btf: &btf_rs::Btf) -> Option<Self> {
+        Some(Self([
+            member(btf, "task_struct", "files", 8)?,
+            member(btf, "files_struct", "fdt", 8)?,
+            member(btf, "fdtable", "max_fds", 4)?,
+            member(btf, "fdtable", "fd", 8)?,
+            member(btf, "file", "private_data", 8)?,
+            member(btf, "socket", "file", 8)?,
+            member(btf, "socket", "sk", 8)?,
+        ]))
+    }
 }
 
 impl SockOffsets {
@@ -620,6 +651,7 @@ impl SockOffsets {
             tcp_recvmsg: arity(&btf, "tcp_recvmsg").zip(parameter(&btf, "tcp_recvmsg", "flags")),
             tcp_sendmsg_args: arity(&btf, "tcp_sendmsg"),
             tcp_sendpage: arity(&btf, "tcp_sendpage"),
+            fd_walk: FdWalk::from_btf(&btf),
         };
         tracing::debug!("struct sock offsets from BTF: {offsets:?}");
         offsets
@@ -704,9 +736,11 @@ fn member_in(
                 Type::Struct(s) | Type::Union(s) => {
                     return (s.size() == size).then_some(bits / 8);
                 }
+                Type::Ptr(_) => return (size == 8).then_some(bits / 8),
                 Type::Typedef(t) => btf.resolve_chained_type(&t).ok()?,
                 Type::Volatile(t) => btf.resolve_chained_type(&t).ok()?,
                 Type::Const(t) => btf.resolve_chained_type(&t).ok()?,
+                Type::TypeTag(t) => btf.resolve_chained_type(&t).ok()?,
                 _ => return None,
             };
         }
@@ -726,11 +760,31 @@ fn attach_path(
 ) -> Result<Vec<Link>, CaptureError> {
     let mut links = Vec::new();
     let sk_protocol = offsets.sk_protocol;
+    let syscalls = matches!(
+        path,
+        AttachMode::RawTracepoint | AttachMode::Tracepoint | AttachMode::Auto
+    );
+    // The syscall paths go without it where they can find sockets from descriptors.
+    let walks_fds = syscalls && walks_fds(layouts, offsets);
     if path != AttachMode::Fentry
+        && !walks_fds
         && let Some(e) = &layouts.sock
     {
-        return Err(CaptureError::Attach("sock", "sock_*_length", e.to_string()));
+        let e = match (syscalls, offsets.fd_walk) {
+            (true, None) => format!("{e}; nor are descriptors' sockets in the kernel's BTF"),
+            _ => e.to_string(),
+        };
+        return Err(CaptureError::Attach("sock", "sock_*_length", e));
     }
+    let sock_length = if walks_fds {
+        tracing::info!(
+            "no sock_*_length tracepoints here (before 6.3): each call's socket is found from its \
+             descriptor"
+        );
+        &[][..]
+    } else {
+        SOCK_LENGTH
+    };
     match path {
         AttachMode::Fentry => links.extend(attach_fentry_path(ebpf, offsets, btf)?),
         AttachMode::Socket | AttachMode::SocketRaw | AttachMode::SocketClassic => {
@@ -750,7 +804,7 @@ fn attach_path(
         }
         AttachMode::RawTracepoint => {
             links.push(attach_lifecycle(ebpf, sk_protocol)?);
-            for &p in SOCK_LENGTH {
+            for &p in sock_length {
                 links.push(attach_tracepoint(ebpf, p)?);
             }
             for &(prog, tp) in RAW_SYSCALLS {
@@ -766,7 +820,7 @@ fn attach_path(
                 ));
             }
             links.push(attach_lifecycle(ebpf, sk_protocol)?);
-            for &p in SOCK_LENGTH {
+            for &p in sock_length {
                 links.push(attach_tracepoint(ebpf, p)?);
             }
             for &(category, name) in SYSCALL_TRACEPOINTS {
@@ -775,6 +829,13 @@ fn attach_path(
         }
     }
     Ok(links)
+}
+
+/// Whether the syscall paths find each call's socket from its descriptor (`probes::fd`): where
+/// `sock_*_length` is missing (before 6.3) and BTF gives the offsets of the walk and of
+/// `sk_protocol` (to tell TCP).
+fn walks_fds(layouts: &Layouts, offsets: &SockOffsets) -> bool {
+    layouts.sock.is_some() && offsets.fd_walk.is_some() && offsets.sk_protocol.is_some()
 }
 
 /// The fentry data path: needs BTF (typed arguments, socket storage), `sk_protocol`'s offset
@@ -971,9 +1032,16 @@ impl Capture {
         }
         // For the BTF tracepoints; dropped once they are attached.
         let btf = Btf::from_sys_fs().ok();
+        // Borrowed by the loader until it loads.
+        let fd_walk = u32::from(walks_fds(&layouts, &offsets));
+        let walk = offsets.fd_walk.map(|FdWalk(w)| w).unwrap_or_default();
         let mut loader = EbpfLoader::new();
         if let Some(bytes) = ringbuf_bytes {
             loader.map_max_entries("EVENTS", bytes);
+        }
+        loader.override_global("FD_WALK", &fd_walk, true);
+        for (global, off) in FdWalk::GLOBALS.into_iter().zip(&walk) {
+            loader.override_global(global, off, true);
         }
         let ring = ringbuf_bytes.unwrap_or(limits::RINGBUF_BYTES);
         let wakeup_shift = u64::from(limits::WAKEUP_BYTES.min(ring / 8).max(1).ilog2());

@@ -37,14 +37,17 @@ const NR_READV: u64 = 19;
 const NR_WRITEV: u64 = 20;
 const NR_SENDFILE: u64 = 40;
 const NR_SENDTO: u64 = 44;
-const NR_RECVFROM: u64 = 45;
+pub const NR_RECVFROM: u64 = 45;
 const NR_SENDMSG: u64 = 46;
-const NR_RECVMSG: u64 = 47;
+pub const NR_RECVMSG: u64 = 47;
 
 /// Offsets in x86_64 `struct pt_regs` (part of the user ABI: ptrace's `user_regs_struct`):
 /// the second and third syscall arguments, the syscall number, the code segment (whose low
 /// two bits are 3 when the registers are a user program's), and R14 (Go's goroutine).
 pub const REGS_SI: u64 = 13 * 8;
+/// The first and fourth syscall arguments (the descriptor; recvfrom's flags).
+pub const REGS_DI: u64 = 14 * 8;
+pub const REGS_R10: u64 = 7 * 8;
 pub const REGS_R14: u64 = 8;
 pub const REGS_DX: u64 = 12 * 8;
 pub const REGS_ORIG_AX: u64 = 15 * 8;

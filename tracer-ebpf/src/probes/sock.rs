@@ -18,7 +18,8 @@ use tracer_common::{
 };
 
 use crate::maps::{
-    ACTIVE, EVENTS, OPAQUE, OPAQUE_ASKED, RESET_IN, SOCK_STATES, SOCKS, count, wakeup_flags,
+    ACTIVE, EVENTS, OPAQUE, OPAQUE_ASKED, RESET_IN, SOCK_STATES, SOCKS, SyscallArgs, count,
+    wakeup_flags,
 };
 
 /// Where a socket's state is kept.
@@ -384,19 +385,38 @@ fn on_length(ctx: &TracePointContext, direction: u32) {
             return;
         }
         let r = from_tracepoint(ctx);
-        // Without the task's registers here: Go's crypto/tls is not followed on this path.
-        if super::tls::claim::<ByAddress>(id, &r, || 0)
-            || (direction == DIR_EGRESS
-                && super::tls::bind_after::<ByAddress>(id, &r, || {
-                    super::data::first_bytes::<3>(args)
-                }))
-            || traced_socket::<ByAddress>(&r, direction).is_none()
-        {
+        if !syscall_follows(id, &r, args) {
             let _ = ACTIVE.remove(&id);
             return;
         }
-        let sk = r.sk;
-        args.sk = sk;
+        args.sk = r.sk;
+    }
+}
+
+/// Whether the syscall data paths follow this call on socket `r`: not a TLS library's
+/// ciphertext, TCP, not opaque. Without the task's registers here: Go's crypto/tls is not
+/// followed on these paths.
+#[inline(always)]
+pub fn syscall_follows(id: u64, r: &Record, args: &SyscallArgs) -> bool {
+    !(super::tls::claim::<ByAddress>(id, r, || 0)
+        || (args.direction == DIR_EGRESS
+            && super::tls::bind_after::<ByAddress>(id, r, || super::data::first_bytes::<3>(args)))
+        || traced_socket::<ByAddress>(r, args.direction).is_none())
+}
+
+/// A socket's record read from the socket itself (family, and protocol at its BTF offset).
+#[inline(always)]
+pub fn from_sk(sk: u64, flags: i32) -> Record {
+    // SAFETY: a read-only global patched by the loader; volatile so LLVM does not fold the 0.
+    let off = unsafe { read_volatile(&SK_PROTOCOL_OFFSET) } as u64;
+    // SAFETY: `sk` is a kernel socket; reads are checked.
+    unsafe {
+        Record {
+            sk,
+            flags,
+            family: bpf_probe_read_kernel((sk + SKC_FAMILY) as *const u16).unwrap_or(0),
+            protocol: bpf_probe_read_kernel((sk + off) as *const u16).unwrap_or(0),
+        }
     }
 }
 

@@ -9,7 +9,7 @@ use core::ptr::read_volatile;
 use aya_ebpf::{
     EbpfContext as _,
     helpers::{
-        bpf_get_current_pid_tgid, bpf_probe_read_kernel,
+        bpf_get_current_pid_tgid,
         generated::{
             bpf_get_current_task_btf, bpf_get_func_arg, bpf_ktime_get_ns, bpf_task_pt_regs,
         },
@@ -24,7 +24,7 @@ use tracer_common::{DIR_EGRESS, DIR_INGRESS, KernelStat};
 use super::{
     data::{REGS_CS, REGS_DX, REGS_ORIG_AX, REGS_R14, REGS_SI, emit_data, first_bytes, traced},
     sock::{
-        ByAddress, InSocket, LEN_RET, Record, SK_PROTOCOL_OFFSET, SKC_FAMILY, Store,
+        ByAddress, InSocket, LEN_RET, Record, SK_PROTOCOL_OFFSET, SKC_FAMILY, Store, from_sk,
         from_tracepoint, traced_socket,
     },
 };
@@ -106,18 +106,7 @@ fn tp_ret(ctx: &TracePointContext) -> i32 {
 /// built; family and protocol are read from the socket.
 #[inline(always)]
 fn from_raw(ctx: &RawTracePointContext) -> Record {
-    let sk: u64 = ctx.arg(0);
-    // SAFETY: a read-only global patched by the loader; volatile so LLVM does not fold the 0.
-    let off = unsafe { read_volatile(&SK_PROTOCOL_OFFSET) } as u64;
-    // SAFETY: `sk` is the kernel's live socket; reads are checked.
-    unsafe {
-        Record {
-            sk,
-            flags: ctx.arg::<u64>(2) as i32,
-            family: bpf_probe_read_kernel((sk + SKC_FAMILY) as *const u16).unwrap_or(0),
-            protocol: bpf_probe_read_kernel((sk + off) as *const u16).unwrap_or(0),
-        }
-    }
+    from_sk(ctx.arg(0), ctx.arg::<u64>(2) as i32)
 }
 
 /// The BTF tracepoint's arguments: `sk` is a typed pointer, so family and protocol are plain
@@ -303,6 +292,8 @@ fn send_head(task: u64, sk: u64) -> Option<[u8; 3]> {
         kind,
         direction,
         goroutine: 0,
+        fd: 0,
+        flags: 0,
     };
     first_bytes::<3>(&args)
 }
@@ -390,6 +381,8 @@ fn on_data<S: Store>(
         } else {
             r14
         },
+        fd: 0,
+        flags: 0,
     };
     emit_data::<S, true>(&args, ret as u64, id, lookup);
 }

@@ -204,6 +204,8 @@ fn send_plaintext(call: &TlsCall, id: u64, bytes: u64) {
         kind: KIND_BUF,
         direction: call.direction,
         goroutine: call.goroutine,
+        fd: 0,
+        flags: 0,
     };
     // With the session's state: HTTP/2 over TLS is walked frame by frame as on a socket, and
     // the thread's name is sent only when it changes.
