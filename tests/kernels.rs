@@ -67,9 +67,8 @@ fn edge(edges: &Value, src: &str, port: u16) -> Value {
 }
 
 /// On kernel `name` (whose release starts with `release`): the daemon picks data path `attach`
-/// and counts curl's requests, by status, at both ends; `tls`: OpenSSL's plaintext is followed
-/// (else its requests are not counted at all).
-fn counts_exactly_on(name: &str, release: &str, attach: &str, tls: bool) {
+/// and counts curl's requests (OpenSSL's plaintext included), by status, at both ends.
+fn counts_exactly_on(name: &str, release: &str, attach: &str) {
     let _serial = serial();
     let share = scratch(name);
     let console = boot(
@@ -101,13 +100,11 @@ fn counts_exactly_on(name: &str, release: &str, attach: &str, tls: bool) {
 
     let edges: Value = serde_json::from_str(&read("edges.json")).expect("edges.json");
     // One edge per client and server workload: nginx's plain and TLS ports share one.
-    let tls_codes = codes(&share.join("tls.codes"));
-    let nginx: &[&str] = if tls {
-        &["nginx.codes", "tls.codes"]
-    } else {
-        &["nginx.codes"]
-    };
-    for (port, files) in [(18081, &["server.codes"][..]), (18082, nginx)] {
+    let tls = codes(&share.join("tls.codes"));
+    for (port, files) in [
+        (18081, &["server.codes"][..]),
+        (18082, &["nginx.codes", "tls.codes"][..]),
+    ] {
         let mut want = BTreeMap::new();
         for file in files {
             for (code, k) in codes(&share.join(file)) {
@@ -124,11 +121,7 @@ fn counts_exactly_on(name: &str, release: &str, attach: &str, tls: bool) {
             context()
         );
         assert_both_ends(&e, n);
-        let over_tls: u64 = if port == 18082 && tls {
-            tls_codes.values().sum()
-        } else {
-            0
-        };
+        let over_tls: u64 = if port == 18082 { tls.values().sum() } else { 0 };
         assert_eq!(e["tls_requests"], over_tls, "over TLS to :{port}: {e}");
     }
     // h2load's own count: "requests: 40 total, 40 started, 40 done, 40 succeeded, ...".
@@ -152,18 +145,18 @@ fn counts_exactly_on(name: &str, release: &str, attach: &str, tls: bool) {
 
 #[test]
 fn linux_6_1_takes_the_fentry_data_path_and_counts_exactly() {
-    counts_exactly_on("linux-6.1", "6.1.", "fentry", true);
+    counts_exactly_on("linux-6.1", "6.1.", "fentry");
 }
 
 /// Without `bpf_loop`: the same programs, whose calls of it the verifier never walks there.
 #[test]
 fn linux_5_15_takes_the_fentry_data_path_without_bpf_loop_and_counts_exactly() {
-    counts_exactly_on("linux-5.15", "5.15.", "fentry", true);
+    counts_exactly_on("linux-5.15", "5.15.", "fentry");
 }
 
 /// Debian 11's 5.10 (and Amazon Linux 2's): the syscall raw tracepoints, each call's socket
-/// found from its descriptor.
+/// found from its descriptor; OpenSSL by single uprobes whose programs carry no `bpf_loop`.
 #[test]
 fn linux_5_10_takes_the_syscall_path_with_sockets_from_descriptors_and_counts_exactly() {
-    counts_exactly_on("linux-5.10", "5.10.", "raw-tracepoint", false);
+    counts_exactly_on("linux-5.10", "5.10.", "raw-tracepoint");
 }

@@ -1130,7 +1130,7 @@ impl Capture {
             }
         };
         let mut tls = if tls {
-            TlsHooks::load(&mut ebpf)
+            TlsHooks::load(&mut ebpf, has_bpf_loop)
         } else {
             TlsHooks::off()
         };

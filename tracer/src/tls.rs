@@ -41,6 +41,15 @@ const ENTRIES: &[(&str, &str, &[&str])] = &[
 ];
 const RETURN: (&str, &str) = ("ssl_call_return", "ssl_call_return_1");
 
+/// The single-uprobe programs that send plaintext, and their copies for kernels without
+/// `bpf_loop` (before 5.17), which carry no reference to its callbacks: 5.10's verifier
+/// refuses a program with one, reached or not.
+const FLAT: &[(&str, &str)] = &[
+    ("ssl_call_return_1", "ssl_call_return_1_flat"),
+    ("go_tls_write_entry_1", "go_tls_write_entry_1_flat"),
+    ("go_tls_read_return_1", "go_tls_read_return_1_flat"),
+];
+
 /// Go's crypto/tls, linked into each Go program: per function, its entry and return programs
 /// (uprobe-multi, single) and the symbols it may have (the first found); the return programs
 /// hook each RET instruction. The handshake names the session's socket before the first write
@@ -147,6 +156,8 @@ pub struct TlsHooks {
     exit_link: Option<RawTracePointLink>,
     /// Programs attached as uprobe-multi (else one uprobe per function).
     multi: bool,
+    /// Single uprobes take `FLAT`'s copies (no `bpf_loop` here).
+    flat: bool,
     /// Programs loaded and TLS followed (not with `--no-tls`, nor where they would not load).
     enabled: bool,
 }
@@ -166,16 +177,23 @@ impl TlsHooks {
             links: Vec::new(),
             exit_link: None,
             multi: false,
+            flat: false,
             enabled: false,
         }
     }
 
+    /// Single-uprobe program `name`, or its copy without `bpf_loop` where the kernel lacks it.
+    fn single(&self, name: &'static str) -> &'static str {
+        single_program(name, self.flat)
+    }
+
     /// Loads the programs: uprobe-multi where the kernel has it (6.6+), else single uprobes;
     /// on a kernel without uprobes TLS is not followed, said once.
-    pub fn load(ebpf: &mut Ebpf) -> Self {
+    pub fn load(ebpf: &mut Ebpf, has_bpf_loop: bool) -> Self {
         let mut hooks = Self {
             multi: true,
             enabled: true,
+            flat: !has_bpf_loop,
             ..Self::off()
         };
         let multi = ENTRIES.iter().map(|&(m, _, _)| m).chain([RETURN.0]).chain(
@@ -197,11 +215,16 @@ impl TlsHooks {
         if let Err(e) = loaded {
             tracing::info!("TLS: uprobe-multi unavailable ({e}); single uprobes");
             hooks.multi = false;
-            let single = ENTRIES.iter().map(|&(_, s, _)| s).chain([RETURN.1]).chain(
-                go_programs(GO_HOOKS)
-                    .chain(go_programs(GO_HTTP_HOOKS))
-                    .map(|p| p.1),
-            );
+            let single = ENTRIES
+                .iter()
+                .map(|&(_, s, _)| s)
+                .chain([RETURN.1])
+                .chain(
+                    go_programs(GO_HOOKS)
+                        .chain(go_programs(GO_HTTP_HOOKS))
+                        .map(|p| p.1),
+                )
+                .map(|p| hooks.single(p));
             if let Err(e) = load_all(ebpf, single) {
                 tracing::warn!("TLS plaintext not followed: {e}");
                 hooks.enabled = false;
@@ -315,7 +338,7 @@ impl TlsHooks {
         } else {
             for &(_, prog, fns) in ENTRIES {
                 for f in fns.iter().copied().filter(has) {
-                    links.push(attach_points(ebpf, RETURN.1, [f], path)?);
+                    links.push(attach_points(ebpf, self.single(RETURN.1), [f], path)?);
                     links.push(attach_points(ebpf, prog, [f], path)?);
                 }
             }
@@ -426,15 +449,27 @@ impl TlsHooks {
             } else {
                 if let Some(ret) = hook.ret {
                     for &r in rets {
-                        links.push(attach_points(ebpf, ret.1, [r], path)?);
+                        links.push(attach_points(ebpf, self.single(ret.1), [r], path)?);
                     }
                 }
-                links.push(attach_points(ebpf, hook.entry.1, [entry], path)?);
+                links.push(attach_points(
+                    ebpf,
+                    self.single(hook.entry.1),
+                    [entry],
+                    path,
+                )?);
             }
         }
         self.links.extend(links);
         Ok(())
     }
+}
+
+/// `name`, or with `flat` its copy in `FLAT` if it has one.
+fn single_program(name: &'static str, flat: bool) -> &'static str {
+    FLAT.iter()
+        .find(|&&(walk, _)| flat && walk == name)
+        .map_or(name, |&(_, copy)| copy)
 }
 
 /// Where to hook one list of functions (`GO_HOOKS`, `GO_HTTP_HOOKS`) in a Go program: file

@@ -98,13 +98,35 @@ entries! {
 
 #[uretprobe(multi)]
 pub fn ssl_call_return(ctx: RetProbeContext) -> u32 {
-    on_return(&ctx);
+    on_return::<true>(&ctx);
     0
 }
 
 #[uretprobe]
 pub fn ssl_call_return_1(ctx: RetProbeContext) -> u32 {
-    on_return(&ctx);
+    on_return::<true>(&ctx);
+    0
+}
+
+/// The same for kernels without `bpf_loop` (before 5.17), in whose programs no reference to
+/// a `bpf_loop` callback may appear at all: 5.10's verifier does not know such references
+/// (5.13+) and refuses the program's function count.
+#[uretprobe]
+pub fn ssl_call_return_1_flat(ctx: RetProbeContext) -> u32 {
+    on_return::<false>(&ctx);
+    0
+}
+
+/// Go's write entry and read return (the hooks that send plaintext) for those kernels.
+#[uprobe]
+pub fn go_tls_write_entry_1_flat(ctx: ProbeContext) -> u32 {
+    go_enter_walk::<false>(&ctx, DIR_EGRESS);
+    0
+}
+
+#[uprobe]
+pub fn go_tls_read_return_1_flat(ctx: ProbeContext) -> u32 {
+    go_return_walk::<false>(&ctx, DIR_INGRESS);
     0
 }
 
@@ -124,7 +146,7 @@ pub fn tls_thread_exit(_ctx: RawTracePointContext) -> i32 {
 
 /// The return of every hooked call: a read or write that moved plaintext sends it.
 #[inline(always)]
-fn on_return(ctx: &RetProbeContext) {
+fn on_return<const WALK: bool>(ctx: &RetProbeContext) {
     let id = bpf_get_current_pid_tgid();
     // SAFETY: the value is copied out before the entry is removed.
     let Some(call) = (unsafe { TLS_CALLS.get(&id) }).copied() else {
@@ -156,13 +178,13 @@ fn on_return(ctx: &RetProbeContext) {
         }
         n as u64
     };
-    send_plaintext(&call, id, bytes);
+    send_plaintext::<WALK>(&call, id, bytes);
 }
 
 /// Sends the `bytes` of plaintext a hooked call of thread `id` moved (or, for Go's writes, is
 /// about to), as a data event of its session's socket.
 #[inline(always)]
-fn send_plaintext(call: &TlsCall, id: u64, bytes: u64) {
+fn send_plaintext<const WALK: bool>(call: &TlsCall, id: u64, bytes: u64) {
     if bytes == 0 || bytes > call.num {
         return;
     }
@@ -221,7 +243,7 @@ fn send_plaintext(call: &TlsCall, id: u64, bytes: u64) {
     if flags & TLS_SEEN_HANDSHAKE == 0 {
         event_flags |= FLAG_TUPLE_FROM_SOCK;
     }
-    emit::<true>(&args, bytes, id, next, event_flags);
+    emit::<WALK>(&args, bytes, id, next, event_flags);
 }
 
 /// Called by the data path for each socket call: if the thread is inside a TLS library call,
@@ -372,6 +394,11 @@ pub fn bind_after<S: Store>(id: u64, r: &Record, head: impl FnOnce() -> Option<[
 /// reach the ring after its response. Its socket is known by then from the handshake's calls.
 #[inline(always)]
 fn go_enter(ctx: &ProbeContext, direction: u32) {
+    go_enter_walk::<true>(ctx, direction);
+}
+
+#[inline(always)]
+fn go_enter_walk<const WALK: bool>(ctx: &ProbeContext, direction: u32) {
     let id = bpf_get_current_pid_tgid();
     if (id >> 32) as u32 == tracer_tgid() {
         return;
@@ -414,7 +441,7 @@ fn go_enter(ctx: &ProbeContext, direction: u32) {
         unsafe { (*call).goroutine = on_behalf };
         if direction == DIR_EGRESS {
             // SAFETY: as above.
-            send_plaintext(unsafe { &*call }, id, len);
+            send_plaintext::<WALK>(unsafe { &*call }, id, len);
         }
     }
 }
@@ -445,6 +472,11 @@ fn note_go_call(key: u64, conn: u64, buf: u64, len: u64, direction: u32) -> bool
 /// count. An entry of another direction is an outer call's (a handshake inside a read).
 #[inline(always)]
 fn go_return(ctx: &ProbeContext, direction: u32) {
+    go_return_walk::<true>(ctx, direction);
+}
+
+#[inline(always)]
+fn go_return_walk<const WALK: bool>(ctx: &ProbeContext, direction: u32) {
     let id = bpf_get_current_pid_tgid();
     // SAFETY: as in `go_enter`.
     let (n, g) = unsafe {
@@ -464,7 +496,7 @@ fn go_return(ctx: &ProbeContext, direction: u32) {
         busy_add(BUSY_GO, u64::MAX);
     }
     if direction == DIR_INGRESS && n > 0 {
-        send_plaintext(&call, id, n as u64);
+        send_plaintext::<WALK>(&call, id, n as u64);
     }
 }
 
