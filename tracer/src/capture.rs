@@ -124,6 +124,11 @@ const EXPECTED_FIELDS: &[(&str, &str, &str, usize)] = &[
     ("sock", "inet_sock_set_state", "saddr_v6", 40),
     ("sock", "inet_sock_set_state", "daddr_v6", 56),
     ("syscalls", "sys_enter_recvfrom", "ubuf", 24),
+    // The descriptor and flags, read where no tracepoint names the socket (`probes::fd`).
+    ("syscalls", "sys_enter_read", "fd", 16),
+    ("syscalls", "sys_enter_sendfile64", "out_fd", 16),
+    ("syscalls", "sys_enter_recvfrom", "flags", 40),
+    ("syscalls", "sys_enter_recvmsg", "flags", 32),
     ("syscalls", "sys_enter_writev", "vec", 24),
     ("syscalls", "sys_enter_sendmsg", "msg", 24),
     ("syscalls", "sys_exit_read", "ret", 16),

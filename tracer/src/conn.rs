@@ -1559,11 +1559,22 @@ fn complete_message(conn: &mut Conn, requests: bool, end_ns: u64, out: &mut Vec<
     };
     if requests {
         let bytes = conn.requests.bytes;
-        // Unless this request was not kept (the last one queued is another's).
-        if conn.overflow_gap == 0
-            && let Some(p) = conn.pending.back_mut()
-        {
-            p.bytes = bytes;
+        // Unless this request was not kept (the last one queued is another's). One whose
+        // response has begun (before its body was all read: a 401 to an upload) is in
+        // `current`.
+        if conn.overflow_gap == 0 {
+            match conn.pending.back_mut() {
+                Some(p) => p.bytes = bytes,
+                None => {
+                    if let Some(InFlight {
+                        request: Some(r), ..
+                    }) = conn.current.as_mut()
+                        && r.bytes == 0
+                    {
+                        r.bytes = bytes;
+                    }
+                }
+            }
         }
         conn.requests.state = ReadState::Idle;
         return;
@@ -1577,14 +1588,14 @@ fn complete_message(conn: &mut Conn, requests: bool, end_ns: u64, out: &mut Vec<
     else {
         return;
     };
-    // Answered before its body was all read (a 401 or 413 to an upload, a server that
-    // discards the body): its size so far, and what its Content-Length says is still to come.
-    if req.bytes == 0 && conn.pending.is_empty() {
-        req.bytes = conn.requests.bytes
-            + match &conn.requests.state {
-                ReadState::Body(Body::Length(rem)) => *rem,
-                _ => 0,
-            };
+    // Answered, response and all, before its body was all read (a 413 to an upload, a server
+    // that discards the body): its bytes until then.
+    if req.bytes == 0
+        && conn.pending.is_empty()
+        && conn.overflow_gap == 0
+        && matches!(conn.requests.state, ReadState::Body(_))
+    {
+        req.bytes = conn.requests.bytes;
     }
     out.push(exchange(conn, side, req, status, end_ns, resp_bytes));
 }
@@ -2315,12 +2326,13 @@ mod tests {
     }
 
     #[test]
-    fn a_response_before_the_request_body_ends_counts_the_whole_request() {
+    fn a_response_before_the_request_body_ends_keeps_the_requests_size() {
         let head = b"POST /up HTTP/1.1\r\nContent-Length: 1000\r\n\r\n";
         let mut h = Harness::new();
         h.read(head);
         h.read(&[b'x'; 100]);
-        // Refused while the body is still coming; the rest of it arrives after.
+        // Refused while the body is still coming (its bytes until then); the rest of it
+        // arrives after.
         h.write(b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 0\r\n\r\n");
         h.read(&[b'x'; 900]);
         // Answered when the head was read, completed after the body: its size all the same.
@@ -2338,9 +2350,8 @@ mod tests {
                 ("/next".to_owned(), 200)
             ]
         );
-        let whole = head.len() as u64 + 1000;
-        assert_eq!(h.out[0].req_bytes, whole);
-        assert_eq!(h.out[1].req_bytes, whole);
+        assert_eq!(h.out[0].req_bytes, head.len() as u64 + 100);
+        assert_eq!(h.out[1].req_bytes, head.len() as u64 + 1000);
         assert_eq!(h.out[2].req_bytes, 22);
     }
 
