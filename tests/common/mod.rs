@@ -188,18 +188,30 @@ impl Daemon {
         edge_in(&self.json("/api/edges"), src, port)
     }
 
-    /// Requests from `src` to the server on `port`, over every edge they were counted under: a
-    /// connection whose server end the daemon never saw (its events lost to a full ring buffer)
-    /// names its server by address, apart from the edge to the named server.
-    pub fn requests_to(&self, src: &str, port: u16) -> u64 {
+    /// Requests to the server on `port`, from any client, over every edge they were counted
+    /// under: a connection whose events were partly lost to a full ring buffer names the end
+    /// the daemon did not see by its address (`127.0.0.1 -> nginx`, `wrk -> 127.0.0.1:port`),
+    /// apart from the edge between the named ends.
+    pub fn requests_to(&self, port: u16) -> u64 {
         let edges = self.json("/api/edges");
         edges["edges"]
             .as_array()
             .expect("edges array")
             .iter()
-            .filter(|e| e["src"] == src && serves_on(e, port))
+            .filter(|e| serves_on(e, port))
             .map(|e| e["requests"].as_u64().unwrap_or(0))
             .sum()
+    }
+
+    /// `requests_to(port)` once it reaches `want`, or after 10 s (and a little longer, so that
+    /// an over-count would show too).
+    pub fn wait_requests_to(&self, port: u16, want: u64) -> u64 {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.requests_to(port) < want && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        self.requests_to(port)
     }
 
     /// The TCP edge `src -> dst` (`/api/edges`' `tcp`) once `done` holds, or after 10 s.
