@@ -196,6 +196,19 @@ fn keep_alive_pairs_each_request_through_raw_syscall_tracepoints() {
     keep_alive_pairs(&["--attach", "raw-tracepoint"], "raw-tracepoint");
 }
 
+/// The same as it runs before 6.3 (Debian 11's 5.10, where `auto` takes it): no
+/// `sock_*_length` tracepoint, each call's socket found from its descriptor.
+#[test]
+#[cfg(target_arch = "x86_64")]
+fn keep_alive_pairs_each_request_through_raw_syscall_tracepoints_with_sockets_from_descriptors() {
+    let daemon = keep_alive_pairs(&["--attach", "raw-tracepoint-fd"], "raw-tracepoint");
+    let log = daemon.log_text();
+    assert!(
+        log.contains("socket is found from its descriptor"),
+        "not the descriptor walk: {log}"
+    );
+}
+
 /// The socket data path as it runs where BTF tracepoints do not load (raw tracepoints, state by
 /// socket address), and where BTF does not give `sk_protocol` (classic tracepoints).
 #[test]

@@ -194,6 +194,10 @@ pub enum AttachMode {
     /// tests of that fallback).
     #[value(hide = true)]
     SocketClassic,
+    /// `raw-tracepoint` as it runs where no `sock_*_length` names the socket (before 6.3):
+    /// each call's socket found from its descriptor (for tests of that path on newer kernels).
+    #[value(hide = true)]
+    RawTracepointFd,
 }
 
 /// Sockets the kernel side stops sending data for (they carry no HTTP). The daemon only asks,
@@ -767,10 +771,20 @@ fn attach_path(
     let sk_protocol = offsets.sk_protocol;
     let syscalls = matches!(
         path,
-        AttachMode::RawTracepoint | AttachMode::Tracepoint | AttachMode::Auto
+        AttachMode::RawTracepoint
+            | AttachMode::RawTracepointFd
+            | AttachMode::Tracepoint
+            | AttachMode::Auto
     );
     // The syscall paths go without it where they can find sockets from descriptors.
-    let walks_fds = syscalls && walks_fds(layouts, offsets);
+    let walks_fds = syscalls && walks_fds(layouts, offsets, path);
+    if path == AttachMode::RawTracepointFd && !walks_fds {
+        return Err(CaptureError::Attach(
+            "raw_syscalls",
+            "sys_exit",
+            "descriptors' sockets or sk_protocol are not in the kernel's BTF".into(),
+        ));
+    }
     if path != AttachMode::Fentry
         && !walks_fds
         && let Some(e) = &layouts.sock
@@ -807,7 +821,7 @@ fn attach_path(
                 }
             }
         }
-        AttachMode::RawTracepoint => {
+        AttachMode::RawTracepoint | AttachMode::RawTracepointFd => {
             links.push(attach_lifecycle(ebpf, sk_protocol)?);
             for &p in sock_length {
                 links.push(attach_tracepoint(ebpf, p)?);
@@ -838,9 +852,11 @@ fn attach_path(
 
 /// Whether the syscall paths find each call's socket from its descriptor (`probes::fd`): where
 /// `sock_*_length` is missing (before 6.3) and BTF gives the offsets of the walk and of
-/// `sk_protocol` (to tell TCP).
-fn walks_fds(layouts: &Layouts, offsets: &SockOffsets) -> bool {
-    layouts.sock.is_some() && offsets.fd_walk.is_some() && offsets.sk_protocol.is_some()
+/// `sk_protocol` (to tell TCP); or wherever `mode` asks for it.
+fn walks_fds(layouts: &Layouts, offsets: &SockOffsets, mode: AttachMode) -> bool {
+    (layouts.sock.is_some() || mode == AttachMode::RawTracepointFd)
+        && offsets.fd_walk.is_some()
+        && offsets.sk_protocol.is_some()
 }
 
 /// The fentry data path: needs BTF (typed arguments, socket storage), `sk_protocol`'s offset
@@ -989,6 +1005,7 @@ fn attach_data_path(
         AttachMode::SocketRaw => &[AttachMode::SocketRaw],
         AttachMode::SocketClassic => &[AttachMode::SocketClassic],
         AttachMode::RawTracepoint => &[AttachMode::RawTracepoint],
+        AttachMode::RawTracepointFd => &[AttachMode::RawTracepointFd],
         AttachMode::Tracepoint => &[AttachMode::Tracepoint],
     };
     for &path in candidates {
@@ -1038,7 +1055,7 @@ impl Capture {
         // For the BTF tracepoints; dropped once they are attached.
         let btf = Btf::from_sys_fs().ok();
         // Borrowed by the loader until it loads.
-        let fd_walk = u32::from(walks_fds(&layouts, &offsets));
+        let fd_walk = u32::from(walks_fds(&layouts, &offsets, mode));
         let walk = offsets.fd_walk.map(|FdWalk(w)| w).unwrap_or_default();
         let mut loader = EbpfLoader::new();
         if let Some(bytes) = ringbuf_bytes {

@@ -301,7 +301,7 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         attach: match mode {
             AttachMode::Socket | AttachMode::SocketRaw | AttachMode::SocketClassic => "socket",
             AttachMode::Fentry => "fentry",
-            AttachMode::RawTracepoint => "raw-tracepoint",
+            AttachMode::RawTracepoint | AttachMode::RawTracepointFd => "raw-tracepoint",
             AttachMode::Tracepoint | AttachMode::Auto => "tracepoint",
         },
         spans: cfg.spans,
