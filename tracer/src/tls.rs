@@ -184,7 +184,9 @@ impl TlsHooks {
 
     /// Single-uprobe program `name`, or its copy without `bpf_loop` where the kernel lacks it.
     fn single(&self, name: &'static str) -> &'static str {
-        single_program(name, self.flat)
+        FLAT.iter()
+            .find(|&&(walk, _)| self.flat && walk == name)
+            .map_or(name, |&(_, copy)| copy)
     }
 
     /// Loads the programs: uprobe-multi where the kernel has it (6.6+), else single uprobes;
@@ -463,13 +465,6 @@ impl TlsHooks {
         self.links.extend(links);
         Ok(())
     }
-}
-
-/// `name`, or with `flat` its copy in `FLAT` if it has one.
-fn single_program(name: &'static str, flat: bool) -> &'static str {
-    FLAT.iter()
-        .find(|&&(walk, _)| flat && walk == name)
-        .map_or(name, |&(_, copy)| copy)
 }
 
 /// Where to hook one list of functions (`GO_HOOKS`, `GO_HTTP_HOOKS`) in a Go program: file
