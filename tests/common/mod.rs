@@ -110,7 +110,11 @@ impl Daemon {
         let child = Command::new(tracer_bin())
             .args(["run", "--listen", &addr.to_string()])
             .args(extra)
-            .env("RUST_LOG", "info")
+            // TRACER_TEST_LOG sets another filter (say info,tracer::conn=debug) to look into a run.
+            .env(
+                "RUST_LOG",
+                std::env::var("TRACER_TEST_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).expect("log file"))
             .spawn()

@@ -692,6 +692,12 @@ impl ConnTable {
             }
             _ => {}
         }
+        // A socket changes state no more once it is closed: a change at the address of one reset
+        // (and waiting out RESET_GRACE) is a new socket's there, whose own connection may not be
+        // followed (the daemon's, one that carried no data): the reset one ends first.
+        if self.conns.get(&c.sk).is_some_and(|old| old.reset.is_some()) {
+            self.end_reset(c.sk, metrics, linker, out);
+        }
         let Some(conn) = self.conns.get_mut(&c.sk) else {
             return;
         };
@@ -1987,6 +1993,37 @@ mod tests {
             assert_eq!(h.statuses(), want, "{case:?}");
             assert_eq!(h.drops("no_response"), u64::from(!failed), "{case:?}");
         }
+    }
+
+    /// A server that aborted with a request read fails it even when, within the reset's grace,
+    /// its socket's address is a new socket's whose own connection is not followed (it carried
+    /// no data: the daemon's own API, here): that socket's changes end the aborted one first.
+    #[test]
+    fn an_aborted_connection_ends_when_its_address_is_reused() {
+        const REQ: &[u8] = b"GET /f HTTP/1.1\r\nHost: x\r\n\r\n";
+        let other = Task {
+            tgid: 7,
+            tid: 7,
+            ..task()
+        };
+        let mut h = Harness::new();
+        h.table.mark_resets();
+        h.read(REQ);
+        h.change(
+            TCP_ESTABLISHED,
+            TCP_CLOSE,
+            task(),
+            1 + REQ.len() as u64,
+            false,
+        );
+        // The new socket closes in its own process, long before the grace is over.
+        h.state_in(TCP_CLOSE_WAIT, TCP_LAST_ACK, other, 0);
+        h.state_in(TCP_LAST_ACK, TCP_CLOSE, other, 0);
+        assert_eq!(h.statuses(), [("/f".to_owned(), NO_RESPONSE)]);
+        assert_eq!(h.drops("no_response"), 0);
+        assert!(!h.table.is_open(SK));
+        h.reap(RESET_GRACE * 2);
+        assert_eq!(h.out.len(), 1);
     }
 
     /// `Upgrade: h2c` answered by 101 (curl --http2 to hypercorn, bytes as they were): the
