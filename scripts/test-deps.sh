@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# What the tests and the bench drive, installed when missing (as root, idempotent): curl, wrk,
+# What the tests and the bench drive, installed when missing (as root, idempotent): curl, wget
+# (GnuTLS), wrk,
 # nginx, promtool (Debian package prometheus), setpriv (util-linux), chromium and tmux (the
 # dashboard and `tracer top` tests), h2load (nghttp2-client), python3-grpcio and python3-h2 (the h2c
 # upgrade fixture) for the HTTP/2 tests, openssl, apache2, golang-go and nodejs (the TLS tests),
@@ -10,7 +11,7 @@
 set -euo pipefail
 export DEBIAN_FRONTEND=noninteractive
 missing=()
-for tool in curl:curl wrk:wrk nginx:nginx promtool:prometheus setpriv:util-linux chromium:chromium tmux:tmux h2load:nghttp2-client openssl:openssl apache2:apache2 go:golang-go node:nodejs nft:nftables ip:iproute2 qemu-system-x86_64:qemu-system-x86; do
+for tool in curl:curl wget:wget wrk:wrk nginx:nginx promtool:prometheus setpriv:util-linux chromium:chromium tmux:tmux h2load:nghttp2-client openssl:openssl apache2:apache2 go:golang-go node:nodejs nft:nftables ip:iproute2 qemu-system-x86_64:qemu-system-x86; do
   command -v "${tool%%:*}" >/dev/null || [ -x "/usr/sbin/${tool%%:*}" ] || missing+=("${tool#*:}")
 done
 # For the system's python3 (the gRPC fixtures run with /usr/bin/python3, not a python earlier

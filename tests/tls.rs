@@ -1,5 +1,5 @@
-//! TLS: plaintext taken at OpenSSL's read and write calls and Go's crypto/tls (uprobes),
-//! against real TLS servers and clients: nginx and curl, python's ssl module on both ends (and
+//! TLS: plaintext taken at OpenSSL's and GnuTLS's read and write calls and Go's crypto/tls
+//! (uprobes), against real TLS servers and clients: nginx and curl, wget (GnuTLS), python's ssl module on both ends (and
 //! a connection older than the daemon), h2load speaking HTTP/2 over TLS (ALPN), Apache httpd,
 //! a Go server and client. Counts checked against what the clients reported.
 
@@ -154,6 +154,50 @@ fn curl_and_nginx_over_tls_are_counted_by_both_ends() {
             "server span without its client span: {s}"
         );
     }
+}
+
+/// wget, which encrypts with GnuTLS (`gnutls_record_send`/`gnutls_record_recv`), to nginx
+/// (OpenSSL): one wget fetching many URLs over one kept-alive connection, and one wget per
+/// request. Every response wget printed is counted by both ends with its status, as TLS.
+#[test]
+fn wget_over_gnutls_is_counted_by_both_ends() {
+    let _serial = serial();
+    let daemon = Daemon::start();
+    let nginx = Nginx::start_tls(&scratch("nginx-gnutls"), false, "");
+    let base = format!("https://127.0.0.1:{}", nginx.port);
+    let urls: Vec<String> = (0..24)
+        .map(|i| match i % 4 {
+            0 => format!("{base}/missing/{i}"),
+            1 => format!("{base}/big.bin"),
+            _ => format!("{base}/tiny"),
+        })
+        .collect();
+    let mut codes: BTreeMap<String, u64> = BTreeMap::new();
+    let mut wget = |urls: &[String]| {
+        let out = Command::new("wget")
+            .args(["-S", "-O", "/dev/null", "--no-check-certificate", "-t", "1"])
+            .args(urls)
+            .output()
+            .expect("run wget");
+        // -S prints each response's head, its status line indented: "  HTTP/1.1 200 OK".
+        for line in String::from_utf8_lossy(&out.stderr).lines() {
+            if let Some(code) = line
+                .trim_start()
+                .strip_prefix("HTTP/1.1 ")
+                .and_then(|rest| rest.split(' ').next())
+            {
+                *codes.entry(code.to_owned()).or_default() += 1;
+            }
+        }
+    };
+    wget(&urls);
+    for url in urls.iter().take(8) {
+        wget(std::slice::from_ref(url));
+    }
+    assert_eq!(codes.values().sum::<u64>(), 32, "wget's answers: {codes:?}");
+    assert_eq!(codes.get("404"), Some(&8), "wget's answers: {codes:?}");
+    assert_tls_edge(&daemon, "wget", nginx.port, &codes);
+    assert_zero(&daemon, "tracer_requests_lost_total");
 }
 
 /// Python's ssl module on both ends (SSL_read_ex/SSL_write_ex), one keep-alive connection: the

@@ -70,7 +70,7 @@ pub enum Command {
         /// there is nothing for OTLP or /api/spans.
         #[arg(long, env = "TRACER_NO_SPANS", value_parser = clap::builder::BoolishValueParser::new())]
         no_spans: bool,
-        /// Do not hook TLS libraries (OpenSSL's SSL_read/SSL_write): HTTPS is then not seen.
+        /// Do not hook TLS libraries (OpenSSL's, GnuTLS's, Go's crypto/tls): HTTPS is then not seen.
         /// Each hooked call traps into the kernel, which costs TLS-heavy processes throughput.
         #[arg(long, env = "TRACER_NO_TLS", value_parser = clap::builder::BoolishValueParser::new())]
         no_tls: bool,

@@ -147,7 +147,7 @@ impl Metrics {
         .expect("valid metric");
         let tls_libraries = IntGauge::new(
             "tracer_tls_libraries",
-            "TLS library files (libssl) whose read, write and handshake calls are hooked, and Go programs whose crypto/tls reads and writes are.",
+            "TLS library files (libssl, libgnutls) whose read, write and handshake calls are hooked, and Go programs whose crypto/tls reads and writes are.",
         )
         .expect("valid metric");
         let conn_evictions = IntCounter::new(

@@ -1,6 +1,6 @@
-//! TLS libraries: finding the OpenSSL builds processes on this host load (`libssl.so*`, in the
-//! host's root or a container's), and hooking their read, write and handshake calls with the
-//! kernel side's uprobes (`tracer-ebpf/src/probes/tls.rs`). A uprobe hooks a file, so one
+//! TLS libraries: finding the OpenSSL and GnuTLS builds processes on this host load
+//! (`libssl.so*`, `libgnutls.so*`, in the host's root or a container's), and hooking their read,
+//! write and handshake calls with the kernel side's uprobes (`tracer-ebpf/src/probes/tls.rs`). A uprobe hooks a file, so one
 //! attachment per library file covers every process that maps it, now and later. Go programs
 //! link their own crypto/tls: each new process's executable is looked at once (by inode), and
 //! a Go one's `(*Conn).Write` and `(*Conn).Read` are hooked at entry and at each RET.
@@ -23,20 +23,37 @@ use aya::{
 };
 
 /// Entry programs (as uprobe-multi, and as single uprobes for kernels before 6.6) and the
-/// functions they hook; the return program hooks the return of each.
+/// functions they hook; the return program hooks the return of each. GnuTLS's record calls
+/// take (session, buffer, size) and return the bytes moved or a negative error, as `SSL_write`
+/// and `SSL_read` do: the same programs serve them.
 const ENTRIES: &[(&str, &str, &[&str])] = &[
-    ("ssl_write_entry", "ssl_write_entry_1", &["SSL_write"]),
+    (
+        "ssl_write_entry",
+        "ssl_write_entry_1",
+        // gnutls_record_send tail-calls gnutls_record_send2: the inner return sends the
+        // plaintext and ends the call, the outer finds it ended.
+        &["SSL_write", "gnutls_record_send", "gnutls_record_send2"],
+    ),
     (
         "ssl_write_ex_entry",
         "ssl_write_ex_entry_1",
         &["SSL_write_ex"],
     ),
-    ("ssl_read_entry", "ssl_read_entry_1", &["SSL_read"]),
+    (
+        "ssl_read_entry",
+        "ssl_read_entry_1",
+        &["SSL_read", "gnutls_record_recv"],
+    ),
     ("ssl_read_ex_entry", "ssl_read_ex_entry_1", &["SSL_read_ex"]),
     (
         "ssl_handshake_entry",
         "ssl_handshake_entry_1",
-        &["SSL_do_handshake", "SSL_connect", "SSL_accept"],
+        &[
+            "SSL_do_handshake",
+            "SSL_connect",
+            "SSL_accept",
+            "gnutls_handshake",
+        ],
     ),
 ];
 const RETURN: (&str, &str) = ("ssl_call_return", "ssl_call_return_1");
@@ -115,7 +132,7 @@ const MAX_LIBRARIES: usize = 64;
 /// New processes whose memory maps are read per look.
 const SCAN_PER_LOOK: usize = 512;
 
-/// Where distributions put libssl, looked in at start whether or not a process maps it yet
+/// Where distributions put libssl and libgnutls, looked in at start whether or not a process maps it yet
 /// (a client started later maps the host's own).
 const SYSTEM_DIRS: &[&str] = &[
     "/usr/lib/x86_64-linux-gnu",
@@ -128,9 +145,14 @@ const SYSTEM_DIRS: &[&str] = &[
     "/usr/local/lib64",
 ];
 
-/// Whether a file name is an OpenSSL libssl (`libssl.so`, `libssl.so.3`, `libssl.so.1.1`).
+/// Whether a file name is a TLS library hooked: OpenSSL's libssl (`libssl.so`, `libssl.so.3`,
+/// `libssl.so.1.1`) or GnuTLS (`libgnutls.so.30`; not its `libgnutls-openssl` shim, which
+/// calls the real one).
 fn is_libssl(name: &str) -> bool {
-    name == "libssl.so" || name.starts_with("libssl.so.")
+    ["libssl.so", "libgnutls.so"].iter().any(|lib| {
+        name.strip_prefix(lib)
+            .is_some_and(|v| v.is_empty() || v.starts_with('.'))
+    })
 }
 
 /// The hooks, and what has been looked at.
@@ -325,7 +347,7 @@ impl TlsHooks {
             .filter(has)
             .collect();
         if all.is_empty() {
-            return Err("exports none of OpenSSL's SSL_read/SSL_write".into());
+            return Err("exports none of OpenSSL's or GnuTLS's read and write calls".into());
         }
         // Returns first: an entry without its return would leave its call in the map.
         let mut links = Vec::new();
@@ -412,7 +434,9 @@ impl TlsHooks {
         let Ok(exported) = exported(path) else {
             return;
         };
-        if !(exported.contains("SSL_write") || exported.contains("SSL_write_ex"))
+        if !["SSL_write", "SSL_write_ex", "gnutls_record_send"]
+            .iter()
+            .any(|f| exported.contains(*f))
             || self.tried.len() >= MAX_LIBRARIES
             || !self.tried.insert(id)
         {
@@ -872,5 +896,8 @@ mod tests {
         assert!(is_libssl("libssl.so"));
         assert!(!is_libssl("libssl3.so"));
         assert!(!is_libssl("libcrypto.so.3"));
+        assert!(is_libssl("libgnutls.so.30"));
+        assert!(!is_libssl("libgnutls-openssl.so.27"));
+        assert!(!is_libssl("libgnutlsxx.so.30"));
     }
 }

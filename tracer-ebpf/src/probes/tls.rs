@@ -1,5 +1,6 @@
-//! TLS plaintext from OpenSSL (and libraries with its API): uprobes on `SSL_write`/`SSL_read`
-//! (and their `_ex` forms) note each call's buffer at entry; the socket call the library makes
+//! TLS plaintext from OpenSSL (and libraries with its API) and GnuTLS: uprobes on
+//! `SSL_write`/`SSL_read` (and their `_ex` forms) and `gnutls_record_send`/`_recv` (the same
+//! arguments and return) note each call's buffer at entry; the socket call the library makes
 //! inside it (seen by the data path, `claim`) names the session's socket and is not sent (its
 //! bytes are ciphertext); the call's return sends the plaintext as a data event of that socket,
 //! flagged `FLAG_TLS`. Handshakes (`SSL_do_handshake`, `SSL_connect`, `SSL_accept`) only name
