@@ -521,6 +521,57 @@ fn short_opaque_connections_leave_no_mark_on_the_next_socket() {
     );
 }
 
+/// WebSocket upgrades (101 Switching Protocols), then frames both ways (one holding a request
+/// line): each upgrade is one request, status 101, counted once though both ends are here; the
+/// frames are no requests.
+#[test]
+fn websocket_upgrades_are_counted_once() {
+    use std::io::Read as _;
+    let _serial = serial();
+    let daemon = Daemon::start();
+    let server = Server::fixture();
+    let n = 4;
+    for i in 0..n {
+        let mut s = TcpStream::connect(("127.0.0.1", server.port)).expect("connect");
+        write!(
+            s,
+            "GET /ws/{i} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        )
+        .expect("upgrade");
+        let mut buf = [0u8; 4096];
+        let got = s.read(&mut buf).expect("101");
+        assert!(
+            buf[..got].starts_with(b"HTTP/1.1 101"),
+            "the server upgraded"
+        );
+        let text = b"GET / HTTP/1.1\r\n\r\n";
+        for _ in 0..10 {
+            let mut frame = vec![0x81, 0x80 | text.len() as u8, 1, 2, 3, 4];
+            frame.extend_from_slice(text);
+            s.write_all(&frame).expect("frame");
+            let mut echo = vec![0; frame.len()];
+            s.read_exact(&mut echo).expect("echo");
+        }
+    }
+    daemon.wait_requests_to(server.port, n);
+    std::thread::sleep(Duration::from_millis(1500));
+    let edges = daemon.json("/api/edges");
+    assert_eq!(daemon.requests_to(server.port), n, "{edges}");
+    let codes: u64 = edges["edges"]
+        .as_array()
+        .expect("edges")
+        .iter()
+        .filter(|e| {
+            e["dst_addrs"]
+                .to_string()
+                .contains(&format!(":{}\"", server.port))
+        })
+        .filter_map(|e| e["status_codes"]["101"].as_u64())
+        .sum();
+    assert_eq!(codes, n, "{edges}");
+}
+
 /// A chunked body written as node.js writes one (a buffer each for a chunk's size, data and
 /// CRLF, in two sendmsg calls, the first with the head) and read with readv into small
 /// buffers: every response ends where its last chunk ends, seen at both ends while the

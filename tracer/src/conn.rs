@@ -74,14 +74,22 @@ enum Role {
     Http2(Side),
     /// Not HTTP (or lost sync for good): ignored until closed.
     Opaque,
+    /// Upgraded (WebSocket) or tunnelled (CONNECT): ignored until closed, as `Opaque`, but its
+    /// end stays known: its peer's exchange of the upgrade is this end's to count.
+    Tunnel(Side),
 }
 
 impl Role {
     fn side(self) -> Option<Side> {
         match self {
-            Role::Http(side) | Role::Http2(side) => Some(side),
+            Role::Http(side) | Role::Http2(side) | Role::Tunnel(side) => Some(side),
             _ => None,
         }
+    }
+
+    /// Whether its bytes are not followed (the kernel can stop sending them).
+    fn opaque(self) -> bool {
+        matches!(self, Role::Opaque | Role::Tunnel(_))
     }
 }
 
@@ -613,7 +621,7 @@ impl ConnTable {
             heads: &mut self.heads,
             h2_conns: &mut self.h2_conns,
         };
-        let was_opaque = conn.role == Role::Opaque;
+        let was_opaque = conn.role.opaque();
         process(conn, &mut ctx);
         if conn.client_addr.is_none()
             && let Some(side) = conn.role.side()
@@ -630,7 +638,7 @@ impl ConnTable {
         let ask = if was_opaque {
             d.seq != 0 && d.seq & 63 == 0
         } else {
-            conn.role == Role::Opaque
+            conn.role.opaque()
         };
         if ask && self.opaque.len() < MAX_OPAQUE_PENDING {
             self.opaque.push((d.sk, d.sock_tuple));
@@ -1496,7 +1504,7 @@ fn on_head(conn: &mut Conn, requests: bool, info: Head, ctx: &mut Ctx<'_, '_>) {
                 // Upgraded (WebSocket) or tunnelled (CONNECT): the rest is not HTTP/1.
                 let end = d.boundary_ns();
                 complete(conn, false, end, ctx);
-                conn.role = Role::Opaque;
+                conn.role = conn.role.side().map_or(Role::Opaque, Role::Tunnel);
                 return;
             }
             body
@@ -2200,6 +2208,11 @@ mod tests {
         h.read(b"\x81\x85GET / HTTP/1.1");
         h.write(b"\x81\x05hello");
         assert_eq!(h.statuses(), [("/ws".to_owned(), 101)]);
+        // Its end stays known to its client's end (which then leaves the count to it), and the
+        // kernel is asked to stop sending its bytes.
+        let peer = h.table.peer_of(&tuple().reversed(), SK);
+        assert_eq!(peer.and_then(|p| p.side), Some(Side::Server));
+        assert_eq!(h.table.take_opaque().count(), 1);
     }
 
     /// HTTP/2 at a server: streams answered out of order pair by id; a gRPC status in the
