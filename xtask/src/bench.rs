@@ -216,7 +216,13 @@ enum Load {
     /// The same rate, each request for a path of its own (`/u/<8 digits>/<6 letters>`): as many
     /// routes as the limits allow, then `[other]` (memory and CPU under unbounded paths).
     FixedRateUniquePaths,
+    /// A low fixed rate (`LOW_RATE`), where the host is mostly idle: the latency the tracer adds
+    /// to a request shows there, apart from the contention for 2 cores at half saturation.
+    LowRate,
 }
+
+/// Requests per second of `Load::LowRate`.
+const LOW_RATE: u64 = 1000;
 
 impl Load {
     fn name(self) -> &'static str {
@@ -226,13 +232,17 @@ impl Load {
             Load::FixedRate => "fixed rate",
             Load::FixedRateMetricsOnly => "fixed rate, metrics only",
             Load::FixedRateUniquePaths => "fixed rate, unique paths",
+            Load::LowRate => "low fixed rate (1k req/s)",
         }
     }
 
     fn fixed(self) -> bool {
         matches!(
             self,
-            Load::FixedRate | Load::FixedRateMetricsOnly | Load::FixedRateUniquePaths
+            Load::FixedRate
+                | Load::FixedRateMetricsOnly
+                | Load::FixedRateUniquePaths
+                | Load::LowRate
         )
     }
 
@@ -342,6 +352,7 @@ fn run_load(load: Load, port: u16, secs: u64, rate: u64) -> anyhow::Result<Gener
         Load::Close => wrk(port, secs, true),
         Load::FixedRate | Load::FixedRateMetricsOnly => oha(port, secs, rate, false),
         Load::FixedRateUniquePaths => oha(port, secs, rate, true),
+        Load::LowRate => oha(port, secs, LOW_RATE, false),
     }
 }
 
@@ -436,6 +447,7 @@ pub fn run(bin: &Path, out_dir: &Path, opts: &Options) -> anyhow::Result<()> {
             Load::FixedRate,
             Load::FixedRateMetricsOnly,
             Load::FixedRateUniquePaths,
+            Load::LowRate,
         ]);
     }
     let mut report = BTreeMap::new();
@@ -454,6 +466,11 @@ pub fn run(bin: &Path, out_dir: &Path, opts: &Options) -> anyhow::Result<()> {
                 max.requests as f64 / max.secs
             );
         }
+        let rate = if load == Load::LowRate {
+            LOW_RATE
+        } else {
+            fixed_rate
+        };
         let mut off = Vec::new();
         let mut on = Vec::new();
         let mut seen = Vec::new();
@@ -500,7 +517,7 @@ pub fn run(bin: &Path, out_dir: &Path, opts: &Options) -> anyhow::Result<()> {
             "off_rps": off_rps,
             "on_rps": on_rps,
             "throughput_ratio": if off_rps > 0.0 { on_rps / off_rps } else { 0.0 },
-            "rate": if load.fixed() { Some(fixed_rate) } else { None },
+            "rate": if load.fixed() { Some(rate) } else { None },
             "off_latency_us": off.iter().map(|g| json!({"p50": g.p50_us, "p99": g.p99_us, "p99.9": g.p999_us})).collect::<Vec<_>>(),
             "on_latency_us": on.iter().map(|g| json!({"p50": g.p50_us, "p99": g.p99_us, "p99.9": g.p999_us})).collect::<Vec<_>>(),
             "added_p50_us": mean(&on.iter().map(|g| g.p50_us).collect::<Vec<_>>()) - mean(&off.iter().map(|g| g.p50_us).collect::<Vec<_>>()),
@@ -530,7 +547,7 @@ pub fn run(bin: &Path, out_dir: &Path, opts: &Options) -> anyhow::Result<()> {
             entry["daemon_peak_rss_mb"].as_f64().unwrap_or(0.0),
             if load.fixed() {
                 format!(
-                    ", added p50 {:.1} us, p99 {:.1} us at {fixed_rate} req/s",
+                    ", added p50 {:.1} us, p99 {:.1} us at {rate} req/s",
                     entry["added_p50_us"].as_f64().unwrap_or(0.0),
                     entry["added_p99_us"].as_f64().unwrap_or(0.0)
                 )
