@@ -1,9 +1,10 @@
 //! TLS libraries: finding the OpenSSL and GnuTLS builds processes on this host load
 //! (`libssl.so*`, `libgnutls.so*`, in the host's root or a container's), and hooking their read,
-//! write and handshake calls with the kernel side's uprobes (`tracer-ebpf/src/probes/tls.rs`). A uprobe hooks a file, so one
-//! attachment per library file covers every process that maps it, now and later. Go programs
-//! link their own crypto/tls: each new process's executable is looked at once (by inode), and
-//! a Go one's `(*Conn).Write` and `(*Conn).Read` are hooked at entry and at each RET.
+//! write and handshake calls with the kernel side's uprobes (`tracer-ebpf/src/probes/tls.rs`).
+//! A uprobe hooks a file, so one attachment per library file covers every process that maps
+//! it, now and later. Go programs link their own crypto/tls: each new process's executable is
+//! looked at once (by inode), and a Go one's `(*Conn).Write` and `(*Conn).Read` are hooked at
+//! entry and at each RET.
 
 use std::{
     collections::HashSet,
