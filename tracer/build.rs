@@ -41,7 +41,10 @@ fn strip_debug_info() -> anyhow::Result<()> {
     use std::{path::PathBuf, process::Command};
     let object = PathBuf::from(std::env::var("OUT_DIR")?).join("tracer");
     let sysroot = std::env::var("RUSTC").ok().and_then(|rustc| {
-        let out = Command::new(rustc).args(["--print", "sysroot"]).output().ok()?;
+        let out = Command::new(rustc)
+            .args(["--print", "sysroot"])
+            .output()
+            .ok()?;
         Some(String::from_utf8(out.stdout).ok()?.trim().to_owned())
     });
     let host = std::env::var("HOST")?;

@@ -668,6 +668,12 @@ impl ConnTable {
         linker: &mut Linker,
         out: &mut Vec<Exchange>,
     ) {
+        // A socket changes state no more once it is closed: a change at the address of one reset
+        // (and waiting out RESET_GRACE) is a new socket's there, whose own connection may not be
+        // followed (the daemon's, one that carried no data): the reset one ends first.
+        if self.conns.get(&c.sk).is_some_and(|old| old.reset.is_some()) {
+            self.end_reset(c.sk, metrics, linker, out);
+        }
         match (c.old_state, c.new_state) {
             // connect() runs in the calling process: remember who it is.
             (_, TCP_SYN_SENT) => {
@@ -680,9 +686,6 @@ impl ConnTable {
             // be on this host, and whose events can come first) can name this process.
             (TCP_SYN_SENT, TCP_ESTABLISHED) => {
                 let task = self.connecting.remove(&c.sk).unwrap_or(c.task);
-                if self.conns.get(&c.sk).is_some_and(|old| old.reset.is_some()) {
-                    self.end_reset(c.sk, metrics, linker, out);
-                }
                 if !self.conns.contains_key(&c.sk) {
                     if self.conns.len() >= self.cap {
                         self.evict(c.ts_ns, metrics, linker);
@@ -699,12 +702,6 @@ impl ConnTable {
                 self.connecting.remove(&c.sk);
             }
             _ => {}
-        }
-        // A socket changes state no more once it is closed: a change at the address of one reset
-        // (and waiting out RESET_GRACE) is a new socket's there, whose own connection may not be
-        // followed (the daemon's, one that carried no data): the reset one ends first.
-        if self.conns.get(&c.sk).is_some_and(|old| old.reset.is_some()) {
-            self.end_reset(c.sk, metrics, linker, out);
         }
         let Some(conn) = self.conns.get_mut(&c.sk) else {
             return;
@@ -1745,6 +1742,15 @@ mod tests {
 
     const SK: u64 = 0xffff_8880_0000_1000;
 
+    /// Another process's thread.
+    fn other_task() -> Task {
+        Task {
+            tgid: 7,
+            tid: 7,
+            ..task()
+        }
+    }
+
     fn task() -> Task {
         Task {
             tgid: 42,
@@ -1938,11 +1944,7 @@ mod tests {
     #[test]
     fn requests_a_server_resets_are_failures_at_the_client() {
         const REQ: &[u8] = b"GET /f HTTP/1.1\r\nHost: x\r\n\r\n";
-        let peer = Task {
-            tgid: 7,
-            tid: 7,
-            ..task()
-        };
+        let peer = other_task();
         let all = 1 + REQ.len() as u64;
         for (by, acked, failed) in [(peer, all, true), (peer, 1, false), (task(), all, false)] {
             let mut h = Harness::new();
@@ -1968,11 +1970,7 @@ mod tests {
     #[test]
     fn marked_resets_tell_which_end_aborted() {
         const REQ: &[u8] = b"GET /f HTTP/1.1\r\nHost: x\r\n\r\n";
-        let other = Task {
-            tgid: 7,
-            tid: 7,
-            ..task()
-        };
+        let other = other_task();
         let all = 1 + REQ.len() as u64;
         // (server's end, change ran in, RST taken in, failed)
         for (server, by, peer_reset, failed) in [
@@ -2009,11 +2007,7 @@ mod tests {
     #[test]
     fn an_aborted_connection_ends_when_its_address_is_reused() {
         const REQ: &[u8] = b"GET /f HTTP/1.1\r\nHost: x\r\n\r\n";
-        let other = Task {
-            tgid: 7,
-            tid: 7,
-            ..task()
-        };
+        let other = other_task();
         let mut h = Harness::new();
         h.table.mark_resets();
         h.read(REQ);
