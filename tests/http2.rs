@@ -1,4 +1,5 @@
-//! HTTP/2 without TLS: h2load against nginx and gRPC (python grpcio) with prior knowledge, and
+//! HTTP/2 without TLS: h2load against nginx and node and gRPC (python grpcio) with prior
+//! knowledge, and
 //! curl upgrading HTTP/1.1 connections to h2c. Counts checked against what the clients
 //! reported; spans against the gRPC status they returned.
 
@@ -209,6 +210,49 @@ fn grpc_calls_are_counted_with_their_status() {
         .filter(|s| s.span.kind == 2 && clients.contains(&s.parent_id()))
         .count() as u64;
     assert_eq!(linked, total, "every server span under its client span");
+}
+
+/// Hundreds of streams in flight on one connection, against node's HTTP/2 server (no limit on
+/// concurrent streams, as Envoy's and grpc-js's): h2load writes a thousand requests' frames in
+/// one call and node answers as many in one, more frame segments than one ring-buffer record
+/// holds (the kernel side sends a call's segments in parts, the daemon joins them), and nghttp2
+/// writes from a chain of 16 KiB buffers (frame headers across two iovecs). Every request
+/// h2load completed is counted by both ends with its status, nothing lost.
+#[test]
+fn a_thousand_streams_in_flight_are_counted_by_both_ends() {
+    let _serial = serial();
+    let daemon = Daemon::start();
+    let port = free_port();
+    let child = Command::new("node")
+        .arg(workspace_root().join("tests/fixtures/node_h2c.js"))
+        .arg(port.to_string())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("spawn node node_h2c.js");
+    let server = Server::adopt(child, port);
+    let mut done = 0;
+    let mut classes = [0u64; 4];
+    for (path, n) in [("/item/1", "-n20000"), ("/missing/3", "-n4000")] {
+        let url = format!("http://127.0.0.1:{}{path}", server.port);
+        let (ok, c) = h2load(&["-c2", "-m1000", n], &url, "h2c");
+        done += ok;
+        for (a, b) in classes.iter_mut().zip(c) {
+            *a += b;
+        }
+    }
+    assert_eq!(done, 24_000, "h2load completed every request");
+    let edge = daemon.wait_edge("h2load", server.port, done);
+    assert_eq!(edge["requests"], done, "{}", daemon.diagnostics());
+    assert_both_ends(&edge, done);
+    let codes = status_codes(&edge);
+    assert_eq!(codes.get("200").copied(), Some(classes[0]), "{codes:?}");
+    assert_eq!(codes.get("404").copied(), Some(classes[2]), "{codes:?}");
+    assert_eq!(
+        daemon.metric_sum("tracer_requests_lost_total", &[]),
+        0.0,
+        "{}",
+        daemon.diagnostics()
+    );
 }
 
 /// `curl --http2` on plain HTTP asks to upgrade (`Upgrade: h2c`); a server that accepts answers

@@ -70,6 +70,12 @@ pub const FLAG_TLS: u32 = 1 << 3;
 /// fired for the socket just before, on the same CPU), not this end's own abortive close. Set
 /// only when the daemon attached that tracepoint.
 pub const FLAG_PEER_RESET: u32 = 1 << 4;
+/// More of this call's HTTP/2 frame segments follow, in the socket's next records
+/// (`FLAG_FRAMES_CONT`): the walk filled [`FRAMES_CAP`] and sent what it had to go on copying.
+pub const FLAG_FRAMES_MORE: u32 = 1 << 5;
+/// This record continues the previous record of its socket and direction (the same call): only
+/// its frame segments are new.
+pub const FLAG_FRAMES_CONT: u32 = 1 << 6;
 /// A socket's events carry their thread's name and cgroup again at least this often (a power of
 /// two), so that a reader that lost track of a thread learns it again.
 pub const TASK_RESEND: u32 = 256;
@@ -192,7 +198,7 @@ pub const FRAME_KEEP_CAP: usize = 1024;
 pub const SEGMENT_HEADER: usize = 8;
 /// Steps of a call's walk, at most: a frame, or for an iovec call also a buffer or a piece of
 /// a header block (node's `writev` of 300 streams' responses: ~1200 buffers).
-pub const MAX_FRAMES_WALKED: u32 = 2048;
+pub const MAX_FRAMES_WALKED: u32 = 8192;
 
 /// What the kernel side keeps per socket.
 #[repr(C)]

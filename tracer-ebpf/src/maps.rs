@@ -134,6 +134,10 @@ pub struct Walk {
     pub keep_n: u64,
     pub keep_at: u64,
     pub keep_to: u64,
+    /// Records this call's segments already went out in (`data::flush_segments`), and the
+    /// scratch generation of the event being built (a flush stops when it changed).
+    pub parts: u64,
+    pub generation: u64,
 }
 
 /// Per-CPU scratch space for building a data event: too big for the 512-byte stack.

@@ -20,6 +20,7 @@ pub mod http2;
 pub mod kube;
 pub mod metrics;
 pub mod otlp;
+pub mod parts;
 pub mod pipeline;
 pub mod ring;
 pub mod route;

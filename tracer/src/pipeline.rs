@@ -30,6 +30,7 @@ use crate::{
     event::{self, Event, Tuple},
     metrics::Metrics,
     otlp::{self, ServiceNames},
+    parts::{Joiner, Part},
     ring::Ring,
     spans::{self, GoProcesses, LinkStats, Linker, Sampler, Span},
     tap,
@@ -384,6 +385,7 @@ struct Reader {
     tcp: TcpTracker,
     /// `GoProcs` version the linker has.
     go_version: u64,
+    joiner: Joiner,
 }
 
 impl Reader {
@@ -418,6 +420,7 @@ impl Reader {
             own_pid: std::process::id(),
             tcp: TcpTracker::default(),
             go_version: 0,
+            joiner: Joiner::default(),
             shared,
         }
     }
@@ -479,8 +482,36 @@ impl Reader {
             .adopt(found, &self.shared.tcp, &self.shared.metrics);
     }
 
-    /// One ring-buffer record, through every stage.
+    /// One ring-buffer record: a call the kernel sent in parts is joined first.
     fn handle(&mut self, item: &[u8]) {
+        match self.joiner.offer(item) {
+            Part::Whole => self.handle_record(item),
+            Part::Held => self.data_events.inc(),
+            Part::Joined(buf) => {
+                let truncated = self.joiner.take_truncated();
+                if truncated > 0 {
+                    let metrics = &self.shared.metrics;
+                    metrics
+                        .decode_errors
+                        .with_label_values(&["joined_call_truncated"])
+                        .inc_by(truncated);
+                }
+                self.handle_record(&buf);
+                self.joiner.recycle(buf);
+            }
+            Part::Unjoined => {
+                self.data_events.inc();
+                let metrics = &self.shared.metrics;
+                metrics
+                    .decode_errors
+                    .with_label_values(&["unjoined_part"])
+                    .inc();
+            }
+        }
+    }
+
+    /// One whole ring-buffer record, through every stage.
+    fn handle_record(&mut self, item: &[u8]) {
         let metrics = &self.shared.metrics;
         match event::decode(item) {
             Ok(Event::Data(mut d)) => {

@@ -2,6 +2,8 @@
 //! it, its response's END_STREAM ends it. Pairs are by stream id, so a stream lost or reset
 //! never shifts another's.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+
 use foldhash::HashMap;
 
 use crate::{
@@ -13,9 +15,58 @@ use crate::{
     spans::{self, Linker, SpanId},
 };
 
-/// Streams open at once on one connection (servers allow 100 to 250 by default); a request
-/// past it is counted as lost.
-pub const MAX_STREAMS: usize = 512;
+/// Streams open at once on one connection (nginx allows 128, Go 250, node and Envoy no limit:
+/// h2load `-m 1000`, grpc-js with 1000 calls in flight); a request past it is counted as lost.
+pub const MAX_STREAMS: usize = 4096;
+/// Streams open at once on all connections together (~150 bytes each): past it a request is
+/// counted as lost, as past MAX_STREAMS.
+pub const MAX_STREAMS_TOTAL: usize = 64 * 1024;
+
+/// Streams open now on all connections (`OpenStreams`).
+static OPEN_TOTAL: AtomicUsize = AtomicUsize::new(0);
+
+/// A connection's open streams, counted in OPEN_TOTAL while they are held.
+#[derive(Debug, Default)]
+struct OpenStreams(HashMap<u32, Stream>);
+
+impl OpenStreams {
+    /// Whether one more stream may open here.
+    fn full(&self) -> bool {
+        self.0.len() >= MAX_STREAMS || OPEN_TOTAL.load(Ordering::Relaxed) >= MAX_STREAMS_TOTAL
+    }
+
+    fn insert(&mut self, id: u32, s: Stream) {
+        if self.0.insert(id, s).is_none() {
+            OPEN_TOTAL.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn remove(&mut self, id: &u32) -> Option<Stream> {
+        let s = self.0.remove(id);
+        if s.is_some() {
+            OPEN_TOTAL.fetch_sub(1, Ordering::Relaxed);
+        }
+        s
+    }
+
+    fn drain(&mut self) -> impl Iterator<Item = (u32, Stream)> + '_ {
+        OPEN_TOTAL.fetch_sub(self.0.len(), Ordering::Relaxed);
+        self.0.drain()
+    }
+}
+
+impl std::ops::Deref for OpenStreams {
+    type Target = HashMap<u32, Stream>;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl Drop for OpenStreams {
+    fn drop(&mut self) {
+        OPEN_TOTAL.fetch_sub(self.0.len(), Ordering::Relaxed);
+    }
+}
 /// Furthest a client stream id is believed ahead of the next one expected: ids go up by 2 per
 /// stream, and a jump further than this many streams is bytes misread as a frame (after a
 /// loss), not requests unseen.
@@ -117,7 +168,7 @@ pub struct Streams {
     requests: Half,
     /// Server to client.
     responses: Half,
-    open: HashMap<u32, Stream>,
+    open: OpenStreams,
     /// The next client stream id expected.
     next_id: u32,
     /// Request frames went by unseen since `next_id` was set: streams skipped over are
@@ -137,7 +188,7 @@ impl Streams {
         Self {
             requests: Half::new(true),
             responses: Half::new(false),
-            open: HashMap::default(),
+            open: OpenStreams::default(),
             next_id: 1,
             requests_gap: false,
             response_losses: 0,
@@ -214,7 +265,7 @@ impl Streams {
                 }
                 self.requests_gap = !self.requests.synced();
                 self.next_id = stream.saturating_add(2);
-                if self.open.len() >= MAX_STREAMS && !self.evict_doubtful(env) {
+                if self.open.full() && !self.evict_doubtful(env) {
                     env.metrics
                         .pairing_drops
                         .with_label_values(&["pending_overflow"])
@@ -272,7 +323,7 @@ impl Streams {
                 );
             }
             Frame::Data { stream, len, .. } => {
-                if let Some(s) = self.open.get_mut(&stream) {
+                if let Some(s) = self.open.0.get_mut(&stream) {
                     s.req_bytes += u64::from(len);
                 }
             }
@@ -293,7 +344,7 @@ impl Streams {
                 end_stream,
                 fields,
             } => {
-                let Some(s) = self.open.get_mut(&stream) else {
+                let Some(s) = self.open.0.get_mut(&stream) else {
                     return;
                 };
                 s.resp_ns = at_ns;
@@ -320,7 +371,7 @@ impl Streams {
                 len,
                 end_stream,
             } => {
-                if let Some(s) = self.open.get_mut(&stream) {
+                if let Some(s) = self.open.0.get_mut(&stream) {
                     s.resp_bytes += u64::from(len);
                     s.resp_ns = at_ns;
                     if end_stream {
@@ -337,7 +388,7 @@ impl Streams {
             Frame::Lost => {
                 self.response_losses = self.response_losses.saturating_add(1);
                 if env.side == Side::Server {
-                    for s in self.open.values_mut() {
+                    for s in self.open.0.values_mut() {
                         if let Some(span) = s.span.filter(|&span| env.linker.holds_client(span)) {
                             s.span = None;
                             s.released = env.linker.abandon(span);
@@ -500,7 +551,7 @@ impl Streams {
                     && s.request.is_some()
                     && (env.side == Side::Server || env.peer_sk == 0) =>
             {
-                if let Some(s) = self.open.get_mut(&stream) {
+                if let Some(s) = self.open.0.get_mut(&stream) {
                     s.status = Some(Some(conn::NO_RESPONSE));
                     // A server end that gave the stream's client span back counts it all the
                     // same: the client end, traced here, leaves resets to it.

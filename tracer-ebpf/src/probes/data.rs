@@ -14,9 +14,9 @@ use aya_ebpf::{
 };
 use tracer_common::{
     CARRY_SPLIT, CARRY_UNKNOWN, DATA_EVENT_FIXED, DIR_EGRESS, DIR_INGRESS, DataEvent, EventKind,
-    FLAG_IOVEC, FLAG_TASK_KNOWN, FLAG_TLS, FLAG_TUPLE_FROM_SOCK, FRAME_KEEP_CAP, FRAMES_CAP,
-    KernelStat, MAX_FRAMES_WALKED, PAYLOAD_CAP, REQUEST_STARTS, SEGMENT_HEADER, SockState,
-    TAIL_LEN, TASK_RESEND,
+    FLAG_FRAMES_CONT, FLAG_FRAMES_MORE, FLAG_IOVEC, FLAG_TASK_KNOWN, FLAG_TLS,
+    FLAG_TUPLE_FROM_SOCK, FRAME_KEEP_CAP, FRAMES_CAP, KernelStat, MAX_FRAMES_WALKED, PAYLOAD_CAP,
+    REQUEST_STARTS, SEGMENT_HEADER, SockState, TAIL_LEN, TASK_RESEND,
 };
 
 use crate::maps::{
@@ -273,6 +273,7 @@ fn begin_walk(
         write_volatile(&mut w.ret, ret);
         write_volatile(&mut w.captured, captured);
         write_volatile(&mut w.done, 0);
+        write_volatile(&mut w.parts, 0);
     }
     step
 }
@@ -308,10 +309,16 @@ extern "C" fn walk_step(_index: u64, _ctx: *mut c_void) -> i64 {
     // past; user memory is read through the checked helper.
     unsafe {
         let walk = &raw mut (*s).walk;
-        let (o, w) = (
+        let (o, mut w) = (
             read_volatile(&raw const (*walk).at),
             read_volatile(&raw const (*walk).len),
         );
+        if w >= FRAMES_CAP as u64 {
+            if !flush_segments(s, w) {
+                return 1;
+            }
+            w = 0;
+        }
         let (buf, ret, captured) = (
             read_volatile(&raw const (*walk).buf),
             read_volatile(&raw const (*walk).ret),
@@ -471,9 +478,97 @@ unsafe fn frame_header(s: *mut Scratch, o: u64, captured: u64, src: u64) -> Opti
         } else if bpf_probe_read_user(hdr.cast(), FRAME_HEADER as u32, src as *const _) != 0 {
             return None;
         }
+        parsed_header(s)
+    }
+}
+
+/// The length and type of the frame header in the walk's `hdr`, or None when it is none.
+#[inline(always)]
+unsafe fn parsed_header(s: *mut Scratch) -> Option<(u64, u8)> {
+    // SAFETY: the scratch's 16-byte `hdr`.
+    unsafe {
+        let hdr = (*s).walk.hdr.as_ptr();
         let len = (u64::from(*hdr) << 16) | (u64::from(*hdr.add(1)) << 8) | u64::from(*hdr.add(2));
         let kind = *hdr.add(3);
         (kind <= FRAME_TYPE_MAX && *hdr.add(5) & 0x80 == 0).then_some((len, kind))
+    }
+}
+
+/// `frame_header` for a header at call offset `o` that begins in the iovec `(start, base,
+/// blen)` and ends in the next one: its first bytes from the one, the rest from the other (the
+/// walk moves on to that iovec itself, at its next step).
+#[inline(always)]
+unsafe fn split_iov_header(
+    s: *mut Scratch,
+    o: u64,
+    (start, base, blen): (u64, u64, u64),
+    captured: u64,
+) -> Option<(u64, u8)> {
+    if o + FRAME_HEADER <= captured {
+        // SAFETY: as in `frame_header`, which reads it from the payload.
+        return unsafe { frame_header(s, o, captured, 0) };
+    }
+    // SAFETY: the scratch as in `iov_step`: both lengths are masked to [1, 8] and the second
+    // starts at most 8 bytes into the 16-byte `hdr`; user memory through the checked helper.
+    unsafe {
+        let walk = &raw mut (*s).walk;
+        let i = read_volatile(&raw const (*walk).i) + 1;
+        if i >= read_volatile(&raw const (*walk).count) {
+            return None;
+        }
+        let (next, next_len) = read_iovec(read_volatile(&raw const (*walk).iov) + 16 * i)?;
+        let k = black_box(((start + blen - o - 1) & 7) + 1);
+        let rest = black_box(((FRAME_HEADER - k - 1) & 7) + 1);
+        if k + rest != FRAME_HEADER || next_len < rest {
+            return None;
+        }
+        let hdr = (*walk).hdr.as_mut_ptr();
+        if bpf_probe_read_user(hdr.cast(), k as u32, (base + (o - start)) as *const _) != 0
+            || bpf_probe_read_user(hdr.add(k as usize).cast(), rest as u32, next as *const _) != 0
+        {
+            return None;
+        }
+        parsed_header(s)
+    }
+}
+
+/// Sends the walk's `w` bytes of segments, which filled FRAMES_CAP, as a record of their own so
+/// that the walk goes on copying (a read of hundreds of streams' small frames): the first with
+/// the call's event and payload (`FLAG_FRAMES_MORE`), the next ones for their segments only
+/// (`FLAG_FRAMES_CONT`); the daemon joins them back into one call. False stops the walk: the
+/// scratch was taken over (`Scratch::generation`) or the ring buffer is full (the daemon then
+/// finds frames missing from the call, as past any walk that stopped short).
+#[inline(always)]
+unsafe fn flush_segments(s: *mut Scratch, w: u64) -> bool {
+    // SAFETY: the scratch as in `walk_step`; the record is `size` bytes from its start, which
+    // it holds.
+    unsafe {
+        let walk = &raw mut (*s).walk;
+        if read_volatile(&raw const (*s).generation) != read_volatile(&raw const (*walk).generation)
+        {
+            return false;
+        }
+        let flags = read_volatile(&raw const (*s).ev.meta.hdr.flags);
+        write_volatile(&raw mut (*s).ev.meta.hdr.flags, flags | FLAG_FRAMES_MORE);
+        write_volatile(&raw mut (*s).ev.meta.frames_len, w as u32);
+        let max = core::mem::size_of::<Scratch>() as u64 - 16;
+        let size =
+            black_box((DATA_EVENT_FIXED + PAYLOAD_CAP) as u64 + (w & (2 * FRAMES_CAP as u64 - 1)));
+        let size = if size > max { max } else { size };
+        let bytes = core::slice::from_raw_parts(s.cast::<u8>().cast_const(), size as usize);
+        if EVENTS.output::<[u8]>(bytes, wakeup_flags()).is_err() {
+            count(KernelStat::RingbufFullData);
+            write_volatile(&raw mut (*s).ev.meta.hdr.flags, flags);
+            return false;
+        }
+        count(KernelStat::DataEvents);
+        write_volatile(&raw mut (*s).ev.meta.hdr.flags, flags | FLAG_FRAMES_CONT);
+        write_volatile(
+            &raw mut (*walk).parts,
+            read_volatile(&raw const (*walk).parts) + 1,
+        );
+        write_volatile(&raw mut (*walk).len, 0);
+        true
     }
 }
 
@@ -610,12 +705,19 @@ extern "C" fn iov_step(_index: u64, _ctx: *mut c_void) -> i64 {
             write_volatile(&raw mut (*walk).keep_at, at + m);
             return 0;
         }
-        let (o, w, ret, captured) = (
+        let (o, mut w, ret, captured) = (
             read_volatile(&raw const (*walk).at),
             read_volatile(&raw const (*walk).len),
             read_volatile(&raw const (*walk).ret),
             read_volatile(&raw const (*walk).captured),
         );
+        // No header block is being copied here: the segments so far are whole.
+        if w >= FRAMES_CAP as u64 {
+            if !flush_segments(s, w) {
+                return 1;
+            }
+            w = 0;
+        }
         if o >= ret {
             write_volatile(&raw mut (*walk).done, 1);
             return 1;
@@ -623,11 +725,13 @@ extern "C" fn iov_step(_index: u64, _ctx: *mut c_void) -> i64 {
         if o >= start + blen {
             return next_iovec(walk, start, blen);
         }
-        if o + FRAME_HEADER > start + blen {
-            // A frame header across two buffers: not followed.
-            return 1;
-        }
-        let Some((len, kind)) = frame_header(s, o, captured, base + (o - start)) else {
+        let header = if o + FRAME_HEADER > start + blen {
+            // A frame header across two buffers (nghttp2 writes from a chain of 16 KiB ones).
+            split_iov_header(s, o, (start, base, blen), captured)
+        } else {
+            frame_header(s, o, captured, base + (o - start))
+        };
+        let Some((len, kind)) = header else {
             return 1;
         };
         let body = o + FRAME_HEADER;
@@ -947,19 +1051,6 @@ pub fn emit<const WALK: bool>(args: &SyscallArgs, ret: u64, id: u64, next: NextE
         }
     }
     meta.captured = captured as u32;
-    let frames_len = match next.state {
-        Some(state) if WALK && has_bpf_loop() => http2_frames(
-            scratch,
-            state,
-            args,
-            next.seq,
-            (ret, captured),
-            first,
-            iovecs,
-        ),
-        _ => 0,
-    };
-    meta.frames_len = frames_len as u32;
 
     let starts_request = captured >= 4 && {
         let head = u32::from_le_bytes([payload[0], payload[1], payload[2], payload[3]]);
@@ -978,6 +1069,31 @@ pub fn emit<const WALK: bool>(args: &SyscallArgs, ret: u64, id: u64, next: NextE
     } else {
         0
     };
+    if !next.late.is_null() {
+        // SAFETY: a live map value, as above.
+        unsafe {
+            let seq = (*next.late).wrapping_add(1);
+            *next.late = seq;
+            meta.seq = seq;
+        }
+    }
+    // The event is whole but for its segments: the walk may send it with the first of them.
+    meta.frames_len = 0;
+    // SAFETY: as above.
+    unsafe { write_volatile(&mut (*scratch).walk.generation, generation) };
+    let frames_len = match next.state {
+        Some(state) if WALK && has_bpf_loop() => http2_frames(
+            scratch,
+            state,
+            args,
+            next.seq,
+            (ret, captured),
+            first,
+            iovecs,
+        ),
+        _ => 0,
+    };
+    meta.frames_len = frames_len as u32;
     let size = if frames_len > 0 {
         // Segments follow the whole payload.
         let max = core::mem::size_of::<Scratch>() as u64 - 16;
@@ -993,14 +1109,6 @@ pub fn emit<const WALK: bool>(args: &SyscallArgs, ret: u64, id: u64, next: NextE
             size
         }
     };
-    if !next.late.is_null() {
-        // SAFETY: a live map value, as above.
-        unsafe {
-            let seq = (*next.late).wrapping_add(1);
-            *next.late = seq;
-            meta.seq = seq;
-        }
-    }
     // SAFETY: as above.
     if unsafe { read_volatile(&(*scratch).generation) } != generation {
         count(KernelStat::ScratchRace);
