@@ -198,7 +198,7 @@ pub fn count(stat: KernelStat) {
 }
 
 /// Ring buffer output flags (include/uapi/linux/bpf.h).
-const BPF_RB_NO_WAKEUP: u64 = 1;
+pub const BPF_RB_NO_WAKEUP: u64 = 1;
 const BPF_RB_FORCE_WAKEUP: u64 = 2;
 const BPF_RB_AVAIL_DATA: u64 = 0;
 

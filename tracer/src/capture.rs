@@ -1270,6 +1270,24 @@ impl Capture {
     pub fn programs(&self) -> usize {
         self.links.len()
     }
+
+    /// Logs (debug) how many instructions the kernel's verifier walked for each loaded program:
+    /// its limit is a million, which a kernel's own verifier reaches sooner or later than this
+    /// one's (the headroom of the frame walk's callbacks, on the tests' older kernels).
+    pub fn log_verified(&self) {
+        if !tracing::enabled!(tracing::Level::DEBUG) {
+            return;
+        }
+        for (name, prog) in self.ebpf.programs() {
+            if let Some(n) = prog
+                .info()
+                .ok()
+                .and_then(|i| i.verified_instruction_count())
+            {
+                tracing::debug!("program {name}: {n} instructions verified");
+            }
+        }
+    }
 }
 
 impl Drop for Capture {

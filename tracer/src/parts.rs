@@ -1,7 +1,9 @@
 //! Calls the kernel side sent in several records: an HTTP/2 call whose frame segments outgrew
 //! one record (`FRAMES_CAP`; a read of hundreds of streams' small frames) goes out as a head
 //! with the event and payload (`FLAG_FRAMES_MORE`), then records of segments only
-//! (`FLAG_FRAMES_CONT`). They are joined back into one record here, before decoding.
+//! (`FLAG_FRAMES_CONT`). They are joined back into one record here, before decoding: the
+//! last part's event and payload (its event number and TCP sequence are set after the walk),
+//! and every part's segments in order.
 
 use std::mem::offset_of;
 
@@ -97,10 +99,9 @@ impl Joiner {
                 self.recycle(old.buf);
                 unjoined = true;
             }
+            // Room for the last part's event and payload, then the segments.
             let mut buf = self.spare.pop().unwrap_or_default();
             buf.clear();
-            let head = (DATA_EVENT_FIXED + PAYLOAD_CAP).min(rec.len());
-            buf.extend_from_slice(&rec[..head]);
             buf.resize(DATA_EVENT_FIXED + PAYLOAD_CAP, 0);
             buf.extend_from_slice(segs);
             self.open.push(Open {
@@ -128,6 +129,8 @@ impl Joiner {
             return Part::Held;
         }
         let mut buf = self.open.swap_remove(i).buf;
+        let head = (DATA_EVENT_FIXED + PAYLOAD_CAP).min(rec.len());
+        buf[..head].copy_from_slice(&rec[..head]);
         let frames_len = (buf.len() - DATA_EVENT_FIXED - PAYLOAD_CAP) as u32;
         put_u32(&mut buf, offset_of!(DataMeta, frames_len), frames_len);
         put_u32(
@@ -209,7 +212,9 @@ mod tests {
             b"PRI *",
             &[(3000, b"bb")],
         );
-        let last = record(1, FLAG_FRAMES_CONT, b"PRI *", &[(4000, b"c")]);
+        // The last part's event is the whole one (the head's is sent before its number is).
+        let mut last = record(1, FLAG_FRAMES_CONT, b"PRI *", &[(4000, b"c")]);
+        last[offset_of!(DataMeta, seq)..][..4].copy_from_slice(&8u32.to_le_bytes());
         assert!(matches!(j.offer(&head), Part::Held));
         // Another socket's record between the parts goes through untouched.
         assert!(matches!(j.offer(&other), Part::Whole));
@@ -221,7 +226,7 @@ mod tests {
             panic!("joined record does not decode");
         };
         assert_eq!(d.payload, b"PRI *");
-        assert_eq!(d.seq, 7);
+        assert_eq!(d.seq, 8);
         assert_eq!(
             segs_of(&buf),
             vec![

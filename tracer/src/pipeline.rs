@@ -315,6 +315,7 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         )
     });
 
+    capture.log_verified();
     let resets_marked = capture.resets_marked;
     let reader = tokio::spawn(read_events(
         ring,

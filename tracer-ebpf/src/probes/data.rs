@@ -20,8 +20,8 @@ use tracer_common::{
 };
 
 use crate::maps::{
-    EVENTS, KIND_BUF, KIND_IOV, KIND_MSG, KIND_NONE, SCRATCH, Scratch, SyscallArgs, count,
-    has_bpf_loop, wakeup_flags,
+    BPF_RB_NO_WAKEUP, EVENTS, KIND_BUF, KIND_IOV, KIND_MSG, KIND_NONE, SCRATCH, Scratch,
+    SyscallArgs, count, has_bpf_loop, wakeup_flags,
 };
 
 use super::sock::{Lookup, NextEvent, Store, first_seq, next_event};
@@ -309,15 +309,14 @@ extern "C" fn walk_step(_index: u64, _ctx: *mut c_void) -> i64 {
     // past; user memory is read through the checked helper.
     unsafe {
         let walk = &raw mut (*s).walk;
-        let (o, mut w) = (
+        let (o, w) = (
             read_volatile(&raw const (*walk).at),
             read_volatile(&raw const (*walk).len),
         );
         if w >= FRAMES_CAP as u64 {
-            if !flush_segments(s, w) {
-                return 1;
-            }
-            w = 0;
+            // The segments so far go out, and this frame is looked at again at the next step
+            // (going on here would double the paths the verifier walks after this point).
+            return if flush_segments(s, w) { 0 } else { 1 };
         }
         let (buf, ret, captured) = (
             read_volatile(&raw const (*walk).buf),
@@ -532,6 +531,14 @@ unsafe fn split_iov_header(
     }
 }
 
+/// Room past FRAMES_CAP a flushed record may take: a segment begun below FRAMES_CAP ends
+/// within it (a power of two no larger than the spill).
+const SPILL_PAST_FRAMES: u64 = 2048;
+const _: () = assert!(
+    SPILL_PAST_FRAMES as usize >= SEGMENT_HEADER + 9 + FRAME_KEEP_CAP
+        && SPILL_PAST_FRAMES as usize <= SEGMENT_HEADER + 9 + 2 * FRAME_KEEP_CAP + PAYLOAD_CAP
+);
+
 /// Sends the walk's `w` bytes of segments, which filled FRAMES_CAP, as a record of their own so
 /// that the walk goes on copying (a read of hundreds of streams' small frames): the first with
 /// the call's event and payload (`FLAG_FRAMES_MORE`), the next ones for their segments only
@@ -551,12 +558,15 @@ unsafe fn flush_segments(s: *mut Scratch, w: u64) -> bool {
         let flags = read_volatile(&raw const (*s).ev.meta.hdr.flags);
         write_volatile(&raw mut (*s).ev.meta.hdr.flags, flags | FLAG_FRAMES_MORE);
         write_volatile(&raw mut (*s).ev.meta.frames_len, w as u32);
-        let max = core::mem::size_of::<Scratch>() as u64 - 16;
-        let size =
-            black_box((DATA_EVENT_FIXED + PAYLOAD_CAP) as u64 + (w & (2 * FRAMES_CAP as u64 - 1)));
-        let size = if size > max { max } else { size };
+        // `w` is FRAMES_CAP and at most one segment past it, in the spill (no branch: this
+        // runs in the walk's callback, whose paths the verifier walks at every call).
+        let size = black_box(
+            (DATA_EVENT_FIXED + PAYLOAD_CAP + FRAMES_CAP) as u64
+                + ((w - FRAMES_CAP as u64) & (SPILL_PAST_FRAMES - 1)),
+        );
         let bytes = core::slice::from_raw_parts(s.cast::<u8>().cast_const(), size as usize);
-        if EVENTS.output::<[u8]>(bytes, wakeup_flags()).is_err() {
+        // No wake-up of its own: the call's last record decides that.
+        if EVENTS.output::<[u8]>(bytes, BPF_RB_NO_WAKEUP).is_err() {
             count(KernelStat::RingbufFullData);
             write_volatile(&raw mut (*s).ev.meta.hdr.flags, flags);
             return false;
@@ -705,7 +715,7 @@ extern "C" fn iov_step(_index: u64, _ctx: *mut c_void) -> i64 {
             write_volatile(&raw mut (*walk).keep_at, at + m);
             return 0;
         }
-        let (o, mut w, ret, captured) = (
+        let (o, w, ret, captured) = (
             read_volatile(&raw const (*walk).at),
             read_volatile(&raw const (*walk).len),
             read_volatile(&raw const (*walk).ret),
@@ -713,10 +723,7 @@ extern "C" fn iov_step(_index: u64, _ctx: *mut c_void) -> i64 {
         );
         // No header block is being copied here: the segments so far are whole.
         if w >= FRAMES_CAP as u64 {
-            if !flush_segments(s, w) {
-                return 1;
-            }
-            w = 0;
+            return if flush_segments(s, w) { 0 } else { 1 };
         }
         if o >= ret {
             write_volatile(&raw mut (*walk).done, 1);
@@ -1051,6 +1058,24 @@ pub fn emit<const WALK: bool>(args: &SyscallArgs, ret: u64, id: u64, next: NextE
         }
     }
     meta.captured = captured as u32;
+    // Before the walk, which may send the event's first part: the daemon takes the payload and
+    // the rest of the event from its last part.
+    meta.frames_len = 0;
+    // SAFETY: as above.
+    unsafe { write_volatile(&mut (*scratch).walk.generation, generation) };
+    let frames_len = match next.state {
+        Some(state) if WALK && has_bpf_loop() => http2_frames(
+            scratch,
+            state,
+            args,
+            next.seq,
+            (ret, captured),
+            first,
+            iovecs,
+        ),
+        _ => 0,
+    };
+    meta.frames_len = frames_len as u32;
 
     let starts_request = captured >= 4 && {
         let head = u32::from_le_bytes([payload[0], payload[1], payload[2], payload[3]]);
@@ -1069,31 +1094,6 @@ pub fn emit<const WALK: bool>(args: &SyscallArgs, ret: u64, id: u64, next: NextE
     } else {
         0
     };
-    if !next.late.is_null() {
-        // SAFETY: a live map value, as above.
-        unsafe {
-            let seq = (*next.late).wrapping_add(1);
-            *next.late = seq;
-            meta.seq = seq;
-        }
-    }
-    // The event is whole but for its segments: the walk may send it with the first of them.
-    meta.frames_len = 0;
-    // SAFETY: as above.
-    unsafe { write_volatile(&mut (*scratch).walk.generation, generation) };
-    let frames_len = match next.state {
-        Some(state) if WALK && has_bpf_loop() => http2_frames(
-            scratch,
-            state,
-            args,
-            next.seq,
-            (ret, captured),
-            first,
-            iovecs,
-        ),
-        _ => 0,
-    };
-    meta.frames_len = frames_len as u32;
     let size = if frames_len > 0 {
         // Segments follow the whole payload.
         let max = core::mem::size_of::<Scratch>() as u64 - 16;
@@ -1109,6 +1109,14 @@ pub fn emit<const WALK: bool>(args: &SyscallArgs, ret: u64, id: u64, next: NextE
             size
         }
     };
+    if !next.late.is_null() {
+        // SAFETY: a live map value, as above.
+        unsafe {
+            let seq = (*next.late).wrapping_add(1);
+            *next.late = seq;
+            meta.seq = seq;
+        }
+    }
     // SAFETY: as above.
     if unsafe { read_volatile(&(*scratch).generation) } != generation {
         count(KernelStat::ScratchRace);
