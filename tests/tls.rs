@@ -556,6 +556,56 @@ fn go_crypto_tls_is_counted_by_both_ends() {
     assert_zero(&daemon, "tracer_requests_lost_total");
 }
 
+/// A Go client the host never ran before, living about a second: hooked at its exec (the kernel
+/// tells the daemon of each program a process begins running), not at the daemon's next look at
+/// new processes a second later, by when it is done. Over HTTP/1.1 on 4 connections: the server
+/// end counts every request with its status; the client end those made after the hook, tens of
+/// milliseconds into the run (with the look alone, none: the TLS calls before the hook are not
+/// seen, and an HTTP/2 connection opened before it would not be followed at all).
+#[test]
+fn a_go_client_new_to_the_host_is_hooked_at_its_exec() {
+    let _serial = serial();
+    let dir = scratch("gotls-exec");
+    let bin = build_gotls(&dir, "");
+    let daemon = Daemon::start();
+    let (server, url) = go_server_hooked(&daemon, &bin, &dir);
+    // The same program as a file of its own: an executable the daemon never looked at.
+    let client = dir.join("goclient");
+    std::fs::copy(&bin, &client).expect("copy the Go program");
+    let mut codes: BTreeMap<String, u64> = BTreeMap::new();
+    let started = Instant::now();
+    fixture_client(
+        Command::new(&client),
+        &url,
+        "3000",
+        "4",
+        "http/1.1",
+        &mut codes,
+    );
+    let took = started.elapsed();
+    let total: u64 = codes.values().sum();
+    assert_eq!(total, 3000, "the client's answers: {codes:?}");
+    let edge = daemon.wait_edge("goclient", server.port, total);
+    assert_eq!(edge["requests"], total, "{}", daemon.diagnostics());
+    assert_eq!(status_codes(&edge), codes, "{}", daemon.diagnostics());
+    // The client end's exchanges settle with the server end's.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut seen = observed(&daemon, "goclient", "client");
+    loop {
+        std::thread::sleep(Duration::from_millis(300));
+        let now = observed(&daemon, "goclient", "client");
+        if now == seen || Instant::now() > deadline {
+            break;
+        }
+        seen = now;
+    }
+    assert!(
+        seen >= 0.8 * total as f64,
+        "the client end counted {seen} of {total} requests in a run of {took:?}: {}",
+        daemon.log_text()
+    );
+}
+
 /// The gotls server, started after the daemon, once the daemon has hooked it; its URL.
 fn go_server_hooked(
     daemon: &Daemon,

@@ -25,6 +25,9 @@ pub enum EventKind {
     Data = 1,
     /// A TCP state change: [`ConnEvent`].
     Conn = 2,
+    /// A process began running a new program (`sched_process_exec`): an [`EventHeader`] alone,
+    /// so that the daemon looks at the program (a Go one's TLS) at once, not at its next look.
+    Exec = 3,
 }
 
 impl EventKind {
@@ -32,6 +35,7 @@ impl EventKind {
         match v {
             1 => Some(Self::Data),
             2 => Some(Self::Conn),
+            3 => Some(Self::Exec),
             _ => None,
         }
     }

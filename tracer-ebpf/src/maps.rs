@@ -199,7 +199,7 @@ pub fn count(stat: KernelStat) {
 
 /// Ring buffer output flags (include/uapi/linux/bpf.h).
 pub const BPF_RB_NO_WAKEUP: u64 = 1;
-const BPF_RB_FORCE_WAKEUP: u64 = 2;
+pub const BPF_RB_FORCE_WAKEUP: u64 = 2;
 const BPF_RB_AVAIL_DATA: u64 = 0;
 
 /// log2 of the pending bytes past which the reader is woken (set by the loader from the ring's

@@ -1240,6 +1240,11 @@ impl Capture {
         self.tls.refresh(&mut self.ebpf, false);
     }
 
+    /// Looks at the programs these processes just began running (a Go program's TLS).
+    pub fn executed(&mut self, pids: &[u32]) {
+        self.tls.executed(&mut self.ebpf, pids);
+    }
+
     /// The Go programs among live processes, when that changed since the last call.
     pub fn go_processes(&mut self) -> Option<std::collections::HashSet<u32>> {
         self.tls.go_processes()
@@ -1253,7 +1258,7 @@ impl Capture {
     /// Detaches every program, all at once.
     pub fn detach(&mut self) {
         let t = std::time::Instant::now();
-        let (uprobes, exit) = self.tls.take_links();
+        let (uprobes, raw) = self.tls.take_links();
         std::thread::scope(|scope| {
             for link in self.links.drain(..) {
                 scope.spawn(move || drop(link));
@@ -1261,7 +1266,9 @@ impl Capture {
             for link in uprobes {
                 scope.spawn(move || drop(link));
             }
-            scope.spawn(move || drop(exit));
+            for link in raw {
+                scope.spawn(move || drop(link));
+            }
         });
         tracing::debug!("programs detached in {:?}", t.elapsed());
     }

@@ -213,6 +213,12 @@ struct Conn {
     /// When the first undecided byte crossed.
     undecided_ns: u64,
     undecided_seq: Option<u32>,
+    /// Followed from its middle: its first event came with no state in the kernel (a
+    /// connection older than the tracer, a TLS session whose handshake went unseen).
+    from_middle: bool,
+    /// Calls of such a connection that began no message (the rest of a body), skipped while its
+    /// role is looked for (MAX_MIDSTREAM_SKIPS).
+    midstream_skips: u8,
     last_ns: u64,
     /// The event number expected next from the kernel for this socket (a TLS session's
     /// writes).
@@ -287,6 +293,8 @@ impl Conn {
             undecided: Vec::new(),
             undecided_ns: 0,
             undecided_seq: None,
+            from_middle: false,
+            midstream_skips: 0,
             last_ns: now,
             next_seq: 0,
             next_seq_in: 0,
@@ -556,6 +564,7 @@ impl ConnTable {
             let spare = self.spare.pop().unwrap_or_default();
             let mut conn = Box::new(Conn::new(d.tuple, d.task, now, spare));
             conn.tls = d.tls;
+            conn.from_middle = d.from_sock;
             self.conns.insert(d.sk, conn);
             self.by_tuple.insert(d.tuple, d.sk);
             metrics.conns_tracked.set(self.conns.len() as i64);
@@ -914,6 +923,10 @@ impl ConnTable {
     }
 }
 
+/// Calls skipped on a connection followed from its middle before it is found to carry no known
+/// protocol (a few reads of a long body's rest, by a reader of 4 KiB at a time).
+const MAX_MIDSTREAM_SKIPS: u8 = 32;
+
 /// Some of this connection's events never arrived (ring buffer full): what was in flight cannot be
 /// paired truthfully any more, so it is dropped (and counted) and both streams look for the next
 /// message start.
@@ -1003,6 +1016,21 @@ fn process(conn: &mut Conn, ctx: &mut Ctx<'_, '_>) {
                     conn.undecided_seq = d.tcp_seq;
                 }
                 conn.undecided = head.to_vec();
+                return;
+            }
+            // A connection followed from its middle (older than the tracer, or a TLS session
+            // whose handshake went by before its library was hooked) may first show the rest
+            // of a body: its next calls begin the next message.
+            _ if conn.from_middle
+                && !tls_record(head)
+                && conn.midstream_skips < MAX_MIDSTREAM_SKIPS =>
+            {
+                conn.midstream_skips += 1;
+                conn.undecided.clear();
+                ctx.metrics
+                    .pairing_drops
+                    .with_label_values(&["midstream"])
+                    .inc();
                 return;
             }
             _ => {
@@ -1779,6 +1807,8 @@ mod tests {
         seq_in: u32,
         /// The next events are TLS plaintext.
         tls: bool,
+        /// The next events come with no kernel state for their socket (`Data::from_sock`).
+        from_sock: bool,
     }
 
     impl Harness {
@@ -1792,6 +1822,7 @@ mod tests {
                 seq: 0,
                 seq_in: 0,
                 tls: false,
+                from_sock: false,
             }
         }
 
@@ -1821,7 +1852,7 @@ mod tests {
                 payload: shown,
                 tail,
                 frames: &[],
-                from_sock: false,
+                from_sock: self.from_sock,
                 tls: self.tls,
             };
             self.table
@@ -2397,6 +2428,31 @@ mod tests {
         assert_eq!(h.out[0].req_bytes, head.len() as u64 + 100);
         assert_eq!(h.out[1].req_bytes, head.len() as u64 + 1000);
         assert_eq!(h.out[2].req_bytes, 22);
+    }
+
+    #[test]
+    fn a_connection_followed_from_a_body_is_followed_from_its_next_message() {
+        // A TLS session hooked after its handshake, its client in the middle of a long body.
+        let mut h = Harness::new();
+        (h.tls, h.from_sock) = (true, true);
+        h.read(&[b'z'; 4096]);
+        h.read(&[b'z'; 4096]);
+        h.write(b"GET /next HTTP/1.1\r\nHost: a\r\n\r\n");
+        h.read(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n");
+        assert_eq!(h.statuses(), vec![("/next".to_owned(), 404)]);
+        assert_eq!(h.drops("midstream"), 2);
+        assert_eq!(h.failures("unknown_protocol"), 0);
+        // A connection seen from its start that begins with no message is opaque at once.
+        let mut h = Harness::new();
+        h.read(&[b'z'; 4096]);
+        assert_eq!(h.failures("unknown_protocol"), 1);
+        // Followed from its middle, one that never begins a message is opaque in the end.
+        let mut h = Harness::new();
+        h.from_sock = true;
+        for _ in 0..=MAX_MIDSTREAM_SKIPS {
+            h.read(b"\x00\x01binary protocol");
+        }
+        assert_eq!(h.failures("unknown_protocol"), 1);
     }
 
     #[test]

@@ -205,6 +205,8 @@ pub struct Conn {
 pub enum Event<'a> {
     Data(Data<'a>),
     Conn(Conn),
+    /// This process began running a new program.
+    Exec(u32),
 }
 
 fn read<T: Copy>(buf: &[u8]) -> Result<T, DecodeError> {
@@ -258,6 +260,7 @@ pub fn decode(buf: &[u8]) -> Result<Event<'_>, DecodeError> {
                 tls: hdr.flags & FLAG_TLS != 0,
             }))
         }
+        Some(EventKind::Exec) => Ok(Event::Exec((hdr.pid_tgid >> 32) as u32)),
         Some(EventKind::Conn) => {
             let ev: ConnEvent = read(buf)?;
             Ok(Event::Conn(Conn {

@@ -92,7 +92,7 @@ impl Metrics {
         let decode_errors = IntCounterVec::new(
             Opts::new(
                 "tracer_decode_errors_total",
-                "Ring-buffer records that could not be decoded, or parts of a call sent in several records that could not be joined (unjoined_part: its first part was lost; joined_call_truncated: past 1 MiB).",
+                "Ring-buffer records that could not be decoded, or parts of a call sent in several records that could not be joined (unjoined_part: its first part was lost; joined_call_truncated: past 256 KiB).",
             ),
             &["reason"],
         )

@@ -17,7 +17,7 @@ use tracer_common::{
 const MAX_OPEN: usize = 16;
 /// A joined record's bytes, at most: segments past it are left out, and the parser finds those
 /// frames missing, as past a walk that stopped short (their streams counted lost).
-const MAX_JOINED: usize = 1 << 20;
+const MAX_JOINED: usize = 256 << 10;
 /// Buffers kept for the next joins.
 const MAX_SPARE: usize = 4;
 

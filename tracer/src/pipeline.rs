@@ -121,6 +121,34 @@ pub struct Shared {
     pub tcp: Mutex<TcpEdges>,
     /// The Go programs among the host's processes (their requests are run by goroutines).
     pub go_procs: GoProcs,
+    /// Processes that just began running a new program, from the reader to the TLS look.
+    pub execs: Execs,
+}
+
+/// Pids of processes that began running a new program (`EventKind::Exec`), handed from the
+/// reader to the task that hooks TLS: at most MAX_EXECS waiting (past that, an exec storm, the
+/// next look at new processes finds the rest).
+#[derive(Default)]
+pub struct Execs {
+    pids: Mutex<Vec<u32>>,
+    ready: tokio::sync::Notify,
+}
+
+const MAX_EXECS: usize = 256;
+
+impl Execs {
+    fn push(&self, pid: u32) {
+        let mut pids = self.pids.lock().unwrap_or_else(|p| p.into_inner());
+        if pids.len() < MAX_EXECS {
+            pids.push(pid);
+            self.ready.notify_one();
+        }
+    }
+
+    fn take(&self, into: &mut Vec<u32>) {
+        into.clear();
+        into.append(&mut self.pids.lock().unwrap_or_else(|p| p.into_inner()));
+    }
 }
 
 /// The Go programs among the host's processes as the TLS look last found them, handed from
@@ -183,6 +211,7 @@ impl Shared {
             spans: true,
             tcp: Mutex::new(TcpEdges::default()),
             go_procs: GoProcs::default(),
+            execs: Execs::default(),
         }
     }
 }
@@ -540,6 +569,11 @@ impl Reader {
                 self.conns
                     .on_state(&c, metrics, &mut self.linker, &mut self.exchanges);
             }
+            Ok(Event::Exec(pid)) => {
+                if pid != self.own_pid {
+                    self.shared.execs.push(pid);
+                }
+            }
             Err(e) => metrics.decode_errors.with_label_values(&[e.reason()]).inc(),
         }
         if !self.exchanges.is_empty() {
@@ -710,9 +744,19 @@ async fn export_kernel_stats(
     let mut ticks: u64 = 0;
     // The start-up look was made by `Capture::start`.
     metrics.tls_libraries.set(capture.tls_libraries() as i64);
+    let mut execs = Vec::new();
     loop {
         tokio::select! {
             _ = tick.tick() => {},
+            _ = shared.execs.ready.notified() => {
+                // A new program: a Go one's TLS hooked now, not at the next look.
+                shared.execs.take(&mut execs);
+                capture.executed(&execs);
+                if let Some(go) = capture.go_processes() {
+                    shared.go_procs.publish(go);
+                }
+                continue;
+            }
             _ = token.cancelled() => break,
         }
         ticks += 1;

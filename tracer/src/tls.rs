@@ -126,6 +126,9 @@ const MAX_GO_PROGRAMS: usize = 64;
 const MAX_RETS: usize = 32;
 /// Ends the calls of threads that exit inside one (raw tracepoint `sched_process_exit`).
 const THREAD_EXIT: (&str, &str) = ("tls_thread_exit", "sched_process_exit");
+/// Tells the daemon of each program a process begins running (raw tracepoint
+/// `sched_process_exec`).
+const PROCESS_EXEC: (&str, &str) = ("tls_process_exec", "sched_process_exec");
 
 /// Library files looked at, at most: each hooked costs 6 links (uprobe-multi) or 14 uprobes.
 const MAX_LIBRARIES: usize = 64;
@@ -177,6 +180,8 @@ pub struct TlsHooks {
     scanned: HashSet<u32>,
     links: Vec<UProbeLink>,
     exit_link: Option<RawTracePointLink>,
+    /// `sched_process_exec`, which tells the daemon of a new program at once.
+    exec_link: Option<RawTracePointLink>,
     /// Programs attached as uprobe-multi (else one uprobe per function).
     multi: bool,
     /// Single uprobes take `FLAT`'s copies (no `bpf_loop` here).
@@ -199,6 +204,7 @@ impl TlsHooks {
             scanned: HashSet::new(),
             links: Vec::new(),
             exit_link: None,
+            exec_link: None,
             multi: false,
             flat: false,
             enabled: false,
@@ -258,17 +264,42 @@ impl TlsHooks {
         }
         // Without it, a thread killed inside a call leaves socket calls looking for TLS calls
         // (slower, not wrong).
-        match attach_exit(ebpf) {
+        match attach_raw(ebpf, THREAD_EXIT) {
             Ok(link) => hooks.exit_link = Some(link),
             Err(e) => tracing::info!("TLS: {} not attached: {e}", THREAD_EXIT.1),
+        }
+        // Without it, a new Go program is hooked at the next look at new processes.
+        match attach_raw(ebpf, PROCESS_EXEC) {
+            Ok(link) => hooks.exec_link = Some(link),
+            Err(e) => tracing::info!("TLS: {} not attached: {e}", PROCESS_EXEC.1),
         }
         hooks
     }
 
     /// The hooks, to be dropped (which detaches them: a uprobe's detach waits for an RCU grace
     /// period, so the caller drops them in parallel).
-    pub fn take_links(&mut self) -> (Vec<UProbeLink>, Option<RawTracePointLink>) {
-        (std::mem::take(&mut self.links), self.exit_link.take())
+    pub fn take_links(&mut self) -> (Vec<UProbeLink>, Vec<RawTracePointLink>) {
+        let raw = [self.exit_link.take(), self.exec_link.take()];
+        (
+            std::mem::take(&mut self.links),
+            raw.into_iter().flatten().collect(),
+        )
+    }
+
+    /// Looks at the programs processes began running (`sched_process_exec`) at once: a Go
+    /// program's TLS is hooked before it is far into its work. Their libraries are mapped later,
+    /// and looked for at the next look.
+    pub fn executed(&mut self, ebpf: &mut Ebpf, pids: &[u32]) {
+        if !self.enabled {
+            return;
+        }
+        let t = std::time::Instant::now();
+        for &pid in pids {
+            self.program(ebpf, pid);
+        }
+        if !pids.is_empty() {
+            tracing::debug!("{} new programs looked at in {:?}", pids.len(), t.elapsed());
+        }
     }
 
     /// Library files hooked, and Go programs whose crypto/tls is.
@@ -737,8 +768,7 @@ fn exported(path: &Path) -> Result<HashSet<String>, String> {
         .collect())
 }
 
-fn attach_exit(ebpf: &mut Ebpf) -> Result<RawTracePointLink, String> {
-    let (prog, tp) = THREAD_EXIT;
+fn attach_raw(ebpf: &mut Ebpf, (prog, tp): (&str, &str)) -> Result<RawTracePointLink, String> {
     let p: &mut RawTracePoint = ebpf
         .program_mut(prog)
         .ok_or("program not in the object")?

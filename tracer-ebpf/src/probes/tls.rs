@@ -11,8 +11,8 @@ use aya_ebpf::{
     programs::{ProbeContext, RawTracePointContext, RetProbeContext},
 };
 use tracer_common::{
-    AF_INET, AF_INET6, DIR_EGRESS, DIR_INGRESS, FLAG_TLS, FLAG_TUPLE_FROM_SOCK, KernelStat,
-    OPAQUE_TLS, SockState, TUPLE_TLS,
+    AF_INET, AF_INET6, DIR_EGRESS, DIR_INGRESS, EventHeader, EventKind, FLAG_TLS,
+    FLAG_TUPLE_FROM_SOCK, KernelStat, OPAQUE_TLS, SockState, TUPLE_TLS,
 };
 
 use super::{
@@ -20,9 +20,10 @@ use super::{
     sock::{IPPROTO_TCP, NextEvent, Record, Store, opaque_requested, same_tuple},
 };
 use crate::maps::{
-    BUSY_ALL, BUSY_GO, BUSY_GO_LOOPS, GO_ROUND_TRIPS, GO_WRITE_LOOPS, KIND_BUF, SyscallArgs,
-    TLS_AFTER, TLS_BUSY, TLS_CALLS, TLS_OPAQUE, TLS_SCRATCH, TLS_SEEN_HANDSHAKE, TLS_SESSIONS,
-    TlsAfter, TlsCall, TlsKey, count, go_key, go_on_behalf, tracer_tgid,
+    BPF_RB_FORCE_WAKEUP, BUSY_ALL, BUSY_GO, BUSY_GO_LOOPS, EVENTS, GO_ROUND_TRIPS, GO_WRITE_LOOPS,
+    KIND_BUF, SyscallArgs, TLS_AFTER, TLS_BUSY, TLS_CALLS, TLS_OPAQUE, TLS_SCRATCH,
+    TLS_SEEN_HANDSHAKE, TLS_SESSIONS, TlsAfter, TlsCall, TlsKey, count, go_key, go_on_behalf,
+    tracer_tgid,
 };
 
 /// Adds `delta` (wrapping) to the count of threads inside a library call. The result is not
@@ -142,6 +143,27 @@ pub fn tls_thread_exit(_ctx: RawTracePointContext) -> i32 {
     if TLS_CALLS.remove(&bpf_get_current_pid_tgid()).is_ok() {
         busy_add(BUSY_ALL, u64::MAX);
     }
+    0
+}
+
+/// A process began running a new program: the daemon looks at it at once (a Go program's TLS is
+/// hooked from its executable), not at its next look at new processes a second later, by when
+/// a short-lived client is done.
+#[raw_tracepoint(tracepoint = "sched_process_exec")]
+pub fn tls_process_exec(_ctx: RawTracePointContext) -> i32 {
+    let ev = EventHeader {
+        kind: EventKind::Exec as u32,
+        flags: 0,
+        // SAFETY: helper without preconditions.
+        ts_ns: unsafe { bpf_ktime_get_ns() },
+        pid_tgid: bpf_get_current_pid_tgid(),
+        cgroup_id: 0,
+        comm: [0; 16],
+    };
+    // Woken at once (execs are rare next to socket calls): every millisecond counts against a
+    // client that connects as soon as it starts. Lost when the ring is full: the next look
+    // finds the process anyway.
+    let _ = EVENTS.output(&ev, BPF_RB_FORCE_WAKEUP);
     0
 }
 
