@@ -134,9 +134,8 @@ pub struct Walk {
     pub keep_n: u64,
     pub keep_at: u64,
     pub keep_to: u64,
-    /// Records this call's segments already went out in (`data::flush_segments`), and the
-    /// scratch generation of the event being built (a flush stops when it changed).
-    pub parts: u64,
+    /// The scratch generation of the event being built: `data::flush_segments` stops when it
+    /// changed.
     pub generation: u64,
 }
 

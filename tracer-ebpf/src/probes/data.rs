@@ -273,7 +273,6 @@ fn begin_walk(
         write_volatile(&mut w.ret, ret);
         write_volatile(&mut w.captured, captured);
         write_volatile(&mut w.done, 0);
-        write_volatile(&mut w.parts, 0);
     }
     step
 }
@@ -573,10 +572,6 @@ unsafe fn flush_segments(s: *mut Scratch, w: u64) -> bool {
         }
         count(KernelStat::DataEvents);
         write_volatile(&raw mut (*s).ev.meta.hdr.flags, flags | FLAG_FRAMES_CONT);
-        write_volatile(
-            &raw mut (*walk).parts,
-            read_volatile(&raw const (*walk).parts) + 1,
-        );
         write_volatile(&raw mut (*walk).len, 0);
         true
     }
