@@ -209,7 +209,7 @@ pub enum Event<'a> {
     Exec(u32),
 }
 
-fn read<T: Copy>(buf: &[u8]) -> Result<T, DecodeError> {
+pub(crate) fn read<T: Copy>(buf: &[u8]) -> Result<T, DecodeError> {
     if buf.len() < size_of::<T>() {
         return Err(DecodeError::Short(buf.len()));
     }

@@ -49,17 +49,12 @@ pub struct Joiner {
 
 /// The record's data event header, when it is a data event that belongs to a split call.
 fn split_meta(rec: &[u8]) -> Option<DataMeta> {
-    let flags_at = offset_of!(EventHeader, flags);
-    let kind = u32::from_le_bytes(rec.get(..4)?.try_into().ok()?);
-    let flags = u32::from_le_bytes(rec.get(flags_at..flags_at + 4)?.try_into().ok()?);
-    if kind != EventKind::Data as u32 || flags & (FLAG_FRAMES_MORE | FLAG_FRAMES_CONT) == 0 {
+    let hdr: EventHeader = crate::event::read(rec).ok()?;
+    if hdr.kind != EventKind::Data as u32 || hdr.flags & (FLAG_FRAMES_MORE | FLAG_FRAMES_CONT) == 0
+    {
         return None;
     }
-    if rec.len() < DATA_EVENT_FIXED {
-        return None;
-    }
-    // SAFETY: length checked; DataMeta is plain old data, valid for any bit pattern.
-    Some(unsafe { rec.as_ptr().cast::<DataMeta>().read_unaligned() })
+    crate::event::read(rec).ok()
 }
 
 /// The segments a part carries, after the whole payload.
@@ -81,15 +76,15 @@ impl Joiner {
         };
         let flags = meta.hdr.flags;
         let segs = segments(rec, &meta);
+        let open = self
+            .open
+            .iter()
+            .position(|o| o.sk == meta.sk && o.direction == meta.direction);
         if flags & FLAG_FRAMES_CONT == 0 {
             // A head. One left open for the same socket and direction lost its last part: it
             // is dropped (its event number, never delivered, shows the loss to the parser).
             let mut unjoined = false;
-            if let Some(i) = self
-                .open
-                .iter()
-                .position(|o| o.sk == meta.sk && o.direction == meta.direction)
-            {
+            if let Some(i) = open {
                 let old = self.open.swap_remove(i);
                 self.recycle(old.buf);
                 unjoined = true;
@@ -111,11 +106,7 @@ impl Joiner {
             });
             return if unjoined { Part::Unjoined } else { Part::Held };
         }
-        let Some(i) = self
-            .open
-            .iter()
-            .position(|o| o.sk == meta.sk && o.direction == meta.direction)
-        else {
+        let Some(i) = open else {
             return Part::Unjoined;
         };
         let buf = &mut self.open[i].buf;

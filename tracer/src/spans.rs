@@ -48,6 +48,8 @@ const MAX_HOLD: Duration = Duration::from_secs(10);
 const LATE_LINK_HOLD: Duration = Duration::from_millis(200);
 /// A span that never finishes (connection dropped mid-request) is forgotten after this long.
 const MAX_OPEN: Duration = Duration::from_secs(120);
+/// How often the whole table is looked through for spans open past MAX_OPEN.
+const STALE_SCAN_EVERY: Duration = Duration::from_secs(5);
 /// How often the live table may be sized down to its recent peak.
 const SHRINK_EVERY: Duration = Duration::from_secs(60);
 /// Spans awaiting their other end, per connection: as many as requests in flight on one, an
@@ -232,6 +234,12 @@ pub struct Linker {
     /// Most spans live at once since the table was last sized down, and when that was.
     live_peak: usize,
     last_shrink: Instant,
+    /// Finished spans not yet exported (an ancestor still open, or a client end awaited): a
+    /// drain looks at these, not at every live span (at saturation the live table holds ~10k
+    /// spans, most still open, and walking it each drain was ~10% of the daemon's time).
+    finished: Vec<SpanId>,
+    /// When spans open too long (MAX_OPEN) were last looked for in the whole table.
+    last_stale_scan: Instant,
     /// Server spans in progress, by what read their request (`runner`).
     serving: HashMap<Runner, Ids>,
     /// Processes that are Go programs (found by the TLS look at executables): their requests
@@ -346,6 +354,8 @@ impl Linker {
             live: HashMap::default(),
             live_peak: 0,
             last_shrink: Instant::now(),
+            finished: Vec::new(),
+            last_stale_scan: Instant::now(),
             now: Instant::now(),
             serving: HashMap::default(),
             go: GoProcesses::default(),
@@ -677,6 +687,9 @@ impl Linker {
             return;
         };
         span.finished = Some(f);
+        if span.finished_at.is_none() {
+            self.finished.push(span_id);
+        }
         span.finished_at = Some(self.now);
         if span.link_pending {
             let conn = conn_key(&span.client_addr());
@@ -742,29 +755,40 @@ impl Linker {
         self.now = now;
         // Taken with their start, so that ordering them needs no second lookup.
         let mut ready: Vec<(u64, SpanId)> = Vec::new();
-        let mut stale = Vec::new();
-        for (id, span) in &self.live {
-            match span.finished_at {
+        let mut finished = std::mem::take(&mut self.finished);
+        finished.retain(|id| {
+            let Some(span) = self.live.get(id) else {
+                return false;
+            };
+            let is_ready = match span.finished_at {
                 // Its client end's event can still come (the writer's syscall may return
                 // after the reader's): wait a little for it, then go as is.
-                Some(at) if span.link_pending => {
-                    if now.duration_since(at) >= LATE_LINK_HOLD {
-                        ready.push((span.start_ns, *id));
-                    }
-                }
-                Some(at) => {
-                    if now.duration_since(at) >= MAX_HOLD || self.ancestors_finished(span) {
-                        ready.push((span.start_ns, *id));
-                    }
-                }
-                None if now.duration_since(span.created) >= MAX_OPEN => stale.push(*id),
-                None => {}
+                Some(at) if span.link_pending => now.duration_since(at) >= LATE_LINK_HOLD,
+                Some(at) => now.duration_since(at) >= MAX_HOLD || self.ancestors_finished(span),
+                // The id was reused by a span that has not finished: listed again when it does.
+                None => return false,
+            };
+            if is_ready {
+                ready.push((span.start_ns, *id));
             }
-        }
-        for id in stale {
-            self.responding(id);
-            self.live.remove(&id);
-            self.stats.unfinished += 1;
+            !is_ready
+        });
+        self.finished = finished;
+        if now.duration_since(self.last_stale_scan) >= STALE_SCAN_EVERY {
+            self.last_stale_scan = now;
+            let stale: Vec<SpanId> = self
+                .live
+                .iter()
+                .filter(|(_, s)| {
+                    s.finished_at.is_none() && now.duration_since(s.created) >= MAX_OPEN
+                })
+                .map(|(id, _)| *id)
+                .collect();
+            for id in stale {
+                self.responding(id);
+                self.live.remove(&id);
+                self.stats.unfinished += 1;
+            }
         }
         // Parents first, so that the API shows trees in order.
         ready.sort_unstable();

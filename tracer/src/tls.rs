@@ -302,6 +302,11 @@ impl TlsHooks {
         }
     }
 
+    /// Whether the kernel reports each program that begins (the exec hook is attached).
+    pub fn execs_reported(&self) -> bool {
+        self.exec_link.is_some()
+    }
+
     /// Library files hooked, and Go programs whose crypto/tls is.
     pub fn libraries(&self) -> usize {
         self.hooked + self.go_hooked
