@@ -20,7 +20,10 @@ use aya::{
 use thiserror::Error;
 use tracer_common::{KERNEL_STAT_COUNT, KernelStat, SockTuple, limits};
 
-use crate::{ring::Ring, tls::TlsHooks};
+use crate::{
+    ring::{Ring, Rings},
+    tls::TlsHooks,
+};
 
 /// Capability bits (include/uapi/linux/capability.h).
 const CAP_SYS_ADMIN: u32 = 21;
@@ -298,6 +301,29 @@ pub struct Capture {
     stats: PerCpuArray<MapData, u64>,
     /// Keeps the kernel's run-time accounting on while held.
     bpf_stats: Option<std::os::fd::OwnedFd>,
+}
+
+/// The ring buffer maps, one per CPU up to their number (`maps::ring` on the eBPF side).
+const RING_MAPS: [&str; 4] = ["EVENTS", "EVENTS_1", "EVENTS_2", "EVENTS_3"];
+
+/// Rings used: one per online CPU, at most RING_MAPS, a power of two (the eBPF side masks
+/// the CPU number).
+fn ring_count() -> usize {
+    // SAFETY: sysconf has no preconditions.
+    let cpus = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) }.max(1) as usize;
+    let n = cpus.min(RING_MAPS.len());
+    1 << n.ilog2()
+}
+
+/// Each ring's share of `total` bytes: a power of two, at least 64 KiB.
+fn ring_bytes(total: u32, rings: usize) -> u32 {
+    let share = (total / rings as u32).max(64 * 1024);
+    1 << share.ilog2()
+}
+
+fn page_size() -> u32 {
+    // SAFETY: sysconf has no preconditions.
+    u32::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096)
 }
 
 fn effective_caps() -> u64 {
@@ -1040,7 +1066,7 @@ impl Capture {
         ringbuf_bytes: Option<u32>,
         mode: AttachMode,
         tls: bool,
-    ) -> Result<(Self, Ring, OpaqueSockets), CaptureError> {
+    ) -> Result<(Self, Rings, OpaqueSockets), CaptureError> {
         check_privileges()?;
         let tracefs = ensure_tracefs()?;
         ensure_bpffs();
@@ -1064,14 +1090,19 @@ impl Capture {
         let fd_walk = u32::from(walks_fds(&layouts, &offsets, mode));
         let walk = offsets.fd_walk.map(|FdWalk(w)| w).unwrap_or_default();
         let mut loader = EbpfLoader::new();
-        if let Some(bytes) = ringbuf_bytes {
-            loader.map_max_entries("EVENTS", bytes);
+        // One ring per CPU, up to RINGS (CPUs share them past that), splitting the size asked.
+        let total = ringbuf_bytes.unwrap_or(limits::RINGBUF_BYTES);
+        let rings = ring_count();
+        let ring = ring_bytes(total, rings);
+        let ring_mask = rings as u32 - 1;
+        for (i, name) in RING_MAPS.iter().enumerate() {
+            loader.map_max_entries(name, if i < rings { ring } else { page_size() });
         }
+        loader.override_global("RING_MASK", &ring_mask, true);
         loader.override_global("FD_WALK", &fd_walk, true);
         for (global, off) in FdWalk::GLOBALS.into_iter().zip(&walk) {
             loader.override_global(global, off, true);
         }
-        let ring = ringbuf_bytes.unwrap_or(limits::RINGBUF_BYTES);
         let wakeup_shift = u64::from(limits::WAKEUP_BYTES.min(ring / 8).max(1).ilog2());
         let mut ebpf = loader
             .override_global("TRACER_TGID", &tgid, true)
@@ -1167,13 +1198,18 @@ impl Capture {
         // it in the allocator's free lists.
         // SAFETY: only asks the allocator to release free memory.
         unsafe { libc::malloc_trim(0) };
-        let events = ebpf
-            .take_map("EVENTS")
-            .ok_or_else(|| CaptureError::Map("EVENTS", "missing".into()))?;
-        let Map::RingBuf(events) = events else {
-            return Err(CaptureError::Map("EVENTS", "not a ring buffer".into()));
-        };
-        let events = Ring::new(events).map_err(|e| CaptureError::Map("EVENTS", e.to_string()))?;
+        let mut events = Vec::with_capacity(rings);
+        for name in &RING_MAPS[..rings] {
+            let map = ebpf
+                .take_map(name)
+                .ok_or_else(|| CaptureError::Map(name, "missing".into()))?;
+            let Map::RingBuf(map) = map else {
+                return Err(CaptureError::Map(name, "not a ring buffer".into()));
+            };
+            events.push(Ring::new(map).map_err(|e| CaptureError::Map(name, e.to_string()))?);
+        }
+        let events = Rings::new(events).map_err(|e| CaptureError::Map("EVENTS", e.to_string()))?;
+        tracing::debug!("{rings} ring buffers of {ring} bytes");
         let opaque = ebpf
             .take_map("OPAQUE")
             .ok_or_else(|| CaptureError::Map("OPAQUE", "missing".into()))?;

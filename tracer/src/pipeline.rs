@@ -31,7 +31,7 @@ use crate::{
     metrics::Metrics,
     otlp::{self, ServiceNames},
     parts::{Joiner, Part},
-    ring::Ring,
+    ring::Rings,
     spans::{self, GoProcesses, LinkStats, Linker, Sampler, Span},
     tap,
     tcp::{self, TcpEdges, TcpTracker},
@@ -457,7 +457,7 @@ impl Reader {
     }
 
     /// Takes every record there is.
-    fn drain(&mut self, ring: &mut Ring) {
+    fn drain(&mut self, ring: &mut Rings) {
         self.shared.aggregator().tick();
         self.linker.tick(Instant::now());
         if let Some(go) = self.shared.go_procs.changed(&mut self.go_version) {
@@ -669,7 +669,7 @@ impl Reader {
 }
 
 async fn read_events(
-    ring: Ring,
+    ring: Rings,
     opaque: OpaqueSockets,
     shared: Arc<Shared>,
     listen: SocketAddr,

@@ -9,7 +9,7 @@
 //! space it frees reaches the producers a little later.
 use std::{
     io,
-    os::fd::{AsFd, AsRawFd, RawFd},
+    os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd},
     ptr::NonNull,
     sync::atomic::{self, AtomicU32, AtomicU64, Ordering},
 };
@@ -133,17 +133,31 @@ impl Ring {
     pub fn drain(&mut self, mut f: impl FnMut(&[u8])) -> usize {
         let mut n = 0;
         let mut end = self.producer_pos();
+        while let Some((record, len)) = self.next(&mut end) {
+            // SAFETY: a committed record's bytes, within the double mapping (`next`).
+            f(unsafe { std::slice::from_raw_parts(record.as_ptr(), len) });
+            n += 1;
+            self.advance(len);
+        }
+        self.publish();
+        n
+    }
+
+    /// The committed record at our position (discarded ones and what cannot be records are
+    /// skipped), without consuming it; None when caught up with the producer or at a record
+    /// still being written. `end` is the producer's position as last read.
+    fn next(&mut self, end: &mut u64) -> Option<(NonNull<u8>, usize)> {
         loop {
-            if self.pos == end {
+            if self.pos == *end {
                 // Caught up with what we saw: publish, then look again before stopping, with a
                 // full fence between, so that either this look sees a record committed
                 // meanwhile or its producer sees our position (and wakes us, unless told not
                 // to; the poll covers those), as aya's reader does.
                 self.publish();
                 atomic::fence(Ordering::SeqCst);
-                end = self.producer_pos();
-                if self.pos == end {
-                    break;
+                *end = self.producer_pos();
+                if self.pos == *end {
+                    return None;
                 }
             }
             let offset = (self.pos & self.mask) as usize;
@@ -160,7 +174,7 @@ impl Ring {
             // the kernel's commit (an ordered xchg that clears BUSY after the data is written).
             let header = unsafe { (*record.cast::<AtomicU32>()).load(Ordering::Acquire) };
             if header & BUSY_BIT != 0 {
-                break;
+                return None;
             }
             let len = u64::from(header & !(BUSY_BIT | DISCARD_BIT));
             if len > self.mask || end.wrapping_sub(self.pos) < HEADER_BYTES + len {
@@ -171,29 +185,153 @@ impl Ring {
                     self.pos,
                     end.wrapping_sub(self.pos)
                 );
-                self.pos = end;
+                self.pos = *end;
                 continue;
             }
-            if header & DISCARD_BIT == 0 {
-                // SAFETY: the record's bytes follow its header, within the double mapping.
-                let data = unsafe {
-                    std::slice::from_raw_parts(record.add(HEADER_BYTES as usize), len as usize)
-                };
-                f(data);
-                n += 1;
+            if header & DISCARD_BIT != 0 {
+                self.advance(len as usize);
+                continue;
             }
-            self.pos += (HEADER_BYTES + len).next_multiple_of(8);
-            if self.pos - self.published >= self.publish_every {
-                self.publish();
-            }
+            // SAFETY: the record's bytes follow its header, within the double mapping.
+            let data = unsafe { NonNull::new_unchecked(record.add(HEADER_BYTES as usize)) };
+            return Some((data, len as usize));
         }
-        self.publish();
-        n
+    }
+
+    /// Moves past the record of `len` bytes at our position.
+    fn advance(&mut self, len: usize) {
+        self.pos += (HEADER_BYTES + len as u64).next_multiple_of(8);
+        if self.pos - self.published >= self.publish_every {
+            self.publish();
+        }
     }
 }
 
 impl AsRawFd for Ring {
     fn as_raw_fd(&self) -> RawFd {
         self.map.fd().as_fd().as_raw_fd()
+    }
+}
+
+/// Where a record's timestamp is: every record begins with an `EventHeader`.
+const TS_AT: usize = std::mem::offset_of!(tracer_common::EventHeader, ts_ns);
+
+/// How long after its timestamp a record may still be uncommitted: records are taken in
+/// timestamp order only up to this long before the drain began, the rest at the next drain,
+/// so that one committed late on another CPU still comes before a later one.
+const HOLD_NS: u64 = 2_000_000;
+
+/// Every CPU's ring buffer, read as one stream in timestamp order (what one shared ring gave
+/// in commit order), and the epoll instance that is readable when any of them is.
+pub struct Rings {
+    rings: Vec<Ring>,
+    /// Each ring's next record, read once per drain and after each one taken.
+    heads: Vec<Option<(NonNull<u8>, usize, u64)>>,
+    ends: Vec<u64>,
+    epoll: OwnedFd,
+}
+
+// SAFETY: as for `Ring`; `heads` point into the rings' own mappings.
+unsafe impl Send for Rings {}
+
+impl Rings {
+    pub fn new(rings: Vec<Ring>) -> io::Result<Self> {
+        // SAFETY: plain syscalls; the fds are ours and outlive their registration.
+        let epoll = unsafe {
+            let fd = libc::epoll_create1(libc::EPOLL_CLOEXEC);
+            if fd < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            let epoll = OwnedFd::from_raw_fd(fd);
+            for ring in &rings {
+                let mut ev = libc::epoll_event {
+                    events: libc::EPOLLIN as u32,
+                    u64: 0,
+                };
+                if libc::epoll_ctl(fd, libc::EPOLL_CTL_ADD, ring.as_raw_fd(), &mut ev) < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+            epoll
+        };
+        let n = rings.len();
+        Ok(Self {
+            rings,
+            heads: vec![None; n],
+            ends: vec![0; n],
+            epoll,
+        })
+    }
+
+    /// Hands every committed record to `f`, the oldest first across the rings, and returns how
+    /// many there were.
+    pub fn drain(&mut self, mut f: impl FnMut(&[u8])) -> usize {
+        if let [ring] = self.rings.as_mut_slice() {
+            return ring.drain(f);
+        }
+        let watermark = monotonic_ns().saturating_sub(HOLD_NS);
+        for (i, ring) in self.rings.iter_mut().enumerate() {
+            self.ends[i] = ring.producer_pos();
+            self.heads[i] = head(ring, &mut self.ends[i]);
+        }
+        let mut n = 0;
+        loop {
+            let mut oldest: Option<usize> = None;
+            for (i, h) in self.heads.iter().enumerate() {
+                if let Some((_, _, ts)) = h
+                    && oldest.is_none_or(|o| self.heads[o].is_some_and(|(_, _, t)| *ts < t))
+                {
+                    oldest = Some(i);
+                }
+            }
+            let Some(i) = oldest else { break };
+            let Some((record, len, ts)) = self.heads[i] else {
+                break;
+            };
+            if ts >= watermark {
+                break;
+            }
+            // SAFETY: a committed record's bytes, within its ring's double mapping.
+            f(unsafe { std::slice::from_raw_parts(record.as_ptr(), len) });
+            n += 1;
+            let ring = &mut self.rings[i];
+            ring.advance(len);
+            self.heads[i] = head(ring, &mut self.ends[i]);
+        }
+        for ring in &mut self.rings {
+            ring.publish();
+        }
+        n
+    }
+}
+
+/// A ring's next record with its timestamp (0 if too short to have one: taken first).
+fn head(ring: &mut Ring, end: &mut u64) -> Option<(NonNull<u8>, usize, u64)> {
+    let (record, len) = ring.next(end)?;
+    let ts = if len >= TS_AT + 8 {
+        // SAFETY: within the record; records are 8-byte aligned, the header's u64 too.
+        unsafe { record.as_ptr().add(TS_AT).cast::<u64>().read_unaligned() }
+    } else {
+        0
+    };
+    Some((record, len, ts))
+}
+
+/// The clock `bpf_ktime_get_ns` reads.
+fn monotonic_ns() -> u64 {
+    let mut t = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: writes the timespec we own.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut t) };
+    (t.tv_sec as u64)
+        .saturating_mul(1_000_000_000)
+        .saturating_add(t.tv_nsec as u64)
+}
+
+impl AsRawFd for Rings {
+    fn as_raw_fd(&self) -> RawFd {
+        self.epoll.as_raw_fd()
     }
 }

@@ -20,7 +20,7 @@ use tracer_common::{
 };
 
 use crate::maps::{
-    BPF_RB_NO_WAKEUP, EVENTS, KIND_BUF, KIND_IOV, KIND_MSG, KIND_NONE, SCRATCH, Scratch,
+    BPF_RB_NO_WAKEUP, ring, KIND_BUF, KIND_IOV, KIND_MSG, KIND_NONE, SCRATCH, Scratch,
     SyscallArgs, count, has_bpf_loop, wakeup_flags,
 };
 
@@ -565,7 +565,7 @@ unsafe fn flush_segments(s: *mut Scratch, w: u64) -> bool {
         );
         let bytes = core::slice::from_raw_parts(s.cast::<u8>().cast_const(), size as usize);
         // No wake-up of its own: the call's last record decides that.
-        if EVENTS.output::<[u8]>(bytes, BPF_RB_NO_WAKEUP).is_err() {
+        if ring().output::<[u8]>(bytes, BPF_RB_NO_WAKEUP).is_err() {
             count(KernelStat::RingbufFullData);
             write_volatile(&raw mut (*s).ev.meta.hdr.flags, flags);
             return false;
@@ -1121,7 +1121,8 @@ pub fn emit<const WALK: bool>(args: &SyscallArgs, ret: u64, id: u64, next: NextE
     // that long.
     let bytes =
         unsafe { core::slice::from_raw_parts(scratch.cast::<u8>().cast_const(), size as usize) };
-    if EVENTS.output::<[u8]>(bytes, wakeup_flags()).is_ok() {
+    let ring = ring();
+    if ring.output::<[u8]>(bytes, wakeup_flags(ring)).is_ok() {
         count(KernelStat::DataEvents);
         // Only a delivered event teaches the reader the thread's name.
         if let Some(state) = next.state.filter(|_| !task_known) {

@@ -18,7 +18,7 @@ use tracer_common::{
 };
 
 use crate::maps::{
-    ACTIVE, EVENTS, OPAQUE, OPAQUE_ASKED, RESET_IN, SOCK_STATES, SOCKS, SyscallArgs, count,
+    ACTIVE, ring, OPAQUE, OPAQUE_ASKED, RESET_IN, SOCK_STATES, SOCKS, SyscallArgs, count,
     wakeup_flags,
 };
 
@@ -791,8 +791,9 @@ fn emit_conn(sk: u64, tuple: SockTuple, old_state: u32, new_state: u32, seq: u32
         };
         // `srtt_us` holds 8 times the smoothed RTT.
         let srtt_us = srtt >> 3;
-        let wakeup = wakeup_flags();
-        let Some(mut entry) = EVENTS.reserve::<ConnEvent>(0) else {
+        let ring = ring();
+        let wakeup = wakeup_flags(ring);
+        let Some(mut entry) = ring.reserve::<ConnEvent>(0) else {
             count(KernelStat::RingbufFullConn);
             return;
         };

@@ -20,7 +20,7 @@ use super::{
     sock::{IPPROTO_TCP, NextEvent, Record, Store, opaque_requested, same_tuple},
 };
 use crate::maps::{
-    BPF_RB_FORCE_WAKEUP, BUSY_ALL, BUSY_GO, BUSY_GO_LOOPS, EVENTS, GO_ROUND_TRIPS, GO_WRITE_LOOPS,
+    BPF_RB_FORCE_WAKEUP, BUSY_ALL, BUSY_GO, BUSY_GO_LOOPS, ring, GO_ROUND_TRIPS, GO_WRITE_LOOPS,
     KIND_BUF, SyscallArgs, TLS_AFTER, TLS_BUSY, TLS_CALLS, TLS_OPAQUE, TLS_SCRATCH,
     TLS_SEEN_HANDSHAKE, TLS_SESSIONS, TlsAfter, TlsCall, TlsKey, count, go_key, go_on_behalf,
     tracer_tgid,
@@ -163,7 +163,7 @@ pub fn tls_process_exec(_ctx: RawTracePointContext) -> i32 {
     // Woken at once (execs are rare next to socket calls): every millisecond counts against a
     // client that connects as soon as it starts. Lost when the ring is full: the next look
     // finds the process anyway.
-    let _ = EVENTS.output(&ev, BPF_RB_FORCE_WAKEUP);
+    let _ = ring().output(&ev, BPF_RB_FORCE_WAKEUP);
     0
 }
 
