@@ -269,23 +269,20 @@ impl Rings {
         if let [ring] = self.rings.as_mut_slice() {
             return ring.drain(f);
         }
-        let watermark = monotonic_ns().saturating_sub(HOLD_NS);
+        let watermark = crate::tcp::monotonic_ns().saturating_sub(HOLD_NS);
         for (i, ring) in self.rings.iter_mut().enumerate() {
             self.ends[i] = ring.producer_pos();
             self.heads[i] = head(ring, &mut self.ends[i]);
         }
         let mut n = 0;
         loop {
-            let mut oldest: Option<usize> = None;
-            for (i, h) in self.heads.iter().enumerate() {
-                if let Some((_, _, ts)) = h
-                    && oldest.is_none_or(|o| self.heads[o].is_some_and(|(_, _, t)| *ts < t))
-                {
-                    oldest = Some(i);
-                }
-            }
-            let Some(i) = oldest else { break };
-            let Some((record, len, ts)) = self.heads[i] else {
+            let oldest = self
+                .heads
+                .iter()
+                .enumerate()
+                .filter_map(|(i, h)| h.map(|h| (i, h)))
+                .min_by_key(|&(_, (_, _, ts))| ts);
+            let Some((i, (record, len, ts))) = oldest else {
                 break;
             };
             if ts >= watermark {
@@ -315,19 +312,6 @@ fn head(ring: &mut Ring, end: &mut u64) -> Option<(NonNull<u8>, usize, u64)> {
         0
     };
     Some((record, len, ts))
-}
-
-/// The clock `bpf_ktime_get_ns` reads.
-fn monotonic_ns() -> u64 {
-    let mut t = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: writes the timespec we own.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut t) };
-    (t.tv_sec as u64)
-        .saturating_mul(1_000_000_000)
-        .saturating_add(t.tv_nsec as u64)
 }
 
 impl AsRawFd for Rings {

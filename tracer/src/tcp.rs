@@ -303,7 +303,7 @@ impl Names {
 }
 
 /// The kernel's monotonic clock (`bpf_ktime_get_ns`'s), in ns.
-fn monotonic_ns() -> u64 {
+pub(crate) fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
