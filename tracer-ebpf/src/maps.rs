@@ -38,8 +38,8 @@ pub const KIND_MSG: u32 = 2;
 /// No user buffer (sendfile): only the byte count is known.
 pub const KIND_NONE: u32 = 3;
 
-/// The ring buffers, one per CPU (`cpu & RING_MASK`, so CPUs share one on hosts with more
-/// than `RINGS`): CPUs producing into one ring contend for its lock and positions, which was
+/// The ring buffers, one per CPU (`cpu & RING_MASK`, so CPUs share them on hosts with more
+/// than four): CPUs producing into one ring contend for its lock and positions, which was
 /// ~30% of the data path's time with two busy CPUs. The daemon merges them by timestamp.
 /// Rings past `RING_MASK` are a page each, unused.
 #[map]
@@ -51,7 +51,7 @@ pub static EVENTS_2: RingBuf = RingBuf::with_byte_size(limits::RINGBUF_BYTES, 0)
 #[map]
 pub static EVENTS_3: RingBuf = RingBuf::with_byte_size(limits::RINGBUF_BYTES, 0);
 
-/// `RINGS - 1` where the host has that many CPUs, else fewer (a power of two less one).
+/// Rings used less one (a power of two less one, at most 3), set by the loader.
 #[unsafe(no_mangle)]
 static RING_MASK: u32 = 0;
 

@@ -1090,7 +1090,7 @@ impl Capture {
         let fd_walk = u32::from(walks_fds(&layouts, &offsets, mode));
         let walk = offsets.fd_walk.map(|FdWalk(w)| w).unwrap_or_default();
         let mut loader = EbpfLoader::new();
-        // One ring per CPU, up to RINGS (CPUs share them past that), splitting the size asked.
+        // One ring per CPU, up to RING_MAPS (CPUs share them past that), splitting the size asked.
         let total = ringbuf_bytes.unwrap_or(limits::RINGBUF_BYTES);
         let rings = ring_count();
         let ring = ring_bytes(total, rings);

@@ -722,10 +722,9 @@ async fn read_events(
     }
 }
 
-/// Seconds between looks for TLS libraries and Go programs in new processes: what a Go
-/// program does before it is hooked is not followed (a short-lived client, not at all). Each
-/// look lists /proc and reads only the processes it has not seen.
-const TLS_LOOK_EVERY: u64 = 1;
+/// Seconds between looks for TLS libraries in new processes when the kernel reported no new
+/// program (the tick after one did, there is a look). Each look lists /proc and reads only the
+/// processes it has not seen.
 const TLS_FULL_LOOK_EVERY: u64 = 10;
 
 /// Hands the reader the Go programs among live processes, when the set changed.
@@ -776,7 +775,7 @@ async fn export_kernel_stats(
         // look lists /proc, ~13% of an idle daemon's time when made every second.
         let due =
             executed || !capture.execs_reported() || ticks.is_multiple_of(TLS_FULL_LOOK_EVERY);
-        if due && ticks.is_multiple_of(TLS_LOOK_EVERY) {
+        if due {
             executed = false;
             capture.refresh_tls();
             metrics.tls_libraries.set(capture.tls_libraries() as i64);

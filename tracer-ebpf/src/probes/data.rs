@@ -20,8 +20,8 @@ use tracer_common::{
 };
 
 use crate::maps::{
-    BPF_RB_NO_WAKEUP, ring, KIND_BUF, KIND_IOV, KIND_MSG, KIND_NONE, SCRATCH, Scratch,
-    SyscallArgs, count, has_bpf_loop, wakeup_flags,
+    BPF_RB_NO_WAKEUP, KIND_BUF, KIND_IOV, KIND_MSG, KIND_NONE, SCRATCH, Scratch, SyscallArgs,
+    count, has_bpf_loop, ring, wakeup_flags,
 };
 
 use super::sock::{Lookup, NextEvent, Store, first_seq, next_event};

@@ -18,7 +18,7 @@ use tracer_common::{
 };
 
 use crate::maps::{
-    ACTIVE, ring, OPAQUE, OPAQUE_ASKED, RESET_IN, SOCK_STATES, SOCKS, SyscallArgs, count,
+    ACTIVE, OPAQUE, OPAQUE_ASKED, RESET_IN, SOCK_STATES, SOCKS, SyscallArgs, count, ring,
     wakeup_flags,
 };
 

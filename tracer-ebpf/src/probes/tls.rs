@@ -20,9 +20,9 @@ use super::{
     sock::{IPPROTO_TCP, NextEvent, Record, Store, opaque_requested, same_tuple},
 };
 use crate::maps::{
-    BPF_RB_FORCE_WAKEUP, BUSY_ALL, BUSY_GO, BUSY_GO_LOOPS, ring, GO_ROUND_TRIPS, GO_WRITE_LOOPS,
+    BPF_RB_FORCE_WAKEUP, BUSY_ALL, BUSY_GO, BUSY_GO_LOOPS, GO_ROUND_TRIPS, GO_WRITE_LOOPS,
     KIND_BUF, SyscallArgs, TLS_AFTER, TLS_BUSY, TLS_CALLS, TLS_OPAQUE, TLS_SCRATCH,
-    TLS_SEEN_HANDSHAKE, TLS_SESSIONS, TlsAfter, TlsCall, TlsKey, count, go_key, go_on_behalf,
+    TLS_SEEN_HANDSHAKE, TLS_SESSIONS, TlsAfter, TlsCall, TlsKey, count, go_key, go_on_behalf, ring,
     tracer_tgid,
 };
 
