@@ -13,7 +13,6 @@ use std::{
 
 use anyhow::Context as _;
 use tokio::{
-    io::unix::AsyncFd,
     net::TcpListener,
     signal::unix::SignalKind,
     sync::mpsc::{self, error::TrySendError},
@@ -31,7 +30,7 @@ use crate::{
     metrics::Metrics,
     otlp::{self, ServiceNames},
     parts::{Joiner, Part},
-    ring::Rings,
+    ring::{Rings, Waiter, Woken},
     spans::{self, GoProcesses, LinkStats, Linker, Sampler, Span},
     tap,
     tcp::{self, TcpEdges, TcpTracker},
@@ -347,14 +346,30 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
 
     capture.log_verified();
     let resets_marked = capture.resets_marked;
-    let reader = tokio::spawn(read_events(
-        ring,
-        opaque,
-        shared.clone(),
-        cfg.listen,
-        resets_marked,
-        token.clone(),
-    ));
+    let (waiter, stopper) = Waiter::new(&ring).context("polling the ring buffer")?;
+    let (done, reader) = tokio::sync::oneshot::channel();
+    let (reader_shared, reader_token) = (shared.clone(), token.clone());
+    std::thread::Builder::new()
+        .name("tracer-reader".into())
+        .spawn(move || {
+            let r = read_events(
+                ring,
+                waiter,
+                opaque,
+                reader_shared,
+                cfg.listen,
+                resets_marked,
+                reader_token,
+            );
+            let _ = done.send(r);
+        })
+        .context("starting the reader")?;
+    let stop_reader = token.clone();
+    tokio::spawn(async move {
+        stop_reader.cancelled().await;
+        stopper.stop();
+    });
+    let reader = async { reader.await.context("the reader thread ended")? };
     let stats = tokio::spawn(export_kernel_stats(capture, shared.clone(), token.clone()));
     let server = tokio::spawn(api::serve(listener, shared.clone(), token.clone()));
     tracing::info!(
@@ -386,15 +401,24 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         // Bounded: a collector that does not answer must not hold up shutdown.
         let _ = tokio::time::timeout(Duration::from_secs(2), exporter).await;
     }
-    r??;
+    r?;
     s??;
     Ok(())
 }
 
-/// How often the ring buffer is read without being woken: the kernel side wakes the reader only
-/// when a lot is pending (batched wake-ups: each wake-up costs an interrupt, dearer still in a
-/// VM, and a context switch), so this bounds how late an event is seen.
+/// How often the ring buffer is read without being woken while records come: the kernel side
+/// wakes the reader only when a lot is pending (batched wake-ups: each wake-up costs an
+/// interrupt, dearer still in a VM, and a context switch), so this bounds how late an event is
+/// seen.
 const POLL_EVERY: Duration = Duration::from_millis(20);
+/// The longest wait between reads, when few records come or none: well under the half second
+/// a connection waits for its server's first read or write to name it.
+const POLL_SLOWEST: Duration = Duration::from_millis(100);
+/// A read that found fewer records than this waits twice as long for the next (at 1k
+/// requests/s, ~4 records each, reads settle at 80 ms); one that found more than
+/// `MANY_RECORDS` goes back to `POLL_EVERY`.
+const FEW_RECORDS: usize = 256;
+const MANY_RECORDS: usize = 1024;
 
 /// The capture state, owned by the reader task.
 struct Reader {
@@ -456,8 +480,8 @@ impl Reader {
         }
     }
 
-    /// Takes every record there is.
-    fn drain(&mut self, ring: &mut Rings) {
+    /// Takes every record there is, and returns how many there were.
+    fn drain(&mut self, ring: &mut Rings) -> usize {
         self.shared.aggregator().tick();
         self.linker.tick(Instant::now());
         if let Some(go) = self.shared.go_procs.changed(&mut self.go_version) {
@@ -501,6 +525,7 @@ impl Reader {
         if self.last_drain.elapsed() >= SPAN_DRAIN {
             self.drain_spans();
         }
+        n as usize
     }
 
     /// Takes in the TCP client connections open when the daemon started.
@@ -668,57 +693,66 @@ impl Reader {
     }
 }
 
-async fn read_events(
-    ring: Rings,
+/// The reader's own thread: waits for the rings (woken by the kernel side when a lot is
+/// pending, else at the poll interval), drains them, until stopped. Off the async runtime:
+/// a wait is one syscall, not a timer wheel, a waker and a worker woken on the other CPU.
+fn read_events(
+    mut ring: Rings,
+    waiter: Waiter,
     opaque: OpaqueSockets,
     shared: Arc<Shared>,
     listen: SocketAddr,
     resets_marked: bool,
     token: CancellationToken,
 ) -> anyhow::Result<()> {
-    // SAFETY: the ring buffer owns its map fd, which stays open and unchanged while the AsyncFd
-    // holds it.
-    let mut fd = unsafe { AsyncFd::register(ring) }
-        .map_err(std::io::Error::from)
-        .context("polling the ring buffer")?;
     let mut reader = Reader::new(shared, listen);
     reader.opaque = Some(opaque);
     if resets_marked {
         reader.conns.mark_resets();
     }
-    // The TCP connections open before the daemon started: read from /proc off this thread
+    // The TCP connections open before the daemon started: read from /proc on another thread
     // (the ring buffer is read meanwhile), taken in when the look is done.
     reader.tcp.scan_started();
     let own_pid = reader.own_pid;
-    // Stopped at shutdown: the runtime waits for it, and SIGTERM must end the daemon at once.
-    let stop = token.clone();
-    let mut existing =
-        tokio::task::spawn_blocking(move || tcp::scan(own_pid, || stop.is_cancelled()));
+    let (found_tx, found_rx) = std::sync::mpsc::sync_channel(1);
+    // Stopped at shutdown: SIGTERM must end the daemon at once.
+    let stop = token;
+    std::thread::Builder::new()
+        .name("tracer-scan".into())
+        .spawn(move || {
+            let _ = found_tx.send(tcp::scan(own_pid, || stop.is_cancelled()));
+        })
+        .context("starting the look at open connections")?;
     let mut scanned = false;
-    let mut poll = tokio::time::interval(POLL_EVERY);
-    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut every = POLL_EVERY;
     loop {
-        tokio::select! {
-            g = fd.readable_mut() => {
-                let mut guard = g.context("polling the ring buffer")?;
-                reader.drain(guard.get_inner_mut());
-                guard.clear_ready();
-            }
-            _ = poll.tick() => reader.drain(fd.get_mut()),
-            found = &mut existing, if !scanned => {
-                scanned = true;
-                // Events up to now first: a close read after the look must not be missed.
-                reader.drain(fd.get_mut());
-                let found = found.unwrap_or_default();
-                tracing::debug!("{} TCP client connections open at start", found.len());
-                reader.adopt_tcp(found);
-                // The look read every process's descriptors (on another thread, whose
-                // allocator arena keeps what it freed): give it back.
-                // SAFETY: only asks the allocator to release free memory.
-                unsafe { libc::malloc_trim(0) };
-            }
-            _ = token.cancelled() => return Ok(()),
+        if waiter.wait(every).context("waiting for the ring buffer")? == Woken::Stop {
+            return Ok(());
         }
+        let n = reader.drain(&mut ring);
+        every = next_poll(every, n);
+        if !scanned && let Ok(found) = found_rx.try_recv() {
+            scanned = true;
+            tracing::debug!("{} TCP client connections open at start", found.len());
+            reader.adopt_tcp(found);
+            // The look read every process's descriptors (on another thread, whose allocator
+            // arena keeps what it freed): give it back.
+            // SAFETY: only asks the allocator to release free memory.
+            unsafe { libc::malloc_trim(0) };
+        }
+    }
+}
+
+/// The wait before the next read, from how many records the last one found: little traffic
+/// (or none) is read less often, down to POLL_SLOWEST, so that a quiet host does not wake the
+/// daemon 50 times a second; a read that found many goes back to POLL_EVERY.
+fn next_poll(every: Duration, records: usize) -> Duration {
+    if records < FEW_RECORDS {
+        (every * 2).min(POLL_SLOWEST)
+    } else if records > MANY_RECORDS {
+        POLL_EVERY
+    } else {
+        every
     }
 }
 
@@ -820,4 +854,25 @@ async fn export_kernel_stats(
     // Dropping the capture here detaches the programs.
     drop(capture);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quiet_reads_slow_down_and_busy_ones_speed_up() {
+        let mut every = POLL_EVERY;
+        for _ in 0..10 {
+            every = next_poll(every, 0);
+        }
+        assert_eq!(every, POLL_SLOWEST);
+        // Moderate traffic keeps the pace it reached.
+        assert_eq!(
+            next_poll(Duration::from_millis(80), 320),
+            Duration::from_millis(80)
+        );
+        assert_eq!(next_poll(POLL_SLOWEST, MANY_RECORDS + 1), POLL_EVERY);
+        assert_eq!(next_poll(POLL_EVERY, 40), POLL_EVERY * 2);
+    }
 }

@@ -11,7 +11,11 @@ use std::{
     io,
     os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd},
     ptr::NonNull,
-    sync::atomic::{self, AtomicU32, AtomicU64, Ordering},
+    sync::{
+        Arc,
+        atomic::{self, AtomicU32, AtomicU64, Ordering},
+    },
+    time::Duration,
 };
 
 use aya::maps::MapData;
@@ -317,5 +321,98 @@ fn head(ring: &mut Ring, end: &mut u64) -> Option<(NonNull<u8>, usize, u64)> {
 impl AsRawFd for Rings {
     fn as_raw_fd(&self) -> RawFd {
         self.epoll.as_raw_fd()
+    }
+}
+
+/// What ended a wait on the rings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Woken {
+    /// The kernel side woke the reader: a ring's fill crossed its wake-up mark.
+    Data,
+    Timeout,
+    Stop,
+}
+
+/// The reader thread's wait: for the kernel side's (batched) wake-ups of the rings, a stop, or
+/// a timeout. Edge-triggered, like tokio's: a ring that still holds records after a wake-up is
+/// read at the next timeout, not in a busy loop.
+pub struct Waiter {
+    epoll: OwnedFd,
+    /// Kept open: registered in `epoll`.
+    _stop: Arc<OwnedFd>,
+}
+
+/// Ends the reader's waits from any thread (an eventfd).
+pub struct Stopper(Arc<OwnedFd>);
+
+const TAG_RINGS: u64 = 0;
+const TAG_STOP: u64 = 1;
+
+impl Waiter {
+    pub fn new(rings: &Rings) -> io::Result<(Self, Stopper)> {
+        // SAFETY: plain syscalls; the fds are ours and outlive their registration.
+        unsafe {
+            let fd = libc::epoll_create1(libc::EPOLL_CLOEXEC);
+            if fd < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            let epoll = OwnedFd::from_raw_fd(fd);
+            let efd = libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK);
+            if efd < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            let stop = Arc::new(OwnedFd::from_raw_fd(efd));
+            // The stop level-triggered (never read: readable from then on).
+            let rings_ev = (libc::EPOLLIN | libc::EPOLLET) as u32;
+            for (watched, events, tag) in [
+                (rings.as_raw_fd(), rings_ev, TAG_RINGS),
+                (efd, libc::EPOLLIN as u32, TAG_STOP),
+            ] {
+                let mut ev = libc::epoll_event { events, u64: tag };
+                if libc::epoll_ctl(fd, libc::EPOLL_CTL_ADD, watched, &mut ev) < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+            Ok((
+                Self {
+                    epoll,
+                    _stop: stop.clone(),
+                },
+                Stopper(stop),
+            ))
+        }
+    }
+
+    /// Waits up to `timeout`. A stop, once asked, is reported by every later wait.
+    pub fn wait(&self, timeout: Duration) -> io::Result<Woken> {
+        let mut events = [libc::epoll_event { events: 0, u64: 0 }; 2];
+        let ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
+        // SAFETY: `events` is writable for its length.
+        let n = unsafe { libc::epoll_wait(self.epoll.as_raw_fd(), events.as_mut_ptr(), 2, ms) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            return if e.kind() == io::ErrorKind::Interrupted {
+                Ok(Woken::Timeout)
+            } else {
+                Err(e)
+            };
+        }
+        let events = &events[..n as usize];
+        Ok(if events.iter().any(|e| e.u64 == TAG_STOP) {
+            Woken::Stop
+        } else if events.is_empty() {
+            Woken::Timeout
+        } else {
+            Woken::Data
+        })
+    }
+}
+
+impl Stopper {
+    pub fn stop(&self) {
+        let one = 1u64.to_ne_bytes();
+        // SAFETY: writes 8 bytes to our eventfd. It cannot fail short of a counter overflow,
+        // and the reader needs only one.
+        unsafe { libc::write(self.0.as_raw_fd(), one.as_ptr().cast(), one.len()) };
     }
 }
