@@ -508,6 +508,30 @@ impl ConnTable {
         }
     }
 
+    /// The number `d`'s connection expects next in `d`'s stream (0: none yet, or unnumbered).
+    fn next_seq(&self, d: &Data) -> u32 {
+        self.conns.get(&d.sk).map_or(0, |conn| {
+            if d.tls && d.direction == Direction::Ingress {
+                conn.next_seq_in
+            } else {
+                conn.next_seq
+            }
+        })
+    }
+
+    /// Whether `d` comes one past the number its connection expects: the missing one may be
+    /// on its way (see `reorder`).
+    pub fn one_ahead(&self, d: &Data) -> bool {
+        let next = self.next_seq(d);
+        d.seq != 0 && next != 0 && d.seq == next.wrapping_add(1).max(1)
+    }
+
+    /// Whether `d` has the number its connection expects.
+    pub fn expects(&self, d: &Data) -> bool {
+        let next = self.next_seq(d);
+        d.seq != 0 && d.seq == next
+    }
+
     pub fn on_data(
         &mut self,
         d: &Data<'_>,

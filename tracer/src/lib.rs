@@ -22,6 +22,7 @@ pub mod metrics;
 pub mod otlp;
 pub mod parts;
 pub mod pipeline;
+pub mod reorder;
 pub mod ring;
 pub mod route;
 pub mod spans;

@@ -39,6 +39,7 @@ pub struct Metrics {
     pub tls_libraries: IntGauge,
     pub conn_evictions: IntCounter,
     pub connections_desynced: IntCounter,
+    pub events_reordered: IntCounter,
     pub thread_names: IntCounterVec,
     pub series_overflow: IntCounterVec,
     pub series_expired: IntCounterVec,
@@ -158,6 +159,12 @@ impl Metrics {
         let connections_desynced = IntCounter::new(
             "tracer_connections_desynced_total",
             "Times a connection's events were lost (ring buffer full) and its pairing restarted.",
+        )
+        .expect("valid metric");
+        let events_reordered = IntCounter::new(
+            "tracer_events_reordered_total",
+            "A socket's events that reached the daemon after the socket's next one (two threads \
+             using one socket at once on two CPUs) and were put back in order.",
         )
         .expect("valid metric");
         let thread_names = IntCounterVec::new(
@@ -305,6 +312,7 @@ impl Metrics {
             Box::new(tls_libraries.clone()),
             Box::new(conn_evictions.clone()),
             Box::new(connections_desynced.clone()),
+            Box::new(events_reordered.clone()),
             Box::new(thread_names.clone()),
             Box::new(series_overflow.clone()),
             Box::new(spans.clone()),
@@ -360,6 +368,7 @@ impl Metrics {
             tls_libraries,
             conn_evictions,
             connections_desynced,
+            events_reordered,
             thread_names,
             series_overflow,
             series_expired,

@@ -30,6 +30,7 @@ use crate::{
     metrics::Metrics,
     otlp::{self, ServiceNames},
     parts::{Joiner, Part},
+    reorder::Reorder,
     ring::{Rings, Waiter, Woken},
     spans::{self, GoProcesses, LinkStats, Linker, Sampler, Span},
     tap,
@@ -254,6 +255,7 @@ impl Replay {
 
     /// Hands finished spans on, as the reader does every 50 ms.
     pub fn flush(&mut self) {
+        self.reader.release_stale();
         self.reader.drain_spans();
         self.reader.shared.aggregator().tick();
     }
@@ -441,6 +443,8 @@ struct Reader {
     /// `GoProcs` version the linker has.
     go_version: u64,
     joiner: Joiner,
+    reorder: Reorder,
+    stale: Vec<Vec<u8>>,
 }
 
 impl Reader {
@@ -476,6 +480,8 @@ impl Reader {
             tcp: TcpTracker::default(),
             go_version: 0,
             joiner: Joiner::default(),
+            reorder: Reorder::default(),
+            stale: Vec::new(),
             shared,
         }
     }
@@ -497,6 +503,7 @@ impl Reader {
                 self.linker.tick(Instant::now());
             }
         });
+        self.release_stale();
         self.conns.reap_resets(
             Instant::now(),
             &self.shared.metrics,
@@ -570,12 +577,7 @@ impl Reader {
     fn handle_record(&mut self, item: &[u8]) {
         let metrics = &self.shared.metrics;
         match event::decode(item) {
-            Ok(Event::Data(mut d)) => {
-                self.data_events.inc();
-                self.threads.fill(&mut d);
-                self.conns
-                    .on_data(&d, metrics, &mut self.linker, &mut self.exchanges);
-            }
+            Ok(Event::Data(d)) => self.on_data(d, item),
             Ok(Event::Conn(c)) => {
                 self.conn_events.inc();
                 // A client is named (from /proc) at its connect, a read interval after it: one
@@ -585,6 +587,13 @@ impl Reader {
                 if c.new_state == TCP_SYN_SENT && c.task.comm.0[0] != 0 {
                     workload::name(&c.task);
                 }
+                // A data event held for its predecessor: that is not coming before the close.
+                if !self.reorder.is_empty()
+                    && let Some(held) = self.reorder.take(c.sk)
+                {
+                    self.held_data(held);
+                }
+                let metrics = &self.shared.metrics;
                 if !self.to_api(&c.tuple) {
                     let conns = &self.conns;
                     self.tcp
@@ -605,6 +614,60 @@ impl Reader {
         if !self.exchanges.is_empty() {
             self.record_exchanges();
         }
+    }
+
+    /// A data event, put back in order with its socket's previous one when the two came
+    /// swapped (`reorder`).
+    fn on_data(&mut self, d: event::Data<'_>, item: &[u8]) {
+        if !self.reorder.is_empty()
+            && let Some(held) = self.reorder.take(d.sk)
+        {
+            if self.conns.expects(&d) {
+                self.shared.metrics.events_reordered.inc();
+                self.data(d);
+                self.held_data(held);
+            } else {
+                self.held_data(held);
+                self.data(d);
+            }
+            return;
+        }
+        if self.conns.one_ahead(&d) && self.reorder.hold(d.sk, item) {
+            return;
+        }
+        self.data(d);
+    }
+
+    /// A held data event goes on (its record was whole and decoded once already).
+    fn held_data(&mut self, record: Vec<u8>) {
+        if let Ok(Event::Data(d)) = event::decode(&record) {
+            self.data(d);
+        }
+        self.reorder.recycle(record);
+    }
+
+    fn data(&mut self, mut d: event::Data<'_>) {
+        self.data_events.inc();
+        self.threads.fill(&mut d);
+        self.conns.on_data(
+            &d,
+            &self.shared.metrics,
+            &mut self.linker,
+            &mut self.exchanges,
+        );
+    }
+
+    /// Held events whose predecessor did not come within a drain: lost, counted as such.
+    fn release_stale(&mut self) {
+        if self.reorder.is_empty() {
+            return;
+        }
+        let mut stale = std::mem::take(&mut self.stale);
+        self.reorder.take_stale(&mut stale);
+        for record in stale.drain(..) {
+            self.held_data(record);
+        }
+        self.stale = stale;
     }
 
     fn record_exchanges(&mut self) {
@@ -858,7 +921,93 @@ async fn export_kernel_stats(
 
 #[cfg(test)]
 mod tests {
+    use tracer_common::{
+        AF_INET, DATA_EVENT_FIXED, DIR_EGRESS, DIR_INGRESS, DataMeta, EventHeader, EventKind,
+        SockTuple, TAIL_LEN,
+    };
+
     use super::*;
+
+    /// A server socket's data record numbered `seq`, as the kernel side emits it.
+    fn server_record(seq: u32, direction: u32, bytes: &[u8]) -> Vec<u8> {
+        let mut tuple = SockTuple {
+            family: AF_INET,
+            local_port: 8080,
+            remote_port: 40_000,
+            ..Default::default()
+        };
+        tuple.local_addr[..4].copy_from_slice(&[10, 0, 0, 2]);
+        tuple.remote_addr[..4].copy_from_slice(&[10, 0, 0, 1]);
+        let mut comm = [0u8; 16];
+        comm[..6].copy_from_slice(b"orders");
+        let ts = 1_000_000_000 + u64::from(seq) * 1_000;
+        let meta = DataMeta {
+            hdr: EventHeader {
+                kind: EventKind::Data as u32,
+                flags: 0,
+                ts_ns: ts,
+                pid_tgid: (4_100_002u64 << 32) | 4_100_002,
+                cgroup_id: 1,
+                comm,
+            },
+            sk: 0xffff_0000_0900_0000,
+            ts_enter_ns: ts - 500,
+            goroutine: 0,
+            tcp_seq: 0,
+            _pad: 0,
+            tuple,
+            direction,
+            bytes: bytes.len() as u32,
+            captured: bytes.len() as u32,
+            tail_len: 0,
+            seq,
+            frames_len: 0,
+            tail: [0; TAIL_LEN],
+        };
+        // SAFETY: DataMeta is plain old data (repr(C), integers and byte arrays).
+        let raw =
+            unsafe { std::slice::from_raw_parts((&raw const meta).cast::<u8>(), DATA_EVENT_FIXED) };
+        [raw, bytes].concat()
+    }
+
+    /// A Go server reads the next request on one thread while its handler's write of the last
+    /// response is under way on another: the read takes the lower event number, the write's
+    /// record comes first. Both requests count, nothing is lost.
+    #[test]
+    fn two_events_of_a_socket_that_came_swapped_are_put_back_in_order() {
+        let req = |n: u32| format!("GET /item/{n} HTTP/1.1\r\nHost: orders\r\n\r\n");
+        let resp = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+        let mut replay = Replay::with_spans(false);
+        for r in [
+            server_record(1, DIR_INGRESS, req(1).as_bytes()),
+            server_record(3, DIR_INGRESS, req(2).as_bytes()),
+            server_record(2, DIR_EGRESS, resp),
+            server_record(4, DIR_EGRESS, resp),
+        ] {
+            replay.feed(&r);
+        }
+        replay.flush();
+        let metrics = &replay.reader.shared.metrics;
+        assert_eq!(metrics.events_reordered.get(), 1);
+        assert_eq!(metrics.connections_desynced.get(), 0);
+        assert_eq!(replay.requests(), 2);
+    }
+
+    /// When the missing event never comes (lost to a full ring), the held one goes on at the
+    /// end of the next drain, and the gap is counted as before.
+    #[test]
+    fn a_held_event_whose_predecessor_is_lost_goes_on_as_a_gap() {
+        let req = b"GET /a HTTP/1.1\r\nHost: orders\r\n\r\n";
+        let mut replay = Replay::with_spans(false);
+        replay.feed(&server_record(1, DIR_INGRESS, req));
+        replay.feed(&server_record(3, DIR_INGRESS, req));
+        replay.flush();
+        assert_eq!(replay.reader.shared.metrics.connections_desynced.get(), 0);
+        replay.flush();
+        let metrics = &replay.reader.shared.metrics;
+        assert_eq!(metrics.connections_desynced.get(), 1);
+        assert_eq!(metrics.events_reordered.get(), 0);
+    }
 
     #[test]
     fn quiet_reads_slow_down_and_busy_ones_speed_up() {

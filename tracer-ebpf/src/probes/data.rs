@@ -934,14 +934,13 @@ pub fn emit<const WALK: bool>(args: &SyscallArgs, ret: u64, id: u64, next: NextE
 
     meta.hdr.kind = EventKind::Data as u32;
     meta.hdr.flags = flags;
-    // A send stamped when it began is timed by that (the daemon times a send by its start, a
-    // read by its return): no second clock read, ~50 ns here.
+    // Now, right after the socket's event number was taken, even for a send stamped when it
+    // began (the daemon times a send by that, `ts_enter_ns`): the daemon merges the CPUs' rings
+    // by this stamp, and must meet a socket's events in their numbers' order. A send's start
+    // would put it before a read of the same socket, by another thread, that returned while the
+    // send was under way and took the lower number (a Go server's background read): a false gap.
     // SAFETY: helper without preconditions.
-    meta.hdr.ts_ns = if args.ts_enter != 0 && args.direction == DIR_EGRESS {
-        args.ts_enter
-    } else {
-        unsafe { bpf_ktime_get_ns() }
-    };
+    meta.hdr.ts_ns = unsafe { bpf_ktime_get_ns() };
     meta.hdr.pid_tgid = id;
     // Name and cgroup are two helper calls and 24 bytes per event: sent when the socket's last
     // delivered event came from another thread, and every TASK_RESEND events.
