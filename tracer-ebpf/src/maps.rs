@@ -246,6 +246,8 @@ static WAKEUP_SHIFT: u64 = 19;
 pub struct WakeState {
     pub records: u64,
     pub pending: u64,
+    /// When this CPU last woke the reader for a connect (`connect_wakeup_flags`).
+    pub connect_ns: u64,
 }
 
 #[map]
@@ -283,6 +285,28 @@ pub fn wakeup_flags(ring: &RingBuf) -> u64 {
             BPF_RB_NO_WAKEUP
         }
     }
+}
+
+/// The least time between two wake-ups of the reader for a connect, per CPU.
+const CONNECT_WAKE_NS: u64 = 100_000_000;
+
+/// A process's connect wakes the reader (at most every `CONNECT_WAKE_NS` per CPU): the reader
+/// names the client from /proc when it reads the connect, and a short-lived one (curl, a job)
+/// is gone if that waits for a quiet daemon's slow poll (up to 100 ms). After it reads one, the
+/// reader polls every 20 ms for a second: the next connects are read in time without a wake.
+#[inline(always)]
+pub fn connect_wakeup_flags(ring: &RingBuf, now: u64) -> u64 {
+    let Some(w) = WAKE.get_ptr_mut(0) else {
+        return BPF_RB_FORCE_WAKEUP;
+    };
+    // SAFETY: per-CPU slot, as in `wakeup_flags`.
+    unsafe {
+        if now.wrapping_sub((*w).connect_ns) >= CONNECT_WAKE_NS {
+            (*w).connect_ns = now;
+            return BPF_RB_FORCE_WAKEUP;
+        }
+    }
+    wakeup_flags(ring)
 }
 
 /// A thread inside a TLS library call (`probes::tls`), from its entry to its return.

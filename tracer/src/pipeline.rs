@@ -420,6 +420,10 @@ const POLL_SLOWEST: Duration = Duration::from_millis(100);
 /// requests/s, ~4 records each, reads settle at 80 ms); one that found more than
 /// `MANY_RECORDS` goes back to `POLL_EVERY`.
 const FEW_RECORDS: usize = 256;
+/// After a process here connected, reads come every `POLL_EVERY` for this long: a client is
+/// named from /proc when its connect is read, and a short-lived one must still be there. (The
+/// kernel side wakes the reader for a connect when it has not for 100 ms.)
+const FAST_AFTER_CONNECT: Duration = Duration::from_secs(1);
 const MANY_RECORDS: usize = 1024;
 
 /// The capture state, owned by the reader task.
@@ -445,6 +449,8 @@ struct Reader {
     joiner: Joiner,
     reorder: Reorder,
     stale: Vec<Vec<u8>>,
+    /// A process here connected since the last drain (see `FAST_AFTER_CONNECT`).
+    connected: bool,
 }
 
 impl Reader {
@@ -482,6 +488,7 @@ impl Reader {
             joiner: Joiner::default(),
             reorder: Reorder::default(),
             stale: Vec::new(),
+            connected: false,
             shared,
         }
     }
@@ -586,6 +593,7 @@ impl Reader {
                 // name alone. (One that exits within the interval still is.)
                 if c.new_state == TCP_SYN_SENT && c.task.comm.0[0] != 0 {
                     workload::name(&c.task);
+                    self.connected = true;
                 }
                 // A data event held for its predecessor: that is not coming before the close.
                 if !self.reorder.is_empty()
@@ -788,12 +796,20 @@ fn read_events(
         .context("starting the look at open connections")?;
     let mut scanned = false;
     let mut every = POLL_EVERY;
+    let mut fast_until = Instant::now();
     loop {
         if waiter.wait(every).context("waiting for the ring buffer")? == Woken::Stop {
             return Ok(());
         }
         let n = reader.drain(&mut ring);
-        every = next_poll(every, n);
+        if std::mem::take(&mut reader.connected) {
+            fast_until = Instant::now() + FAST_AFTER_CONNECT;
+        }
+        every = if Instant::now() < fast_until {
+            POLL_EVERY
+        } else {
+            next_poll(every, n)
+        };
         if !scanned && let Ok(found) = found_rx.try_recv() {
             scanned = true;
             tracing::debug!("{} TCP client connections open at start", found.len());

@@ -18,8 +18,8 @@ use tracer_common::{
 };
 
 use crate::maps::{
-    ACTIVE, OPAQUE, OPAQUE_ASKED, RESET_IN, SOCK_STATES, SOCKS, SyscallArgs, count, ring,
-    wakeup_flags,
+    ACTIVE, OPAQUE, OPAQUE_ASKED, RESET_IN, SOCK_STATES, SOCKS, SyscallArgs, connect_wakeup_flags,
+    count, ring, wakeup_flags,
 };
 
 /// Where a socket's state is kept.
@@ -792,7 +792,11 @@ fn emit_conn(sk: u64, tuple: SockTuple, old_state: u32, new_state: u32, seq: u32
         // `srtt_us` holds 8 times the smoothed RTT.
         let srtt_us = srtt >> 3;
         let ring = ring();
-        let wakeup = wakeup_flags(ring);
+        let wakeup = if new_state == TCP_SYN_SENT {
+            connect_wakeup_flags(ring, ts_ns)
+        } else {
+            wakeup_flags(ring)
+        };
         let Some(mut entry) = ring.reserve::<ConnEvent>(0) else {
             count(KernelStat::RingbufFullConn);
             return;
