@@ -30,7 +30,7 @@ use crate::{
     metrics::Metrics,
     otlp::{self, ServiceNames},
     parts::{Joiner, Part},
-    reorder::Reorder,
+    reorder::{Reorder, StreamKey},
     ring::{Rings, Waiter, Woken},
     spans::{self, GoProcesses, LinkStats, Linker, Sampler, Span},
     tap,
@@ -256,6 +256,9 @@ impl Replay {
     /// Hands finished spans on, as the reader does every 50 ms.
     pub fn flush(&mut self) {
         self.reader.release_stale();
+        if !self.reader.exchanges.is_empty() {
+            self.reader.record_exchanges();
+        }
         self.reader.drain_spans();
         self.reader.shared.aggregator().tick();
     }
@@ -361,8 +364,12 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
                 reader_shared,
                 cfg.listen,
                 resets_marked,
-                reader_token,
+                reader_token.clone(),
             );
+            // A reader that failed captures nothing more: the daemon stops with its error.
+            if r.is_err() {
+                reader_token.cancel();
+            }
             let _ = done.send(r);
         })
         .context("starting the reader")?;
@@ -408,10 +415,10 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// How often the ring buffer is read without being woken while records come: the kernel side
-/// wakes the reader only when a lot is pending (batched wake-ups: each wake-up costs an
-/// interrupt, dearer still in a VM, and a context switch), so this bounds how late an event is
-/// seen.
+/// How often the ring buffer is read without being woken while many records come (down to
+/// every `POLL_SLOWEST` when few do, `next_poll`): the kernel side wakes the reader only when a
+/// lot is pending (batched wake-ups: each wake-up costs an interrupt, dearer still in a VM, and
+/// a context switch), so this bounds how late an event is seen.
 const POLL_EVERY: Duration = Duration::from_millis(20);
 /// The longest wait between reads, when few records come or none: well under the half second
 /// a connection waits for its server's first read or write to name it.
@@ -420,13 +427,15 @@ const POLL_SLOWEST: Duration = Duration::from_millis(100);
 /// requests/s, ~4 records each, reads settle at 80 ms); one that found more than
 /// `MANY_RECORDS` goes back to `POLL_EVERY`.
 const FEW_RECORDS: usize = 256;
+/// The wait after a wake-up whose records the merge held back (`ring::HOLD_NS`, 2 ms).
+const HELD_WAIT: Duration = Duration::from_millis(3);
 /// After a process here connected, reads come every `POLL_EVERY` for this long: a client is
 /// named from /proc when its connect is read, and a short-lived one must still be there. (The
 /// kernel side wakes the reader for a connect when it has not for 100 ms.)
 const FAST_AFTER_CONNECT: Duration = Duration::from_secs(1);
 const MANY_RECORDS: usize = 1024;
 
-/// The capture state, owned by the reader task.
+/// The capture state, owned by the reader thread.
 struct Reader {
     shared: Arc<Shared>,
     listen: SocketAddr,
@@ -596,8 +605,8 @@ impl Reader {
                     self.connected = true;
                 }
                 // A data event held for its predecessor: that is not coming before the close.
-                if !self.reorder.is_empty()
-                    && let Some(held) = self.reorder.take(c.sk)
+                while !self.reorder.is_empty()
+                    && let Some(held) = self.reorder.take_socket(c.sk)
                 {
                     self.held_data(held);
                 }
@@ -624,13 +633,17 @@ impl Reader {
         }
     }
 
-    /// A data event, put back in order with its socket's previous one when the two came
+    /// A data event, put back in order with its stream's previous one when the two came
     /// swapped (`reorder`).
     fn on_data(&mut self, d: event::Data<'_>, item: &[u8]) {
+        let key = StreamKey {
+            sk: d.sk,
+            tls_ingress: d.tls && d.direction == event::Direction::Ingress,
+        };
         if !self.reorder.is_empty()
-            && let Some(held) = self.reorder.take(d.sk)
+            && let Some((held, predecessor)) = self.reorder.take(key, d.seq)
         {
-            if self.conns.expects(&d) {
+            if predecessor {
                 self.shared.metrics.events_reordered.inc();
                 self.data(d);
                 self.held_data(held);
@@ -640,7 +653,7 @@ impl Reader {
             }
             return;
         }
-        if self.conns.one_ahead(&d) && self.reorder.hold(d.sk, item) {
+        if self.conns.one_ahead(&d) && self.reorder.hold(key, d.seq, item, Instant::now()) {
             return;
         }
         self.data(d);
@@ -665,13 +678,13 @@ impl Reader {
         );
     }
 
-    /// Held events whose predecessor did not come within a drain: lost, counted as such.
+    /// Held events whose predecessor did not come in time: lost, counted as such.
     fn release_stale(&mut self) {
         if self.reorder.is_empty() {
             return;
         }
         let mut stale = std::mem::take(&mut self.stale);
-        self.reorder.take_stale(&mut stale);
+        self.reorder.take_stale(Instant::now(), &mut stale);
         for record in stale.drain(..) {
             self.held_data(record);
         }
@@ -796,20 +809,29 @@ fn read_events(
         .context("starting the look at open connections")?;
     let mut scanned = false;
     let mut every = POLL_EVERY;
+    let mut wait = every;
     let mut fast_until = Instant::now();
     loop {
-        if waiter.wait(every).context("waiting for the ring buffer")? == Woken::Stop {
+        let woken = waiter.wait(wait).context("waiting for the ring buffer")?;
+        if woken == Woken::Stop {
             return Ok(());
         }
         let n = reader.drain(&mut ring);
         if std::mem::take(&mut reader.connected) {
             fast_until = Instant::now() + FAST_AFTER_CONNECT;
         }
+        if woken == Woken::Data && n <= MANY_RECORDS && ring.held() {
+            // Woken as a record was written (a connect, when little else comes): the merge
+            // holds records back 2 ms, so that one is read a moment later, not a poll later.
+            wait = HELD_WAIT;
+            continue;
+        }
         every = if Instant::now() < fast_until {
             POLL_EVERY
         } else {
             next_poll(every, n)
         };
+        wait = every;
         if !scanned && let Ok(found) = found_rx.try_recv() {
             scanned = true;
             tracing::debug!("{} TCP client connections open at start", found.len());
@@ -1010,7 +1032,7 @@ mod tests {
     }
 
     /// When the missing event never comes (lost to a full ring), the held one goes on at the
-    /// end of the next drain, and the gap is counted as before.
+    /// end of a drain once it has waited long enough, and the gap is counted as before.
     #[test]
     fn a_held_event_whose_predecessor_is_lost_goes_on_as_a_gap() {
         let req = b"GET /a HTTP/1.1\r\nHost: orders\r\n\r\n";
@@ -1019,6 +1041,7 @@ mod tests {
         replay.feed(&server_record(3, DIR_INGRESS, req));
         replay.flush();
         assert_eq!(replay.reader.shared.metrics.connections_desynced.get(), 0);
+        std::thread::sleep(crate::reorder::STALE_AFTER);
         replay.flush();
         let metrics = &replay.reader.shared.metrics;
         assert_eq!(metrics.connections_desynced.get(), 1);

@@ -304,6 +304,11 @@ impl Rings {
         }
         n
     }
+
+    /// Whether the last drain left records for the next (too recent to be put in order yet).
+    pub fn held(&self) -> bool {
+        self.heads.iter().any(Option::is_some)
+    }
 }
 
 /// A ring's next record with its timestamp (0 if too short to have one: taken first).

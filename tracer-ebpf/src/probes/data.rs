@@ -939,6 +939,8 @@ pub fn emit<const WALK: bool>(args: &SyscallArgs, ret: u64, id: u64, next: NextE
     // by this stamp, and must meet a socket's events in their numbers' order. A send's start
     // would put it before a read of the same socket, by another thread, that returned while the
     // send was under way and took the lower number (a Go server's background read): a false gap.
+    // (TLS plaintext is numbered later, per direction: each direction's calls come from one
+    // thread at a time.)
     // SAFETY: helper without preconditions.
     meta.hdr.ts_ns = unsafe { bpf_ktime_get_ns() };
     meta.hdr.pid_tgid = id;
