@@ -263,6 +263,15 @@ struct Conn {
 }
 
 impl Conn {
+    /// The number expected next in `d`'s stream (0: none yet, or unnumbered).
+    fn next_seq(&self, d: &Data) -> u32 {
+        if d.tls && d.direction == Direction::Ingress {
+            self.next_seq_in
+        } else {
+            self.next_seq
+        }
+    }
+
     fn peer(&self) -> Peer {
         Peer {
             task: self.task,
@@ -508,28 +517,11 @@ impl ConnTable {
         }
     }
 
-    /// The number `d`'s connection expects next in `d`'s stream (0: none yet, or unnumbered).
-    fn next_seq(&self, d: &Data) -> u32 {
-        self.conns.get(&d.sk).map_or(0, |conn| {
-            if d.tls && d.direction == Direction::Ingress {
-                conn.next_seq_in
-            } else {
-                conn.next_seq
-            }
-        })
-    }
-
     /// Whether `d` comes one past the number its connection expects: the missing one may be
     /// on its way (see `reorder`).
     pub fn one_ahead(&self, d: &Data) -> bool {
-        let next = self.next_seq(d);
+        let next = self.conns.get(&d.sk).map_or(0, |conn| conn.next_seq(d));
         d.seq != 0 && next != 0 && d.seq == next.wrapping_add(1).max(1)
-    }
-
-    /// Whether `d` has the number its connection expects.
-    pub fn expects(&self, d: &Data) -> bool {
-        let next = self.next_seq(d);
-        d.seq != 0 && d.seq == next
     }
 
     pub fn on_data(
@@ -604,11 +596,7 @@ impl ConnTable {
         // Unnumbered events (0) are neither checked nor a base for the next check. TLS
         // plaintext is numbered per direction (a session's reader and writer can be two
         // threads at once).
-        let next_seq = if d.tls && d.direction == Direction::Ingress {
-            conn.next_seq_in
-        } else {
-            conn.next_seq
-        };
+        let next_seq = conn.next_seq(d);
         if d.seq != 0 && next_seq != 0 && d.seq != next_seq {
             lost_events(conn, metrics, linker);
         }
