@@ -427,13 +427,13 @@ const POLL_SLOWEST: Duration = Duration::from_millis(100);
 /// requests/s, ~4 records each, reads settle at 80 ms); one that found more than
 /// `MANY_RECORDS` goes back to `POLL_EVERY`.
 const FEW_RECORDS: usize = 256;
+const MANY_RECORDS: usize = 1024;
 /// The wait after a wake-up whose records the merge held back (`ring::HOLD_NS`, 2 ms).
 const HELD_WAIT: Duration = Duration::from_millis(3);
 /// After a process here connected, reads come every `POLL_EVERY` for this long: a client is
 /// named from /proc when its connect is read, and a short-lived one must still be there. (The
 /// kernel side wakes the reader for a connect when it has not for 100 ms.)
 const FAST_AFTER_CONNECT: Duration = Duration::from_secs(1);
-const MANY_RECORDS: usize = 1024;
 
 /// The capture state, owned by the reader thread.
 struct Reader {
