@@ -118,8 +118,10 @@ fn connection_storm_stays_bounded_and_exact() {
 /// Past what the daemon can follow (a ring buffer of 64 KiB): the application is not held back
 /// (a full ring buffer drops, it never makes the application wait: throughput is no lower than
 /// with a tracer that keeps up), the daemon stays up, and requests seen plus requests counted as
-/// lost account for every request wrk completed. The tracer's cost itself (throughput with the
-/// tracer against without) is measured by `cargo xtask bench`.
+/// lost (by either end) account for every request wrk completed, each once: both ends of each
+/// connection are traced here, and most requests lose an event at one end or both. The
+/// tracer's cost itself (throughput with the tracer against without) is measured by `cargo
+/// xtask bench`.
 #[test]
 fn overload_is_counted_never_silent() {
     let _serial = serial();
@@ -132,11 +134,12 @@ fn overload_is_counted_never_silent() {
     };
     let mut daemon = Daemon::start_with(&["--ringbuf-bytes", "65536"]);
     let completed = wrk(nginx.port, 3, CONNS, false);
-    std::thread::sleep(Duration::from_secs(2));
+    // A server end's loss waits 2 s for its client end's count (`ledger`).
+    std::thread::sleep(Duration::from_secs(4));
     assert!(daemon.alive(), "daemon died: {}", daemon.log_text());
     // Only wrk calls this nginx.
     let seen = daemon.requests_to(nginx.port);
-    let lost = daemon.metric_sum("tracer_requests_lost_total", &[("side", "server")]);
+    let lost = daemon.metric_sum("tracer_requests_lost_total", &[]);
     let drops = daemon.metric_sum(
         "tracer_kernel_events_total",
         &[("reason", "ringbuf_full_data")],
@@ -153,10 +156,15 @@ fn overload_is_counted_never_silent() {
         "the application was held back: {completed} with an overloaded tracer vs {keeping_up}"
     );
     let accounted = seen as f64 + lost;
-    // Requests in flight when wrk stopped are answered but not counted by wrk.
+    // Requests in flight when wrk stopped are answered but not counted by wrk. A request lost
+    // at a close whose own record was dropped too is counted by direction, at both ends
+    // (`lost_request_unheld_*`): a few hundred in ~400k here.
     let slack = (4 * CONNS) as f64;
+    let over = slack + completed as f64 * 0.002;
     assert!(
-        accounted + slack >= completed as f64 && seen <= completed + 4 * CONNS,
+        accounted + slack >= completed as f64
+            && accounted <= completed as f64 + over
+            && seen <= completed + 4 * CONNS,
         "completed {completed}, counted {seen} + lost {lost}: {}",
         daemon.diagnostics()
     );

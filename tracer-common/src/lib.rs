@@ -170,7 +170,9 @@ pub struct DataMeta {
     /// that begin with a request line (`REQUEST_STARTS`); 0 for the others, TLS plaintext (not
     /// the bytes TCP carried) and data paths without the socket.
     pub tcp_seq: u32,
-    pub _pad: u32,
+    /// Requests lost on this socket (their call's event dropped, the ring buffer full) since
+    /// its last delivered event, taken from `SockState::lost_requests`: see [`lost_requests`].
+    pub lost_requests: u32,
     pub tail: [u8; TAIL_LEN],
 }
 
@@ -225,7 +227,23 @@ pub struct SockState {
     /// Per direction (egress, ingress): bytes at the start of the next call that finish the
     /// frame the last call ended in ([`CARRY_UNKNOWN`]: the walk stopped short).
     pub h2_carry: [u32; 2],
-    pub _pad: u32,
+    /// Requests lost on this socket not yet told to the daemon (an event of the socket that
+    /// carries them, `DataMeta::lost_requests` or `ConnEvent::lost_requests`, takes them):
+    /// [`lost_requests`]'s halves.
+    pub lost_requests: u32,
+}
+
+/// Requests lost by direction, in one word: the low half counts calls that read a request
+/// (this socket is a server's end), the high half calls that wrote one (a client's). Each half
+/// stops at `0xffff`. Per socket, so that the daemon knows whose requests they were: a request
+/// whose two ends are both traced here is counted once.
+pub mod lost_requests {
+    pub const INGRESS: u32 = 1;
+    pub const EGRESS: u32 = 1 << 16;
+    /// (requests read, requests written).
+    pub const fn split(v: u32) -> (u32, u32) {
+        (v & 0xffff, v >> 16)
+    }
 }
 
 /// `SockState::opaque`: the daemon found no HTTP on this connection.
@@ -271,6 +289,10 @@ pub struct ConnEvent {
     /// segments retransmitted over the connection's life (`total_retrans`).
     pub srtt_us: u32,
     pub retransmits: u32,
+    /// At this end's close (FIN_WAIT1, LAST_ACK, CLOSE): the socket's lost requests not yet
+    /// told by a data event ([`lost_requests`]).
+    pub lost_requests: u32,
+    pub _pad: u32,
 }
 
 /// `ConnEvent::peer_fin`: the kernel had (`SOCK_DONE`) or had not taken in the peer's FIN.
@@ -316,9 +338,15 @@ pub enum KernelStat {
     /// Events dropped because another program built its event in the same per-CPU scratch
     /// while this one's program was preempted (uprobe programs run preemptible).
     ScratchRace = 14,
+    /// Lost request events (as `LostRequestIngress`/`Egress`, which count them all) of a call
+    /// with no socket state to hold the count for the daemon (TLS plaintext, a socket the
+    /// kernel side had no entry for, a close whose event was lost too): counted lost by
+    /// direction, whose other end may be counting them too.
+    LostRequestUnheldIngress = 15,
+    LostRequestUnheldEgress = 16,
 }
 
-pub const KERNEL_STAT_COUNT: u32 = 15;
+pub const KERNEL_STAT_COUNT: u32 = 17;
 
 impl KernelStat {
     pub const ALL: [KernelStat; KERNEL_STAT_COUNT as usize] = [
@@ -337,6 +365,8 @@ impl KernelStat {
         KernelStat::TlsCiphertext,
         KernelStat::TlsNoSocket,
         KernelStat::ScratchRace,
+        KernelStat::LostRequestUnheldIngress,
+        KernelStat::LostRequestUnheldEgress,
     ];
 
     /// Name used as the `reason`/`kind` label in metrics.
@@ -357,6 +387,8 @@ impl KernelStat {
             KernelStat::TlsCiphertext => "tls_ciphertext",
             KernelStat::TlsNoSocket => "tls_no_socket",
             KernelStat::ScratchRace => "scratch_race",
+            KernelStat::LostRequestUnheldIngress => "lost_request_unheld_ingress",
+            KernelStat::LostRequestUnheldEgress => "lost_request_unheld_egress",
         }
     }
 }
@@ -390,7 +422,7 @@ const _: () = assert!(core::mem::offset_of!(DataMeta, tuple) == 72);
 const _: () = assert!(core::mem::offset_of!(ConnEvent, tuple) == 56);
 const _: () = assert!(DATA_EVENT_FIXED == 48 + 24 + 40 + 32 + TAIL_LEN);
 const _: () = assert!(core::mem::size_of::<DataEvent>() == DATA_EVENT_FIXED + PAYLOAD_CAP);
-const _: () = assert!(core::mem::size_of::<ConnEvent>() == 48 + 8 + 40 + 16 + 16 + 8);
+const _: () = assert!(core::mem::size_of::<ConnEvent>() == 48 + 8 + 40 + 16 + 16 + 8 + 8);
 const _: () = assert!(PAYLOAD_CAP.is_power_of_two());
 const _: () = assert!(FRAMES_CAP.is_power_of_two() && FRAME_KEEP_CAP.is_power_of_two());
 const _: () = assert!(TASK_RESEND.is_power_of_two());

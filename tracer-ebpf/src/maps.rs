@@ -226,6 +226,18 @@ pub fn count(stat: KernelStat) {
     }
 }
 
+/// `count` by `n`.
+#[inline(always)]
+pub fn count_n(stat: KernelStat, n: u32) {
+    if n == 0 {
+        return;
+    }
+    if let Some(slot) = STATS.get_ptr_mut(stat as u32) {
+        // SAFETY: as in `count`.
+        unsafe { *slot += u64::from(n) }
+    }
+}
+
 /// Ring buffer output flags (include/uapi/linux/bpf.h).
 pub const BPF_RB_NO_WAKEUP: u64 = 1;
 pub const BPF_RB_FORCE_WAKEUP: u64 = 2;

@@ -73,7 +73,7 @@ impl Socket {
             ts_enter_ns: *ts - 1_000,
             goroutine: 0,
             tcp_seq: 0,
-            _pad: 0,
+            lost_requests: 0,
             tuple: self.tuple,
             direction,
             bytes: bytes.len() as u32,

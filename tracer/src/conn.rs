@@ -202,6 +202,8 @@ impl Reader {
 }
 
 struct Conn {
+    /// This end's socket (its key in `ConnTable::conns`).
+    sk: u64,
     tuple: Tuple,
     task: Task,
     role: Role,
@@ -274,12 +276,23 @@ impl Conn {
 
     fn peer(&self) -> Peer {
         Peer {
+            sk: self.sk,
             task: self.task,
             side: self.role.side(),
         }
     }
 
-    fn new(tuple: Tuple, task: Task, now: u64, spare: Buffers) -> Self {
+    /// This end as its lost requests are counted.
+    fn end(&self, side: Side) -> End {
+        End {
+            side,
+            sk: self.sk,
+            peer_sk: self.peer_sk,
+            peer_local: self.peer_local,
+        }
+    }
+
+    fn new(sk: u64, tuple: Tuple, task: Task, now: u64, spare: Buffers) -> Self {
         let Buffers {
             pending,
             request_head,
@@ -310,6 +323,7 @@ impl Conn {
             requests_seen: 0,
             peer_local: tuple.remote.ip().is_loopback() || tuple.remote.ip() == tuple.local.ip(),
             peer_sk: 0,
+            sk,
             client_addr: None,
             reset: None,
             reset_by_peer: false,
@@ -438,6 +452,8 @@ const MAX_OPAQUE_PENDING: usize = 4096;
 /// What is known of the process at the other end of a connection, when it is on this host.
 #[derive(Clone, Copy, Debug)]
 pub struct Peer {
+    /// Its socket (the key its server end's lost requests wait under, `ledger`).
+    pub sk: u64,
     pub task: Task,
     pub side: Option<Side>,
 }
@@ -532,6 +548,9 @@ impl ConnTable {
         out: &mut Vec<Exchange>,
     ) {
         let now = d.ts_exit_ns;
+        if d.lost_requests != (0, 0) {
+            self.lost_requests(d.sk, &d.tuple, d.lost_requests, metrics, linker);
+        }
         // Whether this event starts a new connection at its socket address, and whether the
         // old one there was reset.
         let restart = match self.conns.get_mut(&d.sk) {
@@ -578,7 +597,7 @@ impl ConnTable {
                 self.evict(now, metrics, linker);
             }
             let spare = self.spare.pop().unwrap_or_default();
-            let mut conn = Box::new(Conn::new(d.tuple, d.task, now, spare));
+            let mut conn = Box::new(Conn::new(d.sk, d.tuple, d.task, now, spare));
             conn.tls = d.tls;
             conn.from_middle = d.from_sock;
             self.conns.insert(d.sk, conn);
@@ -666,6 +685,38 @@ impl ConnTable {
         }
     }
 
+    /// Requests the kernel side lost on socket `sk` (their events dropped, the ring buffer
+    /// full), told by a later event of the socket: those it read (it is a server's end) and
+    /// those it wrote (a client's). Counted as any loss of that end's (`count_lost`), now that
+    /// the socket says whose they were: once, when both ends are traced here.
+    fn lost_requests(
+        &mut self,
+        sk: u64,
+        tuple: &Tuple,
+        (read, written): (u32, u32),
+        metrics: &Metrics,
+        linker: &mut Linker,
+    ) {
+        let conn = self.conns.get(&sk).filter(|c| c.tuple == *tuple);
+        let peer_sk = match conn.map_or(0, |c| c.peer_sk) {
+            0 => self.by_tuple.get(&tuple.reversed()).copied().unwrap_or(0),
+            known => known,
+        };
+        let peer_local = conn.map_or_else(
+            || tuple.remote.ip().is_loopback() || tuple.remote.ip() == tuple.local.ip(),
+            |c| c.peer_local,
+        );
+        for (side, n) in [(Side::Server, read), (Side::Client, written)] {
+            let end = End {
+                side,
+                sk,
+                peer_sk,
+                peer_local,
+            };
+            count_lost(&end, "ringbuf_full", u64::from(n), metrics, linker);
+        }
+    }
+
     /// Whether `sk` is a connection this table follows (not yet closed).
     pub fn is_open(&self, sk: u64) -> bool {
         self.conns.contains_key(&sk)
@@ -695,6 +746,9 @@ impl ConnTable {
         if self.conns.get(&c.sk).is_some_and(|old| old.reset.is_some()) {
             self.end_reset(c.sk, metrics, linker, out);
         }
+        if c.lost_requests != (0, 0) {
+            self.lost_requests(c.sk, &c.tuple, c.lost_requests, metrics, linker);
+        }
         match (c.old_state, c.new_state) {
             // connect() runs in the calling process: remember who it is.
             (_, TCP_SYN_SENT) => {
@@ -712,8 +766,10 @@ impl ConnTable {
                         self.evict(c.ts_ns, metrics, linker);
                     }
                     let spare = self.spare.pop().unwrap_or_default();
-                    self.conns
-                        .insert(c.sk, Box::new(Conn::new(c.tuple, task, c.ts_ns, spare)));
+                    self.conns.insert(
+                        c.sk,
+                        Box::new(Conn::new(c.sk, c.tuple, task, c.ts_ns, spare)),
+                    );
                     self.by_tuple.insert(c.tuple, c.sk);
                     metrics.conns_tracked.set(self.conns.len() as i64);
                 }
@@ -880,7 +936,7 @@ impl ConnTable {
             if let Some(mut h2) = conn.h2.take() {
                 self.h2_conns -= 1;
                 let side = conn.role.side().unwrap_or(Side::Client);
-                h2.unpair_all(side, conn.peer_sk, metrics, linker, "no_response");
+                h2.unpair_all(&conn.end(side), metrics, linker, "no_response");
             }
             if self.by_tuple.get(&conn.tuple) == Some(&sk) {
                 self.by_tuple.remove(&conn.tuple);
@@ -944,9 +1000,12 @@ const MAX_MIDSTREAM_SKIPS: u8 = 32;
 /// message start.
 fn lost_events(conn: &mut Conn, metrics: &Metrics, linker: &mut Linker) {
     metrics.connections_desynced.inc();
-    if let (Some(h2), Some(side)) = (&mut conn.h2, conn.role.side()) {
-        h2.lost_events(side, conn.peer_sk, metrics, linker);
-        return;
+    if let Some(side) = conn.role.side() {
+        let end = conn.end(side);
+        if let Some(h2) = &mut conn.h2 {
+            h2.lost_events(&end, metrics, linker);
+            return;
+        }
     }
     unpair_all(conn, metrics, linker, "events_lost");
     conn.undecided.clear();
@@ -1106,6 +1165,7 @@ fn feed_h2(conn: &mut Conn, side: Side, d: &Data<'_>, ctx: &mut Ctx<'_, '_>) {
             task: conn.task,
             peer_local: conn.peer_local,
             peer_sk: conn.peer_sk,
+            sk: conn.sk,
             metrics: ctx.metrics,
             linker: ctx.linker,
             out: ctx.out,
@@ -1115,23 +1175,61 @@ fn feed_h2(conn: &mut Conn, side: Side, d: &Data<'_>, ctx: &mut Ctx<'_, '_>) {
 
 /// The requests waiting for a response can no longer be paired truthfully with what comes:
 /// they are dropped, counted as lost with `reason`, and their spans abandoned.
-fn unpair_all(conn: &mut Conn, metrics: &Metrics, linker: &mut Linker, reason: &str) {
+fn unpair_all(conn: &mut Conn, metrics: &Metrics, linker: &mut Linker, reason: &'static str) {
     let current = conn.current.take().and_then(|c| c.request);
     let n = conn.pending.len() as u64 + u64::from(current.is_some());
     // Requests not kept are already counted as lost; their places go with the queue, and the
     // responses that come without a request are now these ones' (not uncaptured requests').
     conn.overflow_gap = 0;
     conn.requests_beyond_capture = false;
-    // A server span that gives its client span back leaves the request to that end.
-    let mut handed_back = 0;
-    for span in conn.pending.drain(..).chain(current).filter_map(|p| p.span) {
-        handed_back += u64::from(linker.abandon(span));
+    let end = conn.role.side().map(|side| conn.end(side));
+    for p in conn.pending.drain(..).chain(current) {
+        match end {
+            Some(end) => give_up(&end, p.span, false, reason, linker, metrics),
+            None => {
+                if let Some(span) = p.span {
+                    linker.abandon(span);
+                }
+            }
+        }
     }
     if n > 0 {
         metrics.pairing_drops.with_label_values(&[reason]).inc_by(n);
-        if let Role::Http(side) = conn.role {
-            lost_here(conn, side, reason, n - handed_back, metrics);
+    }
+}
+
+/// A request this end will not count (`span`: the one it opened for it), counted lost by the
+/// end whose it is when both are traced here. A server end's span that gives its client span
+/// back (or a stream `released` to it) leaves the request to that end; else the server end
+/// counts it (`count_lost`). A client span its server end claimed is that end's; one not
+/// claimed is counted here, and settles its server end's loss of it, unless that end gave it
+/// back (it counts neither way).
+pub(crate) fn give_up(
+    end: &End,
+    span: Option<SpanId>,
+    released: bool,
+    reason: &'static str,
+    linker: &mut Linker,
+    metrics: &Metrics,
+) {
+    match (end.side, span) {
+        (Side::Server, Some(span)) if linker.abandon(span) => {}
+        (Side::Server, _) if released => {}
+        (Side::Server, _) => count_lost(end, reason, 1, metrics, linker),
+        (Side::Client, Some(span)) => {
+            let (claimed, handed_back) = (linker.claimed(span), linker.handed_back(span));
+            linker.abandon(span);
+            if !claimed {
+                metrics
+                    .requests_lost
+                    .with_label_values(&[end.side.as_str(), reason])
+                    .inc();
+                if end.peer_sk != 0 && !handed_back {
+                    linker.client_counted(end.peer_sk, metrics);
+                }
+            }
         }
+        (Side::Client, None) => count_lost(end, reason, 1, metrics, linker),
     }
 }
 
@@ -1384,7 +1482,7 @@ fn lose_sync(
     requests: bool,
     ctx: &mut Ctx<'_, '_>,
     failure: Option<&str>,
-    unpair_reason: &str,
+    unpair_reason: &'static str,
 ) {
     if let Some(reason) = failure {
         ctx.metrics
@@ -1407,18 +1505,40 @@ fn reader_mut(conn: &mut Conn, requests: bool) -> &mut Reader {
     }
 }
 
-/// A request this end will not count: lost, unless it is a client's whose server end is
-/// traced on this host (that end counts it).
-fn lost_here(conn: &Conn, side: Side, reason: &str, n: u64, metrics: &Metrics) {
-    count_lost(side, conn.peer_sk, reason, n, metrics);
+/// One end of a connection, as counting its lost requests needs it.
+#[derive(Clone, Copy, Debug)]
+pub struct End {
+    pub side: Side,
+    pub sk: u64,
+    /// The other end's socket when seen here (0: not seen).
+    pub peer_sk: u64,
+    /// The other end may be on this host.
+    pub peer_local: bool,
 }
 
-/// `lost_here` for an end known by its side and peer socket (0: not seen on this host).
-pub(crate) fn count_lost(side: Side, peer_sk: u64, reason: &str, n: u64, metrics: &Metrics) {
-    if n > 0 && (side == Side::Server || peer_sk == 0) {
+/// `n` requests this end will not count: lost, unless they are a client's whose server end is
+/// traced here (that end counts them). A server end's wait for its client end's count when
+/// that end may be here and spans are on (`ledger`): a request that end counted is not lost.
+pub(crate) fn count_lost(
+    end: &End,
+    reason: &'static str,
+    n: u64,
+    metrics: &Metrics,
+    linker: &mut Linker,
+) {
+    let n = match end.side {
+        _ if n == 0 => return,
+        Side::Client if end.peer_sk != 0 => return,
+        Side::Client => n,
+        Side::Server if end.peer_sk != 0 || end.peer_local => {
+            linker.server_lost(end.sk, reason, n, metrics)
+        }
+        Side::Server => n,
+    };
+    if n > 0 {
         metrics
             .requests_lost
-            .with_label_values(&[side.as_str(), reason])
+            .with_label_values(&[end.side.as_str(), reason])
             .inc_by(n);
     }
 }
@@ -1440,7 +1560,13 @@ fn on_head(conn: &mut Conn, requests: bool, info: Head, ctx: &mut Ctx<'_, '_>) {
                     .pairing_drops
                     .with_label_values(&["pending_overflow"])
                     .inc();
-                lost_here(conn, side, "pending_overflow", 1, ctx.metrics);
+                count_lost(
+                    &conn.end(side),
+                    "pending_overflow",
+                    1,
+                    ctx.metrics,
+                    ctx.linker,
+                );
                 break 'request h.body;
             }
             let span = ctx.linker.start(spans::Start {
@@ -1521,7 +1647,13 @@ fn on_head(conn: &mut Conn, requests: bool, info: Head, ctx: &mut Ctx<'_, '_>) {
                 if conn.requests_beyond_capture
                     && let Role::Http(side) = conn.role
                 {
-                    lost_here(conn, side, "request_beyond_capture", 1, ctx.metrics);
+                    count_lost(
+                        &conn.end(side),
+                        "request_beyond_capture",
+                        1,
+                        ctx.metrics,
+                        ctx.linker,
+                    );
                 }
             }
             let body = h.body_for(request.as_ref().map(|r| r.method));
@@ -1866,6 +1998,7 @@ mod tests {
                 frames: &[],
                 from_sock: self.from_sock,
                 tls: self.tls,
+                lost_requests: (0, 0),
             };
             self.table
                 .on_data(&d, &self.metrics, &mut self.linker, &mut self.out);
@@ -1905,6 +2038,7 @@ mod tests {
                 bytes_acked,
                 srtt_us: 0,
                 retransmits: 0,
+                lost_requests: (0, 0),
             };
             self.table
                 .on_state(&c, &self.metrics, &mut self.linker, &mut self.out);
@@ -1941,7 +2075,10 @@ mod tests {
                 .get()
         }
 
-        fn lost(&self, side: &str, reason: &str) -> u64 {
+        /// Requests counted lost, once those waiting for a client end (`ledger`) gave up.
+        fn lost(&mut self, side: &str, reason: &str) -> u64 {
+            let later = std::time::Instant::now() + std::time::Duration::from_secs(60);
+            self.linker.expire_losses(later, &self.metrics);
             self.metrics
                 .requests_lost
                 .with_label_values(&[side, reason])
@@ -2719,6 +2856,7 @@ mod tests {
                 bytes_acked: 0,
                 srtt_us: 0,
                 retransmits: 0,
+                lost_requests: (0, 0),
             };
             h.table.on_state(&c, &h.metrics, &mut h.linker, &mut h.out);
         }

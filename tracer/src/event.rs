@@ -157,6 +157,9 @@ pub struct Data<'a> {
     pub from_sock: bool,
     /// The bytes are a TLS library's plaintext (`FLAG_TLS`), not what crossed the socket.
     pub tls: bool,
+    /// Requests this socket lost (their events dropped, the ring buffer full) since its last
+    /// delivered event: (read, written).
+    pub lost_requests: (u32, u32),
 }
 
 impl Data<'_> {
@@ -199,6 +202,8 @@ pub struct Conn {
     /// At the same changes: smoothed RTT (µs) and segments retransmitted.
     pub srtt_us: u32,
     pub retransmits: u32,
+    /// At this end's close: requests the socket lost that no data event told, (read, written).
+    pub lost_requests: (u32, u32),
 }
 
 #[derive(Debug)]
@@ -258,6 +263,7 @@ pub fn decode(buf: &[u8]) -> Result<Event<'_>, DecodeError> {
                 frames,
                 from_sock: hdr.flags & FLAG_TUPLE_FROM_SOCK != 0,
                 tls: hdr.flags & FLAG_TLS != 0,
+                lost_requests: tracer_common::lost_requests::split(ev.lost_requests),
             }))
         }
         Some(EventKind::Exec) => Ok(Event::Exec((hdr.pid_tgid >> 32) as u32)),
@@ -281,6 +287,7 @@ pub fn decode(buf: &[u8]) -> Result<Event<'_>, DecodeError> {
                 bytes_acked: ev.bytes_acked,
                 srtt_us: ev.srtt_us,
                 retransmits: ev.retransmits,
+                lost_requests: tracer_common::lost_requests::split(ev.lost_requests),
             }))
         }
         None => Err(DecodeError::UnknownKind(hdr.kind)),

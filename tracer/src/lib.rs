@@ -18,6 +18,7 @@ pub mod hpack;
 pub mod http1;
 pub mod http2;
 pub mod kube;
+pub mod ledger;
 pub mod metrics;
 pub mod otlp;
 pub mod parts;

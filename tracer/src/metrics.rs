@@ -47,6 +47,7 @@ pub struct Metrics {
     pub heads_shared: IntCounter,
     pub spans: IntCounterVec,
     pub requests_lost: IntCounterVec,
+    pub lost_deferred: IntCounterVec,
     pub bpf_run_seconds: CounterVec,
     pub bpf_runs: IntCounterVec,
     pub tcp_connections: IntCounterVec,
@@ -198,6 +199,17 @@ impl Metrics {
             &["side", "reason"],
         )
         .expect("valid metric");
+        let lost_deferred = IntCounterVec::new(
+            Opts::new(
+                "tracer_requests_lost_deferred_total",
+                "Requests a server end lost whose client end is traced on this host, by what \
+                 became of them: settled (the client end counted the request: not counted \
+                 lost), counted (in tracer_requests_lost_total after waiting for the client \
+                 end), full (counted at once: too many waiting).",
+            ),
+            &["outcome"],
+        )
+        .expect("valid metric");
         let bpf_run_seconds = CounterVec::new(
             Opts::new(
                 "tracer_bpf_run_seconds_total",
@@ -317,6 +329,7 @@ impl Metrics {
             Box::new(series_overflow.clone()),
             Box::new(spans.clone()),
             Box::new(requests_lost.clone()),
+            Box::new(lost_deferred.clone()),
             Box::new(bpf_run_seconds.clone()),
             Box::new(bpf_runs.clone()),
         ] {
@@ -376,6 +389,7 @@ impl Metrics {
             heads_shared,
             spans,
             requests_lost,
+            lost_deferred,
             bpf_run_seconds,
             bpf_runs,
             tcp_connections,

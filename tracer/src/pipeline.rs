@@ -717,17 +717,19 @@ impl Reader {
             // A client end whose pairs may be wrong (responses went by uncaptured) leaves the
             // count to its server end when that is traced here: its unclaimed exchanges may be
             // requests paired with another's response, which that end counts too.
+            // A request its server end gave back (`Linker::abandon`) that end counts neither
+            // way.
             let peer_server = peer.is_some_and(|p| p.side == Some(Side::Server));
+            let handed_back = ex.span.is_some_and(|s| self.linker.handed_back(s));
             let server_seen = ex.side == Side::Server
                 || ex.span.is_some_and(|s| self.linker.claimed(s))
-                || ((!self.linker.enabled() || ex.unsure) && peer_server);
-            if !server_seen && peer_server {
-                tracing::debug!(
-                    "client exchange counted from the client end: span {:?} live {} {:?}",
-                    ex.span,
-                    ex.span.is_some_and(|s| self.linker.is_live(s)),
-                    ex.tuple
-                );
+                || ((!self.linker.enabled() || (ex.unsure && !handed_back)) && peer_server);
+            // Counted here, unclaimed: its server end's loss of it is not one.
+            if !server_seen
+                && !handed_back
+                && let Some(p) = peer.filter(|_| peer_server)
+            {
+                self.linker.client_counted(p.sk, metrics);
             }
             let rec = agg.record(&ex, peer, server_seen, metrics);
             let mut tapped = (rec.counted && self.shared.tap.receiver_count() > 0)
@@ -770,6 +772,8 @@ impl Reader {
             let mut agg = shared.aggregator();
             agg.expire(&shared.metrics);
         }
+        self.linker
+            .expire_losses(self.last_drain, &self.shared.metrics);
         self.linker.drain_ready(&mut self.ready);
         self.shared
             .spans_out
@@ -923,9 +927,10 @@ async fn export_kernel_stats(
                     .kernel
                     .with_label_values(&[stat.name()])
                     .inc_by(delta);
+                // The others go with their socket's events (`ConnTable::lost_requests`).
                 let side = match stat {
-                    KernelStat::LostRequestIngress => Some("server"),
-                    KernelStat::LostRequestEgress => Some("client"),
+                    KernelStat::LostRequestUnheldIngress => Some("server"),
+                    KernelStat::LostRequestUnheldEgress => Some("client"),
                     _ => None,
                 };
                 if let Some(side) = side {
@@ -968,31 +973,70 @@ mod tests {
 
     /// A server socket's data record numbered `seq`, as the kernel side emits it.
     fn server_record(seq: u32, direction: u32, bytes: &[u8]) -> Vec<u8> {
+        record(&SERVER, seq, direction, bytes, 0)
+    }
+
+    /// One end of a connection on this host: its socket, process and address.
+    struct End {
+        sk: u64,
+        pid: u32,
+        comm: &'static [u8],
+        local: ([u8; 4], u16),
+        remote: ([u8; 4], u16),
+    }
+
+    const SERVER: End = End {
+        sk: 0xffff_0000_0900_0000,
+        pid: 4_100_002,
+        comm: b"orders",
+        local: ([10, 0, 0, 2], 8080),
+        remote: ([10, 0, 0, 1], 40_000),
+    };
+
+    /// Both ends of one connection on loopback.
+    const LOOP_SERVER: End = End {
+        sk: 0xffff_0000_0a00_0000,
+        pid: 4_100_003,
+        comm: b"orders",
+        local: ([127, 0, 0, 1], 8080),
+        remote: ([127, 0, 0, 1], 40_001),
+    };
+    const LOOP_CLIENT: End = End {
+        sk: 0xffff_0000_0b00_0000,
+        pid: 4_100_004,
+        comm: b"checkout",
+        local: ([127, 0, 0, 1], 40_001),
+        remote: ([127, 0, 0, 1], 8080),
+    };
+
+    /// A data record of `end`'s socket numbered `seq`, as the kernel side emits it, telling
+    /// `lost_requests` (`tracer_common::lost_requests`).
+    fn record(end: &End, seq: u32, direction: u32, bytes: &[u8], lost_requests: u32) -> Vec<u8> {
         let mut tuple = SockTuple {
             family: AF_INET,
-            local_port: 8080,
-            remote_port: 40_000,
+            local_port: end.local.1,
+            remote_port: end.remote.1,
             ..Default::default()
         };
-        tuple.local_addr[..4].copy_from_slice(&[10, 0, 0, 2]);
-        tuple.remote_addr[..4].copy_from_slice(&[10, 0, 0, 1]);
+        tuple.local_addr[..4].copy_from_slice(&end.local.0);
+        tuple.remote_addr[..4].copy_from_slice(&end.remote.0);
         let mut comm = [0u8; 16];
-        comm[..6].copy_from_slice(b"orders");
+        comm[..end.comm.len()].copy_from_slice(end.comm);
         let ts = 1_000_000_000 + u64::from(seq) * 1_000;
         let meta = DataMeta {
             hdr: EventHeader {
                 kind: EventKind::Data as u32,
                 flags: 0,
                 ts_ns: ts,
-                pid_tgid: (4_100_002u64 << 32) | 4_100_002,
+                pid_tgid: (u64::from(end.pid) << 32) | u64::from(end.pid),
                 cgroup_id: 1,
                 comm,
             },
-            sk: 0xffff_0000_0900_0000,
+            sk: end.sk,
             ts_enter_ns: ts - 500,
             goroutine: 0,
             tcp_seq: 0,
-            _pad: 0,
+            lost_requests,
             tuple,
             direction,
             bytes: bytes.len() as u32,
@@ -1006,6 +1050,76 @@ mod tests {
         let raw =
             unsafe { std::slice::from_raw_parts((&raw const meta).cast::<u8>(), DATA_EVENT_FIXED) };
         [raw, bytes].concat()
+    }
+
+    const REQ: &[u8] = b"GET /a HTTP/1.1\r\nHost: orders\r\n\r\n";
+    const RESP: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+
+    fn lost(replay: &mut Replay) -> (u64, u64) {
+        let later = Instant::now() + Duration::from_secs(60);
+        let metrics = replay.reader.shared.metrics.clone();
+        replay.reader.linker.expire_losses(later, &metrics);
+        let m = &replay.reader.shared.metrics.requests_lost;
+        let sum = |side: &str| {
+            ["ringbuf_full", "events_lost"]
+                .iter()
+                .map(|r| m.with_label_values(&[side, r]).get())
+                .sum::<u64>()
+        };
+        (sum("server"), sum("client"))
+    }
+
+    /// The server end's read of a request was dropped (the kernel tells it with the socket's
+    /// next event); its client end, traced too, saw the whole exchange and counts it: the
+    /// request is counted once, not also lost. Without spans the server end counts every
+    /// request of its connection: lost there, not counted by the client end.
+    #[test]
+    fn a_request_the_server_end_lost_and_its_client_end_counted_is_counted_once() {
+        for spans in [true, false] {
+            let mut replay = Replay::with_spans(spans);
+            replay.feed(&record(&LOOP_CLIENT, 1, DIR_EGRESS, REQ, 0));
+            // The server's read (its event 1) is lost.
+            let one_read = tracer_common::lost_requests::INGRESS;
+            replay.feed(&record(&LOOP_SERVER, 2, DIR_EGRESS, RESP, one_read));
+            replay.feed(&record(&LOOP_CLIENT, 2, DIR_INGRESS, RESP, 0));
+            replay.flush();
+            std::thread::sleep(crate::reorder::STALE_AFTER);
+            replay.flush();
+            let (server, client) = lost(&mut replay);
+            assert_eq!(
+                (replay.requests(), server, client),
+                if spans { (1, 0, 0) } else { (0, 1, 0) },
+                "spans {spans}"
+            );
+        }
+    }
+
+    /// Both ends' events of a request dropped: counted lost once, by its server end.
+    #[test]
+    fn a_request_both_ends_lost_is_counted_lost_once() {
+        for spans in [true, false] {
+            let mut replay = Replay::with_spans(spans);
+            replay.feed(&record(&LOOP_CLIENT, 1, DIR_EGRESS, REQ, 0));
+            replay.feed(&record(&LOOP_SERVER, 1, DIR_INGRESS, REQ, 0));
+            replay.feed(&record(&LOOP_SERVER, 2, DIR_EGRESS, RESP, 0));
+            replay.feed(&record(&LOOP_CLIENT, 2, DIR_INGRESS, RESP, 0));
+            // The second request's write and read are lost; both ends' next events say so.
+            let (read, written) = (
+                tracer_common::lost_requests::INGRESS,
+                tracer_common::lost_requests::EGRESS,
+            );
+            replay.feed(&record(&LOOP_SERVER, 4, DIR_EGRESS, RESP, read));
+            replay.feed(&record(&LOOP_CLIENT, 4, DIR_INGRESS, RESP, written));
+            replay.flush();
+            std::thread::sleep(crate::reorder::STALE_AFTER);
+            replay.flush();
+            let (server, client) = lost(&mut replay);
+            assert_eq!(
+                (replay.requests(), server, client),
+                (1, 1, 0),
+                "spans {spans}"
+            );
+        }
     }
 
     /// A Go server reads the next request on one thread while its handler's write of the last

@@ -35,6 +35,8 @@ use crate::{
     conn::Side,
     event::{Task, Tuple},
     http1::{Method, Path, Propagated},
+    ledger::Ledger,
+    metrics::Metrics,
 };
 
 pub type TraceId = u128;
@@ -124,6 +126,9 @@ pub struct Span {
     pub finished: Option<Finished>,
     /// A CLIENT span the server end of its request took as parent.
     claimed: bool,
+    /// A CLIENT span its server end claimed and gave back (`Linker::abandon`): that end will
+    /// not count the request, nor its loss.
+    handed_back: bool,
     /// A SERVER span's key in `serving` is (its tgid, this) (`Linker::runner`); 0: none.
     runner: u64,
     children: Ids,
@@ -256,6 +261,8 @@ pub struct Linker {
     spare: Vec<Box<Span>>,
     sampler: Sampler,
     pub stats: LinkStats,
+    /// Server ends' lost requests waiting for their client ends' counts.
+    ledger: Ledger,
 }
 
 /// splitmix64's finaliser: a fixed, well-mixed 64-bit hash step shared by every daemon.
@@ -364,6 +371,7 @@ impl Linker {
             spare: Vec::new(),
             sampler,
             stats: LinkStats::default(),
+            ledger: Ledger::default(),
         }
     }
 
@@ -478,6 +486,7 @@ impl Linker {
             tls: s.tls,
             finished: None,
             claimed: false,
+            handed_back: false,
             runner: runner
                 .filter(|_| s.kind == Side::Server)
                 .map_or(0, |(_, r)| r),
@@ -615,6 +624,27 @@ impl Linker {
         self.enabled
     }
 
+    /// `n` requests the server end on socket `sk` lost, whose client end may be traced here:
+    /// how many to count lost now. Without spans that end never counts them: all of them.
+    pub fn server_lost(&mut self, sk: u64, reason: &'static str, n: u64, m: &Metrics) -> u64 {
+        if !self.enabled {
+            return n;
+        }
+        self.ledger.server_lost(sk, reason, n, self.now, m)
+    }
+
+    /// A client end counted a request that the server end on socket `server_sk` did not claim.
+    pub fn client_counted(&mut self, server_sk: u64, m: &Metrics) {
+        if self.enabled {
+            self.ledger.client_counted(server_sk, self.now, m);
+        }
+    }
+
+    /// Server ends' losses that waited long enough: counted lost.
+    pub fn expire_losses(&mut self, now: Instant, m: &Metrics) {
+        self.ledger.expire(now, m);
+    }
+
     /// The trace a live span is in now.
     pub fn trace_of(&self, span_id: SpanId) -> Option<TraceId> {
         self.live.get(&span_id).map(|s| s.trace_id)
@@ -637,6 +667,11 @@ impl Linker {
     /// Whether the server end of this CLIENT span's request was seen on this host.
     pub fn claimed(&self, span_id: SpanId) -> bool {
         self.live.get(&span_id).is_some_and(|s| s.claimed)
+    }
+
+    /// Whether this CLIENT span's server end, on this host, gave it back (`abandon`).
+    pub fn handed_back(&self, span_id: SpanId) -> bool {
+        self.live.get(&span_id).is_some_and(|s| s.handed_back)
     }
 
     /// The server began its response: its thread no longer serves this request.
@@ -672,9 +707,14 @@ impl Linker {
             && c.kind == Side::Client
             && c.claimed
         {
-            c.claimed = false;
             c.children.retain(|id| *id != span_id);
-            handed_back = true;
+            // A client end already counted (its exchange went by as this end's) cannot take
+            // the request back: this end counts it, as lost.
+            if c.finished.is_none() {
+                c.claimed = false;
+                c.handed_back = true;
+                handed_back = true;
+            }
         }
         self.stats.unfinished += 1;
         self.recycle(span);

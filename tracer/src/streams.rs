@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use foldhash::HashMap;
 
 use crate::{
-    conn::{self, Exchange, Side},
+    conn::{self, End, Exchange, Side},
     event::{Data, Task, Tuple},
     http1::{Method, Path},
     http2::{Fields, Frame, Half, View},
@@ -105,9 +105,22 @@ pub struct Env<'a, 'b> {
     pub task: Task,
     pub peer_local: bool,
     pub peer_sk: u64,
+    /// This end's socket.
+    pub sk: u64,
     pub metrics: &'a Metrics,
     pub linker: &'a mut Linker,
     pub out: &'a mut Vec<Exchange>,
+}
+
+impl Env<'_, '_> {
+    fn end(&self) -> End {
+        End {
+            side: self.side,
+            sk: self.sk,
+            peer_sk: self.peer_sk,
+            peer_local: self.peer_local,
+        }
+    }
 }
 
 /// An HTTP/1.1 request whose connection was upgraded to h2c: stream 1, answered in HTTP/2.
@@ -430,14 +443,7 @@ impl Streams {
                 .pairing_drops
                 .with_label_values(&["no_response"])
                 .inc();
-            give_up(
-                env.side,
-                env.peer_sk,
-                &s,
-                "response_unseen",
-                env.linker,
-                env.metrics,
-            );
+            give_up(&env.end(), &s, "response_unseen", env.linker, env.metrics);
         }
         true
     }
@@ -460,8 +466,7 @@ impl Streams {
             // A header block that could not be decoded: a request that happened, not counted
             // here.
             give_up(
-                env.side,
-                env.peer_sk,
+                &env.end(),
                 &s,
                 "h2_headers_unreadable",
                 env.linker,
@@ -574,27 +579,20 @@ impl Streams {
 
     /// Events of this connection went missing: both directions look for frames again, and the
     /// open streams (whose ends may have been among them) are dropped and counted.
-    pub fn lost_events(
-        &mut self,
-        side: Side,
-        peer_sk: u64,
-        metrics: &Metrics,
-        linker: &mut Linker,
-    ) {
+    pub fn lost_events(&mut self, end: &End, metrics: &Metrics, linker: &mut Linker) {
         self.requests.lose(&mut |_| {});
         self.responses.lose(&mut |_| {});
         self.requests_gap = true;
-        self.unpair_all(side, peer_sk, metrics, linker, "events_lost");
+        self.unpair_all(end, metrics, linker, "events_lost");
     }
 
     /// Drops the open streams (the connection closed, or lost events), counted with `reason`.
     pub fn unpair_all(
         &mut self,
-        side: Side,
-        peer_sk: u64,
+        end: &End,
         metrics: &Metrics,
         linker: &mut Linker,
-        reason: &str,
+        reason: &'static str,
     ) {
         let n = self.open.len() as u64;
         if n == 0 {
@@ -610,7 +608,7 @@ impl Streams {
                 other => Some(other),
             };
             match lost {
-                Some(lost) => give_up(side, peer_sk, &s, lost, linker, metrics),
+                Some(lost) => give_up(end, &s, lost, linker, metrics),
                 None => {
                     if let Some(span) = s.span {
                         linker.abandon(span);
@@ -635,36 +633,11 @@ fn doubtful(s: &Stream, losses: u32, synced: bool) -> bool {
 
 /// Requests that happened and that this end will not count, with no span to say whether the
 /// other end has them.
-fn lost(env: &Env<'_, '_>, reason: &str, n: u64) {
-    conn::count_lost(env.side, env.peer_sk, reason, n, env.metrics);
+fn lost(env: &mut Env<'_, '_>, reason: &'static str, n: u64) {
+    conn::count_lost(&env.end(), reason, n, env.metrics, env.linker);
 }
 
-/// A stream this end will not count: its span goes, and its request is counted as lost unless
-/// the other end, traced here, has it: a server span that gives its client span back leaves
-/// the request to that end (which counts it, or its loss); a client span its server end
-/// claimed is that end's to count.
-fn give_up(
-    side: Side,
-    peer_sk: u64,
-    s: &Stream,
-    reason: &str,
-    linker: &mut Linker,
-    metrics: &Metrics,
-) {
-    let others = match (side, s.span) {
-        (Side::Server, Some(span)) => linker.abandon(span),
-        (Side::Server, None) => s.released,
-        (Side::Client, Some(span)) => {
-            let claimed = linker.claimed(span);
-            linker.abandon(span);
-            claimed
-        }
-        (Side::Client, None) => peer_sk != 0,
-    };
-    if !others {
-        metrics
-            .requests_lost
-            .with_label_values(&[side.as_str(), reason])
-            .inc();
-    }
+/// A stream this end will not count (`conn::give_up`).
+fn give_up(end: &End, s: &Stream, reason: &'static str, linker: &mut Linker, metrics: &Metrics) {
+    conn::give_up(end, s.span, s.released, reason, linker, metrics);
 }

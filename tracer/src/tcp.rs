@@ -909,6 +909,7 @@ mod tests {
             bytes_acked: 0,
             srtt_us: 0,
             retransmits: 0,
+            lost_requests: (0, 0),
         }
     }
 
@@ -931,6 +932,7 @@ mod tests {
         fn state(&mut self, c: Conn, server: Option<&str>) {
             let peer = |_: &Tuple| {
                 server.map(|name| Peer {
+                    sk: 0,
                     task: task(3_999_998, name),
                     side: Some(Side::Server),
                 })
@@ -966,6 +968,7 @@ mod tests {
         assert!(h.view().is_empty());
         h.tracker.tick(&h.edges, &h.metrics, |_: &Tuple| {
             Some(Peer {
+                sk: 0,
                 task: task(3_999_998, "postgres"),
                 side: None,
             })

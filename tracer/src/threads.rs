@@ -110,6 +110,7 @@ mod tests {
             frames: &[],
             from_sock: false,
             tls: false,
+            lost_requests: (0, 0),
         }
     }
 

@@ -16,7 +16,7 @@ use tracer_common::{
     CARRY_SPLIT, CARRY_UNKNOWN, DATA_EVENT_FIXED, DIR_EGRESS, DIR_INGRESS, DataEvent, EventKind,
     FLAG_FRAMES_CONT, FLAG_FRAMES_MORE, FLAG_IOVEC, FLAG_TASK_KNOWN, FLAG_TLS,
     FLAG_TUPLE_FROM_SOCK, FRAME_KEEP_CAP, FRAMES_CAP, KernelStat, MAX_FRAMES_WALKED, PAYLOAD_CAP,
-    REQUEST_STARTS, SEGMENT_HEADER, SockState, TAIL_LEN, TASK_RESEND,
+    REQUEST_STARTS, SEGMENT_HEADER, SockState, TAIL_LEN, TASK_RESEND, lost_requests,
 };
 
 use crate::maps::{
@@ -984,7 +984,11 @@ pub fn emit<const WALK: bool>(args: &SyscallArgs, ret: u64, id: u64, next: NextE
         ret as u32
     };
 
-    meta._pad = 0;
+    // Requests this socket lost since its last delivered event go with this one (a load and a
+    // test per event; taken off the socket's count once delivered, below).
+    // SAFETY: a live map value, as below.
+    let lost = next.state.map_or(0, |s| unsafe { (*s).lost_requests });
+    meta.lost_requests = lost;
     meta.tuple = next.tuple;
     meta.seq = next.seq;
     if next.from_sock {
@@ -1125,6 +1129,12 @@ pub fn emit<const WALK: bool>(args: &SyscallArgs, ret: u64, id: u64, next: NextE
     let ring = ring();
     if ring.output::<[u8]>(bytes, wakeup_flags(ring)).is_ok() {
         count(KernelStat::DataEvents);
+        if lost != 0
+            && let Some(state) = next.state
+        {
+            // SAFETY: as above. Halves that only grew since: no borrow between them.
+            unsafe { (*state).lost_requests = (*state).lost_requests.wrapping_sub(lost) };
+        }
         // Only a delivered event teaches the reader the thread's name.
         if let Some(state) = next.state.filter(|_| !task_known) {
             // SAFETY: as above.
@@ -1134,11 +1144,51 @@ pub fn emit<const WALK: bool>(args: &SyscallArgs, ret: u64, id: u64, next: NextE
         count(KernelStat::RingbufFullData);
         // Say how many requests went with it: a lost event that starts a request line.
         if starts_request {
-            count(if args.direction == DIR_INGRESS {
+            let ingress = args.direction == DIR_INGRESS;
+            count(if ingress {
                 KernelStat::LostRequestIngress
             } else {
                 KernelStat::LostRequestEgress
             });
+            // Held by the socket for its next delivered event, which tells the daemon whose
+            // request it was. TLS plaintext's session state is not the socket's, whose close
+            // would tell the rest: counted apart.
+            match next.state.filter(|_| flags & FLAG_TLS == 0) {
+                // SAFETY: as above.
+                Some(state) => unsafe { hold_lost_request(state, ingress) },
+                None => count(if ingress {
+                    KernelStat::LostRequestUnheldIngress
+                } else {
+                    KernelStat::LostRequestUnheldEgress
+                }),
+            }
+        }
+    }
+}
+
+/// One more lost request on the socket (`lost_requests`' half for `ingress`), held until an
+/// event of the socket tells it; a full half counts it apart rather than carry into the other.
+///
+/// # Safety
+/// `state` is a live map value.
+#[inline(always)]
+unsafe fn hold_lost_request(state: *mut SockState, ingress: bool) {
+    let (one, half) = if ingress {
+        (lost_requests::INGRESS, 0)
+    } else {
+        (lost_requests::EGRESS, 16)
+    };
+    // SAFETY: per the contract.
+    unsafe {
+        let v = (*state).lost_requests;
+        if (v >> half) & 0xffff == 0xffff {
+            count(if ingress {
+                KernelStat::LostRequestUnheldIngress
+            } else {
+                KernelStat::LostRequestUnheldEgress
+            });
+        } else {
+            (*state).lost_requests = v + one;
         }
     }
 }

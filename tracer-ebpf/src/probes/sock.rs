@@ -19,7 +19,7 @@ use tracer_common::{
 
 use crate::maps::{
     ACTIVE, OPAQUE, OPAQUE_ASKED, RESET_IN, SOCK_STATES, SOCKS, SyscallArgs, connect_wakeup_flags,
-    count, ring, wakeup_flags,
+    count, count_n, ring, wakeup_flags,
 };
 
 /// Where a socket's state is kept.
@@ -485,7 +485,7 @@ pub fn next_event<S: Store>(sk: u64, lookup: Lookup) -> NextEvent {
         task: 0,
         h2: 0,
         h2_carry: [0; 2],
-        _pad: 0,
+        lost_requests: 0,
     };
     S::put(sk, &state);
     NextEvent {
@@ -660,7 +660,7 @@ unsafe fn on_state<S: Store>(sk: u64, old_state: u32, new_state: u32, tuple: Opt
             };
             S::put(sk, &fresh(tuple));
             forget_opaque_request(sk);
-            emit_conn(sk, tuple, old_state, new_state, 0);
+            emit_conn(sk, tuple, old_state, new_state, 0, 0);
             return;
         }
         let existing = S::get(sk);
@@ -673,6 +673,12 @@ unsafe fn on_state<S: Store>(sk: u64, old_state: u32, new_state: u32, tuple: Opt
         };
         // SAFETY: a live map value, read while this program runs.
         let seq = existing.map_or(0, |s| (*s).seq);
+        // Requests lost and not yet told: at this end's close, its last event tells them.
+        let closing = matches!(new_state, TCP_FIN_WAIT1 | TCP_LAST_ACK | TCP_CLOSE);
+        let lost = match existing {
+            Some(s) if closing => (*s).lost_requests,
+            _ => 0,
+        };
         let fresh = fresh(tuple);
         match (new_state, existing) {
             // A server's new connection starts clean, whatever an earlier socket at this
@@ -700,8 +706,22 @@ unsafe fn on_state<S: Store>(sk: u64, old_state: u32, new_state: u32, tuple: Opt
             }
             _ => {}
         }
-        if wanted(old_state, new_state, &tuple) {
-            emit_conn(sk, tuple, old_state, new_state, seq);
+        let told = wanted(old_state, new_state, &tuple)
+            && emit_conn(sk, tuple, old_state, new_state, seq, lost);
+        if lost != 0 {
+            match existing {
+                // Told: taken off what the socket holds (gone with it at CLOSE).
+                Some(s) if told && new_state != TCP_CLOSE => {
+                    (*s).lost_requests = (*s).lost_requests.wrapping_sub(lost);
+                }
+                // Their last chance was this close: counted apart.
+                _ if !told && new_state == TCP_CLOSE => {
+                    let (ingress, egress) = tracer_common::lost_requests::split(lost);
+                    count_n(KernelStat::LostRequestUnheldIngress, ingress);
+                    count_n(KernelStat::LostRequestUnheldEgress, egress);
+                }
+                _ => {}
+            }
         }
     }
 }
@@ -716,7 +736,7 @@ fn fresh(tuple: SockTuple) -> SockState {
         task: 0,
         h2: 0,
         h2_carry: [0; 2],
-        _pad: 0,
+        lost_requests: 0,
     }
 }
 
@@ -751,9 +771,16 @@ fn reset_taken_in(sk: u64, now: u64) -> bool {
     }
 }
 
-/// The record of a state change the daemon acts on.
+/// The record of a state change the daemon acts on; whether it went on the ring.
 #[inline(always)]
-fn emit_conn(sk: u64, tuple: SockTuple, old_state: u32, new_state: u32, seq: u32) {
+fn emit_conn(
+    sk: u64,
+    tuple: SockTuple,
+    old_state: u32,
+    new_state: u32,
+    seq: u32,
+    lost_requests: u32,
+) -> bool {
     // SAFETY: helpers without preconditions; the reserved record is written whole.
     unsafe {
         // Who connects is known at the connect (and, should that event be lost, nearly so when
@@ -799,7 +826,7 @@ fn emit_conn(sk: u64, tuple: SockTuple, old_state: u32, new_state: u32, seq: u32
         };
         let Some(mut entry) = ring.reserve::<ConnEvent>(0) else {
             count(KernelStat::RingbufFullConn);
-            return;
+            return false;
         };
         entry.write(ConnEvent {
             hdr: EventHeader {
@@ -820,8 +847,11 @@ fn emit_conn(sk: u64, tuple: SockTuple, old_state: u32, new_state: u32, seq: u32
             bytes_acked,
             srtt_us,
             retransmits,
+            lost_requests,
+            _pad: 0,
         });
         entry.submit(wakeup);
         count(KernelStat::ConnEvents);
+        true
     }
 }

@@ -1,0 +1,200 @@
+//! Who counts a request lost at its server end when its client end is traced here too.
+//!
+//! With spans, a request both of whose ends are on this host is counted by its server end when
+//! that end read it (its span claims the client's), else by its client end (its span not
+//! claimed). A request the server end lost (its read dropped with the ring buffer full, its
+//! header block unreadable) is then counted by the client end too, when that end saw it whole:
+//! counted once as a request and once as lost. So such a loss waits here, by the server's
+//! socket, for its client end: a client exchange that end counts for want of a claim settles
+//! one (the request is counted, not lost); one left after `SETTLE` is counted lost. A client
+//! exchange that comes first leaves a credit for the loss to come.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use smallvec::SmallVec;
+
+use crate::metrics::Metrics;
+
+/// How long a server end's loss waits for its client end's count. The client end counts when
+/// it reads the response, which is sent by the time the server end learns of its loss (its
+/// next delivered event): well within a drain or two.
+const SETTLE: Duration = Duration::from_secs(2);
+/// How long a client end's count waits for the loss it stands for: the server end learns of a
+/// loss at its socket's next delivered event, which on an idle connection can be its close.
+const CREDIT_TTL: Duration = Duration::from_secs(10);
+/// Server sockets with losses or credits waiting; past this a loss is counted at once.
+const MAX_ENTRIES: usize = 16 * 1024;
+/// Credits kept per socket (a server end that never claims its client's spans would pile
+/// them up).
+const MAX_CREDITS: u32 = 1024;
+
+#[derive(Default)]
+struct Entry {
+    /// Losses waiting, by reason.
+    waiting: SmallVec<[(&'static str, u32); 2]>,
+    /// When the oldest waiting loss came.
+    since: Option<Instant>,
+    /// Client exchanges counted for want of a claim, not yet matched with a loss.
+    credits: u32,
+    credited: Option<Instant>,
+}
+
+#[derive(Default)]
+pub struct Ledger {
+    entries: HashMap<u64, Entry>,
+}
+
+impl Ledger {
+    /// `n` requests the server end on socket `sk` lost (`reason`): how many to count lost now
+    /// (the rest wait for the client end).
+    pub fn server_lost(
+        &mut self,
+        sk: u64,
+        reason: &'static str,
+        n: u64,
+        now: Instant,
+        metrics: &Metrics,
+    ) -> u64 {
+        let full = self.entries.len() >= MAX_ENTRIES;
+        let entry = match self.entries.get_mut(&sk) {
+            Some(e) => e,
+            None if full => {
+                metrics.lost_deferred.with_label_values(&["full"]).inc_by(n);
+                return n;
+            }
+            None => self.entries.entry(sk).or_default(),
+        };
+        let settled = n.min(u64::from(entry.credits));
+        entry.credits -= settled as u32;
+        if settled > 0 {
+            metrics
+                .lost_deferred
+                .with_label_values(&["settled"])
+                .inc_by(settled);
+        }
+        let wait = n - settled;
+        if wait > 0 {
+            let wait = u32::try_from(wait).unwrap_or(u32::MAX);
+            match entry.waiting.iter_mut().find(|(r, _)| *r == reason) {
+                Some((_, k)) => *k = k.saturating_add(wait),
+                None => entry.waiting.push((reason, wait)),
+            }
+            entry.since.get_or_insert(now);
+        }
+        if entry.credits == 0 && entry.waiting.is_empty() {
+            self.entries.remove(&sk);
+        }
+        0
+    }
+
+    /// The client end of the server socket `server_sk` counted a request its server end did not
+    /// claim: it settles one of that end's losses, or stands for one to come.
+    pub fn client_counted(&mut self, server_sk: u64, now: Instant, metrics: &Metrics) {
+        let full = self.entries.len() >= MAX_ENTRIES;
+        let entry = match self.entries.get_mut(&server_sk) {
+            Some(e) => e,
+            None if full => return,
+            None => self.entries.entry(server_sk).or_default(),
+        };
+        if let Some(slot) = entry.waiting.iter_mut().find(|(_, k)| *k > 0) {
+            slot.1 -= 1;
+            metrics.lost_deferred.with_label_values(&["settled"]).inc();
+            entry.waiting.retain(|(_, k)| *k > 0);
+            if entry.waiting.is_empty() {
+                entry.since = None;
+                if entry.credits == 0 {
+                    self.entries.remove(&server_sk);
+                }
+            }
+            return;
+        }
+        entry.credits = (entry.credits + 1).min(MAX_CREDITS);
+        entry.credited = Some(now);
+    }
+
+    /// Counts the losses that waited long enough as lost (server end), forgets old credits.
+    pub fn expire(&mut self, now: Instant, metrics: &Metrics) {
+        if self.entries.is_empty() {
+            return;
+        }
+        self.entries.retain(|_, e| {
+            if e.since.is_some_and(|t| now.duration_since(t) >= SETTLE) {
+                for (reason, n) in e.waiting.drain(..) {
+                    metrics
+                        .requests_lost
+                        .with_label_values(&["server", reason])
+                        .inc_by(u64::from(n));
+                    metrics
+                        .lost_deferred
+                        .with_label_values(&["counted"])
+                        .inc_by(u64::from(n));
+                }
+                e.since = None;
+            }
+            if e.credited
+                .is_some_and(|t| now.duration_since(t) >= CREDIT_TTL)
+            {
+                e.credits = 0;
+                e.credited = None;
+            }
+            !e.waiting.is_empty() || e.credits > 0
+        });
+    }
+
+    /// Losses waiting now (for the daemon's shutdown, and tests).
+    pub fn waiting(&self) -> u64 {
+        self.entries
+            .values()
+            .flat_map(|e| e.waiting.iter())
+            .map(|(_, n)| u64::from(*n))
+            .sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lost(m: &Metrics, reason: &str) -> u64 {
+        m.requests_lost.with_label_values(&["server", reason]).get()
+    }
+
+    #[test]
+    fn a_loss_its_client_end_counted_is_not_counted_lost() {
+        let (m, mut l, t) = (Metrics::new(), Ledger::default(), Instant::now());
+        assert_eq!(l.server_lost(7, "ringbuf_full", 2, t, &m), 0);
+        l.client_counted(7, t, &m);
+        l.expire(t + SETTLE, &m);
+        // One settled, one counted lost after waiting.
+        assert_eq!(lost(&m, "ringbuf_full"), 1);
+        assert_eq!(l.waiting(), 0);
+        assert!(l.entries.is_empty());
+    }
+
+    #[test]
+    fn a_client_count_first_stands_for_the_loss_to_come() {
+        let (m, mut l, t) = (Metrics::new(), Ledger::default(), Instant::now());
+        l.client_counted(7, t, &m);
+        l.client_counted(8, t, &m);
+        assert_eq!(l.server_lost(7, "events_lost", 3, t, &m), 0);
+        assert_eq!(l.waiting(), 2);
+        l.expire(t + SETTLE, &m);
+        assert_eq!(lost(&m, "events_lost"), 2);
+        // Socket 8's credit goes with time, uncounted.
+        l.expire(t + CREDIT_TTL, &m);
+        assert!(l.entries.is_empty());
+        assert_eq!(l.server_lost(8, "events_lost", 1, t + CREDIT_TTL, &m), 0);
+        assert_eq!(l.waiting(), 1);
+    }
+
+    #[test]
+    fn a_full_ledger_counts_at_once() {
+        let (m, mut l, t) = (Metrics::new(), Ledger::default(), Instant::now());
+        for sk in 0..MAX_ENTRIES as u64 {
+            l.server_lost(sk, "ringbuf_full", 1, t, &m);
+        }
+        assert_eq!(l.server_lost(u64::MAX, "ringbuf_full", 5, t, &m), 5);
+        assert_eq!(l.entries.len(), MAX_ENTRIES);
+    }
+}
