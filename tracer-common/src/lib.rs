@@ -80,6 +80,11 @@ pub const FLAG_FRAMES_MORE: u32 = 1 << 5;
 /// This record continues the previous record of its socket and direction (the same call): only
 /// its frame segments are new.
 pub const FLAG_FRAMES_CONT: u32 = 1 << 6;
+/// The kernel side saw this connection open in HTTP/2 (its preface, or an h2c upgrade's 101),
+/// as its client's end or its server's: the daemon follows it as such even when the opening's
+/// own event was lost (the ring buffer full).
+pub const FLAG_H2_CLIENT: u32 = 1 << 7;
+pub const FLAG_H2_SERVER: u32 = 1 << 8;
 /// A socket's events carry their thread's name and cgroup again at least this often (a power of
 /// two), so that a reader that lost track of a thread learns it again.
 pub const TASK_RESEND: u32 = 256;
@@ -221,8 +226,8 @@ pub struct SockState {
     /// pid_tgid of the thread whose name and cgroup this socket's last delivered event carried
     /// (0: none yet).
     pub task: u64,
-    /// Nonzero: the connection opened with the HTTP/2 preface; its calls are walked frame by
-    /// frame.
+    /// Nonzero: the connection opened in HTTP/2 ([`H2_CLIENT`] or [`H2_SERVER`]: which end this
+    /// socket is); its calls are walked frame by frame.
     pub h2: u32,
     /// Per direction (egress, ingress): bytes at the start of the next call that finish the
     /// frame the last call ended in ([`CARRY_UNKNOWN`]: the walk stopped short).
@@ -245,6 +250,11 @@ pub mod lost_requests {
         (v & 0xffff, v >> 16)
     }
 }
+
+/// `SockState::h2`: this socket is the client's end of an HTTP/2 connection.
+pub const H2_CLIENT: u32 = 1;
+/// `SockState::h2`: the server's end.
+pub const H2_SERVER: u32 = 2;
 
 /// `SockState::opaque`: the daemon found no HTTP on this connection.
 pub const OPAQUE_NOT_HTTP: u32 = 1;

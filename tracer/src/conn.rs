@@ -1050,6 +1050,13 @@ fn process(conn: &mut Conn, ctx: &mut Ctx<'_, '_>) {
             Opening::Preface | Opening::ServerSettings => Some(Side::Server),
             Opening::Undecided | Opening::Neither => None,
         };
+        // The opening's own event was lost (ring buffer full), but the kernel side saw it and
+        // says which end this is: followed from here, as after a loss (the header tables'
+        // start went by; the streams skipped are counted at the next one seen).
+        let (h2_side, opening_lost) = match (h2_side, d.h2_end) {
+            (None, Some(side)) => (Some(side), true),
+            (side, _) => (side, false),
+        };
         if let Some(side) = h2_side {
             if *ctx.h2_conns >= MAX_H2_CONNS {
                 ctx.metrics
@@ -1061,7 +1068,13 @@ fn process(conn: &mut Conn, ctx: &mut Ctx<'_, '_>) {
             }
             *ctx.h2_conns += 1;
             conn.role = Role::Http2(side);
-            conn.h2 = Some(Box::default());
+            let mut h2 = Box::<Streams>::default();
+            if opening_lost {
+                conn.undecided.clear();
+                h2.lost_events(&conn.end(side), ctx.metrics, ctx.linker);
+                ctx.metrics.connections_desynced.inc();
+            }
+            conn.h2 = Some(h2);
             let data = Data {
                 payload: head,
                 bytes: d.bytes + (head.len() - d.payload.len()) as u32,
@@ -1953,6 +1966,8 @@ mod tests {
         tls: bool,
         /// The next events come with no kernel state for their socket (`Data::from_sock`).
         from_sock: bool,
+        /// The kernel side saw the connection open in HTTP/2 (`Data::h2_end`).
+        h2_end: Option<Side>,
     }
 
     impl Harness {
@@ -1967,6 +1982,7 @@ mod tests {
                 seq_in: 0,
                 tls: false,
                 from_sock: false,
+                h2_end: None,
             }
         }
 
@@ -1999,6 +2015,7 @@ mod tests {
                 from_sock: self.from_sock,
                 tls: self.tls,
                 lost_requests: (0, 0),
+                h2_end: self.h2_end,
             };
             self.table
                 .on_data(&d, &self.metrics, &mut self.linker, &mut self.out);
@@ -2251,6 +2268,49 @@ mod tests {
             assert!(h.out.iter().all(|e| e.side == side));
             assert_eq!(h.failures("h2_connections_full"), 0);
         }
+    }
+
+    /// The server end's first events, its client's preface and first streams, were lost (ring
+    /// buffer full); the kernel side saw the preface and says this is an HTTP/2 server's end:
+    /// followed as such, its header tables' start unknown. The streams skipped are counted
+    /// lost at the next one seen, whose header block cannot be read (counted lost at its end):
+    /// none silently missed, none counted as HTTP/1 nor found "unknown protocol".
+    #[test]
+    fn h2_server_end_whose_opening_was_lost_counts_what_it_missed() {
+        use crate::http2::testing::*;
+        let (mut client, mut server) = (Encoder::new(), Encoder::new());
+        let mut h = Harness::new();
+        h.h2_end = Some(Side::Server);
+        // Streams 1 and 3 went by in the lost events (their header blocks fill the client's
+        // table).
+        for id in [1, 3] {
+            headers(
+                &mut client,
+                id,
+                END_STREAM,
+                &[(b":method", b"GET"), (b":path", b"/a")],
+            );
+            headers(&mut server, id, 0, &[(b":status", b"200")]);
+        }
+        h.seq = 4;
+        let request = headers(
+            &mut client,
+            5,
+            END_STREAM,
+            &[(b":method", b"GET"), (b":path", b"/a")],
+        );
+        h.read(&request);
+        let mut answer = headers(&mut server, 5, 0, &[(b":status", b"200")]);
+        answer.extend(frame(DATA, END_STREAM, 5, b"ok"));
+        h.write(&answer);
+        assert_eq!(h.failures("unknown_protocol"), 0);
+        assert_eq!(h.lost("server", "h2_stream_unseen"), 2);
+        assert_eq!(
+            h.lost("server", "h2_stream_unseen")
+                + h.lost("server", "h2_headers_unreadable")
+                + h.out.len() as u64,
+            3
+        );
     }
 
     /// An HTTP/2 client that closes once it has the body's length (curl) never reads the

@@ -160,6 +160,8 @@ pub struct Data<'a> {
     /// Requests this socket lost (their events dropped, the ring buffer full) since its last
     /// delivered event: (read, written).
     pub lost_requests: (u32, u32),
+    /// The kernel side saw the connection open in HTTP/2, with this socket as that end.
+    pub h2_end: Option<crate::conn::Side>,
 }
 
 impl Data<'_> {
@@ -264,6 +266,13 @@ pub fn decode(buf: &[u8]) -> Result<Event<'_>, DecodeError> {
                 from_sock: hdr.flags & FLAG_TUPLE_FROM_SOCK != 0,
                 tls: hdr.flags & FLAG_TLS != 0,
                 lost_requests: tracer_common::lost_requests::split(ev.lost_requests),
+                h2_end: if hdr.flags & tracer_common::FLAG_H2_SERVER != 0 {
+                    Some(crate::conn::Side::Server)
+                } else if hdr.flags & tracer_common::FLAG_H2_CLIENT != 0 {
+                    Some(crate::conn::Side::Client)
+                } else {
+                    None
+                },
             }))
         }
         Some(EventKind::Exec) => Ok(Event::Exec((hdr.pid_tgid >> 32) as u32)),

@@ -111,6 +111,7 @@ mod tests {
             from_sock: false,
             tls: false,
             lost_requests: (0, 0),
+            h2_end: None,
         }
     }
 

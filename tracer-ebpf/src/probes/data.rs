@@ -14,9 +14,10 @@ use aya_ebpf::{
 };
 use tracer_common::{
     CARRY_SPLIT, CARRY_UNKNOWN, DATA_EVENT_FIXED, DIR_EGRESS, DIR_INGRESS, DataEvent, EventKind,
-    FLAG_FRAMES_CONT, FLAG_FRAMES_MORE, FLAG_IOVEC, FLAG_TASK_KNOWN, FLAG_TLS,
-    FLAG_TUPLE_FROM_SOCK, FRAME_KEEP_CAP, FRAMES_CAP, KernelStat, MAX_FRAMES_WALKED, PAYLOAD_CAP,
-    REQUEST_STARTS, SEGMENT_HEADER, SockState, TAIL_LEN, TASK_RESEND, lost_requests,
+    FLAG_FRAMES_CONT, FLAG_FRAMES_MORE, FLAG_H2_CLIENT, FLAG_H2_SERVER, FLAG_IOVEC,
+    FLAG_TASK_KNOWN, FLAG_TLS, FLAG_TUPLE_FROM_SOCK, FRAME_KEEP_CAP, FRAMES_CAP, H2_CLIENT,
+    H2_SERVER, KernelStat, MAX_FRAMES_WALKED, PAYLOAD_CAP, REQUEST_STARTS, SEGMENT_HEADER,
+    SockState, TAIL_LEN, TASK_RESEND, lost_requests,
 };
 
 use crate::maps::{
@@ -808,7 +809,9 @@ fn http2_frames(
             && first == SWITCHING_START
             && read_unaligned((*s).ev.payload.as_ptr().add(8).cast::<u32>()) == SWITCHING_CODE;
         if (preface || switching) && seq <= 4 {
-            (*state).h2 = 1;
+            // The client writes the preface and reads the 101.
+            let client = preface == (args.direction == DIR_EGRESS);
+            (*state).h2 = if client { H2_CLIENT } else { H2_SERVER };
         }
         if (*state).h2 == 0 {
             return 0;
@@ -1076,6 +1079,12 @@ pub fn emit<const WALK: bool>(args: &SyscallArgs, ret: u64, id: u64, next: NextE
         _ => 0,
     };
     meta.frames_len = frames_len as u32;
+    // SAFETY: as above.
+    match next.state.map_or(0, |s| unsafe { (*s).h2 }) {
+        H2_CLIENT => meta.hdr.flags |= FLAG_H2_CLIENT,
+        H2_SERVER => meta.hdr.flags |= FLAG_H2_SERVER,
+        _ => {}
+    }
 
     let starts_request = captured >= 4 && {
         let head = u32::from_le_bytes([payload[0], payload[1], payload[2], payload[3]]);
