@@ -9,35 +9,37 @@
 //! one (the request is counted, not lost); one left after `SETTLE` is counted lost. A client
 //! exchange that comes first leaves a credit for the loss to come.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
-
-use smallvec::SmallVec;
 
 use crate::metrics::Metrics;
 
 /// How long a server end's loss waits for its client end's count. The client end counts when
-/// it reads the response, which is sent by the time the server end learns of its loss (its
-/// next delivered event): well within a drain or two.
+/// it reads the response's end, which for a short response is by the time the server end
+/// learns of its loss (its next delivered event): well within a drain or two. (A response
+/// streamed for longer is counted twice: lost here, then by its client end.)
 const SETTLE: Duration = Duration::from_secs(2);
 /// How long a client end's count waits for the loss it stands for: the server end learns of a
-/// loss at its socket's next delivered event, which on an idle connection can be its close.
-const CREDIT_TTL: Duration = Duration::from_secs(10);
+/// loss at its socket's next delivered event.
+const CREDIT_TTL: Duration = Duration::from_secs(5);
 /// Server sockets with losses or credits waiting; past this a loss is counted at once.
 const MAX_ENTRIES: usize = 16 * 1024;
-/// Credits kept per socket (a server end that never claims its client's spans would pile
-/// them up).
-const MAX_CREDITS: u32 = 1024;
+/// Losses and credits kept per socket, each with its own time (past this a loss is counted
+/// at once, a credit dropped).
+const MAX_PER_SOCKET: usize = 1024;
 
 #[derive(Default)]
 struct Entry {
-    /// Losses waiting, by reason.
-    waiting: SmallVec<[(&'static str, u32); 2]>,
-    /// When the oldest waiting loss came.
-    since: Option<Instant>,
-    /// Client exchanges counted for want of a claim, not yet matched with a loss.
-    credits: u32,
-    credited: Option<Instant>,
+    /// Losses waiting, oldest first: since when, why, how many.
+    waiting: VecDeque<(Instant, &'static str, u32)>,
+    /// Client exchanges counted for want of a claim, not yet matched with a loss: when.
+    credits: VecDeque<Instant>,
+}
+
+impl Entry {
+    fn is_empty(&self) -> bool {
+        self.waiting.is_empty() && self.credits.is_empty()
+    }
 }
 
 #[derive(Default)]
@@ -65,31 +67,37 @@ impl Ledger {
             }
             None => self.entries.entry(sk).or_default(),
         };
-        let settled = n.min(u64::from(entry.credits));
-        entry.credits -= settled as u32;
+        let settled = n.min(entry.credits.len() as u64);
+        entry.credits.drain(..settled as usize);
         if settled > 0 {
             metrics
                 .lost_deferred
                 .with_label_values(&["settled"])
                 .inc_by(settled);
         }
+        let mut now_counted = 0;
         let wait = n - settled;
         if wait > 0 {
-            let wait = u32::try_from(wait).unwrap_or(u32::MAX);
-            match entry.waiting.iter_mut().find(|(r, _)| *r == reason) {
-                Some((_, k)) => *k = k.saturating_add(wait),
-                None => entry.waiting.push((reason, wait)),
+            if entry.waiting.len() >= MAX_PER_SOCKET {
+                metrics
+                    .lost_deferred
+                    .with_label_values(&["full"])
+                    .inc_by(wait);
+                now_counted = wait;
+            } else {
+                entry
+                    .waiting
+                    .push_back((now, reason, u32::try_from(wait).unwrap_or(u32::MAX)));
             }
-            entry.since.get_or_insert(now);
         }
-        if entry.credits == 0 && entry.waiting.is_empty() {
+        if entry.is_empty() {
             self.entries.remove(&sk);
         }
-        0
+        now_counted
     }
 
     /// The client end of the server socket `server_sk` counted a request its server end did not
-    /// claim: it settles one of that end's losses, or stands for one to come.
+    /// claim: it settles one of that end's losses (the oldest), or stands for one to come.
     pub fn client_counted(&mut self, server_sk: u64, now: Instant, metrics: &Metrics) {
         let full = self.entries.len() >= MAX_ENTRIES;
         let entry = match self.entries.get_mut(&server_sk) {
@@ -97,20 +105,20 @@ impl Ledger {
             None if full => return,
             None => self.entries.entry(server_sk).or_default(),
         };
-        if let Some(slot) = entry.waiting.iter_mut().find(|(_, k)| *k > 0) {
-            slot.1 -= 1;
+        if let Some(oldest) = entry.waiting.front_mut() {
+            oldest.2 -= 1;
+            if oldest.2 == 0 {
+                entry.waiting.pop_front();
+            }
             metrics.lost_deferred.with_label_values(&["settled"]).inc();
-            entry.waiting.retain(|(_, k)| *k > 0);
-            if entry.waiting.is_empty() {
-                entry.since = None;
-                if entry.credits == 0 {
-                    self.entries.remove(&server_sk);
-                }
+            if entry.is_empty() {
+                self.entries.remove(&server_sk);
             }
             return;
         }
-        entry.credits = (entry.credits + 1).min(MAX_CREDITS);
-        entry.credited = Some(now);
+        if entry.credits.len() < MAX_PER_SOCKET {
+            entry.credits.push_back(now);
+        }
     }
 
     /// Counts the losses that waited long enough as lost (server end), forgets old credits.
@@ -119,35 +127,38 @@ impl Ledger {
             return;
         }
         self.entries.retain(|_, e| {
-            if e.since.is_some_and(|t| now.duration_since(t) >= SETTLE) {
-                for (reason, n) in e.waiting.drain(..) {
-                    metrics
-                        .requests_lost
-                        .with_label_values(&["server", reason])
-                        .inc_by(u64::from(n));
-                    metrics
-                        .lost_deferred
-                        .with_label_values(&["counted"])
-                        .inc_by(u64::from(n));
+            while let Some(&(since, reason, n)) = e.waiting.front() {
+                if now.duration_since(since) < SETTLE {
+                    break;
                 }
-                e.since = None;
+                e.waiting.pop_front();
+                metrics
+                    .requests_lost
+                    .with_label_values(&["server", reason])
+                    .inc_by(u64::from(n));
+                metrics
+                    .lost_deferred
+                    .with_label_values(&["counted"])
+                    .inc_by(u64::from(n));
             }
-            if e.credited
-                .is_some_and(|t| now.duration_since(t) >= CREDIT_TTL)
+            while e
+                .credits
+                .front()
+                .is_some_and(|t| now.duration_since(*t) >= CREDIT_TTL)
             {
-                e.credits = 0;
-                e.credited = None;
+                e.credits.pop_front();
             }
-            !e.waiting.is_empty() || e.credits > 0
+            !e.is_empty()
         });
     }
 
-    /// Losses waiting now (for the daemon's shutdown, and tests).
-    pub fn waiting(&self) -> u64 {
+    /// Losses waiting now (tests).
+    #[cfg(test)]
+    fn waiting(&self) -> u64 {
         self.entries
             .values()
             .flat_map(|e| e.waiting.iter())
-            .map(|(_, n)| u64::from(*n))
+            .map(|(_, _, n)| u64::from(*n))
             .sum()
     }
 }
@@ -185,6 +196,33 @@ mod tests {
         l.expire(t + CREDIT_TTL, &m);
         assert!(l.entries.is_empty());
         assert_eq!(l.server_lost(8, "events_lost", 1, t + CREDIT_TTL, &m), 0);
+        assert_eq!(l.waiting(), 1);
+    }
+
+    /// Each loss waits its own time: one that came late is not counted with the first.
+    #[test]
+    fn each_loss_waits_its_own_time() {
+        let (m, mut l, t) = (Metrics::new(), Ledger::default(), Instant::now());
+        l.server_lost(7, "ringbuf_full", 1, t, &m);
+        let late = t + SETTLE - Duration::from_millis(10);
+        l.server_lost(7, "ringbuf_full", 1, late, &m);
+        l.expire(t + SETTLE, &m);
+        assert_eq!(lost(&m, "ringbuf_full"), 1);
+        l.client_counted(7, t + SETTLE, &m);
+        l.expire(late + SETTLE, &m);
+        assert_eq!(lost(&m, "ringbuf_full"), 1);
+        assert!(l.entries.is_empty());
+    }
+
+    /// Credits go with their own age, however many come after them.
+    #[test]
+    fn credits_age_one_by_one() {
+        let (m, mut l, t) = (Metrics::new(), Ledger::default(), Instant::now());
+        l.client_counted(7, t, &m);
+        l.client_counted(7, t + CREDIT_TTL - Duration::from_millis(10), &m);
+        l.expire(t + CREDIT_TTL, &m);
+        assert_eq!(l.server_lost(7, "ringbuf_full", 2, t + CREDIT_TTL, &m), 0);
+        // One settled by the younger credit, one waits.
         assert_eq!(l.waiting(), 1);
     }
 

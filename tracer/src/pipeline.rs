@@ -45,6 +45,8 @@ use crate::{
 const SPAN_DRAIN: Duration = Duration::from_millis(5);
 /// How often idle edges and routes are looked for.
 const EXPIRE_EVERY: Duration = Duration::from_secs(10);
+/// How often server ends' losses waiting for their client ends (`ledger`) are looked at.
+const LOSSES_EVERY: Duration = Duration::from_millis(250);
 /// Spans kept for `/api/spans` and `tracer spans`.
 const RECENT_SPANS: usize = 1024;
 
@@ -447,6 +449,7 @@ struct Reader {
     ready: Vec<Box<Span>>,
     last_drain: Instant,
     last_expire: Instant,
+    last_losses: Instant,
     /// Where sockets found not to carry HTTP are handed to the kernel (none when replaying).
     opaque: Option<OpaqueSockets>,
     data_events: prometheus::IntCounter,
@@ -488,6 +491,7 @@ impl Reader {
             ready: Vec::new(),
             last_drain: Instant::now(),
             last_expire: Instant::now(),
+            last_losses: Instant::now(),
             opaque: None,
             data_events: shared.metrics.events.with_label_values(&["data"]),
             conn_events: shared.metrics.events.with_label_values(&["conn"]),
@@ -772,8 +776,11 @@ impl Reader {
             let mut agg = shared.aggregator();
             agg.expire(&shared.metrics);
         }
-        self.linker
-            .expire_losses(self.last_drain, &self.shared.metrics);
+        if self.last_losses.elapsed() >= LOSSES_EVERY {
+            self.last_losses = self.last_drain;
+            self.linker
+                .expire_losses(self.last_drain, &self.shared.metrics);
+        }
         self.linker.drain_ready(&mut self.ready);
         self.shared
             .spans_out

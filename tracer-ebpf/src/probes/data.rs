@@ -1141,8 +1141,8 @@ pub fn emit<const WALK: bool>(args: &SyscallArgs, ret: u64, id: u64, next: NextE
         if lost != 0
             && let Some(state) = next.state
         {
-            // SAFETY: as above. Halves that only grew since: no borrow between them.
-            unsafe { (*state).lost_requests = (*state).lost_requests.wrapping_sub(lost) };
+            // SAFETY: as above.
+            unsafe { take_lost_requests(state, lost) };
         }
         // Only a delivered event teaches the reader the thread's name.
         if let Some(state) = next.state.filter(|_| !task_known) {
@@ -1199,5 +1199,22 @@ unsafe fn hold_lost_request(state: *mut SockState, ingress: bool) {
         } else {
             (*state).lost_requests = v + one;
         }
+    }
+}
+
+/// Takes `told` (delivered with an event) off the socket's held lost requests, half by half
+/// and never below 0: two threads of one socket on two CPUs may both tell the same count (a
+/// small double count), which must not wrap into a huge one.
+///
+/// # Safety
+/// `state` is a live map value.
+#[inline(always)]
+pub unsafe fn take_lost_requests(state: *mut SockState, told: u32) {
+    // SAFETY: per the contract.
+    unsafe {
+        let (held_in, held_out) = lost_requests::split((*state).lost_requests);
+        let (told_in, told_out) = lost_requests::split(told);
+        (*state).lost_requests =
+            held_in.saturating_sub(told_in) | (held_out.saturating_sub(told_out) << 16);
     }
 }

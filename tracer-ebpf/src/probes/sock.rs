@@ -712,7 +712,7 @@ unsafe fn on_state<S: Store>(sk: u64, old_state: u32, new_state: u32, tuple: Opt
             match existing {
                 // Told: taken off what the socket holds (gone with it at CLOSE).
                 Some(s) if told && new_state != TCP_CLOSE => {
-                    (*s).lost_requests = (*s).lost_requests.wrapping_sub(lost);
+                    super::data::take_lost_requests(s, lost);
                 }
                 // Their last chance was this close: counted apart.
                 _ if !told && new_state == TCP_CLOSE => {
