@@ -660,7 +660,7 @@ unsafe fn on_state<S: Store>(sk: u64, old_state: u32, new_state: u32, tuple: Opt
             };
             S::put(sk, &fresh(tuple));
             forget_opaque_request(sk);
-            emit_conn(sk, tuple, old_state, new_state, 0, 0);
+            emit_conn(sk, tuple, old_state, new_state, 0, core::ptr::null_mut());
             return;
         }
         let existing = S::get(sk);
@@ -673,12 +673,6 @@ unsafe fn on_state<S: Store>(sk: u64, old_state: u32, new_state: u32, tuple: Opt
         };
         // SAFETY: a live map value, read while this program runs.
         let seq = existing.map_or(0, |s| (*s).seq);
-        // Requests lost and not yet told: at this end's close, its last event tells them.
-        let closing = matches!(new_state, TCP_FIN_WAIT1 | TCP_LAST_ACK | TCP_CLOSE);
-        let lost = match existing {
-            Some(s) if closing => (*s).lost_requests,
-            _ => 0,
-        };
         let fresh = fresh(tuple);
         match (new_state, existing) {
             // A server's new connection starts clean, whatever an earlier socket at this
@@ -701,27 +695,15 @@ unsafe fn on_state<S: Store>(sk: u64, old_state: u32, new_state: u32, tuple: Opt
                     forget_opaque_request(sk);
                 }
             }
-            (TCP_CLOSE, _) => {
-                S::remove(sk);
-            }
             _ => {}
         }
-        let told = wanted(old_state, new_state, &tuple)
-            && emit_conn(sk, tuple, old_state, new_state, seq, lost);
-        if lost != 0 {
-            match existing {
-                // Told: taken off what the socket holds (gone with it at CLOSE).
-                Some(s) if told && new_state != TCP_CLOSE => {
-                    super::data::take_lost_requests(s, lost);
-                }
-                // Their last chance was this close: counted apart.
-                _ if !told && new_state == TCP_CLOSE => {
-                    let (ingress, egress) = tracer_common::lost_requests::split(lost);
-                    count_n(KernelStat::LostRequestUnheldIngress, ingress);
-                    count_n(KernelStat::LostRequestUnheldEgress, egress);
-                }
-                _ => {}
-            }
+        if wanted(old_state, new_state, &tuple) {
+            let state = existing.unwrap_or(core::ptr::null_mut());
+            emit_conn(sk, tuple, old_state, new_state, seq, state);
+        }
+        // After the close's event, which tells the requests the socket lost and held.
+        if new_state == TCP_CLOSE {
+            S::remove(sk);
         }
     }
 }
@@ -771,7 +753,9 @@ fn reset_taken_in(sk: u64, now: u64) -> bool {
     }
 }
 
-/// The record of a state change the daemon acts on; whether it went on the ring.
+/// The record of a state change the daemon acts on. At this end's close it tells the requests
+/// the socket lost and held (`state`, null when it has none); read last, so that the
+/// verifier's paths through the rest are not doubled.
 #[inline(always)]
 fn emit_conn(
     sk: u64,
@@ -779,8 +763,8 @@ fn emit_conn(
     old_state: u32,
     new_state: u32,
     seq: u32,
-    lost_requests: u32,
-) -> bool {
+    state: *mut SockState,
+) {
     // SAFETY: helpers without preconditions; the reserved record is written whole.
     unsafe {
         // Who connects is known at the connect (and, should that event be lost, nearly so when
@@ -824,9 +808,20 @@ fn emit_conn(
         } else {
             wakeup_flags(ring)
         };
+        let held = if closing && !state.is_null() {
+            (*state).lost_requests
+        } else {
+            0
+        };
         let Some(mut entry) = ring.reserve::<ConnEvent>(0) else {
             count(KernelStat::RingbufFullConn);
-            return false;
+            // Their last chance was this close: counted apart.
+            if held != 0 && new_state == TCP_CLOSE {
+                let (ingress, egress) = tracer_common::lost_requests::split(held);
+                count_n(KernelStat::LostRequestUnheldIngress, ingress);
+                count_n(KernelStat::LostRequestUnheldEgress, egress);
+            }
+            return;
         };
         entry.write(ConnEvent {
             hdr: EventHeader {
@@ -847,11 +842,13 @@ fn emit_conn(
             bytes_acked,
             srtt_us,
             retransmits,
-            lost_requests,
+            lost_requests: held,
             _pad: 0,
         });
         entry.submit(wakeup);
         count(KernelStat::ConnEvents);
-        true
+        if held != 0 {
+            super::data::take_lost_requests(state, held);
+        }
     }
 }
