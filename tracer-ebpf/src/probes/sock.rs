@@ -689,11 +689,9 @@ unsafe fn on_state<S: Store>(sk: u64, old_state: u32, new_state: u32, tuple: Opt
                 (*state).tuple = tuple;
             }
             // A server's: an entry with another tuple is an earlier socket's.
-            (TCP_ESTABLISHED, Some(state)) => {
-                if !same_tuple(&(*state).tuple, &tuple) {
-                    S::put(sk, &fresh);
-                    forget_opaque_request(sk);
-                }
+            (TCP_ESTABLISHED, Some(state)) if !same_tuple(&(*state).tuple, &tuple) => {
+                S::put(sk, &fresh);
+                forget_opaque_request(sk);
             }
             _ => {}
         }
