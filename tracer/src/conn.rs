@@ -202,8 +202,6 @@ impl Reader {
 }
 
 struct Conn {
-    /// This end's socket (its key in `ConnTable::conns`).
-    sk: u64,
     tuple: Tuple,
     task: Task,
     role: Role,
@@ -276,7 +274,6 @@ impl Conn {
 
     fn peer(&self) -> Peer {
         Peer {
-            sk: self.sk,
             task: self.task,
             side: self.role.side(),
         }
@@ -284,15 +281,10 @@ impl Conn {
 
     /// This end as its lost requests are counted.
     fn end(&self, side: Side) -> End {
-        End {
-            side,
-            sk: self.sk,
-            peer_sk: self.peer_sk,
-            peer_local: self.peer_local,
-        }
+        End::new(side, &self.tuple, self.peer_sk != 0, self.peer_local)
     }
 
-    fn new(sk: u64, tuple: Tuple, task: Task, now: u64, spare: Buffers) -> Self {
+    fn new(tuple: Tuple, task: Task, now: u64, spare: Buffers) -> Self {
         let Buffers {
             pending,
             request_head,
@@ -321,9 +313,8 @@ impl Conn {
             next_seq: 0,
             next_seq_in: 0,
             requests_seen: 0,
-            peer_local: tuple.remote.ip().is_loopback() || tuple.remote.ip() == tuple.local.ip(),
+            peer_local: local_peer(&tuple),
             peer_sk: 0,
-            sk,
             client_addr: None,
             reset: None,
             reset_by_peer: false,
@@ -452,8 +443,6 @@ const MAX_OPAQUE_PENDING: usize = 4096;
 /// What is known of the process at the other end of a connection, when it is on this host.
 #[derive(Clone, Copy, Debug)]
 pub struct Peer {
-    /// Its socket (the key its server end's lost requests wait under, `ledger`).
-    pub sk: u64,
     pub task: Task,
     pub side: Option<Side>,
 }
@@ -597,7 +586,7 @@ impl ConnTable {
                 self.evict(now, metrics, linker);
             }
             let spare = self.spare.pop().unwrap_or_default();
-            let mut conn = Box::new(Conn::new(d.sk, d.tuple, d.task, now, spare));
+            let mut conn = Box::new(Conn::new(d.tuple, d.task, now, spare));
             conn.tls = d.tls;
             conn.from_middle = d.from_sock;
             self.conns.insert(d.sk, conn);
@@ -698,21 +687,12 @@ impl ConnTable {
         linker: &mut Linker,
     ) {
         let conn = self.conns.get(&sk).filter(|c| c.tuple == *tuple);
-        let peer_sk = match conn.map_or(0, |c| c.peer_sk) {
-            0 => self.by_tuple.get(&tuple.reversed()).copied().unwrap_or(0),
-            known => known,
-        };
-        let peer_local = conn.map_or_else(
-            || tuple.remote.ip().is_loopback() || tuple.remote.ip() == tuple.local.ip(),
-            |c| c.peer_local,
-        );
+        // The other end, open or closed (a client's last events can be told at its close,
+        // after its server end's).
+        let peer_here = conn.is_some_and(|c| c.peer_sk != 0) || self.peer_of(tuple, 0).is_some();
+        let peer_local = conn.map_or_else(|| local_peer(tuple), |c| c.peer_local);
         for (side, n) in [(Side::Server, read), (Side::Client, written)] {
-            let end = End {
-                side,
-                sk,
-                peer_sk,
-                peer_local,
-            };
+            let end = End::new(side, tuple, peer_here, peer_local);
             count_lost(&end, "ringbuf_full", u64::from(n), metrics, linker);
         }
     }
@@ -766,10 +746,8 @@ impl ConnTable {
                         self.evict(c.ts_ns, metrics, linker);
                     }
                     let spare = self.spare.pop().unwrap_or_default();
-                    self.conns.insert(
-                        c.sk,
-                        Box::new(Conn::new(c.sk, c.tuple, task, c.ts_ns, spare)),
-                    );
+                    self.conns
+                        .insert(c.sk, Box::new(Conn::new(c.tuple, task, c.ts_ns, spare)));
                     self.by_tuple.insert(c.tuple, c.sk);
                     metrics.conns_tracked.set(self.conns.len() as i64);
                 }
@@ -1178,7 +1156,6 @@ fn feed_h2(conn: &mut Conn, side: Side, d: &Data<'_>, ctx: &mut Ctx<'_, '_>) {
             task: conn.task,
             peer_local: conn.peer_local,
             peer_sk: conn.peer_sk,
-            sk: conn.sk,
             metrics: ctx.metrics,
             linker: ctx.linker,
             out: ctx.out,
@@ -1237,8 +1214,8 @@ pub(crate) fn give_up(
                     .requests_lost
                     .with_label_values(&[end.side.as_str(), reason])
                     .inc();
-                if end.peer_sk != 0 && !handed_back {
-                    linker.client_counted(end.peer_sk, metrics);
+                if (end.peer_here || end.peer_local) && !handed_back {
+                    linker.client_counted(end.client, metrics);
                 }
             }
         }
@@ -1522,11 +1499,33 @@ fn reader_mut(conn: &mut Conn, requests: bool) -> &mut Reader {
 #[derive(Clone, Copy, Debug)]
 pub struct End {
     pub side: Side,
-    pub sk: u64,
-    /// The other end's socket when seen here (0: not seen).
-    pub peer_sk: u64,
+    /// The connection's client address (this end's own, or its peer's): where a server end's
+    /// loss and its client end's count of the same request meet (`ledger`).
+    pub client: SocketAddr,
+    /// The other end was seen here.
+    pub peer_here: bool,
     /// The other end may be on this host.
     pub peer_local: bool,
+}
+
+impl End {
+    pub fn new(side: Side, tuple: &Tuple, peer_here: bool, peer_local: bool) -> Self {
+        End {
+            side,
+            client: match side {
+                Side::Server => tuple.remote,
+                Side::Client => tuple.local,
+            },
+            peer_here,
+            peer_local,
+        }
+    }
+}
+
+/// Whether the other end of `tuple` may be on this host: its address is loopback or this
+/// end's own.
+pub fn local_peer(tuple: &Tuple) -> bool {
+    tuple.remote.ip().is_loopback() || tuple.remote.ip() == tuple.local.ip()
 }
 
 /// `n` requests this end will not count: lost, unless they are a client's whose server end is
@@ -1541,10 +1540,10 @@ pub(crate) fn count_lost(
 ) {
     let n = match end.side {
         _ if n == 0 => return,
-        Side::Client if end.peer_sk != 0 => return,
+        Side::Client if end.peer_here => return,
         Side::Client => n,
-        Side::Server if end.peer_sk != 0 || end.peer_local => {
-            linker.server_lost(end.sk, reason, n, metrics)
+        Side::Server if end.peer_here || end.peer_local => {
+            linker.server_lost(end.client, reason, n, metrics)
         }
         Side::Server => n,
     };

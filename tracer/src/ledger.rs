@@ -2,14 +2,16 @@
 //!
 //! With spans, a request both of whose ends are on this host is counted by its server end when
 //! that end read it (its span claims the client's), else by its client end (its span not
-//! claimed). A request the server end lost (its read dropped with the ring buffer full, its
-//! header block unreadable) is then counted by the client end too, when that end saw it whole:
-//! counted once as a request and once as lost. So such a loss waits here, by the server's
-//! socket, for its client end: a client exchange that end counts for want of a claim settles
-//! one (the request is counted, not lost); one left after `SETTLE` is counted lost. A client
-//! exchange that comes first leaves a credit for the loss to come.
+//! claimed); without spans, by its server end, or by its client end when the server's socket
+//! was not seen yet. A request the server end lost (its read dropped with the ring buffer
+//! full, its header block unreadable) may then be counted by the client end too: once as a
+//! request and once as lost. So such a loss waits here, by the connection's client address,
+//! for its client end: a client exchange that end counts settles one (the request is counted,
+//! not lost); one left after `SETTLE` is counted lost. A client exchange that comes first
+//! leaves a credit for the loss to come.
 
 use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use crate::metrics::Metrics;
@@ -22,11 +24,13 @@ const SETTLE: Duration = Duration::from_secs(2);
 /// How long a client end's count waits for the loss it stands for: the server end learns of a
 /// loss at its socket's next delivered event.
 const CREDIT_TTL: Duration = Duration::from_secs(5);
-/// Server sockets with losses or credits waiting; past this a loss is counted at once.
+/// Connections with losses or credits waiting; past this a loss is counted at once.
 const MAX_ENTRIES: usize = 16 * 1024;
-/// Losses and credits kept per socket, each with its own time (past this a loss is counted
+/// Losses of one reason told this close together wait as one.
+const MERGE_WITHIN: Duration = Duration::from_millis(20);
+/// Losses and credits kept per connection, each with its own time (past this a loss is counted
 /// at once, a credit dropped).
-const MAX_PER_SOCKET: usize = 1024;
+const MAX_PER_CONN: usize = 1024;
 
 #[derive(Default)]
 struct Entry {
@@ -44,28 +48,30 @@ impl Entry {
 
 #[derive(Default)]
 pub struct Ledger {
-    entries: HashMap<u64, Entry>,
+    /// By the connection's client address: both ends know it, whatever address translation
+    /// lies between them, and the server end's socket may not be known to the client's yet.
+    entries: HashMap<SocketAddr, Entry>,
 }
 
 impl Ledger {
-    /// `n` requests the server end on socket `sk` lost (`reason`): how many to count lost now
-    /// (the rest wait for the client end).
+    /// `n` requests the server end of the connection from `client` lost (`reason`): how many
+    /// to count lost now (the rest wait for the client end).
     pub fn server_lost(
         &mut self,
-        sk: u64,
+        client: SocketAddr,
         reason: &'static str,
         n: u64,
         now: Instant,
         metrics: &Metrics,
     ) -> u64 {
         let full = self.entries.len() >= MAX_ENTRIES;
-        let entry = match self.entries.get_mut(&sk) {
+        let entry = match self.entries.get_mut(&client) {
             Some(e) => e,
             None if full => {
                 metrics.lost_deferred.with_label_values(&["full"]).inc_by(n);
                 return n;
             }
-            None => self.entries.entry(sk).or_default(),
+            None => self.entries.entry(client).or_default(),
         };
         let settled = n.min(entry.credits.len() as u64);
         entry.credits.drain(..settled as usize);
@@ -78,7 +84,16 @@ impl Ledger {
         let mut now_counted = 0;
         let wait = n - settled;
         if wait > 0 {
-            if entry.waiting.len() >= MAX_PER_SOCKET {
+            // Losses told within a few ms of each other (a burst, an HTTP/2 connection's
+            // streams) wait as one.
+            if let Some(last) = entry.waiting.back_mut()
+                && last.1 == reason
+                && now.duration_since(last.0) < MERGE_WITHIN
+            {
+                last.2 = last
+                    .2
+                    .saturating_add(u32::try_from(wait).unwrap_or(u32::MAX));
+            } else if entry.waiting.len() >= MAX_PER_CONN {
                 metrics
                     .lost_deferred
                     .with_label_values(&["full"])
@@ -91,19 +106,20 @@ impl Ledger {
             }
         }
         if entry.is_empty() {
-            self.entries.remove(&sk);
+            self.entries.remove(&client);
         }
         now_counted
     }
 
-    /// The client end of the server socket `server_sk` counted a request its server end did not
-    /// claim: it settles one of that end's losses (the oldest), or stands for one to come.
-    pub fn client_counted(&mut self, server_sk: u64, now: Instant, metrics: &Metrics) {
+    /// The client end at `client` counted a request its server end did not (it did not claim
+    /// it, or was not seen yet): it settles one of that end's losses (the oldest), or stands
+    /// for one to come.
+    pub fn client_counted(&mut self, client: SocketAddr, now: Instant, metrics: &Metrics) {
         let full = self.entries.len() >= MAX_ENTRIES;
-        let entry = match self.entries.get_mut(&server_sk) {
+        let entry = match self.entries.get_mut(&client) {
             Some(e) => e,
             None if full => return,
-            None => self.entries.entry(server_sk).or_default(),
+            None => self.entries.entry(client).or_default(),
         };
         if let Some(oldest) = entry.waiting.front_mut() {
             oldest.2 -= 1;
@@ -112,11 +128,11 @@ impl Ledger {
             }
             metrics.lost_deferred.with_label_values(&["settled"]).inc();
             if entry.is_empty() {
-                self.entries.remove(&server_sk);
+                self.entries.remove(&client);
             }
             return;
         }
-        if entry.credits.len() < MAX_PER_SOCKET {
+        if entry.credits.len() < MAX_PER_CONN {
             entry.credits.push_back(now);
         }
     }
@@ -167,6 +183,10 @@ impl Ledger {
 mod tests {
     use super::*;
 
+    fn addr(port: u16) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], port))
+    }
+
     fn lost(m: &Metrics, reason: &str) -> u64 {
         m.requests_lost.with_label_values(&["server", reason]).get()
     }
@@ -174,8 +194,8 @@ mod tests {
     #[test]
     fn a_loss_its_client_end_counted_is_not_counted_lost() {
         let (m, mut l, t) = (Metrics::new(), Ledger::default(), Instant::now());
-        assert_eq!(l.server_lost(7, "ringbuf_full", 2, t, &m), 0);
-        l.client_counted(7, t, &m);
+        assert_eq!(l.server_lost(addr(7), "ringbuf_full", 2, t, &m), 0);
+        l.client_counted(addr(7), t, &m);
         l.expire(t + SETTLE, &m);
         // One settled, one counted lost after waiting.
         assert_eq!(lost(&m, "ringbuf_full"), 1);
@@ -186,16 +206,19 @@ mod tests {
     #[test]
     fn a_client_count_first_stands_for_the_loss_to_come() {
         let (m, mut l, t) = (Metrics::new(), Ledger::default(), Instant::now());
-        l.client_counted(7, t, &m);
-        l.client_counted(8, t, &m);
-        assert_eq!(l.server_lost(7, "events_lost", 3, t, &m), 0);
+        l.client_counted(addr(7), t, &m);
+        l.client_counted(addr(8), t, &m);
+        assert_eq!(l.server_lost(addr(7), "events_lost", 3, t, &m), 0);
         assert_eq!(l.waiting(), 2);
         l.expire(t + SETTLE, &m);
         assert_eq!(lost(&m, "events_lost"), 2);
         // Socket 8's credit goes with time, uncounted.
         l.expire(t + CREDIT_TTL, &m);
         assert!(l.entries.is_empty());
-        assert_eq!(l.server_lost(8, "events_lost", 1, t + CREDIT_TTL, &m), 0);
+        assert_eq!(
+            l.server_lost(addr(8), "events_lost", 1, t + CREDIT_TTL, &m),
+            0
+        );
         assert_eq!(l.waiting(), 1);
     }
 
@@ -203,12 +226,12 @@ mod tests {
     #[test]
     fn each_loss_waits_its_own_time() {
         let (m, mut l, t) = (Metrics::new(), Ledger::default(), Instant::now());
-        l.server_lost(7, "ringbuf_full", 1, t, &m);
+        l.server_lost(addr(7), "ringbuf_full", 1, t, &m);
         let late = t + SETTLE - Duration::from_millis(10);
-        l.server_lost(7, "ringbuf_full", 1, late, &m);
+        l.server_lost(addr(7), "ringbuf_full", 1, late, &m);
         l.expire(t + SETTLE, &m);
         assert_eq!(lost(&m, "ringbuf_full"), 1);
-        l.client_counted(7, t + SETTLE, &m);
+        l.client_counted(addr(7), t + SETTLE, &m);
         l.expire(late + SETTLE, &m);
         assert_eq!(lost(&m, "ringbuf_full"), 1);
         assert!(l.entries.is_empty());
@@ -218,10 +241,13 @@ mod tests {
     #[test]
     fn credits_age_one_by_one() {
         let (m, mut l, t) = (Metrics::new(), Ledger::default(), Instant::now());
-        l.client_counted(7, t, &m);
-        l.client_counted(7, t + CREDIT_TTL - Duration::from_millis(10), &m);
+        l.client_counted(addr(7), t, &m);
+        l.client_counted(addr(7), t + CREDIT_TTL - Duration::from_millis(10), &m);
         l.expire(t + CREDIT_TTL, &m);
-        assert_eq!(l.server_lost(7, "ringbuf_full", 2, t + CREDIT_TTL, &m), 0);
+        assert_eq!(
+            l.server_lost(addr(7), "ringbuf_full", 2, t + CREDIT_TTL, &m),
+            0
+        );
         // One settled by the younger credit, one waits.
         assert_eq!(l.waiting(), 1);
     }
@@ -229,10 +255,12 @@ mod tests {
     #[test]
     fn a_full_ledger_counts_at_once() {
         let (m, mut l, t) = (Metrics::new(), Ledger::default(), Instant::now());
-        for sk in 0..MAX_ENTRIES as u64 {
-            l.server_lost(sk, "ringbuf_full", 1, t, &m);
+        for i in 0..MAX_ENTRIES as u32 {
+            let a = SocketAddr::from(([127, 0, (i >> 16) as u8, 1], i as u16));
+            l.server_lost(a, "ringbuf_full", 1, t, &m);
         }
-        assert_eq!(l.server_lost(u64::MAX, "ringbuf_full", 5, t, &m), 5);
+        let other = SocketAddr::from(([10, 0, 0, 1], 1));
+        assert_eq!(l.server_lost(other, "ringbuf_full", 5, t, &m), 5);
         assert_eq!(l.entries.len(), MAX_ENTRIES);
     }
 }

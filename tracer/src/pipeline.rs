@@ -728,12 +728,13 @@ impl Reader {
             let server_seen = ex.side == Side::Server
                 || ex.span.is_some_and(|s| self.linker.claimed(s))
                 || ((!self.linker.enabled() || (ex.unsure && !handed_back)) && peer_server);
-            // Counted here, unclaimed: its server end's loss of it is not one.
+            // Counted here, unclaimed or its server end not seen yet: that end's loss of it is
+            // not one.
             if !server_seen
                 && !handed_back
-                && let Some(p) = peer.filter(|_| peer_server)
+                && (peer_server || (peer.is_none() && crate::conn::local_peer(&ex.tuple)))
             {
-                self.linker.client_counted(p.sk, metrics);
+                self.linker.client_counted(ex.tuple.local, metrics);
             }
             let rec = agg.record(&ex, peer, server_seen, metrics);
             let mut tapped = (rec.counted && self.shared.tap.receiver_count() > 0)
@@ -1066,11 +1067,15 @@ mod tests {
         let later = Instant::now() + Duration::from_secs(60);
         let metrics = replay.reader.shared.metrics.clone();
         replay.reader.linker.expire_losses(later, &metrics);
-        let m = &replay.reader.shared.metrics.requests_lost;
+        // Every reason, by side.
+        use prometheus::core::Collector;
+        let families = replay.reader.shared.metrics.requests_lost.collect();
         let sum = |side: &str| {
-            ["ringbuf_full", "events_lost"]
+            families
                 .iter()
-                .map(|r| m.with_label_values(&[side, r]).get())
+                .flat_map(|f| f.get_metric())
+                .filter(|m| m.get_label().iter().any(|l| l.value() == side))
+                .map(|m| m.get_counter().get_value() as u64)
                 .sum::<u64>()
         };
         (sum("server"), sum("client"))
@@ -1096,6 +1101,33 @@ mod tests {
             assert_eq!(
                 (replay.requests(), server, client),
                 if spans { (1, 0, 0) } else { (0, 1, 0) },
+                "spans {spans}"
+            );
+        }
+    }
+
+    /// The server end's events of a first request all dropped: its client end counts the
+    /// exchange before the server's socket is seen at all; the server's loss, told with its
+    /// next event, is then that one: counted once.
+    #[test]
+    fn a_request_counted_before_its_server_end_was_seen_is_not_also_lost() {
+        for spans in [true, false] {
+            let mut replay = Replay::with_spans(spans);
+            replay.feed(&record(&LOOP_CLIENT, 1, DIR_EGRESS, REQ, 0));
+            replay.feed(&record(&LOOP_CLIENT, 2, DIR_INGRESS, RESP, 0));
+            replay.flush();
+            let one_read = tracer_common::lost_requests::INGRESS;
+            replay.feed(&record(&LOOP_CLIENT, 3, DIR_EGRESS, REQ, 0));
+            replay.feed(&record(&LOOP_SERVER, 3, DIR_INGRESS, REQ, one_read));
+            replay.feed(&record(&LOOP_SERVER, 4, DIR_EGRESS, RESP, 0));
+            replay.feed(&record(&LOOP_CLIENT, 4, DIR_INGRESS, RESP, 0));
+            replay.flush();
+            std::thread::sleep(crate::reorder::STALE_AFTER);
+            replay.flush();
+            let (server, client) = lost(&mut replay);
+            assert_eq!(
+                (replay.requests(), server, client),
+                (2, 0, 0),
                 "spans {spans}"
             );
         }

@@ -624,20 +624,22 @@ impl Linker {
         self.enabled
     }
 
-    /// `n` requests the server end on socket `sk` lost, whose client end may be traced here:
-    /// how many to count lost now. Without spans that end never counts them: all of them.
-    pub fn server_lost(&mut self, sk: u64, reason: &'static str, n: u64, m: &Metrics) -> u64 {
-        if !self.enabled {
-            return n;
-        }
-        self.ledger.server_lost(sk, reason, n, self.now, m)
+    /// `n` requests a server end lost (its connection's client at `client`), whose client end
+    /// may be traced here: how many to count lost now (`ledger`).
+    pub fn server_lost(
+        &mut self,
+        client: SocketAddr,
+        reason: &'static str,
+        n: u64,
+        m: &Metrics,
+    ) -> u64 {
+        self.ledger.server_lost(client, reason, n, self.now, m)
     }
 
-    /// A client end counted a request that the server end on socket `server_sk` did not claim.
-    pub fn client_counted(&mut self, server_sk: u64, m: &Metrics) {
-        if self.enabled {
-            self.ledger.client_counted(server_sk, self.now, m);
-        }
+    /// A client end (at `client`) counted a request its server end, on this host, did not
+    /// claim (with spans), or that end was not seen yet.
+    pub fn client_counted(&mut self, client: SocketAddr, m: &Metrics) {
+        self.ledger.client_counted(client, self.now, m);
     }
 
     /// Server ends' losses that waited long enough: counted lost.

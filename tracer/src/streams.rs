@@ -105,8 +105,6 @@ pub struct Env<'a, 'b> {
     pub task: Task,
     pub peer_local: bool,
     pub peer_sk: u64,
-    /// This end's socket.
-    pub sk: u64,
     pub metrics: &'a Metrics,
     pub linker: &'a mut Linker,
     pub out: &'a mut Vec<Exchange>,
@@ -114,12 +112,7 @@ pub struct Env<'a, 'b> {
 
 impl Env<'_, '_> {
     fn end(&self) -> End {
-        End {
-            side: self.side,
-            sk: self.sk,
-            peer_sk: self.peer_sk,
-            peer_local: self.peer_local,
-        }
+        End::new(self.side, &self.tuple, self.peer_sk != 0, self.peer_local)
     }
 }
 

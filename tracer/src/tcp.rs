@@ -932,7 +932,6 @@ mod tests {
         fn state(&mut self, c: Conn, server: Option<&str>) {
             let peer = |_: &Tuple| {
                 server.map(|name| Peer {
-                    sk: 0,
                     task: task(3_999_998, name),
                     side: Some(Side::Server),
                 })
@@ -968,7 +967,6 @@ mod tests {
         assert!(h.view().is_empty());
         h.tracker.tick(&h.edges, &h.metrics, |_: &Tuple| {
             Some(Peer {
-                sk: 0,
                 task: task(3_999_998, "postgres"),
                 side: None,
             })
