@@ -816,6 +816,12 @@ fn http2_frames(
         if (*state).h2 == 0 {
             return 0;
         }
+        // Which end saw the opening, for a daemon that lost its event.
+        (*s).ev.meta.hdr.flags |= if (*state).h2 == H2_SERVER {
+            FLAG_H2_SERVER
+        } else {
+            FLAG_H2_CLIENT
+        };
         let dir = ((args.direction - 1) & 1) as usize;
         if base == 0 {
             (*state).h2_carry[dir] = CARRY_UNKNOWN;
@@ -990,8 +996,7 @@ pub fn emit<const WALK: bool>(args: &SyscallArgs, ret: u64, id: u64, next: NextE
     // Requests this socket lost since its last delivered event go with this one (a load and a
     // test per event; taken off the socket's count once delivered, below).
     // SAFETY: a live map value, as below.
-    let lost = next.state.map_or(0, |s| unsafe { (*s).lost_requests });
-    meta.lost_requests = lost;
+    meta.lost_requests = next.state.map_or(0, |s| unsafe { (*s).lost_requests });
     meta.tuple = next.tuple;
     meta.seq = next.seq;
     if next.from_sock {
@@ -1079,12 +1084,6 @@ pub fn emit<const WALK: bool>(args: &SyscallArgs, ret: u64, id: u64, next: NextE
         _ => 0,
     };
     meta.frames_len = frames_len as u32;
-    // SAFETY: as above.
-    match next.state.map_or(0, |s| unsafe { (*s).h2 }) {
-        H2_CLIENT => meta.hdr.flags |= FLAG_H2_CLIENT,
-        H2_SERVER => meta.hdr.flags |= FLAG_H2_SERVER,
-        _ => {}
-    }
 
     let starts_request = captured >= 4 && {
         let head = u32::from_le_bytes([payload[0], payload[1], payload[2], payload[3]]);
@@ -1131,6 +1130,13 @@ pub fn emit<const WALK: bool>(args: &SyscallArgs, ret: u64, id: u64, next: NextE
         count(KernelStat::ScratchRace);
         return;
     }
+    // Bounded again on the value the helper gets: a bound set before a spill does not reach
+    // the reload on older verifiers (6.1 refused the output when this program's registers
+    // were laid out otherwise). Never true.
+    let size = black_box(size);
+    if size > core::mem::size_of::<Scratch>() as u64 - 16 {
+        return;
+    }
     // SAFETY: `size` bytes from the start of the scratch (the event first), which is at least
     // that long.
     let bytes =
@@ -1138,11 +1144,15 @@ pub fn emit<const WALK: bool>(args: &SyscallArgs, ret: u64, id: u64, next: NextE
     let ring = ring();
     if ring.output::<[u8]>(bytes, wakeup_flags(ring)).is_ok() {
         count(KernelStat::DataEvents);
-        if lost != 0
+        // Read back from the scratch, not kept in a register across the output: the size's
+        // bound above must reach the helper call intact on older verifiers.
+        // SAFETY: as above.
+        let told = unsafe { read_volatile(&(*scratch).ev.meta.lost_requests) };
+        if told != 0
             && let Some(state) = next.state
         {
             // SAFETY: as above.
-            unsafe { take_lost_requests(state, lost) };
+            unsafe { take_lost_requests(state, told) };
         }
         // Only a delivered event teaches the reader the thread's name.
         if let Some(state) = next.state.filter(|_| !task_known) {
