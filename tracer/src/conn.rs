@@ -1529,8 +1529,8 @@ pub fn local_peer(tuple: &Tuple) -> bool {
 }
 
 /// `n` requests this end will not count: lost, unless they are a client's whose server end is
-/// traced here (that end counts them). A server end's wait for its client end's count when
-/// that end may be here and spans are on (`ledger`): a request that end counted is not lost.
+/// traced here (that end counts them). A server end's losses wait for its client end's count
+/// when that end may be here (`ledger`): a request that end counted is not lost.
 pub(crate) fn count_lost(
     end: &End,
     reason: &'static str,

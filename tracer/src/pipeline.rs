@@ -1063,13 +1063,18 @@ mod tests {
     const REQ: &[u8] = b"GET /a HTTP/1.1\r\nHost: orders\r\n\r\n";
     const RESP: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
 
-    fn lost(replay: &mut Replay) -> (u64, u64) {
+    /// After the events: held ones released (`reorder`), losses waiting for a client end
+    /// (`ledger`) given up; then requests counted, and lost by the server and client ends
+    /// (every reason).
+    fn settled(replay: &mut Replay) -> (u64, u64, u64) {
+        replay.flush();
+        std::thread::sleep(crate::reorder::STALE_AFTER);
+        replay.flush();
         let later = Instant::now() + Duration::from_secs(60);
         let metrics = replay.reader.shared.metrics.clone();
         replay.reader.linker.expire_losses(later, &metrics);
-        // Every reason, by side.
         use prometheus::core::Collector;
-        let families = replay.reader.shared.metrics.requests_lost.collect();
+        let families = metrics.requests_lost.collect();
         let sum = |side: &str| {
             families
                 .iter()
@@ -1078,7 +1083,7 @@ mod tests {
                 .map(|m| m.get_counter().get_value() as u64)
                 .sum::<u64>()
         };
-        (sum("server"), sum("client"))
+        (replay.requests(), sum("server"), sum("client"))
     }
 
     /// The server end's read of a request was dropped (the kernel tells it with the socket's
@@ -1094,12 +1099,8 @@ mod tests {
             let one_read = tracer_common::lost_requests::INGRESS;
             replay.feed(&record(&LOOP_SERVER, 2, DIR_EGRESS, RESP, one_read));
             replay.feed(&record(&LOOP_CLIENT, 2, DIR_INGRESS, RESP, 0));
-            replay.flush();
-            std::thread::sleep(crate::reorder::STALE_AFTER);
-            replay.flush();
-            let (server, client) = lost(&mut replay);
             assert_eq!(
-                (replay.requests(), server, client),
+                settled(&mut replay),
                 if spans { (1, 0, 0) } else { (0, 1, 0) },
                 "spans {spans}"
             );
@@ -1121,15 +1122,7 @@ mod tests {
             replay.feed(&record(&LOOP_SERVER, 3, DIR_INGRESS, REQ, one_read));
             replay.feed(&record(&LOOP_SERVER, 4, DIR_EGRESS, RESP, 0));
             replay.feed(&record(&LOOP_CLIENT, 4, DIR_INGRESS, RESP, 0));
-            replay.flush();
-            std::thread::sleep(crate::reorder::STALE_AFTER);
-            replay.flush();
-            let (server, client) = lost(&mut replay);
-            assert_eq!(
-                (replay.requests(), server, client),
-                (2, 0, 0),
-                "spans {spans}"
-            );
+            assert_eq!(settled(&mut replay), (2, 0, 0), "spans {spans}");
         }
     }
 
@@ -1149,15 +1142,7 @@ mod tests {
             );
             replay.feed(&record(&LOOP_SERVER, 4, DIR_EGRESS, RESP, read));
             replay.feed(&record(&LOOP_CLIENT, 4, DIR_INGRESS, RESP, written));
-            replay.flush();
-            std::thread::sleep(crate::reorder::STALE_AFTER);
-            replay.flush();
-            let (server, client) = lost(&mut replay);
-            assert_eq!(
-                (replay.requests(), server, client),
-                (1, 1, 0),
-                "spans {spans}"
-            );
+            assert_eq!(settled(&mut replay), (1, 1, 0), "spans {spans}");
         }
     }
 
