@@ -61,7 +61,9 @@ pub const REQUEST_STARTS: [u32; 7] = [
 /// The 4-tuple came from reading the socket itself (the connection predates the tracer).
 pub const FLAG_TUPLE_FROM_SOCK: u32 = 1 << 0;
 /// The syscall used an iovec (readv/writev/sendmsg/recvmsg): its buffers are captured in order,
-/// as one stream, up to PAYLOAD_CAP bytes or 16 buffers, and there is no tail.
+/// as one stream, up to PAYLOAD_CAP bytes or 16 buffers (48 on the socket data path); the tail
+/// (socket data path, 5.17+) holds the last bytes of the last two buffers the call moved bytes
+/// of, and may be shorter than TAIL_LEN.
 pub const FLAG_IOVEC: u32 = 1 << 1;
 /// The header's `comm` and `cgroup_id` are left out (zero): this socket's previous event came
 /// from the same thread and carried them. Read once per socket and thread (and again every

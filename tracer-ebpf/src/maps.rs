@@ -119,6 +119,7 @@ pub struct Scratch {
     /// is, what it wrote, and the call it walks.
     pub walk: Walk,
     pub gather: Gather,
+    pub tail: TailFind,
     /// Bumped by each event built here: uprobe programs run preemptible (migration disabled,
     /// not preemption), so another program on this CPU may build its event here meanwhile; the
     /// builder finds the number changed and drops its event, counted (`scratch_race`).
@@ -135,6 +136,26 @@ pub struct Gather {
     pub iov: u64,
     pub count: u64,
     pub next: u64,
+}
+
+/// The socket path's search for where an iovec call's bytes end (`data::iov_tail`), kept here
+/// for its `bpf_loop` callback.
+#[repr(C)]
+pub struct TailFind {
+    /// The iovec array, its length, and the next iovec to look at.
+    pub iov: u64,
+    pub count: u64,
+    pub next: u64,
+    /// The call's bytes before iovec `next`, and the call's length.
+    pub before: u64,
+    pub ret: u64,
+    /// The last non-empty iovec before `next`: its address and length.
+    pub prev_base: u64,
+    pub prev_len: u64,
+    /// The iovec the call's bytes end in: its address, and its bytes up to that end (0: not
+    /// found).
+    pub end_base: u64,
+    pub end_len: u64,
 }
 
 #[repr(C)]

@@ -22,7 +22,7 @@ use tracer_common::{
 
 use crate::maps::{
     BPF_RB_NO_WAKEUP, KIND_BUF, KIND_IOV, KIND_MSG, KIND_NONE, SCRATCH, Scratch, SyscallArgs,
-    count, has_bpf_loop, ring, wakeup_flags,
+    TailFind, count, has_bpf_loop, ring, wakeup_flags,
 };
 
 use super::sock::{Lookup, NextEvent, Store, first_seq, next_event};
@@ -913,6 +913,104 @@ extern "C" fn gather_step(_index: u64, _ctx: *mut c_void) -> i64 {
     }
 }
 
+/// Iovecs `iov_tail` looks through for where a call's bytes end.
+const MAX_IOVECS_TAIL: u32 = 64;
+
+/// The last bytes (up to TAIL_LEN, from the last two buffers) an iovec call of `ret` bytes
+/// moved, into the event's tail: where it ends is found by adding up the iovecs' lengths (a
+/// `bpf_loop`, one iovec per step), so a partial write or a short read gives its own end.
+#[inline(always)]
+fn iov_tail(s: *mut Scratch, b: &Buffers, ret: u64) {
+    // SAFETY: the per-CPU scratch is ours until this program returns; the helper takes a
+    // callback of the signature it expects; user memory is read through the checked helper,
+    // into the tail array at offsets masked below TAIL_LEN (a copy running past it stays inside
+    // the event: the payload follows).
+    unsafe {
+        let t = &raw mut (*s).tail;
+        write_volatile(
+            t,
+            TailFind {
+                iov: b.iov,
+                count: b.count,
+                next: 0,
+                before: 0,
+                ret,
+                prev_base: 0,
+                prev_len: 0,
+                end_base: 0,
+                end_len: 0,
+            },
+        );
+        bpf_loop(
+            MAX_IOVECS_TAIL,
+            tail_step as *mut c_void,
+            core::ptr::null_mut(),
+            0,
+        );
+        let end_len = read_volatile(&(*t).end_len);
+        if end_len == 0 {
+            return;
+        }
+        let end_base = read_volatile(&(*t).end_base);
+        let last = if end_len < TAIL_LEN as u64 {
+            end_len
+        } else {
+            TAIL_LEN as u64
+        };
+        // What the last buffer leaves of the tail comes from the one before it.
+        let prev_len = read_volatile(&(*t).prev_len);
+        let want = TAIL_LEN as u64 - last;
+        let first = if prev_len < want { prev_len } else { want };
+        let tail = (*s).ev.meta.tail.as_mut_ptr();
+        let mut got = 0u64;
+        if first > 0 {
+            let n = ((black_box(first) - 1) & (TAIL_LEN as u64 - 1)) + 1;
+            let src = read_volatile(&(*t).prev_base) + prev_len - n;
+            if bpf_probe_read_user(tail.cast(), n as u32, src as *const _) == 0 {
+                got = n;
+            }
+        }
+        let o = black_box(got) & (TAIL_LEN as u64 - 1);
+        let n = ((black_box(last) - 1) & (TAIL_LEN as u64 - 1)) + 1;
+        let src = end_base + end_len - n;
+        if bpf_probe_read_user(tail.add(o as usize).cast(), n as u32, src as *const _) == 0 {
+            (*s).ev.meta.tail_len = (o + n) as u32;
+        }
+    }
+}
+
+/// One iovec of `iov_tail`: 0 to go on, 1 to stop.
+extern "C" fn tail_step(_index: u64, _ctx: *mut c_void) -> i64 {
+    let Some(s) = SCRATCH.get_ptr_mut(0) else {
+        return 1;
+    };
+    // SAFETY: the scratch's search state; user memory through the checked helper.
+    unsafe {
+        let t = &mut (*s).tail;
+        let next = read_volatile(&t.next);
+        if next >= read_volatile(&t.count) {
+            return 1;
+        }
+        let Some((base, len)) = read_iovec(read_volatile(&t.iov) + 16 * next) else {
+            return 1;
+        };
+        write_volatile(&mut t.next, next + 1);
+        if len == 0 {
+            return 0;
+        }
+        let (before, ret) = (read_volatile(&t.before), read_volatile(&t.ret));
+        if ret - before <= len {
+            write_volatile(&mut t.end_base, base);
+            write_volatile(&mut t.end_len, ret - before);
+            return 1;
+        }
+        write_volatile(&mut t.before, before + len);
+        write_volatile(&mut t.prev_base, base);
+        write_volatile(&mut t.prev_len, len);
+        0
+    }
+}
+
 #[inline(always)]
 pub fn emit_data<S: Store, const WALK: bool>(
     args: &SyscallArgs,
@@ -1049,8 +1147,9 @@ pub fn emit<const WALK: bool>(args: &SyscallArgs, ret: u64, id: u64, next: NextE
         }
         if ret > captured && args.kind != KIND_NONE {
             count(KernelStat::PayloadTruncated);
-            // The end of a single buffer shows whether a chunked body ended in it.
-            if args.kind == KIND_BUF && captured > 0 && ret >= TAIL_LEN as u64 && avail == ret {
+            // The end of the call's bytes shows whether a chunked body ended in them: read
+            // from its first buffer when that holds them all.
+            if captured > 0 && ret >= TAIL_LEN as u64 && avail == ret {
                 // SAFETY: TAIL_LEN bytes into the tail array, from inside the user's buffer.
                 let rc = unsafe {
                     bpf_probe_read_user(
@@ -1062,6 +1161,10 @@ pub fn emit<const WALK: bool>(args: &SyscallArgs, ret: u64, id: u64, next: NextE
                 if rc == 0 {
                     meta.tail_len = TAIL_LEN as u32;
                 }
+            } else if WALK && b.count > 1 && captured > 0 && has_bpf_loop() {
+                // node.js writes a chunked body as [head and size, CRLF, data, CRLF,
+                // "0\r\n\r\n"]: the data fills the payload, its end is in the last buffers.
+                iov_tail(scratch, &b, ret);
             }
         }
     }
