@@ -28,16 +28,6 @@ fn wrk(port: u16, secs: u64, conns: u64, close: bool) -> u64 {
         .unwrap_or_else(|| panic!("wrk output: {text}"))
 }
 
-fn rss_mb(pid: u32) -> f64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
-        .unwrap_or(0.0)
-        / 1024.0
-}
-
 /// Waits until none of our programs is loaded; fails with `what` after `within`.
 fn wait_no_programs(within: Duration, what: &str) {
     let deadline = Instant::now() + within;
@@ -97,7 +87,7 @@ fn connection_storm_stays_bounded_and_exact() {
     // Only wrk calls this nginx.
     let seen = daemon.wait_requests_to(nginx.port, completed);
     let lost = daemon.metric_sum("tracer_requests_lost_total", &[("side", "server")]);
-    let rss = rss_mb(daemon.pid());
+    let rss = daemon.status_mb("VmRSS");
     let tracked = daemon.metric_sum("tracer_connections_tracked", &[]);
     eprintln!(
         "storm: {completed} connections in {:.0} s, counted {seen} (+{lost} lost, counted), rss {rss:.1} MB, tracked now {tracked}",

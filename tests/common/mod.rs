@@ -168,6 +168,17 @@ impl Daemon {
         self.child.id()
     }
 
+    /// A memory figure of the daemon's `/proc/<pid>/status` (`VmRSS`, `VmHWM`), in MB.
+    pub fn status_mb(&self, field: &str) -> f64 {
+        std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+            .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
+            .unwrap_or(0.0)
+            / 1024.0
+    }
+
     /// SIGKILL, no clean-up.
     pub fn kill(mut self) {
         let _ = self.child.kill();

@@ -12,6 +12,7 @@ pub mod cli;
 pub mod conn;
 pub mod dashboard;
 pub mod edges;
+mod elfsym;
 pub mod event;
 pub mod heads;
 pub mod hpack;

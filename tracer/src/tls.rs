@@ -23,6 +23,8 @@ use aya::{
     sys::UProbeMultiFeature,
 };
 
+use crate::elfsym;
+
 /// Entry programs (as uprobe-multi, and as single uprobes for kernels before 6.6) and the
 /// functions they hook; the return program hooks the return of each. GnuTLS's record calls
 /// take (session, buffer, size) and return the bytes moved or a negative error, as `SSL_write`
@@ -376,36 +378,52 @@ impl TlsHooks {
 
     /// Attaches every entry and the return to the functions `path` exports; how many.
     fn attach(&mut self, ebpf: &mut Ebpf, path: &Path) -> Result<usize, String> {
-        let exported = exported(path)?;
-        let has = |f: &&str| exported.contains(*f);
-        let all: Vec<&str> = ENTRIES
+        let names: Vec<&str> = ENTRIES
             .iter()
             .flat_map(|&(_, _, fns)| fns.iter().copied())
-            .filter(has)
             .collect();
-        if all.is_empty() {
+        self.attach_found(ebpf, path, &elfsym::exported(path, &names)?)
+    }
+
+    /// Attaches every entry and the return to `found`, the functions of `path` among ENTRIES'
+    /// (name, file offset); how many.
+    fn attach_found(
+        &mut self,
+        ebpf: &mut Ebpf,
+        path: &Path,
+        found: &[(&str, u64)],
+    ) -> Result<usize, String> {
+        if found.is_empty() {
             return Err("exports none of OpenSSL's or GnuTLS's read and write calls".into());
         }
+        let offsets = |fns: &[&str]| -> Vec<u64> {
+            found
+                .iter()
+                .filter(|(n, _)| fns.contains(n))
+                .map(|&(_, o)| o)
+                .collect()
+        };
         // Returns first: an entry without its return would leave its call in the map.
         let mut links = Vec::new();
         if self.multi {
-            links.push(attach_points(ebpf, RETURN.0, all.iter().copied(), path)?);
+            let all: Vec<u64> = found.iter().map(|&(_, o)| o).collect();
+            links.push(attach_points(ebpf, RETURN.0, all, path)?);
             for &(prog, _, fns) in ENTRIES {
-                let fns: Vec<&str> = fns.iter().copied().filter(has).collect();
+                let fns = offsets(fns);
                 if !fns.is_empty() {
                     links.push(attach_points(ebpf, prog, fns, path)?);
                 }
             }
         } else {
             for &(_, prog, fns) in ENTRIES {
-                for f in fns.iter().copied().filter(has) {
+                for f in offsets(fns) {
                     links.push(attach_points(ebpf, self.single(RETURN.1), [f], path)?);
                     links.push(attach_points(ebpf, prog, [f], path)?);
                 }
             }
         }
         self.links.extend(links);
-        Ok(all.len())
+        Ok(found.len())
     }
 
     /// Hooks the TLS of process `pid`'s executable if it has not been looked at yet (through
@@ -468,19 +486,23 @@ impl TlsHooks {
     /// Hooks an executable that exports OpenSSL's calls (linked in statically, as Node.js
     /// does) as a library is hooked.
     fn openssl_program(&mut self, ebpf: &mut Ebpf, path: &Path, id: (u64, u64)) {
-        let Ok(exported) = exported(path) else {
+        let names: Vec<&str> = ENTRIES
+            .iter()
+            .flat_map(|&(_, _, fns)| fns.iter().copied())
+            .collect();
+        let Ok(found) = elfsym::exported(path, &names) else {
             return;
         };
-        if !["SSL_write", "SSL_write_ex", "gnutls_record_send"]
+        if !found
             .iter()
-            .any(|f| exported.contains(*f))
+            .any(|(f, _)| ["SSL_write", "SSL_write_ex", "gnutls_record_send"].contains(f))
             || self.tried.len() >= MAX_LIBRARIES
             || !self.tried.insert(id)
         {
             return;
         }
         let name = fs::read_link(path).unwrap_or_default();
-        match self.attach(ebpf, path) {
+        match self.attach_found(ebpf, path, &found) {
             Ok(n) => {
                 tracing::info!("TLS: hooked {n} calls in {}", name.display());
                 self.hooked += 1;
@@ -757,20 +779,6 @@ where
         )
         .map_err(|e| format!("{points:?}: {e}"))?;
     p.take_link(id).map_err(|e| format!("{points:?}: {e}"))
-}
-
-/// The names of the functions an ELF file exports.
-fn exported(path: &Path) -> Result<HashSet<String>, String> {
-    use object::{Object as _, ObjectSymbol as _};
-    let file = fs::File::open(path).map_err(|e| e.to_string())?;
-    // Read lazily: an executable may be a hundred MB (Node.js) of which the symbols are a part.
-    let cache = object::ReadCache::new(file);
-    let file = object::File::parse(&cache).map_err(|e| e.to_string())?;
-    Ok(file
-        .dynamic_symbols()
-        .filter(|s| s.is_definition())
-        .filter_map(|s| s.name().ok().map(str::to_owned))
-        .collect())
 }
 
 fn attach_raw(ebpf: &mut Ebpf, (prog, tp): (&str, &str)) -> Result<RawTracePointLink, String> {
