@@ -411,11 +411,12 @@ pub mod limits {
     /// events a request) for the reader to fall behind before anything is lost. It is mapped
     /// into the daemon, so it counts in the daemon's RSS: 16 MiB would cost ~40 MB of RSS.
     pub const RINGBUF_BYTES: u32 = 4 * 1024 * 1024;
-    /// The reader is woken each time this much more is pending (at most half the ring, so a
-    /// smaller ring still wakes it before it is full). Each wake-up is an inter-processor
-    /// interrupt (an exit to the hypervisor in a VM); the reader polls besides. At an eighth of
-    /// the ring (256 KiB per CPU) wrk keep-alive raised ~1,400 a second here, 1.2% of all CPU
-    /// time in the interrupt's write alone; at 1 MiB ~150, with no more drops under overload.
+    /// The reader is woken each time this much more is pending (at most a quarter of the ring,
+    /// so a smaller ring still wakes it well before it is full). Each wake-up is an
+    /// inter-processor interrupt (an exit to the hypervisor in a VM); the reader polls besides.
+    /// At an eighth (256 KiB per CPU) wrk keep-alive raised ~1,400 a second here, 1.2% of all
+    /// CPU time in the interrupt's write alone; at a quarter ~330. At half, a burst of 1 MB
+    /// responses dropped twice as many events as at an eighth; at a quarter, as many.
     pub const WAKEUP_BYTES: u32 = 1024 * 1024;
     /// Threads inside a traced syscall at once.
     pub const ACTIVE_SYSCALLS: u32 = 32 * 1024;

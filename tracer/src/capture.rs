@@ -1103,7 +1103,7 @@ impl Capture {
         for (global, off) in FdWalk::GLOBALS.into_iter().zip(&walk) {
             loader.override_global(global, off, true);
         }
-        let wakeup_shift = u64::from(limits::WAKEUP_BYTES.min(ring / 2).max(1).ilog2());
+        let wakeup_shift = u64::from(limits::WAKEUP_BYTES.min(ring / 4).max(1).ilog2());
         let mut ebpf = loader
             .override_global("TRACER_TGID", &tgid, true)
             .override_global("WAKEUP_SHIFT", &wakeup_shift, true)
