@@ -61,9 +61,10 @@ pub const REQUEST_STARTS: [u32; 7] = [
 /// The 4-tuple came from reading the socket itself (the connection predates the tracer).
 pub const FLAG_TUPLE_FROM_SOCK: u32 = 1 << 0;
 /// The syscall used an iovec (readv/writev/sendmsg/recvmsg): its buffers are captured in order,
-/// as one stream, up to PAYLOAD_CAP bytes or 16 buffers (48 on the socket data path); the tail
-/// (socket data path, 5.17+) holds the last bytes of the last two buffers the call moved bytes
-/// of, and may be shorter than TAIL_LEN.
+/// as one stream, up to PAYLOAD_CAP bytes or 16 buffers (64 on the socket data path). The tail
+/// is the call's last bytes: from its first buffer when that holds them all; else (socket data
+/// path, 5.17+) from the last two buffers the call moved bytes of, possibly fewer than
+/// TAIL_LEN.
 pub const FLAG_IOVEC: u32 = 1 << 1;
 /// The header's `comm` and `cgroup_id` are left out (zero): this socket's previous event came
 /// from the same thread and carried them. Read once per socket and thread (and again every
@@ -165,7 +166,8 @@ pub struct DataMeta {
     pub bytes: u32,
     /// Bytes of `payload` that are valid.
     pub captured: u32,
-    /// Bytes of `tail` that are valid: the last bytes of the buffer, when not all in `payload`.
+    /// Bytes of `tail` that are valid: the call's last bytes, when not all in `payload` (up to
+    /// TAIL_LEN; fewer when its last two iovecs hold fewer).
     pub tail_len: u32,
     /// Per-socket event number, from 1: a gap means events of this socket were lost.
     pub seq: u32,

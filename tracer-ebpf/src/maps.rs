@@ -264,8 +264,8 @@ pub const BPF_RB_NO_WAKEUP: u64 = 1;
 pub const BPF_RB_FORCE_WAKEUP: u64 = 2;
 const BPF_RB_AVAIL_DATA: u64 = 0;
 
-/// log2 of the pending bytes past which the reader is woken (set by the loader from the ring's
-/// size: 512 KiB of the default 4 MiB, an eighth of a smaller ring); below, the reader finds
+/// log2 of the pending bytes past which the reader is woken (set by the loader from a ring's
+/// size: a quarter of it, at most 1 MiB; 512 KiB with the default two 2 MiB rings); below, the reader finds
 /// the data on its own 20 ms poll. Each wake-up is an interrupt (a VM exit in a VM) and a
 /// context switch of the reader: waking per event cost more than the rest of the program, and
 /// waking every 256 KiB with a 10 ms poll, rather than 512 KiB and 20 ms, was a tenth of the

@@ -1413,7 +1413,7 @@ fn feed(conn: &mut Conn, requests: bool, ctx: &mut Ctx<'_, '_>) {
                                 let blind = n - at.len() as u64;
                                 if blind == 0 || chunks.skip(blind) {
                                     (n, false, false)
-                                } else if http1::ends_chunked(d.tail) {
+                                } else if http1::tail_ends_chunked(d.tail) {
                                     (n, true, false)
                                 } else {
                                     (n, false, true)
@@ -1439,8 +1439,12 @@ fn feed(conn: &mut Conn, requests: bool, ctx: &mut Ctx<'_, '_>) {
                     Body::ChunkedBlind => {
                         off = total;
                         reader.bytes += n;
-                        let end = if d.complete() { shown } else { d.tail };
-                        if http1::ends_chunked(end) {
+                        let ends = if d.complete() {
+                            http1::ends_chunked(shown)
+                        } else {
+                            http1::tail_ends_chunked(d.tail)
+                        };
+                        if ends {
                             complete(conn, requests, d.boundary_ns(), ctx);
                         }
                     }
@@ -2580,6 +2584,27 @@ mod tests {
         h.read(b"GET /d HTTP/1.1\r\n\r\n");
         h.write(b"HTTP/1.1 204 No Content\r\n\r\n");
         assert_eq!(h.out.len(), 2);
+    }
+
+    /// A short tail (an iovec call's last two buffers, or fewer) ends a chunked body only with
+    /// the CRLF before its last chunk: "0\r\n\r\n" alone may follow a size's first digit.
+    #[test]
+    fn a_short_tail_ends_a_chunked_body_only_with_its_crlf() {
+        let mut h = Harness::new();
+        h.read(b"GET /c HTTP/1.1\r\n\r\n");
+        h.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n");
+        let mut body = b"3000\r\n".to_vec();
+        body.extend_from_slice(&[b'x'; 0x3000]);
+        body.extend_from_slice(b"\r\n5");
+        // Ends with "5" and "0\r\n\r\n" as buffers of their own: a chunk of 0x50 follows.
+        body.extend_from_slice(b"0\r\n\r\n");
+        h.io(Direction::Egress, &body[..1024], body.len(), b"0\r\n\r\n");
+        assert!(h.statuses().is_empty(), "not ended by a bare last chunk");
+        let mut rest = vec![b'y'; 0x50];
+        rest.extend_from_slice(b"\r\n");
+        rest.extend_from_slice(b"0\r\n\r\n");
+        h.io(Direction::Egress, &rest[..16], rest.len(), b"\r\n0\r\n\r\n");
+        assert_eq!(h.statuses(), vec![("/c".to_owned(), 200)]);
     }
 
     #[test]

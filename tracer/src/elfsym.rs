@@ -17,10 +17,11 @@ type Header = elf::FileHeader64<Endianness>;
 /// architectures the probes are built for).
 pub fn exported<'n>(path: &Path, names: &[&'n str]) -> Result<Vec<(&'n str, u64)>, String> {
     let file = fs::File::open(path).map_err(|e| e.to_string())?;
-    // SAFETY: a read-only private mapping, dropped before this returns. A file written while
-    // mapped could show other bytes (giving wrong offsets, caught by the attach or its
-    // probe never firing), as with any reader; running executables cannot be written
-    // (ETXTBSY) and libraries are replaced by a rename.
+    // SAFETY: a shared read-only mapping, dropped before this returns. A file written while
+    // mapped shows other bytes (wrong offsets: the attach fails or the probe never fires);
+    // one truncated under it faults the read (SIGBUS), as aya's own symbol lookup would.
+    // Running executables cannot be written (ETXTBSY); package managers replace libraries
+    // by a rename.
     let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| e.to_string())?;
     lookup(&map, names).map_err(|e| e.to_string())
 }
@@ -36,23 +37,23 @@ fn lookup<'n>(data: &[u8], names: &[&'n str]) -> object::read::Result<Vec<(&'n s
             found.push((name, offset));
         }
     };
-    if let Some((table, index)) = sections.gnu_hash(endian, data)? {
+    // The GNU hash table, else the SysV one: either names the dynamic symbol table.
+    let gnu = sections.gnu_hash(endian, data)?;
+    let sysv = match gnu {
+        Some(_) => None,
+        None => sections.hash(endian, data)?,
+    };
+    let table = gnu.as_ref().map(|g| g.1).or(sysv.as_ref().map(|h| h.1));
+    if let Some(index) = table {
         let symbols = sections.symbol_table_by_index(endian, data, index)?;
         for &name in names {
-            let hash = elf::gnu_hash(name.as_bytes());
-            if let Some((_, sym)) =
-                table.find(endian, name.as_bytes(), hash, None, &symbols, &versions)
-            {
-                keep(name, sym);
-            }
-        }
-    } else if let Some((table, index)) = sections.hash(endian, data)? {
-        let symbols = sections.symbol_table_by_index(endian, data, index)?;
-        for &name in names {
-            let hash = elf::hash(name.as_bytes());
-            if let Some((_, sym)) =
-                table.find(endian, name.as_bytes(), hash, None, &symbols, &versions)
-            {
+            let n = name.as_bytes();
+            let sym = match (&gnu, &sysv) {
+                (Some((t, _)), _) => t.find(endian, n, elf::gnu_hash(n), None, &symbols, &versions),
+                (None, Some((t, _))) => t.find(endian, n, elf::hash(n), None, &symbols, &versions),
+                (None, None) => None,
+            };
+            if let Some((_, sym)) = sym {
                 keep(name, sym);
             }
         }

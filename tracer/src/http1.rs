@@ -577,9 +577,15 @@ impl Chunked {
     }
 }
 
-/// Whether `end` (the last bytes of a write or read) closes a chunked body.
+/// Whether `end` (the whole of a write or read) closes a chunked body.
 pub fn ends_chunked(end: &[u8]) -> bool {
     end.ends_with(b"\r\n0\r\n\r\n") || end == b"0\r\n\r\n"
+}
+
+/// Whether a call's tail (its last bytes, the rest unseen) closes a chunked body: the last
+/// chunk alone may follow a size digit ("50\r\n\r\n" is no end), so its CRLF before it too.
+pub fn tail_ends_chunked(tail: &[u8]) -> bool {
+    tail.ends_with(b"\r\n0\r\n\r\n")
 }
 
 #[cfg(test)]

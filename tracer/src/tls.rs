@@ -378,11 +378,7 @@ impl TlsHooks {
 
     /// Attaches every entry and the return to the functions `path` exports; how many.
     fn attach(&mut self, ebpf: &mut Ebpf, path: &Path) -> Result<usize, String> {
-        let names: Vec<&str> = ENTRIES
-            .iter()
-            .flat_map(|&(_, _, fns)| fns.iter().copied())
-            .collect();
-        self.attach_found(ebpf, path, &elfsym::exported(path, &names)?)
+        self.attach_found(ebpf, path, &elfsym::exported(path, &entry_names())?)
     }
 
     /// Attaches every entry and the return to `found`, the functions of `path` among ENTRIES'
@@ -396,18 +392,21 @@ impl TlsHooks {
         if found.is_empty() {
             return Err("exports none of OpenSSL's or GnuTLS's read and write calls".into());
         }
+        // Each offset once: two names of one function (an alias) would run a program twice.
         let offsets = |fns: &[&str]| -> Vec<u64> {
-            found
+            let mut o: Vec<u64> = found
                 .iter()
-                .filter(|(n, _)| fns.contains(n))
+                .filter(|(n, _)| fns.is_empty() || fns.contains(n))
                 .map(|&(_, o)| o)
-                .collect()
+                .collect();
+            o.sort_unstable();
+            o.dedup();
+            o
         };
         // Returns first: an entry without its return would leave its call in the map.
         let mut links = Vec::new();
         if self.multi {
-            let all: Vec<u64> = found.iter().map(|&(_, o)| o).collect();
-            links.push(attach_points(ebpf, RETURN.0, all, path)?);
+            links.push(attach_points(ebpf, RETURN.0, offsets(&[]), path)?);
             for &(prog, _, fns) in ENTRIES {
                 let fns = offsets(fns);
                 if !fns.is_empty() {
@@ -415,9 +414,13 @@ impl TlsHooks {
                 }
             }
         } else {
+            let mut returns = Vec::new();
             for &(_, prog, fns) in ENTRIES {
                 for f in offsets(fns) {
-                    links.push(attach_points(ebpf, self.single(RETURN.1), [f], path)?);
+                    if !returns.contains(&f) {
+                        returns.push(f);
+                        links.push(attach_points(ebpf, self.single(RETURN.1), [f], path)?);
+                    }
                     links.push(attach_points(ebpf, prog, [f], path)?);
                 }
             }
@@ -486,11 +489,7 @@ impl TlsHooks {
     /// Hooks an executable that exports OpenSSL's calls (linked in statically, as Node.js
     /// does) as a library is hooked.
     fn openssl_program(&mut self, ebpf: &mut Ebpf, path: &Path, id: (u64, u64)) {
-        let names: Vec<&str> = ENTRIES
-            .iter()
-            .flat_map(|&(_, _, fns)| fns.iter().copied())
-            .collect();
-        let Ok(found) = elfsym::exported(path, &names) else {
+        let Ok(found) = elfsym::exported(path, &entry_names()) else {
             return;
         };
         if !found
@@ -753,6 +752,14 @@ fn load_all<'a>(ebpf: &mut Ebpf, names: impl Iterator<Item = &'a str>) -> Result
         loaded.map_err(|e| format!("uprobe {name} will not load: {e}"))?;
     }
     Ok(())
+}
+
+/// The functions ENTRIES hooks.
+fn entry_names() -> Vec<&'static str> {
+    ENTRIES
+        .iter()
+        .flat_map(|&(_, _, fns)| fns.iter().copied())
+        .collect()
 }
 
 /// One link of `prog` on the functions `fns` of `path`.

@@ -966,9 +966,12 @@ fn iov_tail(s: *mut Scratch, b: &Buffers, ret: u64) {
         if first > 0 {
             let n = ((black_box(first) - 1) & (TAIL_LEN as u64 - 1)) + 1;
             let src = read_volatile(&(*t).prev_base) + prev_len - n;
-            if bpf_probe_read_user(tail.cast(), n as u32, src as *const _) == 0 {
-                got = n;
+            // No tail rather than the last buffer alone: "0\r\n\r\n" after an unknown byte
+            // is not a chunked body's end.
+            if bpf_probe_read_user(tail.cast(), n as u32, src as *const _) != 0 {
+                return;
             }
+            got = n;
         }
         let o = black_box(got) & (TAIL_LEN as u64 - 1);
         let n = ((black_box(last) - 1) & (TAIL_LEN as u64 - 1)) + 1;
