@@ -78,6 +78,17 @@ fn curl_to_python_http_server() {
     assert_eq!(got_status, want_status, "edge: {edge}");
     // An interpreter is named by what it runs: `python3 -m http.server`.
     assert_eq!(edge["dst"], "http.server", "edge: {edge}");
+    // The harness asked the API whether the daemon was up while it started: the daemon listens
+    // only once its probes are attached, so none of those answers came without its request.
+    assert_eq!(
+        daemon.metric_sum(
+            "tracer_pairing_drops_total",
+            &[("reason", "response_without_request")]
+        ),
+        0.0,
+        "{}",
+        daemon.diagnostics()
+    );
 
     // Latency: the edge measures from the client's write of the request to its read of the
     // response's last byte, a part of curl's time_total (which adds the TCP connect and curl's

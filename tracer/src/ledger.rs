@@ -118,7 +118,14 @@ impl Ledger {
         let full = self.entries.len() >= MAX_ENTRIES;
         let entry = match self.entries.get_mut(&client) {
             Some(e) => e,
-            None if full => return,
+            None if full => {
+                // The loss it stands for, if one comes, will be counted too: said so.
+                metrics
+                    .lost_deferred
+                    .with_label_values(&["credit_dropped"])
+                    .inc();
+                return;
+            }
             None => self.entries.entry(client).or_default(),
         };
         if let Some(oldest) = entry.waiting.front_mut() {
@@ -134,6 +141,11 @@ impl Ledger {
         }
         if entry.credits.len() < MAX_PER_CONN {
             entry.credits.push_back(now);
+        } else {
+            metrics
+                .lost_deferred
+                .with_label_values(&["credit_dropped"])
+                .inc();
         }
     }
 
@@ -262,5 +274,9 @@ mod tests {
         let other = SocketAddr::from(([10, 0, 0, 1], 1));
         assert_eq!(l.server_lost(other, "ringbuf_full", 5, t, &m), 5);
         assert_eq!(l.entries.len(), MAX_ENTRIES);
+        // A client count that cannot wait is said so.
+        l.client_counted(other, t, &m);
+        let dropped = m.lost_deferred.with_label_values(&["credit_dropped"]).get();
+        assert_eq!(dropped, 1);
     }
 }

@@ -299,14 +299,32 @@ pub struct RunConfig {
     pub kube: Option<crate::kube::Config>,
 }
 
+/// A socket bound to `addr`, not yet listening (as tokio's own bind: address reuse, not
+/// blocking).
+fn bind(addr: SocketAddr) -> std::io::Result<socket2::Socket> {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    Ok(socket)
+}
+
 pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     let metrics = Metrics::new();
-    // Bind first: a wrong address fails before anything is loaded into the kernel.
-    let listener = TcpListener::bind(cfg.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", cfg.listen))?;
+    // Bound first: a wrong or busy address fails before anything is loaded into the kernel.
+    // Listening only once the probes are attached: a client that connected before (a readiness
+    // probe) would have written its request unseen and read the answer seen, a response
+    // without its request in the daemon's first figures.
+    let api_socket =
+        bind(cfg.listen).with_context(|| format!("cannot listen on {}", cfg.listen))?;
     let (capture, ring, opaque) =
         Capture::start(cfg.bpf_stats, cfg.ringbuf_bytes, cfg.attach, cfg.tls)?;
+    api_socket
+        .listen(1024)
+        .with_context(|| format!("cannot listen on {}", cfg.listen))?;
+    let listener = TcpListener::from_std(api_socket.into())
+        .with_context(|| format!("cannot listen on {}", cfg.listen))?;
     // Optional: without it, peers on other nodes keep their addresses.
     if let Some(kube) = cfg.kube.clone()
         && let Err(e) = crate::kube::start(kube, &metrics)
