@@ -180,6 +180,9 @@ pub struct TlsHooks {
     go_hooked: usize,
     /// Processes whose maps have been read (and that were alive at the last look).
     scanned: HashSet<u32>,
+    /// Processes whose executable exports OpenSSL's calls, looked at again at the next look:
+    /// too young to hook now (`openssl_program`).
+    deferred: Vec<u32>,
     links: Vec<UProbeLink>,
     exit_link: Option<RawTracePointLink>,
     /// `sched_process_exec`, which tells the daemon of a new program at once.
@@ -204,6 +207,7 @@ impl TlsHooks {
             go_changed: false,
             go_hooked: 0,
             scanned: HashSet::new(),
+            deferred: Vec::new(),
             links: Vec::new(),
             exit_link: None,
             exec_link: None,
@@ -356,6 +360,11 @@ impl TlsHooks {
             self.program(ebpf, pid);
             self.scanned.insert(pid);
         }
+        for pid in std::mem::take(&mut self.deferred) {
+            if alive.contains(&pid) {
+                self.program(ebpf, pid);
+            }
+        }
         for path in found {
             if self.tried.len() >= MAX_LIBRARIES {
                 break;
@@ -448,7 +457,7 @@ impl TlsHooks {
         let program = match go_program(&path) {
             Ok(Some(program)) => program,
             Ok(None) => {
-                self.openssl_program(ebpf, &path, id);
+                self.openssl_program(ebpf, &path, id, pid);
                 return;
             }
             Err(e) => {
@@ -488,7 +497,7 @@ impl TlsHooks {
 
     /// Hooks an executable that exports OpenSSL's calls (linked in statically, as Node.js
     /// does) as a library is hooked.
-    fn openssl_program(&mut self, ebpf: &mut Ebpf, path: &Path, id: (u64, u64)) {
+    fn openssl_program(&mut self, ebpf: &mut Ebpf, path: &Path, id: (u64, u64), pid: u32) {
         let Ok(found) = elfsym::exported(path, &entry_names()) else {
             return;
         };
@@ -496,10 +505,23 @@ impl TlsHooks {
             .iter()
             .any(|(f, _)| ["SSL_write", "SSL_write_ex", "gnutls_record_send"].contains(f))
             || self.tried.len() >= MAX_LIBRARIES
-            || !self.tried.insert(id)
+            || self.tried.contains(&id)
         {
             return;
         }
+        // Hooked while the process that runs it is starting, a program can crash: rustup's
+        // proxies (OpenSSL's calls exported, aws-lc inside) died of SIGSEGV in 3 of 4 `cargo`
+        // runs, each hooked at its exec, and never once hooked before they started (a kernel
+        // race of uprobe registration with a process's start or next exec, not found yet). Such
+        // a process is looked at again at the next look (within a second), if still there.
+        if process_age(pid).is_none_or(|age| age < HOOK_AFTER) {
+            self.exe_tried.remove(&id);
+            if self.deferred.len() < SCAN_PER_LOOK {
+                self.deferred.push(pid);
+            }
+            return;
+        }
+        self.tried.insert(id);
         let name = fs::read_link(path).unwrap_or_default();
         match self.attach_found(ebpf, path, &found) {
             Ok(n) => {
@@ -752,6 +774,34 @@ fn load_all<'a>(ebpf: &mut Ebpf, names: impl Iterator<Item = &'a str>) -> Result
         loaded.map_err(|e| format!("uprobe {name} will not load: {e}"))?;
     }
     Ok(())
+}
+
+/// How old a process must be before the OpenSSL its executable exports is hooked.
+const HOOK_AFTER: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// How long process `pid` has run (since its fork, at the clock tick's resolution).
+fn process_age(pid: u32) -> Option<std::time::Duration> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command (which may hold spaces and parentheses): starttime is the 22nd
+    // field, the 20th after the closing parenthesis.
+    let start: u64 = stat
+        .rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .nth(19)?
+        .parse()
+        .ok()?;
+    let uptime: f64 = fs::read_to_string("/proc/uptime")
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    Some(std::time::Duration::from_secs_f64(
+        (uptime - start as f64 / ticks).max(0.0),
+    ))
 }
 
 /// The functions ENTRIES hooks.
