@@ -17,6 +17,42 @@ use common::{
     scratch, serial, status_codes, system_python, workspace_root,
 };
 
+/// Requests whose header block is larger than 1 KiB (a browser's cookie): each block must be
+/// copied whole by the kernel side, or HPACK's table is no longer the sender's and every later
+/// request of the connection is unreadable (they were all `h2_headers_unreadable` with a
+/// 1,300-byte cookie). A 3,000-character cookie of random base64 (Huffman coding barely
+/// shortens it), its value new on every connection, then indexed by the encoder.
+#[test]
+fn h2_requests_with_a_large_cookie_are_counted() {
+    let _serial = serial();
+    let daemon = Daemon::start();
+    let nginx = Nginx::start_h2(&scratch("nginx-h2-cookie"), "");
+    // A fixed pseudo-random cookie (an LCG over base64's alphabet): reproducible, not
+    // compressible.
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let cookie: String = (0..3000)
+        .map(|_| {
+            x = x
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            ALPHABET[(x >> 58) as usize] as char
+        })
+        .collect();
+    let header = format!("cookie: session={cookie}");
+    let url = format!("http://127.0.0.1:{}/tiny", nginx.port);
+    let args = ["-c4", "-m10", "-n2000", "--rps=100", "-H", &header];
+    let (done, _) = h2load(&args, &url, "h2c");
+    assert_eq!(done, 2000, "h2load completed every request");
+    let edge = daemon.wait_edge("h2load", nginx.port, done);
+    assert_eq!(edge["requests"], done, "{}", daemon.diagnostics());
+    let unreadable = daemon.metric_sum(
+        "tracer_requests_lost_total",
+        &[("reason", "h2_headers_unreadable")],
+    );
+    assert_eq!(unreadable, 0.0, "{}", daemon.diagnostics());
+}
+
 /// h2load with many streams in flight on each connection, against nginx: tiny responses (many
 /// frames per read), 100 KB ones (DATA frames past the capture, read 8 KiB at a time), and 404s.
 /// Every request h2load completed is counted, with its status.

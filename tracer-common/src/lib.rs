@@ -207,8 +207,10 @@ pub const DATA_EVENT_FIXED: usize = core::mem::size_of::<DataMeta>();
 /// call's bytes), `len: u32`, then `len` bytes. At most this many bytes of segments (the
 /// last one may run past it).
 pub const FRAMES_CAP: usize = 16 * 1024;
-/// Payload bytes kept per frame in a segment (a power of two).
-pub const FRAME_KEEP_CAP: usize = 1024;
+/// Payload bytes kept per frame in a segment (a power of two): a header block larger than this
+/// leaves its direction's HPACK table unknown. 1 KiB missed browsers' cookies; 4 KiB keeps the
+/// per-CPU scratch (two of these in its spill) well under the 32 KiB a per-CPU value may be.
+pub const FRAME_KEEP_CAP: usize = 4096;
 /// A segment's own header: offset and length.
 pub const SEGMENT_HEADER: usize = 8;
 /// Steps of a call's walk, at most: a frame, or for an iovec call also a buffer or a piece of

@@ -532,8 +532,8 @@ unsafe fn split_iov_header(
 }
 
 /// Room past FRAMES_CAP a flushed record may take: a segment begun below FRAMES_CAP ends
-/// within it (a power of two no larger than the spill).
-const SPILL_PAST_FRAMES: u64 = 2048;
+/// within it (a power of two no larger than the spill, at least a whole kept frame).
+const SPILL_PAST_FRAMES: u64 = 8192;
 const _: () = assert!(
     SPILL_PAST_FRAMES as usize >= SEGMENT_HEADER + 9 + FRAME_KEEP_CAP
         && SPILL_PAST_FRAMES as usize <= SEGMENT_HEADER + 9 + 2 * FRAME_KEEP_CAP + PAYLOAD_CAP
