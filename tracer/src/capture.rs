@@ -1287,6 +1287,11 @@ impl Capture {
         self.tls.refresh(&mut self.ebpf, false);
     }
 
+    /// Whether executables wait to be hooked at the next look (`TlsHooks::waiting`).
+    pub fn tls_waiting(&self) -> bool {
+        self.tls.waiting()
+    }
+
     /// Whether the kernel reports each program that begins (`sched_process_exec`).
     pub fn execs_reported(&self) -> bool {
         self.tls.execs_reported()

@@ -312,7 +312,9 @@ fn bind(addr: SocketAddr) -> std::io::Result<socket2::Socket> {
 
 pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     let metrics = Metrics::new();
-    // Bound first: a wrong or busy address fails before anything is loaded into the kernel.
+    // Bound first: a wrong address, or one another program listens on, fails before anything
+    // is loaded into the kernel (two daemons starting at once both bind; the second fails at
+    // its listen, after its attach).
     // Listening only once the probes are attached: a client that connected before (a readiness
     // probe) would have written its request unseen and read the answer seen, a response
     // without its request in the daemon's first figures.
@@ -938,8 +940,10 @@ async fn export_kernel_stats(
         // after a program began (the kernel tells of each), and every TLS_FULL_LOOK_EVERY
         // seconds anyway (a fork that maps another library; an exec lost to a full ring): a
         // look lists /proc, ~13% of an idle daemon's time when made every second.
-        let due =
-            executed || !capture.execs_reported() || ticks.is_multiple_of(TLS_FULL_LOOK_EVERY);
+        let due = executed
+            || !capture.execs_reported()
+            || capture.tls_waiting()
+            || ticks.is_multiple_of(TLS_FULL_LOOK_EVERY);
         if due {
             executed = false;
             capture.refresh_tls();

@@ -7,10 +7,11 @@
 //! entry and at each RET.
 
 use std::{
-    collections::HashSet,
+    collections::{HashMap, HashSet},
     fs,
     os::unix::fs::MetadataExt,
     path::{Path, PathBuf},
+    time::Instant,
 };
 
 use aya::{
@@ -180,9 +181,11 @@ pub struct TlsHooks {
     go_hooked: usize,
     /// Processes whose maps have been read (and that were alive at the last look).
     scanned: HashSet<u32>,
-    /// Processes whose executable exports OpenSSL's calls, looked at again at the next look:
-    /// too young to hook now (`openssl_program`).
-    deferred: Vec<u32>,
+    /// Executables that export OpenSSL's calls, not hooked yet: hooked through a process
+    /// running one once it has run HOOK_AFTER (`hook_waiting`).
+    waiting: HashSet<(u64, u64)>,
+    /// Processes running one of those, and since when they were known to.
+    deferred: HashMap<u32, Instant>,
     links: Vec<UProbeLink>,
     exit_link: Option<RawTracePointLink>,
     /// `sched_process_exec`, which tells the daemon of a new program at once.
@@ -207,7 +210,8 @@ impl TlsHooks {
             go_changed: false,
             go_hooked: 0,
             scanned: HashSet::new(),
-            deferred: Vec::new(),
+            waiting: HashSet::new(),
+            deferred: HashMap::new(),
             links: Vec::new(),
             exit_link: None,
             exec_link: None,
@@ -360,11 +364,7 @@ impl TlsHooks {
             self.program(ebpf, pid);
             self.scanned.insert(pid);
         }
-        for pid in std::mem::take(&mut self.deferred) {
-            if alive.contains(&pid) {
-                self.program(ebpf, pid);
-            }
-        }
+        self.hook_waiting(ebpf);
         for path in found {
             if self.tried.len() >= MAX_LIBRARIES {
                 break;
@@ -451,13 +451,17 @@ impl TlsHooks {
             self.go_pids.insert(pid);
             self.go_changed = true;
         }
+        if self.waiting.contains(&id) {
+            self.defer(pid);
+            return;
+        }
         if self.exe_tried.len() >= MAX_GO_PROGRAMS * 16 || !self.exe_tried.insert(id) {
             return;
         }
         let program = match go_program(&path) {
             Ok(Some(program)) => program,
             Ok(None) => {
-                self.openssl_program(ebpf, &path, id, pid);
+                self.openssl_program(&path, id, pid);
                 return;
             }
             Err(e) => {
@@ -497,14 +501,14 @@ impl TlsHooks {
 
     /// Hooks an executable that exports OpenSSL's calls (linked in statically, as Node.js
     /// does) as a library is hooked.
-    fn openssl_program(&mut self, ebpf: &mut Ebpf, path: &Path, id: (u64, u64), pid: u32) {
+    fn openssl_program(&mut self, path: &Path, id: (u64, u64), pid: u32) {
         let Ok(found) = elfsym::exported(path, &entry_names()) else {
             return;
         };
         if !found
             .iter()
             .any(|(f, _)| ["SSL_write", "SSL_write_ex", "gnutls_record_send"].contains(f))
-            || self.tried.len() >= MAX_LIBRARIES
+            || self.tried.len() + self.waiting.len() >= MAX_LIBRARIES
             || self.tried.contains(&id)
         {
             return;
@@ -512,23 +516,57 @@ impl TlsHooks {
         // Hooked while the process that runs it is starting, a program can crash: rustup's
         // proxies (OpenSSL's calls exported, aws-lc inside) died of SIGSEGV in 3 of 4 `cargo`
         // runs, each hooked at its exec, and never once hooked before they started (a kernel
-        // race of uprobe registration with a process's start or next exec, not found yet). Such
-        // a process is looked at again at the next look (within a second), if still there.
-        if process_age(pid).is_none_or(|age| age < HOOK_AFTER) {
-            self.exe_tried.remove(&id);
-            if self.deferred.len() < SCAN_PER_LOOK {
-                self.deferred.push(pid);
-            }
-            return;
+        // race of uprobe registration with a process's start or next exec, not found yet). So
+        // the file is hooked through a process running it once that has run HOOK_AFTER since
+        // it was seen (at its exec, or at a look), looked at every second meanwhile.
+        self.waiting.insert(id);
+        self.defer(pid);
+    }
+
+    fn defer(&mut self, pid: u32) {
+        if self.deferred.len() < SCAN_PER_LOOK {
+            self.deferred.entry(pid).or_insert_with(Instant::now);
         }
-        self.tried.insert(id);
-        let name = fs::read_link(path).unwrap_or_default();
-        match self.attach_found(ebpf, path, &found) {
-            Ok(n) => {
-                tracing::info!("TLS: hooked {n} calls in {}", name.display());
-                self.hooked += 1;
+    }
+
+    /// Whether executables wait to be hooked (`hook_waiting`, at the next look).
+    pub fn waiting(&self) -> bool {
+        !self.deferred.is_empty()
+    }
+
+    /// Hooks each waiting executable through a process seen running it HOOK_AFTER ago and
+    /// running it still; forgets processes gone or running another program.
+    fn hook_waiting(&mut self, ebpf: &mut Ebpf) {
+        let mut ready = Vec::new();
+        self.deferred.retain(|&pid, since| {
+            let path = PathBuf::from(format!("/proc/{pid}/exe"));
+            let Ok(meta) = fs::metadata(&path) else {
+                return false;
+            };
+            let id = (meta.dev(), meta.ino());
+            if !self.waiting.contains(&id) {
+                return false;
             }
-            Err(e) => tracing::warn!("TLS: cannot hook {}: {e}", name.display()),
+            if since.elapsed() < HOOK_AFTER {
+                return true;
+            }
+            ready.push((id, path));
+            false
+        });
+        for (id, path) in ready {
+            // Once per file, through the first of its processes ready.
+            if !self.waiting.remove(&id) {
+                continue;
+            }
+            self.tried.insert(id);
+            let name = fs::read_link(&path).unwrap_or_default();
+            match self.attach(ebpf, &path) {
+                Ok(n) => {
+                    tracing::info!("TLS: hooked {n} calls in {}", name.display());
+                    self.hooked += 1;
+                }
+                Err(e) => tracing::warn!("TLS: cannot hook {}: {e}", name.display()),
+            }
         }
     }
 
@@ -776,33 +814,9 @@ fn load_all<'a>(ebpf: &mut Ebpf, names: impl Iterator<Item = &'a str>) -> Result
     Ok(())
 }
 
-/// How old a process must be before the OpenSSL its executable exports is hooked.
+/// How long after a process was seen running an executable that exports OpenSSL's calls the
+/// file is hooked (`TlsHooks::hook_waiting`).
 const HOOK_AFTER: std::time::Duration = std::time::Duration::from_millis(500);
-
-/// How long process `pid` has run (since its fork, at the clock tick's resolution).
-fn process_age(pid: u32) -> Option<std::time::Duration> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Fields after the command (which may hold spaces and parentheses): starttime is the 22nd
-    // field, the 20th after the closing parenthesis.
-    let start: u64 = stat
-        .rsplit_once(')')?
-        .1
-        .split_whitespace()
-        .nth(19)?
-        .parse()
-        .ok()?;
-    let uptime: f64 = fs::read_to_string("/proc/uptime")
-        .ok()?
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()?;
-    // SAFETY: sysconf has no preconditions.
-    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-    Some(std::time::Duration::from_secs_f64(
-        (uptime - start as f64 / ticks).max(0.0),
-    ))
-}
 
 /// The functions ENTRIES hooks.
 fn entry_names() -> Vec<&'static str> {
