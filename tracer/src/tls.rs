@@ -9,7 +9,7 @@
 use std::{
     collections::{HashMap, HashSet},
     fs,
-    os::unix::fs::MetadataExt,
+    os::{fd::AsRawFd, unix::fs::MetadataExt},
     path::{Path, PathBuf},
     time::Instant,
 };
@@ -183,7 +183,7 @@ pub struct TlsHooks {
     scanned: HashSet<u32>,
     /// Executables that export OpenSSL's calls, not hooked yet: hooked through a process
     /// running one once it has run HOOK_AFTER (`hook_waiting`).
-    waiting: HashSet<(u64, u64)>,
+    waiting: HashMap<(u64, u64), Exported>,
     /// Processes running one of those, and since when they were known to.
     deferred: HashMap<u32, Instant>,
     links: Vec<UProbeLink>,
@@ -210,7 +210,7 @@ impl TlsHooks {
             go_changed: false,
             go_hooked: 0,
             scanned: HashSet::new(),
-            waiting: HashSet::new(),
+            waiting: HashMap::new(),
             deferred: HashMap::new(),
             links: Vec::new(),
             exit_link: None,
@@ -375,19 +375,27 @@ impl TlsHooks {
             if !self.tried.insert((meta.dev(), meta.ino())) {
                 continue;
             }
-            match self.attach(ebpf, &path) {
-                Ok(n) => {
-                    tracing::info!("TLS: hooked {n} calls in {}", path.display());
-                    self.hooked += 1;
-                }
-                Err(e) => tracing::warn!("TLS: cannot hook {}: {e}", path.display()),
-            }
+            let found = elfsym::exported(&path, &entry_names());
+            self.attach(ebpf, &path, &path, found);
         }
     }
 
-    /// Attaches every entry and the return to the functions `path` exports; how many.
-    fn attach(&mut self, ebpf: &mut Ebpf, path: &Path) -> Result<usize, String> {
-        self.attach_found(ebpf, path, &elfsym::exported(path, &entry_names())?)
+    /// Attaches every entry and the return to `found`, the functions `path` exports, and logs
+    /// it under `name` (the file `path` reaches through /proc).
+    fn attach(
+        &mut self,
+        ebpf: &mut Ebpf,
+        path: &Path,
+        name: &Path,
+        found: Result<Exported, String>,
+    ) {
+        match found.and_then(|found| self.attach_found(ebpf, path, &found)) {
+            Ok(n) => {
+                tracing::info!("TLS: hooked {n} calls in {}", name.display());
+                self.hooked += 1;
+            }
+            Err(e) => tracing::warn!("TLS: cannot hook {}: {e}", name.display()),
+        }
     }
 
     /// Attaches every entry and the return to `found`, the functions of `path` among ENTRIES'
@@ -442,8 +450,8 @@ impl TlsHooks {
     /// `/proc/<pid>/exe`, which names the file in the process's own root): a Go program's
     /// crypto/tls, or the OpenSSL an executable links statically and exports (Node.js).
     fn program(&mut self, ebpf: &mut Ebpf, pid: u32) {
-        let path = PathBuf::from(format!("/proc/{pid}/exe"));
-        let Ok(meta) = fs::metadata(&path) else {
+        let exe = PathBuf::from(format!("/proc/{pid}/exe"));
+        let Ok(meta) = fs::metadata(&exe) else {
             return;
         };
         let id = (meta.dev(), meta.ino());
@@ -451,13 +459,25 @@ impl TlsHooks {
             self.go_pids.insert(pid);
             self.go_changed = true;
         }
-        if self.waiting.contains(&id) {
+        if self.waiting.contains_key(&id) {
             self.defer(pid);
             return;
         }
         if self.exe_tried.len() >= MAX_GO_PROGRAMS * 16 || !self.exe_tried.insert(id) {
             return;
         }
+        // Parsed and attached to through a descriptor of ours: a program that runs for less
+        // than its parse (a Go CLI run again and again) is hooked all the same, for its next
+        // runs, rather than failing as its /proc entry goes and never being tried again.
+        let file = match fs::File::open(&exe) {
+            Ok(file) if file.metadata().is_ok_and(|m| (m.dev(), m.ino()) == id) => file,
+            _ => {
+                self.exe_tried.remove(&id);
+                return;
+            }
+        };
+        let path = PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd()));
+        let name = fs::read_link(&path).unwrap_or_default();
         let program = match go_program(&path) {
             Ok(Some(program)) => program,
             Ok(None) => {
@@ -465,7 +485,7 @@ impl TlsHooks {
                 return;
             }
             Err(e) => {
-                tracing::info!("TLS: Go program {} not hooked: {e}", path.display());
+                tracing::info!("TLS: Go program {} not hooked: {e}", name.display());
                 return;
             }
         };
@@ -477,9 +497,9 @@ impl TlsHooks {
         }
         if let Some(points) = &program.http {
             match self.attach_go(ebpf, &path, GO_HTTP_HOOKS, points) {
-                Ok(()) => tracing::info!("Go net/http client hooked in {}", path.display()),
+                Ok(()) => tracing::info!("Go net/http client hooked in {}", name.display()),
                 Err(e) => {
-                    tracing::info!("Go net/http client not hooked in {}: {e}", path.display())
+                    tracing::info!("Go net/http client not hooked in {}: {e}", name.display())
                 }
             }
         }
@@ -489,13 +509,12 @@ impl TlsHooks {
         match self.attach_go(ebpf, &path, GO_HOOKS, points) {
             Ok(()) => {
                 tracing::info!(
-                    "TLS: hooked Go crypto/tls in {} ({})",
-                    path.display(),
-                    fs::read_link(&path).unwrap_or_default().display()
+                    "TLS: hooked Go crypto/tls in {} (pid {pid})",
+                    name.display()
                 );
                 self.go_hooked += 1;
             }
-            Err(e) => tracing::warn!("TLS: cannot hook Go program {}: {e}", path.display()),
+            Err(e) => tracing::warn!("TLS: cannot hook Go program {}: {e}", name.display()),
         }
     }
 
@@ -519,7 +538,7 @@ impl TlsHooks {
         // race of uprobe registration with a process's start or next exec, not found yet). So
         // the file is hooked through a process running it once that has run HOOK_AFTER since
         // it was seen (at its exec, or at a look), looked at every second meanwhile.
-        self.waiting.insert(id);
+        self.waiting.insert(id, found);
         self.defer(pid);
     }
 
@@ -544,7 +563,7 @@ impl TlsHooks {
                 return false;
             };
             let id = (meta.dev(), meta.ino());
-            if !self.waiting.contains(&id) {
+            if !self.waiting.contains_key(&id) {
                 return false;
             }
             if since.elapsed() < HOOK_AFTER {
@@ -555,18 +574,12 @@ impl TlsHooks {
         });
         for (id, path) in ready {
             // Once per file, through the first of its processes ready.
-            if !self.waiting.remove(&id) {
+            let Some(found) = self.waiting.remove(&id) else {
                 continue;
-            }
+            };
             self.tried.insert(id);
             let name = fs::read_link(&path).unwrap_or_default();
-            match self.attach(ebpf, &path) {
-                Ok(n) => {
-                    tracing::info!("TLS: hooked {n} calls in {}", name.display());
-                    self.hooked += 1;
-                }
-                Err(e) => tracing::warn!("TLS: cannot hook {}: {e}", name.display()),
-            }
+            self.attach(ebpf, &path, &name, Ok(found));
         }
     }
 
@@ -817,6 +830,9 @@ fn load_all<'a>(ebpf: &mut Ebpf, names: impl Iterator<Item = &'a str>) -> Result
 /// How long after a process was seen running an executable that exports OpenSSL's calls the
 /// file is hooked (`TlsHooks::hook_waiting`).
 const HOOK_AFTER: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// Functions among ENTRIES' a file exports: (name, file offset).
+type Exported = Vec<(&'static str, u64)>;
 
 /// The functions ENTRIES hooks.
 fn entry_names() -> Vec<&'static str> {
