@@ -24,6 +24,7 @@ pub mod metrics;
 pub mod otlp;
 pub mod parts;
 pub mod pipeline;
+mod priority;
 pub mod reorder;
 pub mod ring;
 pub mod route;

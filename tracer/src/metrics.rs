@@ -40,6 +40,7 @@ pub struct Metrics {
     pub conn_evictions: IntCounter,
     pub connections_desynced: IntCounter,
     pub events_reordered: IntCounter,
+    pub reader_raises: IntCounter,
     pub thread_names: IntCounterVec,
     pub series_overflow: IntCounterVec,
     pub series_expired: IntCounterVec,
@@ -160,6 +161,12 @@ impl Metrics {
         let connections_desynced = IntCounter::new(
             "tracer_connections_desynced_total",
             "Times a connection's events were lost (ring buffer full) and its pairing restarted.",
+        )
+        .expect("valid metric");
+        let reader_raises = IntCounter::new(
+            "tracer_reader_priority_raises_total",
+            "Times the reader thread's priority was raised (nice -10) because a ring buffer was \
+             half full; lowered again once under a quarter.",
         )
         .expect("valid metric");
         let events_reordered = IntCounter::new(
@@ -325,6 +332,7 @@ impl Metrics {
             Box::new(conn_evictions.clone()),
             Box::new(connections_desynced.clone()),
             Box::new(events_reordered.clone()),
+            Box::new(reader_raises.clone()),
             Box::new(thread_names.clone()),
             Box::new(series_overflow.clone()),
             Box::new(spans.clone()),
@@ -382,6 +390,7 @@ impl Metrics {
             conn_evictions,
             connections_desynced,
             events_reordered,
+            reader_raises,
             thread_names,
             series_overflow,
             series_expired,

@@ -843,11 +843,14 @@ fn read_events(
     let mut every = POLL_EVERY;
     let mut wait = every;
     let mut fast_until = Instant::now();
+    let mut priority =
+        crate::priority::Priority::of_this_thread(reader.shared.metrics.reader_raises.clone());
     loop {
         let woken = waiter.wait(wait).context("waiting for the ring buffer")?;
         if woken == Woken::Stop {
             return Ok(());
         }
+        priority.note(ring.fill());
         let n = reader.drain(&mut ring);
         if std::mem::take(&mut reader.connected) {
             fast_until = Instant::now() + FAST_AFTER_CONNECT;

@@ -132,6 +132,15 @@ impl Ring {
         }
     }
 
+    /// How full the ring is, per mille: written and not read yet.
+    pub fn fill(&self) -> u64 {
+        self.producer_pos()
+            .wrapping_sub(self.pos)
+            .min(self.mask + 1)
+            * 1000
+            / (self.mask + 1)
+    }
+
     /// Hands every committed record to `f`, in order, and returns how many there were. Stops
     /// at a record still being written (its producer commits it, and the next drain reads it).
     pub fn drain(&mut self, mut f: impl FnMut(&[u8])) -> usize {
@@ -265,6 +274,11 @@ impl Rings {
             ends: vec![0; n],
             epoll,
         })
+    }
+
+    /// How full the fullest ring is, per mille.
+    pub fn fill(&self) -> u64 {
+        self.rings.iter().map(Ring::fill).max().unwrap_or(0)
     }
 
     /// Hands every committed record to `f`, the oldest first across the rings, and returns how
