@@ -27,16 +27,19 @@ pub struct Priority {
 impl Priority {
     /// For the calling thread.
     pub fn of_this_thread(raises: IntCounter) -> Self {
-        // SAFETY: plain syscalls about this thread.
+        // SAFETY: plain syscalls about this thread; errno is this thread's (-1 is a nice value
+        // too: only errno tells a failure).
         let (tid, base) = unsafe {
             let tid = libc::gettid() as libc::id_t;
-            (tid, libc::getpriority(libc::PRIO_PROCESS, tid))
+            *libc::__errno_location() = 0;
+            let nice = libc::getpriority(libc::PRIO_PROCESS, tid);
+            (tid, (*libc::__errno_location() == 0).then_some(nice))
         };
         Self {
             tid,
-            base,
+            base: base.unwrap_or(0),
             raised: false,
-            refused: base <= RAISED_NICE,
+            refused: base.is_none_or(|nice| nice <= RAISED_NICE),
             raises,
         }
     }
