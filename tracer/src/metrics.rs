@@ -166,7 +166,7 @@ impl Metrics {
         let reader_raises = IntCounter::new(
             "tracer_reader_priority_raises_total",
             "Times the reader thread's priority was raised (nice -10) because a ring buffer was \
-             half full; lowered again once under a quarter.",
+             half full; lowered again once under an eighth.",
         )
         .expect("valid metric");
         let events_reordered = IntCounter::new(

@@ -183,7 +183,7 @@ pub struct TlsHooks {
     scanned: HashSet<u32>,
     /// Executables that export OpenSSL's calls, not hooked yet: hooked through a process
     /// running one once it has run HOOK_AFTER (`hook_waiting`).
-    waiting: HashMap<(u64, u64), Exported>,
+    waiting: HashSet<(u64, u64)>,
     /// Processes running one of those, and since when they were known to.
     deferred: HashMap<u32, Instant>,
     links: Vec<UProbeLink>,
@@ -210,7 +210,7 @@ impl TlsHooks {
             go_changed: false,
             go_hooked: 0,
             scanned: HashSet::new(),
-            waiting: HashMap::new(),
+            waiting: HashSet::new(),
             deferred: HashMap::new(),
             links: Vec::new(),
             exit_link: None,
@@ -375,20 +375,14 @@ impl TlsHooks {
             if !self.tried.insert((meta.dev(), meta.ino())) {
                 continue;
             }
-            let found = elfsym::exported(&path, &entry_names());
-            self.attach(ebpf, &path, &path, found);
+            self.attach(ebpf, &path, &path);
         }
     }
 
-    /// Attaches every entry and the return to `found`, the functions `path` exports, and logs
-    /// it under `name` (the file `path` reaches through /proc).
-    fn attach(
-        &mut self,
-        ebpf: &mut Ebpf,
-        path: &Path,
-        name: &Path,
-        found: Result<Exported, String>,
-    ) {
+    /// Attaches every entry and the return to the functions `path` exports, and logs it under
+    /// `name` (the file `path` reaches through /proc).
+    fn attach(&mut self, ebpf: &mut Ebpf, path: &Path, name: &Path) {
+        let found = elfsym::exported(path, &entry_names());
         match found.and_then(|found| self.attach_found(ebpf, path, &found)) {
             Ok(n) => {
                 tracing::info!("TLS: hooked {n} calls in {}", name.display());
@@ -459,7 +453,7 @@ impl TlsHooks {
             self.go_pids.insert(pid);
             self.go_changed = true;
         }
-        if self.waiting.contains_key(&id) {
+        if self.waiting.contains(&id) {
             self.defer(pid);
             return;
         }
@@ -469,14 +463,10 @@ impl TlsHooks {
         // Parsed and attached to through a descriptor of ours: a program that runs for less
         // than its parse (a Go CLI run again and again) is hooked all the same, for its next
         // runs, rather than failing as its /proc entry goes and never being tried again.
-        let file = match fs::File::open(&exe) {
-            Ok(file) if file.metadata().is_ok_and(|m| (m.dev(), m.ino()) == id) => file,
-            _ => {
-                self.exe_tried.remove(&id);
-                return;
-            }
+        let Some((_file, path)) = open_exe(pid, id) else {
+            self.exe_tried.remove(&id);
+            return;
         };
-        let path = PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd()));
         let name = fs::read_link(&path).unwrap_or_default();
         let program = match go_program(&path) {
             Ok(Some(program)) => program,
@@ -538,7 +528,7 @@ impl TlsHooks {
         // race of uprobe registration with a process's start or next exec, not found yet). So
         // the file is hooked through a process running it once that has run HOOK_AFTER since
         // it was seen (at its exec, or at a look), looked at every second meanwhile.
-        self.waiting.insert(id, found);
+        self.waiting.insert(id);
         self.defer(pid);
     }
 
@@ -563,23 +553,29 @@ impl TlsHooks {
                 return false;
             };
             let id = (meta.dev(), meta.ino());
-            if !self.waiting.contains_key(&id) {
+            if !self.waiting.contains(&id) {
                 return false;
             }
             if since.elapsed() < HOOK_AFTER {
                 return true;
             }
-            ready.push((id, path));
+            ready.push((id, pid));
             false
         });
-        for (id, path) in ready {
-            // Once per file, through the first of its processes ready.
-            let Some(found) = self.waiting.remove(&id) else {
+        for (id, pid) in ready {
+            // Once per file, through the first of its processes ready and still running it
+            // (else the file waits for its next process): opened and checked, then read and
+            // hooked through our descriptor, whatever the pid runs by then.
+            if !self.waiting.contains(&id) {
+                continue;
+            }
+            let Some((_file, path)) = open_exe(pid, id) else {
                 continue;
             };
+            self.waiting.remove(&id);
             self.tried.insert(id);
             let name = fs::read_link(&path).unwrap_or_default();
-            self.attach(ebpf, &path, &name, Ok(found));
+            self.attach(ebpf, &path, &name);
         }
     }
 
@@ -831,8 +827,18 @@ fn load_all<'a>(ebpf: &mut Ebpf, names: impl Iterator<Item = &'a str>) -> Result
 /// file is hooked (`TlsHooks::hook_waiting`).
 const HOOK_AFTER: std::time::Duration = std::time::Duration::from_millis(500);
 
-/// Functions among ENTRIES' a file exports: (name, file offset).
-type Exported = Vec<(&'static str, u64)>;
+/// Process `pid`'s executable if it is file `id` still: the open file, and the path that
+/// reaches it through our descriptor (for as long as the file is open), whatever the process
+/// does meanwhile.
+fn open_exe(pid: u32, id: (u64, u64)) -> Option<(fs::File, PathBuf)> {
+    let file = fs::File::open(format!("/proc/{pid}/exe")).ok()?;
+    let meta = file.metadata().ok()?;
+    if (meta.dev(), meta.ino()) != id {
+        return None;
+    }
+    let path = PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd()));
+    Some((file, path))
+}
 
 /// The functions ENTRIES hooks.
 fn entry_names() -> Vec<&'static str> {
