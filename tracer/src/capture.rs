@@ -1287,9 +1287,15 @@ impl Capture {
         self.tls.refresh(&mut self.ebpf, false);
     }
 
-    /// Whether executables wait to be hooked at the next look (`TlsHooks::waiting`).
+    /// Whether executables wait to be hooked (`TlsHooks::waiting`).
     pub fn tls_waiting(&self) -> bool {
         self.tls.waiting()
+    }
+
+    /// Hooks the waiting executables whose processes have run long enough, without a look at
+    /// new processes.
+    pub fn hook_tls_waiting(&mut self) {
+        self.tls.hook_waiting(&mut self.ebpf);
     }
 
     /// Whether the kernel reports each program that begins (`sched_process_exec`).

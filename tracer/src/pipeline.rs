@@ -318,15 +318,12 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     // Listening only once the probes are attached: a client that connected before (a readiness
     // probe) would have written its request unseen and read the answer seen, a response
     // without its request in the daemon's first figures.
-    let api_socket =
-        bind(cfg.listen).with_context(|| format!("cannot listen on {}", cfg.listen))?;
+    let cannot_listen = || format!("cannot listen on {}", cfg.listen);
+    let api_socket = bind(cfg.listen).with_context(cannot_listen)?;
     let (capture, ring, opaque) =
         Capture::start(cfg.bpf_stats, cfg.ringbuf_bytes, cfg.attach, cfg.tls)?;
-    api_socket
-        .listen(1024)
-        .with_context(|| format!("cannot listen on {}", cfg.listen))?;
-    let listener = TcpListener::from_std(api_socket.into())
-        .with_context(|| format!("cannot listen on {}", cfg.listen))?;
+    api_socket.listen(1024).with_context(cannot_listen)?;
+    let listener = TcpListener::from_std(api_socket.into()).with_context(cannot_listen)?;
     // Optional: without it, peers on other nodes keep their addresses.
     if let Some(kube) = cfg.kube.clone()
         && let Err(e) = crate::kube::start(kube, &metrics)
@@ -943,13 +940,16 @@ async fn export_kernel_stats(
         // after a program began (the kernel tells of each), and every TLS_FULL_LOOK_EVERY
         // seconds anyway (a fork that maps another library; an exec lost to a full ring): a
         // look lists /proc, ~13% of an idle daemon's time when made every second.
-        let due = executed
-            || !capture.execs_reported()
-            || capture.tls_waiting()
-            || ticks.is_multiple_of(TLS_FULL_LOOK_EVERY);
+        // Executables waiting to be hooked need only their own processes looked at.
+        let due =
+            executed || !capture.execs_reported() || ticks.is_multiple_of(TLS_FULL_LOOK_EVERY);
         if due {
             executed = false;
             capture.refresh_tls();
+        } else if capture.tls_waiting() {
+            capture.hook_tls_waiting();
+        }
+        if due || capture.tls_waiting() {
             metrics.tls_libraries.set(capture.tls_libraries() as i64);
             publish_go(&mut capture, &shared);
         }

@@ -444,11 +444,9 @@ impl TlsHooks {
     /// `/proc/<pid>/exe`, which names the file in the process's own root): a Go program's
     /// crypto/tls, or the OpenSSL an executable links statically and exports (Node.js).
     fn program(&mut self, ebpf: &mut Ebpf, pid: u32) {
-        let exe = PathBuf::from(format!("/proc/{pid}/exe"));
-        let Ok(meta) = fs::metadata(&exe) else {
+        let Some(id) = exe_id(pid) else {
             return;
         };
-        let id = (meta.dev(), meta.ino());
         if self.go_exes.contains(&id) {
             self.go_pids.insert(pid);
             self.go_changed = true;
@@ -467,7 +465,6 @@ impl TlsHooks {
             self.exe_tried.remove(&id);
             return;
         };
-        let name = fs::read_link(&path).unwrap_or_default();
         let program = match go_program(&path) {
             Ok(Some(program)) => program,
             Ok(None) => {
@@ -475,10 +472,12 @@ impl TlsHooks {
                 return;
             }
             Err(e) => {
+                let name = fs::read_link(&path).unwrap_or_default();
                 tracing::info!("TLS: Go program {} not hooked: {e}", name.display());
                 return;
             }
         };
+        let name = fs::read_link(&path).unwrap_or_default();
         self.go_exes.insert(id);
         self.go_pids.insert(pid);
         self.go_changed = true;
@@ -538,21 +537,19 @@ impl TlsHooks {
         }
     }
 
-    /// Whether executables wait to be hooked (`hook_waiting`, at the next look).
+    /// Whether executables wait to be hooked (`hook_waiting`, every second meanwhile).
     pub fn waiting(&self) -> bool {
         !self.deferred.is_empty()
     }
 
     /// Hooks each waiting executable through a process seen running it HOOK_AFTER ago and
     /// running it still; forgets processes gone or running another program.
-    fn hook_waiting(&mut self, ebpf: &mut Ebpf) {
+    pub fn hook_waiting(&mut self, ebpf: &mut Ebpf) {
         let mut ready = Vec::new();
         self.deferred.retain(|&pid, since| {
-            let path = PathBuf::from(format!("/proc/{pid}/exe"));
-            let Ok(meta) = fs::metadata(&path) else {
+            let Some(id) = exe_id(pid) else {
                 return false;
             };
-            let id = (meta.dev(), meta.ino());
             if !self.waiting.contains(&id) {
                 return false;
             }
@@ -826,6 +823,12 @@ fn load_all<'a>(ebpf: &mut Ebpf, names: impl Iterator<Item = &'a str>) -> Result
 /// How long after a process was seen running an executable that exports OpenSSL's calls the
 /// file is hooked (`TlsHooks::hook_waiting`).
 const HOOK_AFTER: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// The file (device, inode) process `pid` runs, if it is there.
+fn exe_id(pid: u32) -> Option<(u64, u64)> {
+    let meta = fs::metadata(format!("/proc/{pid}/exe")).ok()?;
+    Some((meta.dev(), meta.ino()))
+}
 
 /// Process `pid`'s executable if it is file `id` still: the open file, and the path that
 /// reaches it through our descriptor (for as long as the file is open), whatever the process
