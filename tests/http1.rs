@@ -650,30 +650,7 @@ fn chunked_bodies_end_by_their_last_chunk(path: impl Fn(u64) -> String, end: &[u
     }
     assert_eq!(statuses, n);
     // The connection stays open: the last response must have ended by its own bytes.
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    let edge = loop {
-        let edges = daemon.json("/api/edges");
-        let edge = edges["edges"].as_array().and_then(|a| {
-            a.iter()
-                .find(|e| {
-                    e["dst_addrs"].as_array().is_some_and(|a| {
-                        a.iter().any(|x| {
-                            x.as_str()
-                                .is_some_and(|x| x.ends_with(&format!(":{}", server.port)))
-                        })
-                    })
-                })
-                .cloned()
-        });
-        let done = edge.as_ref().is_some_and(|e| {
-            e["client_latency"]["count"] == n && e["server_latency"]["count"] == n
-        });
-        if done || std::time::Instant::now() > deadline {
-            break edge;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    let edge = edge.unwrap_or_else(|| panic!("no edge; {}", daemon.diagnostics()));
+    let edge = edge_seen_at_both_ends(&daemon, server.port, n);
     assert_eq!(
         edge["requests"],
         n,
@@ -700,6 +677,110 @@ fn chunked_bodies_end_by_their_last_chunk(path: impl Fn(u64) -> String, end: &[u
         "client latency p50: measured {measured:.3} ms, tracer {seen:.3} ms"
     );
     drop(s);
+}
+
+/// The edge to `port` once `n` requests were seen at both its ends (or after 10 s).
+fn edge_seen_at_both_ends(daemon: &Daemon, port: u16, n: u64) -> serde_json::Value {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let edge = loop {
+        let edges = daemon.json("/api/edges");
+        let edge = edges["edges"].as_array().and_then(|a| {
+            a.iter()
+                .find(|e| {
+                    e["dst_addrs"].as_array().is_some_and(|a| {
+                        a.iter()
+                            .any(|x| x.as_str().is_some_and(|x| x.ends_with(&format!(":{port}"))))
+                    })
+                })
+                .cloned()
+        });
+        let done = edge.as_ref().is_some_and(|e| {
+            e["client_latency"]["count"] == n && e["server_latency"]["count"] == n
+        });
+        if done || std::time::Instant::now() > deadline {
+            break edge;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    edge.unwrap_or_else(|| panic!("no edge; {}", daemon.diagnostics()))
+}
+
+/// Long bodies read as over a slow network (64 KiB, then a pause): once the daemon has framed
+/// one, it tells the kernel side where it ends, and the reads wholly inside it come without
+/// their payload (the calls' counts alone frame the body). Each response is still counted at
+/// both ends, ended by its own last bytes (a Content-Length body, and one chunk as node.js
+/// writes it), timed as the client measured, with no parse failure; most reads skipped.
+#[test]
+fn reads_inside_a_long_body_come_without_their_payload() {
+    use std::io::Read as _;
+    let _serial = serial();
+    let daemon = Daemon::start();
+    let server = Server::fixture();
+    let skipped = || {
+        daemon.metric_sum(
+            "tracer_kernel_events_total",
+            &[("reason", "body_payload_skipped")],
+        )
+    };
+    let failures = || daemon.metric_sum("tracer_parse_failures_total", &[]);
+    let before = (skipped(), failures());
+    // An odd count: the median is one of the measured times, as the tracer's is.
+    let (n, size) = (5u64, 8_000_000usize);
+    let mut s = TcpStream::connect(("127.0.0.1", server.port)).expect("connect");
+    let (mut reads, mut took) = (0u64, Vec::new());
+    let mut buf = vec![0u8; 64 * 1024];
+    for i in 0..n {
+        let path = if i % 2 == 0 { "ok" } else { "onepiece" };
+        let t0 = std::time::Instant::now();
+        s.write_all(format!("GET /{path}/{i}?size={size} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+            .expect("write");
+        let mut got = Vec::with_capacity(size + 1024);
+        let done = |got: &[u8]| {
+            let Some(head) = got.windows(4).position(|w| w == b"\r\n\r\n") else {
+                return false;
+            };
+            let body = got.len() - head - 4;
+            if path == "ok" {
+                body >= size
+            } else {
+                got.ends_with(b"\r\n0\r\n\r\n") && body > size
+            }
+        };
+        while !done(&got) {
+            let k = s.read(&mut buf).expect("read");
+            assert!(k > 0, "server closed");
+            reads += 1;
+            got.extend_from_slice(&buf[..k]);
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        took.push(t0.elapsed().as_secs_f64() * 1e3);
+        assert!(got.starts_with(b"HTTP/1.1 200 "));
+    }
+    let edge = edge_seen_at_both_ends(&daemon, server.port, n);
+    assert_eq!(
+        edge["requests"],
+        n,
+        "edge: {edge}; {}",
+        daemon.diagnostics()
+    );
+    assert_eq!(edge["status_codes"]["200"], n, "edge: {edge}");
+    // The daemon reads the kernel side's counters once a second.
+    std::thread::sleep(Duration::from_millis(1500));
+    let (skipped, failed) = (skipped() - before.0, failures() - before.1);
+    let measured = median(took);
+    let seen = edge["client_latency"]["p50_ms"].as_f64().expect("p50");
+    eprintln!(
+        "{reads} reads, {skipped} calls sent without payload; client measured p50 {measured:.1} ms, tracer {seen:.1} ms"
+    );
+    assert_eq!(failed, 0.0, "parse failures: {}", daemon.diagnostics());
+    assert!(
+        skipped >= reads as f64 / 2.0,
+        "{skipped} of {reads} reads sent without payload"
+    );
+    assert!(
+        (seen - measured).abs() <= 1.0 + measured * 0.1,
+        "client latency p50: measured {measured:.1} ms, tracer {seen:.1} ms"
+    );
 }
 
 /// An address translated on the way, as a Kubernetes Service's: the client dials

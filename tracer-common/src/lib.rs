@@ -142,6 +142,41 @@ pub struct SockTuple {
     pub _pad: u16,
 }
 
+/// Where a message body the daemon framed ends in one direction of a connection (`BODIES`):
+/// the TCP sequence number just past it. Calls wholly before it carry only body bytes, which
+/// the daemon counts but never reads: the kernel side sends them without payload. Named by the
+/// connection's tuple, so that a request left for an earlier socket at the address is dropped.
+#[repr(C, align(8))]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BodyEnd {
+    pub tuple: SockTuple,
+    pub end_seq: u32,
+    pub _pad: u32,
+}
+
+/// A `BODIES` key: the socket's address and the direction. Two fields, not the address with a
+/// bit set for the direction: the kernel side holds the address as a typed pointer, which
+/// verifiers before 6.x refuse any bitwise operation on.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct BodyKey {
+    pub sk: u64,
+    /// [`DIR_EGRESS`] or [`DIR_INGRESS`].
+    pub direction: u32,
+    pub _pad: u32,
+}
+
+impl BodyKey {
+    #[inline(always)]
+    pub fn new(sk: u64, direction: u32) -> Self {
+        Self {
+            sk,
+            direction,
+            _pad: 0,
+        }
+    }
+}
+
 /// `SockTuple::_pad` of TLS plaintext events' tuples.
 pub const TUPLE_TLS: u16 = 1;
 
@@ -176,7 +211,8 @@ pub struct DataMeta {
     pub frames_len: u32,
     /// TCP sequence number of the call's first byte, in its direction: the same number at both
     /// ends of the connection, whatever address translation lies between them. Sent for calls
-    /// that begin with a request line (`REQUEST_STARTS`); 0 for the others, TLS plaintext (not
+    /// that begin with a request line (`REQUEST_STARTS`) and calls longer than the payload
+    /// (the daemon frames long bodies by it, `BodyEnd`); 0 for the others, TLS plaintext (not
     /// the bytes TCP carried) and data paths without the socket.
     pub tcp_seq: u32,
     /// Requests lost on this socket (their call's event dropped, the ring buffer full) since
@@ -360,9 +396,12 @@ pub enum KernelStat {
     /// direction, whose other end may be counting them too.
     LostRequestUnheldIngress = 15,
     LostRequestUnheldEgress = 16,
+    /// Calls wholly inside a message body the daemon framed (`BodyEnd`): sent without their
+    /// payload, which nothing reads (only their byte count frames the stream).
+    BodyPayloadSkipped = 17,
 }
 
-pub const KERNEL_STAT_COUNT: u32 = 17;
+pub const KERNEL_STAT_COUNT: u32 = 18;
 
 impl KernelStat {
     pub const ALL: [KernelStat; KERNEL_STAT_COUNT as usize] = [
@@ -383,6 +422,7 @@ impl KernelStat {
         KernelStat::ScratchRace,
         KernelStat::LostRequestUnheldIngress,
         KernelStat::LostRequestUnheldEgress,
+        KernelStat::BodyPayloadSkipped,
     ];
 
     /// Name used as the `reason`/`kind` label in metrics.
@@ -405,6 +445,7 @@ impl KernelStat {
             KernelStat::ScratchRace => "scratch_race",
             KernelStat::LostRequestUnheldIngress => "lost_request_unheld_ingress",
             KernelStat::LostRequestUnheldEgress => "lost_request_unheld_egress",
+            KernelStat::BodyPayloadSkipped => "body_payload_skipped",
         }
     }
 }
@@ -429,6 +470,9 @@ pub mod limits {
     /// The daemon's findings that a socket carries no HTTP (TLS, databases, tunnels), not yet
     /// taken up by the kernel side.
     pub const OPAQUE_SOCKETS: u32 = 16 * 1024;
+    /// Message bodies being skipped, by socket and direction (LRU: one whose connection closed before its end ages out,
+    /// and the daemon deletes those of closed connections).
+    pub const BODIES: u32 = 4 * 1024;
     /// Threads inside a TLS library call at once (LRU: a thread killed inside one leaves an
     /// entry that ages out).
     pub const TLS_CALLS: u32 = 16 * 1024;
@@ -438,6 +482,8 @@ pub mod limits {
 
 const _: () = assert!(core::mem::size_of::<EventHeader>() == 48);
 const _: () = assert!(core::mem::size_of::<SockTuple>() == 40);
+const _: () = assert!(core::mem::size_of::<BodyEnd>() == 48);
+const _: () = assert!(core::mem::size_of::<BodyKey>() == 16);
 const _: () = assert!(core::mem::offset_of!(DataMeta, tuple) == 72);
 const _: () = assert!(core::mem::offset_of!(ConnEvent, tuple) == 56);
 const _: () = assert!(DATA_EVENT_FIXED == 48 + 24 + 40 + 32 + TAIL_LEN);
@@ -452,4 +498,8 @@ const _: () = assert!(core::mem::size_of::<SockState>() == 40 + 8 + 8 + 16);
 mod pod {
     // SAFETY: plain-old-data, repr(C), no padding (asserted above), every bit pattern valid.
     unsafe impl aya::Pod for super::SockTuple {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::BodyEnd {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::BodyKey {}
 }

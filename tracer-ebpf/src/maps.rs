@@ -5,8 +5,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 use tracer_common::{
-    DataEvent, FRAME_KEEP_CAP, FRAMES_CAP, KERNEL_STAT_COUNT, KernelStat, PAYLOAD_CAP,
-    SEGMENT_HEADER, SockState, SockTuple, limits,
+    BodyEnd, BodyKey, DataEvent, FRAME_KEEP_CAP, FRAMES_CAP, KERNEL_STAT_COUNT, KernelStat,
+    PAYLOAD_CAP, SEGMENT_HEADER, SockState, SockTuple, limits,
 };
 
 /// What `sys_enter_*` learnt, completed by `sock_*_length` and consumed by `sys_exit_*`.
@@ -103,6 +103,17 @@ pub static OPAQUE: LruHashMap<u64, SockTuple> =
 /// costs more than the rest of them on a host that never asks.
 #[map]
 pub static OPAQUE_ASKED: Array<u32> = Array::with_max_entries(1, 0);
+
+/// Message bodies the daemon framed, by socket and direction: a call wholly inside one is sent
+/// without its payload (`sock::inside_body`). The kernel side deletes an entry once a call
+/// reaches its end, or when it names another connection.
+#[map]
+pub static BODIES: LruHashMap<BodyKey, BodyEnd> = LruHashMap::with_max_entries(limits::BODIES, 0);
+
+/// One slot, nonzero while `BODIES` may hold an entry (as `OPAQUE_ASKED`): a host whose
+/// daemon never framed a long body pays no lookup.
+#[map]
+pub static BODIES_ASKED: Array<u32> = Array::with_max_entries(1, 0);
 
 /// A data event being built, and room past its payload that is never written but lets the
 /// verifier accept a copy at a variable offset: it sees offset < PAYLOAD_CAP and length <=

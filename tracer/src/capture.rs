@@ -18,7 +18,7 @@ use aya::{
     sys::BpfHelper,
 };
 use thiserror::Error;
-use tracer_common::{KERNEL_STAT_COUNT, KernelStat, SockTuple, limits};
+use tracer_common::{BodyEnd, BodyKey, KERNEL_STAT_COUNT, KernelStat, SockTuple, limits};
 
 use crate::{
     ring::{Ring, Rings},
@@ -203,15 +203,24 @@ pub enum AttachMode {
     RawTracepointFd,
 }
 
-/// Sockets the kernel side stops sending data for (they carry no HTTP). The daemon only asks,
-/// naming the connection's tuple; the kernel side applies the request to its own per-socket
-/// state if the socket at that address is still that connection, so a request that arrives
-/// after the connection closed never reaches the next socket at the same address.
-pub struct OpaqueSockets {
-    requests: aya::maps::HashMap<MapData, u64, SockTuple>,
-    /// `OPAQUE_ASKED`: raised before the kernel side is asked anything, lowered once it has
-    /// taken every request (it deletes what it applies or drops), so that a host that never
-    /// asks pays no lookup.
+/// What the daemon asks of the kernel side, per socket: [`Requests::opaque`], sockets to stop
+/// sending data for (they carry no HTTP), and [`Requests::bodies`], where long message bodies
+/// end (calls wholly inside one are sent without payload). The daemon only asks, naming the
+/// connection's tuple; the kernel side applies a request only if the socket at that address is
+/// still that connection, so a request that arrives after the connection closed never reaches
+/// the next socket at the same address.
+pub struct Requests {
+    pub opaque: Asks<u64, SockTuple>,
+    pub bodies: Asks<BodyKey, BodyEnd>,
+}
+
+/// One kind of request: a map the kernel side takes requests from (and deletes them), and a
+/// flag it looks at first.
+pub struct Asks<K: aya::Pod, V: aya::Pod> {
+    name: &'static str,
+    requests: aya::maps::HashMap<MapData, K, V>,
+    /// Raised before the kernel side is asked anything, lowered once it has taken every request
+    /// (it deletes what it applies or drops), so that a host that never asks pays no lookup.
     asked: aya::maps::Array<MapData, u32>,
     raised: bool,
     /// A request may be in the map: false once a look found it empty. Looking at an empty
@@ -220,11 +229,29 @@ pub struct OpaqueSockets {
     looked: Instant,
 }
 
-impl OpaqueSockets {
-    pub fn mark(&mut self, sk: u64, tuple: &SockTuple) {
+impl<K: aya::Pod + std::fmt::Debug, V: aya::Pod> Asks<K, V> {
+    fn new(ebpf: &mut Ebpf, name: &'static str, flag: &'static str) -> Result<Self, CaptureError> {
+        let mut take = |name: &'static str| {
+            ebpf.take_map(name)
+                .ok_or_else(|| CaptureError::Map(name, "missing".into()))
+        };
+        let (requests, asked) = (take(name)?, take(flag)?);
+        Ok(Self {
+            name,
+            requests: aya::maps::HashMap::try_from(requests)
+                .map_err(|e| CaptureError::Map(name, e.to_string()))?,
+            asked: aya::maps::Array::try_from(asked)
+                .map_err(|e| CaptureError::Map(flag, e.to_string()))?,
+            raised: false,
+            marked: false,
+            looked: Instant::now(),
+        })
+    }
+
+    pub fn ask(&mut self, key: K, value: &V) {
         // An LRU map: inserting never fails for want of room.
-        if let Err(e) = self.requests.insert(&sk, tuple, 0) {
-            tracing::debug!("marking socket {sk:#x} opaque: {e}");
+        if let Err(e) = self.requests.insert(&key, value, 0) {
+            tracing::debug!("{} request for {key:x?}: {e}", self.name);
             return;
         }
         self.marked = true;
@@ -236,7 +263,7 @@ impl OpaqueSockets {
     fn raise(&mut self) {
         match self.asked.set(0, &1, 0) {
             Ok(()) => self.raised = true,
-            Err(e) => tracing::warn!("raising OPAQUE_ASKED (retried each second): {e}"),
+            Err(e) => tracing::warn!("raising the {} flag (retried each second): {e}", self.name),
         }
     }
 
@@ -246,7 +273,7 @@ impl OpaqueSockets {
     /// address: those of sockets that are no longer `open` are deleted, 256 looked at each
     /// time. Only this thread adds requests, so none can come between the look and the
     /// lowering.
-    pub fn tidy(&mut self, open: impl Fn(u64) -> bool) {
+    pub fn tidy(&mut self, open: impl Fn(&K) -> bool) {
         if !self.marked || self.looked.elapsed() < Duration::from_secs(1) {
             return;
         }
@@ -255,14 +282,14 @@ impl OpaqueSockets {
         let (mut seen, mut gone) = (0, Vec::new());
         for key in self.requests.keys().take(LOOK) {
             seen += 1;
-            if let Ok(sk) = key
-                && !open(sk)
+            if let Ok(key) = key
+                && !open(&key)
             {
-                gone.push(sk);
+                gone.push(key);
             }
         }
-        for sk in &gone {
-            let _ = self.requests.remove(sk);
+        for key in &gone {
+            let _ = self.requests.remove(key);
         }
         let empty = seen < LOOK && gone.len() == seen;
         if self.raised && empty {
@@ -1066,7 +1093,7 @@ impl Capture {
         ringbuf_bytes: Option<u32>,
         mode: AttachMode,
         tls: bool,
-    ) -> Result<(Self, Rings, OpaqueSockets), CaptureError> {
+    ) -> Result<(Self, Rings, Requests), CaptureError> {
         check_privileges()?;
         let tracefs = ensure_tracefs()?;
         ensure_bpffs();
@@ -1210,20 +1237,9 @@ impl Capture {
         }
         let events = Rings::new(events).map_err(|e| CaptureError::Map("EVENTS", e.to_string()))?;
         tracing::debug!("{rings} ring buffers of {ring} bytes");
-        let opaque = ebpf
-            .take_map("OPAQUE")
-            .ok_or_else(|| CaptureError::Map("OPAQUE", "missing".into()))?;
-        let asked = ebpf
-            .take_map("OPAQUE_ASKED")
-            .ok_or_else(|| CaptureError::Map("OPAQUE_ASKED", "missing".into()))?;
-        let opaque = OpaqueSockets {
-            requests: aya::maps::HashMap::try_from(opaque)
-                .map_err(|e| CaptureError::Map("OPAQUE", e.to_string()))?,
-            asked: aya::maps::Array::try_from(asked)
-                .map_err(|e| CaptureError::Map("OPAQUE_ASKED", e.to_string()))?,
-            raised: false,
-            marked: false,
-            looked: Instant::now(),
+        let requests = Requests {
+            opaque: Asks::new(&mut ebpf, "OPAQUE", "OPAQUE_ASKED")?,
+            bodies: Asks::new(&mut ebpf, "BODIES", "BODIES_ASKED")?,
         };
         let stats = ebpf
             .take_map("STATS")
@@ -1250,7 +1266,7 @@ impl Capture {
                 bpf_stats,
             },
             events,
-            opaque,
+            requests,
         ))
     }
 

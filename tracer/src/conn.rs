@@ -11,8 +11,8 @@ use foldhash::HashMap;
 use std::{collections::VecDeque, net::SocketAddr};
 
 use tracer_common::{
-    SockTuple, TCP_CLOSE, TCP_CLOSE_WAIT, TCP_ESTABLISHED, TCP_FIN_WAIT1, TCP_LAST_ACK,
-    TCP_SYN_SENT,
+    BodyEnd, BodyKey, DIR_EGRESS, DIR_INGRESS, SockTuple, TCP_CLOSE, TCP_CLOSE_WAIT,
+    TCP_ESTABLISHED, TCP_FIN_WAIT1, TCP_LAST_ACK, TCP_SYN_SENT,
 };
 
 use crate::{
@@ -188,6 +188,8 @@ struct Reader {
     start_seq: Option<u32>,
     last_ns: u64,
     bytes: u64,
+    /// Where the kernel side was last told this message's body (or chunk) ends.
+    told_end: Option<u32>,
 }
 
 impl Reader {
@@ -198,6 +200,7 @@ impl Reader {
         self.start_ns = start_ns;
         self.start_seq = start_seq;
         self.bytes = 0;
+        self.told_end = None;
     }
 }
 
@@ -388,6 +391,7 @@ struct Ctx<'a, 'b> {
     heads: &'a mut Heads,
     /// HTTP/2 connections followed.
     h2_conns: &'a mut usize,
+    bodies: &'a mut Vec<(BodyKey, BodyEnd)>,
 }
 
 /// All followed connections, keyed by socket address.
@@ -417,6 +421,8 @@ pub struct ConnTable {
     resets_marked: bool,
     /// Sockets that became opaque, for [`ConnTable::take_opaque`].
     opaque: Vec<(u64, SockTuple)>,
+    /// Long bodies' ends, for [`ConnTable::take_bodies`].
+    bodies: Vec<(BodyKey, BodyEnd)>,
     /// Heads parsed by one end of a connection on this host, for the other.
     heads: Heads,
     /// Connections whose `h2` is set.
@@ -439,6 +445,15 @@ fn end_slot(side: Side) -> usize {
 
 /// Opaque sockets remembered between two hand-overs to the kernel.
 const MAX_OPAQUE_PENDING: usize = 4096;
+/// Body ends remembered between two hand-overs to the kernel (more only wait for their next
+/// long call).
+const MAX_BODIES_PENDING: usize = 1024;
+/// The rest of a body (or of its chunk) that makes its end worth telling the kernel side: a
+/// map update from here, a lookup there per long call, against a copy of the capture's 1 KiB
+/// (and its room in the ring) for each call inside it.
+const SKIP_BODY_MIN: u64 = 64 * 1024;
+/// The longest stretch told at once: sequence numbers are compared within half their range.
+const SKIP_BODY_MAX: u64 = 1 << 30;
 
 /// What is known of the process at the other end of a connection, when it is on this host.
 #[derive(Clone, Copy, Debug)]
@@ -459,6 +474,7 @@ impl ConnTable {
             closed_hasher: Default::default(),
             spare: Vec::new(),
             opaque: Vec::new(),
+            bodies: Vec::new(),
             heads: Heads::new(),
             h2_conns: 0,
             closing: VecDeque::new(),
@@ -649,6 +665,7 @@ impl ConnTable {
             out,
             heads: &mut self.heads,
             h2_conns: &mut self.h2_conns,
+            bodies: &mut self.bodies,
         };
         let was_opaque = conn.role.opaque();
         process(conn, &mut ctx);
@@ -711,6 +728,12 @@ impl ConnTable {
     /// data.
     pub fn take_opaque(&mut self) -> std::vec::Drain<'_, (u64, SockTuple)> {
         self.opaque.drain(..)
+    }
+
+    /// Where long bodies end since the last call, by socket and direction: the
+    /// kernel can send the calls inside them without payload.
+    pub fn take_bodies(&mut self) -> std::vec::Drain<'_, (BodyKey, BodyEnd)> {
+        self.bodies.drain(..)
     }
 
     pub fn on_state(
@@ -1125,6 +1148,7 @@ fn process(conn: &mut Conn, ctx: &mut Ctx<'_, '_>) {
                 out: &mut *ctx.out,
                 heads: &mut *ctx.heads,
                 h2_conns: &mut *ctx.h2_conns,
+                bodies: &mut *ctx.bodies,
             };
             feed(conn, requests, &mut ctx);
             return;
@@ -1404,6 +1428,9 @@ fn feed(conn: &mut Conn, requests: bool, ctx: &mut Ctx<'_, '_>) {
                         reader.bytes += take;
                         if *rem == 0 {
                             complete(conn, requests, d.boundary_ns(), ctx);
+                        } else {
+                            let left = *rem;
+                            tell_body_end(reader, d, left, ctx.bodies);
                         }
                     }
                     Body::Chunked(chunks) => {
@@ -1429,11 +1456,14 @@ fn feed(conn: &mut Conn, requests: bool, ctx: &mut Ctx<'_, '_>) {
                         };
                         off += used;
                         reader.bytes += used;
+                        let left = chunks.data_left();
                         if broken {
                             reader.state = ReadState::Body(Body::ChunkedBlind);
                         }
                         if done {
                             complete(conn, requests, d.boundary_ns(), ctx);
+                        } else if !broken && let Some(left) = left {
+                            tell_body_end(reader, d, left, ctx.bodies);
                         }
                     }
                     Body::ChunkedBlind => {
@@ -1467,6 +1497,43 @@ fn feed(conn: &mut Conn, requests: bool, ctx: &mut Ctx<'_, '_>) {
             }
         }
     }
+}
+
+/// After a call wholly inside a message body, `left` more bytes of which (or of its chunk) are
+/// to come: when that is long, the kernel side is told where they end, so that the calls
+/// wholly inside them come without their payload, which nothing here reads. Told by TCP
+/// sequence number (the kernel side gives it for long calls), from this call's end.
+fn tell_body_end(
+    reader: &mut Reader,
+    d: &Data<'_>,
+    left: u64,
+    bodies: &mut Vec<(BodyKey, BodyEnd)>,
+) {
+    let Some(seq) = d.tcp_seq else {
+        return;
+    };
+    if left < SKIP_BODY_MIN || bodies.len() >= MAX_BODIES_PENDING {
+        return;
+    }
+    let end = seq
+        .wrapping_add(d.bytes)
+        .wrapping_add(left.min(SKIP_BODY_MAX) as u32);
+    if reader.told_end == Some(end) {
+        return;
+    }
+    reader.told_end = Some(end);
+    let direction = match d.direction {
+        Direction::Egress => DIR_EGRESS,
+        Direction::Ingress => DIR_INGRESS,
+    };
+    bodies.push((
+        BodyKey::new(d.sk, direction),
+        BodyEnd {
+            tuple: d.sock_tuple,
+            end_seq: end,
+            _pad: 0,
+        },
+    ));
 }
 
 /// A stream lost its message boundary: count `failure` (if not already counted), look for the
@@ -1971,6 +2038,9 @@ mod tests {
         from_sock: bool,
         /// The kernel side saw the connection open in HTTP/2 (`Data::h2_end`).
         h2_end: Option<Side>,
+        /// The next event's TCP sequence number (advanced by its bytes), as the kernel side
+        /// gives it for long calls.
+        tcp_seq: Option<u32>,
     }
 
     impl Harness {
@@ -1986,6 +2056,7 @@ mod tests {
                 tls: false,
                 from_sock: false,
                 h2_end: None,
+                tcp_seq: None,
             }
         }
 
@@ -2004,7 +2075,7 @@ mod tests {
                 task_known: false,
                 sk: SK,
                 goroutine: 0,
-                tcp_seq: None,
+                tcp_seq: self.tcp_seq,
                 tuple: tuple(),
                 sock_tuple: Default::default(),
                 ts_enter_ns: self.ts - 500,
@@ -2022,6 +2093,9 @@ mod tests {
             };
             self.table
                 .on_data(&d, &self.metrics, &mut self.linker, &mut self.out);
+            if let Some(s) = &mut self.tcp_seq {
+                *s = s.wrapping_add(bytes as u32);
+            }
         }
 
         fn read(&mut self, b: &[u8]) {
@@ -2562,6 +2636,73 @@ mod tests {
             ]
         );
         assert!(h.out.iter().all(|e| e.side == Side::Client));
+    }
+
+    /// A long body's end is told to the kernel side once, from the first long call with a
+    /// sequence number, in the direction it goes (the kernel side then sends the calls inside
+    /// it without payload, which the body's count alone frames): a Content-Length body and a
+    /// chunk, across the sequence numbers' wrap; a short body's is not.
+    #[test]
+    fn a_long_body_s_end_is_told_to_the_kernel_side() {
+        let mut h = Harness::new();
+        let x = [b'x'; 1024];
+        h.read(b"GET /big HTTP/1.1\r\n\r\n");
+        let head = b"HTTP/1.1 200 OK\r\nContent-Length: 1000000\r\n\r\n";
+        let start = u32::MAX - 100;
+        h.tcp_seq = Some(start);
+        // The head and 8 KiB of the body in one call, its first KiB captured.
+        h.io(Direction::Egress, head, head.len() + 8192, &[]);
+        let told: Vec<_> = h.table.take_bodies().collect();
+        assert_eq!(told.len(), 1);
+        let (key, end) = told[0];
+        assert_eq!(key, BodyKey::new(SK, DIR_EGRESS));
+        assert_eq!(
+            end.end_seq,
+            start.wrapping_add((head.len() + 1_000_000) as u32)
+        );
+        // The calls inside it (as the kernel side sends them, without payload) tell nothing
+        // more; the body ends by its count.
+        let mut left = 1_000_000 - 8192;
+        while left > 0 {
+            let n = left.min(65536);
+            h.io(Direction::Egress, &[], n, &[]);
+            left -= n;
+        }
+        assert_eq!(h.table.take_bodies().count(), 0);
+        assert_eq!(h.statuses(), vec![("/big".to_owned(), 200)]);
+
+        // One chunk of 1 MiB: its end, from the call that holds its size.
+        h.tcp_seq = None;
+        h.read(b"GET /chunk HTTP/1.1\r\n\r\n");
+        let head = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n100000\r\n";
+        let mut shown = head.to_vec();
+        shown.extend_from_slice(&x[..1024 - head.len()]);
+        h.tcp_seq = Some(7);
+        h.io(Direction::Egress, &shown, 4096, &[]);
+        let told: Vec<_> = h.table.take_bodies().collect();
+        assert_eq!(told.len(), 1);
+        assert_eq!(told[0].1.end_seq, 7 + (head.len() + 0x10_0000) as u32);
+        let mut left = 0x10_0000 - (4096 - head.len());
+        while left > 0 {
+            let n = left.min(65536);
+            h.io(Direction::Egress, &[], n, &[]);
+            left -= n;
+        }
+        h.io(Direction::Egress, b"\r\n0\r\n\r\n", 7, &[]);
+        assert_eq!(h.table.take_bodies().count(), 0);
+        assert_eq!(h.statuses().len(), 2, "{:?}", h.statuses());
+
+        // A short body: nothing told.
+        h.tcp_seq = None;
+        h.read(b"GET /small HTTP/1.1\r\n\r\n");
+        h.tcp_seq = Some(1);
+        h.io(
+            Direction::Egress,
+            b"HTTP/1.1 200 OK\r\nContent-Length: 60000\r\n\r\n",
+            2048,
+            &[],
+        );
+        assert_eq!(h.table.take_bodies().count(), 0);
     }
 
     #[test]

@@ -561,6 +561,14 @@ impl Chunked {
 
     /// Advances over `n` bytes that were moved but not shown. Returns false when they cannot
     /// all be chunk data, i.e. the framing can no longer be followed.
+    /// Bytes of the current chunk's data still to come, when inside it.
+    pub fn data_left(&self) -> Option<u64> {
+        match self.state {
+            ChunkState::Data(rem) => Some(rem),
+            _ => None,
+        }
+    }
+
     pub fn skip(&mut self, n: u64) -> bool {
         match self.state {
             ChunkState::Data(rem) if rem >= n => {

@@ -23,7 +23,7 @@ use tracer_common::{KernelStat, TCP_SYN_SENT};
 
 use crate::{
     api,
-    capture::{AttachMode, Capture, OpaqueSockets},
+    capture::{AttachMode, Capture, Requests},
     conn::{ConnTable, Exchange, MAX_CONNS, Side},
     edges::Aggregator,
     event::{self, Event, Tuple},
@@ -320,7 +320,7 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     // without its request in the daemon's first figures.
     let cannot_listen = || format!("cannot listen on {}", cfg.listen);
     let api_socket = bind(cfg.listen).with_context(cannot_listen)?;
-    let (capture, ring, opaque) =
+    let (capture, ring, requests) =
         Capture::start(cfg.bpf_stats, cfg.ringbuf_bytes, cfg.attach, cfg.tls)?;
     api_socket.listen(1024).with_context(cannot_listen)?;
     let listener = TcpListener::from_std(api_socket.into()).with_context(cannot_listen)?;
@@ -379,7 +379,7 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
             let r = read_events(
                 ring,
                 waiter,
-                opaque,
+                requests,
                 reader_shared,
                 cfg.listen,
                 resets_marked,
@@ -467,8 +467,9 @@ struct Reader {
     last_drain: Instant,
     last_expire: Instant,
     last_losses: Instant,
-    /// Where sockets found not to carry HTTP are handed to the kernel (none when replaying).
-    opaque: Option<OpaqueSockets>,
+    /// Where sockets found not to carry HTTP, and long bodies, are handed to the kernel (none
+    /// when replaying).
+    requests: Option<Requests>,
     data_events: prometheus::IntCounter,
     conn_events: prometheus::IntCounter,
     own_pid: u32,
@@ -509,7 +510,7 @@ impl Reader {
             last_drain: Instant::now(),
             last_expire: Instant::now(),
             last_losses: Instant::now(),
-            opaque: None,
+            requests: None,
             data_events: shared.metrics.events.with_label_values(&["data"]),
             conn_events: shared.metrics.events.with_label_values(&["conn"]),
             own_pid: std::process::id(),
@@ -560,11 +561,15 @@ impl Reader {
         if shared > 0 {
             self.shared.metrics.heads_shared.inc_by(shared);
         }
-        if let Some(opaque) = &mut self.opaque {
+        if let Some(requests) = &mut self.requests {
             for (sk, tuple) in self.conns.take_opaque() {
-                opaque.mark(sk, &tuple);
+                requests.opaque.ask(sk, &tuple);
             }
-            opaque.tidy(|sk| self.conns.is_open(sk));
+            requests.opaque.tidy(|&sk| self.conns.is_open(sk));
+            for (key, end) in self.conns.take_bodies() {
+                requests.bodies.ask(key, &end);
+            }
+            requests.bodies.tidy(|key| self.conns.is_open(key.sk));
         }
         if self.last_drain.elapsed() >= SPAN_DRAIN {
             self.drain_spans();
@@ -812,14 +817,14 @@ impl Reader {
 fn read_events(
     mut ring: Rings,
     waiter: Waiter,
-    opaque: OpaqueSockets,
+    requests: Requests,
     shared: Arc<Shared>,
     listen: SocketAddr,
     resets_marked: bool,
     token: CancellationToken,
 ) -> anyhow::Result<()> {
     let mut reader = Reader::new(shared, listen);
-    reader.opaque = Some(opaque);
+    reader.requests = Some(requests);
     if resets_marked {
         reader.conns.mark_resets();
     }

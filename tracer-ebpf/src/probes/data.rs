@@ -25,7 +25,7 @@ use crate::maps::{
     TailFind, count, has_bpf_loop, ring, wakeup_flags,
 };
 
-use super::sock::{Lookup, NextEvent, Store, first_seq, next_event};
+use super::sock::{Lookup, NextEvent, Store, first_seq, inside_body, next_event};
 
 /// Offset of `msg_iov` in `struct user_msghdr`, `msg_iovlen` right after it (x86_64 and arm64
 /// alike).
@@ -1109,9 +1109,21 @@ pub fn emit<const WALK: bool>(args: &SyscallArgs, ret: u64, id: u64, next: NextE
 
     let mut captured: u64 = 0;
     meta.tail_len = 0;
+    // A call longer than the capture: where its first byte is in the TCP stream, by which the
+    // daemon frames long bodies, and whether it lies wholly inside one (then no payload).
+    let long = flags & FLAG_TLS == 0 && args.kind != KIND_NONE && ret > PAYLOAD_CAP as u64;
+    let long_seq = if long {
+        first_seq(args.sk, args.direction, ret)
+    } else {
+        0
+    };
+    let in_body = long_seq != 0 && inside_body(args.sk, args.direction, &next.tuple, long_seq, ret);
+    if in_body {
+        count(KernelStat::BodyPayloadSkipped);
+    }
     // The call's first buffer, where an HTTP/2 walk reads when it holds all the bytes.
     let (mut first, mut iovecs) = ((0, 0), (0, 0));
-    if let Some(b) = buffers(args) {
+    if let Some(b) = buffers(args).filter(|_| !in_body) {
         first = (b.base, b.len);
         iovecs = (b.iov, b.count);
         let src = b.base;
@@ -1203,7 +1215,9 @@ pub fn emit<const WALK: bool>(args: &SyscallArgs, ret: u64, id: u64, next: NextE
     };
     // Where a request begins (the daemon names requests by it): not for the other calls, nor
     // TLS plaintext, which is not the bytes TCP carried.
-    meta.tcp_seq = if starts_request && flags & FLAG_TLS == 0 {
+    meta.tcp_seq = if long {
+        long_seq
+    } else if starts_request && flags & FLAG_TLS == 0 {
         first_seq(args.sk, args.direction, ret)
     } else {
         0

@@ -12,14 +12,15 @@ use aya_ebpf::{
     programs::{BtfTracePointContext, RawTracePointContext, TracePointContext},
 };
 use tracer_common::{
-    AF_INET, AF_INET6, ConnEvent, DIR_EGRESS, DIR_INGRESS, EventHeader, EventKind, FLAG_PEER_RESET,
-    KernelStat, OPAQUE_NOT_HTTP, OPAQUE_TLS, PEER_FIN_NONE, PEER_FIN_SEEN, SockState, SockTuple,
-    TCP_CLOSE, TCP_ESTABLISHED, TCP_FIN_WAIT1, TCP_LAST_ACK, TCP_SYN_RECV, TCP_SYN_SENT,
+    AF_INET, AF_INET6, BodyKey, ConnEvent, DIR_EGRESS, DIR_INGRESS, EventHeader, EventKind,
+    FLAG_PEER_RESET, KernelStat, OPAQUE_NOT_HTTP, OPAQUE_TLS, PEER_FIN_NONE, PEER_FIN_SEEN,
+    SockState, SockTuple, TCP_CLOSE, TCP_ESTABLISHED, TCP_FIN_WAIT1, TCP_LAST_ACK, TCP_SYN_RECV,
+    TCP_SYN_SENT,
 };
 
 use crate::maps::{
-    ACTIVE, OPAQUE, OPAQUE_ASKED, RESET_IN, SOCK_STATES, SOCKS, SyscallArgs, connect_wakeup_flags,
-    count, count_n, ring, wakeup_flags,
+    ACTIVE, BODIES, BODIES_ASKED, OPAQUE, OPAQUE_ASKED, RESET_IN, SOCK_STATES, SOCKS, SyscallArgs,
+    connect_wakeup_flags, count, count_n, ring, wakeup_flags,
 };
 
 /// Where a socket's state is kept.
@@ -360,6 +361,49 @@ fn forget_opaque_request(sk: u64) {
     }
 }
 
+/// Whether a call moving `ret` bytes from TCP sequence number `start` on is wholly inside a
+/// message body the daemon framed on this connection (`BODIES`). The entry goes once a call
+/// reaches the body's end, or when it names another connection (an earlier socket's).
+#[inline(always)]
+pub fn inside_body(sk: u64, direction: u32, tuple: &SockTuple, start: u32, ret: u64) -> bool {
+    if BODIES_ASKED.get(0).is_none_or(|asked| *asked == 0) {
+        return false;
+    }
+    let key = BodyKey::new(sk, direction);
+    let Some(body) = BODIES.get_ptr(&key) else {
+        return false;
+    };
+    // SAFETY: a live map value. Sequence numbers wrap: the distance to the end is signed.
+    let (same, left) = unsafe {
+        (
+            same_tuple(&(*body).tuple, tuple),
+            i64::from((*body).end_seq.wrapping_sub(start) as i32),
+        )
+    };
+    let ret = ret as i64;
+    let inside = same && left >= ret;
+    if !inside || left == ret {
+        let _ = BODIES.remove(&key);
+    }
+    inside
+}
+
+/// Drops what the daemon framed for an earlier socket at this address (a new connection's
+/// sequence numbers could fall inside it).
+#[inline(always)]
+fn forget_bodies(sk: u64) {
+    if BODIES_ASKED.get(0).is_none_or(|asked| *asked == 0) {
+        return;
+    }
+    let (sent, received) = (BodyKey::new(sk, DIR_EGRESS), BodyKey::new(sk, DIR_INGRESS));
+    if BODIES.get_ptr(&sent).is_some() {
+        let _ = BODIES.remove(&sent);
+    }
+    if BODIES.get_ptr(&received).is_some() {
+        let _ = BODIES.remove(&received);
+    }
+}
+
 #[tracepoint]
 pub fn sock_send_length(ctx: TracePointContext) -> u32 {
     on_length(&ctx, DIR_EGRESS);
@@ -660,6 +704,7 @@ unsafe fn on_state<S: Store>(sk: u64, old_state: u32, new_state: u32, tuple: Opt
             };
             S::put(sk, &fresh(tuple));
             forget_opaque_request(sk);
+            forget_bodies(sk);
             emit_conn(sk, tuple, old_state, new_state, 0, core::ptr::null_mut());
             return;
         }
@@ -682,6 +727,7 @@ unsafe fn on_state<S: Store>(sk: u64, old_state: u32, new_state: u32, tuple: Opt
             (TCP_ESTABLISHED, None) => {
                 S::put(sk, &fresh);
                 forget_opaque_request(sk);
+                forget_bodies(sk);
             }
             // A client's: keep the numbering (data may already have gone out, TCP Fast Open);
             // the local port may only now be known.
@@ -692,6 +738,7 @@ unsafe fn on_state<S: Store>(sk: u64, old_state: u32, new_state: u32, tuple: Opt
             (TCP_ESTABLISHED, Some(state)) if !same_tuple(&(*state).tuple, &tuple) => {
                 S::put(sk, &fresh);
                 forget_opaque_request(sk);
+                forget_bodies(sk);
             }
             _ => {}
         }
