@@ -705,6 +705,45 @@ fn edge_seen_at_both_ends(daemon: &Daemon, port: u16, n: u64) -> serde_json::Val
     edge.unwrap_or_else(|| panic!("no edge; {}", daemon.diagnostics()))
 }
 
+/// Requests `/{path}/{i}?size={size}` (`ok`: a Content-Length body; `onepiece`: one chunk, as
+/// node.js writes it) on `s` and reads the response 64 KiB at a time, with `pause` after each
+/// read; returns the reads it took and the milliseconds from the request to the last byte.
+fn get_long_body(
+    s: &mut TcpStream,
+    path: &str,
+    i: u64,
+    size: usize,
+    pause: Duration,
+) -> (u64, f64) {
+    use std::io::Read as _;
+    let t0 = std::time::Instant::now();
+    s.write_all(format!("GET /{path}/{i}?size={size} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+        .expect("write");
+    let mut got = Vec::with_capacity(size + 1024);
+    let done = |got: &[u8]| {
+        let Some(head) = got.windows(4).position(|w| w == b"\r\n\r\n") else {
+            return false;
+        };
+        let body = got.len() - head - 4;
+        if path == "ok" {
+            body >= size
+        } else {
+            got.ends_with(b"\r\n0\r\n\r\n") && body > size
+        }
+    };
+    let (mut buf, mut reads) = (vec![0u8; 64 * 1024], 0);
+    while !done(&got) {
+        let k = s.read(&mut buf).expect("read");
+        assert!(k > 0, "server closed");
+        reads += 1;
+        got.extend_from_slice(&buf[..k]);
+        std::thread::sleep(pause);
+    }
+    let took = t0.elapsed().as_secs_f64() * 1e3;
+    assert!(got.starts_with(b"HTTP/1.1 200 "));
+    (reads, took)
+}
+
 /// Long bodies read as over a slow network (64 KiB, then a pause): once the daemon has framed
 /// one, it tells the kernel side where it ends, and the reads wholly inside it come without
 /// their payload (the calls' counts alone frame the body). Each response is still counted at
@@ -712,7 +751,6 @@ fn edge_seen_at_both_ends(daemon: &Daemon, port: u16, n: u64) -> serde_json::Val
 /// writes it), timed as the client measured, with no parse failure; most reads skipped.
 #[test]
 fn reads_inside_a_long_body_come_without_their_payload() {
-    use std::io::Read as _;
     let _serial = serial();
     let daemon = Daemon::start();
     let server = Server::fixture();
@@ -728,33 +766,11 @@ fn reads_inside_a_long_body_come_without_their_payload() {
     let (n, size) = (5u64, 8_000_000usize);
     let mut s = TcpStream::connect(("127.0.0.1", server.port)).expect("connect");
     let (mut reads, mut took) = (0u64, Vec::new());
-    let mut buf = vec![0u8; 64 * 1024];
     for i in 0..n {
         let path = if i % 2 == 0 { "ok" } else { "onepiece" };
-        let t0 = std::time::Instant::now();
-        s.write_all(format!("GET /{path}/{i}?size={size} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
-            .expect("write");
-        let mut got = Vec::with_capacity(size + 1024);
-        let done = |got: &[u8]| {
-            let Some(head) = got.windows(4).position(|w| w == b"\r\n\r\n") else {
-                return false;
-            };
-            let body = got.len() - head - 4;
-            if path == "ok" {
-                body >= size
-            } else {
-                got.ends_with(b"\r\n0\r\n\r\n") && body > size
-            }
-        };
-        while !done(&got) {
-            let k = s.read(&mut buf).expect("read");
-            assert!(k > 0, "server closed");
-            reads += 1;
-            got.extend_from_slice(&buf[..k]);
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        took.push(t0.elapsed().as_secs_f64() * 1e3);
-        assert!(got.starts_with(b"HTTP/1.1 200 "));
+        let (r, ms) = get_long_body(&mut s, path, i, size, Duration::from_millis(1));
+        reads += r;
+        took.push(ms);
     }
     let edge = edge_seen_at_both_ends(&daemon, server.port, n);
     assert_eq!(
@@ -780,6 +796,54 @@ fn reads_inside_a_long_body_come_without_their_payload() {
     assert!(
         (seen - measured).abs() <= 1.0 + measured * 0.1,
         "client latency p50: measured {measured:.1} ms, tracer {seen:.1} ms"
+    );
+}
+
+/// Long bodies read at full speed, each over before the daemon could tell its end: once it
+/// has framed one on a connection that does not pipeline, the kernel side sends the reads that
+/// begin no message with their first bytes and tail only (`BODY_ONE_AT_A_TIME`). Each
+/// response is still counted at both ends, ended by its own last bytes (Content-Length, and a
+/// chunked one whose end only the reads' tails show), with no parse failure; nearly all the
+/// reads trimmed.
+#[test]
+fn long_bodies_on_a_connection_that_does_not_pipeline_come_trimmed() {
+    let _serial = serial();
+    let daemon = Daemon::start();
+    let server = Server::fixture();
+    let trimmed = || {
+        daemon.metric_sum(
+            "tracer_kernel_events_total",
+            &[("reason", "body_payload_trimmed")],
+        )
+    };
+    let failures = || daemon.metric_sum("tracer_parse_failures_total", &[]);
+    let (n, size) = (20u64, 1_000_000usize);
+    let mut s = TcpStream::connect(("127.0.0.1", server.port)).expect("connect");
+    // The first one framed, and time for the daemon to tell the kernel side.
+    get_long_body(&mut s, "ok", 0, size, Duration::ZERO);
+    std::thread::sleep(Duration::from_millis(500));
+    let before = (trimmed(), failures());
+    let mut reads = 0;
+    for i in 1..=n {
+        let path = if i % 2 == 0 { "ok" } else { "onepiece" };
+        reads += get_long_body(&mut s, path, i, size, Duration::ZERO).0;
+    }
+    let edge = edge_seen_at_both_ends(&daemon, server.port, n + 1);
+    assert_eq!(
+        edge["requests"],
+        n + 1,
+        "edge: {edge}; {}",
+        daemon.diagnostics()
+    );
+    assert_eq!(edge["status_codes"]["200"], n + 1, "edge: {edge}");
+    std::thread::sleep(Duration::from_millis(1500));
+    let (trimmed, failed) = (trimmed() - before.0, failures() - before.1);
+    eprintln!("{reads} reads, {trimmed} calls trimmed");
+    assert_eq!(failed, 0.0, "parse failures: {}", daemon.diagnostics());
+    // Each response's first read begins it: not trimmed.
+    assert!(
+        trimmed >= (reads - n) as f64 * 0.9,
+        "{trimmed} of {reads} reads trimmed"
     );
 }
 

@@ -142,17 +142,31 @@ pub struct SockTuple {
     pub _pad: u16,
 }
 
-/// Where a message body the daemon framed ends in one direction of a connection (`BODIES`):
-/// the TCP sequence number just past it. Calls wholly before it carry only body bytes, which
-/// the daemon counts but never reads: the kernel side sends them without payload. Named by the
-/// connection's tuple, so that a request left for an earlier socket at the address is dropped.
+/// What the daemon knows of how one direction of a connection is framed (`BODIES`), named by
+/// the connection's tuple (so that a request left for an earlier socket at the address is
+/// dropped): [`BODY_SKIP`] and [`BODY_ONE_AT_A_TIME`]. Nothing reads a body's bytes (the
+/// calls' counts frame it), so the kernel side sends less of the calls inside one.
 #[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct BodyEnd {
     pub tuple: SockTuple,
+    /// With [`BODY_SKIP`]: the TCP sequence number just past a body.
     pub end_seq: u32,
-    pub _pad: u32,
+    pub flags: u32,
 }
+
+/// `BodyEnd::flags`: a call wholly before `end_seq` carries only body bytes, and is sent
+/// without payload. The kernel side clears it once a call reaches `end_seq`.
+pub const BODY_SKIP: u32 = 1;
+/// `BodyEnd::flags`: messages go one at a time in this direction (the connection has not been
+/// seen to pipeline), so a call that does not begin with one is inside a message (its body, in
+/// practice) and holds no other's start: a long one is sent with its first [`TRIM_CAP`] bytes
+/// only (a chunk's size, where a call begins with it) and its last ones.
+pub const BODY_ONE_AT_A_TIME: u32 = 2;
+/// The bytes kept of a call trimmed by [`BODY_ONE_AT_A_TIME`].
+pub const TRIM_CAP: usize = 64;
+/// The first bytes of a response (`REQUEST_STARTS` names a request's).
+pub const RESPONSE_START: u32 = u32::from_le_bytes(*b"HTTP");
 
 /// A `BODIES` key: the socket's address and the direction. Two fields, not the address with a
 /// bit set for the direction: the kernel side holds the address as a typed pointer, which
@@ -399,9 +413,12 @@ pub enum KernelStat {
     /// Calls wholly inside a message body the daemon framed (`BodyEnd`): sent without their
     /// payload, which nothing reads (only their byte count frames the stream).
     BodyPayloadSkipped = 17,
+    /// Calls that do not begin a message on a connection whose messages go one at a time
+    /// (`BODY_ONE_AT_A_TIME`): sent with their first bytes and their tail only.
+    BodyPayloadTrimmed = 18,
 }
 
-pub const KERNEL_STAT_COUNT: u32 = 18;
+pub const KERNEL_STAT_COUNT: u32 = 19;
 
 impl KernelStat {
     pub const ALL: [KernelStat; KERNEL_STAT_COUNT as usize] = [
@@ -423,6 +440,7 @@ impl KernelStat {
         KernelStat::LostRequestUnheldIngress,
         KernelStat::LostRequestUnheldEgress,
         KernelStat::BodyPayloadSkipped,
+        KernelStat::BodyPayloadTrimmed,
     ];
 
     /// Name used as the `reason`/`kind` label in metrics.
@@ -446,6 +464,7 @@ impl KernelStat {
             KernelStat::LostRequestUnheldIngress => "lost_request_unheld_ingress",
             KernelStat::LostRequestUnheldEgress => "lost_request_unheld_egress",
             KernelStat::BodyPayloadSkipped => "body_payload_skipped",
+            KernelStat::BodyPayloadTrimmed => "body_payload_trimmed",
         }
     }
 }

@@ -11,8 +11,8 @@ use foldhash::HashMap;
 use std::{collections::VecDeque, net::SocketAddr};
 
 use tracer_common::{
-    BodyEnd, BodyKey, DIR_EGRESS, DIR_INGRESS, SockTuple, TCP_CLOSE, TCP_CLOSE_WAIT,
-    TCP_ESTABLISHED, TCP_FIN_WAIT1, TCP_LAST_ACK, TCP_SYN_SENT,
+    BODY_ONE_AT_A_TIME, BODY_SKIP, BodyEnd, BodyKey, DIR_EGRESS, DIR_INGRESS, SockTuple, TCP_CLOSE,
+    TCP_CLOSE_WAIT, TCP_ESTABLISHED, TCP_FIN_WAIT1, TCP_LAST_ACK, TCP_SYN_SENT,
 };
 
 use crate::{
@@ -263,6 +263,10 @@ struct Conn {
     h2: Option<Box<Streams>>,
     /// Its events are a TLS library's plaintext (`Data::tls`).
     tls: bool,
+    /// A request came while an earlier one awaited its response.
+    pipelined: bool,
+    /// The kernel side was told this socket's messages go one at a time (`BODY_ONE_AT_A_TIME`).
+    framed: bool,
 }
 
 impl Conn {
@@ -330,6 +334,8 @@ impl Conn {
             requests_beyond_capture: false,
             h2: None,
             tls: false,
+            pipelined: false,
+            framed: false,
         }
     }
 }
@@ -1396,6 +1402,7 @@ fn feed(conn: &mut Conn, requests: bool, ctx: &mut Ctx<'_, '_>) {
             }
             ReadState::Body(body) => {
                 let n = total - off;
+                let one = !conn.pipelined;
                 // A request whose body was not all seen has ended when its response is done
                 // and a new request line begins a syscall.
                 if requests
@@ -1430,7 +1437,7 @@ fn feed(conn: &mut Conn, requests: bool, ctx: &mut Ctx<'_, '_>) {
                             complete(conn, requests, d.boundary_ns(), ctx);
                         } else {
                             let left = *rem;
-                            tell_body_end(reader, d, left, ctx.bodies);
+                            conn.framed |= tell_body_end(reader, d, left, one, ctx.bodies);
                         }
                     }
                     Body::Chunked(chunks) => {
@@ -1463,7 +1470,7 @@ fn feed(conn: &mut Conn, requests: bool, ctx: &mut Ctx<'_, '_>) {
                         if done {
                             complete(conn, requests, d.boundary_ns(), ctx);
                         } else if !broken && let Some(left) = left {
-                            tell_body_end(reader, d, left, ctx.bodies);
+                            conn.framed |= tell_body_end(reader, d, left, one, ctx.bodies);
                         }
                     }
                     Body::ChunkedBlind => {
@@ -1501,39 +1508,62 @@ fn feed(conn: &mut Conn, requests: bool, ctx: &mut Ctx<'_, '_>) {
 
 /// After a call wholly inside a message body, `left` more bytes of which (or of its chunk) are
 /// to come: when that is long, the kernel side is told where they end, so that the calls
-/// wholly inside them come without their payload, which nothing here reads. Told by TCP
-/// sequence number (the kernel side gives it for long calls), from this call's end.
+/// wholly inside them come without their payload, which nothing here reads; and, if the
+/// connection has not pipelined (`one_at_a_time`), that its messages go one at a time in this
+/// direction, so that the long calls inside later ones come trimmed before this side could tell
+/// their ends. Told by TCP sequence number (the kernel side gives it for long calls), from this
+/// call's end. Whether it told the second.
 fn tell_body_end(
     reader: &mut Reader,
     d: &Data<'_>,
     left: u64,
+    one_at_a_time: bool,
     bodies: &mut Vec<(BodyKey, BodyEnd)>,
-) {
+) -> bool {
     let Some(seq) = d.tcp_seq else {
-        return;
+        return false;
     };
     if left < SKIP_BODY_MIN || bodies.len() >= MAX_BODIES_PENDING {
-        return;
+        return false;
     }
     let end = seq
         .wrapping_add(d.bytes)
         .wrapping_add(left.min(SKIP_BODY_MAX) as u32);
     if reader.told_end == Some(end) {
-        return;
+        return false;
     }
     reader.told_end = Some(end);
-    let direction = match d.direction {
-        Direction::Egress => DIR_EGRESS,
-        Direction::Ingress => DIR_INGRESS,
-    };
+    let flags = BODY_SKIP | if one_at_a_time { BODY_ONE_AT_A_TIME } else { 0 };
     bodies.push((
-        BodyKey::new(d.sk, direction),
+        BodyKey::new(d.sk, raw_direction(d.direction)),
         BodyEnd {
             tuple: d.sock_tuple,
             end_seq: end,
-            _pad: 0,
+            flags,
         },
     ));
+    one_at_a_time
+}
+
+/// The connection pipelined after its socket was told its messages go one at a time: told
+/// otherwise, both directions (the kernel side drops what it holds for them).
+fn unframe(d: &Data<'_>, bodies: &mut Vec<(BodyKey, BodyEnd)>) {
+    for direction in [DIR_EGRESS, DIR_INGRESS] {
+        bodies.push((
+            BodyKey::new(d.sk, direction),
+            BodyEnd {
+                tuple: d.sock_tuple,
+                ..Default::default()
+            },
+        ));
+    }
+}
+
+fn raw_direction(direction: Direction) -> u32 {
+    match direction {
+        Direction::Egress => DIR_EGRESS,
+        Direction::Ingress => DIR_INGRESS,
+    }
 }
 
 /// A stream lost its message boundary: count `failure` (if not already counted), look for the
@@ -1665,6 +1695,12 @@ fn on_head(conn: &mut Conn, requests: bool, info: Head, ctx: &mut Ctx<'_, '_>) {
                 goroutine: d.goroutine,
                 seq: conn.requests.start_seq,
             });
+            if !conn.pending.is_empty() && !conn.pipelined {
+                conn.pipelined = true;
+                if conn.framed {
+                    unframe(d, ctx.bodies);
+                }
+            }
             conn.requests_seen += 1;
             conn.pending.push_back(Pending {
                 method: h.method,
@@ -2660,6 +2696,7 @@ mod tests {
             end.end_seq,
             start.wrapping_add((head.len() + 1_000_000) as u32)
         );
+        assert_eq!(end.flags, BODY_SKIP | BODY_ONE_AT_A_TIME, "not pipelined");
         // The calls inside it (as the kernel side sends them, without payload) tell nothing
         // more; the body ends by its count.
         let mut left = 1_000_000 - 8192;
@@ -2703,6 +2740,31 @@ mod tests {
             &[],
         );
         assert_eq!(h.table.take_bodies().count(), 0);
+
+        // Two requests in one read, the second before the first's answer: pipelined. What was
+        // said of the socket's messages going one at a time is taken back, both directions,
+        // once.
+        h.tcp_seq = None;
+        h.read(b"GET /a HTTP/1.1\r\n\r\nGET /b HTTP/1.1\r\n\r\n");
+        let told: Vec<_> = h.table.take_bodies().collect();
+        assert_eq!(told.len(), 2, "{told:?}");
+        assert!(told.iter().all(|(k, e)| k.sk == SK && e.flags == 0));
+        assert_ne!(told[0].0.direction, told[1].0.direction);
+        h.read(b"GET /c HTTP/1.1\r\n\r\n");
+        assert_eq!(h.table.take_bodies().count(), 0);
+        // A long body now: its end is told, not that messages go one at a time.
+        h.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok");
+        h.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok");
+        h.tcp_seq = Some(1);
+        h.io(
+            Direction::Egress,
+            b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n",
+            2048,
+            &[],
+        );
+        let told: Vec<_> = h.table.take_bodies().collect();
+        assert_eq!(told.len(), 1, "{told:?}");
+        assert_eq!(told[0].1.flags, BODY_SKIP);
     }
 
     #[test]

@@ -16,8 +16,8 @@ use tracer_common::{
     CARRY_SPLIT, CARRY_UNKNOWN, DATA_EVENT_FIXED, DIR_EGRESS, DIR_INGRESS, DataEvent, EventKind,
     FLAG_FRAMES_CONT, FLAG_FRAMES_MORE, FLAG_H2_CLIENT, FLAG_H2_SERVER, FLAG_IOVEC,
     FLAG_TASK_KNOWN, FLAG_TLS, FLAG_TUPLE_FROM_SOCK, FRAME_KEEP_CAP, FRAMES_CAP, H2_CLIENT,
-    H2_SERVER, KernelStat, MAX_FRAMES_WALKED, PAYLOAD_CAP, REQUEST_STARTS, SEGMENT_HEADER,
-    SockState, TAIL_LEN, TASK_RESEND, lost_requests,
+    H2_SERVER, KernelStat, MAX_FRAMES_WALKED, PAYLOAD_CAP, REQUEST_STARTS, RESPONSE_START,
+    SEGMENT_HEADER, SockState, TAIL_LEN, TASK_RESEND, TRIM_CAP, lost_requests,
 };
 
 use crate::maps::{
@@ -25,7 +25,7 @@ use crate::maps::{
     TailFind, count, has_bpf_loop, ring, wakeup_flags,
 };
 
-use super::sock::{Lookup, NextEvent, Store, first_seq, inside_body, next_event};
+use super::sock::{Lookup, NextEvent, Store, first_seq, framing, next_event};
 
 /// Offset of `msg_iov` in `struct user_msghdr`, `msg_iovlen` right after it (x86_64 and arm64
 /// alike).
@@ -1117,7 +1117,11 @@ pub fn emit<const WALK: bool>(args: &SyscallArgs, ret: u64, id: u64, next: NextE
     } else {
         0
     };
-    let in_body = long_seq != 0 && inside_body(args.sk, args.direction, &next.tuple, long_seq, ret);
+    let (in_body, trim) = if long_seq != 0 {
+        framing(args.sk, args.direction, &next.tuple, long_seq, ret)
+    } else {
+        (false, false)
+    };
     if in_body {
         count(KernelStat::BodyPayloadSkipped);
     }
@@ -1203,8 +1207,8 @@ pub fn emit<const WALK: bool>(args: &SyscallArgs, ret: u64, id: u64, next: NextE
     };
     meta.frames_len = frames_len as u32;
 
+    let head = u32::from_le_bytes([payload[0], payload[1], payload[2], payload[3]]);
     let starts_request = captured >= 4 && {
-        let head = u32::from_le_bytes([payload[0], payload[1], payload[2], payload[3]]);
         let mut found = false;
         let mut i = 0;
         while i < REQUEST_STARTS.len() {
@@ -1213,6 +1217,13 @@ pub fn emit<const WALK: bool>(args: &SyscallArgs, ret: u64, id: u64, next: NextE
         }
         found
     };
+    // Inside a message on a connection whose messages go one at a time: its first bytes (a
+    // chunk's size) and its tail are all the daemon reads of it.
+    if trim && captured > TRIM_CAP as u64 && !starts_request && head != RESPONSE_START {
+        captured = TRIM_CAP as u64;
+        meta.captured = captured as u32;
+        count(KernelStat::BodyPayloadTrimmed);
+    }
     // Where a request begins (the daemon names requests by it): not for the other calls, nor
     // TLS plaintext, which is not the bytes TCP carried.
     meta.tcp_seq = if long {

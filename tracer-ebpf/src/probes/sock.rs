@@ -12,10 +12,10 @@ use aya_ebpf::{
     programs::{BtfTracePointContext, RawTracePointContext, TracePointContext},
 };
 use tracer_common::{
-    AF_INET, AF_INET6, BodyKey, ConnEvent, DIR_EGRESS, DIR_INGRESS, EventHeader, EventKind,
-    FLAG_PEER_RESET, KernelStat, OPAQUE_NOT_HTTP, OPAQUE_TLS, PEER_FIN_NONE, PEER_FIN_SEEN,
-    SockState, SockTuple, TCP_CLOSE, TCP_ESTABLISHED, TCP_FIN_WAIT1, TCP_LAST_ACK, TCP_SYN_RECV,
-    TCP_SYN_SENT,
+    AF_INET, AF_INET6, BODY_ONE_AT_A_TIME, BODY_SKIP, BodyKey, ConnEvent, DIR_EGRESS, DIR_INGRESS,
+    EventHeader, EventKind, FLAG_PEER_RESET, KernelStat, OPAQUE_NOT_HTTP, OPAQUE_TLS,
+    PEER_FIN_NONE, PEER_FIN_SEEN, SockState, SockTuple, TCP_CLOSE, TCP_ESTABLISHED, TCP_FIN_WAIT1,
+    TCP_LAST_ACK, TCP_SYN_RECV, TCP_SYN_SENT,
 };
 
 use crate::maps::{
@@ -361,31 +361,43 @@ fn forget_opaque_request(sk: u64) {
     }
 }
 
-/// Whether a call moving `ret` bytes from TCP sequence number `start` on is wholly inside a
-/// message body the daemon framed on this connection (`BODIES`). The entry goes once a call
-/// reaches the body's end, or when it names another connection (an earlier socket's).
+/// What the daemon's framing of this direction of the connection (`BODIES`) makes of a call
+/// moving `ret` bytes from TCP sequence number `start` on: (wholly inside a body: no payload;
+/// messages go one at a time: a call that begins none is trimmed). An entry naming another
+/// connection (an earlier socket's) goes; a body's end, once a call reaches it.
 #[inline(always)]
-pub fn inside_body(sk: u64, direction: u32, tuple: &SockTuple, start: u32, ret: u64) -> bool {
+pub fn framing(sk: u64, direction: u32, tuple: &SockTuple, start: u32, ret: u64) -> (bool, bool) {
     if BODIES_ASKED.get(0).is_none_or(|asked| *asked == 0) {
-        return false;
+        return (false, false);
     }
     let key = BodyKey::new(sk, direction);
-    let Some(body) = BODIES.get_ptr(&key) else {
-        return false;
+    let Some(body) = BODIES.get_ptr_mut(&key) else {
+        return (false, false);
     };
-    // SAFETY: a live map value. Sequence numbers wrap: the distance to the end is signed.
-    let (same, left) = unsafe {
-        (
-            same_tuple(&(*body).tuple, tuple),
-            i64::from((*body).end_seq.wrapping_sub(start) as i32),
-        )
-    };
-    let ret = ret as i64;
-    let inside = same && left >= ret;
-    if !inside || left == ret {
-        let _ = BODIES.remove(&key);
+    // SAFETY: a live map value, written in place (the daemon rewrites it whole).
+    unsafe {
+        let flags = (*body).flags;
+        // No flags: the daemon took back what it had said (the connection pipelined).
+        if flags == 0 || !same_tuple(&(*body).tuple, tuple) {
+            let _ = BODIES.remove(&key);
+            return (false, false);
+        }
+        let mut skip = false;
+        if flags & BODY_SKIP != 0 {
+            // Sequence numbers wrap: the distance to the end is signed.
+            let left = i64::from((*body).end_seq.wrapping_sub(start) as i32);
+            let ret = ret as i64;
+            skip = left >= ret;
+            if left <= ret {
+                if flags & BODY_ONE_AT_A_TIME == 0 {
+                    let _ = BODIES.remove(&key);
+                } else {
+                    (*body).flags = flags & !BODY_SKIP;
+                }
+            }
+        }
+        (skip, !skip && flags & BODY_ONE_AT_A_TIME != 0)
     }
-    inside
 }
 
 /// Drops what the daemon framed for an earlier socket at this address (a new connection's
