@@ -124,6 +124,14 @@ fn counts_exactly_on(name: &str, release: &str, attach: &str) {
         let over_tls: u64 = if port == 18082 { tls.values().sum() } else { 0 };
         assert_eq!(e["tls_requests"], over_tls, "over TLS to :{port}: {e}");
     }
+    // What the long bodies' framing did there (not asserted: when the daemon hears of a body
+    // under emulation varies).
+    let metrics = read("metrics.txt");
+    let framing: Vec<&str> = metrics
+        .lines()
+        .filter(|l| l.contains("reason=\"body_payload_"))
+        .collect();
+    eprintln!("{name}: {framing:?}");
     // h2load's own count: "requests: 40 total, 40 started, 40 done, 40 succeeded, ...".
     let h2load = read("h2load.txt");
     let succeeded: u64 = h2load
