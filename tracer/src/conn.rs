@@ -1535,7 +1535,7 @@ fn tell_body_end(
     reader.told_end = Some(end);
     let flags = BODY_SKIP | if one_at_a_time { BODY_ONE_AT_A_TIME } else { 0 };
     bodies.push((
-        BodyKey::new(d.sk, raw_direction(d.direction)),
+        BodyKey::new(d.sk, d.direction.raw()),
         BodyEnd {
             tuple: d.sock_tuple,
             end_seq: end,
@@ -1545,8 +1545,8 @@ fn tell_body_end(
     one_at_a_time
 }
 
-/// The connection pipelined after its socket was told its messages go one at a time: told
-/// otherwise, both directions (the kernel side drops what it holds for them).
+/// The connection pipelined (or turned to HTTP/2) after its socket was told its messages go one
+/// at a time: told otherwise, both directions (the kernel side drops what it holds for them).
 fn unframe(d: &Data<'_>, bodies: &mut Vec<(BodyKey, BodyEnd)>) {
     for direction in [DIR_EGRESS, DIR_INGRESS] {
         bodies.push((
@@ -1556,13 +1556,6 @@ fn unframe(d: &Data<'_>, bodies: &mut Vec<(BodyKey, BodyEnd)>) {
                 ..Default::default()
             },
         ));
-    }
-}
-
-fn raw_direction(direction: Direction) -> u32 {
-    match direction {
-        Direction::Egress => DIR_EGRESS,
-        Direction::Ingress => DIR_INGRESS,
     }
 }
 
@@ -1697,7 +1690,7 @@ fn on_head(conn: &mut Conn, requests: bool, info: Head, ctx: &mut Ctx<'_, '_>) {
             });
             if !conn.pending.is_empty() && !conn.pipelined {
                 conn.pipelined = true;
-                if conn.framed {
+                if std::mem::take(&mut conn.framed) {
                     unframe(d, ctx.bodies);
                 }
             }
@@ -1838,6 +1831,10 @@ fn upgrade_h2c(conn: &mut Conn, ctx: &mut Ctx<'_, '_>) -> bool {
     };
     *ctx.h2_conns += 1;
     conn.role = Role::Http2(side);
+    // HTTP/2 frames from here: what was said of its HTTP/1 messages no longer holds.
+    if std::mem::take(&mut conn.framed) {
+        unframe(ctx.d, ctx.bodies);
+    }
     conn.responses.state = ReadState::Idle;
     conn.h2 = Some(Box::new(Streams::upgraded(streams::Upgraded {
         method: req.method,
@@ -2765,6 +2762,31 @@ mod tests {
         let told: Vec<_> = h.table.take_bodies().collect();
         assert_eq!(told.len(), 1, "{told:?}");
         assert_eq!(told[0].1.flags, BODY_SKIP);
+    }
+
+    /// A connection told to go one message at a time, then upgraded to h2c: taken back.
+    #[test]
+    fn an_h2c_upgrade_takes_back_one_message_at_a_time() {
+        let mut h = Harness::new();
+        h.read(b"GET /big HTTP/1.1\r\n\r\n");
+        h.tcp_seq = Some(1);
+        let head = b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n";
+        h.io(Direction::Egress, head, 4096, &[]);
+        assert_eq!(
+            h.table.take_bodies().next().unwrap().1.flags & BODY_ONE_AT_A_TIME,
+            BODY_ONE_AT_A_TIME
+        );
+        h.io(Direction::Egress, &[], 100_000 + head.len() - 4096, &[]);
+        h.tcp_seq = None;
+        h.read(
+            b"GET /ok HTTP/1.1\r\nHost: x\r\nConnection: Upgrade, HTTP2-Settings\r\n\
+            Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\r\n\r\n",
+        );
+        assert_eq!(h.table.take_bodies().count(), 0);
+        h.write(b"HTTP/1.1 101 \r\nconnection: upgrade\r\nupgrade: h2c\r\n\r\n");
+        let told: Vec<_> = h.table.take_bodies().collect();
+        assert_eq!(told.len(), 2, "{told:?}");
+        assert!(told.iter().all(|(_, e)| e.flags == 0));
     }
 
     #[test]

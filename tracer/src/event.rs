@@ -121,6 +121,16 @@ pub enum Direction {
     Ingress,
 }
 
+impl Direction {
+    /// As the kernel side names it (`DIR_EGRESS`, `DIR_INGRESS`).
+    pub fn raw(self) -> u32 {
+        match self {
+            Direction::Egress => DIR_EGRESS,
+            Direction::Ingress => tracer_common::DIR_INGRESS,
+        }
+    }
+}
+
 /// Bytes a process moved on a TCP socket.
 #[derive(Debug)]
 pub struct Data<'a> {

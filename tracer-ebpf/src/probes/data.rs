@@ -1218,8 +1218,14 @@ pub fn emit<const WALK: bool>(args: &SyscallArgs, ret: u64, id: u64, next: NextE
         found
     };
     // Inside a message on a connection whose messages go one at a time: its first bytes (a
-    // chunk's size) and its tail are all the daemon reads of it.
-    if trim && captured > TRIM_CAP as u64 && !starts_request && head != RESPONSE_START {
+    // chunk's size) and its tail are all the daemon reads of it. Not HTTP/2 frames (a
+    // connection upgraded to h2c after it was framed), walked above.
+    if trim
+        && frames_len == 0
+        && captured > TRIM_CAP as u64
+        && !starts_request
+        && head != RESPONSE_START
+    {
         captured = TRIM_CAP as u64;
         meta.captured = captured as u32;
         count(KernelStat::BodyPayloadTrimmed);
