@@ -1402,7 +1402,7 @@ fn feed(conn: &mut Conn, requests: bool, ctx: &mut Ctx<'_, '_>) {
             }
             ReadState::Body(body) => {
                 let n = total - off;
-                let one = !conn.pipelined;
+                let one = (!conn.pipelined, conn.framed);
                 // A request whose body was not all seen has ended when its response is done
                 // and a new request line begins a syscall.
                 if requests
@@ -1436,8 +1436,8 @@ fn feed(conn: &mut Conn, requests: bool, ctx: &mut Ctx<'_, '_>) {
                         if *rem == 0 {
                             complete(conn, requests, d.boundary_ns(), ctx);
                         } else {
-                            let left = *rem;
-                            conn.framed |= tell_body_end(reader, d, left, one, ctx.bodies);
+                            let left = Some(*rem);
+                            conn.framed |= tell_framing(reader, d, left, one, ctx.bodies);
                         }
                     }
                     Body::Chunked(chunks) => {
@@ -1463,14 +1463,15 @@ fn feed(conn: &mut Conn, requests: bool, ctx: &mut Ctx<'_, '_>) {
                         };
                         off += used;
                         reader.bytes += used;
-                        let left = chunks.data_left();
+                        // Where a chunk ends is known only while its framing is followed.
+                        let left = chunks.data_left().filter(|_| !broken);
                         if broken {
                             reader.state = ReadState::Body(Body::ChunkedBlind);
                         }
                         if done {
                             complete(conn, requests, d.boundary_ns(), ctx);
-                        } else if !broken && let Some(left) = left {
-                            conn.framed |= tell_body_end(reader, d, left, one, ctx.bodies);
+                        } else {
+                            conn.framed |= tell_framing(reader, d, left, one, ctx.bodies);
                         }
                     }
                     Body::ChunkedBlind => {
@@ -1483,6 +1484,8 @@ fn feed(conn: &mut Conn, requests: bool, ctx: &mut Ctx<'_, '_>) {
                         };
                         if ends {
                             complete(conn, requests, d.boundary_ns(), ctx);
+                        } else {
+                            conn.framed |= tell_framing(reader, d, None, one, ctx.bodies);
                         }
                     }
                     Body::Open => {
@@ -1499,6 +1502,7 @@ fn feed(conn: &mut Conn, requests: bool, ctx: &mut Ctx<'_, '_>) {
                         }
                         off = total;
                         reader.bytes += n;
+                        conn.framed |= tell_framing(reader, d, None, one, ctx.bodies);
                     }
                 }
             }
@@ -1506,43 +1510,52 @@ fn feed(conn: &mut Conn, requests: bool, ctx: &mut Ctx<'_, '_>) {
     }
 }
 
-/// After a call wholly inside a message body, `left` more bytes of which (or of its chunk) are
-/// to come: when that is long, the kernel side is told where they end, so that the calls
-/// wholly inside them come without their payload, which nothing here reads; and, if the
-/// connection has not pipelined (`one_at_a_time`), that its messages go one at a time in this
-/// direction, so that the long calls inside later ones come trimmed before this side could tell
-/// their ends. Told by TCP sequence number (the kernel side gives it for long calls), from this
-/// call's end. Whether it told the second.
-fn tell_body_end(
+/// After a call wholly inside a message body, of which `left` more bytes (or of its chunk) are
+/// known to come. When that is long, the kernel side is told where they end, so that the calls
+/// wholly inside them come without their payload, which nothing here reads. And on a
+/// connection that has not pipelined (`one_at_a_time`), once a message is long (or with an end
+/// told again), that its messages go one at a time in this direction, so that the long calls
+/// inside later ones come trimmed, before this side could tell their ends or where it never
+/// could (bodies of small chunks, or of a length not told). Told by TCP sequence number (the
+/// kernel side gives it for long calls), from this call's end. Whether it told the second.
+fn tell_framing(
     reader: &mut Reader,
     d: &Data<'_>,
-    left: u64,
-    one_at_a_time: bool,
+    left: Option<u64>,
+    (one_at_a_time, framed): (bool, bool),
     bodies: &mut Vec<(BodyKey, BodyEnd)>,
 ) -> bool {
     let Some(seq) = d.tcp_seq else {
         return false;
     };
-    if left < SKIP_BODY_MIN || bodies.len() >= MAX_BODIES_PENDING {
+    if bodies.len() >= MAX_BODIES_PENDING {
         return false;
     }
-    let end = seq
-        .wrapping_add(d.bytes)
-        .wrapping_add(left.min(SKIP_BODY_MAX) as u32);
-    if reader.told_end == Some(end) {
+    let left = left.unwrap_or(0);
+    let end = (left >= SKIP_BODY_MIN)
+        .then(|| {
+            seq.wrapping_add(d.bytes)
+                .wrapping_add(left.min(SKIP_BODY_MAX) as u32)
+        })
+        .filter(|&e| reader.told_end != Some(e));
+    let one = one_at_a_time && (end.is_some() || (!framed && reader.bytes + left >= SKIP_BODY_MIN));
+    if end.is_none() && !one {
         return false;
     }
-    reader.told_end = Some(end);
-    let flags = BODY_SKIP | if one_at_a_time { BODY_ONE_AT_A_TIME } else { 0 };
+    if end.is_some() {
+        reader.told_end = end;
+    }
+    let skip = if end.is_some() { BODY_SKIP } else { 0 };
+    let flags = skip | if one { BODY_ONE_AT_A_TIME } else { 0 };
     bodies.push((
         BodyKey::new(d.sk, d.direction.raw()),
         BodyEnd {
             tuple: d.sock_tuple,
-            end_seq: end,
+            end_seq: end.unwrap_or(0),
             flags,
         },
     ));
-    one_at_a_time
+    one
 }
 
 /// The connection pipelined (or turned to HTTP/2) after its socket was told its messages go one
@@ -2762,6 +2775,28 @@ mod tests {
         let told: Vec<_> = h.table.take_bodies().collect();
         assert_eq!(told.len(), 1, "{told:?}");
         assert_eq!(told[0].1.flags, BODY_SKIP);
+    }
+
+    /// A body whose rest is never long (chunks of 16 KiB, their framing lost past the capture):
+    /// once the message is long, the kernel side is told, once, that the connection's messages
+    /// go one at a time (no end to skip to); not on TLS plaintext (no sequence numbers).
+    #[test]
+    fn a_long_message_of_small_chunks_tells_one_at_a_time() {
+        let mut h = Harness::new();
+        h.read(b"GET /stream HTTP/1.1\r\n\r\n");
+        h.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n");
+        h.tcp_seq = Some(1);
+        let mut chunk = b"4000\r\n".to_vec();
+        chunk.resize(1024, b'x');
+        for _ in 0..8 {
+            h.io(Direction::Egress, &chunk, 6 + 0x4000 + 2, &[]);
+        }
+        let told: Vec<_> = h.table.take_bodies().collect();
+        assert_eq!(told.len(), 1, "{told:?}");
+        assert_eq!(told[0].1.flags, BODY_ONE_AT_A_TIME);
+        h.io(Direction::Egress, b"0\r\n\r\n", 5, &[]);
+        assert_eq!(h.statuses(), vec![("/stream".to_owned(), 200)]);
+        assert_eq!(h.table.take_bodies().count(), 0);
     }
 
     /// A connection told to go one message at a time, then upgraded to h2c: taken back.
