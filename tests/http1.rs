@@ -744,6 +744,29 @@ fn get_long_body(
     (reads, took)
 }
 
+/// The kernel side's count of `reason`, and the daemon's parse failures.
+fn framing_counts(daemon: &Daemon, reason: &str) -> (f64, f64) {
+    (
+        daemon.metric_sum("tracer_kernel_events_total", &[("reason", reason)]),
+        daemon.metric_sum("tracer_parse_failures_total", &[]),
+    )
+}
+
+/// The edge to `port` once `n` requests were seen at both its ends, all answered 200; then
+/// time for the daemon to read the kernel side's counters (once a second).
+fn all_ok_at_both_ends(daemon: &Daemon, port: u16, n: u64) -> serde_json::Value {
+    let edge = edge_seen_at_both_ends(daemon, port, n);
+    assert_eq!(
+        edge["requests"],
+        n,
+        "edge: {edge}; {}",
+        daemon.diagnostics()
+    );
+    assert_eq!(edge["status_codes"]["200"], n, "edge: {edge}");
+    std::thread::sleep(Duration::from_millis(1500));
+    edge
+}
+
 /// Long bodies read as over a slow network (64 KiB, then a pause): once the daemon has framed
 /// one, it tells the kernel side where it ends, and the reads wholly inside it come without
 /// their payload (the calls' counts alone frame the body). Each response is still counted at
@@ -754,14 +777,7 @@ fn reads_inside_a_long_body_come_without_their_payload() {
     let _serial = serial();
     let daemon = Daemon::start();
     let server = Server::fixture();
-    let skipped = || {
-        daemon.metric_sum(
-            "tracer_kernel_events_total",
-            &[("reason", "body_payload_skipped")],
-        )
-    };
-    let failures = || daemon.metric_sum("tracer_parse_failures_total", &[]);
-    let before = (skipped(), failures());
+    let before = framing_counts(&daemon, "body_payload_skipped");
     // An odd count: the median is one of the measured times, as the tracer's is.
     let (n, size) = (5u64, 8_000_000usize);
     let mut s = TcpStream::connect(("127.0.0.1", server.port)).expect("connect");
@@ -772,17 +788,9 @@ fn reads_inside_a_long_body_come_without_their_payload() {
         reads += r;
         took.push(ms);
     }
-    let edge = edge_seen_at_both_ends(&daemon, server.port, n);
-    assert_eq!(
-        edge["requests"],
-        n,
-        "edge: {edge}; {}",
-        daemon.diagnostics()
-    );
-    assert_eq!(edge["status_codes"]["200"], n, "edge: {edge}");
-    // The daemon reads the kernel side's counters once a second.
-    std::thread::sleep(Duration::from_millis(1500));
-    let (skipped, failed) = (skipped() - before.0, failures() - before.1);
+    let edge = all_ok_at_both_ends(&daemon, server.port, n);
+    let after = framing_counts(&daemon, "body_payload_skipped");
+    let (skipped, failed) = (after.0 - before.0, after.1 - before.1);
     let measured = median(took);
     let seen = edge["client_latency"]["p50_ms"].as_f64().expect("p50");
     eprintln!(
@@ -810,34 +818,20 @@ fn long_bodies_on_a_connection_that_does_not_pipeline_come_trimmed() {
     let _serial = serial();
     let daemon = Daemon::start();
     let server = Server::fixture();
-    let trimmed = || {
-        daemon.metric_sum(
-            "tracer_kernel_events_total",
-            &[("reason", "body_payload_trimmed")],
-        )
-    };
-    let failures = || daemon.metric_sum("tracer_parse_failures_total", &[]);
     let (n, size) = (20u64, 1_000_000usize);
     let mut s = TcpStream::connect(("127.0.0.1", server.port)).expect("connect");
     // The first one framed, and time for the daemon to tell the kernel side.
     get_long_body(&mut s, "ok", 0, size, Duration::ZERO);
     std::thread::sleep(Duration::from_millis(500));
-    let before = (trimmed(), failures());
+    let before = framing_counts(&daemon, "body_payload_trimmed");
     let mut reads = 0;
     for i in 1..=n {
         let path = if i % 2 == 0 { "ok" } else { "onepiece" };
         reads += get_long_body(&mut s, path, i, size, Duration::ZERO).0;
     }
-    let edge = edge_seen_at_both_ends(&daemon, server.port, n + 1);
-    assert_eq!(
-        edge["requests"],
-        n + 1,
-        "edge: {edge}; {}",
-        daemon.diagnostics()
-    );
-    assert_eq!(edge["status_codes"]["200"], n + 1, "edge: {edge}");
-    std::thread::sleep(Duration::from_millis(1500));
-    let (trimmed, failed) = (trimmed() - before.0, failures() - before.1);
+    all_ok_at_both_ends(&daemon, server.port, n + 1);
+    let after = framing_counts(&daemon, "body_payload_trimmed");
+    let (trimmed, failed) = (after.0 - before.0, after.1 - before.1);
     eprintln!("{reads} reads, {trimmed} calls trimmed");
     assert_eq!(failed, 0.0, "parse failures: {}", daemon.diagnostics());
     // Each response's first read begins it: not trimmed.
