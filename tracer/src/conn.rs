@@ -1516,8 +1516,9 @@ fn feed(conn: &mut Conn, requests: bool, ctx: &mut Ctx<'_, '_>) {
 /// connection that has not pipelined (`one_at_a_time`), once a message is long (or with an end
 /// told again), that its messages go one at a time in this direction, so that the long calls
 /// inside later ones come trimmed, before this side could tell their ends or where it never
-/// could (bodies of small chunks, or of a length not told). Told by TCP sequence number (the
-/// kernel side gives it for long calls), from this call's end. Whether it told the second.
+/// could (bodies of small chunks, or of a length not told, TLS plaintext). Told by TCP sequence
+/// number (the kernel side gives it for long calls), from this call's end. Whether it told the
+/// second.
 fn tell_framing(
     reader: &mut Reader,
     d: &Data<'_>,
@@ -1525,15 +1526,15 @@ fn tell_framing(
     (one_at_a_time, framed): (bool, bool),
     bodies: &mut Vec<(BodyKey, BodyEnd)>,
 ) -> bool {
-    let Some(seq) = d.tcp_seq else {
-        return false;
-    };
-    if bodies.len() >= MAX_BODIES_PENDING {
+    // TLS plaintext has no sequence numbers: only the second can be told of it.
+    if (d.tcp_seq.is_none() && !d.tls) || bodies.len() >= MAX_BODIES_PENDING {
         return false;
     }
     let left = left.unwrap_or(0);
-    let end = (left >= SKIP_BODY_MIN)
-        .then(|| {
+    let end = d
+        .tcp_seq
+        .filter(|_| left >= SKIP_BODY_MIN)
+        .map(|seq| {
             seq.wrapping_add(d.bytes)
                 .wrapping_add(left.min(SKIP_BODY_MAX) as u32)
         })

@@ -25,7 +25,7 @@ use crate::maps::{
     TailFind, count, has_bpf_loop, ring, wakeup_flags,
 };
 
-use super::sock::{Lookup, NextEvent, Store, first_seq, framing, next_event};
+use super::sock::{Lookup, NextEvent, Store, first_seq, framing, next_event, one_at_a_time};
 
 /// Offset of `msg_iov` in `struct user_msghdr`, `msg_iovlen` right after it (x86_64 and arm64
 /// alike).
@@ -1111,14 +1111,19 @@ pub fn emit<const WALK: bool>(args: &SyscallArgs, ret: u64, id: u64, next: NextE
     meta.tail_len = 0;
     // A call longer than the capture: where its first byte is in the TCP stream, by which the
     // daemon frames long bodies, and whether it lies wholly inside one (then no payload).
-    let long = flags & FLAG_TLS == 0 && args.kind != KIND_NONE && ret > PAYLOAD_CAP as u64;
-    let long_seq = if long {
+    // TLS plaintext has no place in the TCP stream: only what the daemon said of its messages
+    // going one at a time applies to it.
+    let tls = flags & FLAG_TLS != 0;
+    let long = args.kind != KIND_NONE && ret > PAYLOAD_CAP as u64;
+    let long_seq = if long && !tls {
         first_seq(args.sk, args.direction, ret)
     } else {
         0
     };
     let (in_body, trim) = if long_seq != 0 {
         framing(args.sk, args.direction, &next.tuple, long_seq, ret)
+    } else if long && tls {
+        (false, one_at_a_time(args.sk, args.direction))
     } else {
         (false, false)
     };

@@ -400,6 +400,21 @@ pub fn framing(sk: u64, direction: u32, tuple: &SockTuple, start: u32, ret: u64)
     }
 }
 
+/// Whether the daemon said this direction of the connection carries its messages one at a
+/// time, for TLS plaintext (no place in the TCP stream, so no body end): a lookup and a test,
+/// all the TLS return programs have room for under 6.1's verifier (`framing` is too much).
+/// An entry left by an earlier socket at the address went when this connection began.
+#[inline(always)]
+pub fn one_at_a_time(sk: u64, direction: u32) -> bool {
+    if BODIES_ASKED.get(0).is_none_or(|asked| *asked == 0) {
+        return false;
+    }
+    // SAFETY: a live map value.
+    BODIES
+        .get_ptr(&BodyKey::new(sk, direction))
+        .is_some_and(|body| unsafe { (*body).flags } & BODY_ONE_AT_A_TIME != 0)
+}
+
 /// Drops what the daemon framed for an earlier socket at this address (a new connection's
 /// sequence numbers could fall inside it).
 #[inline(always)]
