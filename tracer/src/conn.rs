@@ -2149,6 +2149,24 @@ mod tests {
             self.io(Direction::Ingress, b, b.len(), &[]);
         }
 
+        /// A response head for a body of `length`, written from TCP sequence number `seq` on in
+        /// a call of 2 KiB (the body's first bytes with it, not captured).
+        fn long_head(&mut self, seq: u32, length: usize) {
+            self.tcp_seq = Some(seq);
+            let head = format!("HTTP/1.1 200 OK\r\nContent-Length: {length}\r\n\r\n");
+            self.io(Direction::Egress, head.as_bytes(), 2048, &[]);
+        }
+
+        /// `left` bytes written inside a body, 64 KiB a call, as the kernel side sends such
+        /// calls once told where the body ends: without payload.
+        fn body_calls(&mut self, mut left: usize) {
+            while left > 0 {
+                let n = left.min(65536);
+                self.io(Direction::Egress, &[], n, &[]);
+                left -= n;
+            }
+        }
+
         fn write(&mut self, b: &[u8]) {
             self.io(Direction::Egress, b, b.len(), &[]);
         }
@@ -2710,12 +2728,7 @@ mod tests {
         assert_eq!(end.flags, BODY_SKIP | BODY_ONE_AT_A_TIME, "not pipelined");
         // The calls inside it (as the kernel side sends them, without payload) tell nothing
         // more; the body ends by its count.
-        let mut left = 1_000_000 - 8192;
-        while left > 0 {
-            let n = left.min(65536);
-            h.io(Direction::Egress, &[], n, &[]);
-            left -= n;
-        }
+        h.body_calls(1_000_000 - 8192);
         assert_eq!(h.table.take_bodies().count(), 0);
         assert_eq!(h.statuses(), vec![("/big".to_owned(), 200)]);
 
@@ -2730,12 +2743,7 @@ mod tests {
         let told: Vec<_> = h.table.take_bodies().collect();
         assert_eq!(told.len(), 1);
         assert_eq!(told[0].1.end_seq, 7 + (head.len() + 0x10_0000) as u32);
-        let mut left = 0x10_0000 - (4096 - head.len());
-        while left > 0 {
-            let n = left.min(65536);
-            h.io(Direction::Egress, &[], n, &[]);
-            left -= n;
-        }
+        h.body_calls(0x10_0000 - (4096 - head.len()));
         h.io(Direction::Egress, b"\r\n0\r\n\r\n", 7, &[]);
         assert_eq!(h.table.take_bodies().count(), 0);
         assert_eq!(h.statuses().len(), 2, "{:?}", h.statuses());
@@ -2743,13 +2751,7 @@ mod tests {
         // A short body: nothing told.
         h.tcp_seq = None;
         h.read(b"GET /small HTTP/1.1\r\n\r\n");
-        h.tcp_seq = Some(1);
-        h.io(
-            Direction::Egress,
-            b"HTTP/1.1 200 OK\r\nContent-Length: 60000\r\n\r\n",
-            2048,
-            &[],
-        );
+        h.long_head(1, 60000);
         assert_eq!(h.table.take_bodies().count(), 0);
 
         // Two requests in one read, the second before the first's answer: pipelined. What was
@@ -2766,13 +2768,7 @@ mod tests {
         // A long body now: its end is told, not that messages go one at a time.
         h.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok");
         h.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok");
-        h.tcp_seq = Some(1);
-        h.io(
-            Direction::Egress,
-            b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n",
-            2048,
-            &[],
-        );
+        h.long_head(1, 100000);
         let told: Vec<_> = h.table.take_bodies().collect();
         assert_eq!(told.len(), 1, "{told:?}");
         assert_eq!(told[0].1.flags, BODY_SKIP);
